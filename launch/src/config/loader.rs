@@ -1,0 +1,1 @@
+//! YAML config loading (see ARCHITECTURE.md).

@@ -1,0 +1,1 @@
+//! Checkpoints (see ARCHITECTURE.md).

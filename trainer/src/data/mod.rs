@@ -1,0 +1,1 @@
+//! Data pipeline (see ARCHITECTURE.md).
