@@ -1,1 +1,17 @@
-//! placeholder
+//! switchyard-moe: single-device model code — routers, experts, dispatch plans, auxiliary
+//! losses, the `TokenDispatcher` seam (with the communication-free `LocalDispatcher`), and
+//! the decoder-only transformer that uses them. Knows nothing about communication.
+
+pub mod config;
+pub mod dispatch;
+pub mod experts;
+pub mod init;
+pub mod layer;
+pub mod model;
+pub mod params;
+pub mod router;
+
+pub use config::{CapacityConfig, ModelConfig, MoeConfig, RouterConfig, SharedExpertConfig};
+pub use dispatch::{LocalDispatcher, TokenDispatcher};
+pub use layer::{MoeLayer, MoeStats};
+pub use model::{Transformer, cross_entropy};

@@ -1,0 +1,161 @@
+//! The seam between MoE math and communication.
+//!
+//! `dispatch` permutes token rows into per-expert groups (and, for expert parallelism, sends
+//! them to the ranks that own the experts); `combine` undoes it and applies the routing
+//! weights. `LocalDispatcher` does no communication.
+//!
+//! Shape legend: T tokens, D model dim, K top-k, N routed rows (kept assignments).
+
+use std::fmt::Debug;
+
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::router::Routing;
+
+/// Which assignments survive the capacity limit. Assignments are admitted slot by slot
+/// (every token's first choice before any second choice) and, within a slot, in token order,
+/// as in GShard. `capacity = None` keeps everything (dropless).
+///
+/// Returns a flag per assignment, row-major [T, K].
+pub fn admit(routing: &Routing, capacity: Option<usize>) -> Vec<bool> {
+    let (t, k) = (routing.num_tokens, routing.top_k);
+    let Some(capacity) = capacity else {
+        return vec![true; t * k];
+    };
+    let mut load = vec![0usize; routing.num_experts];
+    let mut kept = vec![false; t * k];
+    for slot in 0..k {
+        for token in 0..t {
+            let e = routing.experts_tk[token * k + slot];
+            if load[e] < capacity {
+                load[e] += 1;
+                kept[token * k + slot] = true;
+            }
+        }
+    }
+    kept
+}
+
+/// The permutation that groups kept assignments by expert. Immutable once built; `combine`
+/// consumes it.
+#[derive(Debug, Clone)]
+pub struct DispatchPlan {
+    /// For each row (grouped by expert, token order inside a group): its token.
+    pub row_token: Vec<i64>,
+    /// For each row: its flat index into the [T, K] routing weights.
+    pub row_assignment: Vec<i64>,
+    /// Rows per expert, indexed by global expert id.
+    pub rows_per_expert: Vec<usize>,
+    pub num_tokens: usize,
+}
+
+impl DispatchPlan {
+    pub fn new(routing: &Routing, kept: &[bool]) -> Self {
+        let k = routing.top_k;
+        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); routing.num_experts];
+        for (assignment, &e) in routing.experts_tk.iter().enumerate() {
+            if kept[assignment] {
+                by_expert[e].push(assignment);
+            }
+        }
+        let rows_per_expert = by_expert.iter().map(Vec::len).collect();
+        let row_assignment: Vec<i64> = by_expert.into_iter().flatten().map(|a| a as i64).collect();
+        let row_token = row_assignment.iter().map(|&a| a / k as i64).collect();
+        Self {
+            row_token,
+            row_assignment,
+            rows_per_expert,
+            num_tokens: routing.num_tokens,
+        }
+    }
+
+    pub fn num_rows(&self) -> usize {
+        self.row_token.len()
+    }
+}
+
+/// Rows grouped by expert, ready for the experts this process computes.
+pub struct Dispatched {
+    /// [N_local, D]: the rows of the local experts, grouped by expert in `local_experts` order.
+    pub rows_nd: Tensor<2>,
+    /// Global ids of the experts computed here, and the number of rows of each.
+    pub local_experts: Vec<(usize, usize)>,
+    /// What `combine` needs to undo the permutation.
+    pub handle: CombineHandle,
+}
+
+/// Opaque to the MoE layer: whatever a dispatcher needs to bring results back.
+#[derive(Debug, Clone)]
+pub struct CombineHandle {
+    pub plan: DispatchPlan,
+}
+
+/// Moves token rows to experts and back. Implementations: `LocalDispatcher` here;
+/// the expert-parallel all-to-all dispatcher lives in `switchyard-parallel`.
+pub trait TokenDispatcher: Debug + Send + Sync {
+    /// x: [T, D] -> rows of the experts computed on this process.
+    fn dispatch(&self, x_td: Tensor<2>, plan: DispatchPlan) -> Dispatched;
+
+    /// expert outputs [N_local, D] -> y [T, D] = sum over kept assignments of
+    /// weight * expert output. weights: [T, K].
+    fn combine(&self, out_nd: Tensor<2>, weights_tk: Tensor<2>, handle: CombineHandle)
+    -> Tensor<2>;
+}
+
+/// Single-process dispatcher: every expert is local, no communication.
+#[derive(Debug, Clone, Default)]
+pub struct LocalDispatcher;
+
+impl TokenDispatcher for LocalDispatcher {
+    fn dispatch(&self, x_td: Tensor<2>, plan: DispatchPlan) -> Dispatched {
+        let device = x_td.device();
+        let rows = plan.num_rows();
+        let index =
+            Tensor::<1, Int>::from_data(TensorData::new(plan.row_token.clone(), [rows]), &device);
+        let rows_nd = x_td.select(0, index);
+        let local_experts = plan.rows_per_expert.iter().copied().enumerate().collect();
+        Dispatched {
+            rows_nd,
+            local_experts,
+            handle: CombineHandle { plan },
+        }
+    }
+
+    fn combine(
+        &self,
+        out_nd: Tensor<2>,
+        weights_tk: Tensor<2>,
+        handle: CombineHandle,
+    ) -> Tensor<2> {
+        scatter_weighted(out_nd, weights_tk, &handle.plan)
+    }
+}
+
+/// y[t] = sum over rows r of token t: weight[r] * out[r]. Shared by every dispatcher once
+/// the rows are back home in plan order.
+pub fn scatter_weighted(
+    out_nd: Tensor<2>,
+    weights_tk: Tensor<2>,
+    plan: &DispatchPlan,
+) -> Tensor<2> {
+    let device = out_nd.device();
+    let [_, d] = out_nd.dims();
+    let rows = plan.num_rows();
+    let y_td = Tensor::<2>::zeros([plan.num_tokens, d], &device);
+    if rows == 0 {
+        // Keep the weights in the graph so every process builds the same backward.
+        return y_td + weights_tk.sum().reshape([1, 1]) * 0.0;
+    }
+    let [t, k] = weights_tk.dims();
+    let assignment = Tensor::<1, Int>::from_data(
+        TensorData::new(plan.row_assignment.clone(), [rows]),
+        &device,
+    );
+    let token =
+        Tensor::<1, Int>::from_data(TensorData::new(plan.row_token.clone(), [rows]), &device);
+    let weight_n1 = weights_tk
+        .reshape([t * k])
+        .select(0, assignment)
+        .reshape([rows, 1]);
+    y_td.select_assign(0, token, out_nd * weight_n1, IndexingUpdateOp::Add)
+}

@@ -1,0 +1,43 @@
+//! SwiGLU feed-forward experts.
+//!
+//! Shape legend: N rows (token copies routed to one expert), D model dim, F ffn dim.
+
+use burn::module::{Module, Param};
+use burn::tensor::Tensor;
+use burn::tensor::activation::silu;
+
+use crate::init::Initializer;
+
+/// `down(silu(x @ gate) * (x @ up))`, the feed-forward block of LLaMA and Mixtral.
+#[derive(Module, Debug)]
+pub struct SwiGlu {
+    /// [D, F]
+    pub w_gate: Param<Tensor<2>>,
+    /// [D, F]
+    pub w_up: Param<Tensor<2>>,
+    /// [F, D]
+    pub w_down: Param<Tensor<2>>,
+}
+
+impl SwiGlu {
+    pub fn new(d_model: usize, ffn_dim: usize, init: &mut Initializer) -> Self {
+        Self {
+            w_gate: init.normal([d_model, ffn_dim]),
+            w_up: init.normal([d_model, ffn_dim]),
+            w_down: init.normal([ffn_dim, d_model]),
+        }
+    }
+
+    /// x: [N, D] -> [N, D]
+    pub fn forward(&self, x_nd: Tensor<2>) -> Tensor<2> {
+        let gate_nf = silu(x_nd.clone().matmul(self.w_gate.val()));
+        let up_nf = x_nd.matmul(self.w_up.val());
+        (gate_nf * up_nf).matmul(self.w_down.val())
+    }
+
+    /// Matmul FLOPs of the forward pass for `rows` rows.
+    pub fn forward_flops(&self, rows: usize) -> u64 {
+        let [d, f] = self.w_gate.val().dims();
+        3 * 2 * (rows * d * f) as u64
+    }
+}

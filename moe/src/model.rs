@@ -1,0 +1,293 @@
+//! Decoder-only MoE transformer, single-device code.
+//!
+//! Pre-norm blocks: `x + attn(norm(x))`, then `x + ffn(norm(x))` where the feed-forward is
+//! an MoE layer or a dense SwiGLU. Rotary positions, causal multi-head attention,
+//! optional weight tying between the embedding and the LM head.
+//!
+//! Shape legend: B batch, S sequence, D model dim, H heads, Dh head dim (D / H), V vocab.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use crate::config::ModelConfig;
+use crate::experts::SwiGlu;
+use crate::init::Initializer;
+use crate::layer::{MoeLayer, MoeStats};
+
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    /// [D]
+    pub gamma: Param<Tensor<1>>,
+    #[module(skip)]
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(d_model: usize, eps: f64, init: &mut Initializer) -> Self {
+        Self {
+            gamma: init.ones([d_model]),
+            eps,
+        }
+    }
+
+    /// x: [B, S, D] -> [B, S, D]
+    pub fn forward(&self, x_bsd: Tensor<3>) -> Tensor<3> {
+        let rms_bs1 = (x_bsd.clone().powi_scalar(2).mean_dim(2) + self.eps).sqrt();
+        x_bsd / rms_bs1 * self.gamma.val().unsqueeze::<3>()
+    }
+}
+
+/// Rotary position tables, built on the host per forward (cheap next to the matmuls).
+#[derive(Debug, Clone)]
+struct Rope {
+    theta: f64,
+    head_dim: usize,
+}
+
+impl Rope {
+    /// x: [B, H, S, Dh] -> rotated, pairing dimension i with i + Dh/2 (rotate-half form).
+    fn apply(&self, x_bhsd: Tensor<4>) -> Tensor<4> {
+        let [b, h, s, dh] = x_bhsd.dims();
+        let half = dh / 2;
+        let device = x_bhsd.device();
+        let mut cos = Vec::with_capacity(s * half);
+        let mut sin = Vec::with_capacity(s * half);
+        for pos in 0..s {
+            for i in 0..half {
+                let freq = self.theta.powf(-(2.0 * i as f64) / self.head_dim as f64);
+                let angle = pos as f64 * freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let cos = Tensor::<2>::from_data(TensorData::new(cos, [s, half]), &device).unsqueeze::<4>();
+        let sin = Tensor::<2>::from_data(TensorData::new(sin, [s, half]), &device).unsqueeze::<4>();
+        let x1 = x_bhsd.clone().slice([0..b, 0..h, 0..s, 0..half]);
+        let x2 = x_bhsd.slice([0..b, 0..h, 0..s, half..dh]);
+        Tensor::cat(
+            vec![
+                x1.clone() * cos.clone() - x2.clone() * sin.clone(),
+                x1 * sin + x2 * cos,
+            ],
+            3,
+        )
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// [D, D] each
+    pub wq: Param<Tensor<2>>,
+    pub wk: Param<Tensor<2>>,
+    pub wv: Param<Tensor<2>>,
+    pub wo: Param<Tensor<2>>,
+    #[module(skip)]
+    n_heads: usize,
+    #[module(skip)]
+    rope: Rope,
+}
+
+impl Attention {
+    fn new(cfg: &ModelConfig, init: &mut Initializer) -> Self {
+        let d = cfg.d_model;
+        let out_std = init.std / (2.0 * cfg.n_layers as f64).sqrt();
+        Self {
+            wq: init.normal([d, d]),
+            wk: init.normal([d, d]),
+            wv: init.normal([d, d]),
+            wo: init.normal_with_std([d, d], out_std),
+            n_heads: cfg.n_heads,
+            rope: Rope {
+                theta: cfg.rope_theta,
+                head_dim: cfg.head_dim(),
+            },
+        }
+    }
+
+    /// x: [B, S, D] -> [B, S, D], causal.
+    pub fn forward(&self, x_bsd: Tensor<3>) -> Tensor<3> {
+        let [b, s, d] = x_bsd.dims();
+        let (h, dh) = (self.n_heads, d / self.n_heads);
+        let heads = |w: &Param<Tensor<2>>| -> Tensor<4> {
+            x_bsd
+                .clone()
+                .matmul(w.val().unsqueeze::<3>())
+                .reshape([b, s, h, dh])
+                .swap_dims(1, 2)
+        };
+        let q_bhsd = self.rope.apply(heads(&self.wq));
+        let k_bhsd = self.rope.apply(heads(&self.wk));
+        let v_bhsd = heads(&self.wv);
+        let out_bhsd = causal_attention(q_bhsd, k_bhsd, v_bhsd);
+        out_bhsd
+            .swap_dims(1, 2)
+            .reshape([b, s, d])
+            .matmul(self.wo.val().unsqueeze::<3>())
+    }
+}
+
+/// softmax(q k^T / sqrt(Dh) + causal mask) v. q, k, v: [B, H, S, Dh] -> [B, H, S, Dh].
+pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [_, _, s, dh] = q.dims();
+    let scores_bhss = q.matmul(k.swap_dims(2, 3)) / (dh as f64).sqrt();
+    // true above the diagonal: key position after query position.
+    let future_ss = Tensor::<2, Bool>::tril_mask([s, s], 0, &scores_bhss.device());
+    let scores_bhss = scores_bhss.mask_fill(future_ss.unsqueeze::<4>(), f32::NEG_INFINITY);
+    softmax(scores_bhss, 3).matmul(v)
+}
+
+#[derive(Module, Debug)]
+pub struct Block {
+    pub attn_norm: RmsNorm,
+    pub attn: Attention,
+    pub ffn_norm: RmsNorm,
+    /// Exactly one of `dense` and `moe` is present.
+    pub dense: Option<SwiGlu>,
+    pub moe: Option<MoeLayer>,
+}
+
+#[derive(Module, Debug)]
+pub struct Transformer {
+    /// [V, D]
+    pub embed: Param<Tensor<2>>,
+    pub layers: Vec<Block>,
+    pub final_norm: RmsNorm,
+    /// [D, V]; absent when tied to `embed`.
+    pub lm_head: Option<Param<Tensor<2>>>,
+}
+
+/// Output of a forward pass.
+pub struct ModelOutput {
+    /// [B, S, V]
+    pub logits: Tensor<3>,
+    /// Sum of the MoE layers' auxiliary losses (already scaled by their coefficients): [1].
+    pub aux_loss: Tensor<1>,
+    /// One entry per MoE layer, in layer order, with its layer index.
+    pub moe_stats: Vec<(usize, MoeStats)>,
+}
+
+impl Transformer {
+    /// Builds the model with weights drawn deterministically from `seed`.
+    pub fn new(cfg: &ModelConfig, seed: u64, device: &burn::tensor::Device) -> Self {
+        let mut init = Initializer::new(seed, cfg.init_std, device);
+        let embed = init.normal([cfg.vocab_size, cfg.d_model]);
+        let out_std = cfg.init_std / (2.0 * cfg.n_layers as f64).sqrt();
+        let layers = (0..cfg.n_layers)
+            .map(|layer| {
+                let attn_norm = RmsNorm::new(cfg.d_model, cfg.norm_eps, &mut init);
+                let attn = Attention::new(cfg, &mut init);
+                let ffn_norm = RmsNorm::new(cfg.d_model, cfg.norm_eps, &mut init);
+                let (dense, moe) = if cfg.is_moe_layer(layer) {
+                    (None, Some(MoeLayer::new(cfg.d_model, &cfg.moe, &mut init)))
+                } else {
+                    (Some(SwiGlu::new(cfg.d_model, cfg.ffn_dim, &mut init)), None)
+                };
+                Block {
+                    attn_norm,
+                    attn,
+                    ffn_norm,
+                    dense,
+                    moe,
+                }
+            })
+            .collect();
+        let final_norm = RmsNorm::new(cfg.d_model, cfg.norm_eps, &mut init);
+        let lm_head = (!cfg.tie_embeddings)
+            .then(|| init.normal_with_std([cfg.d_model, cfg.vocab_size], out_std));
+        Self {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        }
+    }
+
+    /// tokens: [B, S] -> logits [B, S, V] and the auxiliary losses.
+    pub fn forward(&self, tokens_bs: Tensor<2, Int>) -> ModelOutput {
+        self.forward_impl(tokens_bs, false)
+    }
+
+    /// Same as `forward` with every MoE layer computed by its dense per-expert oracle.
+    pub fn forward_reference(&self, tokens_bs: Tensor<2, Int>) -> ModelOutput {
+        self.forward_impl(tokens_bs, true)
+    }
+
+    fn forward_impl(&self, tokens_bs: Tensor<2, Int>, reference: bool) -> ModelOutput {
+        let [b, s] = tokens_bs.dims();
+        let embed_vd = self.embed.val();
+        let [_, d] = embed_vd.dims();
+        let device = embed_vd.device();
+        let mut x_bsd = embed_vd
+            .clone()
+            .select(0, tokens_bs.reshape([b * s]))
+            .reshape([b, s, d]);
+        let mut aux_loss = Tensor::<1>::zeros([1], &device);
+        let mut moe_stats = Vec::new();
+        for (index, block) in self.layers.iter().enumerate() {
+            x_bsd = x_bsd.clone() + block.attn.forward(block.attn_norm.forward(x_bsd));
+            let h_bsd = block.ffn_norm.forward(x_bsd.clone());
+            let ffn_bsd = match (&block.dense, &block.moe) {
+                (Some(dense), None) => {
+                    let [b, s, d] = h_bsd.dims();
+                    dense.forward(h_bsd.reshape([b * s, d])).reshape([b, s, d])
+                }
+                (None, Some(moe)) => {
+                    let out = if reference {
+                        moe.forward_reference(h_bsd)
+                    } else {
+                        moe.forward(h_bsd)
+                    };
+                    aux_loss = aux_loss + out.aux_loss;
+                    moe_stats.push((index, out.stats));
+                    out.y
+                }
+                _ => unreachable!("a block has exactly one feed-forward"),
+            };
+            x_bsd = x_bsd + ffn_bsd;
+        }
+        let h_bsd = self.final_norm.forward(x_bsd);
+        let head_dv = match &self.lm_head {
+            Some(head) => head.val(),
+            None => embed_vd.transpose(),
+        };
+        let logits = h_bsd.matmul(head_dv.unsqueeze::<3>());
+        ModelOutput {
+            logits,
+            aux_loss,
+            moe_stats,
+        }
+    }
+}
+
+/// Mean next-token cross-entropy in nats. logits: [B, S, V], targets: [B, S] -> [1].
+pub fn cross_entropy(logits_bsv: Tensor<3>, targets_bs: Tensor<2, Int>) -> Tensor<1> {
+    let [b, s, v] = logits_bsv.dims();
+    let logp_nv = log_softmax(logits_bsv.reshape([b * s, v]), 1);
+    let picked_n1 = logp_nv.gather(1, targets_bs.reshape([b * s, 1]));
+    picked_n1.mean().neg()
+}
+
+/// Matmul FLOPs of one forward pass per token, with `routed_rows_per_token` routed expert
+/// rows per token (top_k when dropless). Backward is counted as twice the forward.
+pub fn forward_flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
+    let (d, v) = (cfg.d_model as f64, cfg.vocab_size as f64);
+    let attn_proj = 4.0 * 2.0 * d * d;
+    // q k^T and (softmax) v over the full sequence; a causal kernel could skip half.
+    let attn_scores = 2.0 * 2.0 * seq_len as f64 * d;
+    let mut total = 2.0 * d * v; // LM head
+    for layer in 0..cfg.n_layers {
+        total += attn_proj + attn_scores;
+        if cfg.is_moe_layer(layer) {
+            let e = cfg.moe.num_experts as f64;
+            total += 2.0 * d * e; // router
+            total += cfg.moe.top_k as f64 * 3.0 * 2.0 * d * cfg.moe.expert_ffn_dim as f64;
+            if let Some(shared) = &cfg.moe.shared_expert {
+                total += shared.count as f64 * 3.0 * 2.0 * d * shared.ffn_dim as f64;
+            }
+        } else {
+            total += 3.0 * 2.0 * d * cfg.ffn_dim as f64;
+        }
+    }
+    total
+}

@@ -1,0 +1,95 @@
+//! The root of the config tree. Each field is the node of one component, which receives
+//! only that node. The binary loads it from YAML (file:line:column errors, `--set`
+//! overrides) and calls `validate` before anything is allocated.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use switchyard_moe::ModelConfig;
+
+use crate::train::CheckpointConfig;
+use crate::data::DataConfig;
+use crate::metrics::MetricsConfig;
+use crate::optim::OptimConfig;
+use crate::train::TrainConfig;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub run: RunConfig,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The `run:` node: identity and placement of one training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub name: String,
+    /// Directory for checkpoints, metrics and the resolved config (relative paths are
+    /// relative to the working directory).
+    pub output_dir: PathBuf,
+    /// Seeds the weights and the data order.
+    #[serde(default)]
+    pub seed: u64,
+    /// CPU threads for tensor kernels; absent = all cores. Exact loss replay across runs
+    /// needs the same thread count.
+    #[serde(default)]
+    pub threads: Option<usize>,
+}
+
+impl Config {
+    /// Every issue as (full dotted key path, message), across all components.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut issues = Vec::new();
+        let mut add = |prefix: &str, found: Vec<(String, String)>| {
+            issues.extend(
+                found
+                    .into_iter()
+                    .map(|(path, msg)| (format!("{prefix}.{path}"), msg)),
+            );
+        };
+        let mut run = Vec::new();
+        if self.run.name.trim().is_empty() {
+            run.push(("name".to_string(), "must not be empty".to_string()));
+        }
+        if self.run.threads == Some(0) {
+            run.push((
+                "threads".to_string(),
+                "must be at least 1; remove it to use all cores".to_string(),
+            ));
+        }
+        add("run", run);
+        add("model", self.model.validate());
+        add("data", self.data.validate());
+        add("optim", self.optim.validate());
+        add("train", self.train.validate());
+        add("checkpoint", self.checkpoint.validate());
+        add("metrics", self.metrics.validate());
+        // Combinations that span components.
+        if self.data.seq_len > self.model.max_seq_len {
+            issues.push((
+                "data.seq_len".to_string(),
+                format!(
+                    "is {} but model.max_seq_len is {}; raise max_seq_len or shorten seq_len",
+                    self.data.seq_len, self.model.max_seq_len
+                ),
+            ));
+        }
+        if let Some(vocab) = self.data.tokenizer.fixed_vocab_size()
+            && vocab != self.model.vocab_size
+        {
+            issues.push((
+                "model.vocab_size".to_string(),
+                format!("is {} but the tokenizer has {vocab} tokens; set model.vocab_size: {vocab}", self.model.vocab_size),
+            ));
+        }
+        issues
+    }
+}

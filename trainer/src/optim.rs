@@ -1,0 +1,309 @@
+//! AdamW (burn-optim's update rule) with per-parameter state keyed by parameter name, a
+//! linear-warmup + cosine learning-rate schedule, and global-norm gradient clipping.
+//!
+//! State is keyed by name, not by burn's random `ParamId`, so it survives checkpoints, and
+//! later moves with an expert when placement changes.
+
+use std::collections::BTreeMap;
+
+use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, Optimizer};
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+use switchyard_moe::params::map_params;
+
+use crate::checkpoint::NamedTensor;
+
+/// The `optim:` node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate, reached after warmup.
+    pub lr: f64,
+    /// Floor of the cosine decay.
+    #[serde(default)]
+    pub min_lr: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Steps over which the cosine decays from `lr` to `min_lr`; defaults to `train.steps`.
+    #[serde(default)]
+    pub decay_steps: Option<u64>,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay, applied to matrices only (not to norm gains).
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value; absent = no clipping.
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+}
+
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_weight_decay() -> f64 {
+    0.1
+}
+
+impl OptimConfig {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut issues = Vec::new();
+        let mut check = |ok: bool, key: &str, msg: &str| {
+            if !ok {
+                issues.push((key.to_string(), msg.to_string()));
+            }
+        };
+        check(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "lr",
+            "must be a positive number (1e-4 to 3e-3 is usual)",
+        );
+        check(
+            self.min_lr >= 0.0 && self.min_lr <= self.lr,
+            "min_lr",
+            "must lie between 0 and lr",
+        );
+        check(
+            self.beta1 >= 0.0 && self.beta1 < 1.0,
+            "beta1",
+            "must lie in [0, 1); 0.9 is usual",
+        );
+        check(
+            self.beta2 >= 0.0 && self.beta2 < 1.0,
+            "beta2",
+            "must lie in [0, 1); 0.95 or 0.999 is usual",
+        );
+        check(self.eps > 0.0, "eps", "must be positive; 1e-8 is usual");
+        check(
+            self.weight_decay >= 0.0,
+            "weight_decay",
+            "must be non-negative",
+        );
+        if let Some(clip) = self.grad_clip {
+            check(clip > 0.0, "grad_clip", "must be positive; remove it to disable clipping");
+        }
+        if let Some(decay) = self.decay_steps {
+            check(decay > 0, "decay_steps", "must be positive");
+        }
+        issues
+    }
+
+    /// Learning rate at optimizer step `step` (0-based): linear warmup from lr/warmup to lr,
+    /// then cosine decay to `min_lr` at `decay_steps`, then flat at `min_lr`.
+    pub fn lr_at(&self, step: u64, total_steps: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let decay_steps = self.decay_steps.unwrap_or(total_steps).max(self.warmup_steps + 1);
+        let progress = ((step - self.warmup_steps) as f64
+            / (decay_steps - self.warmup_steps) as f64)
+            .min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        self.min_lr + (self.lr - self.min_lr) * cosine
+    }
+}
+
+/// AdamW over a whole model, state keyed by parameter name.
+pub struct NamedAdamW {
+    decayed: AdamW,
+    not_decayed: AdamW,
+    state: BTreeMap<String, AdamWState<1>>,
+}
+
+/// Norm gains are not decayed (decaying them toward 0 shrinks activations for no benefit).
+fn is_decayed(name: &str) -> bool {
+    !name.ends_with(".gamma") && !name.ends_with("gamma")
+}
+
+impl NamedAdamW {
+    pub fn new(cfg: &OptimConfig) -> Self {
+        let base = AdamWConfig::new()
+            .with_beta_1(cfg.beta1 as f32)
+            .with_beta_2(cfg.beta2 as f32)
+            .with_epsilon(cfg.eps as f32);
+        Self {
+            decayed: base.clone().with_weight_decay(cfg.weight_decay as f32).build(),
+            not_decayed: base.with_weight_decay(0.0).build(),
+            state: BTreeMap::new(),
+        }
+    }
+
+    /// One update of every parameter. A parameter without a gradient (it took no part in
+    /// this step, e.g. an expert no token chose) is updated with a zero gradient, so every
+    /// parameter's step count stays equal to the optimizer's.
+    pub fn step<M: burn::module::Module>(
+        &mut self,
+        model: M,
+        grads: &BTreeMap<String, Tensor<1>>,
+        lr: f64,
+    ) -> M {
+        map_params(model, |name, value| {
+            let grad = grads
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| value.zeros_like());
+            let optimizer = if is_decayed(name) {
+                &self.decayed
+            } else {
+                &self.not_decayed
+            };
+            let state = self.state.remove(name);
+            let (updated, state) = optimizer.step(lr, value, grad, state);
+            if let Some(state) = state {
+                self.state.insert(name.to_string(), state);
+            }
+            updated
+        })
+    }
+
+    /// Number of updates applied so far (0 before the first step).
+    pub fn steps_taken(&self) -> usize {
+        self.state
+            .values()
+            .next()
+            .map(|s| s.momentum.time)
+            .unwrap_or(0)
+    }
+
+    /// First and second moments as `<param>.exp_avg` / `<param>.exp_avg_sq`.
+    pub fn export(&self) -> Vec<NamedTensor> {
+        let mut out = Vec::new();
+        for (name, state) in &self.state {
+            for (suffix, tensor) in [
+                ("exp_avg", &state.momentum.moment_1),
+                ("exp_avg_sq", &state.momentum.moment_2),
+            ] {
+                out.push(NamedTensor::f32(
+                    format!("{name}.{suffix}"),
+                    vec![tensor.dims()[0]],
+                    tensor_to_vec(tensor),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Restore from `export`'s tensors and the step count. Every parameter named in
+    /// `param_sizes` must have both moments with the right length.
+    pub fn import(
+        &mut self,
+        tensors: &BTreeMap<String, NamedTensor>,
+        steps_taken: usize,
+        param_sizes: &BTreeMap<String, usize>,
+        device: &burn::tensor::Device,
+    ) -> Result<(), String> {
+        self.state.clear();
+        if steps_taken == 0 {
+            return Ok(());
+        }
+        for (name, &size) in param_sizes {
+            let moment = |suffix: &str| -> Result<Tensor<1>, String> {
+                let key = format!("{name}.{suffix}");
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| format!("optimizer state `{key}` is missing"))?;
+                let values = t.as_f32().map_err(|e| format!("`{key}`: {e}"))?;
+                if values.len() != size {
+                    return Err(format!(
+                        "optimizer state `{key}` has {} values, the parameter has {size}",
+                        values.len()
+                    ));
+                }
+                Ok(Tensor::from_floats(values.as_slice(), device))
+            };
+            let momentum = AdaptiveMomentumState::new(steps_taken, moment("exp_avg")?, moment("exp_avg_sq")?);
+            self.state
+                .insert(name.clone(), AdamWState::new(momentum));
+        }
+        Ok(())
+    }
+}
+
+/// sqrt(sum of squares) over every gradient, in f64 on the host.
+pub fn global_norm(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
+    let sum: f64 = grads
+        .values()
+        .map(|g| {
+            let s: f32 = g.clone().powi_scalar(2).sum().into_scalar().to_f32();
+            s as f64
+        })
+        .sum();
+    sum.sqrt()
+}
+
+/// Scale every gradient so the global norm is at most `max_norm`.
+pub fn clip_global_norm(grads: &mut BTreeMap<String, Tensor<1>>, norm: f64, max_norm: f64) {
+    if norm > max_norm {
+        let scale = (max_norm / (norm + 1e-6)) as f32;
+        for g in grads.values_mut() {
+            *g = g.clone() * scale;
+        }
+    }
+}
+
+pub fn tensor_to_vec(t: &Tensor<1>) -> Vec<f32> {
+    t.clone()
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("parameters are f32")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> OptimConfig {
+        OptimConfig {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 10,
+            decay_steps: None,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: Some(1.0),
+        }
+    }
+
+    #[test]
+    fn schedule_warms_up_linearly_then_decays_to_min() {
+        let c = cfg();
+        assert!((c.lr_at(0, 100) - 1e-4).abs() < 1e-12);
+        assert!((c.lr_at(4, 100) - 5e-4).abs() < 1e-12);
+        assert!((c.lr_at(9, 100) - 1e-3).abs() < 1e-12);
+        assert!((c.lr_at(10, 100) - 1e-3).abs() < 1e-12);
+        // halfway through the decay: (lr + min_lr) / 2
+        assert!((c.lr_at(55, 100) - 5.5e-4).abs() < 1e-9);
+        assert!((c.lr_at(100, 100) - 1e-4).abs() < 1e-12);
+        assert!((c.lr_at(500, 100) - 1e-4).abs() < 1e-12);
+        let mut prev = f64::MAX;
+        for s in 10..100 {
+            let lr = c.lr_at(s, 100);
+            assert!(lr <= prev);
+            prev = lr;
+        }
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm() {
+        let device = burn::tensor::Device::flex();
+        let mut grads = BTreeMap::new();
+        grads.insert("a".to_string(), Tensor::<1>::from_floats([3.0, 0.0], &device));
+        grads.insert("b".to_string(), Tensor::<1>::from_floats([0.0, 4.0], &device));
+        let norm = global_norm(&grads);
+        assert!((norm - 5.0).abs() < 1e-6);
+        clip_global_norm(&mut grads, norm, 1.0);
+        assert!((global_norm(&grads) - 1.0).abs() < 1e-5);
+        assert!((tensor_to_vec(&grads["a"])[0] - 0.6).abs() < 1e-5);
+    }
+}

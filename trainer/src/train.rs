@@ -1,0 +1,472 @@
+//! The training loop. Reads top to bottom: build, (resume), then per step: batches ->
+//! forward -> backward -> accumulate -> check -> clip -> update -> log -> eval -> save.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use switchyard_moe::model::{ModelOutput, forward_flops_per_token};
+use switchyard_moe::params::{map_params, named_grads, named_params, signature};
+use switchyard_moe::{Transformer, cross_entropy};
+
+use crate::checkpoint::{CheckpointManager, NamedTensor};
+use crate::config::Config;
+use crate::data::{Batch, BatchSampler, Corpus, SamplerState};
+use crate::metrics::MetricsSink;
+use crate::optim::{NamedAdamW, clip_global_norm, global_norm, tensor_to_vec};
+
+/// The `train:` node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps of the whole run.
+    pub steps: u64,
+    /// Micro-batches summed into one optimizer step.
+    #[serde(default = "default_one")]
+    pub grad_accum_steps: usize,
+    /// Evaluate every this many steps (and after the last step); 0 = only after the last.
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Validation batches per evaluation.
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    /// What to do when the loss or a gradient is NaN or infinite.
+    #[serde(default)]
+    pub nonfinite: NonFinitePolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinitePolicy {
+    /// Stop the run with an error naming the step (the last checkpoint stays valid).
+    #[default]
+    Stop,
+    /// Skip the update (weights and optimizer state unchanged) and go on; logged.
+    Skip,
+}
+
+/// The `checkpoint:` node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every this many steps; 0 = only at the end of the run.
+    #[serde(default)]
+    pub every: u64,
+    /// Committed checkpoints to keep; older ones are deleted.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// Where checkpoints go; defaults to `<run.output_dir>/checkpoints`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Save after the last step.
+    #[serde(default = "default_true")]
+    pub save_final: bool,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            keep_last: default_keep_last(),
+            dir: None,
+            save_final: true,
+        }
+    }
+}
+
+fn default_one() -> usize {
+    1
+}
+fn default_eval_batches() -> usize {
+    20
+}
+fn default_keep_last() -> usize {
+    3
+}
+fn default_true() -> bool {
+    true
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut issues = Vec::new();
+        if self.steps == 0 {
+            issues.push(("steps".into(), "must be at least 1".into()));
+        }
+        if self.grad_accum_steps == 0 {
+            issues.push(("grad_accum_steps".into(), "must be at least 1".into()));
+        }
+        if self.eval_batches == 0 {
+            issues.push(("eval_batches".into(), "must be at least 1".into()));
+        }
+        issues
+    }
+}
+
+impl CheckpointConfig {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut issues = Vec::new();
+        if self.keep_last == 0 {
+            issues.push((
+                "keep_last".into(),
+                "must be at least 1 (the newest checkpoint is always kept)".into(),
+            ));
+        }
+        issues
+    }
+}
+
+/// Errors of a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("data: {0}")]
+    Data(#[from] crate::data::DataError),
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error("metrics: {0}")]
+    Metrics(String),
+    #[error(
+        "step {step}: the {what} is not finite ({value}); train.nonfinite is `stop`. \
+         Lower optim.lr, set optim.grad_clip, or set train.nonfinite: skip"
+    )]
+    NonFinite { step: u64, what: &'static str, value: f64 },
+    #[error("resume from {path}: {message}")]
+    Resume { path: PathBuf, message: String },
+    #[error("{0}")]
+    Io(String),
+}
+
+/// What the trainer carries from step to step besides weights and optimizer moments; saved
+/// in the checkpoint manifest so a resumed run continues exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub optimizer_steps_taken: usize,
+    pub skipped_steps: u64,
+    pub sampler: SamplerState,
+}
+
+/// Result of one optimizer step.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub step: u64,
+    pub loss: f64,
+    pub aux_loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub skipped: bool,
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+/// Result of an evaluation.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalReport {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub tokens: u64,
+}
+
+/// A model, its optimizer and its data position.
+pub struct Trainer {
+    pub cfg: Config,
+    pub model: Transformer,
+    pub optim: NamedAdamW,
+    pub sampler: BatchSampler,
+    pub valid: Vec<Batch>,
+    pub device: Device,
+    pub state_step: u64,
+    pub tokens_seen: u64,
+    pub skipped_steps: u64,
+    /// Per-step MoE statistics of the last step, for metrics.
+    pub last_moe_stats: Vec<(usize, switchyard_moe::MoeStats)>,
+}
+
+impl Trainer {
+    /// Builds model, optimizer and data from the config (fresh weights from `run.seed`).
+    pub fn new(cfg: &Config, corpus: &Corpus, device: &Device) -> Result<Self, TrainError> {
+        let model = Transformer::new(&cfg.model, cfg.run.seed, device);
+        let seed = cfg.data.shuffle_seed.unwrap_or(cfg.run.seed);
+        let sampler = BatchSampler::new(corpus, &cfg.data, seed)?;
+        let valid = corpus.valid_batches(&cfg.data, cfg.train.eval_batches)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            model,
+            optim: NamedAdamW::new(&cfg.optim),
+            sampler,
+            valid,
+            device: device.clone(),
+            state_step: 0,
+            tokens_seen: 0,
+            skipped_steps: 0,
+            last_moe_stats: Vec::new(),
+        })
+    }
+
+    fn batch_tensors(&self, batch: &Batch) -> (Tensor<2, Int>, Tensor<2, Int>) {
+        let (b, s) = (batch.batch_size, batch.seq_len);
+        let width = s + 1;
+        let mut inputs = Vec::with_capacity(b * s);
+        let mut targets = Vec::with_capacity(b * s);
+        for row in batch.tokens.chunks(width) {
+            inputs.extend_from_slice(&row[..s]);
+            targets.extend_from_slice(&row[1..]);
+        }
+        (
+            Tensor::from_data(TensorData::new(inputs, [b, s]), &self.device),
+            Tensor::from_data(TensorData::new(targets, [b, s]), &self.device),
+        )
+    }
+
+    /// One optimizer step over `grad_accum_steps` micro-batches.
+    pub fn step(&mut self) -> Result<StepReport, TrainError> {
+        let started = Instant::now();
+        let step = self.state_step;
+        let accum = self.cfg.train.grad_accum_steps;
+        let lr = self.cfg.optim.lr_at(step, self.cfg.train.steps);
+        let mut grads: BTreeMap<String, Tensor<1>> = BTreeMap::new();
+        let (mut loss_sum, mut aux_sum, mut tokens) = (0f64, 0f64, 0u64);
+        let mut moe_stats = Vec::new();
+        for _ in 0..accum {
+            let batch = self.sampler.next_batch();
+            tokens += (batch.batch_size * batch.seq_len) as u64;
+            let (inputs, targets) = self.batch_tensors(&batch);
+            let ModelOutput {
+                logits,
+                aux_loss,
+                moe_stats: stats,
+            } = self.model.forward(inputs);
+            let ce = cross_entropy(logits, targets);
+            loss_sum += scalar(&ce);
+            aux_sum += scalar(&aux_loss);
+            let loss = (ce + aux_loss) / accum as f32;
+            let micro = named_grads(&self.model, &loss.backward());
+            for (name, g) in micro {
+                match grads.remove(&name) {
+                    Some(acc) => grads.insert(name, acc + g),
+                    None => grads.insert(name, g),
+                };
+            }
+            moe_stats = stats;
+        }
+        let loss = loss_sum / accum as f64;
+        let aux_loss = aux_sum / accum as f64;
+        let grad_norm = global_norm(&grads);
+        let finite = loss.is_finite() && grad_norm.is_finite();
+        if !finite {
+            if self.cfg.train.nonfinite == crate::train::NonFinitePolicy::Stop {
+                let (what, value) = if loss.is_finite() {
+                    ("gradient norm", grad_norm)
+                } else {
+                    ("loss", loss)
+                };
+                return Err(TrainError::NonFinite { step, what, value });
+            }
+            self.skipped_steps += 1;
+            tracing::warn!(step, loss, grad_norm, "non-finite loss or gradient: update skipped");
+        } else {
+            if let Some(max) = self.cfg.optim.grad_clip {
+                clip_global_norm(&mut grads, grad_norm, max);
+            }
+            let model = std::mem::replace(&mut self.model, placeholder(&self.model));
+            self.model = self.optim.step(model, &grads, lr);
+        }
+        self.state_step += 1;
+        self.tokens_seen += tokens;
+        self.last_moe_stats = moe_stats;
+        Ok(StepReport {
+            step: self.state_step,
+            loss,
+            aux_loss,
+            grad_norm,
+            lr,
+            skipped: !finite,
+            tokens,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Mean validation cross-entropy over the fixed validation batches.
+    pub fn evaluate(&self) -> EvalReport {
+        let model = self.model.valid();
+        let (mut sum, mut tokens) = (0f64, 0u64);
+        for batch in &self.valid {
+            let (inputs, targets) = self.batch_tensors_on(batch, &self.device.clone().inner());
+            let out = model.forward(inputs);
+            let n = (batch.batch_size * batch.seq_len) as u64;
+            sum += scalar(&cross_entropy(out.logits, targets)) * n as f64;
+            tokens += n;
+        }
+        let loss = sum / tokens.max(1) as f64;
+        EvalReport {
+            loss,
+            perplexity: loss.exp(),
+            tokens,
+        }
+    }
+
+    fn batch_tensors_on(&self, batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+        let (i, t) = self.batch_tensors(batch);
+        (i.to_device(device), t.to_device(device))
+    }
+
+    /// The model's matmul FLOPs per trained token, forward + backward (3x forward).
+    pub fn train_flops_per_token(&self) -> f64 {
+        3.0 * forward_flops_per_token(&self.cfg.model, self.cfg.data.seq_len)
+    }
+
+    pub fn trainer_state(&self) -> TrainerState {
+        TrainerState {
+            step: self.state_step,
+            tokens_seen: self.tokens_seen,
+            optimizer_steps_taken: self.optim.steps_taken(),
+            skipped_steps: self.skipped_steps,
+            sampler: self.sampler.state(),
+        }
+    }
+
+    /// Model tensors and optimizer tensors, by name.
+    pub fn export(&self) -> (Vec<NamedTensor>, Vec<NamedTensor>) {
+        let model = named_params(&self.model)
+            .into_iter()
+            .map(|(name, shape, value)| NamedTensor::f32(name, shape, tensor_to_vec(&value)))
+            .collect();
+        (model, self.optim.export())
+    }
+
+    /// Save a checkpoint of the current step.
+    pub fn save(&self, manager: &CheckpointManager, resolved_config: &serde_json::Value) -> Result<PathBuf, TrainError> {
+        let (model, optimizer) = self.export();
+        let state = serde_json::to_value(self.trainer_state()).expect("trainer state serialises");
+        let path = manager.save(
+            self.state_step,
+            self.tokens_seen,
+            &[("model.safetensors", model), ("optimizer.safetensors", optimizer)],
+            state,
+            resolved_config.clone(),
+            signature(&self.model),
+        )?;
+        Ok(path)
+    }
+
+    /// Restore weights, optimizer moments, data position and counters from a checkpoint.
+    pub fn restore(&mut self, path: &Path) -> Result<(), TrainError> {
+        let resume_err = |message: String| TrainError::Resume {
+            path: path.to_path_buf(),
+            message,
+        };
+        let loaded = CheckpointManager::load(path)?;
+        crate::checkpoint::verify_compatible(&loaded.manifest, &signature(&self.model))?;
+        let state: TrainerState = serde_json::from_value(loaded.manifest.trainer_state.clone())
+            .map_err(|e| resume_err(format!("manifest.json trainer_state: {e}")))?;
+        let model_tensors = loaded.tensors("model.safetensors").map_err(resume_err)?;
+        let optim_tensors = loaded.tensors("optimizer.safetensors").map_err(resume_err)?;
+        let mut sizes = BTreeMap::new();
+        for (name, shape, _) in named_params(&self.model) {
+            let t = model_tensors
+                .get(&name)
+                .ok_or_else(|| resume_err(format!("model.safetensors has no tensor `{name}`")))?;
+            if t.shape != shape {
+                return Err(resume_err(format!(
+                    "tensor `{name}` has shape {:?} in the checkpoint but {shape:?} in the model",
+                    t.shape
+                )));
+            }
+            sizes.insert(name, shape.iter().product());
+        }
+        let device = self.device.clone();
+        let model = std::mem::replace(&mut self.model, placeholder(&self.model));
+        let mut error = None;
+        self.model = map_params(model, |name, current| match model_tensors[name].as_f32() {
+            Ok(values) => Tensor::from_floats(values.as_slice(), &device.clone().inner()),
+            Err(e) => {
+                error.get_or_insert(format!("`{name}`: {e}"));
+                current
+            }
+        });
+        if let Some(e) = error {
+            return Err(resume_err(e));
+        }
+        self.optim
+            .import(&optim_tensors, state.optimizer_steps_taken, &sizes, &device.clone().inner())
+            .map_err(resume_err)?;
+        self.sampler.restore(state.sampler.clone())?;
+        self.state_step = state.step;
+        self.tokens_seen = state.tokens_seen;
+        self.skipped_steps = state.skipped_steps;
+        Ok(())
+    }
+}
+
+/// A cheap stand-in while the real model is moved through a by-value update.
+fn placeholder(model: &Transformer) -> Transformer {
+    model.clone()
+}
+
+fn scalar(t: &Tensor<1>) -> f64 {
+    t.clone().inner().into_scalar().to_f64()
+}
+
+/// Runs a whole training job: the function the `train` subcommand calls.
+pub fn run(cfg: &Config, corpus: &Corpus, resume: Option<&Path>, device: &Device, resolved_config: serde_json::Value) -> Result<Option<EvalReport>, TrainError> {
+    let mut trainer = Trainer::new(cfg, corpus, device)?;
+    let ckpt_dir = cfg
+        .checkpoint
+        .dir
+        .clone()
+        .unwrap_or_else(|| cfg.run.output_dir.join("checkpoints"));
+    let manager = CheckpointManager::new(&ckpt_dir, cfg.checkpoint.keep_last);
+    if let Some(path) = resume {
+        trainer.restore(path)?;
+        tracing::info!(step = trainer.state_step, path = %path.display(), "resumed");
+    }
+    let mut metrics = MetricsSink::new(&cfg.metrics, &cfg.run.output_dir, cfg.train.steps, trainer.state_step)
+        .map_err(|e| TrainError::Metrics(e.to_string()))?;
+    let flops_per_token = trainer.train_flops_per_token();
+    let mut last_eval = None;
+    while trainer.state_step < cfg.train.steps {
+        let report = trainer.step()?;
+        let tokens_per_sec = report.tokens as f64 / report.seconds.max(1e-9);
+        let mut scalars: Vec<(String, f64)> = vec![
+            ("train/loss".into(), report.loss),
+            ("train/aux_loss".into(), report.aux_loss),
+            ("train/grad_norm".into(), report.grad_norm),
+            ("train/lr".into(), report.lr),
+            ("train/tokens_per_sec".into(), tokens_per_sec),
+            ("train/gflops_per_sec".into(), tokens_per_sec * flops_per_token / 1e9),
+            ("train/tokens_seen".into(), trainer.tokens_seen as f64),
+            ("train/skipped".into(), report.skipped as u8 as f64),
+        ];
+        for (layer, stats) in &trainer.last_moe_stats {
+            scalars.push((format!("moe/layer{layer}/max_over_mean_load"), stats.max_over_mean_load()));
+            scalars.push((format!("moe/layer{layer}/dropped_fraction"), stats.dropped_fraction));
+            scalars.push((format!("moe/layer{layer}/load_balance_loss"), stats.load_balance));
+            for (e, f) in stats.expert_fraction.iter().enumerate() {
+                scalars.push((format!("moe/layer{layer}/expert{e}_fraction"), *f));
+            }
+        }
+        let step = trainer.state_step;
+        let last = step == cfg.train.steps;
+        if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0) || last {
+            let eval = trainer.evaluate();
+            scalars.push(("valid/loss".into(), eval.loss));
+            scalars.push(("valid/perplexity".into(), eval.perplexity));
+            last_eval = Some(eval);
+        }
+        let borrowed: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        metrics
+            .log(step, &borrowed)
+            .map_err(|e| TrainError::Metrics(e.to_string()))?;
+        metrics.progress(step, report.loss, tokens_per_sec);
+        let due = cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0;
+        if due || (last && cfg.checkpoint.save_final) {
+            let path = trainer.save(&manager, &resolved_config)?;
+            tracing::info!(step, path = %path.display(), "checkpoint committed");
+        }
+    }
+    metrics.finish();
+    Ok(last_eval)
+}
