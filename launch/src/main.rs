@@ -2,12 +2,13 @@
 //! (exit code 2 on any config error), sets up logging and threads, and hands each component
 //! its node.
 
+mod commands;
 mod config;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use switchyard_trainer::config::Config;
 
@@ -130,7 +131,13 @@ fn run(command: Command) -> Result<()> {
             let cfg = load(&config)?;
             commands::eval(&cfg, &checkpoint)
         }
-        Command::PrepareData(args) => commands::prepare_data(args),
+        Command::PrepareData(args) => commands::prepare(
+            &args.inputs,
+            &args.format,
+            &args.text_key,
+            &args.tokenizer,
+            &args.output,
+        ),
         Command::ValidateConfig { config } => {
             let cfg = load(&config)?;
             print!("{}", config::loader::resolved_yaml(&cfg));
@@ -149,13 +156,3 @@ fn run(command: Command) -> Result<()> {
     }
 }
 
-mod commands;
-
-#[allow(dead_code)]
-fn ensure_dir(path: &Path) -> Result<()> {
-    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    if !path.is_dir() {
-        bail!("{} is not a directory", path.display());
-    }
-    Ok(())
-}

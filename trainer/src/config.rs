@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use switchyard_moe::ModelConfig;
 
 use crate::train::CheckpointConfig;
-use crate::data::DataConfig;
+use crate::data::{DataConfig, TokenizerConfig};
 use crate::metrics::MetricsConfig;
 use crate::optim::OptimConfig;
 use crate::train::TrainConfig;
@@ -82,12 +82,21 @@ impl Config {
                 ),
             ));
         }
-        if let Some(vocab) = self.data.tokenizer.fixed_vocab_size()
-            && vocab != self.model.vocab_size
+        let tokenizer_vocab = match &self.data.tokenizer {
+            TokenizerConfig::Byte {} => Some(256),
+            TokenizerConfig::Bpe { vocab_size } => Some(*vocab_size),
+            // Known once the tokenizer file is loaded; checked then.
+            TokenizerConfig::HuggingFace { .. } => None,
+        };
+        if let Some(vocab) = tokenizer_vocab
+            && self.model.vocab_size < vocab
         {
             issues.push((
                 "model.vocab_size".to_string(),
-                format!("is {} but the tokenizer has {vocab} tokens; set model.vocab_size: {vocab}", self.model.vocab_size),
+                format!(
+                    "is {} but the tokenizer has up to {vocab} tokens; set model.vocab_size: {vocab}",
+                    self.model.vocab_size
+                ),
             ));
         }
         issues

@@ -1,6 +1,10 @@
 //! switchyard-trainer: model assembly, data pipeline, optimizer and schedule, train loop,
-//! evaluation, checkpoint/resume and metrics.
+//! evaluation, checkpoint/resume, metrics and the throughput benchmark.
 
+pub mod bench;
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod metrics;
+pub mod optim;
+pub mod train;

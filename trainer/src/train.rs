@@ -13,7 +13,7 @@ use switchyard_moe::{Transformer, cross_entropy};
 
 use crate::checkpoint::{CheckpointManager, NamedTensor};
 use crate::config::Config;
-use crate::data::{Batch, BatchSampler, Corpus, SamplerState};
+use crate::data::{Batch, Corpus, Sampler, SamplerState};
 use crate::metrics::MetricsSink;
 use crate::optim::{NamedAdamW, clip_global_norm, global_norm, tensor_to_vec};
 
@@ -175,7 +175,7 @@ pub struct Trainer {
     pub cfg: Config,
     pub model: Transformer,
     pub optim: NamedAdamW,
-    pub sampler: BatchSampler,
+    pub sampler: Sampler,
     pub valid: Vec<Batch>,
     pub device: Device,
     pub state_step: u64,
@@ -189,9 +189,8 @@ impl Trainer {
     /// Builds model, optimizer and data from the config (fresh weights from `run.seed`).
     pub fn new(cfg: &Config, corpus: &Corpus, device: &Device) -> Result<Self, TrainError> {
         let model = Transformer::new(&cfg.model, cfg.run.seed, device);
-        let seed = cfg.data.shuffle_seed.unwrap_or(cfg.run.seed);
-        let sampler = BatchSampler::new(corpus, &cfg.data, seed)?;
-        let valid = corpus.valid_batches(&cfg.data, cfg.train.eval_batches)?;
+        let sampler = corpus.train_sampler(cfg.data.shuffle_seed_or(cfg.run.seed))?;
+        let valid = corpus.valid_batches(cfg.train.eval_batches);
         Ok(Self {
             cfg: cfg.clone(),
             model,
@@ -393,7 +392,7 @@ impl Trainer {
         self.optim
             .import(&optim_tensors, state.optimizer_steps_taken, &sizes, &device.clone().inner())
             .map_err(resume_err)?;
-        self.sampler.restore(state.sampler.clone())?;
+        self.sampler.restore(&state.sampler)?;
         self.state_step = state.step;
         self.tokens_seen = state.tokens_seen;
         self.skipped_steps = state.skipped_steps;

@@ -1,0 +1,150 @@
+//! `switchyard bench`: training throughput against the machine's peak, measured side by
+//! side in one run (this machine is shared and noisy; absolute times mean little, ratios
+//! taken in one run mean more).
+
+use std::fmt;
+use std::time::Instant;
+
+use burn::tensor::{Device, Distribution, Tensor};
+
+use crate::config::Config;
+use crate::data::Corpus;
+use crate::train::{TrainError, Trainer};
+
+/// Figures of one benchmark run.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    pub threads: usize,
+    pub steps: u64,
+    pub tokens_per_step: u64,
+    pub seconds: f64,
+    pub tokens_per_sec: f64,
+    pub model_gflops_per_token: f64,
+    pub achieved_gflops: f64,
+    pub fma_peak_gflops: f64,
+    pub gemm_gflops: f64,
+    pub final_loss: f64,
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "threads                      {}", self.threads)?;
+        writeln!(f, "timed steps                  {}", self.steps)?;
+        writeln!(f, "tokens per step              {}", self.tokens_per_step)?;
+        writeln!(f, "step time (mean)             {:.3} s", self.seconds / self.steps as f64)?;
+        writeln!(f, "tokens/s                     {:.0}", self.tokens_per_sec)?;
+        writeln!(f, "model GFLOP per token (f+b)  {:.4}", self.model_gflops_per_token)?;
+        writeln!(f, "achieved GFLOP/s             {:.1}", self.achieved_gflops)?;
+        writeln!(f, "FMA peak GFLOP/s (measured)  {:.1}", self.fma_peak_gflops)?;
+        writeln!(f, "GEMM GFLOP/s (burn, 1024^2)  {:.1}", self.gemm_gflops)?;
+        writeln!(f, "achieved / FMA peak          {:.3}", self.achieved_gflops / self.fma_peak_gflops)?;
+        writeln!(f, "achieved / GEMM              {:.3}", self.achieved_gflops / self.gemm_gflops)?;
+        write!(f, "last train loss              {:.4}", self.final_loss)
+    }
+}
+
+/// Trains `warmup` untimed and `steps` timed optimizer steps and measures the peaks.
+pub fn run(cfg: &Config, corpus: &Corpus, steps: u64, warmup: u64) -> Result<BenchReport, TrainError> {
+    let threads = rayon::current_num_threads();
+    let fma_peak_gflops = fma_peak_gflops(threads);
+    let gemm_gflops = gemm_gflops(1024, 3);
+    let device = Device::flex().autodiff();
+    let mut cfg = cfg.clone();
+    cfg.train.steps = warmup + steps;
+    let mut trainer = Trainer::new(&cfg, corpus, &device)?;
+    for _ in 0..warmup {
+        trainer.step()?;
+    }
+    let started = Instant::now();
+    let mut tokens = 0;
+    let mut final_loss = f64::NAN;
+    for _ in 0..steps {
+        let report = trainer.step()?;
+        tokens += report.tokens;
+        final_loss = report.loss;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let tokens_per_sec = tokens as f64 / seconds;
+    let flops_per_token = trainer.train_flops_per_token();
+    Ok(BenchReport {
+        threads,
+        steps,
+        tokens_per_step: tokens / steps.max(1),
+        seconds,
+        tokens_per_sec,
+        model_gflops_per_token: flops_per_token / 1e9,
+        achieved_gflops: tokens_per_sec * flops_per_token / 1e9,
+        fma_peak_gflops,
+        gemm_gflops,
+        final_loss,
+    })
+}
+
+/// Best of `repeats` square f32 matmuls of size `n` through burn's CPU backend.
+pub fn gemm_gflops(n: usize, repeats: usize) -> f64 {
+    let device = Device::flex();
+    let a = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
+    let b = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
+    let mut best = f64::MAX;
+    for _ in 0..repeats {
+        let started = Instant::now();
+        let c = a.clone().matmul(b.clone());
+        let _ = c.into_data();
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+/// Peak f32 FMA throughput over `threads` threads: independent FMA chains on the widest
+/// vectors this CPU has (AVX2+FMA: 8 lanes; otherwise the scalar `mul_add` loop).
+pub fn fma_peak_gflops(threads: usize) -> f64 {
+    const ITERS: u64 = 20_000_000;
+    let started = Instant::now();
+    let flops_per_thread: u64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.max(1))
+            .map(|_| scope.spawn(|| fma_kernel(ITERS)))
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("fma thread")).sum()
+    });
+    flops_per_thread as f64 / started.elapsed().as_secs_f64() / 1e9
+}
+
+/// Returns the number of FLOPs performed.
+fn fma_kernel(iters: u64) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features the function is compiled for were detected at run time.
+            return unsafe { fma_kernel_avx2(iters) };
+        }
+    }
+    let mut acc = [1.0f32; 8];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = a.mul_add(0.999_999, 1e-7);
+        }
+    }
+    std::hint::black_box(acc);
+    iters * 8 * 2
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fma_kernel_avx2(iters: u64) -> u64 {
+    use std::arch::x86_64::*;
+    // 10 independent accumulators cover the FMA latency (4 cycles) x 2 ports.
+    let mul = _mm256_set1_ps(0.999_999);
+    let add = _mm256_set1_ps(1e-7);
+    let mut acc = [_mm256_set1_ps(1.0); 10];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = _mm256_fmadd_ps(*a, mul, add);
+        }
+    }
+    let mut sum = _mm256_setzero_ps();
+    for a in acc {
+        sum = _mm256_add_ps(sum, a);
+    }
+    std::hint::black_box(sum);
+    iters * 10 * 8 * 2
+}
