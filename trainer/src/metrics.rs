@@ -185,7 +185,7 @@ impl MetricsSink {
     /// True when `step` falls on the `log_every` cadence; the trainer may use it to decide
     /// when to call [`log`](Self::log).
     pub fn should_log(&self, step: u64) -> bool {
-        step % self.cfg.log_every as u64 == 0
+        step.is_multiple_of(self.cfg.log_every as u64)
     }
 
     /// Records scalars for `step`: one JSONL line (written with a single write, so a crash
@@ -544,7 +544,7 @@ mod tests {
 
     fn masked(data: &[u8]) -> u32 {
         let c = crc32c(data);
-        ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+        c.rotate_right(15).wrapping_add(0xa282_ead8)
     }
 
     /// Splits a TFRecord file into payloads, verifying both CRCs of every record.
@@ -649,6 +649,22 @@ mod tests {
             }
         }
         (version, scalars)
+    }
+
+    /// Writes a small run to `<tmp>/switchyard-tb-sample` for
+    /// `scripts/check_tensorboard.py` (TensorBoard's own reader). Run with `--ignored`.
+    #[test]
+    #[ignore = "writes outside a temp dir; used with scripts/check_tensorboard.py"]
+    fn write_sample_run_for_tensorboard_check() {
+        let dir = std::env::temp_dir().join("switchyard-tb-sample");
+        let _ = std::fs::remove_dir_all(&dir); // a previous sample; absence is fine
+        let mut sink = MetricsSink::with_terminal(cfg(true, true), &dir, 3, 0, false).unwrap();
+        for step in 1..=3u64 {
+            sink.log(step, &[("loss", 3.0 / step as f64), ("lr", 1e-3)])
+                .unwrap();
+        }
+        sink.finish().unwrap();
+        println!("sample run written to {}", dir.display());
     }
 
     #[test]
