@@ -1,1 +1,719 @@
-//! Metrics sinks (see ARCHITECTURE.md).
+//! Metrics sinks: JSONL (`run_dir/metrics.jsonl`), TensorBoard event files
+//! (`run_dir/tensorboard/`) and a terminal progress bar (or plain log lines when stderr
+//! is not a terminal).
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use tensorboard_rs::summary_writer::SummaryWriter;
+
+/// Name of the JSONL file inside the run directory.
+pub const JSONL_FILE: &str = "metrics.jsonl";
+/// Name of the TensorBoard log directory inside the run directory.
+pub const TENSORBOARD_DIR: &str = "tensorboard";
+
+/// The `metrics` node of the run configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Write TensorBoard event files under `run_dir/tensorboard/`.
+    pub tensorboard: bool,
+    /// Append one JSON object per `log` call to `run_dir/metrics.jsonl`.
+    pub jsonl: bool,
+    /// Show a progress bar on a terminal (plain log lines otherwise).
+    pub progress: bool,
+    /// Emit the plain progress line every this many steps (when no bar is shown).
+    pub log_every: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            tensorboard: true,
+            jsonl: true,
+            progress: true,
+            log_every: 1,
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// Problems with this node as `(key path relative to the node, message)`; empty if valid.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if self.log_every == 0 {
+            problems.push((
+                "log_every".to_string(),
+                "must be at least 1 (got 0); use 1 to log every step".to_string(),
+            ));
+        }
+        problems
+    }
+}
+
+/// Errors of the metrics sinks; each names the file involved and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetricsError {
+    /// An operating-system call failed.
+    #[error(
+        "could not {op} {path}: {source}; check that the run directory is writable and the disk is not full"
+    )]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration failed [`MetricsConfig::validate`].
+    #[error("invalid metrics config: {}", .0.iter().map(|(k, m)| format!("metrics.{k}: {m}")).collect::<Vec<_>>().join("; "))]
+    InvalidConfig(Vec<(String, String)>),
+    /// A metric name passed to [`MetricsSink::log`] is unusable.
+    #[error("metric name '{name}' at step {step}: {reason}")]
+    BadMetricName {
+        /// The name.
+        name: String,
+        /// The step being logged.
+        step: u64,
+        /// Why it is rejected.
+        reason: &'static str,
+    },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MetricsError {
+    let path = path.to_path_buf();
+    move |source| MetricsError::Io { op, path, source }
+}
+
+/// Writes training metrics to every enabled sink.
+pub struct MetricsSink {
+    cfg: MetricsConfig,
+    jsonl: Option<(File, PathBuf)>,
+    tensorboard: Option<SummaryWriter>,
+    bar: Option<ProgressBar>,
+    total_steps: u64,
+    start_step: u64,
+    started: Instant,
+}
+
+impl std::fmt::Debug for MetricsSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsSink")
+            .field("cfg", &self.cfg)
+            .field("jsonl", &self.jsonl.as_ref().map(|(_, p)| p))
+            .field("tensorboard", &self.tensorboard.is_some())
+            .field("bar", &self.bar.is_some())
+            .finish()
+    }
+}
+
+impl MetricsSink {
+    /// Opens the sinks enabled in `cfg` under `run_dir` (created if missing). When resuming
+    /// (`start_step > 0`) the JSONL file is appended to, and a partial last line left by a
+    /// crash is cut off first; TensorBoard gets a new event file next to the old ones.
+    pub fn new(
+        cfg: MetricsConfig,
+        run_dir: &Path,
+        total_steps: u64,
+        start_step: u64,
+    ) -> Result<Self, MetricsError> {
+        Self::with_terminal(
+            cfg,
+            run_dir,
+            total_steps,
+            start_step,
+            std::io::stderr().is_terminal(),
+        )
+    }
+
+    fn with_terminal(
+        cfg: MetricsConfig,
+        run_dir: &Path,
+        total_steps: u64,
+        start_step: u64,
+        stderr_is_terminal: bool,
+    ) -> Result<Self, MetricsError> {
+        let problems = cfg.validate();
+        if !problems.is_empty() {
+            return Err(MetricsError::InvalidConfig(problems));
+        }
+        std::fs::create_dir_all(run_dir).map_err(io_err("create run directory", run_dir))?;
+        let jsonl = if cfg.jsonl {
+            let path = run_dir.join(JSONL_FILE);
+            Some((open_jsonl(&path)?, path))
+        } else {
+            None
+        };
+        let tensorboard = if cfg.tensorboard {
+            Some(open_tensorboard(&run_dir.join(TENSORBOARD_DIR))?)
+        } else {
+            None
+        };
+        let bar = (cfg.progress && stderr_is_terminal).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr());
+            // The template is a constant; a failure would be a bug caught by the tests, but
+            // fall back to indicatif's default style rather than panic.
+            if let Ok(style) = ProgressStyle::with_template(
+                "step {pos}/{len} [{elapsed_precise}] {wide_bar:.cyan/blue} {msg} ETA {eta_precise}",
+            ) {
+                bar.set_style(style);
+            }
+            bar.set_position(start_step);
+            bar.reset_eta();
+            bar
+        });
+        Ok(Self {
+            cfg,
+            jsonl,
+            tensorboard,
+            bar,
+            total_steps,
+            start_step,
+            started: Instant::now(),
+        })
+    }
+
+    /// True when `step` falls on the `log_every` cadence; the trainer may use it to decide
+    /// when to call [`log`](Self::log).
+    pub fn should_log(&self, step: u64) -> bool {
+        step.is_multiple_of(self.cfg.log_every as u64)
+    }
+
+    /// Records scalars for `step`: one JSONL line (written with a single write, so a crash
+    /// never leaves a line half-appended by us) and one TensorBoard scalar per name.
+    /// Non-finite values are written to JSONL as the strings `"NaN"`, `"Infinity"`,
+    /// `"-Infinity"` (JSON has no such numbers). Names must be non-empty, unique and not `step`.
+    pub fn log(&mut self, step: u64, scalars: &[(&str, f64)]) -> Result<(), MetricsError> {
+        let mut seen = HashSet::new();
+        for (name, _) in scalars {
+            let reason = if name.is_empty() {
+                Some("it is empty")
+            } else if *name == "step" {
+                Some("'step' is reserved for the step number")
+            } else if !seen.insert(*name) {
+                Some("it appears twice in one call")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(MetricsError::BadMetricName {
+                    name: (*name).into(),
+                    step,
+                    reason,
+                });
+            }
+        }
+        if let Some((file, path)) = &mut self.jsonl {
+            let line = jsonl_line(step, scalars);
+            file.write_all(line.as_bytes())
+                .map_err(io_err("append to", path))?;
+            file.flush().map_err(io_err("flush", path))?;
+        }
+        if let Some(tb) = &mut self.tensorboard {
+            for (name, value) in scalars {
+                // TensorBoard scalars are f32 and steps are usize in tensorboard-rs.
+                tb.add_scalar(name, *value as f32, step as usize);
+            }
+            tb.flush();
+        }
+        Ok(())
+    }
+
+    /// Updates the progress display: the bar on a terminal, otherwise a `tracing::info!`
+    /// line every `log_every` steps.
+    pub fn progress(&mut self, step: u64, loss: f64, tokens_per_sec: f64) {
+        let eta = self.eta(step);
+        if let Some(bar) = &self.bar {
+            bar.set_position(step);
+            bar.set_message(format!("loss {loss:.4}  {}", human_rate(tokens_per_sec)));
+        } else if self.should_log(step) {
+            let eta_s = eta.map(|d| d.as_secs());
+            tracing::info!(
+                step,
+                total = self.total_steps,
+                loss,
+                tokens_per_sec,
+                eta_s,
+                "training progress"
+            );
+        }
+    }
+
+    /// Estimated time to `total_steps` from the average step time since this sink started.
+    fn eta(&self, step: u64) -> Option<Duration> {
+        let done = step.checked_sub(self.start_step).filter(|&d| d > 0)?;
+        let left = self.total_steps.saturating_sub(step);
+        Some(self.started.elapsed().mul_f64(left as f64 / done as f64))
+    }
+
+    /// Finishes the bar, waits for TensorBoard's writer thread to write everything, and
+    /// fsyncs the JSONL file.
+    pub fn finish(mut self) -> Result<(), MetricsError> {
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        }
+        // Dropping the writer joins its background thread, which writes all queued events.
+        drop(self.tensorboard.take());
+        if let Some((file, path)) = self.jsonl.take() {
+            file.sync_all().map_err(io_err("fsync", &path))?;
+        }
+        Ok(())
+    }
+}
+
+fn human_rate(tokens_per_sec: f64) -> String {
+    match tokens_per_sec {
+        r if r >= 1e6 => format!("{:.2}M tok/s", r / 1e6),
+        r if r >= 1e3 => format!("{:.1}k tok/s", r / 1e3),
+        r => format!("{r:.0} tok/s"),
+    }
+}
+
+/// Formats one JSONL line; keys keep the caller's order after `step`.
+fn jsonl_line(step: u64, scalars: &[(&str, f64)]) -> String {
+    let mut line = format!("{{\"step\":{step}");
+    for (name, value) in scalars {
+        let key = serde_json::Value::String((*name).into()).to_string();
+        let value = if value.is_finite() {
+            serde_json::Number::from_f64(*value).map_or_else(|| "null".into(), |n| n.to_string())
+        } else if value.is_nan() {
+            "\"NaN\"".into()
+        } else if *value > 0.0 {
+            "\"Infinity\"".into()
+        } else {
+            "\"-Infinity\"".into()
+        };
+        line.push_str(&format!(",{key}:{value}"));
+    }
+    line.push_str("}\n");
+    line
+}
+
+/// Opens `path` for appending. A last line without a newline (a crash mid-write by a
+/// writer that did not use a single write) is cut off with a warning, so new lines stay
+/// parseable.
+fn open_jsonl(path: &Path) -> Result<File, MetricsError> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    let len = file.metadata().map_err(io_err("stat", path))?.len();
+    if len > 0 {
+        let keep = last_newline_end(&mut file, len).map_err(io_err("read", path))?;
+        if keep != len {
+            tracing::warn!(file = %path.display(), bytes = len - keep, "cutting off a partial last line left by an interrupted run");
+            file.set_len(keep).map_err(io_err("truncate", path))?;
+        }
+    }
+    Ok(file)
+}
+
+/// Offset just past the last `\n` in the first `len` bytes of `file` (0 if none).
+fn last_newline_end(file: &mut File, len: u64) -> std::io::Result<u64> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut end = len;
+    let mut buf = vec![0u8; CHUNK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let n = (end - start) as usize;
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf[..n])?;
+        if let Some(i) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// Last second used for an event-file name per directory in this process. tensorboard-rs
+/// names files `events.out.tfevents.<unix secs>.<host>.<pid>.0` and creates them with
+/// truncation, so two writers for one directory within one second would clobber each other.
+static EVENT_FILE_SECONDS: Mutex<Option<HashMap<PathBuf, u64>>> = Mutex::new(None);
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn open_tensorboard(dir: &Path) -> Result<SummaryWriter, MetricsError> {
+    // tensorboard-rs panics if it cannot create the directory or file; check both here so
+    // bad paths become errors.
+    std::fs::create_dir_all(dir).map_err(io_err("create TensorBoard directory", dir))?;
+    let probe = dir.join(format!(".write-probe-{}", std::process::id()));
+    File::create(&probe).map_err(io_err("create a file in TensorBoard directory", dir))?;
+    std::fs::remove_file(&probe).map_err(io_err("remove probe file", &probe))?;
+
+    let mut guard = EVENT_FILE_SECONDS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let used = guard.get_or_insert_with(HashMap::new);
+    if let Some(&last) = used.get(dir) {
+        while unix_secs() <= last {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let writer = SummaryWriter::new(dir);
+    used.insert(dir.to_path_buf(), unix_secs());
+    Ok(writer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(tensorboard: bool, jsonl: bool) -> MetricsConfig {
+        MetricsConfig {
+            tensorboard,
+            jsonl,
+            progress: true,
+            log_every: 2,
+        }
+    }
+
+    #[test]
+    fn config_defaults_unknown_keys_and_validation() {
+        let c: MetricsConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(
+            c,
+            MetricsConfig {
+                tensorboard: true,
+                jsonl: true,
+                progress: true,
+                log_every: 1
+            }
+        );
+        let c: MetricsConfig =
+            serde_json::from_str(r#"{"log_every": 10, "progress": false}"#).unwrap();
+        assert_eq!((c.log_every, c.progress, c.jsonl), (10, false, true));
+        let err = serde_json::from_str::<MetricsConfig>(r#"{"log_evry": 10}"#).unwrap_err();
+        assert!(err.to_string().contains("log_evry"), "{err}");
+        assert!(c.validate().is_empty());
+        let bad = MetricsConfig {
+            log_every: 0,
+            ..Default::default()
+        };
+        let problems = bad.validate();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].0, "log_every");
+        let tmp = tempfile::tempdir().unwrap();
+        let err = MetricsSink::new(bad, tmp.path(), 10, 0).unwrap_err();
+        assert!(err.to_string().contains("metrics.log_every"), "{err}");
+    }
+
+    fn read_lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn jsonl_lines_are_written_immediately_and_appended_on_resume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(JSONL_FILE);
+        let mut sink =
+            MetricsSink::with_terminal(cfg(false, true), tmp.path(), 10, 0, false).unwrap();
+        sink.log(1, &[("loss", 2.5), ("lr", 1e-4)]).unwrap();
+        sink.log(
+            2,
+            &[
+                ("loss", 0.1 + 0.2),
+                ("grad_norm", f64::NAN),
+                ("x", f64::NEG_INFINITY),
+            ],
+        )
+        .unwrap();
+        // Visible before finish(): a crash now would lose nothing already logged.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with("{\"step\":1,\"loss\":2.5,\"lr\":0.0001}\n"),
+            "{text}"
+        );
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            lines[1]["loss"].as_f64(),
+            Some(0.1 + 0.2),
+            "value must round-trip exactly"
+        );
+        assert_eq!(
+            (lines[1]["grad_norm"].as_str(), lines[1]["x"].as_str()),
+            (Some("NaN"), Some("-Infinity"))
+        );
+        drop(sink); // simulated crash: no finish()
+
+        // A crash mid-line by some other writer leaves a partial line; resume cuts it off.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"step\":3,\"lo")
+            .unwrap();
+        let mut sink =
+            MetricsSink::with_terminal(cfg(false, true), tmp.path(), 10, 2, false).unwrap();
+        sink.log(3, &[("loss", 1.0)]).unwrap();
+        sink.finish().unwrap();
+        let steps: Vec<_> = read_lines(&path)
+            .iter()
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 3]);
+    }
+
+    #[test]
+    fn bad_metric_names_are_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut sink =
+            MetricsSink::with_terminal(cfg(false, true), tmp.path(), 10, 0, false).unwrap();
+        for scalars in [
+            &[("step", 1.0)][..],
+            &[("", 1.0)],
+            &[("a", 1.0), ("a", 2.0)],
+        ] {
+            assert!(matches!(
+                sink.log(5, scalars),
+                Err(MetricsError::BadMetricName { step: 5, .. })
+            ));
+        }
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join(JSONL_FILE)).unwrap(),
+            "",
+            "rejected calls write nothing"
+        );
+    }
+
+    #[test]
+    fn disabled_sinks_write_nothing_and_progress_works_without_terminal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut sink =
+            MetricsSink::with_terminal(cfg(false, false), tmp.path(), 10, 0, false).unwrap();
+        assert!(sink.bar.is_none());
+        sink.log(1, &[("loss", 1.0)]).unwrap();
+        sink.progress(1, 1.0, 1234.0);
+        sink.progress(2, 0.9, 1234.0);
+        assert!(sink.should_log(2) && !sink.should_log(3));
+        sink.finish().unwrap();
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+        let with_bar =
+            MetricsSink::with_terminal(cfg(false, false), tmp.path(), 10, 4, true).unwrap();
+        assert_eq!(with_bar.bar.as_ref().map(|b| b.position()), Some(4));
+    }
+
+    #[test]
+    fn unwritable_run_dir_is_an_error_not_a_panic() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let err = MetricsSink::new(MetricsConfig::default(), &file, 10, 0).unwrap_err();
+        assert!(
+            matches!(&err, MetricsError::Io { path, .. } if path == &file),
+            "{err:?}"
+        );
+    }
+
+    // --- TensorBoard event files, parsed back independently of tensorboard-rs ---
+
+    fn crc32c(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0x82F6_3B78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    fn masked(data: &[u8]) -> u32 {
+        let c = crc32c(data);
+        c.rotate_right(15).wrapping_add(0xa282_ead8)
+    }
+
+    /// Splits a TFRecord file into payloads, verifying both CRCs of every record.
+    fn tfrecords(bytes: &[u8]) -> Vec<&[u8]> {
+        let (mut out, mut at) = (Vec::new(), 0);
+        while at < bytes.len() {
+            let len_bytes = &bytes[at..at + 8];
+            let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+            let len_crc = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+            assert_eq!(
+                len_crc,
+                masked(len_bytes),
+                "length CRC of record at byte {at}"
+            );
+            let data = &bytes[at + 12..at + 12 + len];
+            let data_crc =
+                u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap());
+            assert_eq!(data_crc, masked(data), "data CRC of record at byte {at}");
+            out.push(data);
+            at += 16 + len;
+        }
+        out
+    }
+
+    enum Field<'a> {
+        Varint(u64),
+        Fixed64,
+        Bytes(&'a [u8]),
+        Fixed32(u32),
+    }
+
+    fn varint(b: &[u8], at: &mut usize) -> u64 {
+        let (mut v, mut shift) = (0u64, 0);
+        loop {
+            let byte = b[*at];
+            *at += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+
+    /// Minimal protobuf wire-format reader: (field number, value) pairs.
+    fn fields(b: &[u8]) -> Vec<(u64, Field<'_>)> {
+        let (mut out, mut at) = (Vec::new(), 0);
+        while at < b.len() {
+            let key = varint(b, &mut at);
+            let field = match key & 7 {
+                0 => Field::Varint(varint(b, &mut at)),
+                1 => {
+                    at += 8;
+                    Field::Fixed64
+                }
+                2 => {
+                    let n = varint(b, &mut at) as usize;
+                    at += n;
+                    Field::Bytes(&b[at - n..at])
+                }
+                5 => {
+                    at += 4;
+                    Field::Fixed32(u32::from_le_bytes(b[at - 4..at].try_into().unwrap()))
+                }
+                w => panic!("unexpected wire type {w}"),
+            };
+            out.push((key >> 3, field));
+        }
+        out
+    }
+
+    /// (file_version, [(step, tag, value)]) from an event file. Event: 2 = step,
+    /// 3 = file_version, 5 = summary; Summary: 1 = value; Value: 1 = tag, 2 = simple_value.
+    fn parse_events(bytes: &[u8]) -> (Option<String>, Vec<(i64, String, f32)>) {
+        let (mut version, mut scalars) = (None, Vec::new());
+        for record in tfrecords(bytes) {
+            let mut step = 0;
+            for (num, f) in fields(record) {
+                match (num, f) {
+                    (2, Field::Varint(s)) => step = s as i64,
+                    (3, Field::Bytes(v)) => version = Some(String::from_utf8(v.to_vec()).unwrap()),
+                    (5, Field::Bytes(summary)) => {
+                        for (_, value) in fields(summary).into_iter().filter(|(n, _)| *n == 1) {
+                            let Field::Bytes(value) = value else {
+                                panic!("Summary.value is not a message")
+                            };
+                            let (mut tag, mut v) = (String::new(), f32::NAN);
+                            for (n, f) in fields(value) {
+                                match (n, f) {
+                                    (1, Field::Bytes(t)) => {
+                                        tag = String::from_utf8(t.to_vec()).unwrap()
+                                    }
+                                    (2, Field::Fixed32(x)) => v = f32::from_bits(x),
+                                    _ => {}
+                                }
+                            }
+                            scalars.push((step, tag, v));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        (version, scalars)
+    }
+
+    /// Writes a small run to `<tmp>/switchyard-tb-sample` for
+    /// `scripts/check_tensorboard.py` (TensorBoard's own reader). Run with `--ignored`.
+    #[test]
+    #[ignore = "writes outside a temp dir; used with scripts/check_tensorboard.py"]
+    fn write_sample_run_for_tensorboard_check() {
+        let dir = std::env::temp_dir().join("switchyard-tb-sample");
+        let _ = std::fs::remove_dir_all(&dir); // a previous sample; absence is fine
+        let mut sink = MetricsSink::with_terminal(cfg(true, true), &dir, 3, 0, false).unwrap();
+        for step in 1..=3u64 {
+            sink.log(step, &[("loss", 3.0 / step as f64), ("lr", 1e-3)])
+                .unwrap();
+        }
+        sink.finish().unwrap();
+        println!("sample run written to {}", dir.display());
+    }
+
+    #[test]
+    fn crc32c_matches_the_standard_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn tensorboard_event_file_has_valid_records_and_scalars() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut sink =
+            MetricsSink::with_terminal(cfg(true, false), tmp.path(), 10, 0, false).unwrap();
+        sink.log(1, &[("loss", 2.5), ("lr", 0.001)]).unwrap();
+        sink.log(2, &[("loss", 1.25)]).unwrap();
+        sink.finish().unwrap();
+        // A resumed run in the same process and second must not clobber the first file.
+        let mut sink =
+            MetricsSink::with_terminal(cfg(true, false), tmp.path(), 10, 2, false).unwrap();
+        sink.log(3, &[("loss", 0.5)]).unwrap();
+        sink.finish().unwrap();
+
+        let dir = tmp.path().join(TENSORBOARD_DIR);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert_eq!(files.len(), 2, "{files:?}");
+        let mut all = Vec::new();
+        for f in &files {
+            assert!(
+                f.file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with("events.out.tfevents.")
+            );
+            let (version, scalars) = parse_events(&std::fs::read(f).unwrap());
+            assert_eq!(version.as_deref(), Some("brain.Event:2"));
+            all.extend(scalars);
+        }
+        all.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let expected = [
+            (1, "loss", 2.5),
+            (1, "lr", 0.001),
+            (2, "loss", 1.25),
+            (3, "loss", 0.5),
+        ];
+        let got: Vec<_> = all.iter().map(|(s, t, v)| (*s, t.as_str(), *v)).collect();
+        assert_eq!(got, expected);
+    }
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Load a Switchyard run's TensorBoard event files with TensorBoard's own reader.
+
+Usage: check_tensorboard.py RUN_DIR_OR_LOGDIR [--require TAG ...]
+
+Prints every scalar tag with its (step, value) pairs. Exits 1 if a required tag is
+missing, 2 if no event file could be loaded.
+"""
+import argparse
+import os
+import sys
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("path", help="run directory (uses its tensorboard/ subfolder) or a TensorBoard log directory")
+    ap.add_argument("--require", action="append", default=[], metavar="TAG", help="scalar tag that must be present")
+    args = ap.parse_args()
+
+    logdir = args.path
+    if os.path.isdir(os.path.join(logdir, "tensorboard")):
+        logdir = os.path.join(logdir, "tensorboard")
+    events = [f for f in os.listdir(logdir) if f.startswith("events.out.tfevents.")] if os.path.isdir(logdir) else []
+    if not events:
+        print(f"error: no events.out.tfevents.* files in {logdir}", file=sys.stderr)
+        return 2
+
+    # size_guidance 0 = keep every scalar, so the printout is complete.
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags().get("scalars", [])
+    print(f"logdir {logdir}: {len(events)} event file(s), {len(tags)} scalar tag(s)")
+    for tag in sorted(tags):
+        points = ", ".join(f"{e.step}:{e.value:.6g}" for e in acc.Scalars(tag))
+        print(f"  {tag}: {points}")
+
+    missing = [t for t in args.require if t not in tags]
+    if missing:
+        print(f"error: missing scalar tag(s) {missing} in {logdir}; present: {sorted(tags)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

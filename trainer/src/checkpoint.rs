@@ -1,1 +1,0 @@
-//! Checkpoints (see ARCHITECTURE.md).

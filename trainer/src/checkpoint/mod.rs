@@ -1,0 +1,373 @@
+//! Checkpoints: one directory per step, crash-safe, checksummed, safetensors for tensors.
+//!
+//! On-disk layout under a checkpoint root:
+//!
+//! ```text
+//! ROOT/step-00000100/model.safetensors      tensors (safetensors: no code runs on load)
+//! ROOT/step-00000100/optimizer.safetensors
+//! ROOT/step-00000100/manifest.json          written last: step, tokens, trainer state,
+//!                                           config, model signature, sha256 + length per file
+//! ROOT/.step-00000200.tmp-<pid>/            a save in progress (or crashed); never loaded
+//! ```
+//!
+//! A save writes into the hidden temp directory, fsyncs every file, writes the manifest
+//! last, fsyncs the directory, renames it to `step-N` and fsyncs the root. A directory
+//! named `step-N` therefore always holds a complete checkpoint unless someone edited it,
+//! which [`load`] detects through the checksums.
+//!
+//! Multi-rank shards (later): every rank writes its own files (e.g.
+//! `model.rank-0003.safetensors`) into the same temp directory and reports their
+//! [`FileEntry`]; one rank writes the manifest listing all of them and commits. The
+//! manifest format already allows any number of files.
+
+mod error;
+mod inspect;
+mod manifest;
+mod tensor;
+#[cfg(test)]
+mod tests;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+pub use error::{CheckpointError, Result};
+pub use inspect::{FileReport, FileStatus, InspectReport, TensorStats, inspect};
+pub use manifest::{
+    FORMAT_VERSION, FileEntry, MANIFEST_FILE, Manifest, ManifestMeta, read_manifest, step_dir_name,
+    verify_compatible,
+};
+pub use tensor::{DType, NamedTensor, TensorData};
+
+use error::io_err;
+use manifest::{check_file_name, file_path, parse_step_dir};
+
+/// Saves checkpoints under one root and keeps only the newest `keep_last`.
+#[derive(Debug, Clone)]
+pub struct CheckpointManager {
+    root: PathBuf,
+    keep_last: usize,
+}
+
+/// A checkpoint read back by [`load`], every file verified.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedCheckpoint {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// `(file name, tensors sorted by name)` in manifest order.
+    pub files: Vec<(String, Vec<NamedTensor>)>,
+}
+
+impl LoadedCheckpoint {
+    /// Tensors of the file called `name`, if the checkpoint has it.
+    pub fn tensors(&self, name: &str) -> Option<&[NamedTensor]> {
+        self.files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.as_slice())
+    }
+}
+
+impl CheckpointManager {
+    /// A manager for `root` that keeps the newest `keep_last` checkpoints (at least 1).
+    /// The root is created on the first save.
+    pub fn new(root: impl Into<PathBuf>, keep_last: usize) -> Result<Self> {
+        let root = root.into();
+        if keep_last == 0 {
+            return Err(CheckpointError::InvalidKeepLast { root });
+        }
+        Ok(Self { root, keep_last })
+    }
+
+    /// The checkpoint root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Writes a checkpoint for `step` holding one safetensors file per `(file name,
+    /// tensors)` entry, commits it atomically, then deletes the oldest checkpoints beyond
+    /// `keep_last`. Returns the committed directory. Errors leave no `step-N` directory.
+    pub fn save(
+        &self,
+        step: u64,
+        files: &[(&str, Vec<NamedTensor>)],
+        meta: ManifestMeta,
+    ) -> Result<PathBuf> {
+        let final_dir = self.root.join(step_dir_name(step));
+        let mut names = std::collections::HashSet::new();
+        for (name, _) in files {
+            check_file_name(name, "save() argument")?;
+            if *name == MANIFEST_FILE || !names.insert(*name) {
+                return Err(CheckpointError::DuplicateFile {
+                    dir: final_dir,
+                    name: (*name).into(),
+                });
+            }
+        }
+        std::fs::create_dir_all(&self.root)
+            .map_err(io_err("create checkpoint root", &self.root))?;
+        if final_dir.exists() {
+            return Err(CheckpointError::AlreadyExists { path: final_dir });
+        }
+        self.remove_stale_temp_dirs()?;
+
+        let tmp = self.root.join(format!(
+            ".{}.tmp-{}",
+            step_dir_name(step),
+            std::process::id()
+        ));
+        std::fs::create_dir(&tmp).map_err(io_err("create temporary checkpoint directory", &tmp))?;
+        match write_and_commit(&tmp, &final_dir, &self.root, step, files, meta) {
+            Ok(()) => {}
+            Err(e) => {
+                // Not a crash: clean up now rather than at the next save.
+                if let Err(rm) = std::fs::remove_dir_all(&tmp) {
+                    tracing::warn!(dir = %tmp.display(), error = %rm, "could not remove temporary checkpoint directory after a failed save");
+                }
+                return Err(e);
+            }
+        }
+        tracing::info!(dir = %final_dir.display(), step, "checkpoint committed");
+
+        // The checkpoint is committed; a failed cleanup must not make the caller think the
+        // save failed, so it is reported as a warning naming the directory.
+        if let Err(e) = self.prune(&final_dir) {
+            tracing::warn!(error = %e, "checkpoint saved but pruning old checkpoints failed");
+        }
+        Ok(final_dir)
+    }
+
+    /// The newest complete checkpoint under the root, or `None` if there is none.
+    pub fn latest_complete(&self) -> Result<Option<PathBuf>> {
+        latest_complete(&self.root)
+    }
+
+    /// All complete checkpoints under the root, oldest first.
+    pub fn list_complete(&self) -> Result<Vec<(u64, PathBuf)>> {
+        list_complete(&self.root)
+    }
+
+    /// Removes `.step-*.tmp-*` / `.step-*.deleting-*` directories left by a crashed run.
+    fn remove_stale_temp_dirs(&self) -> Result<()> {
+        let entries =
+            std::fs::read_dir(&self.root).map_err(io_err("list checkpoint root", &self.root))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err("list checkpoint root", &self.root))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with(".step-") && (name.contains(".tmp-") || name.contains(".deleting-"))
+            {
+                let path = entry.path();
+                tracing::warn!(dir = %path.display(), "removing stale temporary checkpoint directory left by an interrupted run");
+                std::fs::remove_dir_all(&path)
+                    .map_err(io_err("remove stale temporary checkpoint directory", &path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the oldest complete checkpoints beyond `keep_last`, never `just_written`.
+    fn prune(&self, just_written: &Path) -> Result<Vec<PathBuf>> {
+        let all = list_complete(&self.root)?;
+        let excess = all.len().saturating_sub(self.keep_last);
+        let mut removed = Vec::new();
+        for (step, dir) in all
+            .into_iter()
+            .filter(|(_, d)| d != just_written)
+            .take(excess)
+        {
+            // Rename first so a crash mid-delete never leaves a `step-N` with missing files.
+            let doomed = self.root.join(format!(
+                ".{}.deleting-{}",
+                step_dir_name(step),
+                std::process::id()
+            ));
+            std::fs::rename(&dir, &doomed)
+                .map_err(io_err("rename old checkpoint for deletion", &dir))?;
+            std::fs::remove_dir_all(&doomed).map_err(io_err("delete old checkpoint", &doomed))?;
+            tracing::info!(dir = %dir.display(), "deleted old checkpoint (keep_last = {})", self.keep_last);
+            removed.push(dir);
+        }
+        Ok(removed)
+    }
+}
+
+fn write_and_commit(
+    tmp: &Path,
+    final_dir: &Path,
+    root: &Path,
+    step: u64,
+    files: &[(&str, Vec<NamedTensor>)],
+    meta: ManifestMeta,
+) -> Result<()> {
+    let mut entries = Vec::with_capacity(files.len());
+    for (name, tensors) in files {
+        let bytes = tensor::encode(name, tensors)?;
+        write_durable(&tmp.join(name), &bytes)?;
+        entries.push(FileEntry {
+            name: (*name).into(),
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+        });
+    }
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        step,
+        tokens_seen: meta.tokens_seen,
+        model_signature: meta.model_signature,
+        trainer_state: meta.trainer_state,
+        config: meta.config,
+        files: entries,
+    };
+    let json =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::ManifestInvalid {
+            path: tmp.join(MANIFEST_FILE),
+            reason: format!("could not serialize: {e}"),
+        })?;
+    // Manifest last: its presence is what marks the checkpoint complete.
+    write_durable(&tmp.join(MANIFEST_FILE), &json)?;
+    fsync_dir(tmp)?;
+    if final_dir.exists() {
+        return Err(CheckpointError::AlreadyExists {
+            path: final_dir.into(),
+        });
+    }
+    std::fs::rename(tmp, final_dir)
+        .map_err(io_err("rename temporary checkpoint into place", final_dir))?;
+    fsync_dir(root)
+}
+
+fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).map_err(io_err("create", path))?;
+    f.write_all(bytes).map_err(io_err("write", path))?;
+    f.sync_all().map_err(io_err("fsync", path))
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// All complete checkpoints under `root`, oldest first. Temp directories and `step-N`
+/// directories whose manifest is missing or not valid JSON are skipped with a warning;
+/// a manifest of an unknown format version is an error (it must not be silently skipped
+/// in favour of an older checkpoint). A missing root has no checkpoints.
+pub fn list_complete(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("list checkpoint root", root)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err("list checkpoint root", root))?;
+        let name = entry.file_name();
+        let Some(step) = name.to_str().and_then(parse_step_dir) else {
+            continue;
+        };
+        let dir = entry.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        match read_manifest(&dir) {
+            Ok(_) => out.push((step, dir)),
+            Err(
+                e @ (CheckpointError::ManifestMissing { .. }
+                | CheckpointError::ManifestInvalid { .. }),
+            ) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "skipping incomplete checkpoint directory");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest complete checkpoint under `root` (see [`list_complete`]), or `None`.
+pub fn latest_complete(root: &Path) -> Result<Option<PathBuf>> {
+    Ok(list_complete(root)?.pop().map(|(_, d)| d))
+}
+
+/// Resolves a resume spec: `"auto"` gives the newest complete checkpoint under `root`
+/// (or `None` to start fresh); anything else is a checkpoint directory path (relative
+/// paths are relative to the working directory) that must hold a valid manifest.
+pub fn resume_target(root: &Path, spec: &str) -> Result<Option<PathBuf>> {
+    if spec == "auto" {
+        return latest_complete(root);
+    }
+    let not = |reason: String| CheckpointError::NotACheckpoint {
+        spec: spec.into(),
+        reason,
+    };
+    if spec.is_empty() {
+        return Err(not(
+            "it is empty; use \"auto\" or a checkpoint directory path".into(),
+        ));
+    }
+    let dir = PathBuf::from(spec);
+    if !dir.is_dir() {
+        return Err(not(format!(
+            "{} is not a directory; use \"auto\" or an existing step-N directory",
+            dir.display()
+        )));
+    }
+    read_manifest(&dir).map_err(|e| not(e.to_string()))?;
+    Ok(Some(dir))
+}
+
+/// Reads a checkpoint, verifying every listed file's existence, length and sha256 and
+/// decoding it, before returning anything.
+pub fn load(dir: &Path) -> Result<LoadedCheckpoint> {
+    let manifest = read_manifest(dir)?;
+    let mut files = Vec::with_capacity(manifest.files.len());
+    for entry in &manifest.files {
+        let bytes = read_verified(dir, entry)?;
+        let path = file_path(dir, entry);
+        files.push((entry.name.clone(), tensor::decode(&path, &bytes)?));
+    }
+    Ok(LoadedCheckpoint {
+        dir: dir.into(),
+        manifest,
+        files,
+    })
+}
+
+/// Reads one manifest-listed file and checks its length and digest.
+pub(crate) fn read_verified(dir: &Path, entry: &FileEntry) -> Result<Vec<u8>> {
+    let path = file_path(dir, entry);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CheckpointError::MissingFile { path });
+        }
+        Err(e) => return Err(io_err("read", &path)(e)),
+    };
+    if bytes.len() as u64 != entry.bytes {
+        return Err(CheckpointError::LengthMismatch {
+            path,
+            expected: entry.bytes,
+            actual: bytes.len() as u64,
+        });
+    }
+    let actual = sha256_hex(&bytes);
+    if actual != entry.sha256 {
+        return Err(CheckpointError::ChecksumMismatch {
+            path,
+            expected: entry.sha256.clone(),
+            actual,
+        });
+    }
+    Ok(bytes)
+}
