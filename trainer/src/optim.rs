@@ -211,14 +211,16 @@ impl NamedAdamW {
                 let t = tensors
                     .get(&key)
                     .ok_or_else(|| format!("optimizer state `{key}` is missing"))?;
-                let values = t.as_f32().map_err(|e| format!("`{key}`: {e}"))?;
+                let values = t
+                    .as_f32()
+                    .ok_or_else(|| format!("optimizer state `{key}` is not f32"))?;
                 if values.len() != size {
                     return Err(format!(
                         "optimizer state `{key}` has {} values, the parameter has {size}",
                         values.len()
                     ));
                 }
-                Ok(Tensor::from_floats(values.as_slice(), device))
+                Ok(Tensor::from_floats(values, device))
             };
             let momentum = AdaptiveMomentumState::new(steps_taken, moment("exp_avg")?, moment("exp_avg_sq")?);
             self.state

@@ -11,7 +11,7 @@ use switchyard_moe::model::{ModelOutput, forward_flops_per_token};
 use switchyard_moe::params::{map_params, named_grads, named_params, signature};
 use switchyard_moe::{Transformer, cross_entropy};
 
-use crate::checkpoint::{CheckpointManager, NamedTensor};
+use crate::checkpoint::{self, CheckpointManager, ManifestMeta, NamedTensor};
 use crate::config::Config;
 use crate::data::{Batch, Corpus, Sampler, SamplerState};
 use crate::metrics::MetricsSink;
@@ -342,11 +342,13 @@ impl Trainer {
         let state = serde_json::to_value(self.trainer_state()).expect("trainer state serialises");
         let path = manager.save(
             self.state_step,
-            self.tokens_seen,
             &[("model.safetensors", model), ("optimizer.safetensors", optimizer)],
-            state,
-            resolved_config.clone(),
-            signature(&self.model),
+            ManifestMeta {
+                tokens_seen: self.tokens_seen,
+                model_signature: signature(&self.model),
+                trainer_state: state,
+                config: resolved_config.clone(),
+            },
         )?;
         Ok(path)
     }
@@ -357,12 +359,19 @@ impl Trainer {
             path: path.to_path_buf(),
             message,
         };
-        let loaded = CheckpointManager::load(path)?;
-        crate::checkpoint::verify_compatible(&loaded.manifest, &signature(&self.model))?;
+        let manifest = checkpoint::read_manifest(path)?;
+        checkpoint::verify_compatible(&manifest, path, &signature(&self.model))?;
+        let loaded = checkpoint::load(path)?;
         let state: TrainerState = serde_json::from_value(loaded.manifest.trainer_state.clone())
             .map_err(|e| resume_err(format!("manifest.json trainer_state: {e}")))?;
-        let model_tensors = loaded.tensors("model.safetensors").map_err(resume_err)?;
-        let optim_tensors = loaded.tensors("optimizer.safetensors").map_err(resume_err)?;
+        let by_name = |file: &str| -> Result<BTreeMap<String, NamedTensor>, TrainError> {
+            let tensors = loaded
+                .tensors(file)
+                .ok_or_else(|| resume_err(format!("the checkpoint has no {file}")))?;
+            Ok(tensors.iter().map(|t| (t.name.clone(), t.clone())).collect())
+        };
+        let model_tensors = by_name("model.safetensors")?;
+        let optim_tensors = by_name("optimizer.safetensors")?;
         let mut sizes = BTreeMap::new();
         for (name, shape, _) in named_params(&self.model) {
             let t = model_tensors
@@ -380,9 +389,9 @@ impl Trainer {
         let model = std::mem::replace(&mut self.model, placeholder(&self.model));
         let mut error = None;
         self.model = map_params(model, |name, current| match model_tensors[name].as_f32() {
-            Ok(values) => Tensor::from_floats(values.as_slice(), &device.clone().inner()),
-            Err(e) => {
-                error.get_or_insert(format!("`{name}`: {e}"));
+            Some(values) => Tensor::from_floats(values, &device.clone().inner()),
+            None => {
+                error.get_or_insert(format!("`{name}` in model.safetensors is not f32"));
                 current
             }
         });
@@ -417,7 +426,7 @@ pub fn run(cfg: &Config, corpus: &Corpus, resume: Option<&Path>, device: &Device
         .dir
         .clone()
         .unwrap_or_else(|| cfg.run.output_dir.join("checkpoints"));
-    let manager = CheckpointManager::new(&ckpt_dir, cfg.checkpoint.keep_last);
+    let manager = CheckpointManager::new(&ckpt_dir, cfg.checkpoint.keep_last)?;
     if let Some(path) = resume {
         trainer.restore(path)?;
         tracing::info!(step = trainer.state_step, path = %path.display(), "resumed");
@@ -466,6 +475,8 @@ pub fn run(cfg: &Config, corpus: &Corpus, resume: Option<&Path>, device: &Device
             tracing::info!(step, path = %path.display(), "checkpoint committed");
         }
     }
-    metrics.finish();
+    metrics
+        .finish()
+        .map_err(|e| TrainError::Metrics(e.to_string()))?;
     Ok(last_eval)
 }
