@@ -377,12 +377,11 @@ impl ConfigDoc {
         let mut full = path.to_string();
         if let Some(rest) = message.strip_prefix("invalid type: ") {
             let unexpected = rest.split(", expected").next().unwrap_or_default();
-            if let Some(n) = node {
-                if !kind_matches(n, unexpected) {
-                    if let Some(p) = find_described(n, path, unexpected) {
-                        full = p;
-                    }
-                }
+            if let Some(p) = node
+                .filter(|n| !kind_matches(n, unexpected))
+                .and_then(|n| find_described(n, path, unexpected))
+            {
+                full = p;
             }
         }
         let at = self.where_is_or_parent(&full, true);
@@ -719,8 +718,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        d[0][j] = j;
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {

@@ -69,7 +69,15 @@ enum Source {
     Synthetic {
         vocab: usize,
         seq_len: usize,
+        #[serde(default)]
+        noise: Option<Noise>,
     },
+}
+
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct Noise {
+    std: f64,
 }
 
 #[derive(Debug, Deserialize, Serialize, PartialEq)]
@@ -258,7 +266,8 @@ fn overrides_are_applied() {
         cfg.data.source,
         Source::Synthetic {
             vocab: 100,
-            seq_len: 16
+            seq_len: 16,
+            noise: None,
         }
     );
     assert_eq!(cfg.seed, Some(7));
@@ -456,4 +465,37 @@ fn exit_code_is_two() {
     assert_eq!(EXIT_CODE, 2);
     let e = ConfigDoc::parse(BASE, "cfg.yaml", &["x".into()]).unwrap_err();
     assert_eq!(e.exit_code(), 2);
+}
+
+#[test]
+fn errors_nested_below_a_tagged_enum_are_located() {
+    let synthetic = "    type: synthetic\n    vocab: 10\n    seq_len: 4\n    noise:\n      \
+                     std: 0.1\n      sdt: 2\nlayers:";
+    let text = with("    type: text\n    path: corpus.txt\nlayers:", synthetic);
+    assert_eq!(
+        err(&text, &[]),
+        "cfg.yaml:17:7: data.source.noise.sdt: unknown key; did you mean `std`?"
+    );
+    let text = text
+        .replace("      sdt: 2\n", "")
+        .replace("std: 0.1", "std: high");
+    assert_eq!(
+        err(&text, &[]),
+        "cfg.yaml:16:12: data.source.noise.std: invalid type: string \"high\", expected f64"
+    );
+}
+
+#[test]
+fn whole_node_of_wrong_kind_and_empty_file() {
+    assert_eq!(
+        err(
+            &with(
+                "model:\n  dim: 64\n  moe:\n    num_experts: 8\n    top_k: 2",
+                "model: 5"
+            ),
+            &[]
+        ),
+        "cfg.yaml:1:8: model: invalid type: integer `5`, expected struct Model"
+    );
+    assert_eq!(err("", &[]), "cfg.yaml: model: missing required key");
 }
