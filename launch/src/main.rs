@@ -12,7 +12,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use switchyard_trainer::config::Config;
 
-use crate::config::loader::{ConfigError, load_config};
+use crate::config::loader::{ConfigError, load_config_checked};
 
 #[derive(Parser)]
 #[command(name = "switchyard", version, about = "Distributed Mixture-of-Experts training")]
@@ -108,7 +108,7 @@ fn main() -> ExitCode {
         Err(err) => {
             if let Some(config_err) = err.downcast_ref::<ConfigError>() {
                 eprintln!("error: invalid config\n{config_err}");
-                return ExitCode::from(ConfigError::EXIT_CODE as u8);
+                return ExitCode::from(config_err.exit_code() as u8);
             }
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
@@ -116,8 +116,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Loads, deserializes and validates the config; any problem is a `ConfigError` (exit 2).
 fn load(args: &ConfigArgs) -> Result<Config> {
-    let cfg: Config = load_config(&args.config, &args.overrides)?;
+    let cfg: Config = load_config_checked(&args.config, &args.overrides, |cfg: &Config| {
+        let mut issues = cfg.validate();
+        issues.extend(
+            cfg.data
+                .check_paths()
+                .into_iter()
+                .map(|(path, msg)| (format!("data.{path}"), msg)),
+        );
+        issues
+    })?;
     Ok(cfg)
 }
 

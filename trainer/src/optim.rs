@@ -235,7 +235,7 @@ pub fn global_norm(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
     let sum: f64 = grads
         .values()
         .map(|g| {
-            let s: f32 = g.clone().powi_scalar(2).sum().into_scalar().to_f32();
+            let s: f32 = g.clone().powi_scalar(2).sum().into_scalar::<f32>();
             s as f64
         })
         .sum();

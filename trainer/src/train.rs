@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use switchyard_moe::model::{ModelOutput, forward_flops_per_token};
@@ -415,7 +416,7 @@ fn placeholder(model: &Transformer) -> Transformer {
 }
 
 fn scalar(t: &Tensor<1>) -> f64 {
-    t.clone().inner().into_scalar().to_f64()
+    t.clone().inner().into_scalar::<f32>() as f64
 }
 
 /// Runs a whole training job: the function the `train` subcommand calls.
@@ -431,7 +432,7 @@ pub fn run(cfg: &Config, corpus: &Corpus, resume: Option<&Path>, device: &Device
         trainer.restore(path)?;
         tracing::info!(step = trainer.state_step, path = %path.display(), "resumed");
     }
-    let mut metrics = MetricsSink::new(&cfg.metrics, &cfg.run.output_dir, cfg.train.steps, trainer.state_step)
+    let mut metrics = MetricsSink::new(cfg.metrics.clone(), &cfg.run.output_dir, cfg.train.steps, trainer.state_step)
         .map_err(|e| TrainError::Metrics(e.to_string()))?;
     let flops_per_token = trainer.train_flops_per_token();
     let mut last_eval = None;

@@ -9,7 +9,7 @@
 //! not from the deserializer: serde buffers internally tagged enums and `flatten` and
 //! loses positions there, so the failing key path is reconstructed from the error and the
 //! YAML tree, then looked up in the position table.
-#![allow(dead_code)]
+
 
 use std::collections::HashMap;
 use std::fmt;

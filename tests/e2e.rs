@@ -1,0 +1,232 @@
+//! End-to-end tests of the `switchyard` binary (single process).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn switchyard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .current_dir(repo_root())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running switchyard")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+/// A small valid config whose run directory is `dir`.
+fn tiny_config(dir: &Path) -> String {
+    format!(
+        r#"run:
+  name: tiny
+  output_dir: {out}
+  seed: 5
+  threads: 1
+model:
+  vocab_size: 256
+  d_model: 32
+  n_heads: 2
+  n_layers: 2
+  ffn_dim: 64
+  max_seq_len: 32
+  moe:
+    every: 1
+    num_experts: 4
+    top_k: 2
+    expert_ffn_dim: 32
+data:
+  tokenizer: {{type: byte}}
+  source: {{type: synthetic, seed: 3, bytes: 40000}}
+  valid_fraction: 0.1
+  seq_len: 16
+  batch_size: 4
+optim:
+  lr: 3.0e-3
+  warmup_steps: 2
+  decay_steps: 12
+  grad_clip: 1.0
+train:
+  steps: 12
+  eval_every: 6
+  eval_batches: 2
+checkpoint:
+  every: 3
+  keep_last: 3
+metrics:
+  progress: false
+"#,
+        out = dir.join("run").display()
+    )
+}
+
+/// (step, train loss) of every line of a run's metrics.jsonl, in file order.
+fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            (v["step"].as_u64().unwrap(), v["train/loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn every_shipped_config_validates_and_runs_two_steps() {
+    let configs = std::fs::read_dir(repo_root().join("configs")).unwrap();
+    let mut seen = 0;
+    for entry in configs {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        seen += 1;
+        let rel = path.strip_prefix(repo_root()).unwrap().to_str().unwrap().to_string();
+        let out = switchyard(&["validate-config", "--config", &rel]);
+        assert!(out.status.success(), "{rel}: {}", text(&out));
+        let tmp = tempfile::tempdir().unwrap();
+        let out_dir = format!("run.output_dir={}", tmp.path().display());
+        let out = switchyard(&[
+            "train", "--config", &rel, "--set", &out_dir, "--set", "train.steps=2",
+            "--set", "train.eval_batches=1", "--set", "train.eval_every=0",
+            "--set", "checkpoint.every=0", "--set", "metrics.progress=false",
+        ]);
+        assert!(out.status.success(), "{rel}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("final: step 2 valid loss"),
+            "{rel}: {}",
+            text(&out)
+        );
+    }
+    assert!(seen >= 3, "expected the shipped configs, found {seen}");
+}
+
+#[test]
+fn config_errors_exit_2_with_file_line_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tiny_config(tmp.path());
+    let cases = [
+        // (mutation, expected key path, expected line, extra text)
+        (good.replace("top_k: 2", "top_kk: 2"), "model.moe.top_kk", 16, "did you mean `top_k`"),
+        (good.replace("lr: 3.0e-3", "lr: fast"), "optim.lr", 25, "expected f64"),
+        (good.replace("top_k: 2", "top_k: 9"), "model.moe.top_k", 16, "num_experts"),
+    ];
+    for (i, (yaml, key, line, extra)) in cases.iter().enumerate() {
+        let file = write(tmp.path(), &format!("bad{i}.yaml"), yaml);
+        let out = switchyard(&["train", "--config", file.to_str().unwrap()]);
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{all}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let location = format!("{}:{line}:", file.display());
+        assert!(stderr.contains(&location), "expected `{location}` in {all}");
+        assert!(stderr.contains(key), "expected `{key}` in {all}");
+        assert!(stderr.contains(extra), "expected `{extra}` in {all}");
+        assert!(!tmp.path().join("run").exists(), "nothing may be written for a bad config");
+    }
+    // An override error names the override.
+    let file = write(tmp.path(), "good.yaml", &good);
+    let out = switchyard(&["validate-config", "--config", file.to_str().unwrap(), "--set", "model.moe.top_k=many"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--set model.moe.top_k=many"), "{}", text(&out));
+}
+
+#[test]
+fn resumed_run_continues_the_same_loss_curve_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Uninterrupted: 12 steps.
+    let full_dir = tmp.path().join("full");
+    std::fs::create_dir_all(&full_dir).unwrap();
+    let full_cfg = write(&full_dir, "c.yaml", &tiny_config(&full_dir));
+    let out = switchyard(&["train", "--config", full_cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Interrupted: 6 steps (same schedule: decay_steps pins it), then resume to 12.
+    let part_dir = tmp.path().join("part");
+    std::fs::create_dir_all(&part_dir).unwrap();
+    let part_cfg = write(&part_dir, "c.yaml", &tiny_config(&part_dir));
+    let part = part_cfg.to_str().unwrap();
+    let out = switchyard(&["train", "--config", part, "--set", "train.steps=6"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = switchyard(&["train", "--config", part, "--resume", "auto"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let full = losses(&full_dir.join("run"));
+    let resumed = losses(&part_dir.join("run"));
+    assert_eq!(full.len(), 12);
+    assert_eq!(resumed.len(), 12, "6 steps, then 6 more after the resume");
+    for ((s1, l1), (s2, l2)) in full.iter().zip(&resumed) {
+        assert_eq!(s1, s2);
+        assert_eq!(l1.to_bits(), l2.to_bits(), "step {s1}: {l1} vs {l2}");
+    }
+    // The loss actually fell, so the comparison is about a real curve.
+    assert!(full[11].1 < full[0].1, "{full:?}");
+}
+
+#[test]
+fn inspect_checkpoint_verifies_and_detects_corruption() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+    let out = switchyard(&["train", "--config", cfg.to_str().unwrap(), "--set", "train.steps=3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ckpt = tmp.path().join("run/checkpoints/step-00000003");
+    let out = switchyard(&["inspect-checkpoint", ckpt.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("layers.0.moe.experts.3.w_down"), "{}", text(&out));
+    assert!(stdout.contains("exp_avg_sq"), "{}", text(&out));
+
+    // Flip one byte of the model file: inspect fails and resume refuses it.
+    let model = ckpt.join("model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&model, bytes).unwrap();
+    let out = switchyard(&["inspect-checkpoint", ckpt.to_str().unwrap()]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let out = switchyard(&["train", "--config", cfg.to_str().unwrap(), "--resume", ckpt.to_str().unwrap()]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model.safetensors"), "{}", text(&out));
+}
+
+#[test]
+fn prepare_data_then_train_and_eval_on_the_indexed_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let docs: String = (0..200)
+        .map(|i| format!("{{\"text\": \"document {i}: the quick brown fox jumps over the lazy dog {i}\"}}\n"))
+        .collect();
+    let jsonl = write(tmp.path(), "docs.jsonl", &docs);
+    let prefix = tmp.path().join("corpus");
+    let out = switchyard(&[
+        "prepare-data", "--input", jsonl.to_str().unwrap(), "--format", "jsonl",
+        "--output", prefix.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(tmp.path().join("corpus.bin").exists() && tmp.path().join("corpus.idx").exists());
+
+    let cfg = tiny_config(tmp.path()).replace(
+        "source: {type: synthetic, seed: 3, bytes: 40000}",
+        &format!("source: {{type: indexed, prefix: {}}}", prefix.display()),
+    );
+    let cfg = write(tmp.path(), "c.yaml", &cfg);
+    let out = switchyard(&["train", "--config", cfg.to_str().unwrap(), "--set", "train.steps=3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = switchyard(&["eval", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("step 3") && stdout.contains("perplexity"), "{}", text(&out));
+}
