@@ -1,1 +1,194 @@
-//! Data pipeline (see ARCHITECTURE.md).
+//! Data pipeline: tokenizers, the Megatron-LM indexed dataset format and `prepare-data`, the
+//! synthetic quickstart corpus, train/validation splits and the resumable shuffling sampler.
+//!
+//! Typical use: `cfg.validate()` and `cfg.check_paths()` before anything is allocated, then
+//! [`build_tokenizer`], [`Corpus::load`], [`Corpus::train_sampler`] (restore its
+//! [`SamplerState`] on resume) and [`Corpus::valid_batches`].
+
+mod config;
+mod corpus;
+mod error;
+pub mod indexed;
+mod prepare;
+mod sampler;
+mod source;
+mod synthetic;
+mod tokenizer;
+
+pub use config::{DataConfig, MIN_BPE_VOCAB, SourceConfig, TokenizerConfig};
+pub use corpus::{Corpus, build_tokenizer, raw_documents};
+pub use error::{DataError, Result};
+pub use indexed::{DatasetStats, IndexedDataset, TokenDtype, dataset_stats};
+pub use prepare::{PrepareReport, prepare_data};
+pub use sampler::{Batch, Sampler, SamplerState, epoch_permutation, valid_batches};
+pub use source::{InputFormat, read_documents};
+pub use synthetic::synthetic_text;
+pub use tokenizer::{BPE_EOD_TOKEN, HfTokenizer, Tokenizer};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    const EXAMPLE: &str = "
+tokenizer:
+  type: byte
+source:
+  type: synthetic
+valid_fraction: 0.1
+seq_len: 128
+batch_size: 8
+shuffle_seed: 0
+";
+
+    fn parse(yaml: &str) -> std::result::Result<DataConfig, String> {
+        serde_yaml::from_str(yaml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn yaml_shapes_deserialize() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.tokenizer, TokenizerConfig::Byte {});
+        assert_eq!(
+            c.source,
+            SourceConfig::Synthetic {
+                seed: 0,
+                bytes: 2_000_000
+            }
+        );
+        assert_eq!(c.shuffle_seed, Some(0));
+        assert!(c.validate().is_empty());
+
+        let c = parse(
+            "tokenizer: {type: huggingface, path: tok.json, eod_token: \"</s>\"}\n\
+             source: {type: jsonl, path: d.jsonl}\nseq_len: 4\nbatch_size: 2\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.tokenizer,
+            TokenizerConfig::HuggingFace {
+                path: "tok.json".into(),
+                eod_token: Some("</s>".into())
+            }
+        );
+        assert_eq!(
+            c.source,
+            SourceConfig::Jsonl {
+                path: "d.jsonl".into(),
+                text_key: "text".into()
+            }
+        );
+        assert_eq!((c.valid_fraction, c.shuffle_seed), (0.1, None));
+        assert_eq!(c.shuffle_seed_or(77), 77);
+
+        let c = parse("tokenizer: {type: bpe}\nsource: {type: text, path: a.txt}\nseq_len: 4\nbatch_size: 2\n").unwrap();
+        assert_eq!(c.tokenizer, TokenizerConfig::Bpe { vocab_size: 4096 });
+        let c = parse("tokenizer: {type: byte}\nsource: {type: indexed, prefix: data/x}\nseq_len: 4\nbatch_size: 2\n")
+            .unwrap();
+        assert_eq!(
+            c.source,
+            SourceConfig::Indexed {
+                prefix: "data/x".into()
+            }
+        );
+
+        // Serialization round-trips.
+        let back = parse(&serde_yaml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_keys_and_types_are_rejected() {
+        for (yaml, needle) in [
+            (format!("{EXAMPLE}extra: 1\n"), "extra"),
+            (
+                EXAMPLE.replace("type: synthetic", "type: synthetic\n  bites: 5"),
+                "bites",
+            ),
+            (
+                EXAMPLE.replace("type: byte", "type: byte\n  vocab_size: 5"),
+                "vocab_size",
+            ),
+            (
+                EXAMPLE.replace("type: synthetic", "type: parquet"),
+                "parquet",
+            ),
+            (EXAMPLE.replace("seq_len: 128", "seq_len: many"), "seq_len"),
+        ] {
+            let e = parse(&yaml).unwrap_err();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
+
+    #[test]
+    fn validate_reports_every_problem_with_its_key() {
+        let mut c = parse(EXAMPLE).unwrap();
+        c.seq_len = 0;
+        c.batch_size = 0;
+        c.valid_fraction = 1.0;
+        c.tokenizer = TokenizerConfig::Bpe { vocab_size: 256 };
+        c.source = SourceConfig::Jsonl {
+            path: PathBuf::new(),
+            text_key: String::new(),
+        };
+        let keys: Vec<String> = c.validate().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            [
+                "seq_len",
+                "batch_size",
+                "valid_fraction",
+                "tokenizer.vocab_size",
+                "source.path",
+                "source.text_key"
+            ]
+        );
+        for f in [0.0, -0.5, f64::NAN] {
+            c.valid_fraction = f;
+            assert!(
+                c.validate().iter().any(|(k, _)| k == "valid_fraction"),
+                "{f}"
+            );
+        }
+
+        let mut c = parse(EXAMPLE).unwrap();
+        c.tokenizer = TokenizerConfig::Bpe { vocab_size: 257 };
+        assert!(c.validate().is_empty(), "257 is the smallest legal BPE");
+        c.source = SourceConfig::Indexed { prefix: "x".into() };
+        let p = c.validate();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].0, "tokenizer.type");
+        assert!(p[0].1.contains("indexed"));
+
+        // Loading refuses an invalid config with all its problems in the message.
+        let mut c = parse(EXAMPLE).unwrap();
+        c.batch_size = 0;
+        let e = Corpus::load(&c, &Tokenizer::Byte).unwrap_err().to_string();
+        assert!(e.contains("data.batch_size"), "{e}");
+    }
+
+    #[test]
+    fn check_paths_names_missing_files_and_resolve_paths_joins_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = parse(
+            "tokenizer: {type: huggingface, path: missing_tok.json}\n\
+             source: {type: indexed, prefix: corpus}\nseq_len: 4\nbatch_size: 2\n",
+        )
+        .unwrap();
+        c.resolve_paths(dir.path());
+        assert_eq!(
+            c.tokenizer,
+            TokenizerConfig::HuggingFace {
+                path: dir.path().join("missing_tok.json"),
+                eod_token: None
+            }
+        );
+        std::fs::write(dir.path().join("corpus.bin"), b"").unwrap();
+        let p = c.check_paths();
+        let msgs: Vec<&str> = p.iter().map(|(_, m)| m.as_str()).collect();
+        assert_eq!(p.len(), 2, "{msgs:?}");
+        assert!(p[0].0 == "tokenizer.path" && msgs[0].contains("missing_tok.json"));
+        assert!(p[1].0 == "source.prefix" && msgs[1].contains("corpus.idx"));
+        assert!(parse(EXAMPLE).unwrap().check_paths().is_empty());
+    }
+}
