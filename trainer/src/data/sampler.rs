@@ -297,7 +297,8 @@ mod tests {
 
     #[test]
     fn restore_continues_exactly_where_it_left_off() {
-        for k in [0, 1, 5, 7, 13] {
+        // 71 windows, 3 per batch: k = 24 and 47 resume inside epoch 1, at its edges.
+        for k in [0, 1, 5, 13, 23, 24, 47] {
             let mut uninterrupted = Sampler::new(counting(500), 6, 3, 9).unwrap();
             for _ in 0..k {
                 uninterrupted.next_batch();
@@ -305,6 +306,7 @@ mod tests {
             // The state survives serialization, as it will in a checkpoint.
             let json = serde_json::to_string(&uninterrupted.state()).unwrap();
             let state: SamplerState = serde_json::from_str(&json).unwrap();
+            assert_eq!(state.epoch, (k as u64 * 3) / 71);
             let mut resumed = Sampler::new(counting(500), 6, 3, 9).unwrap();
             resumed.restore(&state).unwrap();
             for _ in 0..40 {

@@ -105,12 +105,12 @@ fn sentence(rng: &mut ChaCha8Rng, out: &mut String) {
         _ => {
             out.push_str(form(pick(rng, VERBS)));
             out.push(' ');
-            out.push_str(*pick(rng, OBJECTS));
+            out.push_str(pick::<&str>(rng, OBJECTS));
         }
     }
     if below(rng, 2) == 0 {
         out.push(' ');
-        out.push_str(*pick(rng, PLACES));
+        out.push_str(pick::<&str>(rng, PLACES));
     }
     if below(rng, 6) == 0 {
         out.push_str(", and then ");
