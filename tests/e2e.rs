@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn switchyard(args: &[&str]) -> Output {
@@ -82,7 +85,10 @@ fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
     text.lines()
         .map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            (v["step"].as_u64().unwrap(), v["train/loss"].as_f64().unwrap())
+            (
+                v["step"].as_u64().unwrap(),
+                v["train/loss"].as_f64().unwrap(),
+            )
         })
         .collect()
 }
@@ -97,15 +103,32 @@ fn every_shipped_config_validates_and_runs_two_steps() {
             continue;
         }
         seen += 1;
-        let rel = path.strip_prefix(repo_root()).unwrap().to_str().unwrap().to_string();
+        let rel = path
+            .strip_prefix(repo_root())
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
         let out = switchyard(&["validate-config", "--config", &rel]);
         assert!(out.status.success(), "{rel}: {}", text(&out));
         let tmp = tempfile::tempdir().unwrap();
         let out_dir = format!("run.output_dir={}", tmp.path().display());
         let out = switchyard(&[
-            "train", "--config", &rel, "--set", &out_dir, "--set", "train.steps=2",
-            "--set", "train.eval_batches=1", "--set", "train.eval_every=0",
-            "--set", "checkpoint.every=0", "--set", "metrics.progress=false",
+            "train",
+            "--config",
+            &rel,
+            "--set",
+            &out_dir,
+            "--set",
+            "train.steps=2",
+            "--set",
+            "train.eval_batches=1",
+            "--set",
+            "train.eval_every=0",
+            "--set",
+            "checkpoint.every=0",
+            "--set",
+            "metrics.progress=false",
         ]);
         assert!(out.status.success(), "{rel}: {}", text(&out));
         assert!(
@@ -123,9 +146,24 @@ fn config_errors_exit_2_with_file_line_and_key() {
     let good = tiny_config(tmp.path());
     let cases = [
         // (mutation, expected key path, expected line, extra text)
-        (good.replace("top_k: 2", "top_kk: 2"), "model.moe.top_kk", 16, "did you mean `top_k`"),
-        (good.replace("lr: 3.0e-3", "lr: fast"), "optim.lr", 25, "expected f64"),
-        (good.replace("top_k: 2", "top_k: 9"), "model.moe.top_k", 16, "num_experts"),
+        (
+            good.replace("top_k: 2", "top_kk: 2"),
+            "model.moe.top_kk",
+            16,
+            "did you mean `top_k`",
+        ),
+        (
+            good.replace("lr: 3.0e-3", "lr: fast"),
+            "optim.lr",
+            25,
+            "expected f64",
+        ),
+        (
+            good.replace("top_k: 2", "top_k: 9"),
+            "model.moe.top_k",
+            16,
+            "num_experts",
+        ),
     ];
     for (i, (yaml, key, line, extra)) in cases.iter().enumerate() {
         let file = write(tmp.path(), &format!("bad{i}.yaml"), yaml);
@@ -137,13 +175,26 @@ fn config_errors_exit_2_with_file_line_and_key() {
         assert!(stderr.contains(&location), "expected `{location}` in {all}");
         assert!(stderr.contains(key), "expected `{key}` in {all}");
         assert!(stderr.contains(extra), "expected `{extra}` in {all}");
-        assert!(!tmp.path().join("run").exists(), "nothing may be written for a bad config");
+        assert!(
+            !tmp.path().join("run").exists(),
+            "nothing may be written for a bad config"
+        );
     }
     // An override error names the override.
     let file = write(tmp.path(), "good.yaml", &good);
-    let out = switchyard(&["validate-config", "--config", file.to_str().unwrap(), "--set", "model.moe.top_k=many"]);
+    let out = switchyard(&[
+        "validate-config",
+        "--config",
+        file.to_str().unwrap(),
+        "--set",
+        "model.moe.top_k=many",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--set model.moe.top_k=many"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--set model.moe.top_k=many"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -181,13 +232,23 @@ fn resumed_run_continues_the_same_loss_curve_exactly() {
 fn inspect_checkpoint_verifies_and_detects_corruption() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
-    let out = switchyard(&["train", "--config", cfg.to_str().unwrap(), "--set", "train.steps=3"]);
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.steps=3",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let ckpt = tmp.path().join("run/checkpoints/step-00000003");
     let out = switchyard(&["inspect-checkpoint", ckpt.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("layers.0.moe.experts.3.w_down"), "{}", text(&out));
+    assert!(
+        stdout.contains("layers.0.moe.experts.3.w_down"),
+        "{}",
+        text(&out)
+    );
     assert!(stdout.contains("exp_avg_sq"), "{}", text(&out));
 
     // Flip one byte of the model file: inspect fails and resume refuses it.
@@ -198,22 +259,41 @@ fn inspect_checkpoint_verifies_and_detects_corruption() {
     std::fs::write(&model, bytes).unwrap();
     let out = switchyard(&["inspect-checkpoint", ckpt.to_str().unwrap()]);
     assert!(!out.status.success(), "{}", text(&out));
-    let out = switchyard(&["train", "--config", cfg.to_str().unwrap(), "--resume", ckpt.to_str().unwrap()]);
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--resume",
+        ckpt.to_str().unwrap(),
+    ]);
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("model.safetensors"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("model.safetensors"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn prepare_data_then_train_and_eval_on_the_indexed_dataset() {
     let tmp = tempfile::tempdir().unwrap();
     let docs: String = (0..200)
-        .map(|i| format!("{{\"text\": \"document {i}: the quick brown fox jumps over the lazy dog {i}\"}}\n"))
+        .map(|i| {
+            format!(
+                "{{\"text\": \"document {i}: the quick brown fox jumps over the lazy dog {i}\"}}\n"
+            )
+        })
         .collect();
     let jsonl = write(tmp.path(), "docs.jsonl", &docs);
     let prefix = tmp.path().join("corpus");
     let out = switchyard(&[
-        "prepare-data", "--input", jsonl.to_str().unwrap(), "--format", "jsonl",
-        "--output", prefix.to_str().unwrap(),
+        "prepare-data",
+        "--input",
+        jsonl.to_str().unwrap(),
+        "--format",
+        "jsonl",
+        "--output",
+        prefix.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(tmp.path().join("corpus.bin").exists() && tmp.path().join("corpus.idx").exists());
@@ -223,10 +303,20 @@ fn prepare_data_then_train_and_eval_on_the_indexed_dataset() {
         &format!("source: {{type: indexed, prefix: {}}}", prefix.display()),
     );
     let cfg = write(tmp.path(), "c.yaml", &cfg);
-    let out = switchyard(&["train", "--config", cfg.to_str().unwrap(), "--set", "train.steps=3"]);
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.steps=3",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let out = switchyard(&["eval", "--config", cfg.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("step 3") && stdout.contains("perplexity"), "{}", text(&out));
+    assert!(
+        stdout.contains("step 3") && stdout.contains("perplexity"),
+        "{}",
+        text(&out)
+    );
 }

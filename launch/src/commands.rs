@@ -46,7 +46,8 @@ fn load_data(cfg: &Config) -> Result<Corpus> {
 pub fn train(cfg: &Config, resume: Option<&str>) -> Result<()> {
     setup_threads(cfg.run.threads)?;
     let out = &cfg.run.output_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating run.output_dir {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating run.output_dir {}", out.display()))?;
     let resolved = resolved_yaml(cfg);
     std::fs::write(out.join("config.yaml"), &resolved)
         .with_context(|| format!("writing {}", out.join("config.yaml").display()))?;
@@ -83,9 +84,16 @@ pub fn eval(cfg: &Config, checkpoint: &str) -> Result<()> {
     match resume_target(&checkpoint_root(cfg), checkpoint)? {
         Some(path) => {
             trainer.restore(&path)?;
-            println!("checkpoint: {} (step {})", path.display(), trainer.state_step);
+            println!(
+                "checkpoint: {} (step {})",
+                path.display(),
+                trainer.state_step
+            );
         }
-        None => println!("no checkpoint under {}: evaluating freshly initialised weights", checkpoint_root(cfg).display()),
+        None => println!(
+            "no checkpoint under {}: evaluating freshly initialised weights",
+            checkpoint_root(cfg).display()
+        ),
     }
     let report = trainer.evaluate();
     println!(
@@ -123,7 +131,10 @@ pub fn inspect(path: &Path) -> Result<()> {
     let report = checkpoint::inspect(path)?;
     println!("{report}");
     if !report.all_ok() {
-        bail!("{}: checksum verification failed (see above)", path.display());
+        bail!(
+            "{}: checksum verification failed (see above)",
+            path.display()
+        );
     }
     Ok(())
 }

@@ -15,7 +15,11 @@ use switchyard_trainer::config::Config;
 use crate::config::loader::{ConfigError, load_config_checked};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "Distributed Mixture-of-Experts training")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Distributed Mixture-of-Experts training"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -165,4 +169,3 @@ fn run(command: Command) -> Result<()> {
         }
     }
 }
-

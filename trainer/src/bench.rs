@@ -31,20 +31,49 @@ impl fmt::Display for BenchReport {
         writeln!(f, "threads                      {}", self.threads)?;
         writeln!(f, "timed steps                  {}", self.steps)?;
         writeln!(f, "tokens per step              {}", self.tokens_per_step)?;
-        writeln!(f, "step time (mean)             {:.3} s", self.seconds / self.steps as f64)?;
+        writeln!(
+            f,
+            "step time (mean)             {:.3} s",
+            self.seconds / self.steps as f64
+        )?;
         writeln!(f, "tokens/s                     {:.0}", self.tokens_per_sec)?;
-        writeln!(f, "model GFLOP per token (f+b)  {:.4}", self.model_gflops_per_token)?;
-        writeln!(f, "achieved GFLOP/s             {:.1}", self.achieved_gflops)?;
-        writeln!(f, "FMA peak GFLOP/s (measured)  {:.1}", self.fma_peak_gflops)?;
+        writeln!(
+            f,
+            "model GFLOP per token (f+b)  {:.4}",
+            self.model_gflops_per_token
+        )?;
+        writeln!(
+            f,
+            "achieved GFLOP/s             {:.1}",
+            self.achieved_gflops
+        )?;
+        writeln!(
+            f,
+            "FMA peak GFLOP/s (measured)  {:.1}",
+            self.fma_peak_gflops
+        )?;
         writeln!(f, "GEMM GFLOP/s (burn, 1024^2)  {:.1}", self.gemm_gflops)?;
-        writeln!(f, "achieved / FMA peak          {:.3}", self.achieved_gflops / self.fma_peak_gflops)?;
-        writeln!(f, "achieved / GEMM              {:.3}", self.achieved_gflops / self.gemm_gflops)?;
+        writeln!(
+            f,
+            "achieved / FMA peak          {:.3}",
+            self.achieved_gflops / self.fma_peak_gflops
+        )?;
+        writeln!(
+            f,
+            "achieved / GEMM              {:.3}",
+            self.achieved_gflops / self.gemm_gflops
+        )?;
         write!(f, "last train loss              {:.4}", self.final_loss)
     }
 }
 
 /// Trains `warmup` untimed and `steps` timed optimizer steps and measures the peaks.
-pub fn run(cfg: &Config, corpus: &Corpus, steps: u64, warmup: u64) -> Result<BenchReport, TrainError> {
+pub fn run(
+    cfg: &Config,
+    corpus: &Corpus,
+    steps: u64,
+    warmup: u64,
+) -> Result<BenchReport, TrainError> {
     let threads = rayon::current_num_threads();
     let fma_peak_gflops = fma_peak_gflops(threads);
     let gemm_gflops = gemm_gflops(1024, 3);
@@ -104,7 +133,10 @@ pub fn fma_peak_gflops(threads: usize) -> f64 {
         let handles: Vec<_> = (0..threads.max(1))
             .map(|_| scope.spawn(|| fma_kernel(ITERS)))
             .collect();
-        handles.into_iter().map(|h| h.join().expect("fma thread")).sum()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("fma thread"))
+            .sum()
     });
     flops_per_thread as f64 / started.elapsed().as_secs_f64() / 1e9
 }

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use switchyard_moe::ModelConfig;
 
-use crate::train::CheckpointConfig;
 use crate::data::{DataConfig, TokenizerConfig};
 use crate::metrics::MetricsConfig;
 use crate::optim::OptimConfig;
+use crate::train::CheckpointConfig;
 use crate::train::TrainConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -89,7 +89,11 @@ impl OptimConfig {
             "must be non-negative",
         );
         if let Some(clip) = self.grad_clip {
-            check(clip > 0.0, "grad_clip", "must be positive; remove it to disable clipping");
+            check(
+                clip > 0.0,
+                "grad_clip",
+                "must be positive; remove it to disable clipping",
+            );
         }
         if let Some(decay) = self.decay_steps {
             check(decay > 0, "decay_steps", "must be positive");
@@ -103,10 +107,12 @@ impl OptimConfig {
         if step < self.warmup_steps {
             return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
         }
-        let decay_steps = self.decay_steps.unwrap_or(total_steps).max(self.warmup_steps + 1);
-        let progress = ((step - self.warmup_steps) as f64
-            / (decay_steps - self.warmup_steps) as f64)
-            .min(1.0);
+        let decay_steps = self
+            .decay_steps
+            .unwrap_or(total_steps)
+            .max(self.warmup_steps + 1);
+        let progress =
+            ((step - self.warmup_steps) as f64 / (decay_steps - self.warmup_steps) as f64).min(1.0);
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
         self.min_lr + (self.lr - self.min_lr) * cosine
     }
@@ -131,7 +137,10 @@ impl NamedAdamW {
             .with_beta_2(cfg.beta2 as f32)
             .with_epsilon(cfg.eps as f32);
         Self {
-            decayed: base.clone().with_weight_decay(cfg.weight_decay as f32).build(),
+            decayed: base
+                .clone()
+                .with_weight_decay(cfg.weight_decay as f32)
+                .build(),
             not_decayed: base.with_weight_decay(0.0).build(),
             state: BTreeMap::new(),
         }
@@ -222,9 +231,9 @@ impl NamedAdamW {
                 }
                 Ok(Tensor::from_floats(values, device))
             };
-            let momentum = AdaptiveMomentumState::new(steps_taken, moment("exp_avg")?, moment("exp_avg_sq")?);
-            self.state
-                .insert(name.clone(), AdamWState::new(momentum));
+            let momentum =
+                AdaptiveMomentumState::new(steps_taken, moment("exp_avg")?, moment("exp_avg_sq")?);
+            self.state.insert(name.clone(), AdamWState::new(momentum));
         }
         Ok(())
     }
@@ -300,8 +309,14 @@ mod tests {
     fn clipping_scales_to_the_max_norm() {
         let device = burn::tensor::Device::flex();
         let mut grads = BTreeMap::new();
-        grads.insert("a".to_string(), Tensor::<1>::from_floats([3.0, 0.0], &device));
-        grads.insert("b".to_string(), Tensor::<1>::from_floats([0.0, 4.0], &device));
+        grads.insert(
+            "a".to_string(),
+            Tensor::<1>::from_floats([3.0, 0.0], &device),
+        );
+        grads.insert(
+            "b".to_string(),
+            Tensor::<1>::from_floats([0.0, 4.0], &device),
+        );
         let norm = global_norm(&grads);
         assert!((norm - 5.0).abs() < 1e-6);
         clip_global_norm(&mut grads, norm, 1.0);

@@ -132,7 +132,11 @@ pub enum TrainError {
         "step {step}: the {what} is not finite ({value}); train.nonfinite is `stop`. \
          Lower optim.lr, set optim.grad_clip, or set train.nonfinite: skip"
     )]
-    NonFinite { step: u64, what: &'static str, value: f64 },
+    NonFinite {
+        step: u64,
+        what: &'static str,
+        value: f64,
+    },
     #[error("resume from {path}: {message}")]
     Resume { path: PathBuf, message: String },
     #[error("{0}")]
@@ -266,13 +270,18 @@ impl Trainer {
                 return Err(TrainError::NonFinite { step, what, value });
             }
             self.skipped_steps += 1;
-            tracing::warn!(step, loss, grad_norm, "non-finite loss or gradient: update skipped");
+            tracing::warn!(
+                step,
+                loss,
+                grad_norm,
+                "non-finite loss or gradient: update skipped"
+            );
         } else {
             if let Some(max) = self.cfg.optim.grad_clip {
                 clip_global_norm(&mut grads, grad_norm, max);
             }
-            let model = std::mem::replace(&mut self.model, placeholder(&self.model));
-            self.model = self.optim.step(model, &grads, lr);
+            // Cloning a module clones tensor handles, not data.
+            self.model = self.optim.step(self.model.clone(), &grads, lr);
         }
         self.state_step += 1;
         self.tokens_seen += tokens;
@@ -338,12 +347,19 @@ impl Trainer {
     }
 
     /// Save a checkpoint of the current step.
-    pub fn save(&self, manager: &CheckpointManager, resolved_config: &serde_json::Value) -> Result<PathBuf, TrainError> {
+    pub fn save(
+        &self,
+        manager: &CheckpointManager,
+        resolved_config: &serde_json::Value,
+    ) -> Result<PathBuf, TrainError> {
         let (model, optimizer) = self.export();
         let state = serde_json::to_value(self.trainer_state()).expect("trainer state serialises");
         let path = manager.save(
             self.state_step,
-            &[("model.safetensors", model), ("optimizer.safetensors", optimizer)],
+            &[
+                ("model.safetensors", model),
+                ("optimizer.safetensors", optimizer),
+            ],
             ManifestMeta {
                 tokens_seen: self.tokens_seen,
                 model_signature: signature(&self.model),
@@ -369,7 +385,10 @@ impl Trainer {
             let tensors = loaded
                 .tensors(file)
                 .ok_or_else(|| resume_err(format!("the checkpoint has no {file}")))?;
-            Ok(tensors.iter().map(|t| (t.name.clone(), t.clone())).collect())
+            Ok(tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.clone()))
+                .collect())
         };
         let model_tensors = by_name("model.safetensors")?;
         let optim_tensors = by_name("optimizer.safetensors")?;
@@ -387,20 +406,26 @@ impl Trainer {
             sizes.insert(name, shape.iter().product());
         }
         let device = self.device.clone();
-        let model = std::mem::replace(&mut self.model, placeholder(&self.model));
         let mut error = None;
-        self.model = map_params(model, |name, current| match model_tensors[name].as_f32() {
-            Some(values) => Tensor::from_floats(values, &device.clone().inner()),
-            None => {
-                error.get_or_insert(format!("`{name}` in model.safetensors is not f32"));
-                current
+        self.model = map_params(self.model.clone(), |name, current| {
+            match model_tensors[name].as_f32() {
+                Some(values) => Tensor::from_floats(values, &device.clone().inner()),
+                None => {
+                    error.get_or_insert(format!("`{name}` in model.safetensors is not f32"));
+                    current
+                }
             }
         });
         if let Some(e) = error {
             return Err(resume_err(e));
         }
         self.optim
-            .import(&optim_tensors, state.optimizer_steps_taken, &sizes, &device.clone().inner())
+            .import(
+                &optim_tensors,
+                state.optimizer_steps_taken,
+                &sizes,
+                &device.clone().inner(),
+            )
             .map_err(resume_err)?;
         self.sampler.restore(&state.sampler)?;
         self.state_step = state.step;
@@ -410,17 +435,18 @@ impl Trainer {
     }
 }
 
-/// A cheap stand-in while the real model is moved through a by-value update.
-fn placeholder(model: &Transformer) -> Transformer {
-    model.clone()
-}
-
 fn scalar(t: &Tensor<1>) -> f64 {
     t.clone().inner().into_scalar::<f32>() as f64
 }
 
 /// Runs a whole training job: the function the `train` subcommand calls.
-pub fn run(cfg: &Config, corpus: &Corpus, resume: Option<&Path>, device: &Device, resolved_config: serde_json::Value) -> Result<Option<EvalReport>, TrainError> {
+pub fn run(
+    cfg: &Config,
+    corpus: &Corpus,
+    resume: Option<&Path>,
+    device: &Device,
+    resolved_config: serde_json::Value,
+) -> Result<Option<EvalReport>, TrainError> {
     let mut trainer = Trainer::new(cfg, corpus, device)?;
     let ckpt_dir = cfg
         .checkpoint
@@ -432,8 +458,13 @@ pub fn run(cfg: &Config, corpus: &Corpus, resume: Option<&Path>, device: &Device
         trainer.restore(path)?;
         tracing::info!(step = trainer.state_step, path = %path.display(), "resumed");
     }
-    let mut metrics = MetricsSink::new(cfg.metrics.clone(), &cfg.run.output_dir, cfg.train.steps, trainer.state_step)
-        .map_err(|e| TrainError::Metrics(e.to_string()))?;
+    let mut metrics = MetricsSink::new(
+        cfg.metrics.clone(),
+        &cfg.run.output_dir,
+        cfg.train.steps,
+        trainer.state_step,
+    )
+    .map_err(|e| TrainError::Metrics(e.to_string()))?;
     let flops_per_token = trainer.train_flops_per_token();
     let mut last_eval = None;
     while trainer.state_step < cfg.train.steps {
@@ -445,14 +476,26 @@ pub fn run(cfg: &Config, corpus: &Corpus, resume: Option<&Path>, device: &Device
             ("train/grad_norm".into(), report.grad_norm),
             ("train/lr".into(), report.lr),
             ("train/tokens_per_sec".into(), tokens_per_sec),
-            ("train/gflops_per_sec".into(), tokens_per_sec * flops_per_token / 1e9),
+            (
+                "train/gflops_per_sec".into(),
+                tokens_per_sec * flops_per_token / 1e9,
+            ),
             ("train/tokens_seen".into(), trainer.tokens_seen as f64),
             ("train/skipped".into(), report.skipped as u8 as f64),
         ];
         for (layer, stats) in &trainer.last_moe_stats {
-            scalars.push((format!("moe/layer{layer}/max_over_mean_load"), stats.max_over_mean_load()));
-            scalars.push((format!("moe/layer{layer}/dropped_fraction"), stats.dropped_fraction));
-            scalars.push((format!("moe/layer{layer}/load_balance_loss"), stats.load_balance));
+            scalars.push((
+                format!("moe/layer{layer}/max_over_mean_load"),
+                stats.max_over_mean_load(),
+            ));
+            scalars.push((
+                format!("moe/layer{layer}/dropped_fraction"),
+                stats.dropped_fraction,
+            ));
+            scalars.push((
+                format!("moe/layer{layer}/load_balance_loss"),
+                stats.load_balance,
+            ));
             for (e, f) in stats.expert_fraction.iter().enumerate() {
                 scalars.push((format!("moe/layer{layer}/expert{e}_fraction"), *f));
             }
@@ -472,8 +515,7 @@ pub fn run(cfg: &Config, corpus: &Corpus, resume: Option<&Path>, device: &Device
         metrics.progress(step, report.loss, tokens_per_sec);
         let due = cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0;
         if due || (last && cfg.checkpoint.save_final) {
-            let path = trainer.save(&manager, &resolved_config)?;
-            tracing::info!(step, path = %path.display(), "checkpoint committed");
+            trainer.save(&manager, &resolved_config)?;
         }
     }
     metrics

@@ -10,7 +10,6 @@
 //! loses positions there, so the failing key path is reconstructed from the error and the
 //! YAML tree, then looked up in the position table.
 
-
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
@@ -82,12 +81,6 @@ impl ConfigError {
     pub fn exit_code(&self) -> i32 {
         EXIT_CODE
     }
-
-    /// Print every issue to stderr, one per line, and exit with [`EXIT_CODE`].
-    pub fn exit(&self) -> ! {
-        eprintln!("{self}");
-        std::process::exit(EXIT_CODE)
-    }
 }
 
 impl ConfigIssue {
@@ -143,7 +136,9 @@ pub struct ConfigDoc {
     overrides: Vec<(String, String)>,
 }
 
-/// Read a config file, apply `--set` overrides and deserialize it.
+/// Read a config file, apply `--set` overrides and deserialize it (no semantic checks; the
+/// binary uses [`load_config_checked`]).
+#[cfg(test)]
 pub fn load_config<T: DeserializeOwned + Serialize>(
     path: &Path,
     overrides: &[String],
@@ -152,6 +147,7 @@ pub fn load_config<T: DeserializeOwned + Serialize>(
 }
 
 /// Like [`load_config`] on text; `origin` is the file name used in messages.
+#[cfg(test)]
 pub fn load_config_str<T: DeserializeOwned + Serialize>(
     text: &str,
     origin: &str,
@@ -218,11 +214,6 @@ impl ConfigDoc {
                 issues,
             })
         }
-    }
-
-    /// The YAML tree after overrides.
-    pub fn value(&self) -> &Value {
-        &self.value
     }
 
     /// Where the key of `key_path` (`model.moe.top_k`, `layers[1].hidden`) is written in
