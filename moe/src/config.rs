@@ -152,7 +152,7 @@ impl ModelConfig {
         );
         if self.n_heads > 0 {
             check(
-                self.d_model % self.n_heads == 0,
+                self.d_model.is_multiple_of(self.n_heads),
                 "n_heads",
                 format!(
                     "d_model ({}) must be divisible by n_heads ({}); try n_heads = {}",
@@ -163,7 +163,7 @@ impl ModelConfig {
             );
             let head_dim = self.d_model / self.n_heads;
             check(
-                head_dim % 2 == 0,
+                head_dim.is_multiple_of(2),
                 "n_heads",
                 format!(
                     "the head dimension d_model / n_heads = {head_dim} must be even for rotary positions"
@@ -197,7 +197,7 @@ impl ModelConfig {
 
     /// Whether layer `layer` (0-based) carries an MoE block.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        layer % self.moe.every == 0
+        layer.is_multiple_of(self.moe.every)
     }
 }
 
@@ -260,5 +260,5 @@ impl MoeConfig {
 }
 
 fn largest_divisor_at_most(n: usize, at_most: usize) -> usize {
-    (1..=at_most.min(n)).rev().find(|d| n % d == 0).unwrap_or(1)
+    (1..=at_most.min(n)).rev().find(|d| n.is_multiple_of(*d)).unwrap_or(1)
 }
