@@ -124,7 +124,11 @@ impl MoeLayer {
         let shared = cfg
             .shared_expert
             .as_ref()
-            .map(|s| (0..s.count).map(|_| SwiGlu::new(d_model, s.ffn_dim, init)).collect())
+            .map(|s| {
+                (0..s.count)
+                    .map(|_| SwiGlu::new(d_model, s.ffn_dim, init))
+                    .collect()
+            })
             .unwrap_or_default();
         let tau = match cfg.router {
             RouterConfig::MoePlusPlus { tau, .. } => Some(tau),
@@ -180,7 +184,12 @@ impl MoeLayer {
     }
 
     /// x: [B, S, D] -> y: [B, S, D], through the token dispatcher.
-    pub fn forward(&self, x_bsd: Tensor<3>, carry: &mut RouterCarry, gru: Option<&Gru>) -> MoeOutput {
+    pub fn forward(
+        &self,
+        x_bsd: Tensor<3>,
+        carry: &mut RouterCarry,
+        gru: Option<&Gru>,
+    ) -> MoeOutput {
         self.forward_with(x_bsd, carry, gru, |layer, x_td, routing, kept| {
             let plan = DispatchPlan::new(routing, kept, layer.experts.len());
             let dispatched = layer.dispatcher.dispatch(x_td, plan);
@@ -239,7 +248,10 @@ impl MoeLayer {
         let [b, s, d] = x_bsd.dims();
         let x_td = x_bsd.reshape([b * s, d]);
         let routing = self.router.forward(x_td.clone(), carry, gru);
-        let kept = admit(&routing, &self.capacities(routing.num_tokens * routing.top_k));
+        let kept = admit(
+            &routing,
+            &self.capacities(routing.num_tokens * routing.top_k),
+        );
         let (mut y_td, mut expert_flops) = routed(self, x_td.clone(), &routing, &kept);
         y_td = y_td + self.extra_experts(x_td.clone(), &routing, &kept);
         for shared in &self.shared {

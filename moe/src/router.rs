@@ -178,7 +178,10 @@ impl Router {
             }
             RouterConfig::Recurrent { detach_state, .. } => {
                 let gru = gru.expect("the recurrent router needs the model's shared GRU");
-                let proj = self.w_proj.as_ref().expect("recurrent router has a projection");
+                let proj = self
+                    .w_proj
+                    .as_ref()
+                    .expect("recurrent router has a projection");
                 let x_tp = x_td.matmul(proj.val().cast(DType::F32));
                 let h_prev = match carry.state.take() {
                     Some(h) if *detach_state => h.detach(),
@@ -269,8 +272,9 @@ impl Router {
         match &self.cfg {
             RouterConfig::TopKSoftmax { .. } | RouterConfig::Recurrent { .. } => {}
             RouterConfig::NullExperts { .. } => {
-                let nulls: Vec<usize> =
-                    (0..slots).filter(|&i| self.kinds[i] == SlotKind::Null).collect();
+                let nulls: Vec<usize> = (0..slots)
+                    .filter(|&i| self.kinds[i] == SlotKind::Null)
+                    .collect();
                 let mean = nulls.iter().map(|&i| fraction[i]).sum::<f64>() / nulls.len() as f64;
                 for i in nulls {
                     fraction[i] = mean;

@@ -9,8 +9,8 @@ use switchyard_moe::config::{
 };
 use switchyard_moe::init::Initializer;
 use switchyard_moe::layer::{MoeLayer, MoeOutput};
-use switchyard_moe::router::{Gru, RouterCarry};
 use switchyard_moe::params::named_grads;
+use switchyard_moe::router::{Gru, RouterCarry};
 use switchyard_moe::{ModelConfig, Transformer, cross_entropy};
 
 fn device() -> Device {
@@ -80,7 +80,10 @@ fn assert_same_grads(grads: &BTreeMap<String, Vec<f32>>, grads_ref: &BTreeMap<St
         }
     }
     for name in grads.keys() {
-        assert!(grads_ref.contains_key(name), "{name}: gradient only through the dispatcher");
+        assert!(
+            grads_ref.contains_key(name),
+            "{name}: gradient only through the dispatcher"
+        );
     }
 }
 
