@@ -34,8 +34,11 @@ pub struct MoeStats {
     /// Unweighted load-balancing loss (1.0 = balanced).
     pub load_balance: f64,
     pub z_loss: f64,
-    /// Matmul FLOPs spent in routed and shared experts in this forward.
+    /// Matmul FLOPs spent in routed FFN experts in this forward (shared experts excluded).
     pub expert_flops: u64,
+    /// Wall time of this layer's forward (the CPU backend executes eagerly, so this is the
+    /// layer's compute time).
+    pub seconds: f64,
 }
 
 /// Names of `MoeStats::kind_fraction`'s entries.
@@ -245,6 +248,7 @@ impl MoeLayer {
         gru: Option<&Gru>,
         routed: impl FnOnce(&Self, Tensor<2>, &Routing, &[bool]) -> (Tensor<2>, u64),
     ) -> MoeOutput {
+        let started = std::time::Instant::now();
         let [b, s, d] = x_bsd.dims();
         let x_td = x_bsd.reshape([b * s, d]);
         let routing = self.router.forward(x_td.clone(), carry, gru);
@@ -252,15 +256,15 @@ impl MoeLayer {
             &routing,
             &self.capacities(routing.num_tokens * routing.top_k),
         );
-        let (mut y_td, mut expert_flops) = routed(self, x_td.clone(), &routing, &kept);
+        let (mut y_td, expert_flops) = routed(self, x_td.clone(), &routing, &kept);
         y_td = y_td + self.extra_experts(x_td.clone(), &routing, &kept);
         for shared in &self.shared {
             y_td = y_td + shared.forward(x_td.clone());
-            expert_flops += shared.forward_flops(b * s);
         }
         let load_balance = self.router.load_balance_loss(&routing);
         let z = z_loss(&routing);
-        let stats = self.stats(&routing, &kept, &load_balance, &z, expert_flops);
+        let mut stats = self.stats(&routing, &kept, &load_balance, &z, expert_flops);
+        stats.seconds = started.elapsed().as_secs_f64();
         MoeOutput {
             y: y_td.reshape([b, s, d]),
             load_balance,
@@ -316,6 +320,7 @@ impl MoeLayer {
             load_balance: scalar(load_balance),
             z_loss: scalar(z),
             expert_flops,
+            seconds: 0.0,
         }
     }
 

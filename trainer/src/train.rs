@@ -494,6 +494,13 @@ pub fn run(
                 format!("moe/layer{layer}/load_balance_loss"),
                 stats.load_balance,
             ));
+            scalars.push((
+                format!("moe/layer{layer}/ffn_experts_per_token"),
+                stats.ffn_experts_per_token,
+            ));
+            for (name, f) in KIND_NAMES.iter().zip(stats.kind_fraction) {
+                scalars.push((format!("moe/layer{layer}/{name}_fraction"), f));
+            }
             for (e, f) in stats.expert_fraction.iter().enumerate() {
                 scalars.push((format!("moe/layer{layer}/expert{e}_fraction"), *f));
             }
