@@ -152,7 +152,9 @@ pub fn ablate(cfg: &Config) -> Result<()> {
         cfg.model.moe.router,
         switchyard_moe::RouterConfig::TopKSoftmax { .. }
     ) {
-        bail!("ablate: the base config must use the vanilla router (model.moe.router.type: top_k_softmax); the variants are derived from it");
+        bail!(
+            "ablate: the base config must use the vanilla router (model.moe.router.type: top_k_softmax); the variants are derived from it"
+        );
     }
     setup_threads(cfg.run.threads)?;
     let corpus = load_data(cfg)?;

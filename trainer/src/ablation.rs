@@ -38,7 +38,11 @@ pub struct AblationReport {
 impl fmt::Display for AblationReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let base = &self.variants[0];
-        writeln!(f, "ablation: {} optimizer steps each, same data and seed", self.steps)?;
+        writeln!(
+            f,
+            "ablation: {} optimizer steps each, same data and seed",
+            self.steps
+        )?;
         writeln!(
             f,
             "{:<8} {:>10} {:>10} {:>14} {:>12} {:>10} {:>14} {:>12} {:>9}",
@@ -162,7 +166,8 @@ fn measure(name: &'static str, cfg: &Config, trainer: &Trainer) -> VariantReport
     for batch in &trainer.valid {
         let (b, s) = (batch.batch_size, batch.seq_len);
         let inputs = Tensor::<2, Int>::from_data(TensorData::new(batch.inputs(), [b, s]), &device);
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(batch.targets(), [b, s]), &device);
+        let targets =
+            Tensor::<2, Int>::from_data(TensorData::new(batch.targets(), [b, s]), &device);
         let out = model.forward(inputs);
         let n = (b * s) as u64;
         loss_sum += cross_entropy(out.logits, targets).into_scalar::<f32>() as f64 * n as f64;

@@ -197,10 +197,11 @@ impl Trainer {
         let model = Transformer::new(&cfg.model, cfg.run.seed, device);
         let sampler = corpus.train_sampler(cfg.data.shuffle_seed_or(cfg.run.seed))?;
         let valid = corpus.valid_batches(cfg.train.eval_batches);
+        let optim = NamedAdamW::new(&cfg.optim, &model);
         Ok(Self {
             cfg: cfg.clone(),
             model,
-            optim: NamedAdamW::new(&cfg.optim),
+            optim,
             sampler,
             valid,
             device: device.clone(),
