@@ -5,13 +5,13 @@
 use std::fmt;
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use switchyard_moe::config::{BalanceAnneal, NullInit, NullNormalization, RouterConfig};
 use switchyard_moe::cross_entropy;
 
 use crate::config::Config;
 use crate::data::Corpus;
-use crate::train::{TrainError, Trainer};
+use crate::train::{TrainError, Trainer, batch_tensors};
 
 /// One variant's figures.
 #[derive(Debug, Clone)]
@@ -164,12 +164,9 @@ fn measure(name: &'static str, cfg: &Config, trainer: &Trainer) -> VariantReport
     let (mut loss_sum, mut tokens) = (0.0, 0u64);
     let (mut flops, mut moe_seconds, mut ffn_per_token, mut layer_samples) = (0u64, 0.0, 0.0, 0);
     for batch in &trainer.valid {
-        let (b, s) = (batch.batch_size, batch.seq_len);
-        let inputs = Tensor::<2, Int>::from_data(TensorData::new(batch.inputs(), [b, s]), &device);
-        let targets =
-            Tensor::<2, Int>::from_data(TensorData::new(batch.targets(), [b, s]), &device);
+        let (inputs, targets) = batch_tensors(batch, &device);
         let out = model.forward(inputs);
-        let n = (b * s) as u64;
+        let n = (batch.batch_size * batch.seq_len) as u64;
         loss_sum += cross_entropy(out.logits, targets).into_scalar::<f32>() as f64 * n as f64;
         tokens += n;
         for (_, stats) in &out.moe_stats {

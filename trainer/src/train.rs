@@ -212,21 +212,6 @@ impl Trainer {
         })
     }
 
-    fn batch_tensors(&self, batch: &Batch) -> (Tensor<2, Int>, Tensor<2, Int>) {
-        let (b, s) = (batch.batch_size, batch.seq_len);
-        let width = s + 1;
-        let mut inputs = Vec::with_capacity(b * s);
-        let mut targets = Vec::with_capacity(b * s);
-        for row in batch.tokens.chunks(width) {
-            inputs.extend_from_slice(&row[..s]);
-            targets.extend_from_slice(&row[1..]);
-        }
-        (
-            Tensor::from_data(TensorData::new(inputs, [b, s]), &self.device),
-            Tensor::from_data(TensorData::new(targets, [b, s]), &self.device),
-        )
-    }
-
     /// One optimizer step over `grad_accum_steps` micro-batches.
     pub fn step(&mut self) -> Result<StepReport, TrainError> {
         let started = Instant::now();
@@ -239,7 +224,7 @@ impl Trainer {
         for _ in 0..accum {
             let batch = self.sampler.next_batch();
             tokens += (batch.batch_size * batch.seq_len) as u64;
-            let (inputs, targets) = self.batch_tensors(&batch);
+            let (inputs, targets) = batch_tensors(&batch, &self.device);
             let output = self.model.forward(inputs);
             let aux_loss = output.aux_loss(&self.cfg.model, step);
             let ce = cross_entropy(output.logits, targets);
@@ -260,7 +245,7 @@ impl Trainer {
         let grad_norm = global_norm(&grads);
         let finite = loss.is_finite() && grad_norm.is_finite();
         if !finite {
-            if self.cfg.train.nonfinite == crate::train::NonFinitePolicy::Stop {
+            if self.cfg.train.nonfinite == NonFinitePolicy::Stop {
                 let (what, value) = if loss.is_finite() {
                     ("gradient norm", grad_norm)
                 } else {
@@ -300,9 +285,10 @@ impl Trainer {
     /// Mean validation cross-entropy over the fixed validation batches.
     pub fn evaluate(&self) -> EvalReport {
         let model = self.model.valid();
+        let inner = self.device.clone().inner();
         let (mut sum, mut tokens) = (0f64, 0u64);
         for batch in &self.valid {
-            let (inputs, targets) = self.batch_tensors_on(batch, &self.device.clone().inner());
+            let (inputs, targets) = batch_tensors(batch, &inner);
             let out = model.forward(inputs);
             let n = (batch.batch_size * batch.seq_len) as u64;
             sum += scalar(&cross_entropy(out.logits, targets)) * n as f64;
@@ -314,11 +300,6 @@ impl Trainer {
             perplexity: loss.exp(),
             tokens,
         }
-    }
-
-    fn batch_tensors_on(&self, batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
-        let (i, t) = self.batch_tensors(batch);
-        (i.to_device(device), t.to_device(device))
     }
 
     /// The model's matmul FLOPs per trained token, forward + backward (3x forward).
@@ -432,6 +413,15 @@ impl Trainer {
         self.skipped_steps = state.skipped_steps;
         Ok(())
     }
+}
+
+/// Inputs and next-token targets of a batch: [B, S] each.
+pub fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let shape = [batch.batch_size, batch.seq_len];
+    (
+        Tensor::from_data(TensorData::new(batch.inputs(), shape), device),
+        Tensor::from_data(TensorData::new(batch.targets(), shape), device),
+    )
 }
 
 fn scalar(t: &Tensor<1>) -> f64 {
