@@ -18,6 +18,8 @@ pub mod conformance;
 mod dtype;
 mod error;
 pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 
 pub use communicator::{BackendKind, Communicator, PendingOp, Request};
 pub(crate) use communicator::Check;
