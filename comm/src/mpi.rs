@@ -223,6 +223,11 @@ impl Drop for MpiEnv {
 }
 
 impl MpiEnv {
+    /// rsmpi's own world communicator (for side-by-side benchmarks against plain rsmpi).
+    pub fn rsmpi_world(&self) -> mpi::topology::SimpleCommunicator {
+        self._universe.world()
+    }
+
     /// Initialises MPI with full thread support and returns the environment and `world`.
     pub fn init(opts: MpiOptions) -> Result<(MpiEnv, MpiComm)> {
         let unavailable = |reason: String| CommError::Unavailable {
