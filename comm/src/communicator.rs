@@ -247,9 +247,7 @@ impl Check<'_> {
 
     pub fn len(&self, what: &str, got: usize, want: usize) -> Result<()> {
         if got != want {
-            return Err(self.invalid(format!(
-                "{what} has {got} elements; the counts say {want}"
-            )));
+            return Err(self.invalid(format!("{what} has {got} elements; the counts say {want}")));
         }
         Ok(())
     }

@@ -157,8 +157,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.timeout(), Duration::from_secs(5));
         assert!(c.validate().is_empty());
-        let c: CommConfig =
-            serde_yaml::from_str("backend: {type: mpi, progress: poll}").unwrap();
+        let c: CommConfig = serde_yaml::from_str("backend: {type: mpi, progress: poll}").unwrap();
         assert!(matches!(
             c.backend,
             CommBackendConfig::Mpi {
@@ -171,9 +170,7 @@ mod tests {
     #[test]
     fn rejects_unknown_keys_and_bad_values() {
         assert!(serde_yaml::from_str::<CommConfig>("timeout: 5").is_err());
-        assert!(
-            serde_yaml::from_str::<CommConfig>("backend: {type: local, lnk: {}}").is_err()
-        );
+        assert!(serde_yaml::from_str::<CommConfig>("backend: {type: local, lnk: {}}").is_err());
         assert!(serde_yaml::from_str::<CommConfig>("backend: {type: gloo}").is_err());
         let c: CommConfig = serde_yaml::from_str(
             "backend: {type: local, link: {latency_us: -1, bandwidth_gbps: 0}}\ntimeout_s: 0",
@@ -182,7 +179,11 @@ mod tests {
         let keys: Vec<_> = c.validate().into_iter().map(|(k, _)| k).collect();
         assert_eq!(
             keys,
-            ["timeout_s", "backend.link.latency_us", "backend.link.bandwidth_gbps"]
+            [
+                "timeout_s",
+                "backend.link.latency_us",
+                "backend.link.bandwidth_gbps"
+            ]
         );
     }
 }

@@ -165,7 +165,11 @@ fn identity(c: &dyn Communicator, _: &Options, ck: &mut Checker) -> Result<Optio
     let (r, n) = (c.rank(), c.size());
     ck.expect(r < n, || format!("rank {r} >= size {n}"));
     let got = c.all_gather_v(&Buffer::I64(vec![r as i64]), &vec![1; n])?;
-    ck.same("ranks gathered", &got, &Buffer::I64((0..n as i64).collect()));
+    ck.same(
+        "ranks gathered",
+        &got,
+        &Buffer::I64((0..n as i64).collect()),
+    );
     Ok(None)
 }
 
@@ -248,7 +252,11 @@ fn all_gather_v(c: &dyn Communicator, _: &Options, ck: &mut Checker) -> Result<O
         let want: Vec<f64> = (0..n)
             .flat_map(|j| (0..counts[j]).map(move |i| val(j, 0, i)))
             .collect();
-        ck.same(&format!("{dt}"), &got, &Buffer::from_fn(dt, want.len(), |i| want[i]));
+        ck.same(
+            &format!("{dt}"),
+            &got,
+            &Buffer::from_fn(dt, want.len(), |i| want[i]),
+        );
     }
     Ok(None)
 }
@@ -305,7 +313,11 @@ fn all_to_all_v(c: &dyn Communicator, _: &Options, ck: &mut Checker) -> Result<O
     Ok(None)
 }
 
-fn all_to_all_v_zero(c: &dyn Communicator, _: &Options, ck: &mut Checker) -> Result<Option<String>> {
+fn all_to_all_v_zero(
+    c: &dyn Communicator,
+    _: &Options,
+    ck: &mut Checker,
+) -> Result<Option<String>> {
     let n = c.size();
     for dt in [DType::F32, DType::U8] {
         let mut got = Buffer::zeros(dt, 0);
@@ -343,7 +355,11 @@ fn point_to_point(c: &dyn Communicator, _: &Options, ck: &mut Checker) -> Result
     ck.same("tag 5", &got_b, &Buffer::I64(vec![prev as i64]));
     ck.expect(z.is_empty(), || "zero-length message".into());
     let back = s1.wait()?;
-    ck.same("i_send hands the buffer back", &back, &Buffer::I64(vec![r as i64]));
+    ck.same(
+        "i_send hands the buffer back",
+        &back,
+        &Buffer::I64(vec![r as i64]),
+    );
     s2.wait()?;
     s0.wait()?;
     c.barrier()?;
@@ -354,31 +370,52 @@ fn split(c: &dyn Communicator, _: &Options, ck: &mut Checker) -> Result<Option<S
     let (r, n) = (c.rank(), c.size());
     // Two colours (even / odd parent ranks), ordered by descending parent rank.
     let sub = c.split((r % 2) as u32, -(r as i32))?;
-    let members: Vec<i64> = (0..n).rev().filter(|q| q % 2 == r % 2).map(|q| q as i64).collect();
+    let members: Vec<i64> = (0..n)
+        .rev()
+        .filter(|q| q % 2 == r % 2)
+        .map(|q| q as i64)
+        .collect();
     ck.expect(sub.size() == members.len(), || {
         format!("sub size {} want {}", sub.size(), members.len())
     });
     let pos = members.iter().position(|&q| q == r as i64).unwrap();
-    ck.expect(sub.rank() == pos, || format!("sub rank {} want {pos}", sub.rank()));
+    ck.expect(sub.rank() == pos, || {
+        format!("sub rank {} want {pos}", sub.rank())
+    });
     let got = sub.all_gather_v(&Buffer::I64(vec![r as i64]), &vec![1; sub.size()])?;
-    ck.same("parent ranks of the sub-communicator", &got, &Buffer::I64(members.clone()));
+    ck.same(
+        "parent ranks of the sub-communicator",
+        &got,
+        &Buffer::I64(members.clone()),
+    );
     // The sub-communicator is independent of its parent: interleave collectives on both.
     let pending = sub.i_all_reduce(Buffer::I64(vec![r as i64]), ReduceOp::Sum)?;
     let mut all = Buffer::I64(vec![1]);
     c.all_reduce(&mut all, ReduceOp::Sum)?;
     ck.same("parent all_reduce", &all, &Buffer::I64(vec![n as i64]));
     let s = pending.wait()?;
-    ck.same("sub all_reduce", &s, &Buffer::I64(vec![members.iter().sum()]));
+    ck.same(
+        "sub all_reduce",
+        &s,
+        &Buffer::I64(vec![members.iter().sum()]),
+    );
     // Nested split, and one communicator per rank.
     let nested = sub.split(0, 0)?;
-    ck.expect(nested.size() == sub.size() && nested.rank() == sub.rank(), || {
-        "nested split changed the group".into()
-    });
+    ck.expect(
+        nested.size() == sub.size() && nested.rank() == sub.rank(),
+        || "nested split changed the group".into(),
+    );
     let mut b = Buffer::F32(vec![1.0]);
     nested.all_reduce(&mut b, ReduceOp::Sum)?;
-    ck.same("nested all_reduce", &b, &Buffer::F32(vec![sub.size() as f32]));
+    ck.same(
+        "nested all_reduce",
+        &b,
+        &Buffer::F32(vec![sub.size() as f32]),
+    );
     let alone = c.split(r as u32, 0)?;
-    ck.expect(alone.size() == 1 && alone.rank() == 0, || "singleton split".into());
+    ck.expect(alone.size() == 1 && alone.rank() == 0, || {
+        "singleton split".into()
+    });
     let mut got = Buffer::zeros(DType::U8, 2);
     alone.all_to_all_v(&Buffer::U8(vec![7, 8]), &[2], &mut got, &[2])?;
     ck.same("singleton all_to_all_v", &got, &Buffer::U8(vec![7, 8]));
@@ -394,7 +431,11 @@ fn compute(iters: usize) -> f64 {
     x
 }
 
-fn nonblocking_overlap(c: &dyn Communicator, _: &Options, ck: &mut Checker) -> Result<Option<String>> {
+fn nonblocking_overlap(
+    c: &dyn Communicator,
+    _: &Options,
+    ck: &mut Checker,
+) -> Result<Option<String>> {
     let (r, n) = (c.rank(), c.size());
     let per = 1 << 16;
     let send = Buffer::from_fn(DType::F32, per * n, |i| val(r, i / per, i % per));
@@ -410,9 +451,17 @@ fn nonblocking_overlap(c: &dyn Communicator, _: &Options, ck: &mut Checker) -> R
     }
     ck.expect(acc.is_finite(), || "compute".into());
     let g = gat.wait()?;
-    ck.same("all_gather_v", &g, &Buffer::U8((0..n).flat_map(|j| [j as u8; 3]).collect()));
+    ck.same(
+        "all_gather_v",
+        &g,
+        &Buffer::U8((0..n).flat_map(|j| [j as u8; 3]).collect()),
+    );
     let m = red.wait()?;
-    ck.same("all_reduce max", &m, &Buffer::F64(vec![(n - 1) as f64; 1000]));
+    ck.same(
+        "all_reduce max",
+        &m,
+        &Buffer::F64(vec![(n - 1) as f64; 1000]),
+    );
     let got = a2a.wait()?;
     ck.same(
         "all_to_all_v",
@@ -430,7 +479,11 @@ fn large_messages(c: &dyn Communicator, o: &Options, ck: &mut Checker) -> Result
     let mut got = Buffer::zeros(DType::F32, per * n);
     c.all_to_all_v(&send, &vec![per; n], &mut got, &vec![per; n])?;
     let want = Buffer::F32((0..per * n).map(|i| v(i / per, r, i % per)).collect());
-    ck.same(&format!("all_to_all_v {} MiB per peer", per * 4 >> 20), &got, &want);
+    ck.same(
+        &format!("all_to_all_v {} MiB per peer", per * 4 >> 20),
+        &got,
+        &want,
+    );
     drop((send, want));
     let mut b = Buffer::F32((0..per).map(|i| (i % 13) as f32).collect());
     c.all_reduce(&mut b, ReduceOp::Sum)?;
@@ -476,7 +529,8 @@ fn mismatch(c: &dyn Communicator, _: &Options, ck: &mut Checker) -> Result<Optio
     let total = rc.iter().sum();
     let mut got = Buffer::zeros(DType::I64, total);
     let e = sub.all_to_all_v(&Buffer::I64(vec![0; n]), &vec![1; n], &mut got, &rc);
-    let ok = matches!(&e, Err(CommError::Mismatch { detail, .. }) if r > 1 || detail.contains("rank 1"));
+    let ok =
+        matches!(&e, Err(CommError::Mismatch { detail, .. }) if r > 1 || detail.contains("rank 1"));
     ck.expect(ok, || format!("all_to_all_v count mismatch gave {e:?}"));
     let sub = c.split(0, r as i32)?;
     let e = if r == 0 {
@@ -503,20 +557,27 @@ fn timeout(c: &dyn Communicator, o: &Options, ck: &mut Checker) -> Result<Option
         // The last rank stays away until everyone else has timed out.
         let e = sub.barrier();
         match &e {
-            Err(err @ CommError::Timeout { op, comm, missing, .. }) => {
+            Err(
+                err @ CommError::Timeout {
+                    op, comm, missing, ..
+                },
+            ) => {
                 ck.expect(op.contains("barrier"), || format!("op {op:?}"));
                 ck.expect(comm == sub.name(), || format!("comm {comm:?}"));
                 ck.expect(missing == &vec![last], || format!("missing {missing:?}"));
                 let msg = err.to_string();
-                ck.expect(msg.contains("did not arrive") && msg.contains(&format!("[{last}]")), || {
-                    format!("message {msg:?}")
-                });
+                ck.expect(
+                    msg.contains("did not arrive") && msg.contains(&format!("[{last}]")),
+                    || format!("message {msg:?}"),
+                );
             }
             other => ck.expect(false, || format!("want a timeout, got {other:?}")),
         }
         // A poisoned communicator refuses further work.
         let again = sub.barrier();
-        ck.expect(again.is_err(), || "poisoned communicator accepted a barrier".into());
+        ck.expect(again.is_err(), || {
+            "poisoned communicator accepted a barrier".into()
+        });
         c.send(&Buffer::U8(vec![1]), last, 99)?;
     } else {
         for q in 0..last {

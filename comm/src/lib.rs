@@ -20,9 +20,11 @@ mod error;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
-pub use communicator::{BackendKind, Communicator, PendingOp, Request};
 pub(crate) use communicator::Check;
+pub use communicator::{BackendKind, Communicator, PendingOp, Request};
 pub use config::{CommBackendConfig, CommConfig, LinkConfig, MpiProgress};
 pub use dtype::{Buffer, DType, Element, ReduceOp};
 pub use error::{CommError, Result};

@@ -17,8 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::{
-    BackendKind, Buffer, Check, CommError, Communicator, PendingOp, ReduceOp, Request,
-    Result,
+    BackendKind, Buffer, Check, CommError, Communicator, PendingOp, ReduceOp, Request, Result,
 };
 
 /// Latency and bandwidth of the emulated interconnect, per message.
@@ -200,7 +199,12 @@ impl LocalComm {
     }
 
     fn check_poison(&self) -> Result<()> {
-        if let Some(first) = self.poisoned.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(first) = self
+            .poisoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             return Err(CommError::Poisoned {
                 comm: self.group.name.clone(),
                 rank: self.rank,
@@ -211,7 +215,13 @@ impl LocalComm {
     }
 
     /// Deposits this rank's contribution and returns the pending collective.
-    fn enter(&self, kind: Kind, data: Buffer, counts: Vec<usize>, counts2: Vec<usize>) -> Result<Pending> {
+    fn enter(
+        &self,
+        kind: Kind,
+        data: Buffer,
+        counts: Vec<usize>,
+        counts2: Vec<usize>,
+    ) -> Result<Pending> {
         self.check_poison()?;
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let n = self.group.size;
@@ -322,7 +332,11 @@ struct Pending {
 }
 
 enum Taken {
-    Data(Vec<Arc<Contrib>>, Instant, Option<Arc<HashMap<u32, (Arc<Group>, Vec<usize>)>>>),
+    Data(
+        Vec<Arc<Contrib>>,
+        Instant,
+        Option<Arc<HashMap<u32, (Arc<Group>, Vec<usize>)>>>,
+    ),
     Err(CommError),
 }
 
@@ -334,7 +348,10 @@ impl Pending {
     /// Takes the contributions if everyone arrived (`None` if not yet).
     fn try_take(&self, st: &mut State) -> Option<Taken> {
         let n = self.group.size;
-        let slot = st.slots.get_mut(&self.seq).expect("slot exists while pending");
+        let slot = st
+            .slots
+            .get_mut(&self.seq)
+            .expect("slot exists while pending");
         if let Some(e) = &slot.error {
             let e = e.clone();
             slot.done += 1;
@@ -349,7 +366,11 @@ impl Pending {
         if let Kind::Split { .. } = self.kind
             && slot.children.is_none()
         {
-            slot.children = Some(Arc::new(split_groups(&self.group, self.seq, &slot.contribs)));
+            slot.children = Some(Arc::new(split_groups(
+                &self.group,
+                self.seq,
+                &slot.contribs,
+            )));
         }
         let contribs: Vec<_> = slot.contribs.iter().map(|c| c.clone().unwrap()).collect();
         let t = Taken::Data(contribs, slot.last_arrival.unwrap(), slot.children.clone());
@@ -560,7 +581,12 @@ fn log2_ceil(p: usize) -> usize {
 }
 
 /// Modelled time from the last arrival to completion on `rank`.
-fn modelled_cost(link: &LinkModel, kind: &Kind, rank: usize, contribs: &[Arc<Contrib>]) -> Duration {
+fn modelled_cost(
+    link: &LinkModel,
+    kind: &Kind,
+    rank: usize,
+    contribs: &[Arc<Contrib>],
+) -> Duration {
     let p = contribs.len();
     if p == 1 {
         return Duration::ZERO;
@@ -714,40 +740,80 @@ impl Communicator for LocalComm {
     }
 
     fn i_barrier(&self) -> Result<Request> {
-        Ok(Request::new(self.enter(Kind::Barrier, Buffer::default(), vec![], vec![])?))
+        Ok(Request::new(self.enter(
+            Kind::Barrier,
+            Buffer::default(),
+            vec![],
+            vec![],
+        )?))
     }
 
     fn i_broadcast(&self, buf: Buffer, root: usize) -> Result<Request> {
         self.check("broadcast").peer("root", root)?;
-        Ok(Request::new(self.enter(Kind::Broadcast { root }, buf, vec![], vec![])?))
+        Ok(Request::new(self.enter(
+            Kind::Broadcast { root },
+            buf,
+            vec![],
+            vec![],
+        )?))
     }
 
     fn i_all_reduce(&self, buf: Buffer, op: ReduceOp) -> Result<Request> {
         self.check("all_reduce").reduce(buf.dtype(), op)?;
-        Ok(Request::new(self.enter(Kind::AllReduce { op }, buf, vec![], vec![])?))
+        Ok(Request::new(self.enter(
+            Kind::AllReduce { op },
+            buf,
+            vec![],
+            vec![],
+        )?))
     }
 
     fn i_all_gather_v(&self, send: Buffer, recv_counts: Vec<usize>) -> Result<Request> {
         let ck = self.check("all_gather_v");
         ck.counts("recv_counts", &recv_counts)?;
         ck.len("send", send.len(), recv_counts[self.rank])?;
-        Ok(Request::new(self.enter(Kind::AllGatherV, send, recv_counts, vec![])?))
+        Ok(Request::new(self.enter(
+            Kind::AllGatherV,
+            send,
+            recv_counts,
+            vec![],
+        )?))
     }
 
-    fn i_reduce_scatter(&self, send: Buffer, recv_counts: Vec<usize>, op: ReduceOp) -> Result<Request> {
+    fn i_reduce_scatter(
+        &self,
+        send: Buffer,
+        recv_counts: Vec<usize>,
+        op: ReduceOp,
+    ) -> Result<Request> {
         let ck = self.check("reduce_scatter");
         ck.reduce(send.dtype(), op)?;
         let total = ck.counts("recv_counts", &recv_counts)?;
         ck.len("send", send.len(), total)?;
-        Ok(Request::new(self.enter(Kind::ReduceScatter { op }, send, recv_counts, vec![])?))
+        Ok(Request::new(self.enter(
+            Kind::ReduceScatter { op },
+            send,
+            recv_counts,
+            vec![],
+        )?))
     }
 
-    fn i_all_to_all_v(&self, send: Buffer, send_counts: Vec<usize>, recv_counts: Vec<usize>) -> Result<Request> {
+    fn i_all_to_all_v(
+        &self,
+        send: Buffer,
+        send_counts: Vec<usize>,
+        recv_counts: Vec<usize>,
+    ) -> Result<Request> {
         let ck = self.check("all_to_all_v");
         let total = ck.counts("send_counts", &send_counts)?;
         ck.counts("recv_counts", &recv_counts)?;
         ck.len("send", send.len(), total)?;
-        Ok(Request::new(self.enter(Kind::AllToAllV, send, send_counts, recv_counts)?))
+        Ok(Request::new(self.enter(
+            Kind::AllToAllV,
+            send,
+            send_counts,
+            recv_counts,
+        )?))
     }
 
     fn i_send(&self, buf: Buffer, dest: usize, tag: u32) -> Result<Request> {
@@ -761,10 +827,13 @@ impl Communicator for LocalComm {
                 .map_or(Duration::ZERO, |l| l.cost(1, buf.size_bytes()));
         let mut st = self.group.lock();
         st.last_op[self.rank] = format!("send(to {dest}, tag {tag})");
-        st.mail.entry((self.rank, dest, tag)).or_default().push_back(Msg {
-            data: buf.clone(),
-            ready,
-        });
+        st.mail
+            .entry((self.rank, dest, tag))
+            .or_default()
+            .push_back(Msg {
+                data: buf.clone(),
+                ready,
+            });
         drop(st);
         self.group.cv.notify_all();
         Ok(Request::ready(buf))
@@ -787,7 +856,12 @@ impl Communicator for LocalComm {
     }
 
     fn split(&self, color: u32, key: i32) -> Result<Box<dyn Communicator>> {
-        let p = self.enter(Kind::Split { color, key }, Buffer::default(), vec![], vec![])?;
+        let p = self.enter(
+            Kind::Split { color, key },
+            Buffer::default(),
+            vec![],
+            vec![],
+        )?;
         let taken = p.wait_take()?;
         match taken {
             Taken::Err(e) => {
@@ -798,7 +872,11 @@ impl Communicator for LocalComm {
                 let children = children.expect("split computes its groups");
                 let (group, ranks) = &children[&color];
                 let new_rank = ranks.iter().position(|&r| r == self.rank).unwrap();
-                Ok(Box::new(LocalComm::new(group.clone(), new_rank, self.timeout)))
+                Ok(Box::new(LocalComm::new(
+                    group.clone(),
+                    new_rank,
+                    self.timeout,
+                )))
             }
         }
     }

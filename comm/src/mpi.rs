@@ -65,7 +65,13 @@ unsafe impl Sync for Raw {}
 /// Calls one MPI function; a non-success return becomes an error naming the function, the
 /// operation, the communicator and the caller's source location.
 #[track_caller]
-fn call(name: &'static str, op: &str, comm: &str, rank: usize, f: impl FnOnce() -> c_int) -> Result<()> {
+fn call(
+    name: &'static str,
+    op: &str,
+    comm: &str,
+    rank: usize,
+    f: impl FnOnce() -> c_int,
+) -> Result<()> {
     let rc = f();
     if rc == sys::MPI_SUCCESS as c_int {
         return Ok(());
@@ -175,9 +181,21 @@ impl Env {
             let mut flag: c_int = 0;
             // SAFETY: MPI_Status is plain data; MPI fills it.
             let mut st: sys::MPI_Status = unsafe { std::mem::zeroed() };
-            let r = call("MPI_Iprobe", "service", "control", self.world_rank, || unsafe {
-                sys::MPI_Iprobe(sys::RSMPI_ANY_SOURCE, TAG_QUERY, self.control.0, &mut flag, &mut st)
-            });
+            let r = call(
+                "MPI_Iprobe",
+                "service",
+                "control",
+                self.world_rank,
+                || unsafe {
+                    sys::MPI_Iprobe(
+                        sys::RSMPI_ANY_SOURCE,
+                        TAG_QUERY,
+                        self.control.0,
+                        &mut flag,
+                        &mut st,
+                    )
+                },
+            );
             if r.is_err() || flag == 0 {
                 return;
             }
@@ -185,9 +203,23 @@ impl Env {
             unsafe { sys::MPI_Get_count(&st, sys::RSMPI_UINT8_T, &mut n) };
             let mut q = vec![0u8; n.max(0) as usize];
             let src = st.MPI_SOURCE;
-            let _ = call("MPI_Recv", "service", "control", self.world_rank, || unsafe {
-                sys::MPI_Recv(q.as_mut_ptr() as *mut c_void, n, sys::RSMPI_UINT8_T, src, TAG_QUERY, self.control.0, sys::RSMPI_STATUS_IGNORE)
-            });
+            let _ = call(
+                "MPI_Recv",
+                "service",
+                "control",
+                self.world_rank,
+                || unsafe {
+                    sys::MPI_Recv(
+                        q.as_mut_ptr() as *mut c_void,
+                        n,
+                        sys::RSMPI_UINT8_T,
+                        src,
+                        TAG_QUERY,
+                        self.control.0,
+                        sys::RSMPI_STATUS_IGNORE,
+                    )
+                },
+            );
             let q = String::from_utf8_lossy(&q).to_string();
             let name = q.split_once(' ').map_or("", |x| x.1);
             let entered = self
@@ -196,11 +228,28 @@ impl Env {
                 .unwrap_or_else(|e| e.into_inner())
                 .get(name)
                 .map_or(0, |c| c.load(Ordering::SeqCst));
-            let act = self.activity.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let act = self
+                .activity
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             let reply = format!("{q}\n{entered}\n{act}").into_bytes();
-            let _ = call("MPI_Send", "service", "control", self.world_rank, || unsafe {
-                sys::MPI_Send(reply.as_ptr() as *const c_void, reply.len() as c_int, sys::RSMPI_UINT8_T, src, TAG_REPLY, self.control.0)
-            });
+            let _ = call(
+                "MPI_Send",
+                "service",
+                "control",
+                self.world_rank,
+                || unsafe {
+                    sys::MPI_Send(
+                        reply.as_ptr() as *const c_void,
+                        reply.len() as c_int,
+                        sys::RSMPI_UINT8_T,
+                        src,
+                        TAG_REPLY,
+                        self.control.0,
+                    )
+                },
+            );
         }
     }
 }
@@ -237,9 +286,8 @@ impl MpiEnv {
                    Debian is)"
                 .into(),
         };
-        let (universe, threading) =
-            mpi::initialize_with_threading(mpi::Threading::Multiple)
-                .ok_or_else(|| unavailable("MPI was already initialised".into()))?;
+        let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Multiple)
+            .ok_or_else(|| unavailable("MPI was already initialised".into()))?;
         if threading != mpi::Threading::Multiple {
             return Err(unavailable(format!(
                 "MPI provides {threading:?} threading, Switchyard needs Multiple"
@@ -249,8 +297,12 @@ impl MpiEnv {
         let world = unsafe { sys::RSMPI_COMM_WORLD };
         let mut rank: c_int = 0;
         let mut control: sys::MPI_Comm = unsafe { sys::RSMPI_COMM_NULL };
-        call("MPI_Comm_rank", "init", "world", 0, || unsafe { sys::MPI_Comm_rank(world, &mut rank) })?;
-        call("MPI_Comm_dup", "init", "world", rank as usize, || unsafe { sys::MPI_Comm_dup(world, &mut control) })?;
+        call("MPI_Comm_rank", "init", "world", 0, || unsafe {
+            sys::MPI_Comm_rank(world, &mut rank)
+        })?;
+        call("MPI_Comm_dup", "init", "world", rank as usize, || unsafe {
+            sys::MPI_Comm_dup(world, &mut control)
+        })?;
         let env = Arc::new(Env {
             control: Raw(control),
             world_rank: rank as usize,
@@ -274,7 +326,11 @@ impl MpiEnv {
                             while !e.stop.load(Ordering::SeqCst) {
                                 e.service();
                                 let busy = e.inflight.load(Ordering::SeqCst) > 0;
-                                std::thread::sleep(Duration::from_micros(if busy { 20 } else { 1000 }));
+                                std::thread::sleep(Duration::from_micros(if busy {
+                                    20
+                                } else {
+                                    1000
+                                }));
                             }
                         })
                         .expect("spawn the MPI progress thread"),
@@ -325,20 +381,41 @@ impl Drop for MpiComm {
 }
 
 impl MpiComm {
-    fn wrap(env: Arc<Env>, raw: sys::MPI_Comm, name: String, timeout: Duration, owned: bool) -> Result<MpiComm> {
+    fn wrap(
+        env: Arc<Env>,
+        raw: sys::MPI_Comm,
+        name: String,
+        timeout: Duration,
+        owned: bool,
+    ) -> Result<MpiComm> {
         let (mut rank, mut size): (c_int, c_int) = (0, 0);
         let mut p2p: sys::MPI_Comm = unsafe { sys::RSMPI_COMM_NULL };
-        let c = |f: &'static str, g: &mut dyn FnMut() -> c_int| call(f, "create", &name, env.world_rank, g);
-        c("MPI_Comm_set_errhandler", &mut || unsafe { sys::MPI_Comm_set_errhandler(raw, sys::RSMPI_ERRORS_RETURN) })?;
-        c("MPI_Comm_rank", &mut || unsafe { sys::MPI_Comm_rank(raw, &mut rank) })?;
-        c("MPI_Comm_size", &mut || unsafe { sys::MPI_Comm_size(raw, &mut size) })?;
-        c("MPI_Comm_dup", &mut || unsafe { sys::MPI_Comm_dup(raw, &mut p2p) })?;
+        let c = |f: &'static str, g: &mut dyn FnMut() -> c_int| {
+            call(f, "create", &name, env.world_rank, g)
+        };
+        c("MPI_Comm_set_errhandler", &mut || unsafe {
+            sys::MPI_Comm_set_errhandler(raw, sys::RSMPI_ERRORS_RETURN)
+        })?;
+        c("MPI_Comm_rank", &mut || unsafe {
+            sys::MPI_Comm_rank(raw, &mut rank)
+        })?;
+        c("MPI_Comm_size", &mut || unsafe {
+            sys::MPI_Comm_size(raw, &mut size)
+        })?;
+        c("MPI_Comm_dup", &mut || unsafe {
+            sys::MPI_Comm_dup(raw, &mut p2p)
+        })?;
         let world_ranks = {
-            let (mut g1, mut g2): (sys::MPI_Group, sys::MPI_Group) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+            let (mut g1, mut g2): (sys::MPI_Group, sys::MPI_Group) =
+                unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
             let ranks: Vec<c_int> = (0..size).collect();
             let mut out = vec![0 as c_int; size as usize];
-            c("MPI_Comm_group", &mut || unsafe { sys::MPI_Comm_group(raw, &mut g1) })?;
-            c("MPI_Comm_group", &mut || unsafe { sys::MPI_Comm_group(sys::RSMPI_COMM_WORLD, &mut g2) })?;
+            c("MPI_Comm_group", &mut || unsafe {
+                sys::MPI_Comm_group(raw, &mut g1)
+            })?;
+            c("MPI_Comm_group", &mut || unsafe {
+                sys::MPI_Comm_group(sys::RSMPI_COMM_WORLD, &mut g2)
+            })?;
             c("MPI_Group_translate_ranks", &mut || unsafe {
                 sys::MPI_Group_translate_ranks(g1, size, ranks.as_ptr(), g2, out.as_mut_ptr())
             })?;
@@ -378,7 +455,12 @@ impl MpiComm {
     }
 
     fn check_poison(&self) -> Result<()> {
-        if let Some(first) = self.poisoned.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(first) = self
+            .poisoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             return Err(CommError::Poisoned {
                 comm: self.name.clone(),
                 rank: self.rank,
@@ -398,7 +480,11 @@ impl MpiComm {
         };
         self.env.inflight.fetch_add(1, Ordering::SeqCst);
         Ok(MpiPending {
-            op: if coll { format!("{op} #{seq}") } else { op.to_string() },
+            op: if coll {
+                format!("{op} #{seq}")
+            } else {
+                op.to_string()
+            },
             comm: self.name.clone(),
             rank: self.rank,
             seq,
@@ -422,13 +508,27 @@ impl MpiComm {
     }
 
     /// Exchanges signatures so that every rank sees the same verdict on a mismatch.
-    fn verify(&self, op: &str, code: i64, dtype: Option<DType>, param: i64, len: usize, c1: &[usize], c2: &[usize]) -> Result<()> {
+    fn verify(
+        &self,
+        op: &str,
+        code: i64,
+        dtype: Option<DType>,
+        param: i64,
+        len: usize,
+        c1: &[usize],
+        c2: &[usize],
+    ) -> Result<()> {
         if !self.env.verify {
             return Ok(());
         }
         let n = self.size;
         let w = 4 + 2 * n;
-        let mut sig = vec![code, dtype.map_or(-1, |d| d.code() as i64), param, len as i64];
+        let mut sig = vec![
+            code,
+            dtype.map_or(-1, |d| d.code() as i64),
+            param,
+            len as i64,
+        ];
         sig.extend((0..n).map(|i| c1.get(i).map_or(-1, |&c| c as i64)));
         sig.extend((0..n).map(|i| c2.get(i).map_or(-1, |&c| c as i64)));
         let mut p = self.begin(&format!("{op} (signature check)"), true, None)?;
@@ -436,15 +536,30 @@ impl MpiComm {
         let send = Buffer::I64(sig);
         let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
         self.ffi(&p, "MPI_Iallgather", || unsafe {
-            sys::MPI_Iallgather(sptr(&send) as *const c_void, w as c_int, sys::RSMPI_INT64_T,
-                rptr(&mut out) as *mut c_void, w as c_int, sys::RSMPI_INT64_T, self.raw.0, &mut req)
+            sys::MPI_Iallgather(
+                sptr(&send) as *const c_void,
+                w as c_int,
+                sys::RSMPI_INT64_T,
+                rptr(&mut out) as *mut c_void,
+                w as c_int,
+                sys::RSMPI_INT64_T,
+                self.raw.0,
+                &mut req,
+            )
         })?;
         p.reqs.push(req);
         p.keep.push(send);
         p.out = Some(out);
         let all = Box::new(p).wait()?.into_vec::<i64>().unwrap();
         let s = |q: usize| &all[q * w..(q + 1) * w];
-        let names = ["barrier", "broadcast", "all_reduce", "all_gather_v", "reduce_scatter", "all_to_all_v"];
+        let names = [
+            "barrier",
+            "broadcast",
+            "all_reduce",
+            "all_gather_v",
+            "reduce_scatter",
+            "all_to_all_v",
+        ];
         let nm = |c: i64| names.get(c as usize).copied().unwrap_or("?");
         let mut problem = None;
         for q in 1..n {
@@ -452,11 +567,24 @@ impl MpiComm {
             if a[0] != b[0] || a[1] != b[1] || a[2] != b[2] {
                 problem = Some(format!(
                     "rank 0 called {} (type code {}, root/op {}) while rank {q} called {} (type code {}, root/op {})",
-                    nm(a[0]), a[1], a[2], nm(b[0]), b[1], b[2]));
+                    nm(a[0]),
+                    a[1],
+                    a[2],
+                    nm(b[0]),
+                    b[1],
+                    b[2]
+                ));
             } else if (a[0] == 1 || a[0] == 2) && a[3] != b[3] {
-                problem = Some(format!("rank 0 passed {} elements while rank {q} passed {}", a[3], b[3]));
+                problem = Some(format!(
+                    "rank 0 passed {} elements while rank {q} passed {}",
+                    a[3], b[3]
+                ));
             } else if (a[0] == 3 || a[0] == 4) && a[4..4 + n] != b[4..4 + n] {
-                problem = Some(format!("rank 0 passed counts {:?} while rank {q} passed {:?}", &a[4..4 + n], &b[4..4 + n]));
+                problem = Some(format!(
+                    "rank 0 passed counts {:?} while rank {q} passed {:?}",
+                    &a[4..4 + n],
+                    &b[4..4 + n]
+                ));
             }
             if problem.is_some() {
                 break;
@@ -468,15 +596,25 @@ impl MpiComm {
                     let sends = s(a)[4 + b];
                     let expects = s(b)[4 + n + a];
                     if sends != expects {
-                        problem = Some(format!("rank {b} expects {expects} elements from rank {a}, which sends {sends}"));
+                        problem = Some(format!(
+                            "rank {b} expects {expects} elements from rank {a}, which sends {sends}"
+                        ));
                         break 'outer;
                     }
                 }
             }
         }
         if let Some(detail) = problem {
-            let e = CommError::Mismatch { op: op.to_string(), comm: self.name.clone(), rank: self.rank, detail };
-            self.poisoned.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| e.to_string());
+            let e = CommError::Mismatch {
+                op: op.to_string(),
+                comm: self.name.clone(),
+                rank: self.rank,
+                detail,
+            };
+            self.poisoned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| e.to_string());
             return Err(e);
         }
         Ok(())
@@ -484,7 +622,15 @@ impl MpiComm {
 
     /// Point-to-point exchange in chunks of at most `max_count` elements, on the private
     /// duplicate communicator (used when counts or displacements exceed the `int` range).
-    fn p2p_exchange(&self, p: &mut MpiPending, dt: DType, send: *const u8, sends: &[(usize, usize, usize)], recv: *mut u8, recvs: &[(usize, usize, usize)]) -> Result<()> {
+    fn p2p_exchange(
+        &self,
+        p: &mut MpiPending,
+        dt: DType,
+        send: *const u8,
+        sends: &[(usize, usize, usize)],
+        recv: *mut u8,
+        recvs: &[(usize, usize, usize)],
+    ) -> Result<()> {
         let es = dt.size_bytes();
         let m = self.env.max_count;
         for &(peer, off, cnt) in recvs {
@@ -492,7 +638,15 @@ impl MpiComm {
                 let c = m.min(cnt - start);
                 let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
                 self.ffi(p, "MPI_Irecv", || unsafe {
-                    sys::MPI_Irecv(recv.add((off + start) * es) as *mut c_void, c as c_int, datatype(dt), peer as c_int, k as c_int, self.p2p.0, &mut req)
+                    sys::MPI_Irecv(
+                        recv.add((off + start) * es) as *mut c_void,
+                        c as c_int,
+                        datatype(dt),
+                        peer as c_int,
+                        k as c_int,
+                        self.p2p.0,
+                        &mut req,
+                    )
                 })?;
                 p.reqs.push(req);
             }
@@ -502,7 +656,15 @@ impl MpiComm {
                 let c = m.min(cnt - start);
                 let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
                 self.ffi(p, "MPI_Isend", || unsafe {
-                    sys::MPI_Isend(send.add((off + start) * es) as *const c_void, c as c_int, datatype(dt), peer as c_int, k as c_int, self.p2p.0, &mut req)
+                    sys::MPI_Isend(
+                        send.add((off + start) * es) as *const c_void,
+                        c as c_int,
+                        datatype(dt),
+                        peer as c_int,
+                        k as c_int,
+                        self.p2p.0,
+                        &mut req,
+                    )
                 })?;
                 p.reqs.push(req);
             }
@@ -511,23 +673,63 @@ impl MpiComm {
     }
 
     /// All-to-all(v) from `send_ptr` (kept alive by the caller or by `p.keep`) into `out`.
-    fn start_a2a(&self, p: &mut MpiPending, dt: DType, send_ptr: *const u8, sc: &[usize], mut out: Buffer, rc: &[usize]) -> Result<()> {
+    fn start_a2a(
+        &self,
+        p: &mut MpiPending,
+        dt: DType,
+        send_ptr: *const u8,
+        sc: &[usize],
+        mut out: Buffer,
+        rc: &[usize],
+    ) -> Result<()> {
         let n = self.size;
-        let off = |c: &[usize]| c.iter().scan(0usize, |a, &x| { let o = *a; *a += x; Some(o) }).collect::<Vec<_>>();
+        let off = |c: &[usize]| {
+            c.iter()
+                .scan(0usize, |a, &x| {
+                    let o = *a;
+                    *a += x;
+                    Some(o)
+                })
+                .collect::<Vec<_>>()
+        };
         let (sd, rd) = (off(sc), off(rc));
         let limit = self.env.max_count;
-        let big = sc.iter().chain(rc).chain(&sd).chain(&rd).any(|&x| x > limit);
+        let big = sc
+            .iter()
+            .chain(rc)
+            .chain(&sd)
+            .chain(&rd)
+            .any(|&x| x > limit);
         let recv_ptr = rptr(&mut out);
         if big {
-            let s: Vec<_> = (0..n).filter(|&j| sc[j] > 0).map(|j| (j, sd[j], sc[j])).collect();
-            let r: Vec<_> = (0..n).filter(|&j| rc[j] > 0).map(|j| (j, rd[j], rc[j])).collect();
+            let s: Vec<_> = (0..n)
+                .filter(|&j| sc[j] > 0)
+                .map(|j| (j, sd[j], sc[j]))
+                .collect();
+            let r: Vec<_> = (0..n)
+                .filter(|&j| rc[j] > 0)
+                .map(|j| (j, rd[j], rc[j]))
+                .collect();
             self.p2p_exchange(p, dt, send_ptr, &s, recv_ptr, &r)?;
         } else {
-            let ints: Vec<Vec<c_int>> = [sc, &sd, rc, &rd].iter().map(|v| v.iter().map(|&x| x as c_int).collect()).collect();
+            let ints: Vec<Vec<c_int>> = [sc, &sd, rc, &rd]
+                .iter()
+                .map(|v| v.iter().map(|&x| x as c_int).collect())
+                .collect();
             let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
             self.ffi(p, "MPI_Ialltoallv", || unsafe {
-                sys::MPI_Ialltoallv(send_ptr as *const c_void, ints[0].as_ptr(), ints[1].as_ptr(), datatype(dt),
-                    recv_ptr as *mut c_void, ints[2].as_ptr(), ints[3].as_ptr(), datatype(dt), self.raw.0, &mut req)
+                sys::MPI_Ialltoallv(
+                    send_ptr as *const c_void,
+                    ints[0].as_ptr(),
+                    ints[1].as_ptr(),
+                    datatype(dt),
+                    recv_ptr as *mut c_void,
+                    ints[2].as_ptr(),
+                    ints[3].as_ptr(),
+                    datatype(dt),
+                    self.raw.0,
+                    &mut req,
+                )
             })?;
             p.reqs.push(req);
             p.ints = ints;
@@ -541,13 +743,19 @@ impl MpiComm {
         match buf.dtype() {
             DType::BF16 | DType::F16 => {
                 let dt = buf.dtype();
-                (Buffer::from_fn(DType::F32, buf.len(), |i| buf.get_f64(i)), Some(dt))
+                (
+                    Buffer::from_fn(DType::F32, buf.len(), |i| buf.get_f64(i)),
+                    Some(dt),
+                )
             }
             _ => (buf, None),
         }
     }
 
-    fn reduce_post(orig: Option<DType>, mean_over: Option<usize>) -> Box<dyn FnOnce(Buffer) -> Buffer + Send> {
+    fn reduce_post(
+        orig: Option<DType>,
+        mean_over: Option<usize>,
+    ) -> Box<dyn FnOnce(Buffer) -> Buffer + Send> {
         Box::new(move |mut b: Buffer| {
             if let Some(n) = mean_over {
                 b.scale_inv(n);
@@ -592,7 +800,11 @@ impl Drop for MpiPending {
                 ints: std::mem::take(&mut self.ints),
                 out: self.out.take(),
             };
-            self.env.abandoned.lock().unwrap_or_else(|e| e.into_inner()).push(parked);
+            self.env
+                .abandoned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(parked);
         }
     }
 }
@@ -605,7 +817,12 @@ impl MpiPending {
         let mut flag: c_int = 0;
         let n = self.reqs.len() as c_int;
         call("MPI_Testall", &self.op, &self.comm, self.rank, || unsafe {
-            sys::MPI_Testall(n, self.reqs.as_mut_ptr(), &mut flag, sys::RSMPI_STATUSES_IGNORE)
+            sys::MPI_Testall(
+                n,
+                self.reqs.as_mut_ptr(),
+                &mut flag,
+                sys::RSMPI_STATUSES_IGNORE,
+            )
         })?;
         if flag != 0 {
             self.done = true;
@@ -625,12 +842,27 @@ impl MpiPending {
         }
         let env = &self.env;
         let query = format!("{} {}", self.seq, self.comm).into_bytes();
-        let others: Vec<usize> = (0..self.world_ranks.len()).filter(|&q| q != self.rank).collect();
+        let others: Vec<usize> = (0..self.world_ranks.len())
+            .filter(|&q| q != self.rank)
+            .collect();
         for &q in &others {
             let w = self.world_ranks[q] as c_int;
-            let _ = call("MPI_Send", "diagnose", "control", env.world_rank, || unsafe {
-                sys::MPI_Send(query.as_ptr() as *const c_void, query.len() as c_int, sys::RSMPI_UINT8_T, w, TAG_QUERY, env.control.0)
-            });
+            let _ = call(
+                "MPI_Send",
+                "diagnose",
+                "control",
+                env.world_rank,
+                || unsafe {
+                    sys::MPI_Send(
+                        query.as_ptr() as *const c_void,
+                        query.len() as c_int,
+                        sys::RSMPI_UINT8_T,
+                        w,
+                        TAG_QUERY,
+                        env.control.0,
+                    )
+                },
+            );
         }
         let mut replies: HashMap<usize, (u64, String)> = HashMap::new();
         let grace = (self.timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
@@ -639,7 +871,15 @@ impl MpiPending {
             env.service();
             let mut flag: c_int = 0;
             let mut st: sys::MPI_Status = unsafe { std::mem::zeroed() };
-            unsafe { sys::MPI_Iprobe(sys::RSMPI_ANY_SOURCE, TAG_REPLY, env.control.0, &mut flag, &mut st) };
+            unsafe {
+                sys::MPI_Iprobe(
+                    sys::RSMPI_ANY_SOURCE,
+                    TAG_REPLY,
+                    env.control.0,
+                    &mut flag,
+                    &mut st,
+                )
+            };
             if flag == 0 {
                 std::thread::sleep(Duration::from_micros(200));
                 continue;
@@ -648,7 +888,15 @@ impl MpiPending {
             unsafe { sys::MPI_Get_count(&st, sys::RSMPI_UINT8_T, &mut n) };
             let mut b = vec![0u8; n.max(0) as usize];
             unsafe {
-                sys::MPI_Recv(b.as_mut_ptr() as *mut c_void, n, sys::RSMPI_UINT8_T, st.MPI_SOURCE, TAG_REPLY, env.control.0, sys::RSMPI_STATUS_IGNORE)
+                sys::MPI_Recv(
+                    b.as_mut_ptr() as *mut c_void,
+                    n,
+                    sys::RSMPI_UINT8_T,
+                    st.MPI_SOURCE,
+                    TAG_REPLY,
+                    env.control.0,
+                    sys::RSMPI_STATUS_IGNORE,
+                )
             };
             let text = String::from_utf8_lossy(&b).to_string();
             let mut lines = text.splitn(3, '\n');
@@ -657,7 +905,11 @@ impl MpiPending {
             }
             let entered = lines.next().and_then(|x| x.parse().ok()).unwrap_or(0);
             let act = lines.next().unwrap_or("").to_string();
-            if let Some(q) = self.world_ranks.iter().position(|&w| w == st.MPI_SOURCE as usize) {
+            if let Some(q) = self
+                .world_ranks
+                .iter()
+                .position(|&w| w == st.MPI_SOURCE as usize)
+            {
                 replies.insert(q, (entered, act));
             }
         }
@@ -668,11 +920,17 @@ impl MpiPending {
                 Some((entered, _)) if *entered > self.seq => {}
                 Some((entered, act)) => {
                     missing.push(q);
-                    detail += &format!("; rank {q} (world {}) entered {entered} operations on `{}`, now {act}", self.world_ranks[q], self.comm);
+                    detail += &format!(
+                        "; rank {q} (world {}) entered {entered} operations on `{}`, now {act}",
+                        self.world_ranks[q], self.comm
+                    );
                 }
                 None => {
                     missing.push(q);
-                    detail += &format!("; rank {q} (world {}) did not answer (busy outside Switchyard, stuck or dead)", self.world_ranks[q]);
+                    detail += &format!(
+                        "; rank {q} (world {}) did not answer (busy outside Switchyard, stuck or dead)",
+                        self.world_ranks[q]
+                    );
                 }
             }
         }
@@ -687,7 +945,8 @@ impl PendingOp for MpiPending {
 
     fn wait(mut self: Box<Self>) -> Result<Buffer> {
         let deadline = Instant::now() + self.timeout;
-        self.env.set_activity(format!("waiting in {} on `{}`", self.op, self.comm));
+        self.env
+            .set_activity(format!("waiting in {} on `{}`", self.op, self.comm));
         let mut last_service = Instant::now();
         while !self.test_raw()? {
             let now = Instant::now();
@@ -702,8 +961,12 @@ impl PendingOp for MpiPending {
                     missing,
                     detail,
                 };
-                self.poisoned.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| e.to_string());
-                self.env.set_activity(format!("failed {} on `{}`", self.op, self.comm));
+                self.poisoned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert_with(|| e.to_string());
+                self.env
+                    .set_activity(format!("failed {} on `{}`", self.op, self.comm));
                 return Err(e); // drop parks the buffers
             }
             if now - last_service > Duration::from_millis(1) {
@@ -712,7 +975,10 @@ impl PendingOp for MpiPending {
             }
             std::thread::yield_now();
         }
-        self.env.set_activity(format!("outside Switchyard (last: {} on `{}`)", self.op, self.comm));
+        self.env.set_activity(format!(
+            "outside Switchyard (last: {} on `{}`)",
+            self.op, self.comm
+        ));
         Ok(self.out.take().unwrap_or_default())
     }
 }
@@ -748,7 +1014,9 @@ impl Communicator for MpiComm {
         }
         let mut p = self.begin("barrier", true, None)?;
         let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-        self.ffi(&p, "MPI_Ibarrier", || unsafe { sys::MPI_Ibarrier(self.raw.0, &mut req) })?;
+        self.ffi(&p, "MPI_Ibarrier", || unsafe {
+            sys::MPI_Ibarrier(self.raw.0, &mut req)
+        })?;
         p.reqs.push(req);
         p.out = Some(Buffer::default());
         Ok(Request::new(p))
@@ -756,7 +1024,15 @@ impl Communicator for MpiComm {
 
     fn i_broadcast(&self, mut buf: Buffer, root: usize) -> Result<Request> {
         self.check("broadcast").peer("root", root)?;
-        self.verify("broadcast", 1, Some(buf.dtype()), root as i64, buf.len(), &[], &[])?;
+        self.verify(
+            "broadcast",
+            1,
+            Some(buf.dtype()),
+            root as i64,
+            buf.len(),
+            &[],
+            &[],
+        )?;
         let mut p = self.begin("broadcast", true, None)?;
         let (dt, n, es) = (buf.dtype(), buf.len(), buf.dtype().size_bytes());
         let ptr = rptr(&mut buf);
@@ -764,7 +1040,14 @@ impl Communicator for MpiComm {
             let c = self.env.max_count.min(n - start);
             let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
             self.ffi(&p, "MPI_Ibcast", || unsafe {
-                sys::MPI_Ibcast(ptr.add(start * es) as *mut c_void, c as c_int, datatype(dt), root as c_int, self.raw.0, &mut req)
+                sys::MPI_Ibcast(
+                    ptr.add(start * es) as *mut c_void,
+                    c as c_int,
+                    datatype(dt),
+                    root as c_int,
+                    self.raw.0,
+                    &mut req,
+                )
             })?;
             p.reqs.push(req);
         }
@@ -774,7 +1057,15 @@ impl Communicator for MpiComm {
 
     fn i_all_reduce(&self, buf: Buffer, op: ReduceOp) -> Result<Request> {
         self.check("all_reduce").reduce(buf.dtype(), op)?;
-        self.verify("all_reduce", 2, Some(buf.dtype()), op as i64, buf.len(), &[], &[])?;
+        self.verify(
+            "all_reduce",
+            2,
+            Some(buf.dtype()),
+            op as i64,
+            buf.len(),
+            &[],
+            &[],
+        )?;
         let mut p = self.begin("all_reduce", true, None)?;
         let (send, orig) = MpiComm::reduce_view(buf);
         let (dt, n, es) = (send.dtype(), send.len(), send.dtype().size_bytes());
@@ -784,13 +1075,24 @@ impl Communicator for MpiComm {
             let c = self.env.max_count.min(n - start);
             let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
             self.ffi(&p, "MPI_Iallreduce", || unsafe {
-                sys::MPI_Iallreduce(sp.add(start * es) as *const c_void, rp.add(start * es) as *mut c_void, c as c_int, datatype(dt), mpi_op(op), self.raw.0, &mut req)
+                sys::MPI_Iallreduce(
+                    sp.add(start * es) as *const c_void,
+                    rp.add(start * es) as *mut c_void,
+                    c as c_int,
+                    datatype(dt),
+                    mpi_op(op),
+                    self.raw.0,
+                    &mut req,
+                )
             })?;
             p.reqs.push(req);
         }
         p.keep.push(send);
         p.out = Some(out);
-        p.post = Some(MpiComm::reduce_post(orig, (op == ReduceOp::Mean).then_some(self.size)));
+        p.post = Some(MpiComm::reduce_post(
+            orig,
+            (op == ReduceOp::Mean).then_some(self.size),
+        ));
         Ok(Request::new(p))
     }
 
@@ -798,24 +1100,57 @@ impl Communicator for MpiComm {
         let ck = self.check("all_gather_v");
         let total = ck.counts("recv_counts", &recv_counts)?;
         ck.len("send", send.len(), recv_counts[self.rank])?;
-        self.verify("all_gather_v", 3, Some(send.dtype()), 0, send.len(), &recv_counts, &[])?;
+        self.verify(
+            "all_gather_v",
+            3,
+            Some(send.dtype()),
+            0,
+            send.len(),
+            &recv_counts,
+            &[],
+        )?;
         let mut p = self.begin("all_gather_v", true, None)?;
         let dt = send.dtype();
         let mut out = Buffer::zeros(dt, total);
-        let displs: Vec<usize> = recv_counts.iter().scan(0usize, |a, &x| { let o = *a; *a += x; Some(o) }).collect();
+        let displs: Vec<usize> = recv_counts
+            .iter()
+            .scan(0usize, |a, &x| {
+                let o = *a;
+                *a += x;
+                Some(o)
+            })
+            .collect();
         if total > self.env.max_count {
-            let s: Vec<_> = (0..self.size).filter(|&j| j != self.rank && send.len() > 0).map(|j| (j, 0, send.len())).collect();
-            let r: Vec<_> = (0..self.size).filter(|&j| j != self.rank && recv_counts[j] > 0).map(|j| (j, displs[j], recv_counts[j])).collect();
+            let s: Vec<_> = (0..self.size)
+                .filter(|&j| j != self.rank && send.len() > 0)
+                .map(|j| (j, 0, send.len()))
+                .collect();
+            let r: Vec<_> = (0..self.size)
+                .filter(|&j| j != self.rank && recv_counts[j] > 0)
+                .map(|j| (j, displs[j], recv_counts[j]))
+                .collect();
             out.copy_from(displs[self.rank], &send, 0..send.len());
             let rp = rptr(&mut out);
             self.p2p_exchange(&mut p, dt, sptr(&send), &s, rp, &r)?;
         } else {
-            let ints: Vec<Vec<c_int>> = vec![recv_counts.iter().map(|&x| x as c_int).collect(), displs.iter().map(|&x| x as c_int).collect()];
+            let ints: Vec<Vec<c_int>> = vec![
+                recv_counts.iter().map(|&x| x as c_int).collect(),
+                displs.iter().map(|&x| x as c_int).collect(),
+            ];
             let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
             let rp = rptr(&mut out);
             self.ffi(&p, "MPI_Iallgatherv", || unsafe {
-                sys::MPI_Iallgatherv(sptr(&send) as *const c_void, send.len() as c_int, datatype(dt),
-                    rp as *mut c_void, ints[0].as_ptr(), ints[1].as_ptr(), datatype(dt), self.raw.0, &mut req)
+                sys::MPI_Iallgatherv(
+                    sptr(&send) as *const c_void,
+                    send.len() as c_int,
+                    datatype(dt),
+                    rp as *mut c_void,
+                    ints[0].as_ptr(),
+                    ints[1].as_ptr(),
+                    datatype(dt),
+                    self.raw.0,
+                    &mut req,
+                )
             })?;
             p.reqs.push(req);
             p.ints = ints;
@@ -825,12 +1160,25 @@ impl Communicator for MpiComm {
         Ok(Request::new(p))
     }
 
-    fn i_reduce_scatter(&self, send: Buffer, recv_counts: Vec<usize>, op: ReduceOp) -> Result<Request> {
+    fn i_reduce_scatter(
+        &self,
+        send: Buffer,
+        recv_counts: Vec<usize>,
+        op: ReduceOp,
+    ) -> Result<Request> {
         let ck = self.check("reduce_scatter");
         ck.reduce(send.dtype(), op)?;
         let total = ck.counts("recv_counts", &recv_counts)?;
         ck.len("send", send.len(), total)?;
-        self.verify("reduce_scatter", 4, Some(send.dtype()), op as i64, send.len(), &recv_counts, &[])?;
+        self.verify(
+            "reduce_scatter",
+            4,
+            Some(send.dtype()),
+            op as i64,
+            send.len(),
+            &recv_counts,
+            &[],
+        )?;
         if total > self.env.max_count {
             // Beyond the int range: a chunked all-reduce, keeping our block.
             let off: usize = recv_counts[..self.rank].iter().sum();
@@ -847,43 +1195,95 @@ impl Communicator for MpiComm {
         let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
         let rp = rptr(&mut out);
         self.ffi(&p, "MPI_Ireduce_scatter", || unsafe {
-            sys::MPI_Ireduce_scatter(sptr(&send) as *const c_void, rp as *mut c_void, ints[0].as_ptr(), datatype(dt), mpi_op(op), self.raw.0, &mut req)
+            sys::MPI_Ireduce_scatter(
+                sptr(&send) as *const c_void,
+                rp as *mut c_void,
+                ints[0].as_ptr(),
+                datatype(dt),
+                mpi_op(op),
+                self.raw.0,
+                &mut req,
+            )
         })?;
         p.reqs.push(req);
         p.ints = ints;
         p.keep.push(send);
         p.out = Some(out);
-        p.post = Some(MpiComm::reduce_post(orig, (op == ReduceOp::Mean).then_some(self.size)));
+        p.post = Some(MpiComm::reduce_post(
+            orig,
+            (op == ReduceOp::Mean).then_some(self.size),
+        ));
         Ok(Request::new(p))
     }
 
-    fn i_all_to_all_v(&self, send: Buffer, send_counts: Vec<usize>, recv_counts: Vec<usize>) -> Result<Request> {
+    fn i_all_to_all_v(
+        &self,
+        send: Buffer,
+        send_counts: Vec<usize>,
+        recv_counts: Vec<usize>,
+    ) -> Result<Request> {
         let ck = self.check("all_to_all_v");
         let total = ck.counts("send_counts", &send_counts)?;
         let rtotal = ck.counts("recv_counts", &recv_counts)?;
         ck.len("send", send.len(), total)?;
-        self.verify("all_to_all_v", 5, Some(send.dtype()), 0, send.len(), &send_counts, &recv_counts)?;
+        self.verify(
+            "all_to_all_v",
+            5,
+            Some(send.dtype()),
+            0,
+            send.len(),
+            &send_counts,
+            &recv_counts,
+        )?;
         let mut p = self.begin("all_to_all_v", true, None)?;
         let out = Buffer::zeros(send.dtype(), rtotal);
-        self.start_a2a(&mut p, send.dtype(), sptr(&send), &send_counts, out, &recv_counts)?;
+        self.start_a2a(
+            &mut p,
+            send.dtype(),
+            sptr(&send),
+            &send_counts,
+            out,
+            &recv_counts,
+        )?;
         p.keep.push(send);
         Ok(Request::new(p))
     }
 
     /// Blocking all-to-all(v) without copying the send buffer. On a timeout MPI may still
     /// read `send`: treat the error as fatal (`abort`), as the trait documents.
-    fn all_to_all_v(&self, send: &Buffer, send_counts: &[usize], recv: &mut Buffer, recv_counts: &[usize]) -> Result<()> {
+    fn all_to_all_v(
+        &self,
+        send: &Buffer,
+        send_counts: &[usize],
+        recv: &mut Buffer,
+        recv_counts: &[usize],
+    ) -> Result<()> {
         let ck = self.check("all_to_all_v");
         let total = ck.counts("send_counts", send_counts)?;
         let rtotal = ck.counts("recv_counts", recv_counts)?;
         ck.len("send", send.len(), total)?;
-        self.verify("all_to_all_v", 5, Some(send.dtype()), 0, send.len(), send_counts, recv_counts)?;
+        self.verify(
+            "all_to_all_v",
+            5,
+            Some(send.dtype()),
+            0,
+            send.len(),
+            send_counts,
+            recv_counts,
+        )?;
         let mut p = self.begin("all_to_all_v", true, None)?;
         let mut out = std::mem::take(recv);
         if out.dtype() != send.dtype() || out.len() != rtotal {
             out = Buffer::zeros(send.dtype(), rtotal);
         }
-        self.start_a2a(&mut p, send.dtype(), sptr(&send), send_counts, out, recv_counts)?;
+        self.start_a2a(
+            &mut p,
+            send.dtype(),
+            sptr(&send),
+            send_counts,
+            out,
+            recv_counts,
+        )?;
         *recv = Box::new(p).wait()?;
         Ok(())
     }
@@ -899,7 +1299,15 @@ impl Communicator for MpiComm {
             let c = self.env.max_count.min(n - start);
             let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
             self.ffi(&p, "MPI_Isend", || unsafe {
-                sys::MPI_Isend(ptr.add(start * es) as *const c_void, c as c_int, datatype(dt), dest as c_int, tag as c_int, self.raw.0, &mut req)
+                sys::MPI_Isend(
+                    ptr.add(start * es) as *const c_void,
+                    c as c_int,
+                    datatype(dt),
+                    dest as c_int,
+                    tag as c_int,
+                    self.raw.0,
+                    &mut req,
+                )
             })?;
             p.reqs.push(req);
         }
@@ -918,7 +1326,15 @@ impl Communicator for MpiComm {
             let c = self.env.max_count.min(n - start);
             let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
             self.ffi(&p, "MPI_Irecv", || unsafe {
-                sys::MPI_Irecv(ptr.add(start * es) as *mut c_void, c as c_int, datatype(dt), src as c_int, tag as c_int, self.raw.0, &mut req)
+                sys::MPI_Irecv(
+                    ptr.add(start * es) as *mut c_void,
+                    c as c_int,
+                    datatype(dt),
+                    src as c_int,
+                    tag as c_int,
+                    self.raw.0,
+                    &mut req,
+                )
             })?;
             p.reqs.push(req);
         }
@@ -931,15 +1347,28 @@ impl Communicator for MpiComm {
         let seq = self.entered.load(Ordering::SeqCst);
         self.barrier()?;
         let mut new: sys::MPI_Comm = unsafe { sys::RSMPI_COMM_NULL };
-        call("MPI_Comm_split", "split", &self.name, self.rank, || unsafe {
-            sys::MPI_Comm_split(self.raw.0, color as c_int, key as c_int, &mut new)
-        })?;
+        call(
+            "MPI_Comm_split",
+            "split",
+            &self.name,
+            self.rank,
+            || unsafe { sys::MPI_Comm_split(self.raw.0, color as c_int, key as c_int, &mut new) },
+        )?;
         let name = format!("{}/split{seq}:{color}", self.name);
-        Ok(Box::new(MpiComm::wrap(self.env.clone(), new, name, self.timeout, true)?))
+        Ok(Box::new(MpiComm::wrap(
+            self.env.clone(),
+            new,
+            name,
+            self.timeout,
+            true,
+        )?))
     }
 
     fn abort(&self, reason: &str, code: i32) -> ! {
-        eprintln!("switchyard-comm: rank {} of `{}` aborts the job: {reason}", self.rank, self.name);
+        eprintln!(
+            "switchyard-comm: rank {} of `{}` aborts the job: {reason}",
+            self.rank, self.name
+        );
         // SAFETY: MPI_Abort on a valid communicator; it does not return.
         unsafe {
             sys::MPI_Abort(sys::RSMPI_COMM_WORLD, code as c_int);

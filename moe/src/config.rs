@@ -260,5 +260,8 @@ impl MoeConfig {
 }
 
 fn largest_divisor_at_most(n: usize, at_most: usize) -> usize {
-    (1..=at_most.min(n)).rev().find(|d| n.is_multiple_of(*d)).unwrap_or(1)
+    (1..=at_most.min(n))
+        .rev()
+        .find(|d| n.is_multiple_of(*d))
+        .unwrap_or(1)
 }

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use switchyard_comm::{Buffer, Communicator, DType, LinkModel, LocalWorld};
 
 fn arg(args: &[String], k: &str) -> Option<String> {
-    args.iter().position(|a| a == k).map(|i| args[i + 1].clone())
+    args.iter()
+        .position(|a| a == k)
+        .map(|i| args[i + 1].clone())
 }
 
 /// Busy work that cannot be optimised away; `iters` scales the time linearly.
@@ -44,7 +46,12 @@ fn calibrate(target: Duration) -> usize {
 }
 
 /// Times (comm alone, compute alone, both issued together) on every rank of `c`.
-fn overlap_round(c: &dyn Communicator, bytes_per_rank: usize, iters: usize, reps: usize) -> (f64, f64, f64) {
+fn overlap_round(
+    c: &dyn Communicator,
+    bytes_per_rank: usize,
+    iters: usize,
+    reps: usize,
+) -> (f64, f64, f64) {
     let n = c.size();
     let per = bytes_per_rank / 4 / n;
     let send = Buffer::zeros(DType::F32, per * n);
@@ -52,7 +59,10 @@ fn overlap_round(c: &dyn Communicator, bytes_per_rank: usize, iters: usize, reps
     for _ in 0..reps {
         c.barrier().unwrap();
         let t = Instant::now();
-        c.i_all_to_all_v(send.clone(), vec![per; n], vec![per; n]).unwrap().wait().unwrap();
+        c.i_all_to_all_v(send.clone(), vec![per; n], vec![per; n])
+            .unwrap()
+            .wait()
+            .unwrap();
         tc.push(t.elapsed().as_secs_f64());
         c.barrier().unwrap();
         let t = Instant::now();
@@ -60,7 +70,9 @@ fn overlap_round(c: &dyn Communicator, bytes_per_rank: usize, iters: usize, reps
         tk.push(t.elapsed().as_secs_f64());
         c.barrier().unwrap();
         let t = Instant::now();
-        let r = c.i_all_to_all_v(send.clone(), vec![per; n], vec![per; n]).unwrap();
+        let r = c
+            .i_all_to_all_v(send.clone(), vec![per; n], vec![per; n])
+            .unwrap();
         std::hint::black_box(compute(iters));
         r.wait().unwrap();
         tb.push(t.elapsed().as_secs_f64());
@@ -103,8 +115,8 @@ fn overlap_local(args: &[String]) {
 #[cfg(feature = "mpi")]
 mod with_mpi {
     use super::*;
-    use mpi::datatype::{Partition, PartitionMut};
     use mpi::collective::CommunicatorCollectives;
+    use mpi::datatype::{Partition, PartitionMut};
     use switchyard_comm::MpiProgress;
     use switchyard_comm::mpi::{MpiEnv, MpiOptions};
 
@@ -127,8 +139,12 @@ mod with_mpi {
         let (r, n) = (c.rank(), c.size());
         let mut size = 4usize << 10;
         if r == 0 {
-            println!("all-to-all(v), {n} ranks, f32, size = bytes each rank sends per call (split evenly over all ranks)");
-            println!("| size | Switchyard latency (us) | direct rsmpi latency (us) | Switchyard GB/s | direct GB/s | ratio |");
+            println!(
+                "all-to-all(v), {n} ranks, f32, size = bytes each rank sends per call (split evenly over all ranks)"
+            );
+            println!(
+                "| size | Switchyard latency (us) | direct rsmpi latency (us) | Switchyard GB/s | direct GB/s | ratio |"
+            );
             println!("|---:|---:|---:|---:|---:|---:|");
         }
         while size <= 64 << 20 {
@@ -167,10 +183,15 @@ mod with_mpi {
             }
             // Slowest rank decides.
             let mut b = Buffer::F64(vec![ts, td]);
-            c.all_reduce(&mut b, switchyard_comm::ReduceOp::Max).unwrap();
+            c.all_reduce(&mut b, switchyard_comm::ReduceOp::Max)
+                .unwrap();
             let (ts, td) = (b.get_f64(0), b.get_f64(1));
             if r == 0 {
-                let label = if size >= 1 << 20 { format!("{} MiB", size >> 20) } else { format!("{} KiB", size >> 10) };
+                let label = if size >= 1 << 20 {
+                    format!("{} MiB", size >> 20)
+                } else {
+                    format!("{} KiB", size >> 10)
+                };
                 println!(
                     "| {label} | {:.1} | {:.1} | {:.2} | {:.2} | {:.3} |",
                     ts * 1e6,
@@ -180,7 +201,11 @@ mod with_mpi {
                     td / ts
                 );
             }
-            assert_eq!(recv.get_f64(per * n - 1), recvv[per * n - 1] as f64, "both paths deliver the same data");
+            assert_eq!(
+                recv.get_f64(per * n - 1),
+                recvv[per * n - 1] as f64,
+                "both paths deliver the same data"
+            );
             size *= 4;
         }
     }
@@ -190,12 +215,16 @@ mod with_mpi {
         let mib: usize = arg(args, "--mib").map_or(64, |s| s.parse().unwrap());
         let probe = overlap_round(c.as_ref(), mib << 20, 0, 3).0;
         let mut b = Buffer::F64(vec![probe]);
-        c.all_reduce(&mut b, switchyard_comm::ReduceOp::Max).unwrap();
+        c.all_reduce(&mut b, switchyard_comm::ReduceOp::Max)
+            .unwrap();
         let iters = calibrate(Duration::from_secs_f64(b.get_f64(0)));
         let res = overlap_round(c.as_ref(), mib << 20, iters, 9);
         if c.rank() == 0 {
-            println!("MPI, {} ranks, progress {:?}, all-to-all of {mib} MiB per rank, compute sized to the transfer, no MPI calls during compute",
-                c.size(), arg(args, "--progress").unwrap_or_else(|| "thread".into()));
+            println!(
+                "MPI, {} ranks, progress {:?}, all-to-all of {mib} MiB per rank, compute sized to the transfer, no MPI calls during compute",
+                c.size(),
+                arg(args, "--progress").unwrap_or_else(|| "thread".into())
+            );
             report_overlap("rank 0", res);
         }
     }
@@ -210,8 +239,12 @@ fn main() {
         #[cfg(feature = "mpi")]
         Some("overlap-mpi") => with_mpi::overlap(&args),
         _ => {
-            eprintln!("usage: comm-bench overlap [--ranks 2 --mib 32 --latency-us 5 --bandwidth-gbps 25]");
-            eprintln!("       mpirun -np N comm-bench a2a | overlap-mpi [--progress thread|poll --mib 64]   (--features mpi)");
+            eprintln!(
+                "usage: comm-bench overlap [--ranks 2 --mib 32 --latency-us 5 --bandwidth-gbps 25]"
+            );
+            eprintln!(
+                "       mpirun -np N comm-bench a2a | overlap-mpi [--progress thread|poll --mib 64]   (--features mpi)"
+            );
             std::process::exit(1)
         }
     }

@@ -16,13 +16,18 @@ use switchyard_comm::{Communicator, MpiProgress};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |k: &str| args.iter().position(|a| a == k).map(|i| args[i + 1].clone());
+    let get = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .map(|i| args[i + 1].clone())
+    };
     let backend = get("--backend").unwrap_or_else(|| "mpi".into());
     let progress = match get("--progress").as_deref() {
         Some("poll") => MpiProgress::Poll,
         _ => MpiProgress::Thread,
     };
-    let max_count = get("--max-count").map_or(i32::MAX as usize, |s| s.parse().expect("--max-count N"));
+    let max_count =
+        get("--max-count").map_or(i32::MAX as usize, |s| s.parse().expect("--max-count N"));
     let (_env, world) = MpiEnv::init(MpiOptions {
         progress,
         verify_collectives: true,
@@ -33,13 +38,14 @@ fn main() {
         eprintln!("{e}");
         std::process::exit(1)
     });
+    let rank0 = world.rank() == 0;
     let comm: Box<dyn Communicator> = match backend.as_str() {
         "mpi" => Box::new(world),
         #[cfg(feature = "nccl")]
-        "nccl" => match switchyard_comm::nccl::NcclComm::new(&world, None) {
+        "nccl" => match switchyard_comm::nccl::NcclComm::new(Box::new(world), None) {
             Ok(c) => Box::new(c),
             Err(e) => {
-                if world.rank() == 0 {
+                if rank0 {
                     println!("SKIPPED: nccl conformance: {e}");
                 }
                 std::process::exit(3)
