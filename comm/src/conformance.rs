@@ -480,7 +480,7 @@ fn large_messages(c: &dyn Communicator, o: &Options, ck: &mut Checker) -> Result
     c.all_to_all_v(&send, &vec![per; n], &mut got, &vec![per; n])?;
     let want = Buffer::F32((0..per * n).map(|i| v(i / per, r, i % per)).collect());
     ck.same(
-        &format!("all_to_all_v {} MiB per peer", per * 4 >> 20),
+        &format!("all_to_all_v {} MiB per peer", (per * 4) >> 20),
         &got,
         &want,
     );

@@ -48,6 +48,7 @@ pub struct LocalWorld;
 
 impl LocalWorld {
     /// `n` communicator handles named `world`, one per rank; hand each to its own thread.
+    #[allow(clippy::new_ret_no_self)]
     pub fn new(n: usize, timeout: Duration, link: Option<LinkModel>) -> Vec<LocalComm> {
         assert!(n > 0, "a local world needs at least one rank");
         let group = Group::new("world".to_string(), n, link);
@@ -125,8 +126,11 @@ struct Slot {
     /// Ranks that took their result (or gave up).
     done: usize,
     error: Option<CommError>,
-    children: Option<Arc<HashMap<u32, (Arc<Group>, Vec<usize>)>>>,
+    children: Option<Arc<Children>>,
 }
+
+/// Sub-groups of a split, by colour, with their members' parent ranks.
+type Children = HashMap<u32, (Arc<Group>, Vec<usize>)>;
 
 struct Msg {
     data: Buffer,
@@ -332,11 +336,7 @@ struct Pending {
 }
 
 enum Taken {
-    Data(
-        Vec<Arc<Contrib>>,
-        Instant,
-        Option<Arc<HashMap<u32, (Arc<Group>, Vec<usize>)>>>,
-    ),
+    Data(Vec<Arc<Contrib>>, Instant, Option<Arc<Children>>),
     Err(CommError),
 }
 
@@ -526,7 +526,7 @@ fn compute(
     kind: &Kind,
     rank: usize,
     contribs: &[Arc<Contrib>],
-    _children: Option<&HashMap<u32, (Arc<Group>, Vec<usize>)>>,
+    _children: Option<&Children>,
 ) -> Buffer {
     let n = contribs.len();
     let me = &contribs[rank];

@@ -508,6 +508,7 @@ impl MpiComm {
     }
 
     /// Exchanges signatures so that every rank sees the same verdict on a mismatch.
+    #[allow(clippy::too_many_arguments)]
     fn verify(
         &self,
         op: &str,
@@ -1122,7 +1123,7 @@ impl Communicator for MpiComm {
             .collect();
         if total > self.env.max_count {
             let s: Vec<_> = (0..self.size)
-                .filter(|&j| j != self.rank && send.len() > 0)
+                .filter(|&j| j != self.rank && !send.is_empty())
                 .map(|j| (j, 0, send.len()))
                 .collect();
             let r: Vec<_> = (0..self.size)
@@ -1279,7 +1280,7 @@ impl Communicator for MpiComm {
         self.start_a2a(
             &mut p,
             send.dtype(),
-            sptr(&send),
+            sptr(send),
             send_counts,
             out,
             recv_counts,

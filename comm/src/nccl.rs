@@ -16,8 +16,8 @@ use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, ValidAsZeroBits};
 use cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp as NcclOp};
 
 use crate::{
-    BackendKind, Buffer, Check, CommError, Communicator, Element, ReduceOp, Request,
-    Result, with_buffer,
+    BackendKind, Buffer, Check, CommError, Communicator, Element, ReduceOp, Request, Result,
+    with_buffer,
 };
 
 struct Inner {
@@ -57,9 +57,11 @@ impl NcclComm {
         if ok.get_f64(0) != 0.0 {
             return Err(unavailable("CUDA or NCCL is missing on another rank"));
         }
-        let count = CudaContext::device_count().map_err(|e| unavailable(format!("{e:?}")))? as usize;
+        let count =
+            CudaContext::device_count().map_err(|e| unavailable(format!("{e:?}")))? as usize;
         let device = device.unwrap_or(mpi.rank() % count.max(1));
-        let ctx = CudaContext::new(device).map_err(|e| unavailable(format!("device {device}: {e:?}")))?;
+        let ctx =
+            CudaContext::new(device).map_err(|e| unavailable(format!("device {device}: {e:?}")))?;
         let stream = ctx.default_stream();
         let mut raw = Buffer::U8(vec![0; 128]);
         if mpi.rank() == 0 {
@@ -94,11 +96,15 @@ impl NcclComm {
     /// otherwise, so this must come first).
     pub fn probe() -> Result<()> {
         // SAFETY: only tries to dlopen the libraries.
-        let cuda = std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false);
+        let cuda = std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() })
+            .unwrap_or(false);
         if !cuda {
-            return Err(unavailable("the CUDA driver library (libcuda.so) was not found"));
+            return Err(unavailable(
+                "the CUDA driver library (libcuda.so) was not found",
+            ));
         }
-        let nccl = std::panic::catch_unwind(|| unsafe { cudarc::nccl::sys::is_culib_present() }).unwrap_or(false);
+        let nccl = std::panic::catch_unwind(|| unsafe { cudarc::nccl::sys::is_culib_present() })
+            .unwrap_or(false);
         if !nccl {
             return Err(unavailable("the NCCL library (libnccl.so) was not found"));
         }
@@ -126,7 +132,12 @@ impl NcclComm {
     }
 
     fn check<'a>(&'a self, op: &'a str) -> Check<'a> {
-        Check { op, comm: &self.name, rank: self.rank(), size: self.size() }
+        Check {
+            op,
+            comm: &self.name,
+            rank: self.rank(),
+            size: self.size(),
+        }
     }
 
     fn all_reduce_t<T>(&self, v: &mut Vec<T>, op: ReduceOp) -> Result<()>
@@ -137,20 +148,36 @@ impl NcclComm {
             return self.mpi.barrier();
         }
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let d = g.stream.clone_htod(v.as_slice()).map_err(|e| self.err("cuMemcpyHtoD", "all_reduce", &e))?;
-        let mut r = g.stream.alloc_zeros::<T>(v.len()).map_err(|e| self.err("cuMemAlloc", "all_reduce", &e))?;
+        let d = g
+            .stream
+            .clone_htod(v.as_slice())
+            .map_err(|e| self.err("cuMemcpyHtoD", "all_reduce", &e))?;
+        let mut r = g
+            .stream
+            .alloc_zeros::<T>(v.len())
+            .map_err(|e| self.err("cuMemAlloc", "all_reduce", &e))?;
         let nop = match op {
             ReduceOp::Sum => NcclOp::Sum,
             ReduceOp::Max => NcclOp::Max,
             ReduceOp::Mean => NcclOp::Avg,
         };
-        g.comm.all_reduce(&d, &mut r, &nop).map_err(|e| self.err("ncclAllReduce", "all_reduce", &e))?;
-        *v = g.stream.clone_dtoh(&r).map_err(|e| self.err("cuMemcpyDtoH", "all_reduce", &e))?;
+        g.comm
+            .all_reduce(&d, &mut r, &nop)
+            .map_err(|e| self.err("ncclAllReduce", "all_reduce", &e))?;
+        *v = g
+            .stream
+            .clone_dtoh(&r)
+            .map_err(|e| self.err("cuMemcpyDtoH", "all_reduce", &e))?;
         Ok(())
     }
 
     /// Grouped send/recv: `sends[j]` goes to rank j, `recv_counts[j]` elements come from j.
-    fn exchange_t<T>(&self, op: &str, sends: Vec<&[T]>, recv_counts: &[usize]) -> Result<Vec<Vec<T>>>
+    fn exchange_t<T>(
+        &self,
+        op: &str,
+        sends: Vec<&[T]>,
+        recv_counts: &[usize],
+    ) -> Result<Vec<Vec<T>>>
     where
         T: NcclType + DeviceRepr + ValidAsZeroBits + Element,
     {
@@ -158,12 +185,24 @@ impl NcclComm {
         let e = |c, x: &dyn std::fmt::Debug| self.err(c, op, x);
         let dsend = sends
             .iter()
-            .map(|s| if s.is_empty() { Ok(None) } else { g.stream.clone_htod(*s).map(Some) })
+            .map(|s| {
+                if s.is_empty() {
+                    Ok(None)
+                } else {
+                    g.stream.clone_htod(*s).map(Some)
+                }
+            })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|x| e("cuMemcpyHtoD", &x))?;
         let mut drecv = recv_counts
             .iter()
-            .map(|&c| if c == 0 { Ok(None) } else { g.stream.alloc_zeros::<T>(c).map(Some) })
+            .map(|&c| {
+                if c == 0 {
+                    Ok(None)
+                } else {
+                    g.stream.alloc_zeros::<T>(c).map(Some)
+                }
+            })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|x| e("cuMemAlloc", &x))?;
         cudarc::nccl::result::group_start().map_err(|x| e("ncclGroupStart", &x))?;
@@ -187,11 +226,24 @@ impl NcclComm {
             .collect()
     }
 
-    fn exchange(&self, op: &str, send: &Buffer, send_counts: &[usize], recv_counts: &[usize]) -> Result<Buffer> {
+    fn exchange(
+        &self,
+        op: &str,
+        send: &Buffer,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Buffer> {
         macro_rules! go {
             ($v:ident, $variant:ident) => {{
                 let mut off = 0;
-                let sends: Vec<_> = send_counts.iter().map(|&c| { let s = &$v[off..off + c]; off += c; s }).collect();
+                let sends: Vec<_> = send_counts
+                    .iter()
+                    .map(|&c| {
+                        let s = &$v[off..off + c];
+                        off += c;
+                        s
+                    })
+                    .collect();
                 Buffer::$variant(self.exchange_t(op, sends, recv_counts)?.concat())
             }};
         }
@@ -239,8 +291,20 @@ impl Communicator for NcclComm {
     fn i_broadcast(&self, buf: Buffer, root: usize) -> Result<Request> {
         self.check("broadcast").peer("root", root)?;
         let n = self.size();
-        let sc: Vec<usize> = (0..n).map(|j| if self.rank() == root && j != root { buf.len() } else { 0 }).collect();
-        let send = if self.rank() == root { Buffer::zeros(buf.dtype(), 0) } else { buf.slice(0..0) };
+        let sc: Vec<usize> = (0..n)
+            .map(|j| {
+                if self.rank() == root && j != root {
+                    buf.len()
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let send = if self.rank() == root {
+            Buffer::zeros(buf.dtype(), 0)
+        } else {
+            buf.slice(0..0)
+        };
         let full_send = if self.rank() == root {
             let mut s = Buffer::zeros(buf.dtype(), buf.len() * (n - 1));
             for k in 0..n - 1 {
@@ -250,7 +314,15 @@ impl Communicator for NcclComm {
         } else {
             send
         };
-        let rc: Vec<usize> = (0..n).map(|j| if j == root && self.rank() != root { buf.len() } else { 0 }).collect();
+        let rc: Vec<usize> = (0..n)
+            .map(|j| {
+                if j == root && self.rank() != root {
+                    buf.len()
+                } else {
+                    0
+                }
+            })
+            .collect();
         let got = self.exchange("broadcast", &full_send, &sc, &rc)?;
         Ok(Request::ready(if self.rank() == root { buf } else { got }))
     }
@@ -271,8 +343,12 @@ impl Communicator for NcclComm {
         for k in 0..n - 1 {
             rep.copy_from(k * send.len(), &send, 0..send.len());
         }
-        let sc: Vec<usize> = (0..n).map(|j| if j == me { 0 } else { send.len() }).collect();
-        let rc: Vec<usize> = (0..n).map(|j| if j == me { 0 } else { recv_counts[j] }).collect();
+        let sc: Vec<usize> = (0..n)
+            .map(|j| if j == me { 0 } else { send.len() })
+            .collect();
+        let rc: Vec<usize> = (0..n)
+            .map(|j| if j == me { 0 } else { recv_counts[j] })
+            .collect();
         let got = self.exchange("all_gather_v", &rep, &sc, &rc)?;
         let mut out = Buffer::zeros(send.dtype(), total);
         let (mut o, mut g) = (0, 0);
@@ -288,21 +364,38 @@ impl Communicator for NcclComm {
         Ok(Request::ready(out))
     }
 
-    fn i_reduce_scatter(&self, send: Buffer, recv_counts: Vec<usize>, op: ReduceOp) -> Result<Request> {
+    fn i_reduce_scatter(
+        &self,
+        send: Buffer,
+        recv_counts: Vec<usize>,
+        op: ReduceOp,
+    ) -> Result<Request> {
         let ck = self.check("reduce_scatter");
         let total = ck.counts("recv_counts", &recv_counts)?;
         ck.len("send", send.len(), total)?;
         let off: usize = recv_counts[..self.rank()].iter().sum();
         let all = self.i_all_reduce(send, op)?.wait()?;
-        Ok(Request::ready(all.slice(off..off + recv_counts[self.rank()])))
+        Ok(Request::ready(
+            all.slice(off..off + recv_counts[self.rank()]),
+        ))
     }
 
-    fn i_all_to_all_v(&self, send: Buffer, send_counts: Vec<usize>, recv_counts: Vec<usize>) -> Result<Request> {
+    fn i_all_to_all_v(
+        &self,
+        send: Buffer,
+        send_counts: Vec<usize>,
+        recv_counts: Vec<usize>,
+    ) -> Result<Request> {
         let ck = self.check("all_to_all_v");
         let total = ck.counts("send_counts", &send_counts)?;
         ck.counts("recv_counts", &recv_counts)?;
         ck.len("send", send.len(), total)?;
-        Ok(Request::ready(self.exchange("all_to_all_v", &send, &send_counts, &recv_counts)?))
+        Ok(Request::ready(self.exchange(
+            "all_to_all_v",
+            &send,
+            &send_counts,
+            &recv_counts,
+        )?))
     }
 
     fn i_send(&self, buf: Buffer, dest: usize, _tag: u32) -> Result<Request> {
@@ -317,13 +410,25 @@ impl Communicator for NcclComm {
         self.check("recv").peer("src", src)?;
         let mut rc = vec![0; self.size()];
         rc[src] = buf.len();
-        let got = self.exchange("recv", &Buffer::zeros(buf.dtype(), 0), &vec![0; self.size()], &rc)?;
+        let got = self.exchange(
+            "recv",
+            &Buffer::zeros(buf.dtype(), 0),
+            &vec![0; self.size()],
+            &rc,
+        )?;
         Ok(Request::ready(got))
     }
 
     /// NCCL point-to-point has no tags and blocks until matched: `send_recv` must be used
     /// for ring steps (it is one grouped exchange here).
-    fn send_recv(&self, send: &Buffer, dest: usize, recv: &mut Buffer, src: usize, _tag: u32) -> Result<()> {
+    fn send_recv(
+        &self,
+        send: &Buffer,
+        dest: usize,
+        recv: &mut Buffer,
+        src: usize,
+        _tag: u32,
+    ) -> Result<()> {
         let n = self.size();
         let mut sc = vec![0; n];
         sc[dest] = send.len();
