@@ -1,1 +1,36 @@
-//! placeholder
+//! `switchyard-comm`: Switchyard's transport. It knows bytes and typed buffers, not tensors
+//! or models (`parallel` adapts tensors to it).
+//!
+//! - [`Communicator`]: rank, size, collectives (barrier, broadcast, all-reduce, all-gather(v),
+//!   reduce-scatter, all-to-all(v)), point-to-point, `split`; non-blocking `i_*` versions
+//!   returning a [`Request`] to `test`/`wait`.
+//! - Backends: [`local`] (ranks as threads, optional link model), `mpi` (feature `mpi`),
+//!   `nccl` (feature `nccl`).
+//! - [`conformance`]: one suite run unchanged against every backend.
+//! - [`CommConfig`]: the `comm:` config node.
+//!
+//! Only this crate contains `unsafe` FFI; each foreign call is wrapped once in a helper that
+//! names the call, the operation and the source location in its error.
+
+// Errors carry the operation, communicator and ranks by value; they are built only on the
+// failure path, so their size does not matter.
+#![allow(clippy::result_large_err)]
+
+mod communicator;
+pub mod config;
+pub mod conformance;
+mod dtype;
+mod error;
+pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+
+pub(crate) use communicator::Check;
+pub use communicator::{BackendKind, Communicator, PendingOp, Request};
+pub use config::{CommBackendConfig, CommConfig, LinkConfig, MpiProgress};
+pub use dtype::{Buffer, DType, Element, ReduceOp};
+pub use error::{CommError, Result};
+pub use half::{bf16, f16};
+pub use local::{LinkModel, LocalWorld};

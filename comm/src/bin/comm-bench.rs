@@ -1,0 +1,251 @@
+//! Communication benchmarks. Each prints a table and the ratios the README quotes.
+//!
+//! ```sh
+//! # all-to-all(v) bandwidth/latency, Switchyard vs a direct rsmpi MPI_Alltoallv, same run
+//! cargo build --release -p switchyard-comm --features mpi --bin comm-bench
+//! mpirun -np 2 --oversubscribe target/release/comm-bench a2a
+//! mpirun -np 4 --oversubscribe target/release/comm-bench a2a
+//! # non-blocking all-to-all overlapping compute on the local backend with a link model
+//! cargo run --release -p switchyard-comm --bin comm-bench -- overlap
+//! # the same on real MPI, progress thread vs polling (decides the default progress mode)
+//! mpirun -np 2 target/release/comm-bench overlap-mpi --progress thread
+//! mpirun -np 2 target/release/comm-bench overlap-mpi --progress poll
+//! ```
+
+use std::time::{Duration, Instant};
+
+use switchyard_comm::{Buffer, Communicator, DType, LinkModel, LocalWorld};
+
+fn arg(args: &[String], k: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == k)
+        .map(|i| args[i + 1].clone())
+}
+
+/// Busy work that cannot be optimised away; `iters` scales the time linearly.
+fn compute(iters: usize) -> f64 {
+    let mut x = 1.0f64;
+    for i in 0..iters {
+        x = std::hint::black_box(x * 1.000_000_1 + (i & 7) as f64 * 1e-9);
+    }
+    x
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Iterations of `compute` that take about `target`.
+fn calibrate(target: Duration) -> usize {
+    let n = 1_000_000;
+    let t = Instant::now();
+    compute(n);
+    let per = t.elapsed().as_secs_f64() / n as f64;
+    (target.as_secs_f64() / per) as usize
+}
+
+/// Times (comm alone, compute alone, both issued together) on every rank of `c`.
+fn overlap_round(
+    c: &dyn Communicator,
+    bytes_per_rank: usize,
+    iters: usize,
+    reps: usize,
+) -> (f64, f64, f64) {
+    let n = c.size();
+    let per = bytes_per_rank / 4 / n;
+    let send = Buffer::zeros(DType::F32, per * n);
+    let (mut tc, mut tk, mut tb) = (vec![], vec![], vec![]);
+    for _ in 0..reps {
+        c.barrier().unwrap();
+        let t = Instant::now();
+        c.i_all_to_all_v(send.clone(), vec![per; n], vec![per; n])
+            .unwrap()
+            .wait()
+            .unwrap();
+        tc.push(t.elapsed().as_secs_f64());
+        c.barrier().unwrap();
+        let t = Instant::now();
+        std::hint::black_box(compute(iters));
+        tk.push(t.elapsed().as_secs_f64());
+        c.barrier().unwrap();
+        let t = Instant::now();
+        let r = c
+            .i_all_to_all_v(send.clone(), vec![per; n], vec![per; n])
+            .unwrap();
+        std::hint::black_box(compute(iters));
+        r.wait().unwrap();
+        tb.push(t.elapsed().as_secs_f64());
+    }
+    (median(tc), median(tk), median(tb))
+}
+
+fn report_overlap(label: &str, (tc, tk, tb): (f64, f64, f64)) {
+    println!(
+        "{label}: transfer {:.2} ms, compute {:.2} ms, both issued together {:.2} ms; \
+         together / max = {:.2}, together / sum = {:.2}",
+        tc * 1e3,
+        tk * 1e3,
+        tb * 1e3,
+        tb / tc.max(tk),
+        tb / (tc + tk)
+    );
+}
+
+fn overlap_local(args: &[String]) {
+    let ranks: usize = arg(args, "--ranks").map_or(2, |s| s.parse().unwrap());
+    let mib: usize = arg(args, "--mib").map_or(32, |s| s.parse().unwrap());
+    let lat: f64 = arg(args, "--latency-us").map_or(5.0, |s| s.parse().unwrap());
+    let gbps: f64 = arg(args, "--bandwidth-gbps").map_or(25.0, |s| s.parse().unwrap());
+    let link = LinkModel::new(lat, gbps);
+    // Probe the transfer time, then size the compute to match it (the hardest case).
+    let probe = LocalWorld::run(ranks, Duration::from_secs(60), Some(link), |c| {
+        overlap_round(c, mib << 20, 0, 3).0
+    });
+    let iters = calibrate(Duration::from_secs_f64(probe[0]));
+    let res = LocalWorld::run(ranks, Duration::from_secs(60), Some(link), |c| {
+        overlap_round(c, mib << 20, iters, 9)
+    });
+    println!(
+        "local backend, {ranks} ranks, link {lat} us + {gbps} Gbit/s, all-to-all of {mib} MiB per rank, compute sized to the transfer"
+    );
+    report_overlap("rank 0", res[0]);
+}
+
+#[cfg(feature = "mpi")]
+mod with_mpi {
+    use super::*;
+    use mpi::collective::CommunicatorCollectives;
+    use mpi::datatype::{Partition, PartitionMut};
+    use switchyard_comm::MpiProgress;
+    use switchyard_comm::mpi::{MpiEnv, MpiOptions};
+
+    fn init(args: &[String]) -> (MpiEnv, Box<dyn Communicator>) {
+        let progress = match arg(args, "--progress").as_deref() {
+            Some("poll") => MpiProgress::Poll,
+            _ => MpiProgress::Thread,
+        };
+        let (env, c) = MpiEnv::init(MpiOptions {
+            progress,
+            ..MpiOptions::default()
+        })
+        .expect("MPI init");
+        (env, Box::new(c))
+    }
+
+    pub fn a2a(args: &[String]) {
+        let (env, c) = init(args);
+        let raw = env.rsmpi_world();
+        let (r, n) = (c.rank(), c.size());
+        let mut size = 4usize << 10;
+        if r == 0 {
+            println!(
+                "all-to-all(v), {n} ranks, f32, size = bytes each rank sends per call (split evenly over all ranks)"
+            );
+            println!(
+                "| size | Switchyard latency (us) | direct rsmpi latency (us) | Switchyard GB/s | direct GB/s | ratio |"
+            );
+            println!("|---:|---:|---:|---:|---:|---:|");
+        }
+        while size <= 64 << 20 {
+            let per = size / 4 / n;
+            let counts = vec![per; n];
+            let displs: Vec<i32> = (0..n).map(|j| (j * per) as i32).collect();
+            let icounts = vec![per as i32; n];
+            let send = Buffer::F32((0..per * n).map(|i| i as f32).collect());
+            let mut recv = Buffer::zeros(DType::F32, per * n);
+            let sendv: Vec<f32> = (0..per * n).map(|i| i as f32).collect();
+            let mut recvv = vec![0f32; per * n];
+            let iters = ((256usize << 20) / size).clamp(5, 500);
+            let (mut ts, mut td) = (f64::MAX, f64::MAX);
+            for _round in 0..3 {
+                // warm-up of both, then timed blocks, alternating
+                c.all_to_all_v(&send, &counts, &mut recv, &counts).unwrap();
+                c.barrier().unwrap();
+                let t = Instant::now();
+                for _ in 0..iters {
+                    c.all_to_all_v(&send, &counts, &mut recv, &counts).unwrap();
+                }
+                c.barrier().unwrap();
+                ts = ts.min(t.elapsed().as_secs_f64() / iters as f64);
+                {
+                    let sp = Partition::new(&sendv[..], &icounts[..], &displs[..]);
+                    let mut rp = PartitionMut::new(&mut recvv[..], &icounts[..], &displs[..]);
+                    raw.all_to_all_varcount_into(&sp, &mut rp);
+                    raw.barrier();
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        raw.all_to_all_varcount_into(&sp, &mut rp);
+                    }
+                    raw.barrier();
+                    td = td.min(t.elapsed().as_secs_f64() / iters as f64);
+                }
+            }
+            // Slowest rank decides.
+            let mut b = Buffer::F64(vec![ts, td]);
+            c.all_reduce(&mut b, switchyard_comm::ReduceOp::Max)
+                .unwrap();
+            let (ts, td) = (b.get_f64(0), b.get_f64(1));
+            if r == 0 {
+                let label = if size >= 1 << 20 {
+                    format!("{} MiB", size >> 20)
+                } else {
+                    format!("{} KiB", size >> 10)
+                };
+                println!(
+                    "| {label} | {:.1} | {:.1} | {:.2} | {:.2} | {:.3} |",
+                    ts * 1e6,
+                    td * 1e6,
+                    size as f64 / ts / 1e9,
+                    size as f64 / td / 1e9,
+                    td / ts
+                );
+            }
+            assert_eq!(
+                recv.get_f64(per * n - 1),
+                recvv[per * n - 1] as f64,
+                "both paths deliver the same data"
+            );
+            size *= 4;
+        }
+    }
+
+    pub fn overlap(args: &[String]) {
+        let (_env, c) = init(args);
+        let mib: usize = arg(args, "--mib").map_or(64, |s| s.parse().unwrap());
+        let probe = overlap_round(c.as_ref(), mib << 20, 0, 3).0;
+        let mut b = Buffer::F64(vec![probe]);
+        c.all_reduce(&mut b, switchyard_comm::ReduceOp::Max)
+            .unwrap();
+        let iters = calibrate(Duration::from_secs_f64(b.get_f64(0)));
+        let res = overlap_round(c.as_ref(), mib << 20, iters, 9);
+        if c.rank() == 0 {
+            println!(
+                "MPI, {} ranks, progress {:?}, all-to-all of {mib} MiB per rank, compute sized to the transfer, no MPI calls during compute",
+                c.size(),
+                arg(args, "--progress").unwrap_or_else(|| "thread".into())
+            );
+            report_overlap("rank 0", res);
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("overlap") => overlap_local(&args),
+        #[cfg(feature = "mpi")]
+        Some("a2a") => with_mpi::a2a(&args),
+        #[cfg(feature = "mpi")]
+        Some("overlap-mpi") => with_mpi::overlap(&args),
+        _ => {
+            eprintln!(
+                "usage: comm-bench overlap [--ranks 2 --mib 32 --latency-us 5 --bandwidth-gbps 25]"
+            );
+            eprintln!(
+                "       mpirun -np N comm-bench a2a | overlap-mpi [--progress thread|poll --mib 64]   (--features mpi)"
+            );
+            std::process::exit(1)
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The `comm:` config node. The root config embeds it; the integrator wires it in.
+//!
+//! `validate` reports issues as `(key path relative to this node, message with a hint)`, the
+//! convention of every config node (see `moe/src/config.rs`).
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Issues found by a `validate` call: (key path relative to the node, message).
+pub type ConfigIssues = Vec<(String, String)>;
+
+/// Communication settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommConfig {
+    #[serde(default)]
+    pub backend: CommBackendConfig,
+    /// Seconds a collective (or a `wait`) may take before it fails with an error naming the
+    /// operation and the ranks that did not arrive.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+}
+
+impl Default for CommConfig {
+    fn default() -> Self {
+        CommConfig {
+            backend: CommBackendConfig::default(),
+            timeout_s: default_timeout_s(),
+        }
+    }
+}
+
+/// Which transport carries the bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CommBackendConfig {
+    /// Ranks as threads of one process.
+    Local {
+        /// Emulated interconnect; absent = as fast as memory.
+        #[serde(default)]
+        link: Option<LinkConfig>,
+    },
+    /// MPI (build with `--features mpi`; launch with `mpirun`).
+    Mpi {
+        /// How non-blocking operations progress while the caller computes.
+        #[serde(default)]
+        progress: MpiProgress,
+        /// Exchange a small signature before each collective so that mismatched operations
+        /// or sizes are reported instead of corrupting data (one extra small collective).
+        #[serde(default)]
+        verify_collectives: bool,
+    },
+    /// NCCL over CUDA devices (build with `--features nccl`; launch with `mpirun`).
+    Nccl {
+        /// CUDA device of each rank: `local_rank % device_count` when absent.
+        #[serde(default)]
+        device: Option<usize>,
+    },
+}
+
+impl Default for CommBackendConfig {
+    fn default() -> Self {
+        CommBackendConfig::Local { link: None }
+    }
+}
+
+/// Progress of non-blocking MPI operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MpiProgress {
+    /// A background thread drives MPI's progress engine (measured default, see README).
+    #[default]
+    Thread,
+    /// Only `test`/`wait` calls drive progress.
+    Poll,
+}
+
+/// Latency and bandwidth of an emulated interconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// Per-message latency, microseconds.
+    pub latency_us: f64,
+    /// Per-link bandwidth, gigabits per second (e.g. 200 for HDR InfiniBand).
+    pub bandwidth_gbps: f64,
+}
+
+impl CommConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout_s.max(0.0))
+    }
+
+    pub fn validate(&self) -> ConfigIssues {
+        let mut issues = ConfigIssues::new();
+        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
+            issues.push((
+                "timeout_s".into(),
+                format!(
+                    "must be a positive number of seconds, got {}; the default is {}",
+                    self.timeout_s,
+                    default_timeout_s()
+                ),
+            ));
+        }
+        if let CommBackendConfig::Local { link: Some(l) } = &self.backend {
+            if !(l.latency_us.is_finite() && l.latency_us >= 0.0) {
+                issues.push((
+                    "backend.link.latency_us".into(),
+                    format!("must be >= 0 microseconds, got {}", l.latency_us),
+                ));
+            }
+            if !(l.bandwidth_gbps.is_finite() && l.bandwidth_gbps > 0.0) {
+                issues.push((
+                    "backend.link.bandwidth_gbps".into(),
+                    format!(
+                        "must be > 0 gigabits per second, got {}; remove `link` for no emulation",
+                        l.bandwidth_gbps
+                    ),
+                ));
+            }
+        }
+        if let CommBackendConfig::Mpi { .. } = &self.backend
+            && !cfg!(feature = "mpi")
+        {
+            issues.push((
+                "backend.type".into(),
+                "`mpi` needs a build with `--features mpi`; or use `type: local`".into(),
+            ));
+        }
+        if let CommBackendConfig::Nccl { .. } = &self.backend
+            && !cfg!(feature = "nccl")
+        {
+            issues.push((
+                "backend.type".into(),
+                "`nccl` needs a build with `--features nccl`; or use `type: mpi`".into(),
+            ));
+        }
+        issues
+    }
+}
+
+fn default_timeout_s() -> f64 {
+    300.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_defaults_and_link() {
+        let c: CommConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(c, CommConfig::default());
+        let c: CommConfig = serde_yaml::from_str(
+            "backend: {type: local, link: {latency_us: 2, bandwidth_gbps: 100}}\ntimeout_s: 5",
+        )
+        .unwrap();
+        assert_eq!(c.timeout(), Duration::from_secs(5));
+        assert!(c.validate().is_empty());
+        let c: CommConfig = serde_yaml::from_str("backend: {type: mpi, progress: poll}").unwrap();
+        assert!(matches!(
+            c.backend,
+            CommBackendConfig::Mpi {
+                progress: MpiProgress::Poll,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(serde_yaml::from_str::<CommConfig>("timeout: 5").is_err());
+        assert!(serde_yaml::from_str::<CommConfig>("backend: {type: local, lnk: {}}").is_err());
+        assert!(serde_yaml::from_str::<CommConfig>("backend: {type: gloo}").is_err());
+        let c: CommConfig = serde_yaml::from_str(
+            "backend: {type: local, link: {latency_us: -1, bandwidth_gbps: 0}}\ntimeout_s: 0",
+        )
+        .unwrap();
+        let keys: Vec<_> = c.validate().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            [
+                "timeout_s",
+                "backend.link.latency_us",
+                "backend.link.bandwidth_gbps"
+            ]
+        );
+    }
+}

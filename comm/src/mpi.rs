@@ -1,0 +1,1379 @@
+//! `mpi` backend: raw MPI (through rsmpi's `ffi`) on OpenMPI, initialised with
+//! `MPI_THREAD_MULTIPLE`.
+//!
+//! - Every operation is non-blocking underneath (`MPI_I*`) and owns its buffers until it
+//!   completes, so a timeout can return while MPI still holds them (they are parked, never
+//!   freed under MPI's feet). Blocking calls are the same operation plus a wait.
+//! - Progress: [`MpiProgress::Thread`] runs a background thread that drives MPI's progress
+//!   engine (and answers diagnostic queries) while the caller computes; `Poll` progresses only
+//!   inside `test`/`wait`. `comm-bench overlap-mpi` measures both.
+//! - Timeouts: on expiry the waiting rank asks every member, over a private control
+//!   communicator, how many operations it entered on this communicator and what it is doing;
+//!   the error names the ranks that did not arrive (or did not answer).
+//! - Counts beyond the 32-bit limit (`max_count`) are chunked: all-reduce and broadcast into
+//!   several operations, all-to-all(v) and all-gather(v) into point-to-point messages.
+//! - `verify_collectives` exchanges a signature (operation, type, sizes, the full count
+//!   matrix for all-to-all) before each collective, so mismatches are reported on every rank.
+//!
+//! Each foreign call goes through [`call`], which names the MPI function, the operation, the
+//! communicator and the source location in its error.
+
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void};
+use std::panic::Location;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mpi::ffi as sys;
+
+use crate::config::MpiProgress;
+use crate::{
+    BackendKind, Buffer, Check, CommError, Communicator, DType, PendingOp, ReduceOp, Request,
+    Result,
+};
+
+/// Options of the MPI world.
+#[derive(Debug, Clone)]
+pub struct MpiOptions {
+    pub progress: MpiProgress,
+    pub verify_collectives: bool,
+    pub timeout: Duration,
+    /// Largest element count passed to one MPI call (the C API takes `int` counts and
+    /// displacements); lower it to exercise the chunked paths.
+    pub max_count: usize,
+}
+
+impl Default for MpiOptions {
+    fn default() -> Self {
+        MpiOptions {
+            progress: MpiProgress::Thread,
+            verify_collectives: false,
+            timeout: Duration::from_secs(300),
+            max_count: i32::MAX as usize,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Raw(sys::MPI_Comm);
+// SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE; handles may be used from any thread.
+unsafe impl Send for Raw {}
+unsafe impl Sync for Raw {}
+
+/// Calls one MPI function; a non-success return becomes an error naming the function, the
+/// operation, the communicator and the caller's source location.
+#[track_caller]
+fn call(
+    name: &'static str,
+    op: &str,
+    comm: &str,
+    rank: usize,
+    f: impl FnOnce() -> c_int,
+) -> Result<()> {
+    let rc = f();
+    if rc == sys::MPI_SUCCESS as c_int {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; 512];
+    let mut len: c_int = 0;
+    // SAFETY: the buffer is larger than MPI_MAX_ERROR_STRING (256).
+    unsafe { sys::MPI_Error_string(rc, buf.as_mut_ptr() as *mut _, &mut len) };
+    buf.truncate(len.max(0) as usize);
+    Err(CommError::Backend {
+        backend: "MPI",
+        call: name,
+        op: op.to_string(),
+        comm: comm.to_string(),
+        rank,
+        location: Location::caller().to_string(),
+        detail: format!("error {rc}: {}", String::from_utf8_lossy(&buf)),
+    })
+}
+
+fn datatype(dt: DType) -> sys::MPI_Datatype {
+    // SAFETY: reading MPI's predefined datatype handles after initialisation.
+    unsafe {
+        match dt {
+            DType::F32 => sys::RSMPI_FLOAT,
+            DType::F64 => sys::RSMPI_DOUBLE,
+            DType::I32 => sys::RSMPI_INT32_T,
+            DType::I64 => sys::RSMPI_INT64_T,
+            DType::U8 => sys::RSMPI_UINT8_T,
+            // Moved as 16-bit words; reduced through f32 (see `reduce_view`).
+            DType::BF16 | DType::F16 => sys::RSMPI_UINT16_T,
+        }
+    }
+}
+
+fn mpi_op(op: ReduceOp) -> sys::MPI_Op {
+    // SAFETY: predefined operation handles.
+    unsafe {
+        match op {
+            ReduceOp::Max => sys::RSMPI_MAX,
+            ReduceOp::Sum | ReduceOp::Mean => sys::RSMPI_SUM,
+        }
+    }
+}
+
+/// Empty buffers get a real, aligned address: an empty `Vec<u8>`'s dangling pointer is
+/// `0x1`, which OpenMPI reads as `MPI_IN_PLACE`.
+static EMPTY: [u64; 2] = [0; 2];
+
+fn sptr(b: &Buffer) -> *const u8 {
+    if b.is_empty() {
+        EMPTY.as_ptr() as *const u8
+    } else {
+        b.as_bytes().as_ptr()
+    }
+}
+
+fn rptr(b: &mut Buffer) -> *mut u8 {
+    if b.is_empty() {
+        // MPI writes nothing into a zero-element receive buffer.
+        EMPTY.as_ptr() as *mut u8
+    } else {
+        b.as_bytes_mut().as_mut_ptr()
+    }
+}
+
+const TAG_QUERY: c_int = 1;
+const TAG_REPLY: c_int = 2;
+
+/// Process-wide MPI state shared by every communicator of this world.
+struct Env {
+    control: Raw,
+    world_rank: usize,
+    verify: bool,
+    max_count: usize,
+    inflight: AtomicUsize,
+    stop: AtomicBool,
+    service_lock: Mutex<()>,
+    /// communicator name -> operations entered on it
+    registry: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    activity: Mutex<String>,
+    abandoned: Mutex<Vec<Parked>>,
+}
+
+/// Buffers and requests of an operation that was given up on (timeout, or a dropped
+/// `Request`): kept alive until MPI is done with them.
+#[allow(dead_code)]
+struct Parked {
+    reqs: Vec<sys::MPI_Request>,
+    keep: Vec<Buffer>,
+    ints: Vec<Vec<c_int>>,
+    out: Option<Buffer>,
+}
+unsafe impl Send for Parked {}
+
+impl Env {
+    fn set_activity(&self, s: String) {
+        *self.activity.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    /// Answers diagnostic queries from other ranks; also drives MPI's progress engine.
+    fn service(&self) {
+        let Ok(_g) = self.service_lock.try_lock() else {
+            return;
+        };
+        loop {
+            let mut flag: c_int = 0;
+            // SAFETY: MPI_Status is plain data; MPI fills it.
+            let mut st: sys::MPI_Status = unsafe { std::mem::zeroed() };
+            let r = call(
+                "MPI_Iprobe",
+                "service",
+                "control",
+                self.world_rank,
+                || unsafe {
+                    sys::MPI_Iprobe(
+                        sys::RSMPI_ANY_SOURCE,
+                        TAG_QUERY,
+                        self.control.0,
+                        &mut flag,
+                        &mut st,
+                    )
+                },
+            );
+            if r.is_err() || flag == 0 {
+                return;
+            }
+            let mut n: c_int = 0;
+            unsafe { sys::MPI_Get_count(&st, sys::RSMPI_UINT8_T, &mut n) };
+            let mut q = vec![0u8; n.max(0) as usize];
+            let src = st.MPI_SOURCE;
+            let _ = call(
+                "MPI_Recv",
+                "service",
+                "control",
+                self.world_rank,
+                || unsafe {
+                    sys::MPI_Recv(
+                        q.as_mut_ptr() as *mut c_void,
+                        n,
+                        sys::RSMPI_UINT8_T,
+                        src,
+                        TAG_QUERY,
+                        self.control.0,
+                        sys::RSMPI_STATUS_IGNORE,
+                    )
+                },
+            );
+            let q = String::from_utf8_lossy(&q).to_string();
+            let name = q.split_once(' ').map_or("", |x| x.1);
+            let entered = self
+                .registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(name)
+                .map_or(0, |c| c.load(Ordering::SeqCst));
+            let act = self
+                .activity
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let reply = format!("{q}\n{entered}\n{act}").into_bytes();
+            let _ = call(
+                "MPI_Send",
+                "service",
+                "control",
+                self.world_rank,
+                || unsafe {
+                    sys::MPI_Send(
+                        reply.as_ptr() as *const c_void,
+                        reply.len() as c_int,
+                        sys::RSMPI_UINT8_T,
+                        src,
+                        TAG_REPLY,
+                        self.control.0,
+                    )
+                },
+            );
+        }
+    }
+}
+
+/// Owns the MPI environment: finalises MPI (after stopping the progress thread) on drop.
+/// Keep it alive longer than every communicator.
+pub struct MpiEnv {
+    env: Arc<Env>,
+    thread: Option<JoinHandle<()>>,
+    _universe: mpi::environment::Universe,
+}
+
+impl Drop for MpiEnv {
+    fn drop(&mut self) {
+        self.env.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl MpiEnv {
+    /// rsmpi's own world communicator (for side-by-side benchmarks against plain rsmpi).
+    pub fn rsmpi_world(&self) -> mpi::topology::SimpleCommunicator {
+        self._universe.world()
+    }
+
+    /// Initialises MPI with full thread support and returns the environment and `world`.
+    pub fn init(opts: MpiOptions) -> Result<(MpiEnv, MpiComm)> {
+        let unavailable = |reason: String| CommError::Unavailable {
+            backend: "mpi",
+            reason,
+            hint: "launch with `mpirun` from an MPI built with thread support (OpenMPI from \
+                   Debian is)"
+                .into(),
+        };
+        let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Multiple)
+            .ok_or_else(|| unavailable("MPI was already initialised".into()))?;
+        if threading != mpi::Threading::Multiple {
+            return Err(unavailable(format!(
+                "MPI provides {threading:?} threading, Switchyard needs Multiple"
+            )));
+        }
+        // SAFETY: plain MPI calls on valid handles after initialisation.
+        let world = unsafe { sys::RSMPI_COMM_WORLD };
+        let mut rank: c_int = 0;
+        let mut control: sys::MPI_Comm = unsafe { sys::RSMPI_COMM_NULL };
+        call("MPI_Comm_rank", "init", "world", 0, || unsafe {
+            sys::MPI_Comm_rank(world, &mut rank)
+        })?;
+        call("MPI_Comm_dup", "init", "world", rank as usize, || unsafe {
+            sys::MPI_Comm_dup(world, &mut control)
+        })?;
+        let env = Arc::new(Env {
+            control: Raw(control),
+            world_rank: rank as usize,
+            verify: opts.verify_collectives,
+            max_count: opts.max_count.clamp(1, i32::MAX as usize),
+            inflight: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            service_lock: Mutex::new(()),
+            registry: Mutex::new(HashMap::new()),
+            activity: Mutex::new("starting".into()),
+            abandoned: Mutex::new(Vec::new()),
+        });
+        let thread = match opts.progress {
+            MpiProgress::Poll => None,
+            MpiProgress::Thread => {
+                let e = env.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("mpi-progress".into())
+                        .spawn(move || {
+                            while !e.stop.load(Ordering::SeqCst) {
+                                e.service();
+                                let busy = e.inflight.load(Ordering::SeqCst) > 0;
+                                std::thread::sleep(Duration::from_micros(if busy {
+                                    20
+                                } else {
+                                    1000
+                                }));
+                            }
+                        })
+                        .expect("spawn the MPI progress thread"),
+                )
+            }
+        };
+        let comm = MpiComm::wrap(env.clone(), world, "world".into(), opts.timeout, false)?;
+        Ok((
+            MpiEnv {
+                env,
+                thread,
+                _universe: universe,
+            },
+            comm,
+        ))
+    }
+}
+
+/// One rank's handle on an MPI communicator.
+pub struct MpiComm {
+    raw: Raw,
+    /// A duplicate for the internal point-to-point of chunked collectives.
+    p2p: Raw,
+    name: String,
+    rank: usize,
+    size: usize,
+    world_ranks: Arc<Vec<usize>>,
+    timeout: Duration,
+    entered: Arc<AtomicU64>,
+    env: Arc<Env>,
+    poisoned: Arc<Mutex<Option<String>>>,
+    owned: bool,
+}
+
+impl Drop for MpiComm {
+    fn drop(&mut self) {
+        if self.owned {
+            // SAFETY: we created these handles; MPI_Comm_free is collective-free in effect
+            // (it only marks them for deallocation once pending operations complete).
+            unsafe {
+                sys::MPI_Comm_free(&mut self.raw.0);
+            }
+        }
+        unsafe {
+            sys::MPI_Comm_free(&mut self.p2p.0);
+        }
+    }
+}
+
+impl MpiComm {
+    fn wrap(
+        env: Arc<Env>,
+        raw: sys::MPI_Comm,
+        name: String,
+        timeout: Duration,
+        owned: bool,
+    ) -> Result<MpiComm> {
+        let (mut rank, mut size): (c_int, c_int) = (0, 0);
+        let mut p2p: sys::MPI_Comm = unsafe { sys::RSMPI_COMM_NULL };
+        let c = |f: &'static str, g: &mut dyn FnMut() -> c_int| {
+            call(f, "create", &name, env.world_rank, g)
+        };
+        c("MPI_Comm_set_errhandler", &mut || unsafe {
+            sys::MPI_Comm_set_errhandler(raw, sys::RSMPI_ERRORS_RETURN)
+        })?;
+        c("MPI_Comm_rank", &mut || unsafe {
+            sys::MPI_Comm_rank(raw, &mut rank)
+        })?;
+        c("MPI_Comm_size", &mut || unsafe {
+            sys::MPI_Comm_size(raw, &mut size)
+        })?;
+        c("MPI_Comm_dup", &mut || unsafe {
+            sys::MPI_Comm_dup(raw, &mut p2p)
+        })?;
+        let world_ranks = {
+            let (mut g1, mut g2): (sys::MPI_Group, sys::MPI_Group) =
+                unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+            let ranks: Vec<c_int> = (0..size).collect();
+            let mut out = vec![0 as c_int; size as usize];
+            c("MPI_Comm_group", &mut || unsafe {
+                sys::MPI_Comm_group(raw, &mut g1)
+            })?;
+            c("MPI_Comm_group", &mut || unsafe {
+                sys::MPI_Comm_group(sys::RSMPI_COMM_WORLD, &mut g2)
+            })?;
+            c("MPI_Group_translate_ranks", &mut || unsafe {
+                sys::MPI_Group_translate_ranks(g1, size, ranks.as_ptr(), g2, out.as_mut_ptr())
+            })?;
+            unsafe {
+                sys::MPI_Group_free(&mut g1);
+                sys::MPI_Group_free(&mut g2);
+            }
+            out.into_iter().map(|r| r as usize).collect()
+        };
+        let entered = Arc::new(AtomicU64::new(0));
+        env.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), entered.clone());
+        Ok(MpiComm {
+            raw: Raw(raw),
+            p2p: Raw(p2p),
+            name,
+            rank: rank as usize,
+            size: size as usize,
+            world_ranks: Arc::new(world_ranks),
+            timeout,
+            entered,
+            env,
+            poisoned: Arc::new(Mutex::new(None)),
+            owned,
+        })
+    }
+
+    fn check<'a>(&'a self, op: &'a str) -> Check<'a> {
+        Check {
+            op,
+            comm: &self.name,
+            rank: self.rank,
+            size: self.size,
+        }
+    }
+
+    fn check_poison(&self) -> Result<()> {
+        if let Some(first) = self
+            .poisoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(CommError::Poisoned {
+                comm: self.name.clone(),
+                rank: self.rank,
+                first,
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts building the pending state of operation `op` (a collective when `coll`).
+    fn begin(&self, op: &str, coll: bool, peer: Option<usize>) -> Result<MpiPending> {
+        self.check_poison()?;
+        let seq = if coll {
+            self.entered.fetch_add(1, Ordering::SeqCst)
+        } else {
+            u64::MAX
+        };
+        self.env.inflight.fetch_add(1, Ordering::SeqCst);
+        Ok(MpiPending {
+            op: if coll {
+                format!("{op} #{seq}")
+            } else {
+                op.to_string()
+            },
+            comm: self.name.clone(),
+            rank: self.rank,
+            seq,
+            peer,
+            timeout: self.timeout,
+            world_ranks: self.world_ranks.clone(),
+            env: self.env.clone(),
+            poisoned: self.poisoned.clone(),
+            reqs: Vec::new(),
+            keep: Vec::new(),
+            ints: Vec::new(),
+            out: None,
+            post: None,
+            done: false,
+        })
+    }
+
+    #[track_caller]
+    fn ffi(&self, p: &MpiPending, name: &'static str, f: impl FnOnce() -> c_int) -> Result<()> {
+        call(name, &p.op, &self.name, self.rank, f)
+    }
+
+    /// Exchanges signatures so that every rank sees the same verdict on a mismatch.
+    #[allow(clippy::too_many_arguments)]
+    fn verify(
+        &self,
+        op: &str,
+        code: i64,
+        dtype: Option<DType>,
+        param: i64,
+        len: usize,
+        c1: &[usize],
+        c2: &[usize],
+    ) -> Result<()> {
+        if !self.env.verify {
+            return Ok(());
+        }
+        let n = self.size;
+        let w = 4 + 2 * n;
+        let mut sig = vec![
+            code,
+            dtype.map_or(-1, |d| d.code() as i64),
+            param,
+            len as i64,
+        ];
+        sig.extend((0..n).map(|i| c1.get(i).map_or(-1, |&c| c as i64)));
+        sig.extend((0..n).map(|i| c2.get(i).map_or(-1, |&c| c as i64)));
+        let mut p = self.begin(&format!("{op} (signature check)"), true, None)?;
+        let mut out = Buffer::zeros(DType::I64, w * n);
+        let send = Buffer::I64(sig);
+        let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+        self.ffi(&p, "MPI_Iallgather", || unsafe {
+            sys::MPI_Iallgather(
+                sptr(&send) as *const c_void,
+                w as c_int,
+                sys::RSMPI_INT64_T,
+                rptr(&mut out) as *mut c_void,
+                w as c_int,
+                sys::RSMPI_INT64_T,
+                self.raw.0,
+                &mut req,
+            )
+        })?;
+        p.reqs.push(req);
+        p.keep.push(send);
+        p.out = Some(out);
+        let all = Box::new(p).wait()?.into_vec::<i64>().unwrap();
+        let s = |q: usize| &all[q * w..(q + 1) * w];
+        let names = [
+            "barrier",
+            "broadcast",
+            "all_reduce",
+            "all_gather_v",
+            "reduce_scatter",
+            "all_to_all_v",
+        ];
+        let nm = |c: i64| names.get(c as usize).copied().unwrap_or("?");
+        let mut problem = None;
+        for q in 1..n {
+            let (a, b) = (s(0), s(q));
+            if a[0] != b[0] || a[1] != b[1] || a[2] != b[2] {
+                problem = Some(format!(
+                    "rank 0 called {} (type code {}, root/op {}) while rank {q} called {} (type code {}, root/op {})",
+                    nm(a[0]),
+                    a[1],
+                    a[2],
+                    nm(b[0]),
+                    b[1],
+                    b[2]
+                ));
+            } else if (a[0] == 1 || a[0] == 2) && a[3] != b[3] {
+                problem = Some(format!(
+                    "rank 0 passed {} elements while rank {q} passed {}",
+                    a[3], b[3]
+                ));
+            } else if (a[0] == 3 || a[0] == 4) && a[4..4 + n] != b[4..4 + n] {
+                problem = Some(format!(
+                    "rank 0 passed counts {:?} while rank {q} passed {:?}",
+                    &a[4..4 + n],
+                    &b[4..4 + n]
+                ));
+            }
+            if problem.is_some() {
+                break;
+            }
+        }
+        if problem.is_none() && s(0)[0] == 5 {
+            'outer: for a in 0..n {
+                for b in 0..n {
+                    let sends = s(a)[4 + b];
+                    let expects = s(b)[4 + n + a];
+                    if sends != expects {
+                        problem = Some(format!(
+                            "rank {b} expects {expects} elements from rank {a}, which sends {sends}"
+                        ));
+                        break 'outer;
+                    }
+                }
+            }
+        }
+        if let Some(detail) = problem {
+            let e = CommError::Mismatch {
+                op: op.to_string(),
+                comm: self.name.clone(),
+                rank: self.rank,
+                detail,
+            };
+            self.poisoned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| e.to_string());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Point-to-point exchange in chunks of at most `max_count` elements, on the private
+    /// duplicate communicator (used when counts or displacements exceed the `int` range).
+    fn p2p_exchange(
+        &self,
+        p: &mut MpiPending,
+        dt: DType,
+        send: *const u8,
+        sends: &[(usize, usize, usize)],
+        recv: *mut u8,
+        recvs: &[(usize, usize, usize)],
+    ) -> Result<()> {
+        let es = dt.size_bytes();
+        let m = self.env.max_count;
+        for &(peer, off, cnt) in recvs {
+            for (k, start) in (0..cnt).step_by(m).enumerate() {
+                let c = m.min(cnt - start);
+                let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+                self.ffi(p, "MPI_Irecv", || unsafe {
+                    sys::MPI_Irecv(
+                        recv.add((off + start) * es) as *mut c_void,
+                        c as c_int,
+                        datatype(dt),
+                        peer as c_int,
+                        k as c_int,
+                        self.p2p.0,
+                        &mut req,
+                    )
+                })?;
+                p.reqs.push(req);
+            }
+        }
+        for &(peer, off, cnt) in sends {
+            for (k, start) in (0..cnt).step_by(m).enumerate() {
+                let c = m.min(cnt - start);
+                let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+                self.ffi(p, "MPI_Isend", || unsafe {
+                    sys::MPI_Isend(
+                        send.add((off + start) * es) as *const c_void,
+                        c as c_int,
+                        datatype(dt),
+                        peer as c_int,
+                        k as c_int,
+                        self.p2p.0,
+                        &mut req,
+                    )
+                })?;
+                p.reqs.push(req);
+            }
+        }
+        Ok(())
+    }
+
+    /// All-to-all(v) from `send_ptr` (kept alive by the caller or by `p.keep`) into `out`.
+    fn start_a2a(
+        &self,
+        p: &mut MpiPending,
+        dt: DType,
+        send_ptr: *const u8,
+        sc: &[usize],
+        mut out: Buffer,
+        rc: &[usize],
+    ) -> Result<()> {
+        let n = self.size;
+        let off = |c: &[usize]| {
+            c.iter()
+                .scan(0usize, |a, &x| {
+                    let o = *a;
+                    *a += x;
+                    Some(o)
+                })
+                .collect::<Vec<_>>()
+        };
+        let (sd, rd) = (off(sc), off(rc));
+        let limit = self.env.max_count;
+        let big = sc
+            .iter()
+            .chain(rc)
+            .chain(&sd)
+            .chain(&rd)
+            .any(|&x| x > limit);
+        let recv_ptr = rptr(&mut out);
+        if big {
+            let s: Vec<_> = (0..n)
+                .filter(|&j| sc[j] > 0)
+                .map(|j| (j, sd[j], sc[j]))
+                .collect();
+            let r: Vec<_> = (0..n)
+                .filter(|&j| rc[j] > 0)
+                .map(|j| (j, rd[j], rc[j]))
+                .collect();
+            self.p2p_exchange(p, dt, send_ptr, &s, recv_ptr, &r)?;
+        } else {
+            let ints: Vec<Vec<c_int>> = [sc, &sd, rc, &rd]
+                .iter()
+                .map(|v| v.iter().map(|&x| x as c_int).collect())
+                .collect();
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            self.ffi(p, "MPI_Ialltoallv", || unsafe {
+                sys::MPI_Ialltoallv(
+                    send_ptr as *const c_void,
+                    ints[0].as_ptr(),
+                    ints[1].as_ptr(),
+                    datatype(dt),
+                    recv_ptr as *mut c_void,
+                    ints[2].as_ptr(),
+                    ints[3].as_ptr(),
+                    datatype(dt),
+                    self.raw.0,
+                    &mut req,
+                )
+            })?;
+            p.reqs.push(req);
+            p.ints = ints;
+        }
+        p.out = Some(out);
+        Ok(())
+    }
+
+    /// Start of a reduction: bf16/f16 are reduced as f32 and converted back afterwards.
+    fn reduce_view(buf: Buffer) -> (Buffer, Option<DType>) {
+        match buf.dtype() {
+            DType::BF16 | DType::F16 => {
+                let dt = buf.dtype();
+                (
+                    Buffer::from_fn(DType::F32, buf.len(), |i| buf.get_f64(i)),
+                    Some(dt),
+                )
+            }
+            _ => (buf, None),
+        }
+    }
+
+    fn reduce_post(
+        orig: Option<DType>,
+        mean_over: Option<usize>,
+    ) -> Box<dyn FnOnce(Buffer) -> Buffer + Send> {
+        Box::new(move |mut b: Buffer| {
+            if let Some(n) = mean_over {
+                b.scale_inv(n);
+            }
+            match orig {
+                Some(dt) => Buffer::from_fn(dt, b.len(), |i| b.get_f64(i)),
+                None => b,
+            }
+        })
+    }
+}
+
+/// An in-flight MPI operation; owns every buffer MPI may touch until it completes.
+struct MpiPending {
+    op: String,
+    comm: String,
+    rank: usize,
+    seq: u64,
+    peer: Option<usize>,
+    timeout: Duration,
+    world_ranks: Arc<Vec<usize>>,
+    env: Arc<Env>,
+    poisoned: Arc<Mutex<Option<String>>>,
+    reqs: Vec<sys::MPI_Request>,
+    keep: Vec<Buffer>,
+    ints: Vec<Vec<c_int>>,
+    out: Option<Buffer>,
+    post: Option<Box<dyn FnOnce(Buffer) -> Buffer + Send>>,
+    done: bool,
+}
+// SAFETY: MPI_THREAD_MULTIPLE; request handles may be tested from any thread.
+unsafe impl Send for MpiPending {}
+
+impl Drop for MpiPending {
+    fn drop(&mut self) {
+        if !self.done {
+            // Abandoned (timeout or dropped handle): MPI may still use the buffers.
+            self.env.inflight.fetch_sub(1, Ordering::SeqCst);
+            let parked = Parked {
+                reqs: std::mem::take(&mut self.reqs),
+                keep: std::mem::take(&mut self.keep),
+                ints: std::mem::take(&mut self.ints),
+                out: self.out.take(),
+            };
+            self.env
+                .abandoned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(parked);
+        }
+    }
+}
+
+impl MpiPending {
+    fn test_raw(&mut self) -> Result<bool> {
+        if self.done {
+            return Ok(true);
+        }
+        let mut flag: c_int = 0;
+        let n = self.reqs.len() as c_int;
+        call("MPI_Testall", &self.op, &self.comm, self.rank, || unsafe {
+            sys::MPI_Testall(
+                n,
+                self.reqs.as_mut_ptr(),
+                &mut flag,
+                sys::RSMPI_STATUSES_IGNORE,
+            )
+        })?;
+        if flag != 0 {
+            self.done = true;
+            self.env.inflight.fetch_sub(1, Ordering::SeqCst);
+            if let Some(post) = self.post.take() {
+                let out = self.out.take().unwrap_or_default();
+                self.out = Some(post(out));
+            }
+        }
+        Ok(flag != 0)
+    }
+
+    /// Asks the members what they are doing; returns (missing ranks, detail).
+    fn diagnose(&self) -> (Vec<usize>, String) {
+        if let Some(peer) = self.peer {
+            return (vec![peer], String::new());
+        }
+        let env = &self.env;
+        let query = format!("{} {}", self.seq, self.comm).into_bytes();
+        let others: Vec<usize> = (0..self.world_ranks.len())
+            .filter(|&q| q != self.rank)
+            .collect();
+        for &q in &others {
+            let w = self.world_ranks[q] as c_int;
+            let _ = call(
+                "MPI_Send",
+                "diagnose",
+                "control",
+                env.world_rank,
+                || unsafe {
+                    sys::MPI_Send(
+                        query.as_ptr() as *const c_void,
+                        query.len() as c_int,
+                        sys::RSMPI_UINT8_T,
+                        w,
+                        TAG_QUERY,
+                        env.control.0,
+                    )
+                },
+            );
+        }
+        let mut replies: HashMap<usize, (u64, String)> = HashMap::new();
+        let grace = (self.timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let end = Instant::now() + grace;
+        while Instant::now() < end && replies.len() < others.len() {
+            env.service();
+            let mut flag: c_int = 0;
+            let mut st: sys::MPI_Status = unsafe { std::mem::zeroed() };
+            unsafe {
+                sys::MPI_Iprobe(
+                    sys::RSMPI_ANY_SOURCE,
+                    TAG_REPLY,
+                    env.control.0,
+                    &mut flag,
+                    &mut st,
+                )
+            };
+            if flag == 0 {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let mut n: c_int = 0;
+            unsafe { sys::MPI_Get_count(&st, sys::RSMPI_UINT8_T, &mut n) };
+            let mut b = vec![0u8; n.max(0) as usize];
+            unsafe {
+                sys::MPI_Recv(
+                    b.as_mut_ptr() as *mut c_void,
+                    n,
+                    sys::RSMPI_UINT8_T,
+                    st.MPI_SOURCE,
+                    TAG_REPLY,
+                    env.control.0,
+                    sys::RSMPI_STATUS_IGNORE,
+                )
+            };
+            let text = String::from_utf8_lossy(&b).to_string();
+            let mut lines = text.splitn(3, '\n');
+            if lines.next() != Some(&String::from_utf8_lossy(&query)) {
+                continue; // a late reply to an earlier diagnosis
+            }
+            let entered = lines.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+            let act = lines.next().unwrap_or("").to_string();
+            if let Some(q) = self
+                .world_ranks
+                .iter()
+                .position(|&w| w == st.MPI_SOURCE as usize)
+            {
+                replies.insert(q, (entered, act));
+            }
+        }
+        let mut missing = vec![];
+        let mut detail = String::new();
+        for q in others {
+            match replies.get(&q) {
+                Some((entered, _)) if *entered > self.seq => {}
+                Some((entered, act)) => {
+                    missing.push(q);
+                    detail += &format!(
+                        "; rank {q} (world {}) entered {entered} operations on `{}`, now {act}",
+                        self.world_ranks[q], self.comm
+                    );
+                }
+                None => {
+                    missing.push(q);
+                    detail += &format!(
+                        "; rank {q} (world {}) did not answer (busy outside Switchyard, stuck or dead)",
+                        self.world_ranks[q]
+                    );
+                }
+            }
+        }
+        (missing, detail)
+    }
+}
+
+impl PendingOp for MpiPending {
+    fn test(&mut self) -> Result<bool> {
+        self.test_raw()
+    }
+
+    fn wait(mut self: Box<Self>) -> Result<Buffer> {
+        let deadline = Instant::now() + self.timeout;
+        self.env
+            .set_activity(format!("waiting in {} on `{}`", self.op, self.comm));
+        let mut last_service = Instant::now();
+        while !self.test_raw()? {
+            let now = Instant::now();
+            if now >= deadline {
+                let (missing, detail) = self.diagnose();
+                let e = CommError::Timeout {
+                    op: self.op.clone(),
+                    comm: self.comm.clone(),
+                    rank: self.rank,
+                    size: self.world_ranks.len(),
+                    timeout: self.timeout,
+                    missing,
+                    detail,
+                };
+                self.poisoned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert_with(|| e.to_string());
+                self.env
+                    .set_activity(format!("failed {} on `{}`", self.op, self.comm));
+                return Err(e); // drop parks the buffers
+            }
+            if now - last_service > Duration::from_millis(1) {
+                self.env.service();
+                last_service = now;
+            }
+            std::thread::yield_now();
+        }
+        self.env.set_activity(format!(
+            "outside Switchyard (last: {} on `{}`)",
+            self.op, self.comm
+        ));
+        Ok(self.out.take().unwrap_or_default())
+    }
+}
+
+impl Communicator for MpiComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn backend(&self) -> BackendKind {
+        BackendKind::Mpi
+    }
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+    fn detects_mismatch(&self) -> bool {
+        self.env.verify
+    }
+
+    fn i_barrier(&self) -> Result<Request> {
+        if self.env.verify {
+            // The signature exchange is itself a barrier (blocking, in this debug mode).
+            self.verify("barrier", 0, None, 0, 0, &[], &[])?;
+            return Ok(Request::ready(Buffer::default()));
+        }
+        let mut p = self.begin("barrier", true, None)?;
+        let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+        self.ffi(&p, "MPI_Ibarrier", || unsafe {
+            sys::MPI_Ibarrier(self.raw.0, &mut req)
+        })?;
+        p.reqs.push(req);
+        p.out = Some(Buffer::default());
+        Ok(Request::new(p))
+    }
+
+    fn i_broadcast(&self, mut buf: Buffer, root: usize) -> Result<Request> {
+        self.check("broadcast").peer("root", root)?;
+        self.verify(
+            "broadcast",
+            1,
+            Some(buf.dtype()),
+            root as i64,
+            buf.len(),
+            &[],
+            &[],
+        )?;
+        let mut p = self.begin("broadcast", true, None)?;
+        let (dt, n, es) = (buf.dtype(), buf.len(), buf.dtype().size_bytes());
+        let ptr = rptr(&mut buf);
+        for start in (0..n).step_by(self.env.max_count) {
+            let c = self.env.max_count.min(n - start);
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            self.ffi(&p, "MPI_Ibcast", || unsafe {
+                sys::MPI_Ibcast(
+                    ptr.add(start * es) as *mut c_void,
+                    c as c_int,
+                    datatype(dt),
+                    root as c_int,
+                    self.raw.0,
+                    &mut req,
+                )
+            })?;
+            p.reqs.push(req);
+        }
+        p.out = Some(buf);
+        Ok(Request::new(p))
+    }
+
+    fn i_all_reduce(&self, buf: Buffer, op: ReduceOp) -> Result<Request> {
+        self.check("all_reduce").reduce(buf.dtype(), op)?;
+        self.verify(
+            "all_reduce",
+            2,
+            Some(buf.dtype()),
+            op as i64,
+            buf.len(),
+            &[],
+            &[],
+        )?;
+        let mut p = self.begin("all_reduce", true, None)?;
+        let (send, orig) = MpiComm::reduce_view(buf);
+        let (dt, n, es) = (send.dtype(), send.len(), send.dtype().size_bytes());
+        let mut out = Buffer::zeros(dt, n);
+        let (sp, rp) = (sptr(&send), rptr(&mut out));
+        for start in (0..n).step_by(self.env.max_count) {
+            let c = self.env.max_count.min(n - start);
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            self.ffi(&p, "MPI_Iallreduce", || unsafe {
+                sys::MPI_Iallreduce(
+                    sp.add(start * es) as *const c_void,
+                    rp.add(start * es) as *mut c_void,
+                    c as c_int,
+                    datatype(dt),
+                    mpi_op(op),
+                    self.raw.0,
+                    &mut req,
+                )
+            })?;
+            p.reqs.push(req);
+        }
+        p.keep.push(send);
+        p.out = Some(out);
+        p.post = Some(MpiComm::reduce_post(
+            orig,
+            (op == ReduceOp::Mean).then_some(self.size),
+        ));
+        Ok(Request::new(p))
+    }
+
+    fn i_all_gather_v(&self, send: Buffer, recv_counts: Vec<usize>) -> Result<Request> {
+        let ck = self.check("all_gather_v");
+        let total = ck.counts("recv_counts", &recv_counts)?;
+        ck.len("send", send.len(), recv_counts[self.rank])?;
+        self.verify(
+            "all_gather_v",
+            3,
+            Some(send.dtype()),
+            0,
+            send.len(),
+            &recv_counts,
+            &[],
+        )?;
+        let mut p = self.begin("all_gather_v", true, None)?;
+        let dt = send.dtype();
+        let mut out = Buffer::zeros(dt, total);
+        let displs: Vec<usize> = recv_counts
+            .iter()
+            .scan(0usize, |a, &x| {
+                let o = *a;
+                *a += x;
+                Some(o)
+            })
+            .collect();
+        if total > self.env.max_count {
+            let s: Vec<_> = (0..self.size)
+                .filter(|&j| j != self.rank && !send.is_empty())
+                .map(|j| (j, 0, send.len()))
+                .collect();
+            let r: Vec<_> = (0..self.size)
+                .filter(|&j| j != self.rank && recv_counts[j] > 0)
+                .map(|j| (j, displs[j], recv_counts[j]))
+                .collect();
+            out.copy_from(displs[self.rank], &send, 0..send.len());
+            let rp = rptr(&mut out);
+            self.p2p_exchange(&mut p, dt, sptr(&send), &s, rp, &r)?;
+        } else {
+            let ints: Vec<Vec<c_int>> = vec![
+                recv_counts.iter().map(|&x| x as c_int).collect(),
+                displs.iter().map(|&x| x as c_int).collect(),
+            ];
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            let rp = rptr(&mut out);
+            self.ffi(&p, "MPI_Iallgatherv", || unsafe {
+                sys::MPI_Iallgatherv(
+                    sptr(&send) as *const c_void,
+                    send.len() as c_int,
+                    datatype(dt),
+                    rp as *mut c_void,
+                    ints[0].as_ptr(),
+                    ints[1].as_ptr(),
+                    datatype(dt),
+                    self.raw.0,
+                    &mut req,
+                )
+            })?;
+            p.reqs.push(req);
+            p.ints = ints;
+        }
+        p.keep.push(send);
+        p.out = Some(out);
+        Ok(Request::new(p))
+    }
+
+    fn i_reduce_scatter(
+        &self,
+        send: Buffer,
+        recv_counts: Vec<usize>,
+        op: ReduceOp,
+    ) -> Result<Request> {
+        let ck = self.check("reduce_scatter");
+        ck.reduce(send.dtype(), op)?;
+        let total = ck.counts("recv_counts", &recv_counts)?;
+        ck.len("send", send.len(), total)?;
+        self.verify(
+            "reduce_scatter",
+            4,
+            Some(send.dtype()),
+            op as i64,
+            send.len(),
+            &recv_counts,
+            &[],
+        )?;
+        if total > self.env.max_count {
+            // Beyond the int range: a chunked all-reduce, keeping our block.
+            let off: usize = recv_counts[..self.rank].iter().sum();
+            let mine = recv_counts[self.rank];
+            let r = self.i_all_reduce(send, op)?;
+            let b = r.wait()?;
+            return Ok(Request::ready(b.slice(off..off + mine)));
+        }
+        let mut p = self.begin("reduce_scatter", true, None)?;
+        let (send, orig) = MpiComm::reduce_view(send);
+        let dt = send.dtype();
+        let mut out = Buffer::zeros(dt, recv_counts[self.rank]);
+        let ints = vec![recv_counts.iter().map(|&x| x as c_int).collect::<Vec<_>>()];
+        let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+        let rp = rptr(&mut out);
+        self.ffi(&p, "MPI_Ireduce_scatter", || unsafe {
+            sys::MPI_Ireduce_scatter(
+                sptr(&send) as *const c_void,
+                rp as *mut c_void,
+                ints[0].as_ptr(),
+                datatype(dt),
+                mpi_op(op),
+                self.raw.0,
+                &mut req,
+            )
+        })?;
+        p.reqs.push(req);
+        p.ints = ints;
+        p.keep.push(send);
+        p.out = Some(out);
+        p.post = Some(MpiComm::reduce_post(
+            orig,
+            (op == ReduceOp::Mean).then_some(self.size),
+        ));
+        Ok(Request::new(p))
+    }
+
+    fn i_all_to_all_v(
+        &self,
+        send: Buffer,
+        send_counts: Vec<usize>,
+        recv_counts: Vec<usize>,
+    ) -> Result<Request> {
+        let ck = self.check("all_to_all_v");
+        let total = ck.counts("send_counts", &send_counts)?;
+        let rtotal = ck.counts("recv_counts", &recv_counts)?;
+        ck.len("send", send.len(), total)?;
+        self.verify(
+            "all_to_all_v",
+            5,
+            Some(send.dtype()),
+            0,
+            send.len(),
+            &send_counts,
+            &recv_counts,
+        )?;
+        let mut p = self.begin("all_to_all_v", true, None)?;
+        let out = Buffer::zeros(send.dtype(), rtotal);
+        self.start_a2a(
+            &mut p,
+            send.dtype(),
+            sptr(&send),
+            &send_counts,
+            out,
+            &recv_counts,
+        )?;
+        p.keep.push(send);
+        Ok(Request::new(p))
+    }
+
+    /// Blocking all-to-all(v) without copying the send buffer. On a timeout MPI may still
+    /// read `send`: treat the error as fatal (`abort`), as the trait documents.
+    fn all_to_all_v(
+        &self,
+        send: &Buffer,
+        send_counts: &[usize],
+        recv: &mut Buffer,
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let ck = self.check("all_to_all_v");
+        let total = ck.counts("send_counts", send_counts)?;
+        let rtotal = ck.counts("recv_counts", recv_counts)?;
+        ck.len("send", send.len(), total)?;
+        self.verify(
+            "all_to_all_v",
+            5,
+            Some(send.dtype()),
+            0,
+            send.len(),
+            send_counts,
+            recv_counts,
+        )?;
+        let mut p = self.begin("all_to_all_v", true, None)?;
+        let mut out = std::mem::take(recv);
+        if out.dtype() != send.dtype() || out.len() != rtotal {
+            out = Buffer::zeros(send.dtype(), rtotal);
+        }
+        self.start_a2a(
+            &mut p,
+            send.dtype(),
+            sptr(send),
+            send_counts,
+            out,
+            recv_counts,
+        )?;
+        *recv = Box::new(p).wait()?;
+        Ok(())
+    }
+
+    fn i_send(&self, buf: Buffer, dest: usize, tag: u32) -> Result<Request> {
+        self.check("send").peer("dest", dest)?;
+        let mut p = self.begin(&format!("send(to {dest}, tag {tag})"), false, Some(dest))?;
+        let (dt, n, es) = (buf.dtype(), buf.len(), buf.dtype().size_bytes());
+        let ptr = sptr(&buf);
+        let chunks = n.div_ceil(self.env.max_count).max(1);
+        for k in 0..chunks {
+            let start = k * self.env.max_count;
+            let c = self.env.max_count.min(n - start);
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            self.ffi(&p, "MPI_Isend", || unsafe {
+                sys::MPI_Isend(
+                    ptr.add(start * es) as *const c_void,
+                    c as c_int,
+                    datatype(dt),
+                    dest as c_int,
+                    tag as c_int,
+                    self.raw.0,
+                    &mut req,
+                )
+            })?;
+            p.reqs.push(req);
+        }
+        p.out = Some(buf);
+        Ok(Request::new(p))
+    }
+
+    fn i_recv(&self, mut buf: Buffer, src: usize, tag: u32) -> Result<Request> {
+        self.check("recv").peer("src", src)?;
+        let mut p = self.begin(&format!("recv(from {src}, tag {tag})"), false, Some(src))?;
+        let (dt, n, es) = (buf.dtype(), buf.len(), buf.dtype().size_bytes());
+        let ptr = rptr(&mut buf);
+        let chunks = n.div_ceil(self.env.max_count).max(1);
+        for k in 0..chunks {
+            let start = k * self.env.max_count;
+            let c = self.env.max_count.min(n - start);
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            self.ffi(&p, "MPI_Irecv", || unsafe {
+                sys::MPI_Irecv(
+                    ptr.add(start * es) as *mut c_void,
+                    c as c_int,
+                    datatype(dt),
+                    src as c_int,
+                    tag as c_int,
+                    self.raw.0,
+                    &mut req,
+                )
+            })?;
+            p.reqs.push(req);
+        }
+        p.out = Some(buf);
+        Ok(Request::new(p))
+    }
+
+    fn split(&self, color: u32, key: i32) -> Result<Box<dyn Communicator>> {
+        // A barrier with the timeout first, so a missing rank is named instead of a hang.
+        let seq = self.entered.load(Ordering::SeqCst);
+        self.barrier()?;
+        let mut new: sys::MPI_Comm = unsafe { sys::RSMPI_COMM_NULL };
+        call(
+            "MPI_Comm_split",
+            "split",
+            &self.name,
+            self.rank,
+            || unsafe { sys::MPI_Comm_split(self.raw.0, color as c_int, key as c_int, &mut new) },
+        )?;
+        let name = format!("{}/split{seq}:{color}", self.name);
+        Ok(Box::new(MpiComm::wrap(
+            self.env.clone(),
+            new,
+            name,
+            self.timeout,
+            true,
+        )?))
+    }
+
+    fn abort(&self, reason: &str, code: i32) -> ! {
+        eprintln!(
+            "switchyard-comm: rank {} of `{}` aborts the job: {reason}",
+            self.rank, self.name
+        );
+        // SAFETY: MPI_Abort on a valid communicator; it does not return.
+        unsafe {
+            sys::MPI_Abort(sys::RSMPI_COMM_WORLD, code as c_int);
+        }
+        std::process::exit(code)
+    }
+}
