@@ -7,7 +7,7 @@ use burn::tensor::Device;
 use switchyard_trainer::checkpoint::{self, resume_target};
 use switchyard_trainer::config::Config;
 use switchyard_trainer::data::{Corpus, InputFormat, Tokenizer, build_tokenizer, prepare_data};
-use switchyard_trainer::{bench as bench_impl, train as train_impl};
+use switchyard_trainer::{ablation, bench as bench_impl, train as train_impl};
 
 use crate::config::loader::resolved_yaml;
 
@@ -143,6 +143,22 @@ pub fn bench(cfg: &Config, steps: u64, warmup: u64) -> Result<()> {
     setup_threads(cfg.run.threads)?;
     let corpus = load_data(cfg)?;
     let report = bench_impl::run(cfg, &corpus, steps, warmup)?;
+    println!("{report}");
+    Ok(())
+}
+
+pub fn ablate(cfg: &Config) -> Result<()> {
+    if !matches!(
+        cfg.model.moe.router,
+        switchyard_moe::RouterConfig::TopKSoftmax { .. }
+    ) {
+        bail!(
+            "ablate: the base config must use the vanilla router (model.moe.router.type: top_k_softmax); the variants are derived from it"
+        );
+    }
+    setup_threads(cfg.run.threads)?;
+    let corpus = load_data(cfg)?;
+    let report = ablation::run(cfg, &corpus, &Device::flex().autodiff())?;
     println!("{report}");
     Ok(())
 }

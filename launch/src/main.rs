@@ -65,6 +65,12 @@ enum Command {
         /// Checkpoint directory (`.../step-00000100`).
         path: PathBuf,
     },
+    /// Train vanilla top-k MoE, AdaMoE, MoE++ and RMoE of the same size on the same data and
+    /// compare validation loss, FFN-expert FLOPs per token and MoE-layer throughput.
+    Ablate {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Train for a fixed number of steps and report tokens/s and FLOP/s against the
     /// machine's measured peak.
     Bench {
@@ -159,6 +165,10 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::InspectCheckpoint { path } => commands::inspect(&path),
+        Command::Ablate { config } => {
+            let cfg = load(&config)?;
+            commands::ablate(&cfg)
+        }
         Command::Bench {
             config,
             steps,

@@ -61,7 +61,7 @@ pub struct MoeConfig {
     pub z_loss_coef: f64,
 }
 
-/// How tokens are assigned to experts.
+/// How tokens are assigned to experts: one router family, with its parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RouterConfig {
@@ -69,6 +69,55 @@ pub enum RouterConfig {
     TopKSoftmax {
         /// Renormalise the k selected probabilities to sum to one (Mixtral);
         /// `false` keeps the raw softmax probabilities (Switch, GShard).
+        #[serde(default = "default_true")]
+        normalize_weights: bool,
+    },
+    /// AdaMoE: `num_null` parameter-free null experts join the `num_experts` true ones;
+    /// top-k runs over all of them, so a token may use fewer than k true experts (or none:
+    /// then it passes the layer unchanged).
+    NullExperts {
+        /// `m`, the number of null experts.
+        num_null: usize,
+        /// Which chosen weights are renormalised to sum to one.
+        #[serde(default)]
+        normalize: NullNormalization,
+        /// How the router rows of the null experts start.
+        #[serde(default)]
+        null_init: NullInit,
+        /// "Tight then loose": the load-balancing coefficient drops to `loose_coef` after
+        /// `after_step` optimizer steps (the paper: 0.02 in epoch 1, 0.0001 in epoch 2).
+        #[serde(default)]
+        anneal: Option<BalanceAnneal>,
+    },
+    /// MoE++: zero (discard), copy (skip) and constant experts beside the FFN experts,
+    /// a heterogeneous load-balancing loss weighted by `tau`, and gating residuals.
+    MoePlusPlus {
+        #[serde(default = "default_one")]
+        zero: usize,
+        #[serde(default = "default_one")]
+        copy: usize,
+        #[serde(default = "default_two")]
+        constant: usize,
+        /// Weight of zero-computation experts in the balancing loss and capacity (paper: 0.75).
+        #[serde(default = "default_tau")]
+        tau: f64,
+        /// Each layer's router adds a learned transform of the previous MoE layer's logits.
+        #[serde(default = "default_true")]
+        gating_residual: bool,
+        /// `false` (the paper, Eq. 1) keeps raw softmax weights; `true` (the reference
+        /// code) zeroes zero-expert weights and renormalises the rest over the top-k.
+        #[serde(default)]
+        normalize_weights: bool,
+    },
+    /// RMoE: a per-layer projection feeds one GRU cell shared across layers; each layer's
+    /// router reads the GRU state, and gradients flow through it from layer to layer.
+    Recurrent {
+        /// GRU state size `p` (paper: 128).
+        #[serde(default = "default_state_dim")]
+        state_dim: usize,
+        /// Detach the incoming state (the ablation the paper reports as harmful).
+        #[serde(default)]
+        detach_state: bool,
         #[serde(default = "default_true")]
         normalize_weights: bool,
     },
@@ -80,6 +129,50 @@ impl Default for RouterConfig {
             normalize_weights: true,
         }
     }
+}
+
+/// AdaMoE weight normalisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NullNormalization {
+    /// Over the true experts among the top-k only (the paper's choice): output scale
+    /// matches vanilla MoE.
+    #[default]
+    TrueExperts,
+    /// Over all k chosen, nulls included.
+    AllChosen,
+}
+
+/// Initial router rows of the null experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NullInit {
+    /// Drawn like every other weight.
+    #[default]
+    Random,
+    /// Copied cyclically from the true experts' rows, so the expanded router starts
+    /// balanced (the paper's choice when converting a trained model).
+    CopyTrueRows,
+}
+
+/// The load-balancing coefficient after the "tight" phase.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceAnneal {
+    pub loose_coef: f64,
+    pub after_step: u64,
+}
+
+/// What one routing slot of an MoE layer computes. Slots `0..num_experts` are the FFN
+/// experts (global expert ids); the router's extra slots follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotKind {
+    Ffn,
+    Null,
+    Zero,
+    Copy,
+    /// The i-th constant expert of the layer.
+    Constant(usize),
 }
 
 /// What happens when more tokens choose an expert than it has room for.
@@ -119,6 +212,15 @@ fn default_init_std() -> f64 {
 }
 fn default_one() -> usize {
     1
+}
+fn default_two() -> usize {
+    2
+}
+fn default_tau() -> f64 {
+    0.75
+}
+fn default_state_dim() -> usize {
+    128
 }
 fn default_lb_coef() -> f64 {
     0.01
@@ -213,14 +315,71 @@ impl MoeConfig {
         if self.num_experts == 0 {
             issues.push(("num_experts".into(), "must be positive".into()));
         }
-        if self.top_k == 0 || self.top_k > self.num_experts {
+        let slots = self.num_slots();
+        if self.top_k == 0 || self.top_k > slots {
+            let what = if slots == self.num_experts {
+                format!("num_experts ({})", self.num_experts)
+            } else {
+                format!("the router's {slots} slots (num_experts plus its extra experts)")
+            };
             issues.push((
                 "top_k".into(),
                 format!(
-                    "must be between 1 and num_experts ({}), got {}; lower top_k or add experts",
-                    self.num_experts, self.top_k
+                    "must be between 1 and {what}, got {}; lower top_k or add experts",
+                    self.top_k
                 ),
             ));
+        }
+        match &self.router {
+            RouterConfig::TopKSoftmax { .. } => {}
+            RouterConfig::NullExperts {
+                num_null, anneal, ..
+            } => {
+                if *num_null == 0 {
+                    issues.push((
+                        "router.num_null".into(),
+                        "must be at least 1; use `type: top_k_softmax` for no null experts".into(),
+                    ));
+                }
+                if let Some(a) = anneal
+                    && !(a.loose_coef >= 0.0 && a.loose_coef.is_finite())
+                {
+                    issues.push((
+                        "router.anneal.loose_coef".into(),
+                        "must be a non-negative number (paper: 0.0001)".into(),
+                    ));
+                }
+            }
+            RouterConfig::MoePlusPlus {
+                zero,
+                copy,
+                constant,
+                tau,
+                ..
+            } => {
+                if zero + copy + constant == 0 {
+                    issues.push((
+                        "router".into(),
+                        "MoE++ needs at least one zero, copy or constant expert; \
+                         use `type: top_k_softmax` otherwise"
+                            .into(),
+                    ));
+                }
+                if !(*tau > 0.0 && *tau <= 1.0) {
+                    issues.push((
+                        "router.tau".into(),
+                        format!("must lie in (0, 1] (paper default 0.75), got {tau}"),
+                    ));
+                }
+            }
+            RouterConfig::Recurrent { state_dim, .. } => {
+                if *state_dim == 0 {
+                    issues.push((
+                        "router.state_dim".into(),
+                        "must be positive (paper: 128)".into(),
+                    ));
+                }
+            }
         }
         if self.expert_ffn_dim == 0 {
             issues.push(("expert_ffn_dim".into(), "must be positive".into()));
@@ -259,6 +418,50 @@ impl MoeConfig {
     }
 }
 
+impl MoeConfig {
+    /// What each routing slot computes, in slot order.
+    pub fn slot_kinds(&self) -> Vec<SlotKind> {
+        let mut kinds = vec![SlotKind::Ffn; self.num_experts];
+        match &self.router {
+            RouterConfig::TopKSoftmax { .. } | RouterConfig::Recurrent { .. } => {}
+            RouterConfig::NullExperts { num_null, .. } => {
+                kinds.extend(std::iter::repeat_n(SlotKind::Null, *num_null));
+            }
+            RouterConfig::MoePlusPlus {
+                zero,
+                copy,
+                constant,
+                ..
+            } => {
+                kinds.extend(std::iter::repeat_n(SlotKind::Zero, *zero));
+                kinds.extend(std::iter::repeat_n(SlotKind::Copy, *copy));
+                kinds.extend((0..*constant).map(SlotKind::Constant));
+            }
+        }
+        kinds
+    }
+
+    /// Routing slots: FFN experts plus the router's extra (null / zero-computation) experts.
+    pub fn num_slots(&self) -> usize {
+        self.slot_kinds().len()
+    }
+
+    /// The load-balancing coefficient in force at optimizer step `step` (AdaMoE's
+    /// tight-then-loose schedule; constant otherwise).
+    pub fn load_balance_coef_at(&self, step: u64) -> f64 {
+        match &self.router {
+            RouterConfig::NullExperts {
+                anneal: Some(anneal),
+                ..
+            } if step >= anneal.after_step => anneal.loose_coef,
+            _ => self.load_balance_coef,
+        }
+    }
+}
+
 fn largest_divisor_at_most(n: usize, at_most: usize) -> usize {
-    (1..=at_most.min(n)).rev().find(|d| n.is_multiple_of(*d)).unwrap_or(1)
+    (1..=at_most.min(n))
+        .rev()
+        .find(|d| n.is_multiple_of(*d))
+        .unwrap_or(1)
 }

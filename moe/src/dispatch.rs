@@ -12,24 +12,21 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::router::Routing;
 
-/// Which assignments survive the capacity limit. Assignments are admitted slot by slot
-/// (every token's first choice before any second choice) and, within a slot, in token order,
-/// as in GShard. `capacity = None` keeps everything (dropless).
+/// Which assignments survive the capacity limits. Assignments are admitted choice by
+/// choice (every token's first choice before any second choice) and, within a choice, in
+/// token order, as in GShard. `capacity[e] = None` admits everything routed to slot `e`.
 ///
 /// Returns a flag per assignment, row-major [T, K].
-pub fn admit(routing: &Routing, capacity: Option<usize>) -> Vec<bool> {
+pub fn admit(routing: &Routing, capacity: &[Option<usize>]) -> Vec<bool> {
     let (t, k) = (routing.num_tokens, routing.top_k);
-    let Some(capacity) = capacity else {
-        return vec![true; t * k];
-    };
     let mut load = vec![0usize; routing.num_experts];
     let mut kept = vec![false; t * k];
-    for slot in 0..k {
+    for choice in 0..k {
         for token in 0..t {
-            let e = routing.experts_tk[token * k + slot];
-            if load[e] < capacity {
+            let e = routing.experts_tk[token * k + choice];
+            if capacity[e].is_none_or(|c| load[e] < c) {
                 load[e] += 1;
-                kept[token * k + slot] = true;
+                kept[token * k + choice] = true;
             }
         }
     }
@@ -50,11 +47,13 @@ pub struct DispatchPlan {
 }
 
 impl DispatchPlan {
-    pub fn new(routing: &Routing, kept: &[bool]) -> Self {
+    /// Groups the kept assignments to FFN experts `0..num_ffn` (the slots after them are
+    /// the router's extra experts, computed locally by the layer, never dispatched).
+    pub fn new(routing: &Routing, kept: &[bool], num_ffn: usize) -> Self {
         let k = routing.top_k;
-        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); routing.num_experts];
+        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); num_ffn];
         for (assignment, &e) in routing.experts_tk.iter().enumerate() {
-            if kept[assignment] {
+            if kept[assignment] && e < num_ffn {
                 by_expert[e].push(assignment);
             }
         }

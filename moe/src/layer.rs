@@ -1,39 +1,56 @@
-//! The MoE feed-forward layer: router -> dispatch -> experts -> combine (+ shared experts).
+//! The MoE feed-forward layer: router -> dispatch -> experts -> combine (+ the router's
+//! local extra experts) (+ shared experts).
 //!
-//! Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K top-k,
-//! N routed rows.
+//! Extra experts never enter the dispatcher: null and zero experts contribute nothing,
+//! copy experts return their input, constant experts `a1*x + a2*v` — all computed here, on
+//! every process, at no expert-matmul cost.
+//!
+//! Shape legend: B batch, S sequence, T = B*S tokens, D model dim, N routing slots,
+//! K top-k, R routed rows.
 
 use std::sync::Arc;
 
-use burn::module::Module;
+use burn::module::{Module, Param};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
 
-use crate::config::{CapacityConfig, MoeConfig};
+use crate::config::{CapacityConfig, MoeConfig, RouterConfig, SlotKind};
 use crate::dispatch::{DispatchPlan, LocalDispatcher, TokenDispatcher, admit};
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
-use crate::router::{TopKRouter, aux_losses, expert_fractions};
+use crate::router::{Gru, Router, RouterCarry, Routing, slot_fractions, z_loss};
 
 /// Per-layer routing statistics for metrics.
 #[derive(Debug, Clone, Default)]
 pub struct MoeStats {
-    /// Fraction of routed assignments per expert (before capacity dropping).
+    /// Fraction of routed assignments per FFN expert (before capacity dropping).
     pub expert_fraction: Vec<f64>,
+    /// Fraction of assignments per slot kind: ffn, null, zero, copy, constant.
+    pub kind_fraction: [f64; 5],
+    /// Kept assignments to FFN experts per token (k for vanilla dropless MoE).
+    pub ffn_experts_per_token: f64,
     /// Fraction of assignments dropped by the capacity limit.
     pub dropped_fraction: f64,
     /// Unweighted load-balancing loss (1.0 = balanced).
     pub load_balance: f64,
     pub z_loss: f64,
-    /// Matmul FLOPs spent in routed and shared experts in this forward.
+    /// Matmul FLOPs spent in routed FFN experts in this forward (shared experts excluded).
     pub expert_flops: u64,
+    /// Wall time of this layer's forward (the CPU backend executes eagerly, so this is the
+    /// layer's compute time).
+    pub seconds: f64,
 }
 
+/// Names of `MoeStats::kind_fraction`'s entries.
+pub const KIND_NAMES: [&str; 5] = ["ffn", "null", "zero", "copy", "constant"];
+
 impl MoeStats {
-    /// Max over mean of the per-expert load; 1.0 is perfect balance.
+    /// Max over mean of the per-FFN-expert load; 1.0 is perfect balance.
     pub fn max_over_mean_load(&self) -> f64 {
+        let total: f64 = self.expert_fraction.iter().sum();
         let n = self.expert_fraction.len().max(1) as f64;
         let max = self.expert_fraction.iter().cloned().fold(0.0, f64::max);
-        max * n
+        if total == 0.0 { 0.0 } else { max * n / total }
     }
 }
 
@@ -41,16 +58,48 @@ impl MoeStats {
 pub struct MoeOutput {
     /// [B, S, D]
     pub y: Tensor<3>,
-    /// `lb_coef * load_balance + z_coef * z_loss`: scalar [1], added to the training loss.
-    pub aux_loss: Tensor<1>,
+    /// Load-balancing loss of the router family, before its coefficient: [1].
+    pub load_balance: Tensor<1>,
+    /// Router z-loss, before its coefficient: [1].
+    pub z_loss: Tensor<1>,
     pub stats: MoeStats,
+}
+
+/// MoE++ constant expert: `a1 * x + a2 * v` with `[a1, a2] = softmax(x W_c)`.
+#[derive(Module, Debug)]
+pub struct ConstantExpert {
+    /// [D, 2]
+    pub w_mix: Param<Tensor<2>>,
+    /// [D]
+    pub v: Param<Tensor<1>>,
+}
+
+impl ConstantExpert {
+    fn new(d_model: usize, init: &mut Initializer) -> Self {
+        Self {
+            w_mix: init.normal([d_model, 2]),
+            // The reference code draws v from N(0, 1).
+            v: init.normal_with_std([d_model], 1.0),
+        }
+    }
+
+    /// x: [T, D] -> [T, D]
+    pub fn forward(&self, x_td: Tensor<2>) -> Tensor<2> {
+        let [t, d] = x_td.dims();
+        let mix_t2 = softmax(x_td.clone().matmul(self.w_mix.val()), 1);
+        let a1 = mix_t2.clone().slice([0..t, 0..1]);
+        let a2 = mix_t2.slice([0..t, 1..2]);
+        x_td * a1 + self.v.val().reshape([1, d]) * a2
+    }
 }
 
 #[derive(Module, Debug)]
 pub struct MoeLayer {
-    pub router: TopKRouter,
-    /// Routed experts, indexed by global expert id.
+    pub router: Router,
+    /// Routed FFN experts, indexed by global expert id.
     pub experts: Vec<SwiGlu>,
+    /// MoE++ constant experts.
+    pub constants: Vec<ConstantExpert>,
     /// Always-on shared experts.
     pub shared: Vec<SwiGlu>,
     #[module(skip)]
@@ -58,16 +107,22 @@ pub struct MoeLayer {
     #[module(skip)]
     capacity: CapacityConfig,
     #[module(skip)]
-    load_balance_coef: f64,
-    #[module(skip)]
-    z_loss_coef: f64,
+    tau: Option<f64>,
 }
 
 impl MoeLayer {
     pub fn new(d_model: usize, cfg: &MoeConfig, init: &mut Initializer) -> Self {
-        let router = TopKRouter::new(d_model, cfg, init);
+        let router = Router::new(d_model, cfg, init);
         let experts = (0..cfg.num_experts)
             .map(|_| SwiGlu::new(d_model, cfg.expert_ffn_dim, init))
+            .collect();
+        let constant_count = cfg
+            .slot_kinds()
+            .iter()
+            .filter(|k| matches!(k, SlotKind::Constant(_)))
+            .count();
+        let constants = (0..constant_count)
+            .map(|_| ConstantExpert::new(d_model, init))
             .collect();
         let shared = cfg
             .shared_expert
@@ -78,14 +133,18 @@ impl MoeLayer {
                     .collect()
             })
             .unwrap_or_default();
+        let tau = match cfg.router {
+            RouterConfig::MoePlusPlus { tau, .. } => Some(tau),
+            _ => None,
+        };
         Self {
             router,
             experts,
+            constants,
             shared,
             dispatcher: Arc::new(LocalDispatcher),
             capacity: cfg.capacity,
-            load_balance_coef: cfg.load_balance_coef,
-            z_loss_coef: cfg.z_loss_coef,
+            tau,
         }
     }
 
@@ -95,20 +154,47 @@ impl MoeLayer {
         self
     }
 
-    fn capacity(&self, num_tokens: usize, top_k: usize) -> Option<usize> {
-        match self.capacity {
-            CapacityConfig::Dropless => None,
-            CapacityConfig::Drop { factor } => {
-                let per_expert = (num_tokens * top_k) as f64 / self.experts.len() as f64;
-                Some(((factor * per_expert).ceil() as usize).max(1))
-            }
-        }
+    /// Capacity per routing slot for `assignments = T * K` routed assignments. Null slots
+    /// are never limited (they cost nothing). MoE++ splits capacity between FFN and
+    /// zero-computation slots as its Eq. 8: `gamma * tau * A / (tau * N_ffn + N_zc)` and
+    /// `gamma * A / (tau * N_ffn + N_zc)`; with tau = 1 this is the usual `gamma * A / N`.
+    pub fn capacities(&self, assignments: usize) -> Vec<Option<usize>> {
+        let kinds = self.router.slot_kinds();
+        let CapacityConfig::Drop { factor } = self.capacity else {
+            return vec![None; kinds.len()];
+        };
+        let tau = self.tau.unwrap_or(1.0);
+        let n_ffn = kinds.iter().filter(|k| **k == SlotKind::Ffn).count() as f64;
+        let n_other = kinds
+            .iter()
+            .filter(|k| !matches!(k, SlotKind::Ffn | SlotKind::Null))
+            .count() as f64;
+        let n_null = kinds.len() as f64 - n_ffn - n_other;
+        // Null slots take their share of assignments without needing capacity.
+        let denominator = tau * (n_ffn + n_null) + n_other;
+        let a = assignments as f64;
+        kinds
+            .iter()
+            .map(|kind| {
+                let share = match kind {
+                    SlotKind::Null => return None,
+                    SlotKind::Ffn => tau * a / denominator,
+                    _ => a / denominator,
+                };
+                Some(((factor * share).ceil() as usize).max(1))
+            })
+            .collect()
     }
 
     /// x: [B, S, D] -> y: [B, S, D], through the token dispatcher.
-    pub fn forward(&self, x_bsd: Tensor<3>) -> MoeOutput {
-        self.forward_with(x_bsd, |layer, x_td, routing, kept| {
-            let plan = DispatchPlan::new(routing, kept);
+    pub fn forward(
+        &self,
+        x_bsd: Tensor<3>,
+        carry: &mut RouterCarry,
+        gru: Option<&Gru>,
+    ) -> MoeOutput {
+        self.forward_with(x_bsd, carry, gru, |layer, x_td, routing, kept| {
+            let plan = DispatchPlan::new(routing, kept, layer.experts.len());
             let dispatched = layer.dispatcher.dispatch(x_td, plan);
             let out_nd = layer.run_experts(dispatched.rows_nd, &dispatched.local_experts);
             let y_td =
@@ -124,63 +210,121 @@ impl MoeLayer {
         })
     }
 
-    /// The oracle: every expert runs on every token, and its output is weighted by the
+    /// The oracle: every FFN expert runs on every token, and its output is weighted by the
     /// token's routing weight for that expert (zero when not chosen or dropped). No
-    /// permutation, no dispatcher: slow and obviously right.
-    pub fn forward_reference(&self, x_bsd: Tensor<3>) -> MoeOutput {
-        self.forward_with(x_bsd, |layer, x_td, routing, kept| {
-            let device = x_td.device();
-            let (t, k) = (routing.num_tokens, routing.top_k);
-            let [_, d] = x_td.dims();
-            let mut y_td = Tensor::<2>::zeros([t, d], &device);
+    /// permutation, no dispatcher: slow and obviously right. Expert FLOPs are reported as
+    /// the routed ones, so both paths agree on cost.
+    pub fn forward_reference(
+        &self,
+        x_bsd: Tensor<3>,
+        carry: &mut RouterCarry,
+        gru: Option<&Gru>,
+    ) -> MoeOutput {
+        self.forward_with(x_bsd, carry, gru, |layer, x_td, routing, kept| {
+            let mut y_td = x_td.zeros_like();
+            let mut routed_rows = 0;
             for (e, expert) in layer.experts.iter().enumerate() {
-                let mask: Vec<f32> = (0..t * k)
-                    .map(|a| (routing.experts_tk[a] == e && kept[a]) as u8 as f32)
-                    .collect();
-                let mask_tk = Tensor::<2>::from_data(TensorData::new(mask, [t, k]), &device);
-                let gate_t1 = (routing.weights_tk.clone() * mask_tk).sum_dim(1);
+                let gate_t1 = gate_of_slot(routing, kept, e);
                 y_td = y_td + expert.forward(x_td.clone()) * gate_t1;
+                routed_rows += (0..kept.len())
+                    .filter(|&a| kept[a] && routing.experts_tk[a] == e)
+                    .count();
             }
-            let flops = layer.experts.iter().map(|e| e.forward_flops(t)).sum();
+            let flops = layer
+                .experts
+                .first()
+                .map(|e| e.forward_flops(routed_rows))
+                .unwrap_or(0);
             (y_td, flops)
         })
     }
 
-    /// Routing, capacity, shared experts and auxiliary losses around a routed-expert core.
+    /// Routing, capacity, extra experts, shared experts and auxiliary losses around a
+    /// routed-FFN-expert core.
     fn forward_with(
         &self,
         x_bsd: Tensor<3>,
-        routed: impl FnOnce(&Self, Tensor<2>, &crate::router::Routing, &[bool]) -> (Tensor<2>, u64),
+        carry: &mut RouterCarry,
+        gru: Option<&Gru>,
+        routed: impl FnOnce(&Self, Tensor<2>, &Routing, &[bool]) -> (Tensor<2>, u64),
     ) -> MoeOutput {
+        let started = std::time::Instant::now();
         let [b, s, d] = x_bsd.dims();
         let x_td = x_bsd.reshape([b * s, d]);
-        let routing = self.router.forward(x_td.clone());
-        let kept = admit(&routing, self.capacity(routing.num_tokens, routing.top_k));
-        let (mut y_td, mut expert_flops) = routed(self, x_td.clone(), &routing, &kept);
+        let routing = self.router.forward(x_td.clone(), carry, gru);
+        let kept = admit(
+            &routing,
+            &self.capacities(routing.num_tokens * routing.top_k),
+        );
+        let (mut y_td, expert_flops) = routed(self, x_td.clone(), &routing, &kept);
+        y_td = y_td + self.extra_experts(x_td.clone(), &routing, &kept);
         for shared in &self.shared {
             y_td = y_td + shared.forward(x_td.clone());
-            expert_flops += shared.forward_flops(b * s);
         }
-        let aux = aux_losses(&routing);
-        let load_balance = scalar(&aux.load_balance);
-        let z_loss = scalar(&aux.z_loss);
-        let aux_loss =
-            aux.load_balance * self.load_balance_coef as f32 + aux.z_loss * self.z_loss_coef as f32;
-        let dropped = kept.iter().filter(|&&k| !k).count() as f64 / kept.len().max(1) as f64;
+        let load_balance = self.router.load_balance_loss(&routing);
+        let z = z_loss(&routing);
+        let mut stats = self.stats(&routing, &kept, &load_balance, &z, expert_flops);
+        stats.seconds = started.elapsed().as_secs_f64();
         MoeOutput {
             y: y_td.reshape([b, s, d]),
-            aux_loss,
-            stats: MoeStats {
-                expert_fraction: expert_fractions(&routing),
-                dropped_fraction: dropped,
-                load_balance,
-                z_loss,
-                expert_flops,
-            },
+            load_balance,
+            z_loss: z,
+            stats,
         }
     }
 
-    /// rows: [N, D] grouped by expert as in `local_experts` -> outputs [N, D], same order.
+    /// Sum over copy and constant slots of weight * E(x); null and zero slots add nothing.
+    fn extra_experts(&self, x_td: Tensor<2>, routing: &Routing, kept: &[bool]) -> Tensor<2> {
+        let mut y_td = x_td.zeros_like();
+        for (slot, kind) in self.router.slot_kinds().iter().enumerate() {
+            let output = match kind {
+                SlotKind::Ffn | SlotKind::Null | SlotKind::Zero => continue,
+                SlotKind::Copy => x_td.clone(),
+                SlotKind::Constant(i) => self.constants[*i].forward(x_td.clone()),
+            };
+            y_td = y_td + output * gate_of_slot(routing, kept, slot);
+        }
+        y_td
+    }
+
+    fn stats(
+        &self,
+        routing: &Routing,
+        kept: &[bool],
+        load_balance: &Tensor<1>,
+        z: &Tensor<1>,
+        expert_flops: u64,
+    ) -> MoeStats {
+        let kinds = self.router.slot_kinds();
+        let fractions = slot_fractions(routing);
+        let mut kind_fraction = [0.0; 5];
+        for (slot, kind) in kinds.iter().enumerate() {
+            let index = match kind {
+                SlotKind::Ffn => 0,
+                SlotKind::Null => 1,
+                SlotKind::Zero => 2,
+                SlotKind::Copy => 3,
+                SlotKind::Constant(_) => 4,
+            };
+            kind_fraction[index] += fractions[slot];
+        }
+        let kept_ffn = (0..kept.len())
+            .filter(|&a| kept[a] && kinds[routing.experts_tk[a]] == SlotKind::Ffn)
+            .count();
+        let dropped = kept.iter().filter(|&&k| !k).count();
+        MoeStats {
+            expert_fraction: fractions[..self.experts.len()].to_vec(),
+            kind_fraction,
+            ffn_experts_per_token: kept_ffn as f64 / routing.num_tokens.max(1) as f64,
+            dropped_fraction: dropped as f64 / kept.len().max(1) as f64,
+            load_balance: scalar(load_balance),
+            z_loss: scalar(z),
+            expert_flops,
+            seconds: 0.0,
+        }
+    }
+
+    /// rows: [R, D] grouped by expert as in `local_experts` -> outputs [R, D], same order.
     fn run_experts(&self, rows_nd: Tensor<2>, local_experts: &[(usize, usize)]) -> Tensor<2> {
         let [_, d] = rows_nd.dims();
         let mut outputs = Vec::with_capacity(local_experts.len());
@@ -198,6 +342,17 @@ impl MoeLayer {
         }
         Tensor::cat(outputs, 0)
     }
+}
+
+/// Per token, the summed routing weight of its kept assignments to `slot`: [T, 1].
+fn gate_of_slot(routing: &Routing, kept: &[bool], slot: usize) -> Tensor<2> {
+    let (t, k) = (routing.num_tokens, routing.top_k);
+    let mask: Vec<f32> = (0..t * k)
+        .map(|a| (routing.experts_tk[a] == slot && kept[a]) as u8 as f32)
+        .collect();
+    let device = routing.weights_tk.device();
+    let mask_tk = Tensor::<2>::from_data(TensorData::new(mask, [t, k]), &device);
+    (routing.weights_tk.clone() * mask_tk).sum_dim(1)
 }
 
 fn scalar(t: &Tensor<1>) -> f64 {

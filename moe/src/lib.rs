@@ -11,7 +11,9 @@ pub mod model;
 pub mod params;
 pub mod router;
 
-pub use config::{CapacityConfig, ModelConfig, MoeConfig, RouterConfig, SharedExpertConfig};
+pub use config::{
+    CapacityConfig, ModelConfig, MoeConfig, RouterConfig, SharedExpertConfig, SlotKind,
+};
 pub use dispatch::{LocalDispatcher, TokenDispatcher};
 pub use layer::{MoeLayer, MoeStats};
 pub use model::{Transformer, cross_entropy};

@@ -10,10 +10,11 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RouterConfig};
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
 use crate::layer::{MoeLayer, MoeStats};
+use crate::router::{Gru, RouterCarry};
 
 #[derive(Module, Debug)]
 pub struct RmsNorm {
@@ -155,14 +156,18 @@ pub struct Transformer {
     pub final_norm: RmsNorm,
     /// [D, V]; absent when tied to `embed`.
     pub lm_head: Option<Param<Tensor<2>>>,
+    /// RMoE: the GRU cell shared by every MoE layer's router.
+    pub router_gru: Option<Gru>,
 }
 
 /// Output of a forward pass.
 pub struct ModelOutput {
     /// [B, S, V]
     pub logits: Tensor<3>,
-    /// Sum of the MoE layers' auxiliary losses (already scaled by their coefficients): [1].
-    pub aux_loss: Tensor<1>,
+    /// Sum over MoE layers of the load-balancing losses, before the coefficient: [1].
+    pub load_balance: Tensor<1>,
+    /// Sum over MoE layers of the router z-losses, before the coefficient: [1].
+    pub z_loss: Tensor<1>,
     /// One entry per MoE layer, in layer order, with its layer index.
     pub moe_stats: Vec<(usize, MoeStats)>,
 }
@@ -195,11 +200,16 @@ impl Transformer {
         let final_norm = RmsNorm::new(cfg.d_model, cfg.norm_eps, &mut init);
         let lm_head = (!cfg.tie_embeddings)
             .then(|| init.normal_with_std([cfg.d_model, cfg.vocab_size], out_std));
+        let router_gru = match cfg.moe.router {
+            RouterConfig::Recurrent { state_dim, .. } => Some(Gru::new(state_dim, &mut init)),
+            _ => None,
+        };
         Self {
             embed,
             layers,
             final_norm,
             lm_head,
+            router_gru,
         }
     }
 
@@ -222,8 +232,12 @@ impl Transformer {
             .clone()
             .select(0, tokens_bs.reshape([b * s]))
             .reshape([b, s, d]);
-        let mut aux_loss = Tensor::<1>::zeros([1], &device);
+        let mut load_balance = Tensor::<1>::zeros([1], &device);
+        let mut z_loss = Tensor::<1>::zeros([1], &device);
         let mut moe_stats = Vec::new();
+        // Router state from one MoE layer to the next (gating residuals, RMoE's GRU state).
+        let mut carry = RouterCarry::default();
+        let gru = self.router_gru.as_ref();
         for (index, block) in self.layers.iter().enumerate() {
             x_bsd = x_bsd.clone() + block.attn.forward(block.attn_norm.forward(x_bsd));
             let h_bsd = block.ffn_norm.forward(x_bsd.clone());
@@ -234,11 +248,12 @@ impl Transformer {
                 }
                 (None, Some(moe)) => {
                     let out = if reference {
-                        moe.forward_reference(h_bsd)
+                        moe.forward_reference(h_bsd, &mut carry, gru)
                     } else {
-                        moe.forward(h_bsd)
+                        moe.forward(h_bsd, &mut carry, gru)
                     };
-                    aux_loss = aux_loss + out.aux_loss;
+                    load_balance = load_balance + out.load_balance;
+                    z_loss = z_loss + out.z_loss;
                     moe_stats.push((index, out.stats));
                     out.y
                 }
@@ -254,9 +269,18 @@ impl Transformer {
         let logits = h_bsd.matmul(head_dv.unsqueeze::<3>());
         ModelOutput {
             logits,
-            aux_loss,
+            load_balance,
+            z_loss,
             moe_stats,
         }
+    }
+}
+
+impl ModelOutput {
+    /// The auxiliary loss added to the cross-entropy at optimizer step `step`.
+    pub fn aux_loss(&self, cfg: &ModelConfig, step: u64) -> Tensor<1> {
+        self.load_balance.clone() * cfg.moe.load_balance_coef_at(step) as f32
+            + self.z_loss.clone() * cfg.moe.z_loss_coef as f32
     }
 }
 

@@ -1,68 +1,211 @@
-//! Routers: which experts each token visits, and with what weight.
+//! Routers: which routing slots each token visits, and with what weight.
 //!
-//! Shape legend: T tokens, D model dim, E experts, K top-k.
+//! One `Router` type covers the router families of the config enum; what differs is how
+//! the logits are computed (plain, + gating residual, from a recurrent state), how the
+//! top-k weights are normalised, and the balancing loss.
+//!
+//! Shape legend: T tokens, D model dim, N routing slots (FFN experts + extra experts),
+//! K top-k, P recurrent state size.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{log_softmax, softmax};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::{DType, Tensor, TensorData};
 
-use crate::config::{MoeConfig, RouterConfig};
+use crate::config::{MoeConfig, NullInit, NullNormalization, RouterConfig, SlotKind};
 use crate::init::Initializer;
 
 /// What a router decides for a batch of tokens.
 #[derive(Debug, Clone)]
 pub struct Routing {
-    /// Weight of each chosen expert, fp32, differentiable: [T, K].
+    /// Weight of each chosen slot, fp32, differentiable: [T, K].
     pub weights_tk: Tensor<2>,
-    /// Chosen experts, on the host, row-major [T, K].
+    /// Chosen slots, on the host, row-major [T, K].
     pub experts_tk: Vec<usize>,
     pub num_tokens: usize,
     pub top_k: usize,
+    /// Routing slots N (FFN experts first, then the extra experts).
     pub num_experts: usize,
-    /// Softmax probabilities over all experts, fp32: [T, E] (for the balancing loss).
+    /// Softmax probabilities over all slots, fp32: [T, N] (for the balancing loss).
     pub probs_te: Tensor<2>,
-    /// Raw router logits, fp32: [T, E] (for the z-loss).
+    /// Router logits, fp32: [T, N] (for the z-loss and the next layer's gating residual).
     pub logits_te: Tensor<2>,
 }
 
-/// Top-k softmax router (Switch / GShard / Mixtral).
-#[derive(Module, Debug)]
-pub struct TopKRouter {
-    /// [D, E]
-    pub w_gate: Param<Tensor<2>>,
-    #[module(skip)]
-    top_k: usize,
-    #[module(skip)]
-    normalize_weights: bool,
+/// State that travels from one MoE layer's router to the next within a forward pass.
+#[derive(Debug, Clone, Default)]
+pub struct RouterCarry {
+    /// MoE++: the previous MoE layer's logits [T, N].
+    pub prev_logits: Option<Tensor<2>>,
+    /// RMoE: the GRU state after the previous MoE layer [T, P].
+    pub state: Option<Tensor<2>>,
 }
 
-impl TopKRouter {
-    pub fn new(d_model: usize, cfg: &MoeConfig, init: &mut Initializer) -> Self {
-        let RouterConfig::TopKSoftmax { normalize_weights } = cfg.router;
+/// The GRU cell RMoE shares across layers: the recurrence runs over depth, every token in
+/// parallel. Standard GRU update (the paper's Eq. 3 writes `W_h` for both the input and the
+/// state term of the candidate; we use a separate `U_h` as every GRU does).
+#[derive(Module, Debug)]
+pub struct Gru {
+    /// [P, P] each
+    pub w_reset: Param<Tensor<2>>,
+    pub u_reset: Param<Tensor<2>>,
+    pub w_update: Param<Tensor<2>>,
+    pub u_update: Param<Tensor<2>>,
+    pub w_cand: Param<Tensor<2>>,
+    pub u_cand: Param<Tensor<2>>,
+    /// [P] each
+    pub b_reset: Param<Tensor<1>>,
+    pub b_update: Param<Tensor<1>>,
+    pub b_cand: Param<Tensor<1>>,
+}
+
+impl Gru {
+    pub fn new(state_dim: usize, init: &mut Initializer) -> Self {
+        let std = 1.0 / (state_dim as f64).sqrt();
+        let mut w = || init.normal_with_std([state_dim, state_dim], std);
+        let (w_reset, u_reset, w_update, u_update, w_cand, u_cand) = (w(), w(), w(), w(), w(), w());
+        let mut b = || init.normal_with_std([state_dim], 0.0);
         Self {
-            w_gate: init.normal([d_model, cfg.num_experts]),
-            top_k: cfg.top_k,
-            normalize_weights,
+            w_reset,
+            u_reset,
+            w_update,
+            u_update,
+            w_cand,
+            u_cand,
+            b_reset: b(),
+            b_update: b(),
+            b_cand: b(),
         }
     }
 
+    /// x: [T, P], h: [T, P] -> new h [T, P].
+    pub fn forward(&self, x_tp: Tensor<2>, h_tp: Tensor<2>) -> Tensor<2> {
+        let bias = |b: &Param<Tensor<1>>| b.val().unsqueeze::<2>();
+        let reset = sigmoid(
+            x_tp.clone().matmul(self.w_reset.val())
+                + h_tp.clone().matmul(self.u_reset.val())
+                + bias(&self.b_reset),
+        );
+        let update = sigmoid(
+            x_tp.clone().matmul(self.w_update.val())
+                + h_tp.clone().matmul(self.u_update.val())
+                + bias(&self.b_update),
+        );
+        let candidate = (x_tp.matmul(self.w_cand.val())
+            + reset * h_tp.clone().matmul(self.u_cand.val())
+            + bias(&self.b_cand))
+        .tanh();
+        (update.ones_like() - update.clone()) * candidate + update * h_tp
+    }
+}
+
+/// One MoE layer's router.
+#[derive(Module, Debug)]
+pub struct Router {
+    /// [D, N], or [P, N] for the recurrent router.
+    pub w_gate: Param<Tensor<2>>,
+    /// MoE++ gating residual: [N, N].
+    pub w_residual: Option<Param<Tensor<2>>>,
+    /// RMoE per-layer projection into the GRU: [D, P].
+    pub w_proj: Option<Param<Tensor<2>>>,
+    #[module(skip)]
+    cfg: RouterConfig,
+    #[module(skip)]
+    top_k: usize,
+    #[module(skip)]
+    kinds: Vec<SlotKind>,
+}
+
+impl Router {
+    pub fn new(d_model: usize, cfg: &MoeConfig, init: &mut Initializer) -> Self {
+        let kinds = cfg.slot_kinds();
+        let slots = kinds.len();
+        let (w_gate, w_residual, w_proj) = match &cfg.router {
+            RouterConfig::TopKSoftmax { .. } => (init.normal([d_model, slots]), None, None),
+            RouterConfig::NullExperts { null_init, .. } => {
+                let w = init.normal([d_model, slots]);
+                let w = match null_init {
+                    NullInit::Random => w,
+                    NullInit::CopyTrueRows => {
+                        let true_rows = w.val().slice([0..d_model, 0..cfg.num_experts]);
+                        Param::from_tensor(expand_with_copies(true_rows, slots).detach())
+                    }
+                };
+                (w, None, None)
+            }
+            RouterConfig::MoePlusPlus {
+                gating_residual, ..
+            } => (
+                init.normal([d_model, slots]),
+                gating_residual.then(|| init.normal([slots, slots])),
+                None,
+            ),
+            RouterConfig::Recurrent { state_dim, .. } => (
+                init.normal_with_std([*state_dim, slots], 1.0 / (*state_dim as f64).sqrt()),
+                None,
+                Some(init.normal([d_model, *state_dim])),
+            ),
+        };
+        Self {
+            w_gate,
+            w_residual,
+            w_proj,
+            cfg: cfg.router.clone(),
+            top_k: cfg.top_k,
+            kinds,
+        }
+    }
+
+    pub fn slot_kinds(&self) -> &[SlotKind] {
+        &self.kinds
+    }
+
     /// x: [T, D] -> routing decisions. Computed in fp32 whatever the activation dtype.
-    pub fn forward(&self, x_td: Tensor<2>) -> Routing {
+    /// Reads and updates `carry` (gating residual, recurrent state); `gru` is the model's
+    /// shared cell, required by the recurrent router.
+    pub fn forward(&self, x_td: Tensor<2>, carry: &mut RouterCarry, gru: Option<&Gru>) -> Routing {
         let x_td = x_td.cast(DType::F32);
-        let w_de = self.w_gate.val().cast(DType::F32);
-        let logits_te = x_td.matmul(w_de);
+        let w_gate = self.w_gate.val().cast(DType::F32);
+        let logits_te = match &self.cfg {
+            RouterConfig::TopKSoftmax { .. } | RouterConfig::NullExperts { .. } => {
+                x_td.matmul(w_gate)
+            }
+            RouterConfig::MoePlusPlus { .. } => {
+                let own = x_td.matmul(w_gate);
+                match (&self.w_residual, carry.prev_logits.take()) {
+                    (Some(w_res), Some(prev)) => own + prev.matmul(w_res.val().cast(DType::F32)),
+                    _ => own,
+                }
+            }
+            RouterConfig::Recurrent { detach_state, .. } => {
+                let gru = gru.expect("the recurrent router needs the model's shared GRU");
+                let proj = self
+                    .w_proj
+                    .as_ref()
+                    .expect("recurrent router has a projection");
+                let x_tp = x_td.matmul(proj.val().cast(DType::F32));
+                let h_prev = match carry.state.take() {
+                    Some(h) if *detach_state => h.detach(),
+                    Some(h) => h,
+                    None => x_tp.zeros_like(),
+                };
+                let h_tp = gru.forward(x_tp, h_prev);
+                carry.state = Some(h_tp.clone());
+                h_tp.matmul(w_gate)
+            }
+        };
+        if matches!(self.cfg, RouterConfig::MoePlusPlus { .. }) {
+            carry.prev_logits = Some(logits_te.clone());
+        }
         let [num_tokens, num_experts] = logits_te.dims();
         let probs_te = softmax(logits_te.clone(), 1);
-        let (mut weights_tk, experts_tk) = probs_te.clone().topk_with_indices(self.top_k, 1);
-        if self.normalize_weights {
-            weights_tk = weights_tk.clone() / weights_tk.sum_dim(1);
-        }
+        let (raw_tk, experts_tk) = probs_te.clone().topk_with_indices(self.top_k, 1);
         let experts_tk: Vec<usize> = experts_tk
             .try_into_vec_as::<i64>()
             .expect("top-k indices are integers")
             .into_iter()
             .map(|e| e as usize)
             .collect();
+        let weights_tk = self.normalize(raw_tk, &experts_tk);
         Routing {
             weights_tk,
             experts_tk,
@@ -73,52 +216,112 @@ impl TopKRouter {
             logits_te,
         }
     }
-}
 
-/// Auxiliary losses of one MoE layer, before their coefficients.
-pub struct AuxLosses {
-    /// Switch load-balancing loss `E * sum_e f_e * P_e`; 1.0 when perfectly balanced.
-    pub load_balance: Tensor<1>,
-    /// ST-MoE router z-loss `mean_t logsumexp(logits_t)^2`.
-    pub z_loss: Tensor<1>,
-}
-
-/// `f_e` is the fraction of routed assignments (before capacity dropping) that chose expert
-/// `e` — a constant — and `P_e` the mean router probability of `e`, which carries the gradient.
-pub fn aux_losses(routing: &Routing) -> AuxLosses {
-    let device = routing.probs_te.device();
-    let mut counts = vec![0f32; routing.num_experts];
-    for &e in &routing.experts_tk {
-        counts[e] += 1.0;
+    /// The per-variant weight normalisation of the chosen top-k probabilities.
+    fn normalize(&self, raw_tk: Tensor<2>, experts_tk: &[usize]) -> Tensor<2> {
+        // Renormalise over the chosen slots whose `keep` is true; the others get weight 0.
+        // A row with nothing to keep stays all zero (the reference code's "sum 0 -> 1").
+        let renormalize_over = |keep: &dyn Fn(SlotKind) -> bool| {
+            let [t, k] = raw_tk.dims();
+            let mask: Vec<f32> = experts_tk
+                .iter()
+                .map(|&e| keep(self.kinds[e]) as u8 as f32)
+                .collect();
+            let mask_tk = Tensor::<2>::from_data(TensorData::new(mask, [t, k]), &raw_tk.device());
+            let kept_tk = raw_tk.clone() * mask_tk.clone();
+            let sum_t1 = kept_tk.clone().sum_dim(1);
+            // Where nothing is kept, divide by 1 instead of 0.
+            let empty_t1 = mask_tk.sum_dim(1).equal_elem(0.0);
+            kept_tk / sum_t1.mask_fill(empty_t1, 1.0)
+        };
+        match &self.cfg {
+            RouterConfig::TopKSoftmax { normalize_weights }
+            | RouterConfig::Recurrent {
+                normalize_weights, ..
+            } => {
+                if *normalize_weights {
+                    raw_tk.clone() / raw_tk.sum_dim(1)
+                } else {
+                    raw_tk
+                }
+            }
+            RouterConfig::NullExperts { normalize, .. } => match normalize {
+                NullNormalization::TrueExperts => renormalize_over(&|kind| kind == SlotKind::Ffn),
+                NullNormalization::AllChosen => raw_tk.clone() / raw_tk.sum_dim(1),
+            },
+            RouterConfig::MoePlusPlus {
+                normalize_weights, ..
+            } => {
+                if *normalize_weights {
+                    renormalize_over(&|kind| kind != SlotKind::Zero)
+                } else {
+                    raw_tk
+                }
+            }
+        }
     }
-    let assignments = (routing.num_tokens * routing.top_k).max(1) as f32;
-    let fraction_e: Tensor<1> = Tensor::from_floats(
-        counts
-            .iter()
-            .map(|c| c / assignments)
-            .collect::<Vec<_>>()
-            .as_slice(),
-        &device,
-    );
-    let mean_prob_e: Tensor<1> = routing.probs_te.clone().mean_dim(0).squeeze_dim(0);
-    let load_balance = (fraction_e * mean_prob_e).sum() * routing.num_experts as f32;
-    // logsumexp = logits - log_softmax, taken at any column; column 0 is always present.
-    let lse_t = (routing.logits_te.clone() - log_softmax(routing.logits_te.clone(), 1))
-        .slice([0..routing.num_tokens, 0..1])
-        .squeeze_dim::<1>(1);
-    let z_loss = lse_t.powi_scalar(2).mean();
-    AuxLosses {
-        load_balance,
-        z_loss,
+
+    /// The load-balancing loss of this router family (unscaled; 1.0 when balanced):
+    /// Switch `N * sum_i f_i P_i`; AdaMoE's null-aware form, where all null experts share
+    /// one averaged bucket; MoE++'s heterogeneous form, where zero-computation slots are
+    /// weighted by `tau` (scaled by N so that tau = 1 is the Switch loss).
+    pub fn load_balance_loss(&self, routing: &Routing) -> Tensor<1> {
+        let mut fraction = slot_fractions(routing);
+        let slots = self.kinds.len();
+        let mut weight = vec![1.0f64; slots];
+        match &self.cfg {
+            RouterConfig::TopKSoftmax { .. } | RouterConfig::Recurrent { .. } => {}
+            RouterConfig::NullExperts { .. } => {
+                let nulls: Vec<usize> = (0..slots)
+                    .filter(|&i| self.kinds[i] == SlotKind::Null)
+                    .collect();
+                let mean = nulls.iter().map(|&i| fraction[i]).sum::<f64>() / nulls.len() as f64;
+                for i in nulls {
+                    fraction[i] = mean;
+                }
+            }
+            RouterConfig::MoePlusPlus { tau, .. } => {
+                for (i, kind) in self.kinds.iter().enumerate() {
+                    if *kind != SlotKind::Ffn {
+                        weight[i] = *tau;
+                    }
+                }
+            }
+        }
+        let coef: Vec<f32> = (0..slots)
+            .map(|i| (weight[i] * fraction[i] * slots as f64) as f32)
+            .collect();
+        let device = routing.probs_te.device();
+        let coef_e = Tensor::<1>::from_floats(coef.as_slice(), &device);
+        let mean_prob_e: Tensor<1> = routing.probs_te.clone().mean_dim(0).squeeze_dim(0);
+        (coef_e * mean_prob_e).sum()
     }
 }
 
-/// Route-level statistics for metrics: the fraction of assignments per expert.
-pub fn expert_fractions(routing: &Routing) -> Vec<f64> {
+/// `w`: [D, n] -> [D, slots] whose extra columns repeat the first n cyclically.
+pub fn expand_with_copies(w_dn: Tensor<2>, slots: usize) -> Tensor<2> {
+    let [d, n] = w_dn.dims();
+    let columns: Vec<Tensor<2>> = (0..slots)
+        .map(|i| w_dn.clone().slice([0..d, i % n..i % n + 1]))
+        .collect();
+    Tensor::cat(columns, 1)
+}
+
+/// Fraction of routed assignments (before capacity dropping) per slot; sums to 1.
+pub fn slot_fractions(routing: &Routing) -> Vec<f64> {
     let mut counts = vec![0f64; routing.num_experts];
     for &e in &routing.experts_tk {
         counts[e] += 1.0;
     }
     let total = routing.experts_tk.len().max(1) as f64;
     counts.iter().map(|c| c / total).collect()
+}
+
+/// ST-MoE router z-loss `mean_t logsumexp(logits_t)^2`: [1].
+pub fn z_loss(routing: &Routing) -> Tensor<1> {
+    // logsumexp = logits - log_softmax, taken at any column; column 0 is always present.
+    let lse_t = (routing.logits_te.clone() - log_softmax(routing.logits_te.clone(), 1))
+        .slice([0..routing.num_tokens, 0..1])
+        .squeeze_dim::<1>(1);
+    lse_t.powi_scalar(2).mean()
 }

@@ -4,10 +4,13 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
-use switchyard_moe::config::{CapacityConfig, MoeConfig, RouterConfig, SharedExpertConfig};
+use switchyard_moe::config::{
+    CapacityConfig, MoeConfig, NullInit, NullNormalization, RouterConfig, SharedExpertConfig,
+};
 use switchyard_moe::init::Initializer;
 use switchyard_moe::layer::{MoeLayer, MoeOutput};
 use switchyard_moe::params::named_grads;
+use switchyard_moe::router::{Gru, RouterCarry};
 use switchyard_moe::{ModelConfig, Transformer, cross_entropy};
 
 fn device() -> Device {
@@ -49,7 +52,7 @@ fn grads_of(
         .into_data()
         .try_to_vec::<f32>()
         .unwrap();
-    let loss = (out.y * probe).sum() + out.aux_loss.sum();
+    let loss = (out.y * probe).sum() + out.load_balance * 0.01 + out.z_loss * 0.001;
     let grads = loss.backward();
     let params = named_grads(layer, &grads)
         .into_iter()
@@ -62,6 +65,26 @@ fn grads_of(
         .try_to_vec::<f32>()
         .unwrap();
     (y, params, dx)
+}
+
+/// Every gradient equal; a parameter the dispatcher path never touched (an expert no token
+/// chose) must have an all-zero gradient in the oracle, which touches every expert.
+fn assert_same_grads(grads: &BTreeMap<String, Vec<f32>>, grads_ref: &BTreeMap<String, Vec<f32>>) {
+    for (name, r) in grads_ref {
+        match grads.get(name) {
+            Some(g) => assert_close(name, g, r, 1e-5),
+            None => assert!(
+                r.iter().all(|v| *v == 0.0),
+                "{name}: no gradient through the dispatcher but a non-zero one in the oracle"
+            ),
+        }
+    }
+    for name in grads.keys() {
+        assert!(
+            grads_ref.contains_key(name),
+            "{name}: gradient only through the dispatcher"
+        );
+    }
 }
 
 fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
@@ -77,23 +100,35 @@ fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
 
 fn check_layer(cfg: MoeConfig, tokens: usize) {
     let device = device();
-    let layer = MoeLayer::new(16, &cfg, &mut Initializer::new(7, 0.2, &device));
+    let mut init = Initializer::new(7, 0.2, &device);
+    let layer = MoeLayer::new(16, &cfg, &mut init);
+    let state_dim = match cfg.router {
+        RouterConfig::Recurrent { state_dim, .. } => Some(state_dim),
+        _ => None,
+    };
+    let gru = state_dim.map(|p| Gru::new(p, &mut init));
+    // A carry as a previous MoE layer would leave it, so residual / recurrent paths are live.
+    let carry = RouterCarry {
+        prev_logits: Some(Tensor::random(
+            [tokens, cfg.num_slots()],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        )),
+        state: state_dim
+            .map(|p| Tensor::random([tokens, p], Distribution::Normal(0.0, 0.5), &device)),
+    };
     let x = Tensor::<3>::random([2, tokens / 2, 16], Distribution::Normal(0.0, 1.0), &device);
     let probe = Tensor::<3>::random([2, tokens / 2, 16], Distribution::Normal(0.0, 1.0), &device);
-    let (y, grads, dx) = grads_of(&layer, x.clone(), probe.clone(), |l, x| l.forward(x));
-    let (y_ref, grads_ref, dx_ref) = grads_of(&layer, x, probe, |l, x| l.forward_reference(x));
+    let (y, grads, dx) = grads_of(&layer, x.clone(), probe.clone(), |l, x| {
+        l.forward(x, &mut carry.clone(), gru.as_ref())
+    });
+    let (y_ref, grads_ref, dx_ref) = grads_of(&layer, x, probe, |l, x| {
+        l.forward_reference(x, &mut carry.clone(), gru.as_ref())
+    });
     assert_close("y", &y, &y_ref, 1e-5);
     assert_close("dx", &dx, &dx_ref, 1e-5);
-    assert_eq!(
-        grads.keys().collect::<Vec<_>>(),
-        grads_ref.keys().collect::<Vec<_>>(),
-        "the same parameters receive gradients"
-    );
-    // Every routed expert that saw a token, the router and any shared expert get a gradient.
+    assert_same_grads(&grads, &grads_ref);
     assert!(grads.contains_key("router.w_gate"));
-    for (name, g) in &grads {
-        assert_close(name, g, &grads_ref[name], 1e-5);
-    }
 }
 
 #[test]
@@ -116,12 +151,57 @@ fn capacity_dropping_matches_oracle() {
 }
 
 #[test]
+fn null_experts_match_oracle_both_normalizations() {
+    for normalize in [NullNormalization::TrueExperts, NullNormalization::AllChosen] {
+        let mut cfg = moe_cfg(CapacityConfig::Dropless, false, true);
+        cfg.top_k = 3;
+        cfg.router = RouterConfig::NullExperts {
+            num_null: 4,
+            normalize,
+            null_init: NullInit::CopyTrueRows,
+            anneal: None,
+        };
+        check_layer(cfg, 24);
+    }
+}
+
+#[test]
+fn moe_plus_plus_matches_oracle_with_heterogeneous_capacity() {
+    for (capacity, normalize_weights) in [
+        (CapacityConfig::Dropless, false),
+        (CapacityConfig::Drop { factor: 1.1 }, true),
+    ] {
+        let mut cfg = moe_cfg(capacity, true, true);
+        cfg.router = RouterConfig::MoePlusPlus {
+            zero: 1,
+            copy: 1,
+            constant: 2,
+            tau: 0.75,
+            gating_residual: true,
+            normalize_weights,
+        };
+        check_layer(cfg, 32);
+    }
+}
+
+#[test]
+fn recurrent_router_matches_oracle() {
+    let mut cfg = moe_cfg(CapacityConfig::Dropless, false, true);
+    cfg.router = RouterConfig::Recurrent {
+        state_dim: 8,
+        detach_state: false,
+        normalize_weights: true,
+    };
+    check_layer(cfg, 24);
+}
+
+#[test]
 fn dropping_actually_drops_and_dropped_tokens_get_nothing() {
     let device = device();
     let cfg = moe_cfg(CapacityConfig::Drop { factor: 0.25 }, false, true);
     let layer = MoeLayer::new(16, &cfg, &mut Initializer::new(3, 0.2, &device));
     let x = Tensor::<3>::random([1, 24, 16], Distribution::Normal(0.0, 1.0), &device);
-    let out = layer.forward(x);
+    let out = layer.forward(x, &mut RouterCarry::default(), None);
     assert!(out.stats.dropped_fraction > 0.3, "{:?}", out.stats);
     // capacity = ceil(0.25 * 24 * 2 / 6) = 2 per expert -> at most 12 of 48 assignments kept.
     assert!(out.stats.dropped_fraction >= 1.0 - 12.0 / 48.0 - 1e-9);
@@ -129,6 +209,30 @@ fn dropping_actually_drops_and_dropped_tokens_get_nothing() {
 
 #[test]
 fn whole_model_matches_oracle_with_dense_and_moe_layers() {
+    let routers = [
+        RouterConfig::TopKSoftmax {
+            normalize_weights: true,
+        },
+        RouterConfig::MoePlusPlus {
+            zero: 1,
+            copy: 1,
+            constant: 1,
+            tau: 0.75,
+            gating_residual: true,
+            normalize_weights: false,
+        },
+        RouterConfig::Recurrent {
+            state_dim: 8,
+            detach_state: false,
+            normalize_weights: true,
+        },
+    ];
+    for router in routers {
+        whole_model_check(router);
+    }
+}
+
+fn whole_model_check(router: RouterConfig) {
     let device = device();
     let cfg = ModelConfig {
         vocab_size: 32,
@@ -143,6 +247,7 @@ fn whole_model_matches_oracle_with_dense_and_moe_layers() {
         init_std: 0.1,
         moe: MoeConfig {
             every: 2,
+            router,
             ..moe_cfg(CapacityConfig::Dropless, true, true)
         },
     };
@@ -166,7 +271,8 @@ fn whole_model_matches_oracle_with_dense_and_moe_layers() {
             out.moe_stats.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
             vec![0, 2]
         );
-        let loss = cross_entropy(out.logits, targets.clone()) + out.aux_loss;
+        let aux = out.aux_loss(&cfg, 0);
+        let loss = cross_entropy(out.logits, targets.clone()) + aux;
         let value = loss
             .clone()
             .inner()
@@ -182,14 +288,10 @@ fn whole_model_matches_oracle_with_dense_and_moe_layers() {
     assert!(grads.contains_key("layers.1.dense.w_up"));
     assert!(grads.contains_key("layers.2.moe.router.w_gate"));
     assert!(grads.contains_key("lm_head"));
-    assert_eq!(grads.len(), grads_ref.len());
-    for (name, g) in &grads {
-        let g = g.clone().into_data().try_to_vec::<f32>().unwrap();
-        let r = grads_ref[name]
-            .clone()
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
-        assert_close(name, &g, &r, 1e-5);
-    }
+    let to_vecs = |g: BTreeMap<String, Tensor<1>>| -> BTreeMap<String, Vec<f32>> {
+        g.into_iter()
+            .map(|(k, v)| (k, v.into_data().try_to_vec::<f32>().unwrap()))
+            .collect()
+    };
+    assert_same_grads(&to_vecs(grads), &to_vecs(grads_ref));
 }

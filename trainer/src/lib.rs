@@ -1,6 +1,7 @@
 //! switchyard-trainer: model assembly, data pipeline, optimizer and schedule, train loop,
 //! evaluation, checkpoint/resume, metrics and the throughput benchmark.
 
+pub mod ablation;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;

@@ -4,12 +4,12 @@
 //! State is keyed by name, not by burn's random `ParamId`, so it survives checkpoints, and
 //! later moves with an expert when placement changes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, Optimizer};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
-use switchyard_moe::params::map_params;
+use switchyard_moe::params::{map_params, named_params};
 
 use crate::checkpoint::NamedTensor;
 
@@ -33,7 +33,7 @@ pub struct OptimConfig {
     pub beta2: f64,
     #[serde(default = "default_eps")]
     pub eps: f64,
-    /// Decoupled weight decay, applied to matrices only (not to norm gains).
+    /// Decoupled weight decay, applied to matrices only (not to vectors such as norm gains).
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
     /// Clip the global gradient norm to this value; absent = no clipping.
@@ -122,16 +122,19 @@ impl OptimConfig {
 pub struct NamedAdamW {
     decayed: AdamW,
     not_decayed: AdamW,
+    /// Parameters that receive weight decay: the matrices. Vectors (norm gains, biases,
+    /// constant-expert vectors) are not decayed, as in GPT-2 / nanoGPT.
+    decay: BTreeSet<String>,
     state: BTreeMap<String, AdamWState<1>>,
 }
 
-/// Norm gains are not decayed (decaying them toward 0 shrinks activations for no benefit).
-fn is_decayed(name: &str) -> bool {
-    !name.ends_with(".gamma") && !name.ends_with("gamma")
-}
-
 impl NamedAdamW {
-    pub fn new(cfg: &OptimConfig) -> Self {
+    pub fn new<M: burn::module::Module>(cfg: &OptimConfig, model: &M) -> Self {
+        let decay = named_params(model)
+            .into_iter()
+            .filter(|(_, shape, _)| shape.len() >= 2)
+            .map(|(name, _, _)| name)
+            .collect();
         let base = AdamWConfig::new()
             .with_beta_1(cfg.beta1 as f32)
             .with_beta_2(cfg.beta2 as f32)
@@ -142,6 +145,7 @@ impl NamedAdamW {
                 .with_weight_decay(cfg.weight_decay as f32)
                 .build(),
             not_decayed: base.with_weight_decay(0.0).build(),
+            decay,
             state: BTreeMap::new(),
         }
     }
@@ -160,7 +164,7 @@ impl NamedAdamW {
                 .get(name)
                 .cloned()
                 .unwrap_or_else(|| value.zeros_like());
-            let optimizer = if is_decayed(name) {
+            let optimizer = if self.decay.contains(name) {
                 &self.decayed
             } else {
                 &self.not_decayed

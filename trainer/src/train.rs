@@ -8,7 +8,8 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use switchyard_moe::model::{ModelOutput, forward_flops_per_token};
+use switchyard_moe::layer::KIND_NAMES;
+use switchyard_moe::model::forward_flops_per_token;
 use switchyard_moe::params::{map_params, named_grads, named_params, signature};
 use switchyard_moe::{Transformer, cross_entropy};
 
@@ -196,10 +197,11 @@ impl Trainer {
         let model = Transformer::new(&cfg.model, cfg.run.seed, device);
         let sampler = corpus.train_sampler(cfg.data.shuffle_seed_or(cfg.run.seed))?;
         let valid = corpus.valid_batches(cfg.train.eval_batches);
+        let optim = NamedAdamW::new(&cfg.optim, &model);
         Ok(Self {
             cfg: cfg.clone(),
             model,
-            optim: NamedAdamW::new(&cfg.optim),
+            optim,
             sampler,
             valid,
             device: device.clone(),
@@ -238,12 +240,9 @@ impl Trainer {
             let batch = self.sampler.next_batch();
             tokens += (batch.batch_size * batch.seq_len) as u64;
             let (inputs, targets) = self.batch_tensors(&batch);
-            let ModelOutput {
-                logits,
-                aux_loss,
-                moe_stats: stats,
-            } = self.model.forward(inputs);
-            let ce = cross_entropy(logits, targets);
+            let output = self.model.forward(inputs);
+            let aux_loss = output.aux_loss(&self.cfg.model, step);
+            let ce = cross_entropy(output.logits, targets);
             loss_sum += scalar(&ce);
             aux_sum += scalar(&aux_loss);
             let loss = (ce + aux_loss) / accum as f32;
@@ -254,7 +253,7 @@ impl Trainer {
                     None => grads.insert(name, g),
                 };
             }
-            moe_stats = stats;
+            moe_stats = output.moe_stats;
         }
         let loss = loss_sum / accum as f64;
         let aux_loss = aux_sum / accum as f64;
@@ -496,6 +495,13 @@ pub fn run(
                 format!("moe/layer{layer}/load_balance_loss"),
                 stats.load_balance,
             ));
+            scalars.push((
+                format!("moe/layer{layer}/ffn_experts_per_token"),
+                stats.ffn_experts_per_token,
+            ));
+            for (name, f) in KIND_NAMES.iter().zip(stats.kind_fraction) {
+                scalars.push((format!("moe/layer{layer}/{name}_fraction"), f));
+            }
             for (e, f) in stats.expert_fraction.iter().enumerate() {
                 scalars.push((format!("moe/layer{layer}/expert{e}_fraction"), *f));
             }
