@@ -14,7 +14,7 @@ pub fn tensor_to_buffer(t_rd: Tensor<2>) -> Result<Buffer> {
         .inner()
         .into_data()
         .convert::<f32>()
-        .into_vec::<f32>()
+        .try_into_vec::<f32>()
         .map_err(|e| ParallelError::Shape {
             what: "tensor_to_buffer".into(),
             detail: format!("cannot read the tensor as f32: {e:?}"),

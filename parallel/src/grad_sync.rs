@@ -243,7 +243,7 @@ impl GradSync {
                             .inner()
                             .into_data()
                             .convert::<f32>()
-                            .into_vec::<f32>()
+                            .try_into_vec::<f32>()
                             .map_err(|e| ParallelError::Shape {
                                 what: format!("gradient of `{name}`"),
                                 detail: format!("not readable as f32: {e:?}"),
