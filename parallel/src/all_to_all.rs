@@ -111,11 +111,11 @@ impl RowExchange {
         let send = tensor_to_buffer(x_rd)?;
         let send_counts = self.send_rows.iter().map(|r| r * d).collect();
         let recv_counts = self.recv_rows.iter().map(|r| r * d).collect();
-        let received = self
+        let request = self
             .comm
             .i_all_to_all_v(send, send_counts, recv_counts)
-            .and_then(|request| request.wait())
             .map_err(ParallelError::comm(what()))?;
+        let received = request.wait().map_err(ParallelError::comm(what()))?;
         buffer_to_tensor(received, self.rows_received(), d, device)
     }
 }

@@ -118,13 +118,12 @@ impl AllToAllDispatcher {
         // (2) per-expert counts: to rank j, the counts of j's experts.
         let mine = experts_of[me].len();
         let meta_send: Vec<usize> = experts_of.iter().map(Vec::len).collect();
-        let received = self
+        let op = "AllToAllDispatcher: exchange of row counts";
+        let request = self
             .ep
             .i_all_to_all_v(Buffer::I64(meta), meta_send, vec![mine; size])
-            .and_then(|r| r.wait())
-            .map_err(ParallelError::comm(
-                "AllToAllDispatcher: exchange of row counts",
-            ))?;
+            .map_err(ParallelError::comm(op))?;
+        let received = request.wait().map_err(ParallelError::comm(op))?;
         let counts: Vec<i64> = received
             .into_vec::<i64>()
             .map_err(|b| ParallelError::Shape {

@@ -38,7 +38,7 @@ pub enum ParallelError {
     Comm {
         op: String,
         #[source]
-        source: CommError,
+        source: Box<CommError>,
     },
     #[error(
         "{op}: the tensor is on an autodiff device whose backend has no all-to-all autodiff \
@@ -50,6 +50,9 @@ pub enum ParallelError {
 impl ParallelError {
     pub(crate) fn comm(op: impl Into<String>) -> impl FnOnce(CommError) -> ParallelError {
         let op = op.into();
-        move |source| ParallelError::Comm { op, source }
+        move |source| ParallelError::Comm {
+            op,
+            source: Box::new(source),
+        }
     }
 }

@@ -19,6 +19,7 @@
 //!   balancing losses instead would be wrong: a product of means is not the mean of
 //!   products, and the per-rank `f` of a small shard is noisy.
 //! - Z: `(sum_{t local} lse_t^2) / T_g`, from the same reducer.
+//!
 //! The model's `load_balance` and `z_loss` outputs are these shares once parallelized, so
 //! the trainer's `ce * ce_weight + aux_loss(cfg, step)` is `L_r` unchanged.
 //!
@@ -27,8 +28,10 @@
 //! - expert parameters over the dp axis (the ranks holding the same expert); the ep axis
 //!   needs nothing, the all-to-all backward already brought every token's contribution
 //!   to the owner.
+//!
 //! With equal shards this equals averaging the per-rank mean losses' gradients over the
 //! replicas. Expert parameters a rank does not own are left out of the synced gradients.
+//!
 //! Known layout dependences not handled here: capacity dropping (capacity is computed on
 //! the local assignments) and the `MoeStats` metrics (local).
 

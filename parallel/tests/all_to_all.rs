@@ -22,6 +22,7 @@ fn probe_value(rank: usize, row: usize, col: usize) -> f32 {
 }
 
 /// `c[i][j]`: rows rank i sends to rank j.
+#[allow(clippy::needless_range_loop)]
 fn check_exchange(c: Vec<Vec<usize>>) {
     let p = c.len();
     let results = run_world(p, |world| {
