@@ -22,7 +22,7 @@ use switchyard_moe::config::{CapacityConfig, NullInit, NullNormalization};
 use switchyard_moe::params::{map_params, named_grads, named_params};
 use switchyard_moe::{ModelConfig, MoeConfig, RouterConfig, Transformer, cross_entropy};
 use switchyard_parallel::grad_sync::SyncGroup;
-use switchyard_parallel::{GradSync, LossScale, Mesh, parallelize};
+use switchyard_parallel::{GradSync, LossScale, Mesh, Placement, parallelize};
 
 const SEQ: usize = 6;
 const BATCH: usize = 8;
@@ -240,12 +240,24 @@ fn reference(cfg: &ModelConfig, forcing: Forcing) -> Run {
 
 /// Per rank: loss shares per step, synced first-step grads and final weights of the
 /// parameters it holds and owns.
-fn parallel(cfg: &ModelConfig, forcing: Forcing, dp: usize, ep: usize) -> Vec<Run> {
+fn parallel(
+    cfg: &ModelConfig,
+    forcing: Forcing,
+    dp: usize,
+    ep: usize,
+    owners: Option<&[usize]>,
+) -> Vec<Run> {
     let world = dp * ep;
     run_world(world, |comm| {
         let rank = comm.rank();
         let device = Device::flex().autodiff();
-        let mesh = Mesh::new(comm, dp, ep, cfg.moe.num_experts).expect("valid mesh");
+        let mut mesh = Mesh::new(comm, dp, ep, cfg.moe.num_experts).expect("valid mesh");
+        if let Some(owners) = owners {
+            let placement = Placement::from_owners(owners.to_vec(), ep).expect("placement");
+            mesh = mesh
+                .with_placement(placement)
+                .expect("placement fits the mesh");
+        }
         let mut model = parallelize(build(cfg, forcing, &device), &mesh).expect("parallelize");
         let sync = GradSync::new(&mesh).with_bucket_elems(700);
         let mut adam = Adam::new(&model);
@@ -293,8 +305,19 @@ fn max_rel(got: &[f32], want: &[f32]) -> f32 {
 
 /// Compares; returns the largest relative error seen.
 fn check(label: &str, cfg: &ModelConfig, forcing: Forcing, dp: usize, ep: usize) -> f32 {
+    check_placed(label, cfg, forcing, dp, ep, None)
+}
+
+fn check_placed(
+    label: &str,
+    cfg: &ModelConfig,
+    forcing: Forcing,
+    dp: usize,
+    ep: usize,
+    owners: Option<&[usize]>,
+) -> f32 {
     let want = reference(cfg, forcing);
-    let ranks = parallel(cfg, forcing, dp, ep);
+    let ranks = parallel(cfg, forcing, dp, ep, owners);
     let mut worst = 0f32;
     for step in 0..STEPS {
         let total: f64 = ranks.iter().map(|r| r.losses[step]).sum();
@@ -396,6 +419,19 @@ fn every_token_to_one_expert_matches_single_process() {
             dp,
             ep,
         );
+    }
+}
+
+/// A non-contiguous placement (rows leave in a different order than the plan's) and an
+/// uneven one (one ep rank owns three experts, the other one).
+#[test]
+fn non_contiguous_placement_matches_single_process() {
+    for owners in [[1usize, 0, 1, 0], [1, 1, 0, 1]] {
+        for router in [top_k(), moe_plus_plus()] {
+            let cfg = model_cfg(router, 2);
+            check_placed("placed", &cfg, Forcing::None, 1, 2, Some(&owners));
+            check_placed("placed", &cfg, Forcing::None, 2, 2, Some(&owners));
+        }
     }
 }
 
