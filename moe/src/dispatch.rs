@@ -6,7 +6,9 @@
 //!
 //! Shape legend: T tokens, D model dim, K top-k, N routed rows (kept assignments).
 
+use std::any::Any;
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
@@ -87,6 +89,10 @@ pub struct Dispatched {
 #[derive(Debug, Clone)]
 pub struct CombineHandle {
     pub plan: DispatchPlan,
+    /// Dispatcher-specific data (e.g. the exchange counts of an expert-parallel
+    /// dispatcher); `None` for `LocalDispatcher`. Only the dispatcher that made the handle
+    /// reads it (downcast with `Arc::downcast`).
+    pub extra: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 /// Moves token rows to experts and back. Implementations: `LocalDispatcher` here;
@@ -116,7 +122,7 @@ impl TokenDispatcher for LocalDispatcher {
         Dispatched {
             rows_nd,
             local_experts,
-            handle: CombineHandle { plan },
+            handle: CombineHandle { plan, extra: None },
         }
     }
 
@@ -157,4 +163,27 @@ pub fn scatter_weighted(
         .select(0, assignment)
         .reshape([rows, 1]);
     y_td.select_assign(0, token, out_nd * weight_n1, IndexingUpdateOp::Add)
+}
+
+/// Sums host-side batch statistics over every process that holds a share of the global
+/// batch. The MoE layer uses it so that its auxiliary losses are defined over the GLOBAL
+/// batch whatever the layout: the load-balancing loss needs the global slot fractions `f`
+/// (a product of means is not the mean of products) and the global token count.
+///
+/// `LocalReducer` (the default) is the identity: one process holds the whole batch. The
+/// data-parallel implementation lives in `switchyard-parallel`. It is a collective: every
+/// process calls `sum` once per MoE layer forward, in layer order.
+pub trait BatchReducer: Debug + Send + Sync {
+    /// Element-wise sum of `values` over every process holding a share of the batch.
+    fn sum(&self, values: Vec<f64>) -> Vec<f64>;
+}
+
+/// One process holds the whole batch: nothing to sum.
+#[derive(Debug, Clone, Default)]
+pub struct LocalReducer;
+
+impl BatchReducer for LocalReducer {
+    fn sum(&self, values: Vec<f64>) -> Vec<f64> {
+        values
+    }
 }

@@ -15,10 +15,12 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::config::{CapacityConfig, MoeConfig, RouterConfig, SlotKind};
-use crate::dispatch::{DispatchPlan, LocalDispatcher, TokenDispatcher, admit};
+use crate::dispatch::{
+    BatchReducer, DispatchPlan, LocalDispatcher, LocalReducer, TokenDispatcher, admit,
+};
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
-use crate::router::{Gru, Router, RouterCarry, Routing, slot_fractions, z_loss};
+use crate::router::{Gru, Router, RouterCarry, Routing, slot_counts, slot_fractions, z_loss_share};
 
 /// Per-layer routing statistics for metrics.
 #[derive(Debug, Clone, Default)]
@@ -104,6 +106,10 @@ pub struct MoeLayer {
     pub shared: Vec<SwiGlu>,
     #[module(skip)]
     dispatcher: Arc<dyn TokenDispatcher>,
+    /// Sums the batch statistics of the auxiliary losses over the processes that share the
+    /// global batch (identity in one process).
+    #[module(skip)]
+    reducer: Arc<dyn BatchReducer>,
     #[module(skip)]
     capacity: CapacityConfig,
     #[module(skip)]
@@ -143,6 +149,7 @@ impl MoeLayer {
             constants,
             shared,
             dispatcher: Arc::new(LocalDispatcher),
+            reducer: Arc::new(LocalReducer),
             capacity: cfg.capacity,
             tau,
         }
@@ -151,6 +158,14 @@ impl MoeLayer {
     /// Swap the token dispatcher (how `parallelize` applies expert parallelism).
     pub fn with_dispatcher(mut self, dispatcher: Arc<dyn TokenDispatcher>) -> Self {
         self.dispatcher = dispatcher;
+        self
+    }
+
+    /// Swap the batch-statistics reducer (how `parallelize` makes the auxiliary losses
+    /// global). With a non-local reducer, `MoeOutput::load_balance` and `z_loss` are this
+    /// process's additive shares of the global-batch losses.
+    pub fn with_reducer(mut self, reducer: Arc<dyn BatchReducer>) -> Self {
+        self.reducer = reducer;
         self
     }
 
@@ -261,8 +276,16 @@ impl MoeLayer {
         for shared in &self.shared {
             y_td = y_td + shared.forward(x_td.clone());
         }
-        let load_balance = self.router.load_balance_loss(&routing);
-        let z = z_loss(&routing);
+        // Global slot counts and token count (identity in one process), then this
+        // process's shares of the global-batch auxiliary losses.
+        let mut values = slot_counts(&routing);
+        values.push(routing.num_tokens as f64);
+        let mut global = self.reducer.sum(values);
+        let global_tokens = global.pop().unwrap_or(0.0).round() as usize;
+        let load_balance = self
+            .router
+            .load_balance_loss_share(&routing, &global, global_tokens);
+        let z = z_loss_share(&routing, global_tokens);
         let mut stats = self.stats(&routing, &kept, &load_balance, &z, expert_flops);
         stats.seconds = started.elapsed().as_secs_f64();
         MoeOutput {

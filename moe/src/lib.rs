@@ -14,6 +14,6 @@ pub mod router;
 pub use config::{
     CapacityConfig, ModelConfig, MoeConfig, RouterConfig, SharedExpertConfig, SlotKind,
 };
-pub use dispatch::{LocalDispatcher, TokenDispatcher};
+pub use dispatch::{BatchReducer, LocalDispatcher, LocalReducer, TokenDispatcher};
 pub use layer::{MoeLayer, MoeStats};
 pub use model::{Transformer, cross_entropy};

@@ -266,7 +266,25 @@ impl Router {
     /// one averaged bucket; MoE++'s heterogeneous form, where zero-computation slots are
     /// weighted by `tau` (scaled by N so that tau = 1 is the Switch loss).
     pub fn load_balance_loss(&self, routing: &Routing) -> Tensor<1> {
-        let mut fraction = slot_fractions(routing);
+        let counts = slot_counts(routing);
+        self.load_balance_loss_share(routing, &counts, routing.num_tokens)
+    }
+
+    /// This process's additive share of the load-balancing loss of a batch spread over
+    /// several processes. `global_counts`: routed assignments per slot over the whole batch
+    /// (no gradient flows through them); `global_tokens`: tokens of the whole batch. The
+    /// share is `sum_i c_i * (sum over local tokens of p_ti) / global_tokens`, with
+    /// `c_i` from the global fractions, so the shares of all processes sum to the loss of
+    /// the whole batch computed in one process. With the local counts and token count it
+    /// is the loss of this batch.
+    pub fn load_balance_loss_share(
+        &self,
+        routing: &Routing,
+        global_counts: &[f64],
+        global_tokens: usize,
+    ) -> Tensor<1> {
+        let assignments = (global_tokens * routing.top_k).max(1) as f64;
+        let mut fraction: Vec<f64> = global_counts.iter().map(|c| c / assignments).collect();
         let slots = self.kinds.len();
         let mut weight = vec![1.0f64; slots];
         match &self.cfg {
@@ -293,7 +311,8 @@ impl Router {
             .collect();
         let device = routing.probs_te.device();
         let coef_e = Tensor::<1>::from_floats(coef.as_slice(), &device);
-        let mean_prob_e: Tensor<1> = routing.probs_te.clone().mean_dim(0).squeeze_dim(0);
+        let mean_prob_e: Tensor<1> =
+            routing.probs_te.clone().sum_dim(0).squeeze_dim::<1>(0) / global_tokens.max(1) as f32;
         (coef_e * mean_prob_e).sum()
     }
 }
@@ -307,21 +326,32 @@ pub fn expand_with_copies(w_dn: Tensor<2>, slots: usize) -> Tensor<2> {
     Tensor::cat(columns, 1)
 }
 
-/// Fraction of routed assignments (before capacity dropping) per slot; sums to 1.
-pub fn slot_fractions(routing: &Routing) -> Vec<f64> {
+/// Routed assignments (before capacity dropping) per slot.
+pub fn slot_counts(routing: &Routing) -> Vec<f64> {
     let mut counts = vec![0f64; routing.num_experts];
     for &e in &routing.experts_tk {
         counts[e] += 1.0;
     }
+    counts
+}
+
+/// Fraction of routed assignments (before capacity dropping) per slot; sums to 1.
+pub fn slot_fractions(routing: &Routing) -> Vec<f64> {
     let total = routing.experts_tk.len().max(1) as f64;
-    counts.iter().map(|c| c / total).collect()
+    slot_counts(routing).iter().map(|c| c / total).collect()
 }
 
 /// ST-MoE router z-loss `mean_t logsumexp(logits_t)^2`: [1].
 pub fn z_loss(routing: &Routing) -> Tensor<1> {
+    z_loss_share(routing, routing.num_tokens)
+}
+
+/// This process's additive share of the z-loss of a batch of `global_tokens` tokens:
+/// `sum over local tokens of logsumexp^2 / global_tokens`.
+pub fn z_loss_share(routing: &Routing, global_tokens: usize) -> Tensor<1> {
     // logsumexp = logits - log_softmax, taken at any column; column 0 is always present.
     let lse_t = (routing.logits_te.clone() - log_softmax(routing.logits_te.clone(), 1))
         .slice([0..routing.num_tokens, 0..1])
         .squeeze_dim::<1>(1);
-    lse_t.powi_scalar(2).mean()
+    lse_t.powi_scalar(2).sum() / global_tokens.max(1) as f32
 }

@@ -1,0 +1,250 @@
+//! `AllToAllDispatcher`: `moe`'s `TokenDispatcher` for expert parallelism.
+//!
+//! dispatch: (1) order this rank's rows by (owner rank, expert); (2) exchange per-expert
+//! row counts with the ep ranks (no gradient); (3) exchange the rows (differentiable
+//! all-to-all); (4) regroup what arrived from (source rank, local expert) to (local expert,
+//! source rank) so the layer runs each local expert once. combine undoes (4) and (3) and
+//! applies the routing weights at home (`scatter_weighted` on the plan in send order).
+//!
+//! Null and zero-computation experts never get here: the layer computes its extra experts
+//! locally. Every rank joins every collective, forward and backward, also with no rows.
+//!
+//! Experts not owned by this rank stay in the layer (unused, no gradient): the layer keeps
+//! one `Vec<SwiGlu>` indexed by global id, so parameter names, checkpoints and the
+//! optimizer stay layout-independent. This costs their memory; dropping them (true EP
+//! memory savings) is a later change of `moe`'s expert storage.
+//!
+//! Shape legend: T tokens, D model dim, K top-k, R_s rows sent, R_r rows received.
+
+use std::sync::{Arc, RwLock};
+
+use burn::tensor::{Int, Tensor, TensorData};
+use switchyard_comm::{Buffer, Communicator};
+use switchyard_moe::dispatch::{
+    CombineHandle, DispatchPlan, Dispatched, TokenDispatcher, scatter_weighted,
+};
+
+use crate::all_to_all::{RowExchange, all_to_all_rows};
+use crate::error::{ParallelError, Result};
+use crate::mesh::{Mesh, Placement};
+
+/// Exchanges token rows with the ep ranks that own the experts.
+pub struct AllToAllDispatcher {
+    ep: Arc<dyn Communicator>,
+    placement: RwLock<Arc<Placement>>,
+}
+
+impl std::fmt::Debug for AllToAllDispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AllToAllDispatcher")
+            .field("ep", &self.ep.name())
+            .field("rank", &self.ep.rank())
+            .finish()
+    }
+}
+
+/// What `combine` needs, carried in `CombineHandle::extra`.
+#[derive(Debug)]
+struct Exchanged {
+    exchange: RowExchange,
+    /// Position in the received order (source, expert) of each row in the grouped order
+    /// (expert, source); `None` when the two orders coincide.
+    inverse: Option<Vec<i64>>,
+    /// The dispatch plan with its rows in send order.
+    send_plan: DispatchPlan,
+}
+
+impl AllToAllDispatcher {
+    /// A dispatcher over the mesh's ep axis with the mesh's placement.
+    pub fn new(mesh: &Mesh) -> AllToAllDispatcher {
+        AllToAllDispatcher {
+            ep: mesh.ep_comm().clone(),
+            placement: RwLock::new(mesh.placement().clone()),
+        }
+    }
+
+    /// Changes the placement for the next forward (every rank must change it the same way
+    /// between the same steps, and move the expert weights accordingly).
+    pub fn set_placement(&self, placement: Arc<Placement>) -> Result<()> {
+        if placement.ep_size() != self.ep.size() {
+            return Err(ParallelError::Placement(format!(
+                "the placement is for {} ep ranks, the dispatcher's ep communicator `{}` has {}",
+                placement.ep_size(),
+                self.ep.name(),
+                self.ep.size()
+            )));
+        }
+        *self.placement.write().unwrap_or_else(|p| p.into_inner()) = placement;
+        Ok(())
+    }
+
+    fn placement(&self) -> Arc<Placement> {
+        self.placement
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn try_dispatch(&self, x_td: Tensor<2>, plan: DispatchPlan) -> Result<Dispatched> {
+        let placement = self.placement();
+        let (me, size) = (self.ep.rank(), self.ep.size());
+        let num_experts = plan.rows_per_expert.len();
+        if placement.num_experts() != num_experts || placement.ep_size() != size {
+            return Err(ParallelError::Placement(format!(
+                "the placement covers {} experts on {} ep ranks; the layer has {num_experts} \
+                 experts and the ep communicator {size} ranks",
+                placement.num_experts(),
+                placement.ep_size()
+            )));
+        }
+        let device = x_td.device();
+        let [_, d] = x_td.dims();
+        let experts_of: Vec<Vec<usize>> = (0..size).map(|r| placement.experts_of(r)).collect();
+        // (1) rows in send order: by owner rank, then expert, then plan order.
+        let mut offset = vec![0usize; num_experts + 1];
+        for e in 0..num_experts {
+            offset[e + 1] = offset[e] + plan.rows_per_expert[e];
+        }
+        let mut order = Vec::with_capacity(plan.num_rows());
+        let mut send_rows = vec![0usize; size];
+        let mut meta = Vec::with_capacity(num_experts);
+        for (rank, experts) in experts_of.iter().enumerate() {
+            for &e in experts {
+                order.extend(offset[e]..offset[e + 1]);
+                send_rows[rank] += plan.rows_per_expert[e];
+                meta.push(plan.rows_per_expert[e] as i64);
+            }
+        }
+        // (2) per-expert counts: to rank j, the counts of j's experts.
+        let mine = experts_of[me].len();
+        let meta_send: Vec<usize> = experts_of.iter().map(Vec::len).collect();
+        let op = "AllToAllDispatcher: exchange of row counts";
+        let request = self
+            .ep
+            .i_all_to_all_v(Buffer::I64(meta), meta_send, vec![mine; size])
+            .map_err(ParallelError::comm(op))?;
+        let received = request.wait().map_err(ParallelError::comm(op))?;
+        let counts: Vec<i64> = received
+            .into_vec::<i64>()
+            .map_err(|b| ParallelError::Shape {
+                what: "AllToAllDispatcher: exchange of row counts".into(),
+                detail: format!("received {} elements instead of i64", b.dtype()),
+            })?;
+        // counts[src * mine + l]: rows from rank src for my l-th expert.
+        let recv_rows: Vec<usize> = (0..size)
+            .map(|src| counts[src * mine..(src + 1) * mine].iter().sum::<i64>() as usize)
+            .collect();
+        // (3) rows to owners.
+        let send_plan = DispatchPlan {
+            row_token: order.iter().map(|&r| plan.row_token[r]).collect(),
+            row_assignment: order.iter().map(|&r| plan.row_assignment[r]).collect(),
+            rows_per_expert: plan.rows_per_expert.clone(),
+            num_tokens: plan.num_tokens,
+        };
+        let rows_sent = send_plan.num_rows();
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(send_plan.row_token.clone(), [rows_sent]),
+            &device,
+        );
+        let x_send = x_td.select(0, index);
+        let exchange = RowExchange::new(self.ep.clone(), send_rows, recv_rows)?;
+        let x_recv = all_to_all_rows(x_send, &exchange)?;
+        // (4) regroup (source, expert) -> (expert, source).
+        let mut block_start = vec![0usize; size * mine];
+        let mut at = 0;
+        for (b, start) in block_start.iter_mut().enumerate() {
+            *start = at;
+            at += counts[b] as usize;
+        }
+        let mut grouped = Vec::with_capacity(at);
+        let mut local_experts = Vec::with_capacity(mine);
+        for (l, &e) in experts_of[me].iter().enumerate() {
+            let mut rows = 0;
+            for src in 0..size {
+                let b = src * mine + l;
+                let n = counts[b] as usize;
+                grouped.extend((block_start[b]..block_start[b] + n).map(|r| r as i64));
+                rows += n;
+            }
+            local_experts.push((e, rows));
+        }
+        let identity = grouped.iter().enumerate().all(|(i, &r)| i as i64 == r);
+        let (rows_nd, inverse) = if identity {
+            (x_recv, None)
+        } else {
+            let mut inverse = vec![0i64; grouped.len()];
+            for (q, &r) in grouped.iter().enumerate() {
+                inverse[r as usize] = q as i64;
+            }
+            let n = grouped.len();
+            let index = Tensor::<1, Int>::from_data(TensorData::new(grouped, [n]), &device);
+            (x_recv.select(0, index), Some(inverse))
+        };
+        debug_assert_eq!(rows_nd.dims(), [at, d]);
+        Ok(Dispatched {
+            rows_nd,
+            local_experts,
+            handle: CombineHandle {
+                plan,
+                extra: Some(Arc::new(Exchanged {
+                    exchange,
+                    inverse,
+                    send_plan,
+                })),
+            },
+        })
+    }
+
+    fn try_combine(
+        &self,
+        out_nd: Tensor<2>,
+        weights_tk: Tensor<2>,
+        handle: CombineHandle,
+    ) -> Result<Tensor<2>> {
+        let extra = handle
+            .extra
+            .expect("AllToAllDispatcher::combine got a handle without its exchange data");
+        let state = extra.downcast::<Exchanged>().unwrap_or_else(|_| {
+            panic!("AllToAllDispatcher::combine got another dispatcher's handle")
+        });
+        let device = out_nd.device();
+        let out_recv = match &state.inverse {
+            None => out_nd,
+            Some(inverse) => {
+                let n = inverse.len();
+                let index =
+                    Tensor::<1, Int>::from_data(TensorData::new(inverse.clone(), [n]), &device);
+                out_nd.select(0, index)
+            }
+        };
+        let home_rd = all_to_all_rows(out_recv, &state.exchange.transposed())?;
+        if state.send_plan.num_rows() == 0 {
+            // No rows came home: keep the exchange's output in the graph anyway, so this
+            // rank runs its backward (the other ranks are waiting for it there).
+            let [t, _] = weights_tk.dims();
+            let [_, d] = home_rd.dims();
+            let y_td = scatter_weighted(home_rd.clone(), weights_tk, &state.send_plan);
+            debug_assert_eq!(y_td.dims(), [t, d]);
+            return Ok(y_td + home_rd.sum().reshape([1, 1]) * 0.0);
+        }
+        Ok(scatter_weighted(home_rd, weights_tk, &state.send_plan))
+    }
+}
+
+impl TokenDispatcher for AllToAllDispatcher {
+    fn dispatch(&self, x_td: Tensor<2>, plan: DispatchPlan) -> Dispatched {
+        // The seam has no error channel; a failed collective (timeout, mismatch) is fatal.
+        self.try_dispatch(x_td, plan)
+            .unwrap_or_else(|e| panic!("expert-parallel dispatch: {e}"))
+    }
+
+    fn combine(
+        &self,
+        out_nd: Tensor<2>,
+        weights_tk: Tensor<2>,
+        handle: CombineHandle,
+    ) -> Tensor<2> {
+        self.try_combine(out_nd, weights_tk, handle)
+            .unwrap_or_else(|e| panic!("expert-parallel combine: {e}"))
+    }
+}

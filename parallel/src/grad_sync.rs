@@ -1,0 +1,286 @@
+//! `parallelize` (expert + data parallelism applied from outside) and the gradient sync.
+//!
+//! # Loss scaling: the trained weights do not depend on the layout
+//!
+//! The reference is one process on the global batch of `T_g` tokens:
+//! `L = CE + a * LB + b * Z` with `CE = (1/T_g) sum_t ce_t`, `Z = (1/T_g) sum_t lse_t^2`,
+//! and the balancing loss `LB = sum_i c_i(f) * P_i` where `f_i` (fraction of assignments
+//! routed to slot `i`) and `P_i = (1/T_g) sum_t p_ti` are means over the GLOBAL batch and
+//! `c_i` depends on `f` only (no gradient through `f`; `N f_i` for Switch, pooled for
+//! AdaMoE's nulls, tau-weighted for MoE++).
+//!
+//! Each rank `r` holds `T_r` of those tokens and builds an additive share `L_r` with
+//! `sum_r L_r = L` exactly:
+//! - CE: `(T_r / T_g) * mean_local(ce)` — [`LossScale::ce_weight`]; `T_g` comes from an
+//!   all-reduce of the token counts, so uneven shards are right too.
+//! - LB: [`WorldReducer`] (installed by `parallelize`) all-reduces the slot counts and the
+//!   token count in the forward pass (no gradient), so `c_i` is computed from the global
+//!   `f`; the rank's share is `sum_i c_i * (sum_{t local} p_ti) / T_g`. Averaging per-rank
+//!   balancing losses instead would be wrong: a product of means is not the mean of
+//!   products, and the per-rank `f` of a small shard is noisy.
+//! - Z: `(sum_{t local} lse_t^2) / T_g`, from the same reducer.
+//!
+//! The model's `load_balance` and `z_loss` outputs are these shares once parallelized, so
+//! the trainer's `ce * ce_weight + aux_loss(cfg, step)` is `L_r` unchanged.
+//!
+//! Gradients are then SUMMED (not averaged — the `1/T_g` is already in the loss):
+//! - dense parameters (every rank holds a replica) over the whole world;
+//! - expert parameters over the dp axis (the ranks holding the same expert); the ep axis
+//!   needs nothing, the all-to-all backward already brought every token's contribution
+//!   to the owner.
+//!
+//! With equal shards this equals averaging the per-rank mean losses' gradients over the
+//! replicas. Expert parameters a rank does not own are left out of the synced gradients.
+//!
+//! Known layout dependences not handled here: capacity dropping (capacity is computed on
+//! the local assignments) and the `MoeStats` metrics (local).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use burn::tensor::Tensor;
+use switchyard_comm::{Buffer, Communicator, ReduceOp, Request};
+use switchyard_moe::dispatch::BatchReducer;
+use switchyard_moe::params::named_params;
+use switchyard_moe::{LocalDispatcher, Transformer};
+
+use crate::dispatcher::AllToAllDispatcher;
+use crate::error::{ParallelError, Result};
+use crate::mesh::Mesh;
+
+/// Sums the MoE layers' batch statistics over the whole world (all-reduce of f64, no
+/// gradient). A collective in the forward pass: every rank calls it once per MoE layer.
+pub struct WorldReducer {
+    world: Arc<dyn Communicator>,
+}
+
+impl std::fmt::Debug for WorldReducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WorldReducer({})", self.world.name())
+    }
+}
+
+impl WorldReducer {
+    pub fn new(mesh: &Mesh) -> WorldReducer {
+        WorldReducer {
+            world: mesh.world().clone(),
+        }
+    }
+}
+
+impl BatchReducer for WorldReducer {
+    fn sum(&self, values: Vec<f64>) -> Vec<f64> {
+        let mut buf = Buffer::F64(values);
+        // The seam has no error channel; a failed collective is fatal for the step.
+        self.world
+            .all_reduce(&mut buf, ReduceOp::Sum)
+            .unwrap_or_else(|e| panic!("MoE batch statistics all-reduce: {e}"));
+        buf.into_vec::<f64>()
+            .unwrap_or_else(|b| panic!("all-reduce of f64 returned {}", b.dtype()))
+    }
+}
+
+/// Applies expert and data parallelism to a single-device model: every MoE layer gets the
+/// all-to-all dispatcher over the mesh's ep axis (the local dispatcher when ep = 1) and the
+/// world reducer for its auxiliary losses. Weights are untouched (every rank builds the
+/// same weights from the seed); gradients are synced by [`GradSync`].
+pub fn parallelize(mut model: Transformer, mesh: &Mesh) -> Result<Transformer> {
+    let experts = mesh.placement().num_experts();
+    let reducer: Arc<dyn BatchReducer> = Arc::new(WorldReducer::new(mesh));
+    let dispatcher: Arc<dyn switchyard_moe::TokenDispatcher> = if mesh.ep() == 1 {
+        Arc::new(LocalDispatcher)
+    } else {
+        Arc::new(AllToAllDispatcher::new(mesh))
+    };
+    for (index, block) in model.layers.iter_mut().enumerate() {
+        if let Some(layer) = block.moe.take() {
+            if layer.experts.len() != experts {
+                return Err(ParallelError::Model(format!(
+                    "layer {index} has {} experts, the mesh was built for {experts}; pass \
+                     model.moe.num_experts to Mesh::new",
+                    layer.experts.len()
+                )));
+            }
+            block.moe = Some(
+                layer
+                    .with_dispatcher(dispatcher.clone())
+                    .with_reducer(reducer.clone()),
+            );
+        }
+    }
+    Ok(model)
+}
+
+/// The share of the global batch's mean cross-entropy that this rank's local mean stands
+/// for: `T_r / T_g`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    pub local_tokens: usize,
+    pub global_tokens: usize,
+}
+
+impl LossScale {
+    /// All-reduces the token counts over the world (collective).
+    pub fn new(mesh: &Mesh, local_tokens: usize) -> Result<LossScale> {
+        let mut buf = Buffer::I64(vec![local_tokens as i64]);
+        mesh.world()
+            .all_reduce(&mut buf, ReduceOp::Sum)
+            .map_err(ParallelError::comm(
+                "LossScale: all-reduce of the token counts",
+            ))?;
+        let global = buf.get_f64(0) as usize;
+        Ok(LossScale {
+            local_tokens,
+            global_tokens: global,
+        })
+    }
+
+    /// Multiply this rank's mean cross-entropy by this.
+    pub fn ce_weight(&self) -> f32 {
+        self.local_tokens as f32 / self.global_tokens.max(1) as f32
+    }
+}
+
+/// Which group a parameter's gradient is summed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncGroup {
+    /// Dense parameter: the whole world.
+    World,
+    /// Expert owned by this rank: the dp axis.
+    Dp,
+    /// Expert owned by another ep rank: not synced, left out.
+    NotOwned,
+}
+
+/// Global expert id of a routed-expert parameter (`layers.{l}.moe.experts.{e}.{w}`).
+pub fn expert_id(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts
+        .windows(3)
+        .find(|w| w[0] == "moe" && w[1] == "experts")
+        .and_then(|w| w[2].parse().ok())
+}
+
+/// Sums named gradients over the right axis, in buckets of at most `bucket_elems` floats
+/// (all buckets of an axis are in flight together, then waited).
+pub struct GradSync {
+    mesh: Mesh,
+    bucket_elems: usize,
+}
+
+impl GradSync {
+    pub fn new(mesh: &Mesh) -> GradSync {
+        GradSync {
+            mesh: mesh.clone(),
+            bucket_elems: 1 << 22,
+        }
+    }
+
+    /// Bucket size in f32 elements (at least 1).
+    pub fn with_bucket_elems(mut self, elems: usize) -> GradSync {
+        self.bucket_elems = elems.max(1);
+        self
+    }
+
+    pub fn group_of(&self, name: &str) -> SyncGroup {
+        match expert_id(name) {
+            None => SyncGroup::World,
+            Some(e) if self.mesh.placement().owner(e) == self.mesh.ep_rank() => SyncGroup::Dp,
+            Some(_) => SyncGroup::NotOwned,
+        }
+    }
+
+    /// `grads`: this rank's gradients of its loss share, by name (absent = zero). Returns the
+    /// summed gradient of every parameter this rank holds and owns, on the inner device.
+    /// Parameters come from `named_params(model)`, the same list on every rank, so every
+    /// rank issues the same collectives in the same order.
+    pub fn sync(
+        &self,
+        model: &Transformer,
+        grads: &BTreeMap<String, Tensor<1>>,
+    ) -> Result<BTreeMap<String, Tensor<1>>> {
+        let params = named_params(model);
+        let mut out = BTreeMap::new();
+        for (group, comm) in [
+            (SyncGroup::World, self.mesh.world()),
+            (SyncGroup::Dp, self.mesh.dp_comm()),
+        ] {
+            let members: Vec<(&String, &Tensor<1>)> = params
+                .iter()
+                .filter(|(name, _, _)| self.group_of(name) == group)
+                .map(|(name, _, value)| (name, value))
+                .collect();
+            self.sync_group(comm.as_ref(), &members, grads, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn sync_group(
+        &self,
+        comm: &dyn Communicator,
+        members: &[(&String, &Tensor<1>)],
+        grads: &BTreeMap<String, Tensor<1>>,
+        out: &mut BTreeMap<String, Tensor<1>>,
+    ) -> Result<()> {
+        // Buckets: consecutive parameters up to bucket_elems floats (a larger parameter is
+        // a bucket of its own).
+        let mut buckets: Vec<Vec<usize>> = Vec::new();
+        let mut filled = usize::MAX;
+        for (i, (_, value)) in members.iter().enumerate() {
+            let n = value.dims()[0];
+            if filled.saturating_add(n) > self.bucket_elems {
+                buckets.push(Vec::new());
+                filled = 0;
+            }
+            buckets.last_mut().expect("a bucket was opened").push(i);
+            filled += n;
+        }
+        let mut requests: Vec<(Vec<usize>, Request)> = Vec::with_capacity(buckets.len());
+        for bucket in buckets {
+            let mut flat: Vec<f32> = Vec::new();
+            for &i in &bucket {
+                let (name, value) = members[i];
+                match grads.get(name) {
+                    Some(g) => flat.extend(
+                        g.clone()
+                            .inner()
+                            .into_data()
+                            .convert::<f32>()
+                            .try_into_vec::<f32>()
+                            .map_err(|e| ParallelError::Shape {
+                                what: format!("gradient of `{name}`"),
+                                detail: format!("not readable as f32: {e:?}"),
+                            })?,
+                    ),
+                    None => flat.extend(std::iter::repeat_n(0.0, value.dims()[0])),
+                }
+            }
+            let op = format!("gradient sync over `{}`", comm.name());
+            let request = comm
+                .i_all_reduce(Buffer::F32(flat), ReduceOp::Sum)
+                .map_err(ParallelError::comm(op))?;
+            requests.push((bucket, request));
+        }
+        for (bucket, request) in requests {
+            let op = format!("gradient sync over `{}`", comm.name());
+            let summed = request
+                .wait()
+                .map_err(ParallelError::comm(op.clone()))?
+                .into_vec::<f32>()
+                .map_err(|b| ParallelError::Shape {
+                    what: op,
+                    detail: format!("all-reduce returned {} elements", b.dtype()),
+                })?;
+            let mut at = 0;
+            for i in bucket {
+                let (name, value) = members[i];
+                let n = value.dims()[0];
+                let device = value.device();
+                let g = Tensor::<1>::from_floats(&summed[at..at + n], &device);
+                out.insert(name.clone(), g);
+                at += n;
+            }
+        }
+        Ok(())
+    }
+}
