@@ -11,6 +11,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo clippy --release -p switchyard-comm --all-targets --features mpi -- -D warnings
+# The NCCL backend must build without a GPU (cudarc loads CUDA/NCCL at run time).
+cargo clippy --release -p switchyard-comm --all-targets --features nccl -- -D warnings
 
 echo "== cargo test (release: burn is unusably slow unoptimised)"
 cargo test --release --workspace
