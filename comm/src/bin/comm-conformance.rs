@@ -38,19 +38,21 @@ fn main() {
         eprintln!("{e}");
         std::process::exit(1)
     });
-    let rank0 = world.rank() == 0;
     let comm: Box<dyn Communicator> = match backend.as_str() {
         "mpi" => Box::new(world),
         #[cfg(feature = "nccl")]
-        "nccl" => match switchyard_comm::nccl::NcclComm::new(Box::new(world), None) {
-            Ok(c) => Box::new(c),
-            Err(e) => {
-                if rank0 {
-                    println!("SKIPPED: nccl conformance: {e}");
+        "nccl" => {
+            let rank0 = world.rank() == 0;
+            match switchyard_comm::nccl::NcclComm::new(Box::new(world), None) {
+                Ok(c) => Box::new(c),
+                Err(e) => {
+                    if rank0 {
+                        println!("SKIPPED: nccl conformance: {e}");
+                    }
+                    std::process::exit(3)
                 }
-                std::process::exit(3)
             }
-        },
+        }
         other => {
             eprintln!("unknown --backend {other} (mpi, or nccl with --features nccl)");
             std::process::exit(1)
