@@ -251,6 +251,30 @@ fn inspect_checkpoint_verifies_and_detects_corruption() {
     );
     assert!(stdout.contains("exp_avg_sq"), "{}", text(&out));
 
+    // The checkpoint converts into an AdaMoE model (weights only; fresh run).
+    let converted = format!("run.output_dir={}", tmp.path().join("adamoe").display());
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        &converted,
+        "--set",
+        "model.moe.router={type: null_experts, num_null: 4, null_init: copy_true_rows}",
+        "--set",
+        "model.moe.top_k=3",
+        "--set",
+        "train.steps=2",
+        "--init-from",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("final: step 2"),
+        "{}",
+        text(&out)
+    );
+
     // Flip one byte of the model file: inspect fails and resume refuses it.
     let model = ckpt.join("model.safetensors");
     let mut bytes = std::fs::read(&model).unwrap();

@@ -43,7 +43,7 @@ fn load_data(cfg: &Config) -> Result<Corpus> {
     Ok(Corpus::load(&cfg.data, &tokenizer)?)
 }
 
-pub fn train(cfg: &Config, resume: Option<&str>) -> Result<()> {
+pub fn train(cfg: &Config, resume: Option<&str>, init_from: Option<&Path>) -> Result<()> {
     setup_threads(cfg.run.threads)?;
     let out = &cfg.run.output_dir;
     std::fs::create_dir_all(out)
@@ -60,10 +60,15 @@ pub fn train(cfg: &Config, resume: Option<&str>) -> Result<()> {
         tracing::info!("--resume auto: no complete checkpoint yet, starting fresh");
     }
     let device = Device::flex().autodiff();
+    let start = match (&resume_path, init_from) {
+        (Some(path), _) => train_impl::Start::Resume(path),
+        (None, Some(path)) => train_impl::Start::InitFrom(path),
+        (None, None) => train_impl::Start::Fresh,
+    };
     let summary = train_impl::run(
         cfg,
         &corpus,
-        resume_path.as_deref(),
+        start,
         &device,
         serde_json::to_value(cfg).expect("config serialises"),
     )?;

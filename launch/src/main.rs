@@ -42,8 +42,12 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
         /// Resume: `auto` (newest complete checkpoint, if any) or a checkpoint directory.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "init_from")]
         resume: Option<String>,
+        /// Start from another run's weights only (fresh optimizer, data and step); a vanilla
+        /// router fills a null-expert router (AdaMoE conversion).
+        #[arg(long)]
+        init_from: Option<PathBuf>,
     },
     /// Validation loss and perplexity of a checkpoint (or of fresh weights).
     Eval {
@@ -143,9 +147,13 @@ fn load(args: &ConfigArgs) -> Result<Config> {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Train { config, resume } => {
+        Command::Train {
+            config,
+            resume,
+            init_from,
+        } => {
             let cfg = load(&config)?;
-            commands::train(&cfg, resume.as_deref())
+            commands::train(&cfg, resume.as_deref(), init_from.as_deref())
         }
         Command::Eval { config, checkpoint } => {
             let cfg = load(&config)?;

@@ -8,10 +8,11 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use switchyard_moe::config::NullInit;
 use switchyard_moe::layer::KIND_NAMES;
 use switchyard_moe::model::forward_flops_per_token;
 use switchyard_moe::params::{map_params, named_grads, named_params, signature};
-use switchyard_moe::{Transformer, cross_entropy};
+use switchyard_moe::{RouterConfig, Transformer, cross_entropy};
 
 use crate::checkpoint::{self, CheckpointManager, ManifestMeta, NamedTensor};
 use crate::config::Config;
@@ -372,33 +373,18 @@ impl Trainer {
         };
         let model_tensors = by_name("model.safetensors")?;
         let optim_tensors = by_name("optimizer.safetensors")?;
-        let mut sizes = BTreeMap::new();
-        for (name, shape, _) in named_params(&self.model) {
-            let t = model_tensors
-                .get(&name)
-                .ok_or_else(|| resume_err(format!("model.safetensors has no tensor `{name}`")))?;
-            if t.shape != shape {
-                return Err(resume_err(format!(
-                    "tensor `{name}` has shape {:?} in the checkpoint but {shape:?} in the model",
-                    t.shape
-                )));
-            }
-            sizes.insert(name, shape.iter().product());
-        }
-        let device = self.device.clone();
-        let mut error = None;
-        self.model = map_params(self.model.clone(), |name, current| {
-            match model_tensors[name].as_f32() {
-                Some(values) => Tensor::from_floats(values, &device.clone().inner()),
-                None => {
-                    error.get_or_insert(format!("`{name}` in model.safetensors is not f32"));
-                    current
+        let sizes = self
+            .load_weights(&model_tensors, |name, stored, shape, _| {
+                if stored.shape != shape {
+                    return Err(format!(
+                        "tensor `{name}` has shape {:?} in the checkpoint but {shape:?} in the model",
+                        stored.shape
+                    ));
                 }
-            }
-        });
-        if let Some(e) = error {
-            return Err(resume_err(e));
-        }
+                f32_values(name, stored)
+            })
+            .map_err(resume_err)?;
+        let device = self.device.clone();
         self.optim
             .import(
                 &optim_tensors,
@@ -415,6 +401,96 @@ impl Trainer {
     }
 }
 
+impl Trainer {
+    /// Start from the weights of another run's checkpoint (fine-tuning, conversion): the
+    /// optimizer, data position and step start fresh. A vanilla router's `[D, n]` weights
+    /// fill a null-expert router's `[D, n + m]`: the true-expert columns are copied, and the
+    /// null columns too (cyclically) with `null_init: copy_true_rows`, so the expanded router
+    /// starts balanced (AdaMoE's conversion); with `random` they keep their fresh values.
+    /// Any other difference in names or shapes is an error naming the tensor.
+    pub fn init_from(&mut self, path: &Path) -> Result<(), TrainError> {
+        let err = |message: String| TrainError::Resume {
+            path: path.to_path_buf(),
+            message,
+        };
+        let loaded = checkpoint::load(path)?;
+        let tensors: BTreeMap<String, NamedTensor> = loaded
+            .tensors("model.safetensors")
+            .ok_or_else(|| err("the checkpoint has no model.safetensors".into()))?
+            .iter()
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect();
+        let moe = self.cfg.model.moe.clone();
+        let copy_nulls = match moe.router {
+            RouterConfig::NullExperts { null_init, .. } => {
+                Some(null_init == NullInit::CopyTrueRows)
+            }
+            _ => None,
+        };
+        self.load_weights(&tensors, |name, stored, shape, current| {
+            if stored.shape == shape {
+                return f32_values(name, stored);
+            }
+            let expandable = name.ends_with("router.w_gate")
+                && copy_nulls.is_some()
+                && stored.shape.len() == 2
+                && shape.len() == 2
+                && stored.shape[0] == shape[0]
+                && stored.shape[1] == moe.num_experts
+                && shape[1] == moe.num_slots();
+            if !expandable {
+                return Err(format!(
+                    "tensor `{name}` has shape {:?} in the checkpoint but {shape:?} in the model",
+                    stored.shape
+                ));
+            }
+            let (rows, n, slots) = (shape[0], stored.shape[1], shape[1]);
+            let old = f32_values(name, stored)?;
+            let fresh = tensor_to_vec(current);
+            Ok((0..rows * slots)
+                .map(|i| {
+                    let (row, col) = (i / slots, i % slots);
+                    if col < n || copy_nulls == Some(true) {
+                        old[row * n + col % n]
+                    } else {
+                        fresh[i]
+                    }
+                })
+                .collect())
+        })
+        .map_err(err)?;
+        Ok(())
+    }
+
+    /// Replace every parameter by `value(name, stored tensor, model shape, current value)`;
+    /// returns each parameter's element count. Every model parameter must be stored.
+    fn load_weights(
+        &mut self,
+        stored: &BTreeMap<String, NamedTensor>,
+        value: impl Fn(&str, &NamedTensor, &[usize], &Tensor<1>) -> Result<Vec<f32>, String>,
+    ) -> Result<BTreeMap<String, usize>, String> {
+        let mut values = BTreeMap::new();
+        for (name, shape, current) in named_params(&self.model) {
+            let t = stored
+                .get(&name)
+                .ok_or_else(|| format!("model.safetensors has no tensor `{name}`"))?;
+            values.insert(name.clone(), value(&name, t, &shape, &current)?);
+        }
+        let sizes = values.iter().map(|(k, v)| (k.clone(), v.len())).collect();
+        let inner = self.device.clone().inner();
+        self.model = map_params(self.model.clone(), |name, _| {
+            Tensor::from_floats(values[name].as_slice(), &inner)
+        });
+        Ok(sizes)
+    }
+}
+
+fn f32_values(name: &str, t: &NamedTensor) -> Result<Vec<f32>, String> {
+    t.as_f32()
+        .map(<[f32]>::to_vec)
+        .ok_or_else(|| format!("`{name}` in model.safetensors is not f32"))
+}
+
 /// Inputs and next-token targets of a batch: [B, S] each.
 pub fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
     let shape = [batch.batch_size, batch.seq_len];
@@ -429,10 +505,21 @@ fn scalar(t: &Tensor<1>) -> f64 {
 }
 
 /// Runs a whole training job: the function the `train` subcommand calls.
+/// Where a run's weights come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// Fresh weights from `run.seed`.
+    Fresh,
+    /// Continue a run exactly: weights, optimizer, data position, step.
+    Resume(&'a Path),
+    /// Weights only, from another run's checkpoint (see `Trainer::init_from`).
+    InitFrom(&'a Path),
+}
+
 pub fn run(
     cfg: &Config,
     corpus: &Corpus,
-    resume: Option<&Path>,
+    start: Start<'_>,
     device: &Device,
     resolved_config: serde_json::Value,
 ) -> Result<Option<EvalReport>, TrainError> {
@@ -443,9 +530,16 @@ pub fn run(
         .clone()
         .unwrap_or_else(|| cfg.run.output_dir.join("checkpoints"));
     let manager = CheckpointManager::new(&ckpt_dir, cfg.checkpoint.keep_last)?;
-    if let Some(path) = resume {
-        trainer.restore(path)?;
-        tracing::info!(step = trainer.state_step, path = %path.display(), "resumed");
+    match start {
+        Start::Fresh => {}
+        Start::Resume(path) => {
+            trainer.restore(path)?;
+            tracing::info!(step = trainer.state_step, path = %path.display(), "resumed");
+        }
+        Start::InitFrom(path) => {
+            trainer.init_from(path)?;
+            tracing::info!(path = %path.display(), "weights initialised from checkpoint");
+        }
     }
     let mut metrics = MetricsSink::new(
         cfg.metrics.clone(),

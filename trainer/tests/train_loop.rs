@@ -132,3 +132,61 @@ fn loss_falls_and_evaluation_is_deterministic() {
     assert!(last.loss < first.loss - 0.5, "{first:?} -> {last:?}");
     assert!((last.perplexity - last.loss.exp()).abs() < 1e-9);
 }
+
+#[test]
+fn a_vanilla_checkpoint_initialises_a_null_expert_model() {
+    use switchyard_moe::config::{NullInit, NullNormalization, RouterConfig};
+    use switchyard_trainer::checkpoint::CheckpointManager;
+
+    let device = Device::flex().autodiff();
+    let vanilla_cfg = config("");
+    let corpus = corpus(&vanilla_cfg);
+    let mut vanilla = Trainer::new(&vanilla_cfg, &corpus, &device).unwrap();
+    vanilla.step().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manager = CheckpointManager::new(dir.path(), 1).unwrap();
+    let saved = vanilla.save(&manager, &serde_json::json!({})).unwrap();
+
+    for null_init in [NullInit::CopyTrueRows, NullInit::Random] {
+        let mut cfg = vanilla_cfg.clone();
+        cfg.model.moe.top_k = 3;
+        cfg.model.moe.router = RouterConfig::NullExperts {
+            num_null: 6,
+            normalize: NullNormalization::TrueExperts,
+            null_init,
+            anneal: None,
+        };
+        let mut ada = Trainer::new(&cfg, &corpus, &device).unwrap();
+        let fresh = weights(&ada);
+        ada.init_from(&saved).unwrap();
+        assert_eq!(ada.state_step, 0, "a fresh run, not a resume");
+        let old: std::collections::BTreeMap<_, _> = weights(&vanilla).into_iter().collect();
+        let fresh: std::collections::BTreeMap<_, _> = fresh.into_iter().collect();
+        for (name, new) in weights(&ada) {
+            if !name.ends_with("router.w_gate") {
+                assert_eq!(new, old[&name], "{name} copied as is");
+                continue;
+            }
+            // [D = 16, 4 true] -> [16, 10 slots]
+            for row in 0..16 {
+                for col in 0..10 {
+                    let got = new[row * 10 + col];
+                    let want = if col < 4 || null_init == NullInit::CopyTrueRows {
+                        old[&name][row * 4 + col % 4]
+                    } else {
+                        fresh[&name][row * 10 + col]
+                    };
+                    assert_eq!(got, want, "{name}[{row}, {col}] with {null_init:?}");
+                }
+            }
+        }
+        ada.step().unwrap();
+    }
+
+    // Anything else that differs is refused, naming the tensor.
+    let mut other = vanilla_cfg.clone();
+    other.model.d_model = 32;
+    let mut wrong = Trainer::new(&other, &corpus, &device).unwrap();
+    let err = wrong.init_from(&saved).unwrap_err().to_string();
+    assert!(err.contains("embed") && err.contains("shape"), "{err}");
+}
