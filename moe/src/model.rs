@@ -292,8 +292,9 @@ pub fn cross_entropy(logits_bsv: Tensor<3>, targets_bs: Tensor<2, Int>) -> Tenso
     picked_n1.mean().neg()
 }
 
-/// Matmul FLOPs of one forward pass per token, with `routed_rows_per_token` routed expert
-/// rows per token (top_k when dropless). Backward is counted as twice the forward.
+/// Matmul FLOPs of one forward pass per token, counting `top_k` FFN experts per token (exact
+/// for vanilla dropless routing; an upper bound with null / zero-computation experts or
+/// capacity dropping). Callers count backward as twice the forward.
 pub fn forward_flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
     let (d, v) = (cfg.d_model as f64, cfg.vocab_size as f64);
     let attn_proj = 4.0 * 2.0 * d * d;
