@@ -507,6 +507,30 @@ impl MpiComm {
         call(name, &p.op, &self.name, self.rank, f)
     }
 
+    /// Posts a point-to-point transfer of `n` elements starting at `base` as chunks of at
+    /// most `max_count` elements (MPI counts are 32-bit), one request per chunk.
+    fn post_chunked(
+        &self,
+        p: &mut MpiPending,
+        name: &'static str,
+        base: *const u8,
+        dt: DType,
+        n: usize,
+        post: impl Fn(*const c_void, c_int, &mut sys::MPI_Request) -> c_int,
+    ) -> Result<()> {
+        let chunks = n.div_ceil(self.env.max_count).max(1);
+        for k in 0..chunks {
+            let start = k * self.env.max_count;
+            let count = self.env.max_count.min(n - start);
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            // SAFETY: `start + count <= n` elements of `dt` lie inside the buffer at `base`.
+            let ptr = unsafe { base.add(start * dt.size_bytes()) } as *const c_void;
+            self.ffi(p, name, || post(ptr, count as c_int, &mut req))?;
+            p.reqs.push(req);
+        }
+        Ok(())
+    }
+
     /// Exchanges signatures so that every rank sees the same verdict on a mismatch.
     #[allow(clippy::too_many_arguments)]
     fn verify(
@@ -1292,26 +1316,25 @@ impl Communicator for MpiComm {
     fn i_send(&self, buf: Buffer, dest: usize, tag: u32) -> Result<Request> {
         self.check("send").peer("dest", dest)?;
         let mut p = self.begin(&format!("send(to {dest}, tag {tag})"), false, Some(dest))?;
-        let (dt, n, es) = (buf.dtype(), buf.len(), buf.dtype().size_bytes());
-        let ptr = sptr(&buf);
-        let chunks = n.div_ceil(self.env.max_count).max(1);
-        for k in 0..chunks {
-            let start = k * self.env.max_count;
-            let c = self.env.max_count.min(n - start);
-            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-            self.ffi(&p, "MPI_Isend", || unsafe {
+        let (dt, n) = (buf.dtype(), buf.len());
+        self.post_chunked(
+            &mut p,
+            "MPI_Isend",
+            sptr(&buf),
+            dt,
+            n,
+            |ptr, count, req| unsafe {
                 sys::MPI_Isend(
-                    ptr.add(start * es) as *const c_void,
-                    c as c_int,
+                    ptr,
+                    count,
                     datatype(dt),
                     dest as c_int,
                     tag as c_int,
                     self.raw.0,
-                    &mut req,
+                    req,
                 )
-            })?;
-            p.reqs.push(req);
-        }
+            },
+        )?;
         p.out = Some(buf);
         Ok(Request::new(p))
     }
@@ -1319,26 +1342,19 @@ impl Communicator for MpiComm {
     fn i_recv(&self, mut buf: Buffer, src: usize, tag: u32) -> Result<Request> {
         self.check("recv").peer("src", src)?;
         let mut p = self.begin(&format!("recv(from {src}, tag {tag})"), false, Some(src))?;
-        let (dt, n, es) = (buf.dtype(), buf.len(), buf.dtype().size_bytes());
-        let ptr = rptr(&mut buf);
-        let chunks = n.div_ceil(self.env.max_count).max(1);
-        for k in 0..chunks {
-            let start = k * self.env.max_count;
-            let c = self.env.max_count.min(n - start);
-            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-            self.ffi(&p, "MPI_Irecv", || unsafe {
-                sys::MPI_Irecv(
-                    ptr.add(start * es) as *mut c_void,
-                    c as c_int,
-                    datatype(dt),
-                    src as c_int,
-                    tag as c_int,
-                    self.raw.0,
-                    &mut req,
-                )
-            })?;
-            p.reqs.push(req);
-        }
+        let (dt, n) = (buf.dtype(), buf.len());
+        let base = rptr(&mut buf) as *const u8;
+        self.post_chunked(&mut p, "MPI_Irecv", base, dt, n, |ptr, count, req| unsafe {
+            sys::MPI_Irecv(
+                ptr as *mut c_void,
+                count,
+                datatype(dt),
+                src as c_int,
+                tag as c_int,
+                self.raw.0,
+                req,
+            )
+        })?;
         p.out = Some(buf);
         Ok(Request::new(p))
     }
