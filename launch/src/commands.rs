@@ -9,6 +9,10 @@ use switchyard_trainer::config::Config;
 use switchyard_trainer::data::{Corpus, InputFormat, Tokenizer, build_tokenizer, prepare_data};
 use switchyard_trainer::{ablation, bench as bench_impl, train as train_impl};
 
+use switchyard_comm::{
+    CommBackendConfig, Communicator, LinkConfig, LinkModel, LocalWorld, MpiProgress,
+};
+
 use crate::config::loader::resolved_yaml;
 
 /// Thread count for tensor kernels: rayon's global pool, set once per process.
@@ -43,35 +47,152 @@ fn load_data(cfg: &Config) -> Result<Corpus> {
     Ok(Corpus::load(&cfg.data, &tokenizer)?)
 }
 
+/// How the ranks of a run talk, resolved from `comm.backend` and the launcher.
+enum Transport {
+    /// One rank: no communicator at all.
+    Single,
+    /// Ranks as threads of this process.
+    Threads(Option<LinkModel>),
+    /// One MPI process per rank (started by mpirun / srun).
+    Mpi {
+        progress: MpiProgress,
+        verify_collectives: bool,
+    },
+}
+
+/// Tasks the launcher started, when an MPI-style launcher started this process.
+fn launcher_tasks() -> Option<(usize, &'static str)> {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "SLURM_NTASKS",
+    ]
+    .into_iter()
+    .find_map(|var| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(|n| (n, var))
+    })
+}
+
+fn transport(cfg: &Config) -> Result<Transport> {
+    let world = cfg.parallel.world_size();
+    let launched = launcher_tasks().filter(|&(n, _)| n > 1);
+    let link = |l: &Option<LinkConfig>| l.map(|l| LinkModel::new(l.latency_us, l.bandwidth_gbps));
+    let t = match (&cfg.comm.backend, launched) {
+        (CommBackendConfig::Local { link: l }, None) => Transport::Threads(link(l)),
+        (CommBackendConfig::Auto, None) => Transport::Threads(None),
+        (CommBackendConfig::Local { .. }, Some((n, var))) => bail!(
+            "comm.backend.type is `local` (ranks as threads of one process), but the launcher \
+             started {n} processes ({var}={n}); use `comm.backend.type: auto` or `mpi`, or \
+             start one process"
+        ),
+        (CommBackendConfig::Auto, Some(_)) => Transport::Mpi {
+            progress: MpiProgress::default(),
+            verify_collectives: false,
+        },
+        (
+            CommBackendConfig::Mpi {
+                progress,
+                verify_collectives,
+            },
+            _,
+        ) => Transport::Mpi {
+            progress: *progress,
+            verify_collectives: *verify_collectives,
+        },
+        (CommBackendConfig::Nccl { .. }, _) => bail!(
+            "comm.backend.type `nccl` is not wired into training yet (it needs the CUDA \
+             device path); use `auto` or `mpi`"
+        ),
+    };
+    Ok(match t {
+        Transport::Threads(_) if world == 1 => Transport::Single,
+        t => t,
+    })
+}
+
 pub fn train(cfg: &Config, resume: Option<&str>, init_from: Option<&Path>) -> Result<()> {
     setup_threads(cfg.run.threads)?;
+    let transport = transport(cfg)?;
     let out = &cfg.run.output_dir;
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating run.output_dir {}", out.display()))?;
-    let resolved = resolved_yaml(cfg);
-    std::fs::write(out.join("config.yaml"), &resolved)
-        .with_context(|| format!("writing {}", out.join("config.yaml").display()))?;
     let corpus = load_data(cfg)?;
     let resume_path = match resume {
         Some(spec) => resume_target(&checkpoint_root(cfg), spec)?,
         None => None,
     };
-    if resume == Some("auto") && resume_path.is_none() {
-        tracing::info!("--resume auto: no complete checkpoint yet, starting fresh");
-    }
-    let device = Device::flex().autodiff();
     let start = match (&resume_path, init_from) {
         (Some(path), _) => train_impl::Start::Resume(path),
         (None, Some(path)) => train_impl::Start::InitFrom(path),
         (None, None) => train_impl::Start::Fresh,
     };
-    let summary = train_impl::run(
-        cfg,
-        &corpus,
-        start,
-        &device,
-        serde_json::to_value(cfg).expect("config serialises"),
-    )?;
+    let write_config = || -> Result<()> {
+        std::fs::write(out.join("config.yaml"), resolved_yaml(cfg))
+            .with_context(|| format!("writing {}", out.join("config.yaml").display()))?;
+        if resume == Some("auto") && resume_path.is_none() {
+            tracing::info!("--resume auto: no complete checkpoint yet, starting fresh");
+        }
+        Ok(())
+    };
+    let rank_run = |world: Option<Box<dyn Communicator>>| {
+        train_impl::run(
+            cfg,
+            &corpus,
+            start,
+            &Device::flex().autodiff(),
+            serde_json::to_value(cfg).expect("config serialises"),
+            world,
+        )
+    };
+    let summary = match transport {
+        Transport::Single => {
+            write_config()?;
+            rank_run(None)?
+        }
+        Transport::Threads(link) => {
+            write_config()?;
+            let n = cfg.parallel.world_size();
+            tracing::info!(ranks = n, "local backend: one thread per rank");
+            let comms = LocalWorld::new(n, cfg.comm.timeout(), link);
+            let results: Vec<_> = std::thread::scope(|scope| {
+                let handles: Vec<_> = comms
+                    .into_iter()
+                    .map(|comm| {
+                        // Deep autodiff graphs recurse in backward: a main-thread-sized stack.
+                        std::thread::Builder::new()
+                            .stack_size(64 << 20)
+                            .spawn_scoped(scope, move || {
+                                let rank = comm.rank();
+                                rank_run(Some(Box::new(comm))).map_err(|e| (rank, e))
+                            })
+                            .expect("spawn a rank thread")
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("a rank thread panicked"))
+                    .collect()
+            });
+            let mut first = None;
+            for r in results {
+                match r {
+                    Ok(summary) => first = first.or(Some(summary)),
+                    Err((rank, e)) => {
+                        return Err(anyhow::Error::new(e).context(format!("rank {rank}")));
+                    }
+                }
+            }
+            first.flatten()
+        }
+        Transport::Mpi {
+            progress,
+            verify_collectives,
+        } => mpi_train(cfg, progress, verify_collectives, &write_config, &rank_run)?,
+    };
     if let Some(eval) = summary {
         println!(
             "final: step {} valid loss {:.4} perplexity {:.3}",
@@ -79,6 +200,68 @@ pub fn train(cfg: &Config, resume: Option<&str>, init_from: Option<&Path>) -> Re
         );
     }
     Ok(())
+}
+
+type RankRun<'a> = dyn Fn(
+        Option<Box<dyn Communicator>>,
+    ) -> std::result::Result<Option<train_impl::EvalReport>, train_impl::TrainError>
+    + 'a;
+
+/// One MPI process per rank. A failure on any rank brings the whole job down (MPI_Abort),
+/// never a hang in the next collective.
+#[cfg(feature = "mpi")]
+fn mpi_train(
+    cfg: &Config,
+    progress: MpiProgress,
+    verify_collectives: bool,
+    write_config: &dyn Fn() -> Result<()>,
+    rank_run: &RankRun<'_>,
+) -> Result<Option<train_impl::EvalReport>> {
+    use switchyard_comm::mpi::{MpiEnv, MpiOptions};
+    let (env, world) = MpiEnv::init(MpiOptions {
+        progress,
+        verify_collectives,
+        timeout: cfg.comm.timeout(),
+        ..MpiOptions::default()
+    })?;
+    let want = cfg.parallel.world_size();
+    if world.size() != want {
+        bail!(
+            "mpirun started {} processes but parallel.dp x parallel.ep = {} x {} = {want}; \
+             launch with `mpirun -np {want}` or change the layout",
+            world.size(),
+            cfg.parallel.dp,
+            cfg.parallel.ep
+        );
+    }
+    let rank = world.rank();
+    if rank == 0 {
+        write_config()?;
+    }
+    // The trainer gets a duplicate; this handle stays here to abort the job.
+    let trainer_world = world.split(0, rank as i32)?;
+    let summary = match rank_run(Some(trainer_world)) {
+        Ok(s) => s,
+        Err(e) => world.abort(&format!("rank {rank}: {e}"), 1),
+    };
+    drop(world);
+    drop(env);
+    Ok(if rank == 0 { summary } else { None })
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_train(
+    _: &Config,
+    _: MpiProgress,
+    _: bool,
+    _: &dyn Fn() -> Result<()>,
+    _: &RankRun<'_>,
+) -> Result<Option<train_impl::EvalReport>> {
+    let tasks = launcher_tasks().map_or(String::new(), |(n, var)| format!(" ({var}={n})"));
+    bail!(
+        "this run needs MPI{tasks}, but this switchyard was built without the `mpi` feature; \
+         rebuild with `cargo build --release --features mpi`"
+    )
 }
 
 pub fn eval(cfg: &Config, checkpoint: &str) -> Result<()> {
@@ -100,7 +283,7 @@ pub fn eval(cfg: &Config, checkpoint: &str) -> Result<()> {
             checkpoint_root(cfg).display()
         ),
     }
-    let report = trainer.evaluate();
+    let report = trainer.evaluate()?;
     println!(
         "valid loss {:.4} nats/token, perplexity {:.3} over {} tokens",
         report.loss, report.perplexity, report.tokens

@@ -82,8 +82,10 @@ impl BatchReducer for WorldReducer {
 
 /// Applies expert and data parallelism to a single-device model: every MoE layer gets the
 /// all-to-all dispatcher over the mesh's ep axis (the local dispatcher when ep = 1) and the
-/// world reducer for its auxiliary losses. Weights are untouched (every rank builds the
-/// same weights from the seed); gradients are synced by [`GradSync`].
+/// world reducer for its auxiliary losses, and keeps only the routed experts this rank owns
+/// (the others are dropped: their memory is freed and they leave the parameter list). The
+/// kept weights are untouched (every rank builds the same weights from the seed); gradients
+/// are synced by [`GradSync`].
 pub fn parallelize(mut model: Transformer, mesh: &Mesh) -> Result<Transformer> {
     let experts = mesh.placement().num_experts();
     let reducer: Arc<dyn BatchReducer> = Arc::new(WorldReducer::new(mesh));
@@ -101,8 +103,11 @@ pub fn parallelize(mut model: Transformer, mesh: &Mesh) -> Result<Transformer> {
                     layer.experts.len()
                 )));
             }
+            let placement = mesh.placement().clone();
+            let me = mesh.ep_rank();
             block.moe = Some(
                 layer
+                    .retain_experts(|e| placement.owner(e) == me)
                     .with_dispatcher(dispatcher.clone())
                     .with_reducer(reducer.clone()),
             );

@@ -12,12 +12,14 @@
 //!   the loss scaling).
 
 pub mod all_to_all;
+pub mod config;
 pub mod dispatcher;
 mod error;
 pub mod glue;
 pub mod grad_sync;
 pub mod mesh;
 
+pub use config::ParallelConfig;
 pub use dispatcher::AllToAllDispatcher;
 pub use error::{ParallelError, Result};
 pub use grad_sync::{GradSync, LossScale, WorldReducer, parallelize};

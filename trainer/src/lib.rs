@@ -6,6 +6,8 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod metrics;
 pub mod optim;
+pub mod parity;
 pub mod train;
