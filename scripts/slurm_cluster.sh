@@ -97,6 +97,8 @@ up() {
     return
   fi
   down quiet
+  # A fresh cluster starts empty: no jobs recovered from an earlier, interrupted test.
+  rm -rf "$D/state" "$D/spool"
   # TmpFS ($D/tmp/%n) must exist: PMIx creates its per-step directories there.
   install -d -m 0755 "$D" "$D/etc" "$D/state" "$D/spool" "$D/tmp/$(hostname -s)" "$D/run" "$D/log"
   # munged refuses a socket directory that others cannot traverse: 0755, key 0600.
