@@ -208,8 +208,9 @@ impl LaunchInfo {
             return Ok(());
         }
         let launcher_view = match self.launcher {
-            Launcher::Single => "no launcher variables are set (a single process, rank 0 of 1)"
-                .to_string(),
+            Launcher::Single => {
+                "no launcher variables are set (a single process, rank 0 of 1)".to_string()
+            }
             _ => format!(
                 "{} set rank {} ({}) of {}",
                 self.launcher.describe(),

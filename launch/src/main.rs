@@ -119,6 +119,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in files (Slurm's output files, redirected logs).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli.command) {
@@ -189,7 +191,11 @@ fn run(command: Command) -> Result<()> {
         Command::SlurmScript(args) => {
             let cfg = load(&args.config)?;
             let path = slurm_script::write(&args, &cfg)?;
-            println!("wrote {}\nsubmit it with: sbatch {}", path.display(), path.display());
+            println!(
+                "wrote {}\nsubmit it with: sbatch {}",
+                path.display(),
+                path.display()
+            );
             Ok(())
         }
         Command::Bench {

@@ -135,10 +135,7 @@ pub fn parse_time_limit(text: &str) -> Result<u64> {
         Some((d, rest)) => (Some(number(d)?), rest),
         None => (None, text),
     };
-    let parts = rest
-        .split(':')
-        .map(number)
-        .collect::<Result<Vec<u64>>>()?;
+    let parts = rest.split(':').map(number).collect::<Result<Vec<u64>>>()?;
     let below_60 = |v: &[u64]| v.iter().all(|&x| x < 60);
     let seconds = match (days, parts.as_slice()) {
         (None, [m]) => m * 60,
@@ -272,9 +269,7 @@ impl ScriptSpec {
                 name
             };
             if let Some((_, flag)) = MANAGED.iter().find(|(opt, _)| *opt == name) {
-                bail!(
-                    "extra sbatch option {option:?}: the script sets {name} itself from {flag}"
-                );
+                bail!("extra sbatch option {option:?}: the script sets {name} itself from {flag}");
             }
             if REQUIRED.contains(&name.as_str()) {
                 bail!(
@@ -301,7 +296,10 @@ impl ScriptSpec {
         ));
         line(&format!("#SBATCH --job-name={}", self.job_name));
         line(&format!("#SBATCH --nodes={}", self.nodes));
-        line(&format!("#SBATCH --ntasks-per-node={}", self.tasks_per_node));
+        line(&format!(
+            "#SBATCH --ntasks-per-node={}",
+            self.tasks_per_node
+        ));
         if let Some(time) = &self.time {
             line(&format!("#SBATCH --time={time}"));
         }
@@ -433,8 +431,7 @@ pub fn write(args: &SlurmScriptArgs, cfg: &Config) -> Result<PathBuf> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    std::fs::write(&path, spec.render())
-        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, spec.render()).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
@@ -454,7 +451,10 @@ mod tests {
             log_dir: "/work/repo/runs/quickstart".into(),
             binary: "/opt/switchyard/bin/switchyard".into(),
             config: "/work/repo/configs/quickstart.yaml".into(),
-            overrides: vec!["train.steps=20".into(), "data.source={type: synthetic}".into()],
+            overrides: vec![
+                "train.steps=20".into(),
+                "data.source={type: synthetic}".into(),
+            ],
             mpi: MpiPlugin::Pmix,
             extra: vec!["--account=proj".into(), "-q high".into()],
         }
@@ -530,7 +530,10 @@ mod tests {
         s.mpi = MpiPlugin::Pmi2;
         let script = s.render();
         let d = directives(&script);
-        assert!(!d.iter().any(|l| l.starts_with("--time") || l.starts_with("--partition")));
+        assert!(
+            !d.iter()
+                .any(|l| l.starts_with("--time") || l.starts_with("--partition"))
+        );
         assert!(script.contains("\nsrun --mpi=pmi2 "));
     }
 
@@ -571,45 +574,45 @@ mod tests {
         assert_eq!(parse_time_limit("90").unwrap(), 5400);
         assert_eq!(parse_time_limit("10:30").unwrap(), 630);
         assert_eq!(parse_time_limit("2-12").unwrap(), 216_000);
-        for bad in ["", "1:2:3:4", "00:61:00", "abc", "-1", "1-", "00:00:00", "1h"] {
+        for bad in [
+            "", "1:2:3:4", "00:61:00", "abc", "-1", "1-", "00:00:00", "1h",
+        ] {
             assert!(parse_time_limit(bad).is_err(), "{bad:?} accepted");
         }
     }
 
     #[test]
     fn invalid_inputs_are_rejected_naming_the_flag() {
-        let cases: Vec<(Box<dyn Fn(&mut ScriptSpec)>, &str)> = vec![
-            (Box::new(|s| s.nodes = 0), "--nodes must be at least 1"),
-            (Box::new(|s| s.tasks_per_node = 0), "--tasks-per-node"),
-            (Box::new(|s| s.mpi = MpiPlugin::None), "--mpi none with 8 tasks"),
+        type Edit = fn(&mut ScriptSpec);
+        let cases: Vec<(Edit, &str)> = vec![
+            (|s| s.nodes = 0, "--nodes must be at least 1"),
+            (|s| s.tasks_per_node = 0, "--tasks-per-node"),
+            (|s| s.mpi = MpiPlugin::None, "--mpi none with 8 tasks"),
             (
-                Box::new(|s| s.time = Some("00:04:00".into())),
+                |s| s.time = Some("00:04:00".into()),
                 "--signal-lead-seconds 300 is not below --time 00:04:00 (240 s)",
             ),
-            (Box::new(|s| s.time = Some("4h".into())), "--time \"4h\""),
-            (Box::new(|s| s.signal_lead_seconds = 0), "--signal-lead-seconds 0"),
-            (Box::new(|s| s.signal_lead_seconds = 70000), "65535"),
-            (Box::new(|s| s.partition = Some("a b".into())), "--partition"),
+            (|s| s.time = Some("4h".into()), "--time \"4h\""),
+            (|s| s.signal_lead_seconds = 0, "--signal-lead-seconds 0"),
+            (|s| s.signal_lead_seconds = 70000, "65535"),
+            (|s| s.partition = Some("a b".into()), "--partition"),
             (
-                Box::new(|s| s.log_dir = "/runs/my run".into()),
+                |s| s.log_dir = "/runs/my run".into(),
                 "run.output_dir \"/runs/my run\"",
             ),
             (
-                Box::new(|s| s.extra = vec!["--time=1:00:00".into()]),
+                |s| s.extra = vec!["--time=1:00:00".into()],
                 "sets --time itself from --time",
             ),
             (
-                Box::new(|s| s.extra = vec!["-N2".into()]),
+                |s| s.extra = vec!["-N2".into()],
                 "sets -N itself from --nodes",
             ),
             (
-                Box::new(|s| s.extra = vec!["--no-requeue".into()]),
+                |s| s.extra = vec!["--no-requeue".into()],
                 "preemption and requeue depend on it",
             ),
-            (
-                Box::new(|s| s.extra = vec!["--comment=a\nb".into()]),
-                "line break",
-            ),
+            (|s| s.extra = vec!["--comment=a\nb".into()], "line break"),
         ];
         for (edit, needle) in cases {
             let mut s = spec();
