@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run). Runs from any directory.
-#   scripts/test.sh            formatting, clippy, every cargo test, TensorBoard read-back
+#   scripts/test.sh            formatting, clippy, every cargo test, TensorBoard read-back,
+#                              the Slurm test (root; Debian's slurmctld, slurmd, munge)
 # Slow suites (long training runs, benchmarks) are separate commands; see README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +36,9 @@ mpi_runs=$((mpi_runs + 1))
 echo "== TensorBoard reads Switchyard's event files"
 scripts/check_tensorboard_run.sh
 
+echo "== Slurm: a single-node cluster on localhost runs scripts from \`switchyard slurm-script\`"
+scripts/slurm_test.sh
+slurm_jobs=2 # the quickstart job and the requeue-protocol job
+
 # Every step above stops the script on failure, so reaching here means nothing failed.
-echo "summary: $((cargo_passed + mpi_runs + 1)) passed, 0 failed"
+echo "summary: $((cargo_passed + mpi_runs + 1 + slurm_jobs)) passed, 0 failed"

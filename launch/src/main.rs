@@ -4,6 +4,8 @@
 
 mod commands;
 mod config;
+mod launcher_env;
+mod slurm_script;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +77,8 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Write an sbatch script that trains CONFIG with preemption signalling and requeue.
+    SlurmScript(slurm_script::SlurmScriptArgs),
     /// Train for a fixed number of steps and report tokens/s and FLOP/s against the
     /// machine's measured peak.
     Bench {
@@ -115,6 +119,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in files (Slurm's output files, redirected logs).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli.command) {
@@ -153,6 +159,11 @@ fn run(command: Command) -> Result<()> {
             init_from,
         } => {
             let cfg = load(&config)?;
+            let launch = launcher_env::LaunchInfo::from_process_env()?;
+            tracing::info!("launch: {launch}");
+            // This build trains in one process: rank 0 of 1, whatever started it (srun -n4
+            // would otherwise run four copies writing the same checkpoints).
+            launch.check_against(0, 1)?;
             commands::train(&cfg, resume.as_deref(), init_from.as_deref())
         }
         Command::Eval { config, checkpoint } => {
@@ -176,6 +187,16 @@ fn run(command: Command) -> Result<()> {
         Command::Ablate { config } => {
             let cfg = load(&config)?;
             commands::ablate(&cfg)
+        }
+        Command::SlurmScript(args) => {
+            let cfg = load(&args.config)?;
+            let path = slurm_script::write(&args, &cfg)?;
+            println!(
+                "wrote {}\nsubmit it with: sbatch {}",
+                path.display(),
+                path.display()
+            );
+            Ok(())
         }
         Command::Bench {
             config,
