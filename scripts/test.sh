@@ -11,7 +11,8 @@ cargo fmt --all -- --check
 
 echo "== cargo clippy -D warnings"
 cargo clippy --release --workspace --all-targets -- -D warnings
-cargo clippy --release -p switchyard-comm --all-targets --features mpi -- -D warnings
+cargo clippy --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch --all-targets \
+  --features mpi -- -D warnings
 # The NCCL backend must build without a GPU (cudarc loads CUDA/NCCL at run time).
 cargo clippy --release -p switchyard-comm --all-targets --features nccl -- -D warnings
 
@@ -21,8 +22,10 @@ trap 'rm -f "$test_log"' EXIT
 cargo test --release --workspace 2>&1 | tee "$test_log"
 cargo_passed=$(grep -o 'test result: ok\. [0-9]* passed' "$test_log" | awk '{s += $4} END {print s + 0}')
 
+echo "== MPI builds: switchyard, comm-conformance, parity-mpi (feature mpi)"
+cargo build --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch --features mpi
+
 echo "== comm conformance suite on MPI (mpirun -np 2, 3, 4; plus chunked counts with polling)"
-cargo build --release -p switchyard-comm --features mpi --bin comm-conformance
 conformance="${CARGO_TARGET_DIR:-target}/release/comm-conformance"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mpi_runs=0
@@ -31,6 +34,16 @@ for np in 2 3 4; do
   mpi_runs=$((mpi_runs + 1))
 done
 timeout 600 mpirun -np 3 --oversubscribe "$conformance" --progress poll --max-count 1000
+mpi_runs=$((mpi_runs + 1))
+
+echo "== layout parity under MPI (dp x ep = 2 and 4 ranks; loss, gradients, weights after 3 steps)"
+for np in 2 4; do
+  timeout 600 mpirun -np "$np" --oversubscribe "${CARGO_TARGET_DIR:-target}/release/parity-mpi"
+  mpi_runs=$((mpi_runs + 1))
+done
+
+echo "== training under mpirun follows the single-process curve; checkpoints move between layouts"
+scripts/mpi_train_test.sh
 mpi_runs=$((mpi_runs + 1))
 
 echo "== TensorBoard reads Switchyard's event files"

@@ -289,6 +289,82 @@ fn layouts_follow_the_single_process_curve_and_resume_across_layouts() {
     assert!(one[11].1 < one[0].1, "{one:?}");
 }
 
+/// SIGUSR1 (twice, the second one during the stop) makes the run checkpoint at the next
+/// step boundary and exit 75; `--resume auto` then finishes the same loss curve exactly.
+/// At ep=2 (rank threads) the signal reaches every rank at once; the stop is collective.
+#[test]
+fn preemption_signal_checkpoints_exits_75_and_the_resumed_curve_is_unchanged() {
+    for layout in ["parallel.ep=1", "parallel.ep=2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let full_dir = tmp.path().join("full");
+        std::fs::create_dir_all(&full_dir).unwrap();
+        let full_cfg = write(&full_dir, "c.yaml", &tiny_config(&full_dir));
+        let full_cfg = full_cfg.to_str().unwrap();
+        let common = [
+            "--set",
+            "train.steps=60",
+            "--set",
+            "optim.decay_steps=60",
+            "--set",
+            layout,
+        ];
+        let mut args = vec!["train", "--config", full_cfg];
+        args.extend(common);
+        let out = switchyard(&args);
+        assert!(out.status.success(), "{layout}: {}", text(&out));
+
+        let part_dir = tmp.path().join("part");
+        std::fs::create_dir_all(&part_dir).unwrap();
+        let part_cfg = write(&part_dir, "c.yaml", &tiny_config(&part_dir));
+        let part_cfg = part_cfg.to_str().unwrap();
+        let mut args = vec!["train", "--config", part_cfg];
+        args.extend(common);
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(&args)
+            .current_dir(repo_root())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let metrics = part_dir.join("run/metrics.jsonl");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{layout}: no progress"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let pid = child.id().to_string();
+        for _ in 0..2 {
+            let kill = Command::new("kill").args(["-USR1", &pid]).status().unwrap();
+            assert!(kill.success());
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(75), "{layout}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("preempted at step"),
+            "{layout}: {}",
+            text(&out)
+        );
+        let stopped = losses(&part_dir.join("run")).len();
+        assert!(stopped < 60, "{layout}: stopped after {stopped} steps");
+
+        let mut args = vec!["train", "--config", part_cfg, "--resume", "auto"];
+        args.extend(common);
+        let out = switchyard(&args);
+        assert!(out.status.success(), "{layout}: {}", text(&out));
+        let full = losses(&full_dir.join("run"));
+        let resumed = losses(&part_dir.join("run"));
+        assert_eq!(full.len(), 60);
+        assert_eq!(
+            resumed, full,
+            "{layout}: stopped after {stopped} steps, then resumed"
+        );
+    }
+}
+
 /// A layout that does not fit the model or the batch is a config error (exit 2) naming the
 /// key, before anything runs.
 #[test]

@@ -13,7 +13,14 @@ use switchyard_comm::{
     CommBackendConfig, Communicator, LinkConfig, LinkModel, LocalWorld, MpiProgress,
 };
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use switchyard_trainer::EXIT_PREEMPTED;
+use switchyard_trainer::train::RunOutcome;
+
 use crate::config::loader::resolved_yaml;
+use crate::launcher_env::{LaunchInfo, Launcher};
 
 /// Thread count for tensor kernels: rayon's global pool, set once per process.
 fn setup_threads(threads: Option<usize>) -> Result<()> {
@@ -60,26 +67,19 @@ enum Transport {
     },
 }
 
-/// Tasks the launcher started, when an MPI-style launcher started this process.
-fn launcher_tasks() -> Option<(usize, &'static str)> {
-    [
-        "OMPI_COMM_WORLD_SIZE",
-        "PMI_SIZE",
-        "PMIX_SIZE",
-        "SLURM_NTASKS",
-    ]
-    .into_iter()
-    .find_map(|var| {
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(|n| (n, var))
-    })
+/// Tasks the launcher started and the variable that says so, when more than one (a bare
+/// PMIx launcher exports no size: then its presence counts).
+fn launched_tasks(launch: &LaunchInfo) -> Option<(usize, &'static str)> {
+    match &launch.world_size {
+        Some(w) if w.value > 1 => Some((w.value, w.var)),
+        Some(_) => None,
+        None => Some((0, launch.rank.var)).filter(|_| launch.launcher != Launcher::Single),
+    }
 }
 
-fn transport(cfg: &Config) -> Result<Transport> {
+fn transport(cfg: &Config, launch: &LaunchInfo) -> Result<Transport> {
     let world = cfg.parallel.world_size();
-    let launched = launcher_tasks().filter(|&(n, _)| n > 1);
+    let launched = launched_tasks(launch);
     let link = |l: &Option<LinkConfig>| l.map(|l| LinkModel::new(l.latency_us, l.bandwidth_gbps));
     let t = match (&cfg.comm.backend, launched) {
         (CommBackendConfig::Local { link: l }, None) => Transport::Threads(link(l)),
@@ -114,9 +114,19 @@ fn transport(cfg: &Config) -> Result<Transport> {
     })
 }
 
-pub fn train(cfg: &Config, resume: Option<&str>, init_from: Option<&Path>) -> Result<()> {
+pub fn train(
+    cfg: &Config,
+    launch: &LaunchInfo,
+    resume: Option<&str>,
+    init_from: Option<&Path>,
+) -> Result<()> {
     setup_threads(cfg.run.threads)?;
-    let transport = transport(cfg)?;
+    let transport = transport(cfg, launch)?;
+    if !matches!(transport, Transport::Mpi { .. }) {
+        // One process (with or without rank threads): rank 0 of 1, whatever started it
+        // (srun -n4 of a local-backend run would run four copies writing one checkpoint).
+        launch.check_against(0, 1)?;
+    }
     let out = &cfg.run.output_dir;
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating run.output_dir {}", out.display()))?;
@@ -138,6 +148,7 @@ pub fn train(cfg: &Config, resume: Option<&str>, init_from: Option<&Path>) -> Re
         }
         Ok(())
     };
+    let preempt = preemption_flag()?;
     let rank_run = |world: Option<Box<dyn Communicator>>| {
         train_impl::run(
             cfg,
@@ -146,12 +157,13 @@ pub fn train(cfg: &Config, resume: Option<&str>, init_from: Option<&Path>) -> Re
             &Device::flex().autodiff(),
             serde_json::to_value(cfg).expect("config serialises"),
             world,
+            Some(&preempt),
         )
     };
-    let summary = match transport {
+    let outcome = match transport {
         Transport::Single => {
             write_config()?;
-            rank_run(None)?
+            (rank_run(None)?, true)
         }
         Transport::Threads(link) => {
             write_config()?;
@@ -180,31 +192,79 @@ pub fn train(cfg: &Config, resume: Option<&str>, init_from: Option<&Path>) -> Re
             let mut first = None;
             for r in results {
                 match r {
-                    Ok(summary) => first = first.or(Some(summary)),
+                    Ok(outcome) => first = first.or(Some(outcome)),
                     Err((rank, e)) => {
                         return Err(anyhow::Error::new(e).context(format!("rank {rank}")));
                     }
                 }
             }
-            first.flatten()
+            (first.expect("at least one rank"), true)
         }
         Transport::Mpi {
             progress,
             verify_collectives,
-        } => mpi_train(cfg, progress, verify_collectives, &write_config, &rank_run)?,
+        } => mpi_train(
+            cfg,
+            launch,
+            progress,
+            verify_collectives,
+            &write_config,
+            &rank_run,
+        )?,
     };
-    if let Some(eval) = summary {
-        println!(
+    let (outcome, is_rank0) = outcome;
+    match outcome {
+        RunOutcome::Finished(Some(eval)) if is_rank0 => println!(
             "final: step {} valid loss {:.4} perplexity {:.3}",
             cfg.train.steps, eval.loss, eval.perplexity
-        );
+        ),
+        RunOutcome::Finished(_) => {}
+        RunOutcome::Preempted { step, checkpoint } => {
+            return Err(Preempted { step, checkpoint }.into());
+        }
     }
     Ok(())
 }
 
-type RankRun<'a> = dyn Fn(
-        Option<Box<dyn Communicator>>,
-    ) -> std::result::Result<Option<train_impl::EvalReport>, train_impl::TrainError>
+/// The run stopped on a preemption signal after committing a checkpoint; the binary exits
+/// with `EXIT_PREEMPTED` (75) so a job script can requeue it.
+#[derive(Debug)]
+pub struct Preempted {
+    pub step: u64,
+    pub checkpoint: PathBuf,
+}
+
+impl std::fmt::Display for Preempted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "preempted at step {}: checkpoint {} committed; continue with `--resume auto` \
+             (exit code {EXIT_PREEMPTED})",
+            self.step,
+            self.checkpoint.display()
+        )
+    }
+}
+
+impl std::error::Error for Preempted {}
+
+/// Set by SIGUSR1, SIGTERM or SIGINT: the trainer checkpoints at the next step boundary and
+/// stops. Further signals change nothing (a save in progress finishes), except a second
+/// SIGINT, which exits at once (130) for an impatient Ctrl-C.
+fn preemption_flag() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let flag = Arc::new(AtomicBool::new(false));
+    // Conditional shutdown first: it sees the flag set by an earlier SIGINT.
+    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flag.clone())
+        .context("installing the SIGINT handler")?;
+    for signal in [SIGUSR1, SIGTERM, SIGINT] {
+        signal_hook::flag::register(signal, flag.clone())
+            .with_context(|| format!("installing the handler of signal {signal}"))?;
+    }
+    Ok(flag)
+}
+
+type RankRun<'a> = dyn Fn(Option<Box<dyn Communicator>>) -> std::result::Result<RunOutcome, train_impl::TrainError>
     + 'a;
 
 /// One MPI process per rank. A failure on any rank brings the whole job down (MPI_Abort),
@@ -212,11 +272,12 @@ type RankRun<'a> = dyn Fn(
 #[cfg(feature = "mpi")]
 fn mpi_train(
     cfg: &Config,
+    launch: &LaunchInfo,
     progress: MpiProgress,
     verify_collectives: bool,
     write_config: &dyn Fn() -> Result<()>,
     rank_run: &RankRun<'_>,
-) -> Result<Option<train_impl::EvalReport>> {
+) -> Result<(RunOutcome, bool)> {
     use switchyard_comm::mpi::{MpiEnv, MpiOptions};
     let (env, world) = MpiEnv::init(MpiOptions {
         progress,
@@ -224,6 +285,7 @@ fn mpi_train(
         timeout: cfg.comm.timeout(),
         ..MpiOptions::default()
     })?;
+    launch.check_against(world.rank(), world.size())?;
     let want = cfg.parallel.world_size();
     if world.size() != want {
         bail!(
@@ -240,24 +302,25 @@ fn mpi_train(
     }
     // The trainer gets a duplicate; this handle stays here to abort the job.
     let trainer_world = world.split(0, rank as i32)?;
-    let summary = match rank_run(Some(trainer_world)) {
+    let outcome = match rank_run(Some(trainer_world)) {
         Ok(s) => s,
         Err(e) => world.abort(&format!("rank {rank}: {e}"), 1),
     };
     drop(world);
     drop(env);
-    Ok(if rank == 0 { summary } else { None })
+    Ok((outcome, rank == 0))
 }
 
 #[cfg(not(feature = "mpi"))]
 fn mpi_train(
     _: &Config,
+    launch: &LaunchInfo,
     _: MpiProgress,
     _: bool,
     _: &dyn Fn() -> Result<()>,
     _: &RankRun<'_>,
-) -> Result<Option<train_impl::EvalReport>> {
-    let tasks = launcher_tasks().map_or(String::new(), |(n, var)| format!(" ({var}={n})"));
+) -> Result<(RunOutcome, bool)> {
+    let tasks = launched_tasks(launch).map_or(String::new(), |(n, var)| format!(" ({var}={n})"));
     bail!(
         "this run needs MPI{tasks}, but this switchyard was built without the `mpi` feature; \
          rebuild with `cargo build --release --features mpi`"

@@ -130,6 +130,10 @@ fn main() -> ExitCode {
                 eprintln!("error: invalid config\n{config_err}");
                 return ExitCode::from(config_err.exit_code() as u8);
             }
+            if let Some(preempted) = err.downcast_ref::<commands::Preempted>() {
+                eprintln!("{preempted}");
+                return ExitCode::from(switchyard_trainer::EXIT_PREEMPTED);
+            }
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
@@ -161,10 +165,7 @@ fn run(command: Command) -> Result<()> {
             let cfg = load(&config)?;
             let launch = launcher_env::LaunchInfo::from_process_env()?;
             tracing::info!("launch: {launch}");
-            // This build trains in one process: rank 0 of 1, whatever started it (srun -n4
-            // would otherwise run four copies writing the same checkpoints).
-            launch.check_against(0, 1)?;
-            commands::train(&cfg, resume.as_deref(), init_from.as_deref())
+            commands::train(&cfg, &launch, resume.as_deref(), init_from.as_deref())
         }
         Command::Eval { config, checkpoint } => {
             let cfg = load(&config)?;

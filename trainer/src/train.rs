@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::Module;
@@ -708,8 +709,20 @@ pub enum Start<'a> {
     InitFrom(&'a Path),
 }
 
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub enum RunOutcome {
+    /// Every step ran; the last evaluation, if any.
+    Finished(Option<EvalReport>),
+    /// A preemption signal arrived; every rank stopped at the same step boundary after a
+    /// committed checkpoint of that step (`--resume auto` continues from it).
+    Preempted { step: u64, checkpoint: PathBuf },
+}
+
 /// `world`: this rank's communicator when the layout has more than one rank (every rank
-/// calls `run`); only rank 0 writes metrics and prints progress.
+/// calls `run`); only rank 0 writes metrics and prints progress. `preempt`: set (by a
+/// signal handler) to stop at the next step boundary with a checkpoint; the decision is
+/// collective, so every rank stops at the same step even if only one was signalled.
 pub fn run(
     cfg: &Config,
     corpus: &Corpus,
@@ -717,7 +730,8 @@ pub fn run(
     device: &Device,
     resolved_config: serde_json::Value,
     world: Option<Box<dyn Communicator>>,
-) -> Result<Option<EvalReport>, TrainError> {
+    preempt: Option<&AtomicBool>,
+) -> Result<RunOutcome, TrainError> {
     let mut trainer = Trainer::new_on(cfg, corpus, device, world)?;
     let ckpt_dir = cfg
         .checkpoint
@@ -808,8 +822,28 @@ pub fn run(
             metrics.progress(step, report.loss, tokens_per_sec);
         }
         let due = cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0;
+        let mut saved = None;
         if due || (last && cfg.checkpoint.save_final) {
-            trainer.save(&manager, &resolved_config)?;
+            saved = Some(trainer.save(&manager, &resolved_config)?);
+        }
+        // A signal that arrived during the step, the evaluation or the save is acted on here.
+        let signalled = preempt.is_some_and(|p| p.load(Ordering::SeqCst));
+        let stop = match &trainer.dist {
+            Some(d) => !d.all_ok(!signalled, "preemption check")?,
+            None => signalled,
+        };
+        if stop && !last {
+            let checkpoint = match saved {
+                Some(path) => path,
+                None => trainer.save(&manager, &resolved_config)?,
+            };
+            if let Some(metrics) = metrics {
+                metrics
+                    .finish()
+                    .map_err(|e| TrainError::Metrics(e.to_string()))?;
+            }
+            tracing::warn!(step, checkpoint = %checkpoint.display(), "preempted: checkpoint committed, stopping");
+            return Ok(RunOutcome::Preempted { step, checkpoint });
         }
     }
     if let Some(metrics) = metrics {
@@ -817,5 +851,5 @@ pub fn run(
             .finish()
             .map_err(|e| TrainError::Metrics(e.to_string()))?;
     }
-    Ok(last_eval)
+    Ok(RunOutcome::Finished(last_eval))
 }
