@@ -46,6 +46,10 @@ echo "== training under mpirun follows the single-process curve; checkpoints mov
 scripts/mpi_train_test.sh
 mpi_runs=$((mpi_runs + 1))
 
+echo "== faults under mpirun: kill -9 during a save (3 seeds), SIGUSR1 to one rank, a hung rank"
+scripts/fault_test.sh
+mpi_runs=$((mpi_runs + 5))
+
 echo "== TensorBoard reads Switchyard's event files"
 scripts/check_tensorboard_run.sh
 

@@ -306,6 +306,11 @@ fn mpi_train(
         Ok(s) => s,
         Err(e) => world.abort(&format!("rank {rank}: {e}"), 1),
     };
+    // MPI_Finalize waits for every rank without a timeout: meet in a timed barrier first,
+    // so a rank that hangs at the very end still brings the job down.
+    if let Err(e) = world.barrier() {
+        world.abort(&format!("rank {rank}: the final barrier: {e}"), 1);
+    }
     drop(world);
     drop(env);
     Ok((outcome, rank == 0))

@@ -16,6 +16,7 @@ use crate::data::Batch;
 use crate::train::TrainError;
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use burn::tensor::Tensor;
 
@@ -88,6 +89,34 @@ impl Distributed {
             .world()
             .all_reduce(&mut failed, ReduceOp::Max)
             .map_err(comm_err(what))?;
+        Ok(failed.get_f64(0) == 0.0)
+    }
+
+    /// [`Self::all_ok`] for phases where a rank may legitimately be busy for longer than the
+    /// communication timeout (writing its checkpoint shard): waits up to `patience`.
+    pub fn all_ok_within(
+        &self,
+        ok: bool,
+        what: &str,
+        patience: Duration,
+    ) -> Result<bool, TrainError> {
+        let mut request = self
+            .mesh
+            .world()
+            .i_all_reduce(Buffer::I64(vec![!ok as i64]), ReduceOp::Max)
+            .map_err(comm_err(what))?;
+        let deadline = Instant::now() + patience;
+        while !request.test().map_err(comm_err(what))? {
+            if Instant::now() > deadline {
+                return Err(TrainError::Comm(format!(
+                    "{what}: not every rank arrived within {:.0} s (checkpoint.save_timeout_s); \
+                     a rank is stuck writing its shard or has died",
+                    patience.as_secs_f64()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let failed = request.wait().map_err(comm_err(what))?;
         Ok(failed.get_f64(0) == 0.0)
     }
 

@@ -72,6 +72,10 @@ pub struct CheckpointConfig {
     /// Save after the last step.
     #[serde(default = "default_true")]
     pub save_final: bool,
+    /// Seconds the ranks of a multi-rank save wait for each other (writing a large shard
+    /// can take longer than `comm.timeout_s`).
+    #[serde(default = "default_save_timeout_s")]
+    pub save_timeout_s: f64,
 }
 
 impl Default for CheckpointConfig {
@@ -81,6 +85,7 @@ impl Default for CheckpointConfig {
             keep_last: default_keep_last(),
             dir: None,
             save_final: true,
+            save_timeout_s: default_save_timeout_s(),
         }
     }
 }
@@ -93,6 +98,9 @@ fn default_eval_batches() -> usize {
 }
 fn default_keep_last() -> usize {
     3
+}
+fn default_save_timeout_s() -> f64 {
+    1800.0
 }
 fn default_true() -> bool {
     true
@@ -121,6 +129,15 @@ impl CheckpointConfig {
             issues.push((
                 "keep_last".into(),
                 "must be at least 1 (the newest checkpoint is always kept)".into(),
+            ));
+        }
+        if !(self.save_timeout_s.is_finite() && self.save_timeout_s > 0.0) {
+            issues.push((
+                "save_timeout_s".into(),
+                format!(
+                    "must be a positive number of seconds, got {}",
+                    self.save_timeout_s
+                ),
             ));
         }
         issues
@@ -504,7 +521,12 @@ impl Trainer {
         step: u64,
         phase: &str,
     ) -> Result<(), TrainError> {
-        let ok = d.all_ok(outcome.is_ok(), "checkpoint: agree on the outcome")?;
+        let patience = std::time::Duration::from_secs_f64(self.cfg.checkpoint.save_timeout_s);
+        let ok = d.all_ok_within(
+            outcome.is_ok(),
+            &format!("checkpoint of step {step}: {phase}"),
+            patience,
+        )?;
         if ok {
             return Ok(());
         }
