@@ -54,8 +54,8 @@ echo "== TensorBoard reads Switchyard's event files"
 scripts/check_tensorboard_run.sh
 
 echo "== Slurm: a single-node cluster on localhost runs scripts from \`switchyard slurm-script\`"
-scripts/slurm_test.sh
-slurm_jobs=2 # the quickstart job and the requeue-protocol job
+scripts/slurm_test.sh --preempt
+slurm_jobs=3 # the quickstart job, the requeue-protocol job, the preempted-and-requeued job
 
 # Every step above stops the script on failure, so reaching here means nothing failed.
 echo "summary: $((cargo_passed + mpi_runs + 1 + slurm_jobs)) passed, 0 failed"

@@ -274,6 +274,32 @@ fn layouts_follow_the_single_process_curve_and_resume_across_layouts() {
     ]);
     assert!(out.status.success(), "{}", text(&out));
 
+    // A sharded checkpoint with a shard missing is rejected, naming the file.
+    let broken_dir = tmp.path().join("broken");
+    let broken_ckpt = broken_dir.join("run/checkpoints/step-00000006");
+    std::fs::create_dir_all(&broken_ckpt).unwrap();
+    for entry in std::fs::read_dir(par_dir.join("run/checkpoints/step-00000006")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), broken_ckpt.join(entry.file_name())).unwrap();
+    }
+    std::fs::remove_file(broken_ckpt.join("model.rank-0001.safetensors")).unwrap();
+    let broken_cfg = write(&broken_dir, "c.yaml", &tiny_config(&broken_dir));
+    let out = switchyard(&[
+        "train",
+        "--config",
+        broken_cfg.to_str().unwrap(),
+        "--set",
+        "parallel.ep=2",
+        "--resume",
+        "auto",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("model.rank-0001.safetensors"),
+        "{}",
+        text(&out)
+    );
+
     let one = losses(&one_dir.join("run"));
     let par = losses(&par_dir.join("run"));
     assert_eq!(one.len(), 12);
