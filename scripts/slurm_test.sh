@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The Slurm test: a real single-node Slurm cluster on localhost (scripts/slurm_cluster.sh)
 # runs scripts written by `switchyard slurm-script`, and each job's result is checked.
-#   scripts/slurm_test.sh              1. a short quickstart run: COMPLETED, checkpoint, final loss
+#   scripts/slurm_test.sh              1. a short quickstart run as 2 MPI tasks (srun, ep=2):
+#                                         COMPLETED, both shards, checkpoint, final loss
 #                                      2. the requeue protocol with a stand-in trainer: SIGUSR1
 #                                         -> exit 75 -> `scontrol requeue` -> second run
 #   scripts/slurm_test.sh --preempt    3. also the real trainer: SIGUSR1 mid-training ->
 #                                         checkpoint, exit 75, requeue, resume, finish
 #   --keep-cluster                     leave the daemons running afterwards (default: stop them)
 # Needs root (as in CI) and Debian's slurmctld, slurmd, slurm-client and munge (.ci/run
-# installs them). SWITCHYARD_BIN picks the binary (default: the release build, built if
+# installs them). SWITCHYARD_BIN picks the binary (default: the release build with
+# `--features mpi`, built if
 # missing). Takes ~30 s, plus ~40 s with --preempt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +36,7 @@ fi
 
 bin="${SWITCHYARD_BIN:-${CARGO_TARGET_DIR:-target}/release/switchyard}"
 if [[ -z "${SWITCHYARD_BIN:-}" && ! -x "$bin" ]]; then
-  cargo build --release -p switchyard-launch --bin switchyard
+  cargo build --release -p switchyard-launch --features mpi --bin switchyard
 fi
 bin="$(realpath "$bin")"
 readonly EXIT_PREEMPTED=75 # switchyard_trainer::EXIT_PREEMPTED
@@ -107,13 +109,13 @@ show_logs() {
   done
 }
 
-# ---- 1. A short quickstart run, start to finish.
+# ---- 1. A short quickstart run, start to finish, as 2 MPI tasks (ep=2) started by srun.
 steps=20
 run="$work/quickstart"
 "$bin" slurm-script --config configs/quickstart.yaml \
   --set run.output_dir="$run" --set train.steps=$steps --set checkpoint.every=10 \
-  --set metrics.progress=false \
-  --nodes 1 --tasks-per-node 1 --time 00:10:00 --signal-lead-seconds 60 \
+  --set metrics.progress=false --set parallel.ep=2 --set run.threads=1 \
+  --nodes 1 --tasks-per-node 2 --time 00:10:00 --signal-lead-seconds 60 \
   --output "$work/quickstart.sbatch"
 bash -n "$work/quickstart.sbatch" || fail "the generated script does not parse"
 t0=$SECONDS
@@ -128,6 +130,7 @@ echo "slurm_test: job $id (quickstart, $steps steps): $state in $((SECONDS - t0)
 [[ "$(job_field "$id" Restarts)" == 0 ]] || fail "job $id restarted"
 ckpt="$run/checkpoints/$(printf 'step-%08d' $steps)"
 [[ -d "$ckpt" ]] || fail "no checkpoint $ckpt"
+[[ -f "$ckpt/model.rank-0001.safetensors" ]] || fail "rank 1 wrote no shard: srun did not start 2 MPI ranks"
 "$bin" inspect-checkpoint "$ckpt" >/dev/null || fail "checkpoint $ckpt does not verify"
 out="$run/slurm-quickstart-$id.out"
 grep -Eq "^final: step $steps valid loss [0-9.]+ perplexity" "$out" ||
