@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::panic::Location;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -147,7 +147,10 @@ struct Env {
     world_rank: usize,
     verify: bool,
     max_count: usize,
-    inflight: AtomicUsize,
+    /// Non-blocking operations posted and not yet waited for: while there are some, the
+    /// progress thread drives MPI; otherwise it only answers diagnostic queries.
+    background: AtomicUsize,
+    progress_thread: OnceLock<std::thread::Thread>,
     stop: AtomicBool,
     service_lock: Mutex<()>,
     /// communicator name -> operations entered on it
@@ -168,6 +171,14 @@ struct Parked {
 unsafe impl Send for Parked {}
 
 impl Env {
+    fn background_started(&self) {
+        if self.background.fetch_add(1, Ordering::SeqCst) == 0
+            && let Some(t) = self.progress_thread.get()
+        {
+            t.unpark();
+        }
+    }
+
     fn set_activity(&self, s: String) {
         *self.activity.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
@@ -308,7 +319,8 @@ impl MpiEnv {
             world_rank: rank as usize,
             verify: opts.verify_collectives,
             max_count: opts.max_count.clamp(1, i32::MAX as usize),
-            inflight: AtomicUsize::new(0),
+            background: AtomicUsize::new(0),
+            progress_thread: OnceLock::new(),
             stop: AtomicBool::new(false),
             service_lock: Mutex::new(()),
             registry: Mutex::new(HashMap::new()),
@@ -319,22 +331,23 @@ impl MpiEnv {
             MpiProgress::Poll => None,
             MpiProgress::Thread => {
                 let e = env.clone();
-                Some(
-                    std::thread::Builder::new()
-                        .name("mpi-progress".into())
-                        .spawn(move || {
-                            while !e.stop.load(Ordering::SeqCst) {
-                                e.service();
-                                let busy = e.inflight.load(Ordering::SeqCst) > 0;
-                                std::thread::sleep(Duration::from_micros(if busy {
-                                    20
-                                } else {
-                                    1000
-                                }));
+                let t = std::thread::Builder::new()
+                    .name("mpi-progress".into())
+                    .spawn(move || {
+                        while !e.stop.load(Ordering::SeqCst) {
+                            e.service();
+                            if e.background.load(Ordering::SeqCst) > 0 {
+                                std::thread::sleep(Duration::from_micros(20));
+                            } else {
+                                // Woken by the next non-blocking operation; the timeout
+                                // keeps diagnostic queries answered.
+                                std::thread::park_timeout(Duration::from_millis(1));
                             }
-                        })
-                        .expect("spawn the MPI progress thread"),
-                )
+                        }
+                    })
+                    .expect("spawn the MPI progress thread");
+                let _ = env.progress_thread.set(t.thread().clone());
+                Some(t)
             }
         };
         let comm = MpiComm::wrap(env.clone(), world, "world".into(), opts.timeout, false)?;
@@ -470,15 +483,18 @@ impl MpiComm {
         Ok(())
     }
 
-    /// Starts building the pending state of operation `op` (a collective when `coll`).
-    fn begin(&self, op: &str, coll: bool, peer: Option<usize>) -> Result<MpiPending> {
+    /// Starts building the pending state of operation `op` (a collective when `coll`; a
+    /// non-blocking call when `bg`).
+    fn begin(&self, op: &str, coll: bool, peer: Option<usize>, bg: bool) -> Result<MpiPending> {
         self.check_poison()?;
         let seq = if coll {
             self.entered.fetch_add(1, Ordering::SeqCst)
         } else {
             u64::MAX
         };
-        self.env.inflight.fetch_add(1, Ordering::SeqCst);
+        if bg {
+            self.env.background_started();
+        }
         Ok(MpiPending {
             op: if coll {
                 format!("{op} #{seq}")
@@ -499,6 +515,7 @@ impl MpiComm {
             out: None,
             post: None,
             done: false,
+            bg,
         })
     }
 
@@ -556,7 +573,7 @@ impl MpiComm {
         ];
         sig.extend((0..n).map(|i| c1.get(i).map_or(-1, |&c| c as i64)));
         sig.extend((0..n).map(|i| c2.get(i).map_or(-1, |&c| c as i64)));
-        let mut p = self.begin(&format!("{op} (signature check)"), true, None)?;
+        let mut p = self.begin(&format!("{op} (signature check)"), true, None, false)?;
         let mut out = Buffer::zeros(DType::I64, w * n);
         let send = Buffer::I64(sig);
         let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
@@ -793,6 +810,311 @@ impl MpiComm {
     }
 }
 
+/// The operations; `bg` marks a non-blocking call (an `i_*` method), whose request the
+/// progress thread drives until the caller waits for it.
+impl MpiComm {
+    fn barrier_op(&self, bg: bool) -> Result<Request> {
+        if self.env.verify {
+            // The signature exchange is itself a barrier (blocking, in this debug mode).
+            self.verify("barrier", 0, None, 0, 0, &[], &[])?;
+            return Ok(Request::ready(Buffer::default()));
+        }
+        let mut p = self.begin("barrier", true, None, bg)?;
+        let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+        self.ffi(&p, "MPI_Ibarrier", || unsafe {
+            sys::MPI_Ibarrier(self.raw.0, &mut req)
+        })?;
+        p.reqs.push(req);
+        p.out = Some(Buffer::default());
+        Ok(Request::new(p))
+    }
+
+    fn broadcast_op(&self, bg: bool, mut buf: Buffer, root: usize) -> Result<Request> {
+        self.check("broadcast").peer("root", root)?;
+        self.verify(
+            "broadcast",
+            1,
+            Some(buf.dtype()),
+            root as i64,
+            buf.len(),
+            &[],
+            &[],
+        )?;
+        let mut p = self.begin("broadcast", true, None, bg)?;
+        let (dt, n, es) = (buf.dtype(), buf.len(), buf.dtype().size_bytes());
+        let ptr = rptr(&mut buf);
+        for start in (0..n).step_by(self.env.max_count) {
+            let c = self.env.max_count.min(n - start);
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            self.ffi(&p, "MPI_Ibcast", || unsafe {
+                sys::MPI_Ibcast(
+                    ptr.add(start * es) as *mut c_void,
+                    c as c_int,
+                    datatype(dt),
+                    root as c_int,
+                    self.raw.0,
+                    &mut req,
+                )
+            })?;
+            p.reqs.push(req);
+        }
+        p.out = Some(buf);
+        Ok(Request::new(p))
+    }
+
+    fn all_reduce_op(&self, bg: bool, buf: Buffer, op: ReduceOp) -> Result<Request> {
+        self.check("all_reduce").reduce(buf.dtype(), op)?;
+        self.verify(
+            "all_reduce",
+            2,
+            Some(buf.dtype()),
+            op as i64,
+            buf.len(),
+            &[],
+            &[],
+        )?;
+        let mut p = self.begin("all_reduce", true, None, bg)?;
+        let (send, orig) = MpiComm::reduce_view(buf);
+        let (dt, n, es) = (send.dtype(), send.len(), send.dtype().size_bytes());
+        let mut out = Buffer::zeros(dt, n);
+        let (sp, rp) = (sptr(&send), rptr(&mut out));
+        for start in (0..n).step_by(self.env.max_count) {
+            let c = self.env.max_count.min(n - start);
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            self.ffi(&p, "MPI_Iallreduce", || unsafe {
+                sys::MPI_Iallreduce(
+                    sp.add(start * es) as *const c_void,
+                    rp.add(start * es) as *mut c_void,
+                    c as c_int,
+                    datatype(dt),
+                    mpi_op(op),
+                    self.raw.0,
+                    &mut req,
+                )
+            })?;
+            p.reqs.push(req);
+        }
+        p.keep.push(send);
+        p.out = Some(out);
+        p.post = Some(MpiComm::reduce_post(
+            orig,
+            (op == ReduceOp::Mean).then_some(self.size),
+        ));
+        Ok(Request::new(p))
+    }
+
+    fn all_gather_v_op(&self, bg: bool, send: Buffer, recv_counts: Vec<usize>) -> Result<Request> {
+        let ck = self.check("all_gather_v");
+        let total = ck.counts("recv_counts", &recv_counts)?;
+        ck.len("send", send.len(), recv_counts[self.rank])?;
+        self.verify(
+            "all_gather_v",
+            3,
+            Some(send.dtype()),
+            0,
+            send.len(),
+            &recv_counts,
+            &[],
+        )?;
+        let mut p = self.begin("all_gather_v", true, None, bg)?;
+        let dt = send.dtype();
+        let mut out = Buffer::zeros(dt, total);
+        let displs: Vec<usize> = recv_counts
+            .iter()
+            .scan(0usize, |a, &x| {
+                let o = *a;
+                *a += x;
+                Some(o)
+            })
+            .collect();
+        if total > self.env.max_count {
+            let s: Vec<_> = (0..self.size)
+                .filter(|&j| j != self.rank && !send.is_empty())
+                .map(|j| (j, 0, send.len()))
+                .collect();
+            let r: Vec<_> = (0..self.size)
+                .filter(|&j| j != self.rank && recv_counts[j] > 0)
+                .map(|j| (j, displs[j], recv_counts[j]))
+                .collect();
+            out.copy_from(displs[self.rank], &send, 0..send.len());
+            let rp = rptr(&mut out);
+            self.p2p_exchange(&mut p, dt, sptr(&send), &s, rp, &r)?;
+        } else {
+            let ints: Vec<Vec<c_int>> = vec![
+                recv_counts.iter().map(|&x| x as c_int).collect(),
+                displs.iter().map(|&x| x as c_int).collect(),
+            ];
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            let rp = rptr(&mut out);
+            self.ffi(&p, "MPI_Iallgatherv", || unsafe {
+                sys::MPI_Iallgatherv(
+                    sptr(&send) as *const c_void,
+                    send.len() as c_int,
+                    datatype(dt),
+                    rp as *mut c_void,
+                    ints[0].as_ptr(),
+                    ints[1].as_ptr(),
+                    datatype(dt),
+                    self.raw.0,
+                    &mut req,
+                )
+            })?;
+            p.reqs.push(req);
+            p.ints = ints;
+        }
+        p.keep.push(send);
+        p.out = Some(out);
+        Ok(Request::new(p))
+    }
+
+    fn reduce_scatter_op(
+        &self,
+        bg: bool,
+        send: Buffer,
+        recv_counts: Vec<usize>,
+        op: ReduceOp,
+    ) -> Result<Request> {
+        let ck = self.check("reduce_scatter");
+        ck.reduce(send.dtype(), op)?;
+        let total = ck.counts("recv_counts", &recv_counts)?;
+        ck.len("send", send.len(), total)?;
+        self.verify(
+            "reduce_scatter",
+            4,
+            Some(send.dtype()),
+            op as i64,
+            send.len(),
+            &recv_counts,
+            &[],
+        )?;
+        if total > self.env.max_count {
+            // Beyond the int range: a chunked all-reduce, keeping our block.
+            let off: usize = recv_counts[..self.rank].iter().sum();
+            let mine = recv_counts[self.rank];
+            let r = self.all_reduce_op(false, send, op)?;
+            let b = r.wait()?;
+            return Ok(Request::ready(b.slice(off..off + mine)));
+        }
+        let mut p = self.begin("reduce_scatter", true, None, bg)?;
+        let (send, orig) = MpiComm::reduce_view(send);
+        let dt = send.dtype();
+        let mut out = Buffer::zeros(dt, recv_counts[self.rank]);
+        let ints = vec![recv_counts.iter().map(|&x| x as c_int).collect::<Vec<_>>()];
+        let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+        let rp = rptr(&mut out);
+        self.ffi(&p, "MPI_Ireduce_scatter", || unsafe {
+            sys::MPI_Ireduce_scatter(
+                sptr(&send) as *const c_void,
+                rp as *mut c_void,
+                ints[0].as_ptr(),
+                datatype(dt),
+                mpi_op(op),
+                self.raw.0,
+                &mut req,
+            )
+        })?;
+        p.reqs.push(req);
+        p.ints = ints;
+        p.keep.push(send);
+        p.out = Some(out);
+        p.post = Some(MpiComm::reduce_post(
+            orig,
+            (op == ReduceOp::Mean).then_some(self.size),
+        ));
+        Ok(Request::new(p))
+    }
+
+    fn all_to_all_v_op(
+        &self,
+        bg: bool,
+        send: Buffer,
+        send_counts: Vec<usize>,
+        recv_counts: Vec<usize>,
+    ) -> Result<Request> {
+        let ck = self.check("all_to_all_v");
+        let total = ck.counts("send_counts", &send_counts)?;
+        let rtotal = ck.counts("recv_counts", &recv_counts)?;
+        ck.len("send", send.len(), total)?;
+        self.verify(
+            "all_to_all_v",
+            5,
+            Some(send.dtype()),
+            0,
+            send.len(),
+            &send_counts,
+            &recv_counts,
+        )?;
+        let mut p = self.begin("all_to_all_v", true, None, bg)?;
+        let out = Buffer::zeros(send.dtype(), rtotal);
+        self.start_a2a(
+            &mut p,
+            send.dtype(),
+            sptr(&send),
+            &send_counts,
+            out,
+            &recv_counts,
+        )?;
+        p.keep.push(send);
+        Ok(Request::new(p))
+    }
+
+    fn send_op(&self, bg: bool, buf: Buffer, dest: usize, tag: u32) -> Result<Request> {
+        self.check("send").peer("dest", dest)?;
+        let mut p = self.begin(
+            &format!("send(to {dest}, tag {tag})"),
+            false,
+            Some(dest),
+            bg,
+        )?;
+        let (dt, n) = (buf.dtype(), buf.len());
+        self.post_chunked(
+            &mut p,
+            "MPI_Isend",
+            sptr(&buf),
+            dt,
+            n,
+            |ptr, count, req| unsafe {
+                sys::MPI_Isend(
+                    ptr,
+                    count,
+                    datatype(dt),
+                    dest as c_int,
+                    tag as c_int,
+                    self.raw.0,
+                    req,
+                )
+            },
+        )?;
+        p.out = Some(buf);
+        Ok(Request::new(p))
+    }
+
+    fn recv_op(&self, bg: bool, mut buf: Buffer, src: usize, tag: u32) -> Result<Request> {
+        self.check("recv").peer("src", src)?;
+        let mut p = self.begin(
+            &format!("recv(from {src}, tag {tag})"),
+            false,
+            Some(src),
+            bg,
+        )?;
+        let (dt, n) = (buf.dtype(), buf.len());
+        let base = rptr(&mut buf) as *const u8;
+        self.post_chunked(&mut p, "MPI_Irecv", base, dt, n, |ptr, count, req| unsafe {
+            sys::MPI_Irecv(
+                ptr as *mut c_void,
+                count,
+                datatype(dt),
+                src as c_int,
+                tag as c_int,
+                self.raw.0,
+                req,
+            )
+        })?;
+        p.out = Some(buf);
+        Ok(Request::new(p))
+    }
+}
+
 /// An in-flight MPI operation; owns every buffer MPI may touch until it completes.
 struct MpiPending {
     op: String,
@@ -810,15 +1132,17 @@ struct MpiPending {
     out: Option<Buffer>,
     post: Option<Box<dyn FnOnce(Buffer) -> Buffer + Send>>,
     done: bool,
+    /// Counted in `Env::background` (a non-blocking operation nobody waits for yet).
+    bg: bool,
 }
 // SAFETY: MPI_THREAD_MULTIPLE; request handles may be tested from any thread.
 unsafe impl Send for MpiPending {}
 
 impl Drop for MpiPending {
     fn drop(&mut self) {
+        self.attend();
         if !self.done {
             // Abandoned (timeout or dropped handle): MPI may still use the buffers.
-            self.env.inflight.fetch_sub(1, Ordering::SeqCst);
             let parked = Parked {
                 reqs: std::mem::take(&mut self.reqs),
                 keep: std::mem::take(&mut self.keep),
@@ -835,6 +1159,13 @@ impl Drop for MpiPending {
 }
 
 impl MpiPending {
+    /// The caller drives this operation from now on (it waits, or it completed).
+    fn attend(&mut self) {
+        if std::mem::take(&mut self.bg) {
+            self.env.background.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
     fn test_raw(&mut self) -> Result<bool> {
         if self.done {
             return Ok(true);
@@ -851,7 +1182,7 @@ impl MpiPending {
         })?;
         if flag != 0 {
             self.done = true;
-            self.env.inflight.fetch_sub(1, Ordering::SeqCst);
+            self.attend();
             if let Some(post) = self.post.take() {
                 let out = self.out.take().unwrap_or_default();
                 self.out = Some(post(out));
@@ -969,10 +1300,13 @@ impl PendingOp for MpiPending {
     }
 
     fn wait(mut self: Box<Self>) -> Result<Buffer> {
+        self.attend();
         let deadline = Instant::now() + self.timeout;
         self.env
             .set_activity(format!("waiting in {} on `{}`", self.op, self.comm));
         let mut last_service = Instant::now();
+        // No yield between polls: MPI_Testall runs OpenMPI's progress engine, which yields
+        // by itself when the ranks oversubscribe the cores, exactly as a blocking MPI call.
         while !self.test_raw()? {
             let now = Instant::now();
             if now >= deadline {
@@ -998,7 +1332,6 @@ impl PendingOp for MpiPending {
                 self.env.service();
                 last_service = now;
             }
-            std::thread::yield_now();
         }
         self.env.set_activity(format!(
             "outside Switchyard (last: {} on `{}`)",
@@ -1032,246 +1365,72 @@ impl Communicator for MpiComm {
     }
 
     fn i_barrier(&self) -> Result<Request> {
-        if self.env.verify {
-            // The signature exchange is itself a barrier (blocking, in this debug mode).
-            self.verify("barrier", 0, None, 0, 0, &[], &[])?;
-            return Ok(Request::ready(Buffer::default()));
-        }
-        let mut p = self.begin("barrier", true, None)?;
-        let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-        self.ffi(&p, "MPI_Ibarrier", || unsafe {
-            sys::MPI_Ibarrier(self.raw.0, &mut req)
-        })?;
-        p.reqs.push(req);
-        p.out = Some(Buffer::default());
-        Ok(Request::new(p))
+        self.barrier_op(true)
     }
-
-    fn i_broadcast(&self, mut buf: Buffer, root: usize) -> Result<Request> {
-        self.check("broadcast").peer("root", root)?;
-        self.verify(
-            "broadcast",
-            1,
-            Some(buf.dtype()),
-            root as i64,
-            buf.len(),
-            &[],
-            &[],
-        )?;
-        let mut p = self.begin("broadcast", true, None)?;
-        let (dt, n, es) = (buf.dtype(), buf.len(), buf.dtype().size_bytes());
-        let ptr = rptr(&mut buf);
-        for start in (0..n).step_by(self.env.max_count) {
-            let c = self.env.max_count.min(n - start);
-            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-            self.ffi(&p, "MPI_Ibcast", || unsafe {
-                sys::MPI_Ibcast(
-                    ptr.add(start * es) as *mut c_void,
-                    c as c_int,
-                    datatype(dt),
-                    root as c_int,
-                    self.raw.0,
-                    &mut req,
-                )
-            })?;
-            p.reqs.push(req);
-        }
-        p.out = Some(buf);
-        Ok(Request::new(p))
+    fn i_broadcast(&self, buf: Buffer, root: usize) -> Result<Request> {
+        self.broadcast_op(true, buf, root)
     }
-
     fn i_all_reduce(&self, buf: Buffer, op: ReduceOp) -> Result<Request> {
-        self.check("all_reduce").reduce(buf.dtype(), op)?;
-        self.verify(
-            "all_reduce",
-            2,
-            Some(buf.dtype()),
-            op as i64,
-            buf.len(),
-            &[],
-            &[],
-        )?;
-        let mut p = self.begin("all_reduce", true, None)?;
-        let (send, orig) = MpiComm::reduce_view(buf);
-        let (dt, n, es) = (send.dtype(), send.len(), send.dtype().size_bytes());
-        let mut out = Buffer::zeros(dt, n);
-        let (sp, rp) = (sptr(&send), rptr(&mut out));
-        for start in (0..n).step_by(self.env.max_count) {
-            let c = self.env.max_count.min(n - start);
-            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-            self.ffi(&p, "MPI_Iallreduce", || unsafe {
-                sys::MPI_Iallreduce(
-                    sp.add(start * es) as *const c_void,
-                    rp.add(start * es) as *mut c_void,
-                    c as c_int,
-                    datatype(dt),
-                    mpi_op(op),
-                    self.raw.0,
-                    &mut req,
-                )
-            })?;
-            p.reqs.push(req);
-        }
-        p.keep.push(send);
-        p.out = Some(out);
-        p.post = Some(MpiComm::reduce_post(
-            orig,
-            (op == ReduceOp::Mean).then_some(self.size),
-        ));
-        Ok(Request::new(p))
+        self.all_reduce_op(true, buf, op)
     }
-
     fn i_all_gather_v(&self, send: Buffer, recv_counts: Vec<usize>) -> Result<Request> {
-        let ck = self.check("all_gather_v");
-        let total = ck.counts("recv_counts", &recv_counts)?;
-        ck.len("send", send.len(), recv_counts[self.rank])?;
-        self.verify(
-            "all_gather_v",
-            3,
-            Some(send.dtype()),
-            0,
-            send.len(),
-            &recv_counts,
-            &[],
-        )?;
-        let mut p = self.begin("all_gather_v", true, None)?;
-        let dt = send.dtype();
-        let mut out = Buffer::zeros(dt, total);
-        let displs: Vec<usize> = recv_counts
-            .iter()
-            .scan(0usize, |a, &x| {
-                let o = *a;
-                *a += x;
-                Some(o)
-            })
-            .collect();
-        if total > self.env.max_count {
-            let s: Vec<_> = (0..self.size)
-                .filter(|&j| j != self.rank && !send.is_empty())
-                .map(|j| (j, 0, send.len()))
-                .collect();
-            let r: Vec<_> = (0..self.size)
-                .filter(|&j| j != self.rank && recv_counts[j] > 0)
-                .map(|j| (j, displs[j], recv_counts[j]))
-                .collect();
-            out.copy_from(displs[self.rank], &send, 0..send.len());
-            let rp = rptr(&mut out);
-            self.p2p_exchange(&mut p, dt, sptr(&send), &s, rp, &r)?;
-        } else {
-            let ints: Vec<Vec<c_int>> = vec![
-                recv_counts.iter().map(|&x| x as c_int).collect(),
-                displs.iter().map(|&x| x as c_int).collect(),
-            ];
-            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-            let rp = rptr(&mut out);
-            self.ffi(&p, "MPI_Iallgatherv", || unsafe {
-                sys::MPI_Iallgatherv(
-                    sptr(&send) as *const c_void,
-                    send.len() as c_int,
-                    datatype(dt),
-                    rp as *mut c_void,
-                    ints[0].as_ptr(),
-                    ints[1].as_ptr(),
-                    datatype(dt),
-                    self.raw.0,
-                    &mut req,
-                )
-            })?;
-            p.reqs.push(req);
-            p.ints = ints;
-        }
-        p.keep.push(send);
-        p.out = Some(out);
-        Ok(Request::new(p))
+        self.all_gather_v_op(true, send, recv_counts)
     }
-
     fn i_reduce_scatter(
         &self,
         send: Buffer,
         recv_counts: Vec<usize>,
         op: ReduceOp,
     ) -> Result<Request> {
-        let ck = self.check("reduce_scatter");
-        ck.reduce(send.dtype(), op)?;
-        let total = ck.counts("recv_counts", &recv_counts)?;
-        ck.len("send", send.len(), total)?;
-        self.verify(
-            "reduce_scatter",
-            4,
-            Some(send.dtype()),
-            op as i64,
-            send.len(),
-            &recv_counts,
-            &[],
-        )?;
-        if total > self.env.max_count {
-            // Beyond the int range: a chunked all-reduce, keeping our block.
-            let off: usize = recv_counts[..self.rank].iter().sum();
-            let mine = recv_counts[self.rank];
-            let r = self.i_all_reduce(send, op)?;
-            let b = r.wait()?;
-            return Ok(Request::ready(b.slice(off..off + mine)));
-        }
-        let mut p = self.begin("reduce_scatter", true, None)?;
-        let (send, orig) = MpiComm::reduce_view(send);
-        let dt = send.dtype();
-        let mut out = Buffer::zeros(dt, recv_counts[self.rank]);
-        let ints = vec![recv_counts.iter().map(|&x| x as c_int).collect::<Vec<_>>()];
-        let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-        let rp = rptr(&mut out);
-        self.ffi(&p, "MPI_Ireduce_scatter", || unsafe {
-            sys::MPI_Ireduce_scatter(
-                sptr(&send) as *const c_void,
-                rp as *mut c_void,
-                ints[0].as_ptr(),
-                datatype(dt),
-                mpi_op(op),
-                self.raw.0,
-                &mut req,
-            )
-        })?;
-        p.reqs.push(req);
-        p.ints = ints;
-        p.keep.push(send);
-        p.out = Some(out);
-        p.post = Some(MpiComm::reduce_post(
-            orig,
-            (op == ReduceOp::Mean).then_some(self.size),
-        ));
-        Ok(Request::new(p))
+        self.reduce_scatter_op(true, send, recv_counts, op)
     }
-
     fn i_all_to_all_v(
         &self,
         send: Buffer,
         send_counts: Vec<usize>,
         recv_counts: Vec<usize>,
     ) -> Result<Request> {
-        let ck = self.check("all_to_all_v");
-        let total = ck.counts("send_counts", &send_counts)?;
-        let rtotal = ck.counts("recv_counts", &recv_counts)?;
-        ck.len("send", send.len(), total)?;
-        self.verify(
-            "all_to_all_v",
-            5,
-            Some(send.dtype()),
-            0,
-            send.len(),
-            &send_counts,
-            &recv_counts,
-        )?;
-        let mut p = self.begin("all_to_all_v", true, None)?;
-        let out = Buffer::zeros(send.dtype(), rtotal);
-        self.start_a2a(
-            &mut p,
-            send.dtype(),
-            sptr(&send),
-            &send_counts,
-            out,
-            &recv_counts,
-        )?;
-        p.keep.push(send);
-        Ok(Request::new(p))
+        self.all_to_all_v_op(true, send, send_counts, recv_counts)
+    }
+    fn i_send(&self, buf: Buffer, dest: usize, tag: u32) -> Result<Request> {
+        self.send_op(true, buf, dest, tag)
+    }
+    fn i_recv(&self, buf: Buffer, src: usize, tag: u32) -> Result<Request> {
+        self.recv_op(true, buf, src, tag)
+    }
+
+    // Blocking calls: the same operations, waited at once on the caller's thread (which
+    // drives MPI itself), so the progress thread stays out of their way.
+
+    fn barrier(&self) -> Result<()> {
+        self.barrier_op(false)?.wait().map(|_| ())
+    }
+    fn broadcast(&self, buf: &mut Buffer, root: usize) -> Result<()> {
+        *buf = self
+            .broadcast_op(false, std::mem::take(buf), root)?
+            .wait()?;
+        Ok(())
+    }
+    fn all_reduce(&self, buf: &mut Buffer, op: ReduceOp) -> Result<()> {
+        *buf = self.all_reduce_op(false, std::mem::take(buf), op)?.wait()?;
+        Ok(())
+    }
+    fn all_gather_v(&self, send: &Buffer, recv_counts: &[usize]) -> Result<Buffer> {
+        self.all_gather_v_op(false, send.clone(), recv_counts.to_vec())?
+            .wait()
+    }
+    fn reduce_scatter(&self, send: &Buffer, recv_counts: &[usize], op: ReduceOp) -> Result<Buffer> {
+        self.reduce_scatter_op(false, send.clone(), recv_counts.to_vec(), op)?
+            .wait()
+    }
+    fn send(&self, buf: &Buffer, dest: usize, tag: u32) -> Result<()> {
+        self.send_op(false, buf.clone(), dest, tag)?
+            .wait()
+            .map(|_| ())
+    }
+    fn recv(&self, buf: &mut Buffer, src: usize, tag: u32) -> Result<()> {
+        *buf = self.recv_op(false, std::mem::take(buf), src, tag)?.wait()?;
+        Ok(())
     }
 
     /// Blocking all-to-all(v) without copying the send buffer. On a timeout MPI may still
@@ -1296,7 +1455,7 @@ impl Communicator for MpiComm {
             send_counts,
             recv_counts,
         )?;
-        let mut p = self.begin("all_to_all_v", true, None)?;
+        let mut p = self.begin("all_to_all_v", true, None, false)?;
         let mut out = std::mem::take(recv);
         if out.dtype() != send.dtype() || out.len() != rtotal {
             out = Buffer::zeros(send.dtype(), rtotal);
@@ -1311,52 +1470,6 @@ impl Communicator for MpiComm {
         )?;
         *recv = Box::new(p).wait()?;
         Ok(())
-    }
-
-    fn i_send(&self, buf: Buffer, dest: usize, tag: u32) -> Result<Request> {
-        self.check("send").peer("dest", dest)?;
-        let mut p = self.begin(&format!("send(to {dest}, tag {tag})"), false, Some(dest))?;
-        let (dt, n) = (buf.dtype(), buf.len());
-        self.post_chunked(
-            &mut p,
-            "MPI_Isend",
-            sptr(&buf),
-            dt,
-            n,
-            |ptr, count, req| unsafe {
-                sys::MPI_Isend(
-                    ptr,
-                    count,
-                    datatype(dt),
-                    dest as c_int,
-                    tag as c_int,
-                    self.raw.0,
-                    req,
-                )
-            },
-        )?;
-        p.out = Some(buf);
-        Ok(Request::new(p))
-    }
-
-    fn i_recv(&self, mut buf: Buffer, src: usize, tag: u32) -> Result<Request> {
-        self.check("recv").peer("src", src)?;
-        let mut p = self.begin(&format!("recv(from {src}, tag {tag})"), false, Some(src))?;
-        let (dt, n) = (buf.dtype(), buf.len());
-        let base = rptr(&mut buf) as *const u8;
-        self.post_chunked(&mut p, "MPI_Irecv", base, dt, n, |ptr, count, req| unsafe {
-            sys::MPI_Irecv(
-                ptr as *mut c_void,
-                count,
-                datatype(dt),
-                src as c_int,
-                tag as c_int,
-                self.raw.0,
-                req,
-            )
-        })?;
-        p.out = Some(buf);
-        Ok(Request::new(p))
     }
 
     fn split(&self, color: u32, key: i32) -> Result<Box<dyn Communicator>> {

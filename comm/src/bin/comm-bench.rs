@@ -117,7 +117,9 @@ mod with_mpi {
     use super::*;
     use mpi::collective::CommunicatorCollectives;
     use mpi::datatype::{Partition, PartitionMut};
+    use mpi::topology::SimpleCommunicator;
     use switchyard_comm::MpiProgress;
+    use switchyard_comm::ReduceOp;
     use switchyard_comm::mpi::{MpiEnv, MpiOptions};
 
     fn init(args: &[String]) -> (MpiEnv, Box<dyn Communicator>) {
@@ -133,59 +135,78 @@ mod with_mpi {
         (env, Box::new(c))
     }
 
+    /// Seconds per call of the slowest rank: blocks of `calls` calls between two barriers.
+    fn timed_block(raw: &SimpleCommunicator, calls: usize, mut f: impl FnMut()) -> f64 {
+        raw.barrier();
+        let t = Instant::now();
+        for _ in 0..calls {
+            f();
+        }
+        raw.barrier();
+        t.elapsed().as_secs_f64() / calls as f64
+    }
+
     pub fn a2a(args: &[String]) {
         let (env, c) = init(args);
         let raw = env.rsmpi_world();
+        let rounds: usize = arg(args, "--rounds").map_or(31, |s| s.parse().unwrap());
         let (r, n) = (c.rank(), c.size());
-        let mut size = 4usize << 10;
         if r == 0 {
             println!(
-                "all-to-all(v), {n} ranks, f32, size = bytes each rank sends per call (split evenly over all ranks)"
+                "all-to-all(v), {n} ranks, progress {}, f32; size = bytes each rank sends per call \
+                 (split evenly over all ranks); {rounds} rounds of alternating timed blocks \
+                 (Switchyard, direct), each block ~16 MiB of calls between barriers; \
+                 latency = median block / calls; ratio = Switchyard GB/s / direct GB/s; slowest rank",
+                arg(args, "--progress").unwrap_or_else(|| "thread".into())
             );
             println!(
-                "| size | Switchyard latency (us) | direct rsmpi latency (us) | Switchyard GB/s | direct GB/s | ratio |"
+                "| size | Switchyard latency (us) | direct rsmpi latency (us) | Switchyard GB/s | direct GB/s | ratio (median of paired blocks) | ratio (best blocks) |"
             );
-            println!("|---:|---:|---:|---:|---:|---:|");
+            println!("|---:|---:|---:|---:|---:|---:|---:|");
         }
+        let mut size = 4usize << 10;
         while size <= 64 << 20 {
             let per = size / 4 / n;
             let counts = vec![per; n];
             let displs: Vec<i32> = (0..n).map(|j| (j * per) as i32).collect();
             let icounts = vec![per as i32; n];
-            let send = Buffer::F32((0..per * n).map(|i| i as f32).collect());
+            let send = Buffer::F32((0..per * n).map(|i| (i + r) as f32).collect());
             let mut recv = Buffer::zeros(DType::F32, per * n);
-            let sendv: Vec<f32> = (0..per * n).map(|i| i as f32).collect();
+            let sendv: Vec<f32> = (0..per * n).map(|i| (i + r) as f32).collect();
             let mut recvv = vec![0f32; per * n];
-            let iters = ((256usize << 20) / size).clamp(5, 500);
-            let (mut ts, mut td) = (f64::MAX, f64::MAX);
-            for _round in 0..3 {
-                // warm-up of both, then timed blocks, alternating
-                c.all_to_all_v(&send, &counts, &mut recv, &counts).unwrap();
-                c.barrier().unwrap();
-                let t = Instant::now();
-                for _ in 0..iters {
-                    c.all_to_all_v(&send, &counts, &mut recv, &counts).unwrap();
-                }
-                c.barrier().unwrap();
-                ts = ts.min(t.elapsed().as_secs_f64() / iters as f64);
-                {
-                    let sp = Partition::new(&sendv[..], &icounts[..], &displs[..]);
-                    let mut rp = PartitionMut::new(&mut recvv[..], &icounts[..], &displs[..]);
-                    raw.all_to_all_varcount_into(&sp, &mut rp);
-                    raw.barrier();
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        raw.all_to_all_varcount_into(&sp, &mut rp);
-                    }
-                    raw.barrier();
-                    td = td.min(t.elapsed().as_secs_f64() / iters as f64);
+            let sp = Partition::new(&sendv[..], &icounts[..], &displs[..]);
+            let mut rp = PartitionMut::new(&mut recvv[..], &icounts[..], &displs[..]);
+            let calls = ((16usize << 20) / size).clamp(1, 1000);
+            let mut sw = |calls| {
+                timed_block(&raw, calls, || {
+                    c.all_to_all_v(&send, &counts, &mut recv, &counts).unwrap()
+                })
+            };
+            let mut direct =
+                |calls| timed_block(&raw, calls, || raw.all_to_all_varcount_into(&sp, &mut rp));
+            sw(1); // warm-up
+            direct(1);
+            let (mut ts, mut td) = (vec![], vec![]);
+            for round in 0..rounds {
+                // Alternate which goes first, so neither always follows the other.
+                if round % 2 == 0 {
+                    ts.push(sw(calls));
+                    td.push(direct(calls));
+                } else {
+                    td.push(direct(calls));
+                    ts.push(sw(calls));
                 }
             }
-            // Slowest rank decides.
-            let mut b = Buffer::F64(vec![ts, td]);
-            c.all_reduce(&mut b, switchyard_comm::ReduceOp::Max)
-                .unwrap();
-            let (ts, td) = (b.get_f64(0), b.get_f64(1));
+            // Slowest rank decides, round by round.
+            let mut b = Buffer::F64([ts, td].concat());
+            c.all_reduce(&mut b, ReduceOp::Max).unwrap();
+            let b = b.into_vec::<f64>().unwrap();
+            let (ts, td) = b.split_at(rounds);
+            // Ratio of neighbouring blocks, so that slow drifts of the machine's load cancel.
+            let paired = median(ts.iter().zip(td).map(|(s, d)| d / s).collect());
+            let best = |v: &[f64]| v.iter().copied().fold(f64::MAX, f64::min);
+            let best_ratio = best(td) / best(ts);
+            let (ts, td) = (median(ts.to_vec()), median(td.to_vec()));
             if r == 0 {
                 let label = if size >= 1 << 20 {
                     format!("{} MiB", size >> 20)
@@ -193,17 +214,19 @@ mod with_mpi {
                     format!("{} KiB", size >> 10)
                 };
                 println!(
-                    "| {label} | {:.1} | {:.1} | {:.2} | {:.2} | {:.3} |",
+                    "| {label} | {:.1} | {:.1} | {:.2} | {:.2} | {:.3} | {:.3} |",
                     ts * 1e6,
                     td * 1e6,
                     size as f64 / ts / 1e9,
                     size as f64 / td / 1e9,
-                    td / ts
+                    paired,
+                    best_ratio
                 );
             }
+            drop(rp);
             assert_eq!(
-                recv.get_f64(per * n - 1),
-                recvv[per * n - 1] as f64,
+                recv.into_vec::<f32>().unwrap(),
+                recvv,
                 "both paths deliver the same data"
             );
             size *= 4;
@@ -215,8 +238,7 @@ mod with_mpi {
         let mib: usize = arg(args, "--mib").map_or(64, |s| s.parse().unwrap());
         let probe = overlap_round(c.as_ref(), mib << 20, 0, 3).0;
         let mut b = Buffer::F64(vec![probe]);
-        c.all_reduce(&mut b, switchyard_comm::ReduceOp::Max)
-            .unwrap();
+        c.all_reduce(&mut b, ReduceOp::Max).unwrap();
         let iters = calibrate(Duration::from_secs_f64(b.get_f64(0)));
         let res = overlap_round(c.as_ref(), mib << 20, iters, 9);
         if c.rank() == 0 {
