@@ -544,13 +544,11 @@ fn compute(
             acc
         }
         Kind::AllGatherV => {
-            let total: usize = me.counts.iter().sum();
-            let mut out = Buffer::zeros(me.data.dtype(), total);
-            let off = offsets(&me.counts);
-            for (q, c) in contribs.iter().enumerate() {
-                out.copy_from(off[q], &c.data, 0..c.data.len());
-            }
-            out
+            let parts: Vec<_> = contribs
+                .iter()
+                .map(|c| (&c.data, 0..c.data.len()))
+                .collect();
+            Buffer::concat(me.data.dtype(), &parts)
         }
         Kind::ReduceScatter { op } => {
             let off = offsets(&me.counts);
@@ -565,13 +563,14 @@ fn compute(
             acc
         }
         Kind::AllToAllV => {
-            let roff = offsets(&me.counts2);
-            let mut out = Buffer::zeros(me.data.dtype(), roff[n]);
-            for (q, c) in contribs.iter().enumerate() {
-                let soff = offsets(&c.counts);
-                out.copy_from(roff[q], &c.data, soff[rank]..soff[rank + 1]);
-            }
-            out
+            let parts: Vec<_> = contribs
+                .iter()
+                .map(|c| {
+                    let soff = offsets(&c.counts);
+                    (&c.data, soff[rank]..soff[rank + 1])
+                })
+                .collect();
+            Buffer::concat(me.data.dtype(), &parts)
         }
     }
 }

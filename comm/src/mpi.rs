@@ -4,9 +4,12 @@
 //! - Every operation is non-blocking underneath (`MPI_I*`) and owns its buffers until it
 //!   completes, so a timeout can return while MPI still holds them (they are parked, never
 //!   freed under MPI's feet). Blocking calls are the same operation plus a wait.
-//! - Progress: [`MpiProgress::Thread`] runs a background thread that drives MPI's progress
-//!   engine (and answers diagnostic queries) while the caller computes; `Poll` progresses only
-//!   inside `test`/`wait`. `comm-bench overlap-mpi` measures both.
+//! - Progress: blocking calls, and every `wait`, poll MPI on the caller's thread (as a direct
+//!   MPI call would). [`MpiProgress::Thread`] adds a background thread that drives MPI's
+//!   progress engine only while non-blocking operations are posted and not yet waited for,
+//!   so they advance while the caller computes; it is parked otherwise (waking each
+//!   millisecond to answer diagnostic queries). `Poll` progresses only inside `test`/`wait`.
+//!   `comm-bench a2a` and `comm-bench overlap-mpi` measure both.
 //! - Timeouts: on expiry the waiting rank asks every member, over a private control
 //!   communicator, how many operations it entered on this communicator and what it is doing;
 //!   the error names the ranks that did not arrive (or did not answer).
@@ -28,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use mpi::ffi as sys;
 
-use crate::config::MpiProgress;
+use crate::config::{CommBackendConfig, CommConfig, MpiProgress};
 use crate::{
     BackendKind, Buffer, Check, CommError, Communicator, DType, PendingOp, ReduceOp, Request,
     Result,
@@ -48,11 +51,30 @@ pub struct MpiOptions {
 impl Default for MpiOptions {
     fn default() -> Self {
         MpiOptions {
-            progress: MpiProgress::Thread,
+            progress: MpiProgress::default(),
             verify_collectives: false,
-            timeout: Duration::from_secs(300),
+            timeout: CommConfig::default().timeout(),
             max_count: i32::MAX as usize,
         }
+    }
+}
+
+impl MpiOptions {
+    /// The options a `comm:` config node asks for (defaults where it names another backend).
+    pub fn from_config(c: &CommConfig) -> MpiOptions {
+        let mut o = MpiOptions {
+            timeout: c.timeout(),
+            ..MpiOptions::default()
+        };
+        if let CommBackendConfig::Mpi {
+            progress,
+            verify_collectives,
+        } = &c.backend
+        {
+            o.progress = *progress;
+            o.verify_collectives = *verify_collectives;
+        }
+        o
     }
 }
 

@@ -36,13 +36,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Iterations of `compute` that take about `target`.
-fn calibrate(target: Duration) -> usize {
-    let n = 1_000_000;
-    let t = Instant::now();
-    compute(n);
-    let per = t.elapsed().as_secs_f64() / n as f64;
-    (target.as_secs_f64() / per) as usize
+/// Iterations of `compute` that take about `target` seconds on every rank of `c`, measured
+/// while all ranks compute at once (so that the sharing of the cores is included).
+fn calibrate(c: &dyn Communicator, target: f64) -> usize {
+    let mut iters = 1_000_000usize;
+    for _ in 0..3 {
+        c.barrier().unwrap();
+        let t = Instant::now();
+        std::hint::black_box(compute(iters));
+        let took = t.elapsed().as_secs_f64();
+        iters = ((iters as f64 * target / took) as usize).max(1000);
+    }
+    iters
 }
 
 /// Times (comm alone, compute alone, both issued together) on every rank of `c`.
@@ -57,59 +62,88 @@ fn overlap_round(
     let send = Buffer::zeros(DType::F32, per * n);
     let (mut tc, mut tk, mut tb) = (vec![], vec![], vec![]);
     for _ in 0..reps {
+        // Send copies are made and results freed outside the timed regions: only the
+        // communication layer and the compute are timed.
+        let s = send.clone();
         c.barrier().unwrap();
         let t = Instant::now();
-        c.i_all_to_all_v(send.clone(), vec![per; n], vec![per; n])
+        let out = c
+            .i_all_to_all_v(s, vec![per; n], vec![per; n])
             .unwrap()
             .wait()
             .unwrap();
         tc.push(t.elapsed().as_secs_f64());
+        drop(out);
         c.barrier().unwrap();
         let t = Instant::now();
         std::hint::black_box(compute(iters));
         tk.push(t.elapsed().as_secs_f64());
+        let s = send.clone();
         c.barrier().unwrap();
         let t = Instant::now();
-        let r = c
-            .i_all_to_all_v(send.clone(), vec![per; n], vec![per; n])
-            .unwrap();
+        let r = c.i_all_to_all_v(s, vec![per; n], vec![per; n]).unwrap();
         std::hint::black_box(compute(iters));
-        r.wait().unwrap();
+        let out = r.wait().unwrap();
         tb.push(t.elapsed().as_secs_f64());
+        drop(out);
     }
     (median(tc), median(tk), median(tb))
 }
 
-fn report_overlap(label: &str, (tc, tk, tb): (f64, f64, f64)) {
+fn overlap_header() {
     println!(
-        "{label}: transfer {:.2} ms, compute {:.2} ms, both issued together {:.2} ms; \
-         together / max = {:.2}, together / sum = {:.2}",
+        "| link | transfer (ms) | compute (ms) | together (ms) | together / max | together / sum |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+}
+
+fn overlap_row(label: &str, (tc, tk, tb): (f64, f64, f64)) {
+    println!(
+        "| {label} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
         tc * 1e3,
         tk * 1e3,
         tb * 1e3,
         tb / tc.max(tk),
         tb / (tc + tk)
-    );
+    )
+}
+
+/// One row of the overlap table: the all-to-all alone, a compute sized to it alone, and both
+/// issued together, on rank 0 of a local world of `ranks` threads.
+fn overlap_local_row(ranks: usize, bytes: usize, link: Option<LinkModel>) -> (f64, f64, f64) {
+    LocalWorld::run(ranks, Duration::from_secs(60), link, |c| {
+        let probe = overlap_round(c, bytes, 0, 3).0;
+        let iters = calibrate(c, probe);
+        overlap_round(c, bytes, iters, 9)
+    })[0]
 }
 
 fn overlap_local(args: &[String]) {
     let ranks: usize = arg(args, "--ranks").map_or(2, |s| s.parse().unwrap());
-    let mib: usize = arg(args, "--mib").map_or(32, |s| s.parse().unwrap());
+    let mib: usize = arg(args, "--mib").map_or(8, |s| s.parse().unwrap());
     let lat: f64 = arg(args, "--latency-us").map_or(5.0, |s| s.parse().unwrap());
-    let gbps: f64 = arg(args, "--bandwidth-gbps").map_or(25.0, |s| s.parse().unwrap());
-    let link = LinkModel::new(lat, gbps);
-    // Probe the transfer time, then size the compute to match it (the hardest case).
-    let probe = LocalWorld::run(ranks, Duration::from_secs(60), Some(link), |c| {
-        overlap_round(c, mib << 20, 0, 3).0
-    });
-    let iters = calibrate(Duration::from_secs_f64(probe[0]));
-    let res = LocalWorld::run(ranks, Duration::from_secs(60), Some(link), |c| {
-        overlap_round(c, mib << 20, iters, 9)
-    });
+    let bandwidths: Vec<f64> = arg(args, "--bandwidth-gbps")
+        .map_or(vec![10.0, 25.0, 50.0, 100.0, 200.0], |s| {
+            s.split(',').map(|x| x.parse().unwrap()).collect()
+        });
     println!(
-        "local backend, {ranks} ranks, link {lat} us + {gbps} Gbit/s, all-to-all of {mib} MiB per rank, compute sized to the transfer"
+        "local backend, {ranks} ranks (threads; one single-threaded compute loop each), \
+         all-to-all of {mib} MiB per rank, compute sized to the transfer; medians of 9"
     );
-    report_overlap("rank 0", res[0]);
+    overlap_header();
+    // Without a link model the transfer is the backend's own memory copies, which need a
+    // core like the compute does: the floor under every row below.
+    overlap_row(
+        "none (memory copies only)",
+        overlap_local_row(ranks, mib << 20, None),
+    );
+    for gbps in bandwidths {
+        let link = LinkModel::new(lat, gbps);
+        overlap_row(
+            &format!("{lat} us + {gbps} Gbit/s"),
+            overlap_local_row(ranks, mib << 20, Some(link)),
+        );
+    }
 }
 
 #[cfg(feature = "mpi")]
@@ -223,7 +257,6 @@ mod with_mpi {
                     best_ratio
                 );
             }
-            drop(rp);
             assert_eq!(
                 recv.into_vec::<f32>().unwrap(),
                 recvv,
@@ -239,7 +272,7 @@ mod with_mpi {
         let probe = overlap_round(c.as_ref(), mib << 20, 0, 3).0;
         let mut b = Buffer::F64(vec![probe]);
         c.all_reduce(&mut b, ReduceOp::Max).unwrap();
-        let iters = calibrate(Duration::from_secs_f64(b.get_f64(0)));
+        let iters = calibrate(c.as_ref(), b.get_f64(0));
         let res = overlap_round(c.as_ref(), mib << 20, iters, 9);
         if c.rank() == 0 {
             println!(
@@ -247,7 +280,8 @@ mod with_mpi {
                 c.size(),
                 arg(args, "--progress").unwrap_or_else(|| "thread".into())
             );
-            report_overlap("rank 0", res);
+            overlap_header();
+            overlap_row("shared memory (rank 0)", res);
         }
     }
 }
@@ -262,7 +296,7 @@ fn main() {
         Some("overlap-mpi") => with_mpi::overlap(&args),
         _ => {
             eprintln!(
-                "usage: comm-bench overlap [--ranks 2 --mib 32 --latency-us 5 --bandwidth-gbps 25]"
+                "usage: comm-bench overlap [--ranks 2 --mib 8 --latency-us 5 --bandwidth-gbps 10,25,50,100,200]"
             );
             eprintln!(
                 "       mpirun -np N comm-bench a2a | overlap-mpi [--progress thread|poll --mib 64]   (--features mpi)"
