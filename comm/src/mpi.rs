@@ -7,8 +7,8 @@
 //! - Progress: blocking calls, and every `wait`, poll MPI on the caller's thread (as a direct
 //!   MPI call would). [`MpiProgress::Thread`] adds a background thread that drives MPI's
 //!   progress engine only while non-blocking operations are posted and not yet waited for,
-//!   so they advance while the caller computes; it is parked otherwise (waking each
-//!   millisecond to answer diagnostic queries). `Poll` progresses only inside `test`/`wait`.
+//!   so they advance while the caller computes; it is parked otherwise (waking every
+//!   10 ms to answer diagnostic queries). `Poll` progresses only inside `test`/`wait`.
 //!   `comm-bench a2a` and `comm-bench overlap-mpi` measure both.
 //! - Timeouts: on expiry the waiting rank asks every member, over a private control
 //!   communicator, how many operations it entered on this communicator and what it is doing;
@@ -299,6 +299,7 @@ impl Drop for MpiEnv {
     fn drop(&mut self) {
         self.env.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -363,7 +364,7 @@ impl MpiEnv {
                             } else {
                                 // Woken by the next non-blocking operation; the timeout
                                 // keeps diagnostic queries answered.
-                                std::thread::park_timeout(Duration::from_millis(1));
+                                std::thread::park_timeout(Duration::from_millis(10));
                             }
                         }
                     })
