@@ -1357,7 +1357,7 @@ impl PendingOp for MpiPending {
             // The clock is read every 64 polls: often enough for the timeout and the
             // diagnostic service, rarely enough not to show in small messages' latency.
             polls = polls.wrapping_add(1);
-            if polls % 64 != 0 {
+            if !polls.is_multiple_of(64) {
                 continue;
             }
             let now = Instant::now();
