@@ -8,7 +8,7 @@
 //!   MPI call would). [`MpiProgress::Thread`] adds a background thread that drives MPI's
 //!   progress engine only while non-blocking operations are posted and not yet waited for,
 //!   so they advance while the caller computes; it is parked otherwise (waking every
-//!   10 ms to answer diagnostic queries). `Poll` progresses only inside `test`/`wait`.
+//!   50 ms to answer diagnostic queries). `Poll` progresses only inside `test`/`wait`.
 //!   `comm-bench a2a` and `comm-bench overlap-mpi` measure both.
 //! - Timeouts: on expiry the waiting rank asks every member, over a private control
 //!   communicator, how many operations it entered on this communicator and what it is doing;
@@ -403,7 +403,7 @@ impl MpiEnv {
                             } else {
                                 // Woken by the next non-blocking operation; the timeout
                                 // keeps diagnostic queries answered.
-                                std::thread::park_timeout(Duration::from_millis(10));
+                                std::thread::park_timeout(Duration::from_millis(50));
                             }
                         }
                     })

@@ -41,26 +41,35 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn calibrate(c: &dyn Communicator, target: f64) -> usize {
     let mut iters = 1_000_000usize;
     for _ in 0..3 {
-        c.barrier().unwrap();
-        let t = Instant::now();
-        std::hint::black_box(compute(iters));
-        let took = t.elapsed().as_secs_f64();
+        let took = median(
+            (0..3)
+                .map(|_| {
+                    c.barrier().unwrap();
+                    let t = Instant::now();
+                    std::hint::black_box(compute(iters));
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        );
         iters = ((iters as f64 * target / took) as usize).max(1000);
     }
     iters
 }
 
-/// Times (comm alone, compute alone, both issued together) on every rank of `c`.
+/// Times of one repetition: (comm alone, compute alone, both issued together).
+type Times = (f64, f64, f64);
+
+/// `reps` repetitions of [`Times`] on every rank of `c`.
 fn overlap_round(
     c: &dyn Communicator,
     bytes_per_rank: usize,
     iters: usize,
     reps: usize,
-) -> (f64, f64, f64) {
+) -> Vec<Times> {
     let n = c.size();
     let per = bytes_per_rank / 4 / n;
     let send = Buffer::zeros(DType::F32, per * n);
-    let (mut tc, mut tk, mut tb) = (vec![], vec![], vec![]);
+    let mut times = vec![];
     for _ in 0..reps {
         // Send copies are made and results freed outside the timed regions: only the
         // communication layer and the compute are timed.
@@ -72,54 +81,63 @@ fn overlap_round(
             .unwrap()
             .wait()
             .unwrap();
-        tc.push(t.elapsed().as_secs_f64());
+        let tc = t.elapsed().as_secs_f64();
         drop(out);
         c.barrier().unwrap();
         let t = Instant::now();
         std::hint::black_box(compute(iters));
-        tk.push(t.elapsed().as_secs_f64());
+        let tk = t.elapsed().as_secs_f64();
         let s = send.clone();
         c.barrier().unwrap();
         let t = Instant::now();
         let r = c.i_all_to_all_v(s, vec![per; n], vec![per; n]).unwrap();
         std::hint::black_box(compute(iters));
         let out = r.wait().unwrap();
-        tb.push(t.elapsed().as_secs_f64());
+        times.push((tc, tk, t.elapsed().as_secs_f64()));
         drop(out);
     }
-    (median(tc), median(tk), median(tb))
+    times
 }
 
 fn overlap_header() {
     println!(
-        "| link | transfer (ms) | compute (ms) | together (ms) | together / max | together / sum |"
+        "| link | transfer (ms) | compute (ms) | together (ms) | together / max | together / sum | hidden |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
 }
 
-fn overlap_row(label: &str, (tc, tk, tb): (f64, f64, f64)) {
+/// Medians of the times and, repetition by repetition (so that the machine's load drifts
+/// cancel), of together / max, together / sum and `hidden`: the share of the shorter of
+/// transfer and compute that disappeared when both were issued together (1 = perfect
+/// overlap, 0 = none).
+fn overlap_row(label: &str, times: &[Times]) {
+    let m = |f: &dyn Fn(&Times) -> f64| median(times.iter().map(f).collect());
     println!(
-        "| {label} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
-        tc * 1e3,
-        tk * 1e3,
-        tb * 1e3,
-        tb / tc.max(tk),
-        tb / (tc + tk)
+        "| {label} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        m(&|t| t.0) * 1e3,
+        m(&|t| t.1) * 1e3,
+        m(&|t| t.2) * 1e3,
+        m(&|&(tc, tk, tb)| tb / tc.max(tk)),
+        m(&|&(tc, tk, tb)| tb / (tc + tk)),
+        m(&|&(tc, tk, tb)| (tc + tk - tb) / tc.min(tk)),
     )
 }
 
 /// One row of the overlap table: the all-to-all alone, a compute sized to it alone, and both
 /// issued together, on rank 0 of a local world of `ranks` threads.
-fn overlap_local_row(ranks: usize, bytes: usize, link: Option<LinkModel>) -> (f64, f64, f64) {
+fn overlap_local_row(ranks: usize, bytes: usize, link: Option<LinkModel>) -> Vec<Times> {
     LocalWorld::run(ranks, Duration::from_secs(60), link, |c| {
-        let probe = overlap_round(c, bytes, 0, 3).0;
+        let probe = median(overlap_round(c, bytes, 0, 5).iter().map(|t| t.0).collect());
         let iters = calibrate(c, probe);
-        overlap_round(c, bytes, iters, 9)
-    })[0]
+        overlap_round(c, bytes, iters, 21)
+    })
+    .swap_remove(0)
 }
 
 fn overlap_local(args: &[String]) {
     let ranks: usize = arg(args, "--ranks").map_or(2, |s| s.parse().unwrap());
+    // 8 MiB stays below glibc's largest mmap threshold, so buffers are reused, not faulted
+    // in afresh each time.
     let mib: usize = arg(args, "--mib").map_or(8, |s| s.parse().unwrap());
     let lat: f64 = arg(args, "--latency-us").map_or(5.0, |s| s.parse().unwrap());
     let bandwidths: Vec<f64> = arg(args, "--bandwidth-gbps")
@@ -128,20 +146,20 @@ fn overlap_local(args: &[String]) {
         });
     println!(
         "local backend, {ranks} ranks (threads; one single-threaded compute loop each), \
-         all-to-all of {mib} MiB per rank, compute sized to the transfer; medians of 9"
+         all-to-all of {mib} MiB per rank, compute sized to the transfer; medians of 21"
     );
     overlap_header();
     // Without a link model the transfer is the backend's own memory copies, which need a
     // core like the compute does: the floor under every row below.
     overlap_row(
         "none (memory copies only)",
-        overlap_local_row(ranks, mib << 20, None),
+        &overlap_local_row(ranks, mib << 20, None),
     );
     for gbps in bandwidths {
         let link = LinkModel::new(lat, gbps);
         overlap_row(
             &format!("{lat} us + {gbps} Gbit/s"),
-            overlap_local_row(ranks, mib << 20, Some(link)),
+            &overlap_local_row(ranks, mib << 20, Some(link)),
         );
     }
 }
@@ -264,11 +282,16 @@ mod with_mpi {
     pub fn overlap(args: &[String]) {
         let (_env, c) = init(args);
         let mib: usize = arg(args, "--mib").map_or(64, |s| s.parse().unwrap());
-        let probe = overlap_round(c.as_ref(), mib << 20, 0, 3).0;
+        let probe = median(
+            overlap_round(c.as_ref(), mib << 20, 0, 5)
+                .iter()
+                .map(|t| t.0)
+                .collect(),
+        );
         let mut b = Buffer::F64(vec![probe]);
         c.all_reduce(&mut b, ReduceOp::Max).unwrap();
         let iters = calibrate(c.as_ref(), b.get_f64(0));
-        let res = overlap_round(c.as_ref(), mib << 20, iters, 9);
+        let res = overlap_round(c.as_ref(), mib << 20, iters, 21);
         if c.rank() == 0 {
             println!(
                 "MPI, {} ranks, progress {:?}, all-to-all of {mib} MiB per rank, compute sized to the transfer, no MPI calls during compute",
@@ -276,7 +299,7 @@ mod with_mpi {
                 arg(args, "--progress").unwrap_or_else(|| "thread".into())
             );
             overlap_header();
-            overlap_row("shared memory (rank 0)", res);
+            overlap_row("shared memory (rank 0)", &res);
         }
     }
 }
