@@ -189,7 +189,7 @@ mod with_mpi {
     pub fn a2a(args: &[String]) {
         let (env, c) = init(args);
         let raw = env.rsmpi_world();
-        let rounds: usize = arg(args, "--rounds").map_or(31, |s| s.parse().unwrap());
+        let rounds: usize = arg(args, "--rounds").map_or(101, |s| s.parse().unwrap());
         let (r, n) = (c.rank(), c.size());
         if r == 0 {
             println!(
