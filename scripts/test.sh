@@ -25,7 +25,7 @@ cargo_passed=$(grep -o 'test result: ok\. [0-9]* passed' "$test_log" | awk '{s +
 echo "== MPI builds: switchyard, comm-conformance, parity-mpi (feature mpi)"
 cargo build --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch --features mpi
 
-echo "== comm conformance suite on MPI (mpirun -np 2, 3, 4; plus chunked counts with polling)"
+echo "== comm conformance suite on MPI (mpirun -np 2, 3, 4; chunked counts with polling; no signature check)"
 conformance="${CARGO_TARGET_DIR:-target}/release/comm-conformance"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mpi_runs=0
@@ -34,6 +34,8 @@ for np in 2 3 4; do
   mpi_runs=$((mpi_runs + 1))
 done
 timeout 600 mpirun -np 3 --oversubscribe "$conformance" --progress poll --max-count 1000
+mpi_runs=$((mpi_runs + 1))
+timeout 600 mpirun -np 4 --oversubscribe "$conformance" --no-verify
 mpi_runs=$((mpi_runs + 1))
 
 echo "== layout parity under MPI (dp x ep = 2 and 4 ranks; loss, gradients, weights after 3 steps)"

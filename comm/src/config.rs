@@ -89,6 +89,17 @@ impl CommConfig {
         Duration::from_secs_f64(self.timeout_s.max(0.0))
     }
 
+    /// The emulated interconnect of the `local` backend (`None`: as fast as memory, or
+    /// another backend).
+    pub fn link_model(&self) -> Option<crate::LinkModel> {
+        match &self.backend {
+            CommBackendConfig::Local { link: Some(l) } => {
+                Some(crate::LinkModel::new(l.latency_us, l.bandwidth_gbps))
+            }
+            _ => None,
+        }
+    }
+
     pub fn validate(&self) -> ConfigIssues {
         let mut issues = ConfigIssues::new();
         if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
@@ -156,6 +167,9 @@ mod tests {
         .unwrap();
         assert_eq!(c.timeout(), Duration::from_secs(5));
         assert!(c.validate().is_empty());
+        let link = c.link_model().unwrap();
+        assert_eq!(link.latency, Duration::from_micros(2));
+        assert_eq!(link.bytes_per_sec, 12.5e9);
         let c: CommConfig = serde_yaml::from_str("backend: {type: mpi, progress: poll}").unwrap();
         assert!(matches!(
             c.backend,

@@ -210,6 +210,34 @@ impl Buffer {
         self.as_bytes_mut()[at * es..at * es + n].copy_from_slice(s);
     }
 
+    /// The concatenation of `parts` (a buffer and an element range of it, each), of type
+    /// `dtype`. Writes each element once (no zero fill first).
+    pub fn concat(dtype: DType, parts: &[(&Buffer, std::ops::Range<usize>)]) -> Buffer {
+        let total = parts.iter().map(|(_, r)| r.len()).sum();
+        let mut out = match dtype {
+            DType::F32 => Buffer::F32(Vec::with_capacity(total)),
+            DType::F64 => Buffer::F64(Vec::with_capacity(total)),
+            DType::BF16 => Buffer::BF16(Vec::with_capacity(total)),
+            DType::F16 => Buffer::F16(Vec::with_capacity(total)),
+            DType::I32 => Buffer::I32(Vec::with_capacity(total)),
+            DType::I64 => Buffer::I64(Vec::with_capacity(total)),
+            DType::U8 => Buffer::U8(Vec::with_capacity(total)),
+        };
+        for (src, r) in parts {
+            match (&mut out, src) {
+                (Buffer::F32(a), Buffer::F32(b)) => a.extend_from_slice(&b[r.clone()]),
+                (Buffer::F64(a), Buffer::F64(b)) => a.extend_from_slice(&b[r.clone()]),
+                (Buffer::BF16(a), Buffer::BF16(b)) => a.extend_from_slice(&b[r.clone()]),
+                (Buffer::F16(a), Buffer::F16(b)) => a.extend_from_slice(&b[r.clone()]),
+                (Buffer::I32(a), Buffer::I32(b)) => a.extend_from_slice(&b[r.clone()]),
+                (Buffer::I64(a), Buffer::I64(b)) => a.extend_from_slice(&b[r.clone()]),
+                (Buffer::U8(a), Buffer::U8(b)) => a.extend_from_slice(&b[r.clone()]),
+                (a, b) => panic!("concat of {} elements into {}", b.dtype(), a.dtype()),
+            }
+        }
+        out
+    }
+
     /// Typed view; `None` if the element type differs.
     pub fn as_slice<T: Element>(&self) -> Option<&[T]> {
         T::view(self)

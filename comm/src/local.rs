@@ -3,9 +3,13 @@
 //!
 //! The optional [`LinkModel`] emulates a cluster interconnect: each operation completes no
 //! earlier than the moment its last rank arrived plus the modelled transfer time
-//! (latency + bytes / bandwidth per message, with a simple algorithm model per collective).
-//! The emulation waits (sleeps), it does not spin, so a rank that computes while a
-//! non-blocking operation is in flight overlaps the two exactly as on a real network.
+//! (latency + bytes / bandwidth per message, with a simple algorithm model per collective);
+//! a point-to-point message is available at its post time plus its modelled time. That
+//! deadline is fixed when the data is posted, and `wait` only sleeps until it (it does not
+//! spin, and nothing is charged to the poster), so a rank that computes while a non-blocking
+//! operation is in flight overlaps the two as on a real network. What cannot overlap is the
+//! emulation's own memory copy into the result, done by the waiting rank at `wait`: a real
+//! network card writes it without a CPU (`comm-bench overlap` shows its size).
 //!
 //! Every rank's contribution carries a description (operation, element type, sizes), so
 //! mismatched collectives are detected at the rendezvous and reported on every rank, and a
@@ -132,9 +136,29 @@ struct Slot {
 /// Sub-groups of a split, by colour, with their members' parent ranks.
 type Children = HashMap<u32, (Arc<Group>, Vec<usize>)>;
 
+/// A posted message. Sender and receiver share the data: whichever of the two lets go of it
+/// last gets it without a copy, so posting a send costs no copy.
 struct Msg {
-    data: Buffer,
+    data: Arc<Buffer>,
     ready: Instant,
+}
+
+/// The sole owner's buffer, or a copy while the other side still holds it.
+fn unshare(b: Arc<Buffer>) -> Buffer {
+    Arc::try_unwrap(b).unwrap_or_else(|b| (*b).clone())
+}
+
+/// A send: complete once posted (the receiver finds the message in its mailbox); `wait`
+/// hands the buffer back.
+struct SendPending(Arc<Buffer>);
+
+impl PendingOp for SendPending {
+    fn test(&mut self) -> Result<bool> {
+        Ok(true)
+    }
+    fn wait(self: Box<Self>) -> Result<Buffer> {
+        Ok(unshare(self.0))
+    }
 }
 
 #[derive(Default)]
@@ -544,13 +568,11 @@ fn compute(
             acc
         }
         Kind::AllGatherV => {
-            let total: usize = me.counts.iter().sum();
-            let mut out = Buffer::zeros(me.data.dtype(), total);
-            let off = offsets(&me.counts);
-            for (q, c) in contribs.iter().enumerate() {
-                out.copy_from(off[q], &c.data, 0..c.data.len());
-            }
-            out
+            let parts: Vec<_> = contribs
+                .iter()
+                .map(|c| (&c.data, 0..c.data.len()))
+                .collect();
+            Buffer::concat(me.data.dtype(), &parts)
         }
         Kind::ReduceScatter { op } => {
             let off = offsets(&me.counts);
@@ -565,13 +587,14 @@ fn compute(
             acc
         }
         Kind::AllToAllV => {
-            let roff = offsets(&me.counts2);
-            let mut out = Buffer::zeros(me.data.dtype(), roff[n]);
-            for (q, c) in contribs.iter().enumerate() {
-                let soff = offsets(&c.counts);
-                out.copy_from(roff[q], &c.data, soff[rank]..soff[rank + 1]);
-            }
-            out
+            let parts: Vec<_> = contribs
+                .iter()
+                .map(|c| {
+                    let soff = offsets(&c.counts);
+                    (&c.data, soff[rank]..soff[rank + 1])
+                })
+                .collect();
+            Buffer::concat(me.data.dtype(), &parts)
         }
     }
 }
@@ -629,7 +652,11 @@ struct RecvPending {
 }
 
 impl RecvPending {
-    fn take(&mut self, st: &mut State, honour_ready: bool) -> Option<Result<(Buffer, Instant)>> {
+    fn take(
+        &mut self,
+        st: &mut State,
+        honour_ready: bool,
+    ) -> Option<Result<(Arc<Buffer>, Instant)>> {
         let q = st.mail.get_mut(&(self.src, self.rank, self.tag))?;
         let front = q.front()?;
         if honour_ready && Instant::now() < front.ready {
@@ -669,7 +696,8 @@ impl PendingOp for RecvPending {
         match self.take(&mut st, true) {
             None => Ok(false),
             Some(r) => {
-                self.result = Some(r?.0);
+                drop(st);
+                self.result = Some(unshare(r?.0));
                 Ok(true)
             }
         }
@@ -686,6 +714,7 @@ impl PendingOp for RecvPending {
             if let Some(r) = self.take(&mut st, false) {
                 drop(st);
                 let (data, ready) = r?;
+                let data = unshare(data);
                 let now = Instant::now();
                 if ready > now {
                     std::thread::sleep(ready - now);
@@ -825,18 +854,19 @@ impl Communicator for LocalComm {
                 .link
                 .filter(|_| dest != self.rank)
                 .map_or(Duration::ZERO, |l| l.cost(1, buf.size_bytes()));
+        let data = Arc::new(buf);
         let mut st = self.group.lock();
         st.last_op[self.rank] = format!("send(to {dest}, tag {tag})");
         st.mail
             .entry((self.rank, dest, tag))
             .or_default()
             .push_back(Msg {
-                data: buf.clone(),
+                data: data.clone(),
                 ready,
             });
         drop(st);
         self.group.cv.notify_all();
-        Ok(Request::ready(buf))
+        Ok(Request::new(SendPending(data)))
     }
 
     fn i_recv(&self, buf: Buffer, src: usize, tag: u32) -> Result<Request> {
@@ -887,5 +917,61 @@ impl Communicator for LocalComm {
             self.rank, self.group.name
         );
         std::process::exit(code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+
+    /// The link model's deadline runs from the post, not from `wait`: an operation left alone
+    /// for longer than its modelled time is complete when first tested (so compute issued
+    /// meanwhile overlaps it), and not before.
+    #[test]
+    fn link_deadline_runs_from_the_post() {
+        let latency = Duration::from_millis(400);
+        let link = LinkModel {
+            latency,
+            bytes_per_sec: 1e12,
+        };
+        LocalWorld::run(2, Duration::from_secs(30), Some(link), |c| {
+            let n = c.size();
+            // Both ranks leave the barrier at its common deadline, so they post together.
+            c.barrier().unwrap();
+            let posted = Instant::now();
+            let mut a2a = c
+                .i_all_to_all_v(
+                    Buffer::F32(vec![c.rank() as f32; n]),
+                    vec![1; n],
+                    vec![1; n],
+                )
+                .unwrap();
+            let peer = 1 - c.rank();
+            let mut recv = c.i_recv(Buffer::zeros(DType::U8, 3), peer, 7).unwrap();
+            let send = c.i_send(Buffer::U8(vec![1, 2, 3]), peer, 7).unwrap();
+            // One message per peer: one latency for either operation.
+            if posted.elapsed() < latency / 2 {
+                assert!(
+                    !recv.test().unwrap(),
+                    "a message arrived before its latency"
+                );
+            }
+            std::thread::sleep(2 * latency);
+            assert!(
+                a2a.test().unwrap(),
+                "all-to-all not complete after its modelled time"
+            );
+            assert!(
+                recv.test().unwrap(),
+                "message not there after its modelled time"
+            );
+            assert_eq!(
+                a2a.wait().unwrap(),
+                Buffer::F32((0..n).map(|q| q as f32).collect())
+            );
+            assert_eq!(recv.wait().unwrap(), Buffer::U8(vec![1, 2, 3]));
+            assert_eq!(send.wait().unwrap(), Buffer::U8(vec![1, 2, 3]));
+        });
     }
 }

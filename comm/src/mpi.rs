@@ -4,14 +4,20 @@
 //! - Every operation is non-blocking underneath (`MPI_I*`) and owns its buffers until it
 //!   completes, so a timeout can return while MPI still holds them (they are parked, never
 //!   freed under MPI's feet). Blocking calls are the same operation plus a wait.
-//! - Progress: [`MpiProgress::Thread`] runs a background thread that drives MPI's progress
-//!   engine (and answers diagnostic queries) while the caller computes; `Poll` progresses only
-//!   inside `test`/`wait`. `comm-bench overlap-mpi` measures both.
+//! - Progress: blocking calls, and every `wait`, poll MPI on the caller's thread (as a direct
+//!   MPI call would). [`MpiProgress::Thread`] adds a background thread that drives MPI's
+//!   progress engine only while non-blocking operations are posted and not yet waited for,
+//!   so they advance while the caller computes; it is parked otherwise (waking every
+//!   50 ms to answer diagnostic queries). `Poll` progresses only inside `test`/`wait`.
+//!   `comm-bench a2a` and `comm-bench overlap-mpi` measure both.
 //! - Timeouts: on expiry the waiting rank asks every member, over a private control
 //!   communicator, how many operations it entered on this communicator and what it is doing;
 //!   the error names the ranks that did not arrive (or did not answer).
+//! - All-to-all(v) is point-to-point messages with each peer plus a copy of the own block
+//!   (cheaper per call than `MPI_Ialltoallv`'s schedule; `comm-bench a2a` compares it with a
+//!   direct `MPI_Alltoallv`).
 //! - Counts beyond the 32-bit limit (`max_count`) are chunked: all-reduce and broadcast into
-//!   several operations, all-to-all(v) and all-gather(v) into point-to-point messages.
+//!   several operations, all-to-all(v) and all-gather(v) into several point-to-point messages.
 //! - `verify_collectives` exchanges a signature (operation, type, sizes, the full count
 //!   matrix for all-to-all) before each collective, so mismatches are reported on every rank.
 //!
@@ -22,13 +28,13 @@ use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::panic::Location;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mpi::ffi as sys;
 
-use crate::config::MpiProgress;
+use crate::config::{CommBackendConfig, CommConfig, MpiProgress};
 use crate::{
     BackendKind, Buffer, Check, CommError, Communicator, DType, PendingOp, ReduceOp, Request,
     Result,
@@ -48,11 +54,30 @@ pub struct MpiOptions {
 impl Default for MpiOptions {
     fn default() -> Self {
         MpiOptions {
-            progress: MpiProgress::Thread,
+            progress: MpiProgress::default(),
             verify_collectives: false,
-            timeout: Duration::from_secs(300),
+            timeout: CommConfig::default().timeout(),
             max_count: i32::MAX as usize,
         }
+    }
+}
+
+impl MpiOptions {
+    /// The options a `comm:` config node asks for (defaults where it names another backend).
+    pub fn from_config(c: &CommConfig) -> MpiOptions {
+        let mut o = MpiOptions {
+            timeout: c.timeout(),
+            ..MpiOptions::default()
+        };
+        if let CommBackendConfig::Mpi {
+            progress,
+            verify_collectives,
+        } = &c.backend
+        {
+            o.progress = *progress;
+            o.verify_collectives = *verify_collectives;
+        }
+        o
     }
 }
 
@@ -147,13 +172,45 @@ struct Env {
     world_rank: usize,
     verify: bool,
     max_count: usize,
-    inflight: AtomicUsize,
+    /// Non-blocking operations posted and not yet waited for: while there are some, the
+    /// progress thread drives MPI; otherwise it only answers diagnostic queries.
+    background: AtomicUsize,
+    progress_thread: OnceLock<std::thread::Thread>,
     stop: AtomicBool,
     service_lock: Mutex<()>,
     /// communicator name -> operations entered on it
     registry: Mutex<HashMap<String, Arc<AtomicU64>>>,
-    activity: Mutex<String>,
+    activity: Mutex<Activity>,
     abandoned: Mutex<Vec<Parked>>,
+}
+
+/// What a rank is doing, as its diagnostic answer says.
+#[derive(Default)]
+struct Activity {
+    state: State,
+    op: String,
+    comm: String,
+}
+
+#[derive(Default, Clone, Copy)]
+enum State {
+    #[default]
+    Starting,
+    Waiting,
+    Failed,
+    Outside,
+}
+
+impl Activity {
+    fn describe(&self) -> String {
+        let (op, comm) = (&self.op, &self.comm);
+        match self.state {
+            State::Starting => "starting".into(),
+            State::Waiting => format!("waiting in {op} on `{comm}`"),
+            State::Failed => format!("failed {op} on `{comm}`"),
+            State::Outside => format!("outside Switchyard (last: {op} on `{comm}`)"),
+        }
+    }
 }
 
 /// Buffers and requests of an operation that was given up on (timeout, or a dropped
@@ -168,8 +225,23 @@ struct Parked {
 unsafe impl Send for Parked {}
 
 impl Env {
-    fn set_activity(&self, s: String) {
-        *self.activity.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    fn background_started(&self) {
+        if self.background.fetch_add(1, Ordering::SeqCst) == 0
+            && let Some(t) = self.progress_thread.get()
+        {
+            t.unpark();
+        }
+    }
+
+    /// Records what this rank is doing, for other ranks' diagnostics. Called twice per
+    /// `wait`, so it reuses its strings instead of formatting new ones.
+    fn set_activity(&self, state: State, op: &str, comm: &str) {
+        let mut a = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        a.state = state;
+        a.op.clear();
+        a.op.push_str(op);
+        a.comm.clear();
+        a.comm.push_str(comm);
     }
 
     /// Answers diagnostic queries from other ranks; also drives MPI's progress engine.
@@ -232,7 +304,7 @@ impl Env {
                 .activity
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .clone();
+                .describe();
             let reply = format!("{q}\n{entered}\n{act}").into_bytes();
             let _ = call(
                 "MPI_Send",
@@ -266,6 +338,7 @@ impl Drop for MpiEnv {
     fn drop(&mut self) {
         self.env.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -308,33 +381,35 @@ impl MpiEnv {
             world_rank: rank as usize,
             verify: opts.verify_collectives,
             max_count: opts.max_count.clamp(1, i32::MAX as usize),
-            inflight: AtomicUsize::new(0),
+            background: AtomicUsize::new(0),
+            progress_thread: OnceLock::new(),
             stop: AtomicBool::new(false),
             service_lock: Mutex::new(()),
             registry: Mutex::new(HashMap::new()),
-            activity: Mutex::new("starting".into()),
+            activity: Mutex::new(Activity::default()),
             abandoned: Mutex::new(Vec::new()),
         });
         let thread = match opts.progress {
             MpiProgress::Poll => None,
             MpiProgress::Thread => {
                 let e = env.clone();
-                Some(
-                    std::thread::Builder::new()
-                        .name("mpi-progress".into())
-                        .spawn(move || {
-                            while !e.stop.load(Ordering::SeqCst) {
-                                e.service();
-                                let busy = e.inflight.load(Ordering::SeqCst) > 0;
-                                std::thread::sleep(Duration::from_micros(if busy {
-                                    20
-                                } else {
-                                    1000
-                                }));
+                let t = std::thread::Builder::new()
+                    .name("mpi-progress".into())
+                    .spawn(move || {
+                        while !e.stop.load(Ordering::SeqCst) {
+                            e.service();
+                            if e.background.load(Ordering::SeqCst) > 0 {
+                                std::thread::sleep(Duration::from_micros(20));
+                            } else {
+                                // Woken by the next non-blocking operation; the timeout
+                                // keeps diagnostic queries answered.
+                                std::thread::park_timeout(Duration::from_millis(50));
                             }
-                        })
-                        .expect("spawn the MPI progress thread"),
-                )
+                        }
+                    })
+                    .expect("spawn the MPI progress thread");
+                let _ = env.progress_thread.set(t.thread().clone());
+                Some(t)
             }
         };
         let comm = MpiComm::wrap(env.clone(), world, "world".into(), opts.timeout, false)?;
@@ -470,15 +545,18 @@ impl MpiComm {
         Ok(())
     }
 
-    /// Starts building the pending state of operation `op` (a collective when `coll`).
-    fn begin(&self, op: &str, coll: bool, peer: Option<usize>) -> Result<MpiPending> {
+    /// Starts building the pending state of operation `op` (a collective when `coll`; a
+    /// non-blocking call when `bg`).
+    fn begin(&self, op: &str, coll: bool, peer: Option<usize>, bg: bool) -> Result<MpiPending> {
         self.check_poison()?;
         let seq = if coll {
             self.entered.fetch_add(1, Ordering::SeqCst)
         } else {
             u64::MAX
         };
-        self.env.inflight.fetch_add(1, Ordering::SeqCst);
+        if bg {
+            self.env.background_started();
+        }
         Ok(MpiPending {
             op: if coll {
                 format!("{op} #{seq}")
@@ -499,6 +577,7 @@ impl MpiComm {
             out: None,
             post: None,
             done: false,
+            bg,
         })
     }
 
@@ -556,7 +635,7 @@ impl MpiComm {
         ];
         sig.extend((0..n).map(|i| c1.get(i).map_or(-1, |&c| c as i64)));
         sig.extend((0..n).map(|i| c2.get(i).map_or(-1, |&c| c as i64)));
-        let mut p = self.begin(&format!("{op} (signature check)"), true, None)?;
+        let mut p = self.begin(&format!("{op} (signature check)"), true, None, false)?;
         let mut out = Buffer::zeros(DType::I64, w * n);
         let send = Buffer::I64(sig);
         let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
@@ -646,7 +725,10 @@ impl MpiComm {
     }
 
     /// Point-to-point exchange in chunks of at most `max_count` elements, on the private
-    /// duplicate communicator (used when counts or displacements exceed the `int` range).
+    /// duplicate communicator. The tag is the collective's sequence number (mod 2^15, the
+    /// smallest tag bound MPI allows), so that a message of a mismatched collective cannot
+    /// be taken by a later one; the chunks of one message match in order (MPI does not
+    /// overtake messages of one sender, tag and communicator).
     fn p2p_exchange(
         &self,
         p: &mut MpiPending,
@@ -658,8 +740,9 @@ impl MpiComm {
     ) -> Result<()> {
         let es = dt.size_bytes();
         let m = self.env.max_count;
+        let tag = (p.seq % 32768) as c_int;
         for &(peer, off, cnt) in recvs {
-            for (k, start) in (0..cnt).step_by(m).enumerate() {
+            for start in (0..cnt).step_by(m) {
                 let c = m.min(cnt - start);
                 let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
                 self.ffi(p, "MPI_Irecv", || unsafe {
@@ -668,7 +751,7 @@ impl MpiComm {
                         c as c_int,
                         datatype(dt),
                         peer as c_int,
-                        k as c_int,
+                        tag,
                         self.p2p.0,
                         &mut req,
                     )
@@ -677,7 +760,7 @@ impl MpiComm {
             }
         }
         for &(peer, off, cnt) in sends {
-            for (k, start) in (0..cnt).step_by(m).enumerate() {
+            for start in (0..cnt).step_by(m) {
                 let c = m.min(cnt - start);
                 let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
                 self.ffi(p, "MPI_Isend", || unsafe {
@@ -686,7 +769,7 @@ impl MpiComm {
                         c as c_int,
                         datatype(dt),
                         peer as c_int,
-                        k as c_int,
+                        tag,
                         self.p2p.0,
                         &mut req,
                     )
@@ -697,7 +780,11 @@ impl MpiComm {
         Ok(())
     }
 
-    /// All-to-all(v) from `send_ptr` (kept alive by the caller or by `p.keep`) into `out`.
+    /// All-to-all(v) from `send_ptr` (kept alive by the caller or by `p.keep`) into `out`:
+    /// a memory copy of our own block, then point-to-point messages with every peer (chunked
+    /// beyond the `int` range). Against a direct `MPI_Alltoallv` this measured faster than
+    /// `MPI_Ialltoallv` (whose per-call schedule costs microseconds), and copying before
+    /// posting faster than after at 64 MiB.
     fn start_a2a(
         &self,
         p: &mut MpiPending,
@@ -707,7 +794,7 @@ impl MpiComm {
         mut out: Buffer,
         rc: &[usize],
     ) -> Result<()> {
-        let n = self.size;
+        let (n, me) = (self.size, self.rank);
         let off = |c: &[usize]| {
             c.iter()
                 .scan(0usize, |a, &x| {
@@ -718,47 +805,23 @@ impl MpiComm {
                 .collect::<Vec<_>>()
         };
         let (sd, rd) = (off(sc), off(rc));
-        let limit = self.env.max_count;
-        let big = sc
-            .iter()
-            .chain(rc)
-            .chain(&sd)
-            .chain(&rd)
-            .any(|&x| x > limit);
         let recv_ptr = rptr(&mut out);
-        if big {
-            let s: Vec<_> = (0..n)
-                .filter(|&j| sc[j] > 0)
-                .map(|j| (j, sd[j], sc[j]))
-                .collect();
-            let r: Vec<_> = (0..n)
-                .filter(|&j| rc[j] > 0)
-                .map(|j| (j, rd[j], rc[j]))
-                .collect();
-            self.p2p_exchange(p, dt, send_ptr, &s, recv_ptr, &r)?;
-        } else {
-            let ints: Vec<Vec<c_int>> = [sc, &sd, rc, &rd]
-                .iter()
-                .map(|v| v.iter().map(|&x| x as c_int).collect())
-                .collect();
-            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-            self.ffi(p, "MPI_Ialltoallv", || unsafe {
-                sys::MPI_Ialltoallv(
-                    send_ptr as *const c_void,
-                    ints[0].as_ptr(),
-                    ints[1].as_ptr(),
-                    datatype(dt),
-                    recv_ptr as *mut c_void,
-                    ints[2].as_ptr(),
-                    ints[3].as_ptr(),
-                    datatype(dt),
-                    self.raw.0,
-                    &mut req,
-                )
-            })?;
-            p.reqs.push(req);
-            p.ints = ints;
-        }
+        let peers = |c: &[usize], d: &[usize]| -> Vec<_> {
+            (0..n)
+                .filter(|&j| j != me && c[j] > 0)
+                .map(|j| (j, d[j], c[j]))
+                .collect()
+        };
+        let es = dt.size_bytes();
+        // SAFETY: the counts were checked against both buffers' lengths; distinct buffers.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                send_ptr.add(sd[me] * es),
+                recv_ptr.add(rd[me] * es),
+                sc[me] * es,
+            )
+        };
+        self.p2p_exchange(p, dt, send_ptr, &peers(sc, &sd), recv_ptr, &peers(rc, &rd))?;
         p.out = Some(out);
         Ok(())
     }
@@ -793,6 +856,311 @@ impl MpiComm {
     }
 }
 
+/// The operations; `bg` marks a non-blocking call (an `i_*` method), whose request the
+/// progress thread drives until the caller waits for it.
+impl MpiComm {
+    fn barrier_op(&self, bg: bool) -> Result<Request> {
+        if self.env.verify {
+            // The signature exchange is itself a barrier (blocking, in this debug mode).
+            self.verify("barrier", 0, None, 0, 0, &[], &[])?;
+            return Ok(Request::ready(Buffer::default()));
+        }
+        let mut p = self.begin("barrier", true, None, bg)?;
+        let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+        self.ffi(&p, "MPI_Ibarrier", || unsafe {
+            sys::MPI_Ibarrier(self.raw.0, &mut req)
+        })?;
+        p.reqs.push(req);
+        p.out = Some(Buffer::default());
+        Ok(Request::new(p))
+    }
+
+    fn broadcast_op(&self, bg: bool, mut buf: Buffer, root: usize) -> Result<Request> {
+        self.check("broadcast").peer("root", root)?;
+        self.verify(
+            "broadcast",
+            1,
+            Some(buf.dtype()),
+            root as i64,
+            buf.len(),
+            &[],
+            &[],
+        )?;
+        let mut p = self.begin("broadcast", true, None, bg)?;
+        let (dt, n, es) = (buf.dtype(), buf.len(), buf.dtype().size_bytes());
+        let ptr = rptr(&mut buf);
+        for start in (0..n).step_by(self.env.max_count) {
+            let c = self.env.max_count.min(n - start);
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            self.ffi(&p, "MPI_Ibcast", || unsafe {
+                sys::MPI_Ibcast(
+                    ptr.add(start * es) as *mut c_void,
+                    c as c_int,
+                    datatype(dt),
+                    root as c_int,
+                    self.raw.0,
+                    &mut req,
+                )
+            })?;
+            p.reqs.push(req);
+        }
+        p.out = Some(buf);
+        Ok(Request::new(p))
+    }
+
+    fn all_reduce_op(&self, bg: bool, buf: Buffer, op: ReduceOp) -> Result<Request> {
+        self.check("all_reduce").reduce(buf.dtype(), op)?;
+        self.verify(
+            "all_reduce",
+            2,
+            Some(buf.dtype()),
+            op as i64,
+            buf.len(),
+            &[],
+            &[],
+        )?;
+        let mut p = self.begin("all_reduce", true, None, bg)?;
+        let (send, orig) = MpiComm::reduce_view(buf);
+        let (dt, n, es) = (send.dtype(), send.len(), send.dtype().size_bytes());
+        let mut out = Buffer::zeros(dt, n);
+        let (sp, rp) = (sptr(&send), rptr(&mut out));
+        for start in (0..n).step_by(self.env.max_count) {
+            let c = self.env.max_count.min(n - start);
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            self.ffi(&p, "MPI_Iallreduce", || unsafe {
+                sys::MPI_Iallreduce(
+                    sp.add(start * es) as *const c_void,
+                    rp.add(start * es) as *mut c_void,
+                    c as c_int,
+                    datatype(dt),
+                    mpi_op(op),
+                    self.raw.0,
+                    &mut req,
+                )
+            })?;
+            p.reqs.push(req);
+        }
+        p.keep.push(send);
+        p.out = Some(out);
+        p.post = Some(MpiComm::reduce_post(
+            orig,
+            (op == ReduceOp::Mean).then_some(self.size),
+        ));
+        Ok(Request::new(p))
+    }
+
+    fn all_gather_v_op(&self, bg: bool, send: Buffer, recv_counts: Vec<usize>) -> Result<Request> {
+        let ck = self.check("all_gather_v");
+        let total = ck.counts("recv_counts", &recv_counts)?;
+        ck.len("send", send.len(), recv_counts[self.rank])?;
+        self.verify(
+            "all_gather_v",
+            3,
+            Some(send.dtype()),
+            0,
+            send.len(),
+            &recv_counts,
+            &[],
+        )?;
+        let mut p = self.begin("all_gather_v", true, None, bg)?;
+        let dt = send.dtype();
+        let mut out = Buffer::zeros(dt, total);
+        let displs: Vec<usize> = recv_counts
+            .iter()
+            .scan(0usize, |a, &x| {
+                let o = *a;
+                *a += x;
+                Some(o)
+            })
+            .collect();
+        if total > self.env.max_count {
+            let s: Vec<_> = (0..self.size)
+                .filter(|&j| j != self.rank && !send.is_empty())
+                .map(|j| (j, 0, send.len()))
+                .collect();
+            let r: Vec<_> = (0..self.size)
+                .filter(|&j| j != self.rank && recv_counts[j] > 0)
+                .map(|j| (j, displs[j], recv_counts[j]))
+                .collect();
+            out.copy_from(displs[self.rank], &send, 0..send.len());
+            let rp = rptr(&mut out);
+            self.p2p_exchange(&mut p, dt, sptr(&send), &s, rp, &r)?;
+        } else {
+            let ints: Vec<Vec<c_int>> = vec![
+                recv_counts.iter().map(|&x| x as c_int).collect(),
+                displs.iter().map(|&x| x as c_int).collect(),
+            ];
+            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            let rp = rptr(&mut out);
+            self.ffi(&p, "MPI_Iallgatherv", || unsafe {
+                sys::MPI_Iallgatherv(
+                    sptr(&send) as *const c_void,
+                    send.len() as c_int,
+                    datatype(dt),
+                    rp as *mut c_void,
+                    ints[0].as_ptr(),
+                    ints[1].as_ptr(),
+                    datatype(dt),
+                    self.raw.0,
+                    &mut req,
+                )
+            })?;
+            p.reqs.push(req);
+            p.ints = ints;
+        }
+        p.keep.push(send);
+        p.out = Some(out);
+        Ok(Request::new(p))
+    }
+
+    fn reduce_scatter_op(
+        &self,
+        bg: bool,
+        send: Buffer,
+        recv_counts: Vec<usize>,
+        op: ReduceOp,
+    ) -> Result<Request> {
+        let ck = self.check("reduce_scatter");
+        ck.reduce(send.dtype(), op)?;
+        let total = ck.counts("recv_counts", &recv_counts)?;
+        ck.len("send", send.len(), total)?;
+        self.verify(
+            "reduce_scatter",
+            4,
+            Some(send.dtype()),
+            op as i64,
+            send.len(),
+            &recv_counts,
+            &[],
+        )?;
+        if total > self.env.max_count {
+            // Beyond the int range: a chunked all-reduce, keeping our block.
+            let off: usize = recv_counts[..self.rank].iter().sum();
+            let mine = recv_counts[self.rank];
+            let r = self.all_reduce_op(false, send, op)?;
+            let b = r.wait()?;
+            return Ok(Request::ready(b.slice(off..off + mine)));
+        }
+        let mut p = self.begin("reduce_scatter", true, None, bg)?;
+        let (send, orig) = MpiComm::reduce_view(send);
+        let dt = send.dtype();
+        let mut out = Buffer::zeros(dt, recv_counts[self.rank]);
+        let ints = vec![recv_counts.iter().map(|&x| x as c_int).collect::<Vec<_>>()];
+        let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+        let rp = rptr(&mut out);
+        self.ffi(&p, "MPI_Ireduce_scatter", || unsafe {
+            sys::MPI_Ireduce_scatter(
+                sptr(&send) as *const c_void,
+                rp as *mut c_void,
+                ints[0].as_ptr(),
+                datatype(dt),
+                mpi_op(op),
+                self.raw.0,
+                &mut req,
+            )
+        })?;
+        p.reqs.push(req);
+        p.ints = ints;
+        p.keep.push(send);
+        p.out = Some(out);
+        p.post = Some(MpiComm::reduce_post(
+            orig,
+            (op == ReduceOp::Mean).then_some(self.size),
+        ));
+        Ok(Request::new(p))
+    }
+
+    fn all_to_all_v_op(
+        &self,
+        bg: bool,
+        send: Buffer,
+        send_counts: Vec<usize>,
+        recv_counts: Vec<usize>,
+    ) -> Result<Request> {
+        let ck = self.check("all_to_all_v");
+        let total = ck.counts("send_counts", &send_counts)?;
+        let rtotal = ck.counts("recv_counts", &recv_counts)?;
+        ck.len("send", send.len(), total)?;
+        self.verify(
+            "all_to_all_v",
+            5,
+            Some(send.dtype()),
+            0,
+            send.len(),
+            &send_counts,
+            &recv_counts,
+        )?;
+        let mut p = self.begin("all_to_all_v", true, None, bg)?;
+        let out = Buffer::zeros(send.dtype(), rtotal);
+        self.start_a2a(
+            &mut p,
+            send.dtype(),
+            sptr(&send),
+            &send_counts,
+            out,
+            &recv_counts,
+        )?;
+        p.keep.push(send);
+        Ok(Request::new(p))
+    }
+
+    fn send_op(&self, bg: bool, buf: Buffer, dest: usize, tag: u32) -> Result<Request> {
+        self.check("send").peer("dest", dest)?;
+        let mut p = self.begin(
+            &format!("send(to {dest}, tag {tag})"),
+            false,
+            Some(dest),
+            bg,
+        )?;
+        let (dt, n) = (buf.dtype(), buf.len());
+        self.post_chunked(
+            &mut p,
+            "MPI_Isend",
+            sptr(&buf),
+            dt,
+            n,
+            |ptr, count, req| unsafe {
+                sys::MPI_Isend(
+                    ptr,
+                    count,
+                    datatype(dt),
+                    dest as c_int,
+                    tag as c_int,
+                    self.raw.0,
+                    req,
+                )
+            },
+        )?;
+        p.out = Some(buf);
+        Ok(Request::new(p))
+    }
+
+    fn recv_op(&self, bg: bool, mut buf: Buffer, src: usize, tag: u32) -> Result<Request> {
+        self.check("recv").peer("src", src)?;
+        let mut p = self.begin(
+            &format!("recv(from {src}, tag {tag})"),
+            false,
+            Some(src),
+            bg,
+        )?;
+        let (dt, n) = (buf.dtype(), buf.len());
+        let base = rptr(&mut buf) as *const u8;
+        self.post_chunked(&mut p, "MPI_Irecv", base, dt, n, |ptr, count, req| unsafe {
+            sys::MPI_Irecv(
+                ptr as *mut c_void,
+                count,
+                datatype(dt),
+                src as c_int,
+                tag as c_int,
+                self.raw.0,
+                req,
+            )
+        })?;
+        p.out = Some(buf);
+        Ok(Request::new(p))
+    }
+}
+
 /// An in-flight MPI operation; owns every buffer MPI may touch until it completes.
 struct MpiPending {
     op: String,
@@ -810,15 +1178,17 @@ struct MpiPending {
     out: Option<Buffer>,
     post: Option<Box<dyn FnOnce(Buffer) -> Buffer + Send>>,
     done: bool,
+    /// Counted in `Env::background` (a non-blocking operation nobody waits for yet).
+    bg: bool,
 }
 // SAFETY: MPI_THREAD_MULTIPLE; request handles may be tested from any thread.
 unsafe impl Send for MpiPending {}
 
 impl Drop for MpiPending {
     fn drop(&mut self) {
+        self.attend();
         if !self.done {
             // Abandoned (timeout or dropped handle): MPI may still use the buffers.
-            self.env.inflight.fetch_sub(1, Ordering::SeqCst);
             let parked = Parked {
                 reqs: std::mem::take(&mut self.reqs),
                 keep: std::mem::take(&mut self.keep),
@@ -835,6 +1205,13 @@ impl Drop for MpiPending {
 }
 
 impl MpiPending {
+    /// The caller drives this operation from now on (it waits, or it completed).
+    fn attend(&mut self) {
+        if std::mem::take(&mut self.bg) {
+            self.env.background.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
     fn test_raw(&mut self) -> Result<bool> {
         if self.done {
             return Ok(true);
@@ -851,7 +1228,7 @@ impl MpiPending {
         })?;
         if flag != 0 {
             self.done = true;
-            self.env.inflight.fetch_sub(1, Ordering::SeqCst);
+            self.attend();
             if let Some(post) = self.post.take() {
                 let out = self.out.take().unwrap_or_default();
                 self.out = Some(post(out));
@@ -969,11 +1346,20 @@ impl PendingOp for MpiPending {
     }
 
     fn wait(mut self: Box<Self>) -> Result<Buffer> {
+        self.attend();
         let deadline = Instant::now() + self.timeout;
-        self.env
-            .set_activity(format!("waiting in {} on `{}`", self.op, self.comm));
+        self.env.set_activity(State::Waiting, &self.op, &self.comm);
         let mut last_service = Instant::now();
+        let mut polls = 0u32;
+        // No yield between polls: MPI_Testall runs OpenMPI's progress engine, which yields
+        // by itself when the ranks oversubscribe the cores, exactly as a blocking MPI call.
         while !self.test_raw()? {
+            // The clock is read every 64 polls: often enough for the timeout and the
+            // diagnostic service, rarely enough not to show in small messages' latency.
+            polls = polls.wrapping_add(1);
+            if !polls.is_multiple_of(64) {
+                continue;
+            }
             let now = Instant::now();
             if now >= deadline {
                 let (missing, detail) = self.diagnose();
@@ -990,20 +1376,15 @@ impl PendingOp for MpiPending {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get_or_insert_with(|| e.to_string());
-                self.env
-                    .set_activity(format!("failed {} on `{}`", self.op, self.comm));
+                self.env.set_activity(State::Failed, &self.op, &self.comm);
                 return Err(e); // drop parks the buffers
             }
             if now - last_service > Duration::from_millis(1) {
                 self.env.service();
                 last_service = now;
             }
-            std::thread::yield_now();
         }
-        self.env.set_activity(format!(
-            "outside Switchyard (last: {} on `{}`)",
-            self.op, self.comm
-        ));
+        self.env.set_activity(State::Outside, &self.op, &self.comm);
         Ok(self.out.take().unwrap_or_default())
     }
 }
@@ -1032,246 +1413,72 @@ impl Communicator for MpiComm {
     }
 
     fn i_barrier(&self) -> Result<Request> {
-        if self.env.verify {
-            // The signature exchange is itself a barrier (blocking, in this debug mode).
-            self.verify("barrier", 0, None, 0, 0, &[], &[])?;
-            return Ok(Request::ready(Buffer::default()));
-        }
-        let mut p = self.begin("barrier", true, None)?;
-        let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-        self.ffi(&p, "MPI_Ibarrier", || unsafe {
-            sys::MPI_Ibarrier(self.raw.0, &mut req)
-        })?;
-        p.reqs.push(req);
-        p.out = Some(Buffer::default());
-        Ok(Request::new(p))
+        self.barrier_op(true)
     }
-
-    fn i_broadcast(&self, mut buf: Buffer, root: usize) -> Result<Request> {
-        self.check("broadcast").peer("root", root)?;
-        self.verify(
-            "broadcast",
-            1,
-            Some(buf.dtype()),
-            root as i64,
-            buf.len(),
-            &[],
-            &[],
-        )?;
-        let mut p = self.begin("broadcast", true, None)?;
-        let (dt, n, es) = (buf.dtype(), buf.len(), buf.dtype().size_bytes());
-        let ptr = rptr(&mut buf);
-        for start in (0..n).step_by(self.env.max_count) {
-            let c = self.env.max_count.min(n - start);
-            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-            self.ffi(&p, "MPI_Ibcast", || unsafe {
-                sys::MPI_Ibcast(
-                    ptr.add(start * es) as *mut c_void,
-                    c as c_int,
-                    datatype(dt),
-                    root as c_int,
-                    self.raw.0,
-                    &mut req,
-                )
-            })?;
-            p.reqs.push(req);
-        }
-        p.out = Some(buf);
-        Ok(Request::new(p))
+    fn i_broadcast(&self, buf: Buffer, root: usize) -> Result<Request> {
+        self.broadcast_op(true, buf, root)
     }
-
     fn i_all_reduce(&self, buf: Buffer, op: ReduceOp) -> Result<Request> {
-        self.check("all_reduce").reduce(buf.dtype(), op)?;
-        self.verify(
-            "all_reduce",
-            2,
-            Some(buf.dtype()),
-            op as i64,
-            buf.len(),
-            &[],
-            &[],
-        )?;
-        let mut p = self.begin("all_reduce", true, None)?;
-        let (send, orig) = MpiComm::reduce_view(buf);
-        let (dt, n, es) = (send.dtype(), send.len(), send.dtype().size_bytes());
-        let mut out = Buffer::zeros(dt, n);
-        let (sp, rp) = (sptr(&send), rptr(&mut out));
-        for start in (0..n).step_by(self.env.max_count) {
-            let c = self.env.max_count.min(n - start);
-            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-            self.ffi(&p, "MPI_Iallreduce", || unsafe {
-                sys::MPI_Iallreduce(
-                    sp.add(start * es) as *const c_void,
-                    rp.add(start * es) as *mut c_void,
-                    c as c_int,
-                    datatype(dt),
-                    mpi_op(op),
-                    self.raw.0,
-                    &mut req,
-                )
-            })?;
-            p.reqs.push(req);
-        }
-        p.keep.push(send);
-        p.out = Some(out);
-        p.post = Some(MpiComm::reduce_post(
-            orig,
-            (op == ReduceOp::Mean).then_some(self.size),
-        ));
-        Ok(Request::new(p))
+        self.all_reduce_op(true, buf, op)
     }
-
     fn i_all_gather_v(&self, send: Buffer, recv_counts: Vec<usize>) -> Result<Request> {
-        let ck = self.check("all_gather_v");
-        let total = ck.counts("recv_counts", &recv_counts)?;
-        ck.len("send", send.len(), recv_counts[self.rank])?;
-        self.verify(
-            "all_gather_v",
-            3,
-            Some(send.dtype()),
-            0,
-            send.len(),
-            &recv_counts,
-            &[],
-        )?;
-        let mut p = self.begin("all_gather_v", true, None)?;
-        let dt = send.dtype();
-        let mut out = Buffer::zeros(dt, total);
-        let displs: Vec<usize> = recv_counts
-            .iter()
-            .scan(0usize, |a, &x| {
-                let o = *a;
-                *a += x;
-                Some(o)
-            })
-            .collect();
-        if total > self.env.max_count {
-            let s: Vec<_> = (0..self.size)
-                .filter(|&j| j != self.rank && !send.is_empty())
-                .map(|j| (j, 0, send.len()))
-                .collect();
-            let r: Vec<_> = (0..self.size)
-                .filter(|&j| j != self.rank && recv_counts[j] > 0)
-                .map(|j| (j, displs[j], recv_counts[j]))
-                .collect();
-            out.copy_from(displs[self.rank], &send, 0..send.len());
-            let rp = rptr(&mut out);
-            self.p2p_exchange(&mut p, dt, sptr(&send), &s, rp, &r)?;
-        } else {
-            let ints: Vec<Vec<c_int>> = vec![
-                recv_counts.iter().map(|&x| x as c_int).collect(),
-                displs.iter().map(|&x| x as c_int).collect(),
-            ];
-            let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-            let rp = rptr(&mut out);
-            self.ffi(&p, "MPI_Iallgatherv", || unsafe {
-                sys::MPI_Iallgatherv(
-                    sptr(&send) as *const c_void,
-                    send.len() as c_int,
-                    datatype(dt),
-                    rp as *mut c_void,
-                    ints[0].as_ptr(),
-                    ints[1].as_ptr(),
-                    datatype(dt),
-                    self.raw.0,
-                    &mut req,
-                )
-            })?;
-            p.reqs.push(req);
-            p.ints = ints;
-        }
-        p.keep.push(send);
-        p.out = Some(out);
-        Ok(Request::new(p))
+        self.all_gather_v_op(true, send, recv_counts)
     }
-
     fn i_reduce_scatter(
         &self,
         send: Buffer,
         recv_counts: Vec<usize>,
         op: ReduceOp,
     ) -> Result<Request> {
-        let ck = self.check("reduce_scatter");
-        ck.reduce(send.dtype(), op)?;
-        let total = ck.counts("recv_counts", &recv_counts)?;
-        ck.len("send", send.len(), total)?;
-        self.verify(
-            "reduce_scatter",
-            4,
-            Some(send.dtype()),
-            op as i64,
-            send.len(),
-            &recv_counts,
-            &[],
-        )?;
-        if total > self.env.max_count {
-            // Beyond the int range: a chunked all-reduce, keeping our block.
-            let off: usize = recv_counts[..self.rank].iter().sum();
-            let mine = recv_counts[self.rank];
-            let r = self.i_all_reduce(send, op)?;
-            let b = r.wait()?;
-            return Ok(Request::ready(b.slice(off..off + mine)));
-        }
-        let mut p = self.begin("reduce_scatter", true, None)?;
-        let (send, orig) = MpiComm::reduce_view(send);
-        let dt = send.dtype();
-        let mut out = Buffer::zeros(dt, recv_counts[self.rank]);
-        let ints = vec![recv_counts.iter().map(|&x| x as c_int).collect::<Vec<_>>()];
-        let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
-        let rp = rptr(&mut out);
-        self.ffi(&p, "MPI_Ireduce_scatter", || unsafe {
-            sys::MPI_Ireduce_scatter(
-                sptr(&send) as *const c_void,
-                rp as *mut c_void,
-                ints[0].as_ptr(),
-                datatype(dt),
-                mpi_op(op),
-                self.raw.0,
-                &mut req,
-            )
-        })?;
-        p.reqs.push(req);
-        p.ints = ints;
-        p.keep.push(send);
-        p.out = Some(out);
-        p.post = Some(MpiComm::reduce_post(
-            orig,
-            (op == ReduceOp::Mean).then_some(self.size),
-        ));
-        Ok(Request::new(p))
+        self.reduce_scatter_op(true, send, recv_counts, op)
     }
-
     fn i_all_to_all_v(
         &self,
         send: Buffer,
         send_counts: Vec<usize>,
         recv_counts: Vec<usize>,
     ) -> Result<Request> {
-        let ck = self.check("all_to_all_v");
-        let total = ck.counts("send_counts", &send_counts)?;
-        let rtotal = ck.counts("recv_counts", &recv_counts)?;
-        ck.len("send", send.len(), total)?;
-        self.verify(
-            "all_to_all_v",
-            5,
-            Some(send.dtype()),
-            0,
-            send.len(),
-            &send_counts,
-            &recv_counts,
-        )?;
-        let mut p = self.begin("all_to_all_v", true, None)?;
-        let out = Buffer::zeros(send.dtype(), rtotal);
-        self.start_a2a(
-            &mut p,
-            send.dtype(),
-            sptr(&send),
-            &send_counts,
-            out,
-            &recv_counts,
-        )?;
-        p.keep.push(send);
-        Ok(Request::new(p))
+        self.all_to_all_v_op(true, send, send_counts, recv_counts)
+    }
+    fn i_send(&self, buf: Buffer, dest: usize, tag: u32) -> Result<Request> {
+        self.send_op(true, buf, dest, tag)
+    }
+    fn i_recv(&self, buf: Buffer, src: usize, tag: u32) -> Result<Request> {
+        self.recv_op(true, buf, src, tag)
+    }
+
+    // Blocking calls: the same operations, waited at once on the caller's thread (which
+    // drives MPI itself), so the progress thread stays out of their way.
+
+    fn barrier(&self) -> Result<()> {
+        self.barrier_op(false)?.wait().map(|_| ())
+    }
+    fn broadcast(&self, buf: &mut Buffer, root: usize) -> Result<()> {
+        *buf = self
+            .broadcast_op(false, std::mem::take(buf), root)?
+            .wait()?;
+        Ok(())
+    }
+    fn all_reduce(&self, buf: &mut Buffer, op: ReduceOp) -> Result<()> {
+        *buf = self.all_reduce_op(false, std::mem::take(buf), op)?.wait()?;
+        Ok(())
+    }
+    fn all_gather_v(&self, send: &Buffer, recv_counts: &[usize]) -> Result<Buffer> {
+        self.all_gather_v_op(false, send.clone(), recv_counts.to_vec())?
+            .wait()
+    }
+    fn reduce_scatter(&self, send: &Buffer, recv_counts: &[usize], op: ReduceOp) -> Result<Buffer> {
+        self.reduce_scatter_op(false, send.clone(), recv_counts.to_vec(), op)?
+            .wait()
+    }
+    fn send(&self, buf: &Buffer, dest: usize, tag: u32) -> Result<()> {
+        self.send_op(false, buf.clone(), dest, tag)?
+            .wait()
+            .map(|_| ())
+    }
+    fn recv(&self, buf: &mut Buffer, src: usize, tag: u32) -> Result<()> {
+        *buf = self.recv_op(false, std::mem::take(buf), src, tag)?.wait()?;
+        Ok(())
     }
 
     /// Blocking all-to-all(v) without copying the send buffer. On a timeout MPI may still
@@ -1296,7 +1503,7 @@ impl Communicator for MpiComm {
             send_counts,
             recv_counts,
         )?;
-        let mut p = self.begin("all_to_all_v", true, None)?;
+        let mut p = self.begin("all_to_all_v", true, None, false)?;
         let mut out = std::mem::take(recv);
         if out.dtype() != send.dtype() || out.len() != rtotal {
             out = Buffer::zeros(send.dtype(), rtotal);
@@ -1311,52 +1518,6 @@ impl Communicator for MpiComm {
         )?;
         *recv = Box::new(p).wait()?;
         Ok(())
-    }
-
-    fn i_send(&self, buf: Buffer, dest: usize, tag: u32) -> Result<Request> {
-        self.check("send").peer("dest", dest)?;
-        let mut p = self.begin(&format!("send(to {dest}, tag {tag})"), false, Some(dest))?;
-        let (dt, n) = (buf.dtype(), buf.len());
-        self.post_chunked(
-            &mut p,
-            "MPI_Isend",
-            sptr(&buf),
-            dt,
-            n,
-            |ptr, count, req| unsafe {
-                sys::MPI_Isend(
-                    ptr,
-                    count,
-                    datatype(dt),
-                    dest as c_int,
-                    tag as c_int,
-                    self.raw.0,
-                    req,
-                )
-            },
-        )?;
-        p.out = Some(buf);
-        Ok(Request::new(p))
-    }
-
-    fn i_recv(&self, mut buf: Buffer, src: usize, tag: u32) -> Result<Request> {
-        self.check("recv").peer("src", src)?;
-        let mut p = self.begin(&format!("recv(from {src}, tag {tag})"), false, Some(src))?;
-        let (dt, n) = (buf.dtype(), buf.len());
-        let base = rptr(&mut buf) as *const u8;
-        self.post_chunked(&mut p, "MPI_Irecv", base, dt, n, |ptr, count, req| unsafe {
-            sys::MPI_Irecv(
-                ptr as *mut c_void,
-                count,
-                datatype(dt),
-                src as c_int,
-                tag as c_int,
-                self.raw.0,
-                req,
-            )
-        })?;
-        p.out = Some(buf);
-        Ok(Request::new(p))
     }
 
     fn split(&self, color: u32, key: i32) -> Result<Box<dyn Communicator>> {

@@ -9,9 +9,7 @@ use switchyard_trainer::config::Config;
 use switchyard_trainer::data::{Corpus, InputFormat, Tokenizer, build_tokenizer, prepare_data};
 use switchyard_trainer::{ablation, bench as bench_impl, train as train_impl};
 
-use switchyard_comm::{
-    CommBackendConfig, Communicator, LinkConfig, LinkModel, LocalWorld, MpiProgress,
-};
+use switchyard_comm::{CommBackendConfig, Communicator, LinkModel, LocalWorld};
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -61,10 +59,7 @@ enum Transport {
     /// Ranks as threads of this process.
     Threads(Option<LinkModel>),
     /// One MPI process per rank (started by mpirun / srun).
-    Mpi {
-        progress: MpiProgress,
-        verify_collectives: bool,
-    },
+    Mpi,
 }
 
 /// Tasks the launcher started and the variable that says so, when more than one (a bare
@@ -80,29 +75,15 @@ fn launched_tasks(launch: &LaunchInfo) -> Option<(usize, &'static str)> {
 fn transport(cfg: &Config, launch: &LaunchInfo) -> Result<Transport> {
     let world = cfg.parallel.world_size();
     let launched = launched_tasks(launch);
-    let link = |l: &Option<LinkConfig>| l.map(|l| LinkModel::new(l.latency_us, l.bandwidth_gbps));
     let t = match (&cfg.comm.backend, launched) {
-        (CommBackendConfig::Local { link: l }, None) => Transport::Threads(link(l)),
+        (CommBackendConfig::Local { .. }, None) => Transport::Threads(cfg.comm.link_model()),
         (CommBackendConfig::Auto, None) => Transport::Threads(None),
         (CommBackendConfig::Local { .. }, Some((n, var))) => bail!(
             "comm.backend.type is `local` (ranks as threads of one process), but the launcher \
              started {n} processes ({var}={n}); use `comm.backend.type: auto` or `mpi`, or \
              start one process"
         ),
-        (CommBackendConfig::Auto, Some(_)) => Transport::Mpi {
-            progress: MpiProgress::default(),
-            verify_collectives: false,
-        },
-        (
-            CommBackendConfig::Mpi {
-                progress,
-                verify_collectives,
-            },
-            _,
-        ) => Transport::Mpi {
-            progress: *progress,
-            verify_collectives: *verify_collectives,
-        },
+        (CommBackendConfig::Auto, Some(_)) | (CommBackendConfig::Mpi { .. }, _) => Transport::Mpi,
         (CommBackendConfig::Nccl { .. }, _) => bail!(
             "comm.backend.type `nccl` is not wired into training yet (it needs the CUDA \
              device path); use `auto` or `mpi`"
@@ -122,7 +103,7 @@ pub fn train(
 ) -> Result<()> {
     setup_threads(cfg.run.threads)?;
     let transport = transport(cfg, launch)?;
-    if !matches!(transport, Transport::Mpi { .. }) {
+    if !matches!(transport, Transport::Mpi) {
         // One process (with or without rank threads): rank 0 of 1, whatever started it
         // (srun -n4 of a local-backend run would run four copies writing one checkpoint).
         launch.check_against(0, 1)?;
@@ -200,17 +181,7 @@ pub fn train(
             }
             (first.expect("at least one rank"), true)
         }
-        Transport::Mpi {
-            progress,
-            verify_collectives,
-        } => mpi_train(
-            cfg,
-            launch,
-            progress,
-            verify_collectives,
-            &write_config,
-            &rank_run,
-        )?,
+        Transport::Mpi => mpi_train(cfg, launch, &write_config, &rank_run)?,
     };
     let (outcome, is_rank0) = outcome;
     match outcome {
@@ -273,18 +244,11 @@ type RankRun<'a> = dyn Fn(Option<Box<dyn Communicator>>) -> std::result::Result<
 fn mpi_train(
     cfg: &Config,
     launch: &LaunchInfo,
-    progress: MpiProgress,
-    verify_collectives: bool,
     write_config: &dyn Fn() -> Result<()>,
     rank_run: &RankRun<'_>,
 ) -> Result<(RunOutcome, bool)> {
     use switchyard_comm::mpi::{MpiEnv, MpiOptions};
-    let (env, world) = MpiEnv::init(MpiOptions {
-        progress,
-        verify_collectives,
-        timeout: cfg.comm.timeout(),
-        ..MpiOptions::default()
-    })?;
+    let (env, world) = MpiEnv::init(MpiOptions::from_config(&cfg.comm))?;
     launch.check_against(world.rank(), world.size())?;
     let want = cfg.parallel.world_size();
     if world.size() != want {
@@ -320,8 +284,6 @@ fn mpi_train(
 fn mpi_train(
     _: &Config,
     launch: &LaunchInfo,
-    _: MpiProgress,
-    _: bool,
     _: &dyn Fn() -> Result<()>,
     _: &RankRun<'_>,
 ) -> Result<(RunOutcome, bool)> {

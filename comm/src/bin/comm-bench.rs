@@ -36,80 +36,132 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Iterations of `compute` that take about `target`.
-fn calibrate(target: Duration) -> usize {
-    let n = 1_000_000;
-    let t = Instant::now();
-    compute(n);
-    let per = t.elapsed().as_secs_f64() / n as f64;
-    (target.as_secs_f64() / per) as usize
+/// Iterations of `compute` that take about `target` seconds on every rank of `c`, measured
+/// while all ranks compute at once (so that the sharing of the cores is included).
+fn calibrate(c: &dyn Communicator, target: f64) -> usize {
+    let mut iters = 1_000_000usize;
+    for _ in 0..3 {
+        let took = median(
+            (0..3)
+                .map(|_| {
+                    c.barrier().unwrap();
+                    let t = Instant::now();
+                    std::hint::black_box(compute(iters));
+                    t.elapsed().as_secs_f64()
+                })
+                .collect(),
+        );
+        iters = ((iters as f64 * target / took) as usize).max(1000);
+    }
+    iters
 }
 
-/// Times (comm alone, compute alone, both issued together) on every rank of `c`.
+/// Times of one repetition: (comm alone, compute alone, both issued together).
+type Times = (f64, f64, f64);
+
+/// `reps` repetitions of [`Times`] on every rank of `c`.
 fn overlap_round(
     c: &dyn Communicator,
     bytes_per_rank: usize,
     iters: usize,
     reps: usize,
-) -> (f64, f64, f64) {
+) -> Vec<Times> {
     let n = c.size();
     let per = bytes_per_rank / 4 / n;
     let send = Buffer::zeros(DType::F32, per * n);
-    let (mut tc, mut tk, mut tb) = (vec![], vec![], vec![]);
+    let mut times = vec![];
     for _ in 0..reps {
+        // Send copies are made and results freed outside the timed regions: only the
+        // communication layer and the compute are timed.
+        let s = send.clone();
         c.barrier().unwrap();
         let t = Instant::now();
-        c.i_all_to_all_v(send.clone(), vec![per; n], vec![per; n])
+        let out = c
+            .i_all_to_all_v(s, vec![per; n], vec![per; n])
             .unwrap()
             .wait()
             .unwrap();
-        tc.push(t.elapsed().as_secs_f64());
+        let tc = t.elapsed().as_secs_f64();
+        drop(out);
         c.barrier().unwrap();
         let t = Instant::now();
         std::hint::black_box(compute(iters));
-        tk.push(t.elapsed().as_secs_f64());
+        let tk = t.elapsed().as_secs_f64();
+        let s = send.clone();
         c.barrier().unwrap();
         let t = Instant::now();
-        let r = c
-            .i_all_to_all_v(send.clone(), vec![per; n], vec![per; n])
-            .unwrap();
+        let r = c.i_all_to_all_v(s, vec![per; n], vec![per; n]).unwrap();
         std::hint::black_box(compute(iters));
-        r.wait().unwrap();
-        tb.push(t.elapsed().as_secs_f64());
+        let out = r.wait().unwrap();
+        times.push((tc, tk, t.elapsed().as_secs_f64()));
+        drop(out);
     }
-    (median(tc), median(tk), median(tb))
+    times
 }
 
-fn report_overlap(label: &str, (tc, tk, tb): (f64, f64, f64)) {
+fn overlap_header() {
     println!(
-        "{label}: transfer {:.2} ms, compute {:.2} ms, both issued together {:.2} ms; \
-         together / max = {:.2}, together / sum = {:.2}",
-        tc * 1e3,
-        tk * 1e3,
-        tb * 1e3,
-        tb / tc.max(tk),
-        tb / (tc + tk)
+        "| link | transfer (ms) | compute (ms) | together (ms) | together / max | together / sum | hidden |"
     );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+}
+
+/// Medians of the times and, repetition by repetition (so that the machine's load drifts
+/// cancel), of together / max, together / sum and `hidden`: the share of the shorter of
+/// transfer and compute that disappeared when both were issued together (1 = perfect
+/// overlap, 0 = none).
+fn overlap_row(label: &str, times: &[Times]) {
+    let m = |f: &dyn Fn(&Times) -> f64| median(times.iter().map(f).collect());
+    println!(
+        "| {label} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        m(&|t| t.0) * 1e3,
+        m(&|t| t.1) * 1e3,
+        m(&|t| t.2) * 1e3,
+        m(&|&(tc, tk, tb)| tb / tc.max(tk)),
+        m(&|&(tc, tk, tb)| tb / (tc + tk)),
+        m(&|&(tc, tk, tb)| (tc + tk - tb) / tc.min(tk)),
+    )
+}
+
+/// One row of the overlap table: the all-to-all alone, a compute sized to it alone, and both
+/// issued together, on rank 0 of a local world of `ranks` threads.
+fn overlap_local_row(ranks: usize, bytes: usize, link: Option<LinkModel>) -> Vec<Times> {
+    LocalWorld::run(ranks, Duration::from_secs(60), link, |c| {
+        let probe = median(overlap_round(c, bytes, 0, 5).iter().map(|t| t.0).collect());
+        let iters = calibrate(c, probe);
+        overlap_round(c, bytes, iters, 21)
+    })
+    .swap_remove(0)
 }
 
 fn overlap_local(args: &[String]) {
     let ranks: usize = arg(args, "--ranks").map_or(2, |s| s.parse().unwrap());
-    let mib: usize = arg(args, "--mib").map_or(32, |s| s.parse().unwrap());
+    // 8 MiB stays below glibc's largest mmap threshold, so buffers are reused, not faulted
+    // in afresh each time.
+    let mib: usize = arg(args, "--mib").map_or(8, |s| s.parse().unwrap());
     let lat: f64 = arg(args, "--latency-us").map_or(5.0, |s| s.parse().unwrap());
-    let gbps: f64 = arg(args, "--bandwidth-gbps").map_or(25.0, |s| s.parse().unwrap());
-    let link = LinkModel::new(lat, gbps);
-    // Probe the transfer time, then size the compute to match it (the hardest case).
-    let probe = LocalWorld::run(ranks, Duration::from_secs(60), Some(link), |c| {
-        overlap_round(c, mib << 20, 0, 3).0
-    });
-    let iters = calibrate(Duration::from_secs_f64(probe[0]));
-    let res = LocalWorld::run(ranks, Duration::from_secs(60), Some(link), |c| {
-        overlap_round(c, mib << 20, iters, 9)
-    });
+    let bandwidths: Vec<f64> = arg(args, "--bandwidth-gbps")
+        .map_or(vec![10.0, 25.0, 50.0, 100.0, 200.0], |s| {
+            s.split(',').map(|x| x.parse().unwrap()).collect()
+        });
     println!(
-        "local backend, {ranks} ranks, link {lat} us + {gbps} Gbit/s, all-to-all of {mib} MiB per rank, compute sized to the transfer"
+        "local backend, {ranks} ranks (threads; one single-threaded compute loop each), \
+         all-to-all of {mib} MiB per rank, compute sized to the transfer; medians of 21"
     );
-    report_overlap("rank 0", res[0]);
+    overlap_header();
+    // Without a link model the transfer is the backend's own memory copies, which need a
+    // core like the compute does: the floor under every row below.
+    overlap_row(
+        "none (memory copies only)",
+        &overlap_local_row(ranks, mib << 20, None),
+    );
+    for gbps in bandwidths {
+        let link = LinkModel::new(lat, gbps);
+        overlap_row(
+            &format!("{lat} us + {gbps} Gbit/s"),
+            &overlap_local_row(ranks, mib << 20, Some(link)),
+        );
+    }
 }
 
 #[cfg(feature = "mpi")]
@@ -118,6 +170,7 @@ mod with_mpi {
     use mpi::collective::CommunicatorCollectives;
     use mpi::datatype::{Partition, PartitionMut};
     use switchyard_comm::MpiProgress;
+    use switchyard_comm::ReduceOp;
     use switchyard_comm::mpi::{MpiEnv, MpiOptions};
 
     fn init(args: &[String]) -> (MpiEnv, Box<dyn Communicator>) {
@@ -136,56 +189,76 @@ mod with_mpi {
     pub fn a2a(args: &[String]) {
         let (env, c) = init(args);
         let raw = env.rsmpi_world();
+        let rounds: usize = arg(args, "--rounds").map_or(101, |s| s.parse().unwrap());
         let (r, n) = (c.rank(), c.size());
-        let mut size = 4usize << 10;
         if r == 0 {
             println!(
-                "all-to-all(v), {n} ranks, f32, size = bytes each rank sends per call (split evenly over all ranks)"
+                "all-to-all(v), {n} ranks, progress {}, f32; size = bytes each rank sends per call \
+                 (split evenly over all ranks); {rounds} rounds of alternating timed blocks \
+                 (Switchyard, direct), each block ~16 MiB of calls between barriers; \
+                 latency = median block / calls; ratio = Switchyard GB/s / direct GB/s; slowest rank",
+                arg(args, "--progress").unwrap_or_else(|| "thread".into())
             );
             println!(
-                "| size | Switchyard latency (us) | direct rsmpi latency (us) | Switchyard GB/s | direct GB/s | ratio |"
+                "| size | Switchyard latency (us) | direct rsmpi latency (us) | Switchyard GB/s | direct GB/s | ratio (median of paired blocks) | ratio (best blocks) |"
             );
-            println!("|---:|---:|---:|---:|---:|---:|");
+            println!("|---:|---:|---:|---:|---:|---:|---:|");
         }
+        let mut size = 4usize << 10;
         while size <= 64 << 20 {
             let per = size / 4 / n;
             let counts = vec![per; n];
             let displs: Vec<i32> = (0..n).map(|j| (j * per) as i32).collect();
             let icounts = vec![per as i32; n];
-            let send = Buffer::F32((0..per * n).map(|i| i as f32).collect());
+            // Both paths read and write the same memory, so page placement cannot favour one.
+            let send = Buffer::F32((0..per * n).map(|i| (i + r) as f32).collect());
+            let sendv = send.as_slice::<f32>().unwrap();
             let mut recv = Buffer::zeros(DType::F32, per * n);
-            let sendv: Vec<f32> = (0..per * n).map(|i| i as f32).collect();
-            let mut recvv = vec![0f32; per * n];
-            let iters = ((256usize << 20) / size).clamp(5, 500);
-            let (mut ts, mut td) = (f64::MAX, f64::MAX);
-            for _round in 0..3 {
-                // warm-up of both, then timed blocks, alternating
-                c.all_to_all_v(&send, &counts, &mut recv, &counts).unwrap();
-                c.barrier().unwrap();
+            let calls = ((16usize << 20) / size).clamp(1, 1000);
+            let block = |switchyard: bool, calls: usize, recv: &mut Buffer| {
+                raw.barrier();
                 let t = Instant::now();
-                for _ in 0..iters {
-                    c.all_to_all_v(&send, &counts, &mut recv, &counts).unwrap();
-                }
-                c.barrier().unwrap();
-                ts = ts.min(t.elapsed().as_secs_f64() / iters as f64);
-                {
-                    let sp = Partition::new(&sendv[..], &icounts[..], &displs[..]);
-                    let mut rp = PartitionMut::new(&mut recvv[..], &icounts[..], &displs[..]);
-                    raw.all_to_all_varcount_into(&sp, &mut rp);
-                    raw.barrier();
-                    let t = Instant::now();
-                    for _ in 0..iters {
+                for _ in 0..calls {
+                    if switchyard {
+                        c.all_to_all_v(&send, &counts, recv, &counts).unwrap();
+                    } else {
+                        let Buffer::F32(v) = recv else { unreachable!() };
+                        let sp = Partition::new(sendv, &icounts[..], &displs[..]);
+                        let mut rp = PartitionMut::new(&mut v[..], &icounts[..], &displs[..]);
                         raw.all_to_all_varcount_into(&sp, &mut rp);
                     }
-                    raw.barrier();
-                    td = td.min(t.elapsed().as_secs_f64() / iters as f64);
+                }
+                raw.barrier();
+                t.elapsed().as_secs_f64() / calls as f64
+            };
+            let (sw, direct) = (true, false);
+            let direct_out = {
+                block(direct, 1, &mut recv); // warm-up
+                recv.clone()
+            };
+            block(sw, 1, &mut recv);
+            assert_eq!(recv, direct_out, "both paths deliver the same data");
+            let (mut ts, mut td) = (vec![], vec![]);
+            for round in 0..rounds {
+                // Alternate which goes first, so neither always follows the other.
+                if round % 2 == 0 {
+                    ts.push(block(sw, calls, &mut recv));
+                    td.push(block(direct, calls, &mut recv));
+                } else {
+                    td.push(block(direct, calls, &mut recv));
+                    ts.push(block(sw, calls, &mut recv));
                 }
             }
-            // Slowest rank decides.
-            let mut b = Buffer::F64(vec![ts, td]);
-            c.all_reduce(&mut b, switchyard_comm::ReduceOp::Max)
-                .unwrap();
-            let (ts, td) = (b.get_f64(0), b.get_f64(1));
+            // Slowest rank decides, round by round.
+            let mut b = Buffer::F64([ts, td].concat());
+            c.all_reduce(&mut b, ReduceOp::Max).unwrap();
+            let b = b.into_vec::<f64>().unwrap();
+            let (ts, td) = b.split_at(rounds);
+            // Ratio of neighbouring blocks, so that slow drifts of the machine's load cancel.
+            let paired = median(ts.iter().zip(td).map(|(s, d)| d / s).collect());
+            let best = |v: &[f64]| v.iter().copied().fold(f64::MAX, f64::min);
+            let best_ratio = best(td) / best(ts);
+            let (ts, td) = (median(ts.to_vec()), median(td.to_vec()));
             if r == 0 {
                 let label = if size >= 1 << 20 {
                     format!("{} MiB", size >> 20)
@@ -193,19 +266,15 @@ mod with_mpi {
                     format!("{} KiB", size >> 10)
                 };
                 println!(
-                    "| {label} | {:.1} | {:.1} | {:.2} | {:.2} | {:.3} |",
+                    "| {label} | {:.1} | {:.1} | {:.2} | {:.2} | {:.3} | {:.3} |",
                     ts * 1e6,
                     td * 1e6,
                     size as f64 / ts / 1e9,
                     size as f64 / td / 1e9,
-                    td / ts
+                    paired,
+                    best_ratio
                 );
             }
-            assert_eq!(
-                recv.get_f64(per * n - 1),
-                recvv[per * n - 1] as f64,
-                "both paths deliver the same data"
-            );
             size *= 4;
         }
     }
@@ -213,19 +282,24 @@ mod with_mpi {
     pub fn overlap(args: &[String]) {
         let (_env, c) = init(args);
         let mib: usize = arg(args, "--mib").map_or(64, |s| s.parse().unwrap());
-        let probe = overlap_round(c.as_ref(), mib << 20, 0, 3).0;
+        let probe = median(
+            overlap_round(c.as_ref(), mib << 20, 0, 5)
+                .iter()
+                .map(|t| t.0)
+                .collect(),
+        );
         let mut b = Buffer::F64(vec![probe]);
-        c.all_reduce(&mut b, switchyard_comm::ReduceOp::Max)
-            .unwrap();
-        let iters = calibrate(Duration::from_secs_f64(b.get_f64(0)));
-        let res = overlap_round(c.as_ref(), mib << 20, iters, 9);
+        c.all_reduce(&mut b, ReduceOp::Max).unwrap();
+        let iters = calibrate(c.as_ref(), b.get_f64(0));
+        let res = overlap_round(c.as_ref(), mib << 20, iters, 21);
         if c.rank() == 0 {
             println!(
                 "MPI, {} ranks, progress {:?}, all-to-all of {mib} MiB per rank, compute sized to the transfer, no MPI calls during compute",
                 c.size(),
                 arg(args, "--progress").unwrap_or_else(|| "thread".into())
             );
-            report_overlap("rank 0", res);
+            overlap_header();
+            overlap_row("shared memory (rank 0)", &res);
         }
     }
 }
@@ -240,7 +314,7 @@ fn main() {
         Some("overlap-mpi") => with_mpi::overlap(&args),
         _ => {
             eprintln!(
-                "usage: comm-bench overlap [--ranks 2 --mib 32 --latency-us 5 --bandwidth-gbps 25]"
+                "usage: comm-bench overlap [--ranks 2 --mib 8 --latency-us 5 --bandwidth-gbps 10,25,50,100,200]"
             );
             eprintln!(
                 "       mpirun -np N comm-bench a2a | overlap-mpi [--progress thread|poll --mib 64]   (--features mpi)"
