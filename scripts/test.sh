@@ -13,6 +13,7 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 cargo clippy --release -p switchyard-comm --all-targets --features mpi -- -D warnings
 # The NCCL backend must build without a GPU (cudarc loads CUDA/NCCL at run time).
 cargo clippy --release -p switchyard-comm --all-targets --features nccl -- -D warnings
+cargo clippy --release -p switchyard-parallel --all-targets --features mpi -- -D warnings
 
 echo "== cargo test (release: burn is unusably slow unoptimised)"
 test_log="$(mktemp)"
@@ -31,6 +32,14 @@ for np in 2 3 4; do
 done
 timeout 600 mpirun -np 3 --oversubscribe "$conformance" --progress poll --max-count 1000
 mpi_runs=$((mpi_runs + 1))
+
+echo "== context-parallel attention (ring, TokenRing) vs dense attention on MPI (mpirun -np 2, 4)"
+cargo build --release -p switchyard-parallel --features mpi --bin cp-parity
+cp_parity="${CARGO_TARGET_DIR:-target}/release/cp-parity"
+for np in 2 4; do
+  timeout 600 mpirun -np "$np" --oversubscribe "$cp_parity"
+  mpi_runs=$((mpi_runs + 1))
+done
 
 echo "== TensorBoard reads Switchyard's event files"
 scripts/check_tensorboard_run.sh

@@ -97,11 +97,7 @@ pub fn parallelize(model: Transformer, mesh: &Mesh) -> Result<Transformer> {
 /// rank's shard of every sequence, see [`crate::shard_sequence`]). Weights are untouched
 /// (every rank builds the same weights from the seed); gradients are synced by
 /// [`GradSync`].
-pub fn parallelize_with(
-    mut model: Transformer,
-    mesh: &Mesh,
-    cp: &CpConfig,
-) -> Result<Transformer> {
+pub fn parallelize_with(mut model: Transformer, mesh: &Mesh, cp: &CpConfig) -> Result<Transformer> {
     let experts = mesh.placement().num_experts();
     let reducer: Arc<dyn BatchReducer> = Arc::new(WorldReducer::new(mesh));
     let dispatcher: Arc<dyn switchyard_moe::TokenDispatcher> = if mesh.ep() == 1 {

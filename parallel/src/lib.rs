@@ -21,8 +21,8 @@ pub mod glue;
 pub mod grad_sync;
 pub mod mesh;
 
+pub use cp::{CpAlgorithm, CpAttention, CpConfig, SeqLayout, Sharding, shard_sequence};
 pub use dispatcher::AllToAllDispatcher;
 pub use error::{ParallelError, Result};
-pub use cp::{CpAlgorithm, CpAttention, CpConfig, SeqLayout, Sharding, shard_sequence};
 pub use grad_sync::{GradSync, LossScale, WorldReducer, parallelize, parallelize_with};
 pub use mesh::{Mesh, MeshShape, Placement};

@@ -182,7 +182,9 @@ impl Mesh {
             world
                 .split(color as u32, key as i32)
                 .map(Arc::from)
-                .map_err(ParallelError::comm(format!("mesh: split of the {axis} axis")))
+                .map_err(ParallelError::comm(format!(
+                    "mesh: split of the {axis} axis"
+                )))
         };
         // Every rank runs the same four splits in the same order (they are collectives).
         let ep_comm = split(d * cp + c, p, "ep")?;
@@ -202,7 +204,8 @@ impl Mesh {
 
     /// Replaces the expert placement (same number of experts and ep size).
     pub fn with_placement(mut self, placement: Placement) -> Result<Mesh> {
-        if placement.ep_size() != self.shape.ep || placement.num_experts() != self.placement.num_experts()
+        if placement.ep_size() != self.shape.ep
+            || placement.num_experts() != self.placement.num_experts()
         {
             return Err(ParallelError::Placement(format!(
                 "the placement is for {} experts on {} ep ranks, the mesh has {} experts on \

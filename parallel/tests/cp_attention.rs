@@ -172,10 +172,32 @@ fn mesh_rejects_a_cp_axis_that_does_not_fit() {
         4,
     )
     .unwrap_err();
-    assert!(matches!(err, ParallelError::WorldSize { cp: 3, world: 4, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ParallelError::WorldSize {
+                cp: 3,
+                world: 4,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("cp (3)"), "{err}");
     let world = LocalWorld::new(1, std::time::Duration::from_secs(5), None);
     let comm: Box<dyn Communicator> = Box::new(world.into_iter().next().unwrap());
-    let err = Mesh::with_shape(comm, MeshShape { dp: 1, cp: 0, ep: 1 }, 4).unwrap_err();
-    assert!(matches!(err, ParallelError::ZeroAxis { axis: "cp" }), "{err}");
+    let err = Mesh::with_shape(
+        comm,
+        MeshShape {
+            dp: 1,
+            cp: 0,
+            ep: 1,
+        },
+        4,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, ParallelError::ZeroAxis { axis: "cp" }),
+        "{err}"
+    );
 }

@@ -220,6 +220,11 @@ fn cp_alone_training_step_matches_single_process() {
 fn dp_x_cp_x_ep_training_step_matches_single_process() {
     for algorithm in [CpAlgorithm::Ring, CpAlgorithm::TokenRing] {
         check("dp2 x cp2", &model_cfg(top_k()), shape(2, 2, 1), algorithm);
-        check("dp2 x cp2 x ep2", &model_cfg(top_k()), shape(2, 2, 2), algorithm);
+        check(
+            "dp2 x cp2 x ep2",
+            &model_cfg(top_k()),
+            shape(2, 2, 2),
+            algorithm,
+        );
     }
 }

@@ -165,8 +165,7 @@ pub fn check(comm: Arc<dyn Communicator>, case: &Case) -> Result<Errors> {
         lk.grad(&grads).expect("dk"),
         lv.grad(&grads).expect("dv"),
     ];
-    let [out, dq, dk, dv]: [f32; 4] = std::array::from_fn(|i| {
-        max_abs(got[i].clone(), shard(reference[i].clone(), &attn, rank))
-    });
+    let [out, dq, dk, dv]: [f32; 4] =
+        std::array::from_fn(|i| max_abs(got[i].clone(), shard(reference[i].clone(), &attn, rank)));
     Ok(Errors { out, dq, dk, dv })
 }

@@ -143,10 +143,8 @@ pub fn shard_sequence(
         .into_iter()
         .map(|p| p as i64)
         .collect();
-    let index = Tensor::<1, Int>::from_data(
-        TensorData::new(positions, [local]),
-        &tokens_bs.device(),
-    );
+    let index =
+        Tensor::<1, Int>::from_data(TensorData::new(positions, [local]), &tokens_bs.device());
     Ok(tokens_bs.select(1, index))
 }
 

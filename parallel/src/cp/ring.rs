@@ -37,7 +37,10 @@ pub struct Saved {
     pub lse: Tensor<4>,
 }
 
-fn comm_err(attn: &CpAttention, what: &str) -> impl FnOnce(switchyard_comm::CommError) -> ParallelError {
+fn comm_err(
+    attn: &CpAttention,
+    what: &str,
+) -> impl FnOnce(switchyard_comm::CommError) -> ParallelError {
     ParallelError::comm(format!("ring attention on `{}`: {what}", attn.comm.name()))
 }
 

@@ -57,7 +57,12 @@ pub fn plan(q_pos: &[usize], k_pos: &[usize], causal: bool) -> Option<TilePlan> 
 
 impl TilePlan {
     /// [1, 1, Nq, Nk], true where the key comes after the query; `None` when nothing is.
-    pub fn mask(&self, q_pos: &[usize], k_pos: &[usize], device: &Device) -> Option<Tensor<4, Bool>> {
+    pub fn mask(
+        &self,
+        q_pos: &[usize],
+        k_pos: &[usize],
+        device: &Device,
+    ) -> Option<Tensor<4, Bool>> {
         if !self.masked {
             return None;
         }
@@ -165,7 +170,10 @@ impl Merged {
                 .o
                 .clone()
                 .slice_assign([0..b, 0..h, rows.clone(), 0..dh], new_o);
-            self.lse = self.lse.clone().slice_assign([0..b, 0..h, rows, 0..1], new_lse);
+            self.lse = self
+                .lse
+                .clone()
+                .slice_assign([0..b, 0..h, rows, 0..1], new_lse);
         }
     }
 }
@@ -190,7 +198,10 @@ pub fn pack(parts: &[Tensor<4>]) -> Result<Buffer> {
 
 /// An empty receive buffer for tensors of `shapes`.
 pub fn recv_buffer(shapes: &[[usize; 4]]) -> Buffer {
-    Buffer::F32(vec![0.0; shapes.iter().map(|s| s.iter().product::<usize>()).sum()])
+    Buffer::F32(vec![
+        0.0;
+        shapes.iter().map(|s| s.iter().product::<usize>()).sum()
+    ])
 }
 
 /// Splits a message made by `pack` back into tensors of `shapes` on `device`.
@@ -204,7 +215,10 @@ pub fn unpack(buf: Buffer, shapes: &[[usize; 4]], device: &Device) -> Result<Vec
     if values.len() != total {
         return Err(ParallelError::Shape {
             what: "context parallelism: unpacking a block".into(),
-            detail: format!("the message holds {} elements, {shapes:?} need {total}", values.len()),
+            detail: format!(
+                "the message holds {} elements, {shapes:?} need {total}",
+                values.len()
+            ),
         });
     }
     let mut at = 0;
@@ -212,7 +226,8 @@ pub fn unpack(buf: Buffer, shapes: &[[usize; 4]], device: &Device) -> Result<Vec
         .iter()
         .map(|&shape| {
             let n: usize = shape.iter().product();
-            let t = Tensor::<4>::from_data(TensorData::new(values[at..at + n].to_vec(), shape), device);
+            let t =
+                Tensor::<4>::from_data(TensorData::new(values[at..at + n].to_vec(), shape), device);
             at += n;
             t
         })
@@ -231,23 +246,39 @@ mod tests {
         // Own block: causal over all rows and columns.
         assert_eq!(
             plan(&r0, &r0, true),
-            Some(TilePlan { rows: 0..4, cols: 0..4, masked: true })
+            Some(TilePlan {
+                rows: 0..4,
+                cols: 0..4,
+                masked: true
+            })
         );
         // Earlier rank's block: every query, first half of the keys, no mask.
         assert_eq!(
             plan(&r1, &r0, true),
-            Some(TilePlan { rows: 0..4, cols: 0..2, masked: false })
+            Some(TilePlan {
+                rows: 0..4,
+                cols: 0..2,
+                masked: false
+            })
         );
         // Later rank's block: second half of the queries, every key, no mask.
         assert_eq!(
             plan(&r0, &r1, true),
-            Some(TilePlan { rows: 2..4, cols: 0..4, masked: false })
+            Some(TilePlan {
+                rows: 2..4,
+                cols: 0..4,
+                masked: false
+            })
         );
         // Contiguous: a later block is invisible.
         assert_eq!(plan(&[0, 1], &[2, 3], true), None);
         assert_eq!(
             plan(&[0, 1], &[2, 3], false),
-            Some(TilePlan { rows: 0..2, cols: 0..2, masked: false })
+            Some(TilePlan {
+                rows: 0..2,
+                cols: 0..2,
+                masked: false
+            })
         );
     }
 }

@@ -120,7 +120,8 @@ impl QueryExchange {
     ) -> Result<QueryExchange> {
         let Route { attn, w, r, n } = *route;
         let [b, h] = shape_bh;
-        let shapes = |m: usize| -> Vec<[usize; 4]> { widths.iter().map(|&x| [b, h, m, x]).collect() };
+        let shapes =
+            |m: usize| -> Vec<[usize; 4]> { widths.iter().map(|&x| [b, h, m, x]).collect() };
         let recv = match route.needed_from((r + s + 1) % w, s + 1) {
             None => None,
             Some(start) => {
@@ -219,7 +220,9 @@ pub fn forward(attn: &CpAttention, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> 
         };
         let q_pos = route.q_pos(owner);
         if let Some(t) = plan(&q_pos, &k_pos, attn.causal) {
-            let held = held.as_ref().expect("the block of a planned tile was received");
+            let held = held
+                .as_ref()
+                .expect("the block of a planned tile was received");
             let [q_t] = <[Tensor<4>; 1]>::try_from(held.rows(t.rows.clone())).expect("one part");
             let (o_b, lse_b) = tile::forward(
                 q_t,
@@ -319,7 +322,9 @@ pub fn backward(
         };
         let q_pos = route.q_pos(owner);
         if let Some(t) = plan(&q_pos, &k_pos, attn.causal) {
-            let held = held.as_ref().expect("the block of a planned tile was received");
+            let held = held
+                .as_ref()
+                .expect("the block of a planned tile was received");
             let [q_t, do_t, lse_t, delta_t] =
                 <[Tensor<4>; 4]>::try_from(held.rows(t.rows.clone())).expect("four parts");
             let (dq_t, dk_t, dv_t) = tile::backward(
