@@ -12,7 +12,7 @@ use common::run_world;
 use switchyard_comm::{Communicator, LocalWorld};
 use switchyard_parallel::cp::conformance::{Case, Errors, cases, check};
 use switchyard_parallel::{
-    CpAlgorithm, Mesh, MeshShape, ParallelError, SeqLayout, Sharding, shard_sequence,
+    CpAlgorithm, CpConfig, Mesh, MeshShape, ParallelError, SeqLayout, Sharding, shard_sequence,
 };
 
 const TOL: f32 = 1e-5;
@@ -61,7 +61,13 @@ fn ring_of_8_equals_dense_attention() {
     parity(8);
 }
 
-/// Larger scores (inputs scaled by 8) stress the log-sum-exp merge: still exact.
+/// Scores in the hundreds (inputs in [-16, 16), head dim 64), where a naive
+/// `log(exp(lse) + exp(lse_b))` merge overflows fp32 (exp(89) = inf): the results stay
+/// finite and close. At this size the fp32 rounding of the scores alone is ~1e-5 absolute
+/// in both implementations and the peaked softmax amplifies it in the gradients, so the
+/// bound is relative (1e-3 of the reference's magnitude); a wrong or overflowing merge
+/// gives O(1) errors or non-finite values. The merge rule itself is pinned exactly at
+/// lse ~ 1000 by the unit tests of `cp::tile`.
 #[test]
 fn large_scores_merge_without_overflow() {
     for algorithm in [CpAlgorithm::Ring, CpAlgorithm::TokenRing] {
@@ -73,12 +79,14 @@ fn large_scores_merge_without_overflow() {
             heads: 2,
             seq: 24,
             head_dim: 64,
+            amplitude: 16.0,
             seed: 5,
         };
         let errors = run_world(3, |comm| check(Arc::from(comm), &case).expect("attention"));
+        eprintln!("large scores {algorithm:?}: {errors:?}");
         for e in errors {
-            // Head dim 64 with inputs in [-2, 2): scores up to ~30 before the scale.
-            assert!(e.max() <= TOL, "{algorithm:?}: {e:?}");
+            assert!(e.max().is_finite(), "{algorithm:?}: {e:?}");
+            assert!(e.max_relative() <= 1e-3, "{algorithm:?}: {e:?}");
         }
     }
 }
@@ -200,4 +208,16 @@ fn mesh_rejects_a_cp_axis_that_does_not_fit() {
         matches!(err, ParallelError::ZeroAxis { axis: "cp" }),
         "{err}"
     );
+}
+
+#[test]
+fn cp_config_node_is_strict() {
+    let parse = |yaml: &str| serde_yaml::from_str::<CpConfig>(yaml);
+    assert_eq!(parse("{}").unwrap().algorithm, CpAlgorithm::Ring);
+    assert_eq!(
+        parse("algorithm: token_ring").unwrap().algorithm,
+        CpAlgorithm::TokenRing
+    );
+    assert!(parse("algorithm: tokenring").is_err());
+    assert!(parse("algorithm: ring\nsize: 2").is_err());
 }

@@ -15,12 +15,16 @@
 //! with a sleeping `LinkModel`) would measure the oversubscribed machine, not the schedule.
 //! So the benchmark separates the two:
 //! 1. **Measure.** The real algorithm runs on `W` threads over `LocalWorld` (no link model:
-//!    the data really moves, instantly). A rank computes only while it holds the process's
-//!    single CPU token, which it gives up whenever it blocks in `wait`; so every compute
-//!    segment (the work between two communication calls) runs alone, on all cores, and its
-//!    duration is what one machine would take. Each rank records its trace: compute
-//!    segments, sends (peer, tag, bytes), waits. The algorithms never branch on timing, so
-//!    the trace is the schedule itself.
+//!    the data really moves, instantly). Each emulated machine is one core: a rank runs
+//!    inside its own one-thread rayon pool, so its tensor kernels run on its own thread,
+//!    and a compute segment (the work between two communication calls) is charged the CPU
+//!    time of that thread (Linux `/proc/thread-self/schedstat`; wall time where that is
+//!    unavailable). CPU time does not grow when other processes share the cores (this
+//!    machine is shared), and a rank computes only while it holds the process's single
+//!    CPU token, which it gives up whenever it blocks in `wait`, so the ranks do not
+//!    compete for caches either. Each rank records its trace: compute segments, sends
+//!    (peer, tag, bytes), waits. The algorithms never branch on timing, so the trace is
+//!    the schedule itself.
 //! 2. **Replay.** The traces are replayed on per-rank virtual clocks with the local
 //!    backend's `LinkModel` cost (latency + bytes / bandwidth per message): a message sent
 //!    at `t` arrives at `max(t, link free) + cost`; messages on one directed link queue
@@ -33,9 +37,11 @@
 //! "exposed", step time minus the step time with free links (the communication the
 //! schedule did not hide; waiting for slower peers is not counted); hidden =
 //! 1 - exposed / comm. "Efficiency" is the summed compute of all ranks over W x step.
-//! Each configuration is measured `--reps` times (the machine is shared and noisy); the
-//! table shows the repetition with the lowest step time, and every link model is replayed
-//! from the same traces, so the columns of one row compare like with like.
+//! Each configuration is measured `--reps` times; the traces of the repetitions have the
+//! same events, and each compute segment keeps its shortest measurement (on a shared
+//! machine, noise only ever adds time: preemption, a busy sibling hyperthread). Every link
+//! model is replayed from the same combined traces, so the columns of one row, and the
+//! rows of one configuration under different links, compare like with like.
 //!
 //! cp = 1 is the same operation on one rank: one N x N tile (N = S), which materialises
 //! the S x S scores; blockwise tiles at cp > 1 are smaller and cache-friendlier, so speedups
@@ -95,10 +101,24 @@ enum Event {
     Wait(MsgId),
 }
 
+/// Seconds of CPU time of the calling thread (Linux), or `None`.
+fn thread_cpu_time() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 * 1e-9)
+}
+
+/// The compute clock: thread CPU time where available, else wall time since `origin`.
+fn compute_clock(origin: Instant) -> f64 {
+    thread_cpu_time().unwrap_or_else(|| origin.elapsed().as_secs_f64())
+}
+
 struct TraceState {
     /// Between `start` and `stop`: holding the CPU token and recording.
     running: bool,
-    resumed: Instant,
+    origin: Instant,
+    /// `compute_clock` when the rank last resumed computing.
+    resumed: f64,
     events: Vec<Event>,
     sent: HashMap<(usize, u32), usize>,
     received: HashMap<(usize, u32), usize>,
@@ -116,7 +136,7 @@ impl Recorder {
         self.cpu.acquire();
         let mut st = self.st.lock().unwrap();
         st.running = true;
-        st.resumed = Instant::now();
+        st.resumed = compute_clock(st.origin);
         st.events.clear();
         st.sent.clear();
         st.received.clear();
@@ -125,9 +145,8 @@ impl Recorder {
     /// Records the compute since the last checkpoint.
     fn checkpoint(st: &mut TraceState) {
         if st.running {
-            let now = Instant::now();
-            let dt = (now - st.resumed).as_secs_f64();
-            st.events.push(Event::Compute(dt));
+            let now = compute_clock(st.origin);
+            st.events.push(Event::Compute((now - st.resumed).max(0.0)));
             st.resumed = now;
         }
     }
@@ -148,7 +167,8 @@ impl Recorder {
         self.cpu.release();
         let out = f();
         self.cpu.acquire();
-        self.st.lock().unwrap().resumed = Instant::now();
+        let mut st = self.st.lock().unwrap();
+        st.resumed = compute_clock(st.origin);
         out
     }
 
@@ -434,52 +454,63 @@ fn measure(args: &Args, w: usize, algorithm: CpAlgorithm) -> Vec<Vec<Event>> {
             .into_iter()
             .map(|comm| {
                 let cpu = cpu.clone();
-                std::thread::Builder::new()
+                // One machine = one core: the rank's kernels run on its pool's one thread.
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
                     .stack_size(64 << 20)
+                    .build()
+                    .expect("a one-thread pool");
+                std::thread::Builder::new()
                     .spawn_scoped(s, move || {
-                        let rank = comm.rank();
-                        let rec = Arc::new(Recorder {
-                            rank,
-                            cpu,
-                            st: Mutex::new(TraceState {
-                                running: false,
-                                resumed: Instant::now(),
-                                events: Vec::new(),
-                                sent: HashMap::new(),
-                                received: HashMap::new(),
-                            }),
-                        });
-                        let comm: Arc<dyn Communicator> = Arc::new(RecordingComm {
-                            inner: Box::new(comm),
-                            rec: rec.clone(),
-                        });
-                        let attn = CpAttention::new(comm.clone(), Sharding::Zigzag, algorithm);
-                        let device = Device::flex().autodiff();
-                        let input = |seed: u64| {
-                            let data = values(b * h * n * dh, seed * 64 + rank as u64);
-                            Tensor::<4>::from_data(TensorData::new(data, [b, h, n, dh]), &device)
-                        };
-                        let (q, k, v, g) = (
-                            input(1).require_grad(),
-                            input(2).require_grad(),
-                            input(3).require_grad(),
-                            input(4),
-                        );
-                        let step = || {
-                            let out = context_attention(q.clone(), k.clone(), v.clone(), &attn)
-                                .expect("attention");
-                            let grads = (out * g.clone()).sum().backward();
-                            q.grad(&grads).expect("dq")
-                        };
-                        // Warm-up (thread pools, kernel scratch, mailboxes), not recorded.
-                        drop(step());
-                        comm.barrier().expect("barrier");
-                        rec.start();
-                        let dq = step();
-                        let trace = rec.stop();
-                        drop(dq);
-                        comm.barrier().expect("barrier");
-                        trace
+                        pool.install(move || {
+                            let rank = comm.rank();
+                            let rec = Arc::new(Recorder {
+                                rank,
+                                cpu,
+                                st: Mutex::new(TraceState {
+                                    running: false,
+                                    origin: Instant::now(),
+                                    resumed: 0.0,
+                                    events: Vec::new(),
+                                    sent: HashMap::new(),
+                                    received: HashMap::new(),
+                                }),
+                            });
+                            let comm: Arc<dyn Communicator> = Arc::new(RecordingComm {
+                                inner: Box::new(comm),
+                                rec: rec.clone(),
+                            });
+                            let attn = CpAttention::new(comm.clone(), Sharding::Zigzag, algorithm);
+                            let device = Device::flex().autodiff();
+                            let input = |seed: u64| {
+                                let data = values(b * h * n * dh, seed * 64 + rank as u64);
+                                Tensor::<4>::from_data(
+                                    TensorData::new(data, [b, h, n, dh]),
+                                    &device,
+                                )
+                            };
+                            let (q, k, v, g) = (
+                                input(1).require_grad(),
+                                input(2).require_grad(),
+                                input(3).require_grad(),
+                                input(4),
+                            );
+                            let step = || {
+                                let out = context_attention(q.clone(), k.clone(), v.clone(), &attn)
+                                    .expect("attention");
+                                let grads = (out * g.clone()).sum().backward();
+                                q.grad(&grads).expect("dq")
+                            };
+                            // Warm-up (thread pools, kernel scratch, mailboxes), not recorded.
+                            drop(step());
+                            comm.barrier().expect("barrier");
+                            rec.start();
+                            let dq = step();
+                            let trace = rec.stop();
+                            drop(dq);
+                            comm.barrier().expect("barrier");
+                            trace
+                        })
                     })
                     .expect("spawn rank thread")
             })
@@ -489,6 +520,28 @@ fn measure(args: &Args, w: usize, algorithm: CpAlgorithm) -> Vec<Vec<Event>> {
             .map(|h| h.join().expect("a rank thread panicked"))
             .collect()
     })
+}
+
+/// Combines the traces of several repetitions: each compute segment keeps its minimum.
+fn fastest(reps: Vec<Vec<Vec<Event>>>) -> Vec<Vec<Event>> {
+    let mut reps = reps.into_iter();
+    let mut best = reps.next().expect("at least one repetition");
+    for traces in reps {
+        for (b, t) in best.iter_mut().zip(traces) {
+            assert_eq!(b.len(), t.len(), "the schedule does not depend on timing");
+            for (be, te) in b.iter_mut().zip(t) {
+                match (be, te) {
+                    (Event::Compute(b), Event::Compute(t)) => *b = b.min(t),
+                    (Event::Send { msg: m1, .. }, Event::Send { msg: m2, .. })
+                    | (Event::Wait(m1), Event::Wait(m2)) => {
+                        assert_eq!(*m1, m2, "the schedule does not depend on timing")
+                    }
+                    _ => panic!("the schedule does not depend on timing"),
+                }
+            }
+        }
+    }
+    best
 }
 
 /// The row of one configuration on one link, from its traces.
@@ -536,11 +589,20 @@ fn main() {
         .map(|&g| LinkModel::new(args.latency_us, g))
         .collect();
     println!(
-        "cp-bench: causal attention forward + backward, B={} H={} S={} Dh={} fp32, zigzag; \
-         measured compute (exclusive), replayed links; best of {} runs",
-        args.batch, args.heads, args.seq, args.head_dim, args.reps
+        "cp-bench: causal attention forward + backward, B={} H={} S={} Dh={} fp32, zigzag; one \
+         core per rank, compute = {}, links replayed; fastest of {} runs per compute segment",
+        args.batch,
+        args.heads,
+        args.seq,
+        args.head_dim,
+        if thread_cpu_time().is_some() {
+            "thread CPU time"
+        } else {
+            "wall time (no /proc/thread-self/schedstat)"
+        },
+        args.reps
     );
-    // Measure every configuration first; keep, per link, the repetition with the lowest step.
+    // Measure every configuration first, then print one table per link.
     let mut results: Vec<(usize, CpAlgorithm, Vec<Row>)> = Vec::new();
     for &w in &args.ranks {
         let algorithms: &[CpAlgorithm] = if w == 1 {
@@ -549,17 +611,13 @@ fn main() {
             &[CpAlgorithm::Ring, CpAlgorithm::TokenRing]
         };
         for &algorithm in algorithms {
-            let mut best: Vec<Option<Row>> = vec![None; links.len()];
-            for _ in 0..args.reps {
-                let traces = measure(&args, w, algorithm);
-                for (slot, &link) in best.iter_mut().zip(&links) {
-                    let r = row(&traces, link);
-                    if slot.is_none_or(|b| r.step < b.step) {
-                        *slot = Some(r);
-                    }
-                }
-            }
-            results.push((w, algorithm, best.into_iter().flatten().collect()));
+            let traces = fastest(
+                (0..args.reps)
+                    .map(|_| measure(&args, w, algorithm))
+                    .collect(),
+            );
+            let rows = links.iter().map(|&link| row(&traces, link)).collect();
+            results.push((w, algorithm, rows));
         }
     }
     for (i, gbps) in args.bandwidths_gbps.iter().enumerate() {

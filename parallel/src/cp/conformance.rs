@@ -30,6 +30,8 @@ pub struct Case {
     /// Global sequence length.
     pub seq: usize,
     pub head_dim: usize,
+    /// Inputs are uniform in [-amplitude, amplitude).
+    pub amplitude: f32,
     pub seed: u64,
 }
 
@@ -52,6 +54,7 @@ pub fn cases(ranks: usize) -> Vec<Case> {
                 // 3 tokens per zigzag chunk.
                 seq: 6 * ranks,
                 head_dim: 8,
+                amplitude: 2.0,
                 seed: 17 + ranks as u64,
             });
         }
@@ -59,30 +62,43 @@ pub fn cases(ranks: usize) -> Vec<Case> {
     out
 }
 
-/// Max abs errors of this rank's shard.
+/// Max abs errors of this rank's shard, and the largest magnitude of the reference in it.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Errors {
     pub out: f32,
     pub dq: f32,
     pub dk: f32,
     pub dv: f32,
+    /// max |reference| of out, dq, dk, dv.
+    pub reference_max: [f32; 4],
 }
 
 impl Errors {
+    /// The largest abs error.
     pub fn max(&self) -> f32 {
         self.out.max(self.dq).max(self.dk).max(self.dv)
     }
+
+    /// The largest abs error relative to its reference's magnitude.
+    pub fn max_relative(&self) -> f32 {
+        [self.out, self.dq, self.dk, self.dv]
+            .iter()
+            .zip(self.reference_max)
+            .map(|(e, m)| if m > 0.0 { e / m } else { *e })
+            .fold(0.0, f32::max)
+    }
 }
 
-/// Deterministic values in [-2, 2) (a 64-bit LCG; the same on every rank and platform).
-fn values(n: usize, seed: u64) -> Vec<f32> {
+/// Deterministic values in [-amplitude, amplitude) (a 64-bit LCG; the same on every rank
+/// and platform).
+fn values(n: usize, amplitude: f32, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..n)
         .map(|_| {
             state = state
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amplitude
         })
         .collect()
 }
@@ -133,7 +149,10 @@ pub fn check(comm: Arc<dyn Communicator>, case: &Case) -> Result<Errors> {
     let device = Device::flex().autodiff();
     let full = |i: u64| {
         Tensor::<4>::from_data(
-            TensorData::new(values(b * h * s * dh, case.seed * 8 + i), [b, h, s, dh]),
+            TensorData::new(
+                values(b * h * s * dh, case.amplitude, case.seed * 8 + i),
+                [b, h, s, dh],
+            ),
             &device,
         )
     };
@@ -165,7 +184,15 @@ pub fn check(comm: Arc<dyn Communicator>, case: &Case) -> Result<Errors> {
         lk.grad(&grads).expect("dk"),
         lv.grad(&grads).expect("dv"),
     ];
+    let want: [Tensor<4>; 4] = std::array::from_fn(|i| shard(reference[i].clone(), &attn, rank));
     let [out, dq, dk, dv]: [f32; 4] =
-        std::array::from_fn(|i| max_abs(got[i].clone(), shard(reference[i].clone(), &attn, rank)));
-    Ok(Errors { out, dq, dk, dv })
+        std::array::from_fn(|i| max_abs(got[i].clone(), want[i].clone()));
+    let reference_max = std::array::from_fn(|i| want[i].clone().abs().max().into_scalar());
+    Ok(Errors {
+        out,
+        dq,
+        dk,
+        dv,
+        reference_max,
+    })
 }

@@ -238,6 +238,65 @@ pub fn unpack(buf: Buffer, shapes: &[[usize; 4]], device: &Device) -> Result<Vec
 mod tests {
     use super::*;
 
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap()
+    }
+
+    /// Two partials with lse ~ 1000 (exp overflows fp32 beyond 88): the merged lse is
+    /// log(e^a + e^b) and the output the e^lse-weighted mean, computed here in f64.
+    #[test]
+    fn merge_is_exact_where_exp_overflows() {
+        let device = Device::flex();
+        let t = |v: Vec<f32>, n: usize, d: usize| {
+            Tensor::<4>::from_data(TensorData::new(v, [1, 1, n, d]), &device)
+        };
+        let (a, b) = ([1000.0f32, -3.0], [1000.5f32, 40.0]);
+        let (oa, ob) = ([1.0f32, -2.0, 0.5, 4.0], [3.0f32, 1.0, -1.5, 2.0]);
+        let mut merged = Merged {
+            o: t(oa.to_vec(), 2, 2),
+            lse: t(a.to_vec(), 2, 1),
+        };
+        merged.merge(0..2, t(ob.to_vec(), 2, 2), t(b.to_vec(), 2, 1));
+        let (o, lse) = (values(merged.o), values(merged.lse));
+        for row in 0..2 {
+            let (la, lb) = (a[row] as f64, b[row] as f64);
+            let m = la.max(lb);
+            let want_lse = m + ((la - m).exp() + (lb - m).exp()).ln();
+            assert!(
+                (lse[row] as f64 - want_lse).abs() <= 1e-5 * want_lse.abs(),
+                "{lse:?}"
+            );
+            let (wa, wb) = ((la - want_lse).exp(), (lb - want_lse).exp());
+            for col in 0..2 {
+                let i = row * 2 + col;
+                let want = wa * oa[i] as f64 + wb * ob[i] as f64;
+                assert!((o[i] as f64 - want).abs() <= 1e-6, "{o:?} vs {want}");
+            }
+        }
+    }
+
+    /// Merging rows 1..2 only leaves row 0 untouched.
+    #[test]
+    fn merge_of_a_row_range_touches_only_those_rows() {
+        let device = Device::flex();
+        let o = Tensor::<4>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 1, 2, 2]),
+            &device,
+        );
+        let lse = Tensor::<4>::from_data(TensorData::new(vec![0.0f32, 0.0], [1, 1, 2, 1]), &device);
+        let mut merged = Merged { o, lse };
+        let o_b = Tensor::<4>::from_data(TensorData::new(vec![5.0f32, 6.0], [1, 1, 1, 2]), &device);
+        let lse_b = Tensor::<4>::from_data(TensorData::new(vec![0.0f32], [1, 1, 1, 1]), &device);
+        merged.merge(1..2, o_b, lse_b);
+        assert_eq!(values(merged.o), vec![1.0, 2.0, 4.0, 5.0]);
+        let lse = values(merged.lse);
+        assert_eq!(lse[0], 0.0);
+        assert!((lse[1] - std::f32::consts::LN_2).abs() < 1e-6);
+    }
+
     #[test]
     fn zigzag_tiles_have_the_balanced_shapes() {
         // W = 2, chunk 2: rank 0 holds positions 0,1,6,7; rank 1 holds 2,3,4,5.
