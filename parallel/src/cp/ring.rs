@@ -20,22 +20,12 @@ use burn::tensor::{Device, Tensor};
 use switchyard_comm::Request;
 
 use super::CpAttention;
+use super::op::Saved;
 use super::tile::{self, Merged, add_rows, pack, plan, recv_buffer, rows, unpack};
 use crate::error::{ParallelError, Result};
 
 const TAG_KV: u32 = 0x4b56;
 const TAG_DKV: u32 = 0x644b;
-
-/// What the forward pass keeps for the backward pass: the local q, k, v [B, H, N, Dh], the
-/// merged output [B, H, N, Dh] and its log-sum-exp [B, H, N, 1].
-#[derive(Debug, Clone)]
-pub struct Saved {
-    pub q: Tensor<4>,
-    pub k: Tensor<4>,
-    pub v: Tensor<4>,
-    pub o: Tensor<4>,
-    pub lse: Tensor<4>,
-}
 
 fn comm_err(
     attn: &CpAttention,
