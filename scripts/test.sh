@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run). Runs from any directory.
-#   scripts/test.sh            formatting, clippy, every cargo test, TensorBoard read-back
+#   scripts/test.sh            formatting, clippy, every cargo test, TensorBoard read-back,
+#                              the Slurm test (root; Debian's slurmctld, slurmd, munge)
 # Slow suites (long training runs, benchmarks) are separate commands; see README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,10 +11,10 @@ cargo fmt --all -- --check
 
 echo "== cargo clippy -D warnings"
 cargo clippy --release --workspace --all-targets -- -D warnings
-cargo clippy --release -p switchyard-comm --all-targets --features mpi -- -D warnings
+cargo clippy --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch \
+  -p switchyard-parallel --all-targets --features mpi -- -D warnings
 # The NCCL backend must build without a GPU (cudarc loads CUDA/NCCL at run time).
 cargo clippy --release -p switchyard-comm --all-targets --features nccl -- -D warnings
-cargo clippy --release -p switchyard-parallel --all-targets --features mpi -- -D warnings
 
 echo "== cargo test (release: burn is unusably slow unoptimised)"
 test_log="$(mktemp)"
@@ -21,8 +22,11 @@ trap 'rm -f "$test_log"' EXIT
 cargo test --release --workspace 2>&1 | tee "$test_log"
 cargo_passed=$(grep -o 'test result: ok\. [0-9]* passed' "$test_log" | awk '{s += $4} END {print s + 0}')
 
+echo "== MPI builds: switchyard, comm-conformance, parity-mpi, cp-parity (feature mpi)"
+cargo build --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch \
+  -p switchyard-parallel --features mpi
+
 echo "== comm conformance suite on MPI (mpirun -np 2, 3, 4; plus chunked counts with polling)"
-cargo build --release -p switchyard-comm --features mpi --bin comm-conformance
 conformance="${CARGO_TARGET_DIR:-target}/release/comm-conformance"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mpi_runs=0
@@ -34,15 +38,31 @@ timeout 600 mpirun -np 3 --oversubscribe "$conformance" --progress poll --max-co
 mpi_runs=$((mpi_runs + 1))
 
 echo "== context-parallel attention (ring, TokenRing) vs dense attention on MPI (mpirun -np 2, 4)"
-cargo build --release -p switchyard-parallel --features mpi --bin cp-parity
-cp_parity="${CARGO_TARGET_DIR:-target}/release/cp-parity"
 for np in 2 4; do
-  timeout 600 mpirun -np "$np" --oversubscribe "$cp_parity"
+  timeout 600 mpirun -np "$np" --oversubscribe "${CARGO_TARGET_DIR:-target}/release/cp-parity"
   mpi_runs=$((mpi_runs + 1))
 done
+
+echo "== layout parity under MPI (dp x ep = 2 and 4 ranks; loss, gradients, weights after 3 steps)"
+for np in 2 4; do
+  timeout 600 mpirun -np "$np" --oversubscribe "${CARGO_TARGET_DIR:-target}/release/parity-mpi"
+  mpi_runs=$((mpi_runs + 1))
+done
+
+echo "== training under mpirun follows the single-process curve; checkpoints move between layouts"
+scripts/mpi_train_test.sh
+mpi_runs=$((mpi_runs + 1))
+
+echo "== faults under mpirun: kill -9 during a save (3 seeds), SIGUSR1 to one rank, a hung rank"
+scripts/fault_test.sh
+mpi_runs=$((mpi_runs + 5))
 
 echo "== TensorBoard reads Switchyard's event files"
 scripts/check_tensorboard_run.sh
 
+echo "== Slurm: a single-node cluster on localhost runs scripts from \`switchyard slurm-script\`"
+scripts/slurm_test.sh
+slurm_jobs=2 # the quickstart job and the requeue-protocol job
+
 # Every step above stops the script on failure, so reaching here means nothing failed.
-echo "summary: $((cargo_passed + mpi_runs + 1)) passed, 0 failed"
+echo "summary: $((cargo_passed + mpi_runs + 1 + slurm_jobs)) passed, 0 failed"

@@ -1,4 +1,5 @@
-//! End-to-end tests of the `switchyard` binary (single process).
+//! End-to-end tests of the `switchyard` binary (one process; multi-rank layouts run as
+//! threads on the local backend — the MPI runs are in scripts/mpi_train_test.sh).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -226,6 +227,163 @@ fn resumed_run_continues_the_same_loss_curve_exactly() {
     }
     // The loss actually fell, so the comparison is about a real curve.
     assert!(full[11].1 < full[0].1, "{full:?}");
+}
+
+/// Expert + data parallelism on the local backend (ranks as threads) follows the
+/// single-process loss curve, and a checkpoint written at one layout resumes at another:
+/// 6 steps at ep=2, then 6 more at dp=2 x ep=2, against 12 steps in one process.
+#[test]
+fn layouts_follow_the_single_process_curve_and_resume_across_layouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one_dir = tmp.path().join("one");
+    std::fs::create_dir_all(&one_dir).unwrap();
+    let one_cfg = write(&one_dir, "c.yaml", &tiny_config(&one_dir));
+    let out = switchyard(&["train", "--config", one_cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let par_dir = tmp.path().join("par");
+    std::fs::create_dir_all(&par_dir).unwrap();
+    let par_cfg = write(&par_dir, "c.yaml", &tiny_config(&par_dir));
+    let par = par_cfg.to_str().unwrap();
+    let out = switchyard(&[
+        "train",
+        "--config",
+        par,
+        "--set",
+        "train.steps=6",
+        "--set",
+        "parallel.ep=2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shard = par_dir.join("run/checkpoints/step-00000006/model.rank-0001.safetensors");
+    assert!(
+        shard.exists(),
+        "ep rank 1 wrote its experts: {}",
+        shard.display()
+    );
+    let out = switchyard(&[
+        "train",
+        "--config",
+        par,
+        "--set",
+        "parallel.dp=2",
+        "--set",
+        "parallel.ep=2",
+        "--resume",
+        "auto",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let one = losses(&one_dir.join("run"));
+    let par = losses(&par_dir.join("run"));
+    assert_eq!(one.len(), 12);
+    assert_eq!(par.len(), 12, "6 steps at ep=2, then 6 at dp=2 x ep=2");
+    for ((s1, l1), (s2, l2)) in one.iter().zip(&par) {
+        assert_eq!(s1, s2);
+        let rel = ((l1 - l2) / l1).abs();
+        assert!(
+            rel <= 1e-5,
+            "step {s1}: one process {l1}, layouts {l2} (rel {rel:e})"
+        );
+    }
+    assert!(one[11].1 < one[0].1, "{one:?}");
+}
+
+/// SIGUSR1 (twice, the second one during the stop) makes the run checkpoint at the next
+/// step boundary and exit 75; `--resume auto` then finishes the same loss curve exactly.
+/// At ep=2 (rank threads) the signal reaches every rank at once; the stop is collective.
+#[test]
+fn preemption_signal_checkpoints_exits_75_and_the_resumed_curve_is_unchanged() {
+    for layout in ["parallel.ep=1", "parallel.ep=2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let full_dir = tmp.path().join("full");
+        std::fs::create_dir_all(&full_dir).unwrap();
+        let full_cfg = write(&full_dir, "c.yaml", &tiny_config(&full_dir));
+        let full_cfg = full_cfg.to_str().unwrap();
+        let common = [
+            "--set",
+            "train.steps=60",
+            "--set",
+            "optim.decay_steps=60",
+            "--set",
+            layout,
+        ];
+        let mut args = vec!["train", "--config", full_cfg];
+        args.extend(common);
+        let out = switchyard(&args);
+        assert!(out.status.success(), "{layout}: {}", text(&out));
+
+        let part_dir = tmp.path().join("part");
+        std::fs::create_dir_all(&part_dir).unwrap();
+        let part_cfg = write(&part_dir, "c.yaml", &tiny_config(&part_dir));
+        let part_cfg = part_cfg.to_str().unwrap();
+        let mut args = vec!["train", "--config", part_cfg];
+        args.extend(common);
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(&args)
+            .current_dir(repo_root())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let metrics = part_dir.join("run/metrics.jsonl");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{layout}: no progress"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let pid = child.id().to_string();
+        for _ in 0..2 {
+            let kill = Command::new("kill").args(["-USR1", &pid]).status().unwrap();
+            assert!(kill.success());
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(75), "{layout}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("preempted at step"),
+            "{layout}: {}",
+            text(&out)
+        );
+        let stopped = losses(&part_dir.join("run")).len();
+        assert!(stopped < 60, "{layout}: stopped after {stopped} steps");
+
+        let mut args = vec!["train", "--config", part_cfg, "--resume", "auto"];
+        args.extend(common);
+        let out = switchyard(&args);
+        assert!(out.status.success(), "{layout}: {}", text(&out));
+        let full = losses(&full_dir.join("run"));
+        let resumed = losses(&part_dir.join("run"));
+        assert_eq!(full.len(), 60);
+        assert_eq!(
+            resumed, full,
+            "{layout}: stopped after {stopped} steps, then resumed"
+        );
+    }
+}
+
+/// A layout that does not fit the model or the batch is a config error (exit 2) naming the
+/// key, before anything runs.
+#[test]
+fn a_layout_that_does_not_fit_is_a_config_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+    let cfg = cfg.to_str().unwrap();
+    for (set, key) in [
+        ("parallel.ep=3", "parallel.ep"),
+        ("parallel.dp=3", "data.batch_size"),
+    ] {
+        let out = switchyard(&["validate-config", "--config", cfg, "--set", set]);
+        assert_eq!(out.status.code(), Some(2), "{set}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(key),
+            "{set}: {}",
+            text(&out)
+        );
+    }
 }
 
 #[test]

@@ -31,9 +31,14 @@ impl Default for CommConfig {
 }
 
 /// Which transport carries the bytes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CommBackendConfig {
+    /// `mpi` when the process was started by an MPI launcher (mpirun, srun) with more than
+    /// one task, otherwise `local`. What a config should say unless it needs a link model
+    /// or MPI options.
+    #[default]
+    Auto,
     /// Ranks as threads of one process.
     Local {
         /// Emulated interconnect; absent = as fast as memory.
@@ -56,12 +61,6 @@ pub enum CommBackendConfig {
         #[serde(default)]
         device: Option<usize>,
     },
-}
-
-impl Default for CommBackendConfig {
-    fn default() -> Self {
-        CommBackendConfig::Local { link: None }
-    }
 }
 
 /// Progress of non-blocking MPI operations.

@@ -9,7 +9,18 @@ use switchyard_trainer::config::Config;
 use switchyard_trainer::data::{Corpus, InputFormat, Tokenizer, build_tokenizer, prepare_data};
 use switchyard_trainer::{ablation, bench as bench_impl, train as train_impl};
 
+use switchyard_comm::{
+    CommBackendConfig, Communicator, LinkConfig, LinkModel, LocalWorld, MpiProgress,
+};
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use switchyard_trainer::EXIT_PREEMPTED;
+use switchyard_trainer::train::RunOutcome;
+
 use crate::config::loader::resolved_yaml;
+use crate::launcher_env::{LaunchInfo, Launcher};
 
 /// Thread count for tensor kernels: rayon's global pool, set once per process.
 fn setup_threads(threads: Option<usize>) -> Result<()> {
@@ -43,42 +54,282 @@ fn load_data(cfg: &Config) -> Result<Corpus> {
     Ok(Corpus::load(&cfg.data, &tokenizer)?)
 }
 
-pub fn train(cfg: &Config, resume: Option<&str>, init_from: Option<&Path>) -> Result<()> {
+/// How the ranks of a run talk, resolved from `comm.backend` and the launcher.
+enum Transport {
+    /// One rank: no communicator at all.
+    Single,
+    /// Ranks as threads of this process.
+    Threads(Option<LinkModel>),
+    /// One MPI process per rank (started by mpirun / srun).
+    Mpi {
+        progress: MpiProgress,
+        verify_collectives: bool,
+    },
+}
+
+/// Tasks the launcher started and the variable that says so, when more than one (a bare
+/// PMIx launcher exports no size: then its presence counts).
+fn launched_tasks(launch: &LaunchInfo) -> Option<(usize, &'static str)> {
+    match &launch.world_size {
+        Some(w) if w.value > 1 => Some((w.value, w.var)),
+        Some(_) => None,
+        None => Some((0, launch.rank.var)).filter(|_| launch.launcher != Launcher::Single),
+    }
+}
+
+fn transport(cfg: &Config, launch: &LaunchInfo) -> Result<Transport> {
+    let world = cfg.parallel.world_size();
+    let launched = launched_tasks(launch);
+    let link = |l: &Option<LinkConfig>| l.map(|l| LinkModel::new(l.latency_us, l.bandwidth_gbps));
+    let t = match (&cfg.comm.backend, launched) {
+        (CommBackendConfig::Local { link: l }, None) => Transport::Threads(link(l)),
+        (CommBackendConfig::Auto, None) => Transport::Threads(None),
+        (CommBackendConfig::Local { .. }, Some((n, var))) => bail!(
+            "comm.backend.type is `local` (ranks as threads of one process), but the launcher \
+             started {n} processes ({var}={n}); use `comm.backend.type: auto` or `mpi`, or \
+             start one process"
+        ),
+        (CommBackendConfig::Auto, Some(_)) => Transport::Mpi {
+            progress: MpiProgress::default(),
+            verify_collectives: false,
+        },
+        (
+            CommBackendConfig::Mpi {
+                progress,
+                verify_collectives,
+            },
+            _,
+        ) => Transport::Mpi {
+            progress: *progress,
+            verify_collectives: *verify_collectives,
+        },
+        (CommBackendConfig::Nccl { .. }, _) => bail!(
+            "comm.backend.type `nccl` is not wired into training yet (it needs the CUDA \
+             device path); use `auto` or `mpi`"
+        ),
+    };
+    Ok(match t {
+        Transport::Threads(_) if world == 1 => Transport::Single,
+        t => t,
+    })
+}
+
+pub fn train(
+    cfg: &Config,
+    launch: &LaunchInfo,
+    resume: Option<&str>,
+    init_from: Option<&Path>,
+) -> Result<()> {
     setup_threads(cfg.run.threads)?;
+    let transport = transport(cfg, launch)?;
+    if !matches!(transport, Transport::Mpi { .. }) {
+        // One process (with or without rank threads): rank 0 of 1, whatever started it
+        // (srun -n4 of a local-backend run would run four copies writing one checkpoint).
+        launch.check_against(0, 1)?;
+    }
     let out = &cfg.run.output_dir;
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating run.output_dir {}", out.display()))?;
-    let resolved = resolved_yaml(cfg);
-    std::fs::write(out.join("config.yaml"), &resolved)
-        .with_context(|| format!("writing {}", out.join("config.yaml").display()))?;
     let corpus = load_data(cfg)?;
     let resume_path = match resume {
         Some(spec) => resume_target(&checkpoint_root(cfg), spec)?,
         None => None,
     };
-    if resume == Some("auto") && resume_path.is_none() {
-        tracing::info!("--resume auto: no complete checkpoint yet, starting fresh");
-    }
-    let device = Device::flex().autodiff();
     let start = match (&resume_path, init_from) {
         (Some(path), _) => train_impl::Start::Resume(path),
         (None, Some(path)) => train_impl::Start::InitFrom(path),
         (None, None) => train_impl::Start::Fresh,
     };
-    let summary = train_impl::run(
-        cfg,
-        &corpus,
-        start,
-        &device,
-        serde_json::to_value(cfg).expect("config serialises"),
-    )?;
-    if let Some(eval) = summary {
-        println!(
+    let write_config = || -> Result<()> {
+        std::fs::write(out.join("config.yaml"), resolved_yaml(cfg))
+            .with_context(|| format!("writing {}", out.join("config.yaml").display()))?;
+        if resume == Some("auto") && resume_path.is_none() {
+            tracing::info!("--resume auto: no complete checkpoint yet, starting fresh");
+        }
+        Ok(())
+    };
+    let preempt = preemption_flag()?;
+    let rank_run = |world: Option<Box<dyn Communicator>>| {
+        train_impl::run(
+            cfg,
+            &corpus,
+            start,
+            &Device::flex().autodiff(),
+            serde_json::to_value(cfg).expect("config serialises"),
+            world,
+            Some(&preempt),
+        )
+    };
+    let outcome = match transport {
+        Transport::Single => {
+            write_config()?;
+            (rank_run(None)?, true)
+        }
+        Transport::Threads(link) => {
+            write_config()?;
+            let n = cfg.parallel.world_size();
+            tracing::info!(ranks = n, "local backend: one thread per rank");
+            let comms = LocalWorld::new(n, cfg.comm.timeout(), link);
+            let results: Vec<_> = std::thread::scope(|scope| {
+                let handles: Vec<_> = comms
+                    .into_iter()
+                    .map(|comm| {
+                        // Deep autodiff graphs recurse in backward: a main-thread-sized stack.
+                        std::thread::Builder::new()
+                            .stack_size(64 << 20)
+                            .spawn_scoped(scope, move || {
+                                let rank = comm.rank();
+                                rank_run(Some(Box::new(comm))).map_err(|e| (rank, e))
+                            })
+                            .expect("spawn a rank thread")
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("a rank thread panicked"))
+                    .collect()
+            });
+            let mut first = None;
+            for r in results {
+                match r {
+                    Ok(outcome) => first = first.or(Some(outcome)),
+                    Err((rank, e)) => {
+                        return Err(anyhow::Error::new(e).context(format!("rank {rank}")));
+                    }
+                }
+            }
+            (first.expect("at least one rank"), true)
+        }
+        Transport::Mpi {
+            progress,
+            verify_collectives,
+        } => mpi_train(
+            cfg,
+            launch,
+            progress,
+            verify_collectives,
+            &write_config,
+            &rank_run,
+        )?,
+    };
+    let (outcome, is_rank0) = outcome;
+    match outcome {
+        RunOutcome::Finished(Some(eval)) if is_rank0 => println!(
             "final: step {} valid loss {:.4} perplexity {:.3}",
             cfg.train.steps, eval.loss, eval.perplexity
-        );
+        ),
+        RunOutcome::Finished(_) => {}
+        RunOutcome::Preempted { step, checkpoint } => {
+            return Err(Preempted { step, checkpoint }.into());
+        }
     }
     Ok(())
+}
+
+/// The run stopped on a preemption signal after committing a checkpoint; the binary exits
+/// with `EXIT_PREEMPTED` (75) so a job script can requeue it.
+#[derive(Debug)]
+pub struct Preempted {
+    pub step: u64,
+    pub checkpoint: PathBuf,
+}
+
+impl std::fmt::Display for Preempted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "preempted at step {}: checkpoint {} committed; continue with `--resume auto` \
+             (exit code {EXIT_PREEMPTED})",
+            self.step,
+            self.checkpoint.display()
+        )
+    }
+}
+
+impl std::error::Error for Preempted {}
+
+/// Set by SIGUSR1, SIGTERM or SIGINT: the trainer checkpoints at the next step boundary and
+/// stops. Further signals change nothing (a save in progress finishes), except a second
+/// SIGINT, which exits at once (130) for an impatient Ctrl-C.
+fn preemption_flag() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let flag = Arc::new(AtomicBool::new(false));
+    // Conditional shutdown first: it sees the flag set by an earlier SIGINT.
+    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flag.clone())
+        .context("installing the SIGINT handler")?;
+    for signal in [SIGUSR1, SIGTERM, SIGINT] {
+        signal_hook::flag::register(signal, flag.clone())
+            .with_context(|| format!("installing the handler of signal {signal}"))?;
+    }
+    Ok(flag)
+}
+
+type RankRun<'a> = dyn Fn(Option<Box<dyn Communicator>>) -> std::result::Result<RunOutcome, train_impl::TrainError>
+    + 'a;
+
+/// One MPI process per rank. A failure on any rank brings the whole job down (MPI_Abort),
+/// never a hang in the next collective.
+#[cfg(feature = "mpi")]
+fn mpi_train(
+    cfg: &Config,
+    launch: &LaunchInfo,
+    progress: MpiProgress,
+    verify_collectives: bool,
+    write_config: &dyn Fn() -> Result<()>,
+    rank_run: &RankRun<'_>,
+) -> Result<(RunOutcome, bool)> {
+    use switchyard_comm::mpi::{MpiEnv, MpiOptions};
+    let (env, world) = MpiEnv::init(MpiOptions {
+        progress,
+        verify_collectives,
+        timeout: cfg.comm.timeout(),
+        ..MpiOptions::default()
+    })?;
+    launch.check_against(world.rank(), world.size())?;
+    let want = cfg.parallel.world_size();
+    if world.size() != want {
+        bail!(
+            "mpirun started {} processes but parallel.dp x parallel.ep = {} x {} = {want}; \
+             launch with `mpirun -np {want}` or change the layout",
+            world.size(),
+            cfg.parallel.dp,
+            cfg.parallel.ep
+        );
+    }
+    let rank = world.rank();
+    if rank == 0 {
+        write_config()?;
+    }
+    // The trainer gets a duplicate; this handle stays here to abort the job.
+    let trainer_world = world.split(0, rank as i32)?;
+    let outcome = match rank_run(Some(trainer_world)) {
+        Ok(s) => s,
+        Err(e) => world.abort(&format!("rank {rank}: {e}"), 1),
+    };
+    // MPI_Finalize waits for every rank without a timeout: meet in a timed barrier first,
+    // so a rank that hangs at the very end still brings the job down.
+    if let Err(e) = world.barrier() {
+        world.abort(&format!("rank {rank}: the final barrier: {e}"), 1);
+    }
+    drop(world);
+    drop(env);
+    Ok((outcome, rank == 0))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_train(
+    _: &Config,
+    launch: &LaunchInfo,
+    _: MpiProgress,
+    _: bool,
+    _: &dyn Fn() -> Result<()>,
+    _: &RankRun<'_>,
+) -> Result<(RunOutcome, bool)> {
+    let tasks = launched_tasks(launch).map_or(String::new(), |(n, var)| format!(" ({var}={n})"));
+    bail!(
+        "this run needs MPI{tasks}, but this switchyard was built without the `mpi` feature; \
+         rebuild with `cargo build --release --features mpi`"
+    )
 }
 
 pub fn eval(cfg: &Config, checkpoint: &str) -> Result<()> {
@@ -100,7 +351,7 @@ pub fn eval(cfg: &Config, checkpoint: &str) -> Result<()> {
             checkpoint_root(cfg).display()
         ),
     }
-    let report = trainer.evaluate();
+    let report = trainer.evaluate()?;
     println!(
         "valid loss {:.4} nats/token, perplexity {:.3} over {} tokens",
         report.loss, report.perplexity, report.tokens

@@ -4,6 +4,8 @@
 
 mod commands;
 mod config;
+mod launcher_env;
+mod slurm_script;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +77,8 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Write an sbatch script that trains CONFIG with preemption signalling and requeue.
+    SlurmScript(slurm_script::SlurmScriptArgs),
     /// Train for a fixed number of steps and report tokens/s and FLOP/s against the
     /// machine's measured peak.
     Bench {
@@ -115,6 +119,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in files (Slurm's output files, redirected logs).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli.command) {
@@ -123,6 +129,10 @@ fn main() -> ExitCode {
             if let Some(config_err) = err.downcast_ref::<ConfigError>() {
                 eprintln!("error: invalid config\n{config_err}");
                 return ExitCode::from(config_err.exit_code() as u8);
+            }
+            if let Some(preempted) = err.downcast_ref::<commands::Preempted>() {
+                eprintln!("{preempted}");
+                return ExitCode::from(switchyard_trainer::EXIT_PREEMPTED);
             }
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
@@ -153,7 +163,9 @@ fn run(command: Command) -> Result<()> {
             init_from,
         } => {
             let cfg = load(&config)?;
-            commands::train(&cfg, resume.as_deref(), init_from.as_deref())
+            let launch = launcher_env::LaunchInfo::from_process_env()?;
+            tracing::info!("launch: {launch}");
+            commands::train(&cfg, &launch, resume.as_deref(), init_from.as_deref())
         }
         Command::Eval { config, checkpoint } => {
             let cfg = load(&config)?;
@@ -176,6 +188,16 @@ fn run(command: Command) -> Result<()> {
         Command::Ablate { config } => {
             let cfg = load(&config)?;
             commands::ablate(&cfg)
+        }
+        Command::SlurmScript(args) => {
+            let cfg = load(&args.config)?;
+            let path = slurm_script::write(&args, &cfg)?;
+            println!(
+                "wrote {}\nsubmit it with: sbatch {}",
+                path.display(),
+                path.display()
+            );
+            Ok(())
         }
         Command::Bench {
             config,

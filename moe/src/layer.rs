@@ -98,8 +98,9 @@ impl ConstantExpert {
 #[derive(Module, Debug)]
 pub struct MoeLayer {
     pub router: Router,
-    /// Routed FFN experts, indexed by global expert id.
-    pub experts: Vec<SwiGlu>,
+    /// Routed FFN experts, indexed by global expert id; `None` for an expert another rank
+    /// owns under expert parallelism (so parameter names stay global: `experts.{e}.w_up`).
+    pub experts: Vec<Option<SwiGlu>>,
     /// MoE++ constant experts.
     pub constants: Vec<ConstantExpert>,
     /// Always-on shared experts.
@@ -120,7 +121,7 @@ impl MoeLayer {
     pub fn new(d_model: usize, cfg: &MoeConfig, init: &mut Initializer) -> Self {
         let router = Router::new(d_model, cfg, init);
         let experts = (0..cfg.num_experts)
-            .map(|_| SwiGlu::new(d_model, cfg.expert_ffn_dim, init))
+            .map(|_| Some(SwiGlu::new(d_model, cfg.expert_ffn_dim, init)))
             .collect();
         let constant_count = cfg
             .slot_kinds()
@@ -167,6 +168,28 @@ impl MoeLayer {
     pub fn with_reducer(mut self, reducer: Arc<dyn BatchReducer>) -> Self {
         self.reducer = reducer;
         self
+    }
+
+    /// Keeps only the routed experts for which `held(e)` is true (the others become `None`:
+    /// their memory is freed and they leave the parameter list).
+    pub fn retain_experts(mut self, held: impl Fn(usize) -> bool) -> Self {
+        for (e, slot) in self.experts.iter_mut().enumerate() {
+            if !held(e) {
+                *slot = None;
+            }
+        }
+        self
+    }
+
+    /// Routed expert `e`. Panics if this rank does not hold it: the dispatcher's placement
+    /// and the layer's experts disagree, a bug of whoever changed one without the other.
+    pub fn expert(&self, e: usize) -> &SwiGlu {
+        self.experts[e].as_ref().unwrap_or_else(|| {
+            panic!(
+                "expert {e} is not held by this rank, but the dispatcher routed rows to it; \
+                 the placement and the layer's experts must change together"
+            )
+        })
     }
 
     /// Capacity per routing slot for `assignments = T * K` routed assignments. Null slots
@@ -219,7 +242,7 @@ impl MoeLayer {
             let flops = dispatched
                 .local_experts
                 .iter()
-                .map(|&(e, rows)| layer.experts[e].forward_flops(rows))
+                .map(|&(e, rows)| layer.expert(e).forward_flops(rows))
                 .sum();
             (y_td, flops)
         })
@@ -238,7 +261,8 @@ impl MoeLayer {
         self.forward_with(x_bsd, carry, gru, |layer, x_td, routing, kept| {
             let mut y_td = x_td.zeros_like();
             let mut routed_rows = 0;
-            for (e, expert) in layer.experts.iter().enumerate() {
+            for e in 0..layer.experts.len() {
+                let expert = layer.expert(e);
                 let gate_t1 = gate_of_slot(routing, kept, e);
                 y_td = y_td + expert.forward(x_td.clone()) * gate_t1;
                 routed_rows += (0..kept.len())
@@ -248,7 +272,7 @@ impl MoeLayer {
             let flops = layer
                 .experts
                 .first()
-                .map(|e| e.forward_flops(routed_rows))
+                .map(|_| layer.expert(0).forward_flops(routed_rows))
                 .unwrap_or(0);
             (y_td, flops)
         })
@@ -357,7 +381,7 @@ impl MoeLayer {
                 continue;
             }
             let chunk = rows_nd.clone().slice([offset..offset + rows, 0..d]);
-            outputs.push(self.experts[expert].forward(chunk));
+            outputs.push(self.expert(expert).forward(chunk));
             offset += rows;
         }
         if outputs.is_empty() {

@@ -9,10 +9,9 @@
 //! Null and zero-computation experts never get here: the layer computes its extra experts
 //! locally. Every rank joins every collective, forward and backward, also with no rows.
 //!
-//! Experts not owned by this rank stay in the layer (unused, no gradient): the layer keeps
-//! one `Vec<SwiGlu>` indexed by global id, so parameter names, checkpoints and the
-//! optimizer stay layout-independent. This costs their memory; dropping them (true EP
-//! memory savings) is a later change of `moe`'s expert storage.
+//! The layer holds only the experts this rank owns (`parallelize` drops the others), still
+//! indexed by global id, so parameter names, checkpoints and the optimizer state stay
+//! layout-independent.
 //!
 //! Shape legend: T tokens, D model dim, K top-k, R_s rows sent, R_r rows received.
 

@@ -92,11 +92,12 @@ pub fn parallelize(model: Transformer, mesh: &Mesh) -> Result<Transformer> {
 
 /// Applies expert, data and context parallelism to a single-device model: every MoE layer
 /// gets the all-to-all dispatcher over the mesh's ep axis (the local dispatcher when
-/// ep = 1) and the world reducer for its auxiliary losses; when cp > 1 the attention
-/// becomes context-parallel over the cp axis (zigzag shards; the model then expects this
-/// rank's shard of every sequence, see [`crate::shard_sequence`]). Weights are untouched
-/// (every rank builds the same weights from the seed); gradients are synced by
-/// [`GradSync`].
+/// ep = 1) and the world reducer for its auxiliary losses, and keeps only the routed
+/// experts this rank owns (the others are dropped: their memory is freed and they leave
+/// the parameter list); when cp > 1 the attention becomes context-parallel over the cp
+/// axis (zigzag shards; the model then expects this rank's shard of every sequence, see
+/// [`crate::shard_sequence`]). The kept weights are untouched (every rank builds the same
+/// weights from the seed); gradients are synced by [`GradSync`].
 pub fn parallelize_with(mut model: Transformer, mesh: &Mesh, cp: &CpConfig) -> Result<Transformer> {
     let experts = mesh.placement().num_experts();
     let reducer: Arc<dyn BatchReducer> = Arc::new(WorldReducer::new(mesh));
@@ -114,8 +115,11 @@ pub fn parallelize_with(mut model: Transformer, mesh: &Mesh, cp: &CpConfig) -> R
                     layer.experts.len()
                 )));
             }
+            let placement = mesh.placement().clone();
+            let me = mesh.ep_rank();
             block.moe = Some(
                 layer
+                    .retain_experts(|e| placement.owner(e) == me)
                     .with_dispatcher(dispatcher.clone())
                     .with_reducer(reducer.clone()),
             );

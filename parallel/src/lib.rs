@@ -14,6 +14,7 @@
 //!   the loss scaling).
 
 pub mod all_to_all;
+pub mod config;
 pub mod cp;
 pub mod dispatcher;
 mod error;
@@ -21,6 +22,7 @@ pub mod glue;
 pub mod grad_sync;
 pub mod mesh;
 
+pub use config::ParallelConfig;
 pub use cp::{CpAlgorithm, CpAttention, CpConfig, SeqLayout, Sharding, shard_sequence};
 pub use dispatcher::AllToAllDispatcher;
 pub use error::{ParallelError, Result};

@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use switchyard_comm::CommConfig;
 use switchyard_moe::ModelConfig;
+use switchyard_parallel::ParallelConfig;
 
 use crate::data::{DataConfig, TokenizerConfig};
 use crate::metrics::MetricsConfig;
@@ -25,6 +27,12 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Mesh layout (dp x ep); absent = one process.
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+    /// Transport between ranks (`type: auto` picks MPI under mpirun / srun, else threads).
+    #[serde(default)]
+    pub comm: CommConfig,
 }
 
 /// The `run:` node: identity and placement of one training run.
@@ -72,6 +80,22 @@ impl Config {
         add("train", self.train.validate());
         add("checkpoint", self.checkpoint.validate());
         add("metrics", self.metrics.validate());
+        add(
+            "parallel",
+            self.parallel.validate(self.model.moe.num_experts),
+        );
+        add("comm", self.comm.validate());
+        let world = self.parallel.world_size();
+        if world > 1 && !self.data.batch_size.is_multiple_of(world) {
+            issues.push((
+                "data.batch_size".to_string(),
+                format!(
+                    "is {} but the layout parallel.dp x parallel.ep has {world} ranks, each \
+                     taking an equal share of the global batch; use a multiple of {world}",
+                    self.data.batch_size
+                ),
+            ));
+        }
         // Combinations that span components.
         if self.data.seq_len > self.model.max_seq_len {
             issues.push((

@@ -6,6 +6,13 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod metrics;
 pub mod optim;
+pub mod parity;
 pub mod train;
+
+/// Exit status of a run that stopped on SIGUSR1 or SIGTERM after committing a checkpoint:
+/// 75, `EX_TEMPFAIL` in sysexits.h ("temporary failure; try again"). The script written by
+/// `switchyard slurm-script` requeues the job on it, and `--resume auto` continues the run.
+pub const EXIT_PREEMPTED: u8 = 75;

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::Module;
@@ -15,8 +16,13 @@ use switchyard_moe::params::{map_params, named_grads, named_params, signature};
 use switchyard_moe::{RouterConfig, Transformer, cross_entropy};
 
 use crate::checkpoint::{self, CheckpointManager, ManifestMeta, NamedTensor};
+use switchyard_comm::Communicator;
+use switchyard_parallel::grad_sync::expert_id;
+use switchyard_parallel::parallelize;
+
 use crate::config::Config;
 use crate::data::{Batch, Corpus, Sampler, SamplerState};
+use crate::distributed::Distributed;
 use crate::metrics::MetricsSink;
 use crate::optim::{NamedAdamW, clip_global_norm, global_norm, tensor_to_vec};
 
@@ -66,6 +72,10 @@ pub struct CheckpointConfig {
     /// Save after the last step.
     #[serde(default = "default_true")]
     pub save_final: bool,
+    /// Seconds the ranks of a multi-rank save wait for each other (writing a large shard
+    /// can take longer than `comm.timeout_s`).
+    #[serde(default = "default_save_timeout_s")]
+    pub save_timeout_s: f64,
 }
 
 impl Default for CheckpointConfig {
@@ -75,6 +85,7 @@ impl Default for CheckpointConfig {
             keep_last: default_keep_last(),
             dir: None,
             save_final: true,
+            save_timeout_s: default_save_timeout_s(),
         }
     }
 }
@@ -87,6 +98,9 @@ fn default_eval_batches() -> usize {
 }
 fn default_keep_last() -> usize {
     3
+}
+fn default_save_timeout_s() -> f64 {
+    1800.0
 }
 fn default_true() -> bool {
     true
@@ -117,6 +131,15 @@ impl CheckpointConfig {
                 "must be at least 1 (the newest checkpoint is always kept)".into(),
             ));
         }
+        if !(self.save_timeout_s.is_finite() && self.save_timeout_s > 0.0) {
+            issues.push((
+                "save_timeout_s".into(),
+                format!(
+                    "must be a positive number of seconds, got {}",
+                    self.save_timeout_s
+                ),
+            ));
+        }
         issues
     }
 }
@@ -139,6 +162,8 @@ pub enum TrainError {
         what: &'static str,
         value: f64,
     },
+    #[error("communication: {0}")]
+    Comm(String),
     #[error("resume from {path}: {message}")]
     Resume { path: PathBuf, message: String },
     #[error("{0}")]
@@ -188,16 +213,53 @@ pub struct Trainer {
     pub state_step: u64,
     pub tokens_seen: u64,
     pub skipped_steps: u64,
-    /// Per-step MoE statistics of the last step, for metrics.
+    /// Per-step MoE statistics of the last step (this rank's tokens), for metrics.
     pub last_moe_stats: Vec<(usize, switchyard_moe::MoeStats)>,
+    /// The other ranks, when the layout has more than one.
+    pub dist: Option<Distributed>,
+    /// Signature of the whole (unsharded) model: the same at every layout.
+    signature: String,
 }
 
 impl Trainer {
-    /// Builds model, optimizer and data from the config (fresh weights from `run.seed`).
+    /// Builds model, optimizer and data from the config (fresh weights from `run.seed`),
+    /// in one process.
     pub fn new(cfg: &Config, corpus: &Corpus, device: &Device) -> Result<Self, TrainError> {
-        let model = Transformer::new(&cfg.model, cfg.run.seed, device);
+        Self::new_on(cfg, corpus, device, None)
+    }
+
+    /// As [`Self::new`], as one rank of `world` (a collective: every rank calls it) laid out
+    /// by `parallel:`; the model is parallelized (this rank keeps only its experts).
+    pub fn new_on(
+        cfg: &Config,
+        corpus: &Corpus,
+        device: &Device,
+        world: Option<Box<dyn Communicator>>,
+    ) -> Result<Self, TrainError> {
+        let mut model = Transformer::new(&cfg.model, cfg.run.seed, device);
+        let signature = signature(&model);
+        let dist = match world {
+            Some(world) => {
+                let dist = Distributed::new(world, cfg)?;
+                model = parallelize(model, &dist.mesh)
+                    .map_err(|e| TrainError::Comm(format!("parallelize: {e}")))?;
+                Some(dist)
+            }
+            None => None,
+        };
         let sampler = corpus.train_sampler(cfg.data.shuffle_seed_or(cfg.run.seed))?;
-        let valid = corpus.valid_batches(cfg.train.eval_batches);
+        let mut valid = corpus.valid_batches(cfg.train.eval_batches);
+        if let Some(d) = &dist {
+            // Ranks take equal shares: a last, partial batch keeps a multiple of the world
+            // size of its rows (the same rows on every rank).
+            let w = d.world_size();
+            for b in &mut valid {
+                if !b.batch_size.is_multiple_of(w) {
+                    *b = b.rows(0..b.batch_size - b.batch_size % w);
+                }
+            }
+            valid.retain(|b| b.batch_size > 0);
+        }
         let optim = NamedAdamW::new(&cfg.optim, &model);
         Ok(Self {
             cfg: cfg.clone(),
@@ -210,7 +272,14 @@ impl Trainer {
             tokens_seen: 0,
             skipped_steps: 0,
             last_moe_stats: Vec::new(),
+            dist,
+            signature,
         })
+    }
+
+    /// Whether this rank logs, prints and writes run-level files (rank 0).
+    pub fn is_logger(&self) -> bool {
+        self.dist.as_ref().is_none_or(|d| d.rank() == 0)
     }
 
     /// One optimizer step over `grad_accum_steps` micro-batches.
@@ -223,12 +292,17 @@ impl Trainer {
         let (mut loss_sum, mut aux_sum, mut tokens) = (0f64, 0f64, 0u64);
         let mut moe_stats = Vec::new();
         for _ in 0..accum {
-            let batch = self.sampler.next_batch();
-            tokens += (batch.batch_size * batch.seq_len) as u64;
+            let global = self.sampler.next_batch();
+            tokens += (global.batch_size * global.seq_len) as u64;
+            // This rank's share; its mean cross-entropy weighs T_r / T_g of the global mean.
+            let (batch, ce_weight) = match &self.dist {
+                Some(d) => (d.shard(&global), d.loss_scale(&global).ce_weight()),
+                None => (global, 1.0),
+            };
             let (inputs, targets) = batch_tensors(&batch, &self.device);
             let output = self.model.forward(inputs);
             let aux_loss = output.aux_loss(&self.cfg.model, step);
-            let ce = cross_entropy(output.logits, targets);
+            let ce = cross_entropy(output.logits, targets) * ce_weight;
             loss_sum += scalar(&ce);
             aux_sum += scalar(&aux_loss);
             let loss = (ce + aux_loss) / accum as f32;
@@ -241,9 +315,26 @@ impl Trainer {
             }
             moe_stats = output.moe_stats;
         }
-        let loss = loss_sum / accum as f64;
-        let aux_loss = aux_sum / accum as f64;
-        let grad_norm = global_norm(&grads);
+        let (loss, aux_loss, grad_norm) = match &self.dist {
+            Some(d) => {
+                let grads_synced = d
+                    .sync
+                    .sync(&self.model, &grads)
+                    .map_err(|e| TrainError::Comm(format!("step {step}: {e}")))?;
+                grads = grads_synced;
+                let sums = d.sum_agreed(vec![loss_sum, aux_sum], "step loss")?;
+                (
+                    sums[0] / accum as f64,
+                    sums[1] / accum as f64,
+                    d.grad_norm(&grads)?,
+                )
+            }
+            None => (
+                loss_sum / accum as f64,
+                aux_sum / accum as f64,
+                global_norm(&grads),
+            ),
+        };
         let finite = loss.is_finite() && grad_norm.is_finite();
         if !finite {
             if self.cfg.train.nonfinite == NonFinitePolicy::Stop {
@@ -283,24 +374,33 @@ impl Trainer {
         })
     }
 
-    /// Mean validation cross-entropy over the fixed validation batches.
-    pub fn evaluate(&self) -> EvalReport {
+    /// Mean validation cross-entropy over the fixed validation batches (each rank
+    /// evaluates its rows of every batch; a collective when distributed).
+    pub fn evaluate(&self) -> Result<EvalReport, TrainError> {
         let model = self.model.valid();
         let inner = self.device.clone().inner();
-        let (mut sum, mut tokens) = (0f64, 0u64);
-        for batch in &self.valid {
-            let (inputs, targets) = batch_tensors(batch, &inner);
+        let (mut sum, mut tokens) = (0f64, 0f64);
+        for global in &self.valid {
+            let batch = match &self.dist {
+                Some(d) => d.shard(global),
+                None => global.clone(),
+            };
+            let (inputs, targets) = batch_tensors(&batch, &inner);
             let out = model.forward(inputs);
-            let n = (batch.batch_size * batch.seq_len) as u64;
-            sum += scalar(&cross_entropy(out.logits, targets)) * n as f64;
+            let n = (batch.batch_size * batch.seq_len) as f64;
+            sum += scalar(&cross_entropy(out.logits, targets)) * n;
             tokens += n;
         }
-        let loss = sum / tokens.max(1) as f64;
-        EvalReport {
+        if let Some(d) = &self.dist {
+            let sums = d.sum_agreed(vec![sum, tokens], "evaluation")?;
+            (sum, tokens) = (sums[0], sums[1]);
+        }
+        let loss = sum / tokens.max(1.0);
+        Ok(EvalReport {
             loss,
             perplexity: loss.exp(),
-            tokens,
-        }
+            tokens: tokens as u64,
+        })
     }
 
     /// The model's matmul FLOPs per trained token, forward + backward (3x forward).
@@ -327,7 +427,9 @@ impl Trainer {
         (model, self.optim.export())
     }
 
-    /// Save a checkpoint of the current step.
+    /// Save a checkpoint of the current step (a collective when distributed: the dp-rank-0
+    /// replica of every ep rank writes its experts, world rank 0 also the dense parameters,
+    /// each into its own files; rank 0 commits once every shard is durable).
     pub fn save(
         &self,
         manager: &CheckpointManager,
@@ -335,20 +437,109 @@ impl Trainer {
     ) -> Result<PathBuf, TrainError> {
         let (model, optimizer) = self.export();
         let state = serde_json::to_value(self.trainer_state()).expect("trainer state serialises");
-        let path = manager.save(
-            self.state_step,
-            &[
+        let meta = ManifestMeta {
+            tokens_seen: self.tokens_seen,
+            model_signature: self.signature.clone(),
+            trainer_state: state,
+            config: resolved_config.clone(),
+        };
+        let step = self.state_step;
+        let Some(d) = &self.dist else {
+            let files = [
                 ("model.safetensors", model),
                 ("optimizer.safetensors", optimizer),
-            ],
-            ManifestMeta {
-                tokens_seen: self.tokens_seen,
-                model_signature: signature(&self.model),
-                trainer_state: state,
-                config: resolved_config.clone(),
-            },
+            ];
+            return Ok(manager.save(step, &files, meta)?);
+        };
+        let rank = d.rank();
+        // Every expert once (dp rank 0 of its ep rank), every dense tensor once (rank 0).
+        let writes = d.mesh.dp_rank() == 0;
+        let mine = |tensors: Vec<NamedTensor>| -> Vec<NamedTensor> {
+            tensors
+                .into_iter()
+                .filter(|t| rank == 0 || expert_id(&t.name).is_some())
+                .collect()
+        };
+        let tag = d.broadcast_u64(std::process::id() as u64, "checkpoint: save tag")?;
+        let tmp = manager.shared_temp_dir(step, tag);
+        let begun = if rank == 0 {
+            manager.begin_shared(step, tag).map(|_| ())
+        } else {
+            Ok(())
+        };
+        self.agree_saved(d, manager, &tmp, begun, step, "create the temp directory")?;
+        let written = if writes {
+            let files = [
+                (format!("model.rank-{rank:04}.safetensors"), mine(model)),
+                (
+                    format!("optimizer.rank-{rank:04}.safetensors"),
+                    mine(optimizer),
+                ),
+            ];
+            let borrowed: Vec<(&str, Vec<NamedTensor>)> =
+                files.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+            checkpoint::write_files(&tmp, &borrowed)
+        } else {
+            Ok(Vec::new())
+        };
+        let entries = match &written {
+            Ok(e) => serde_json::to_vec(e).expect("file entries serialise"),
+            Err(_) => Vec::new(),
+        };
+        self.agree_saved(
+            d,
+            manager,
+            &tmp,
+            written.map(|_| ()),
+            step,
+            "write the shards",
         )?;
-        Ok(path)
+        let gathered = d.all_gather_bytes(entries, "checkpoint: file entries")?;
+        let committed = if rank == 0 {
+            let mut all: Vec<checkpoint::FileEntry> = Vec::new();
+            for part in gathered {
+                let entries: Vec<checkpoint::FileEntry> =
+                    serde_json::from_slice(&part).expect("file entries written above parse");
+                all.extend(entries);
+            }
+            manager.commit_shared(&tmp, step, all, meta).map(|_| ())
+        } else {
+            Ok(())
+        };
+        self.agree_saved(d, manager, &tmp, committed, step, "commit")?;
+        Ok(manager.root().join(checkpoint::step_dir_name(step)))
+    }
+
+    /// Collective outcome of one phase of a distributed save: every rank learns whether
+    /// every rank succeeded; on failure rank 0 removes the temp directory.
+    fn agree_saved(
+        &self,
+        d: &Distributed,
+        manager: &CheckpointManager,
+        tmp: &Path,
+        outcome: Result<(), checkpoint::CheckpointError>,
+        step: u64,
+        phase: &str,
+    ) -> Result<(), TrainError> {
+        let patience = std::time::Duration::from_secs_f64(self.cfg.checkpoint.save_timeout_s);
+        let ok = d.all_ok_within(
+            outcome.is_ok(),
+            &format!("checkpoint of step {step}: {phase}"),
+            patience,
+        )?;
+        if ok {
+            return Ok(());
+        }
+        if d.rank() == 0 {
+            manager.abandon(tmp);
+        }
+        match outcome {
+            Err(e) => Err(e.into()),
+            Ok(()) => Err(TrainError::Comm(format!(
+                "checkpoint of step {step}: another rank failed to {phase} (its own error is \
+                 in its log); nothing was committed"
+            ))),
+        }
     }
 
     /// Restore weights, optimizer moments, data position and counters from a checkpoint.
@@ -358,21 +549,12 @@ impl Trainer {
             message,
         };
         let manifest = checkpoint::read_manifest(path)?;
-        checkpoint::verify_compatible(&manifest, path, &signature(&self.model))?;
+        checkpoint::verify_compatible(&manifest, path, &self.signature)?;
         let loaded = checkpoint::load(path)?;
         let state: TrainerState = serde_json::from_value(loaded.manifest.trainer_state.clone())
             .map_err(|e| resume_err(format!("manifest.json trainer_state: {e}")))?;
-        let by_name = |file: &str| -> Result<BTreeMap<String, NamedTensor>, TrainError> {
-            let tensors = loaded
-                .tensors(file)
-                .ok_or_else(|| resume_err(format!("the checkpoint has no {file}")))?;
-            Ok(tensors
-                .iter()
-                .map(|t| (t.name.clone(), t.clone()))
-                .collect())
-        };
-        let model_tensors = by_name("model.safetensors")?;
-        let optim_tensors = by_name("optimizer.safetensors")?;
+        let model_tensors = merged(&loaded, "model").map_err(resume_err)?;
+        let optim_tensors = merged(&loaded, "optimizer").map_err(resume_err)?;
         let sizes = self
             .load_weights(&model_tensors, |name, stored, shape, _| {
                 if stored.shape != shape {
@@ -414,12 +596,7 @@ impl Trainer {
             message,
         };
         let loaded = checkpoint::load(path)?;
-        let tensors: BTreeMap<String, NamedTensor> = loaded
-            .tensors("model.safetensors")
-            .ok_or_else(|| err("the checkpoint has no model.safetensors".into()))?
-            .iter()
-            .map(|t| (t.name.clone(), t.clone()))
-            .collect();
+        let tensors = merged(&loaded, "model").map_err(err)?;
         let moe = self.cfg.model.moe.clone();
         let copy_nulls = match moe.router {
             RouterConfig::NullExperts { null_init, .. } => {
@@ -471,9 +648,12 @@ impl Trainer {
     ) -> Result<BTreeMap<String, usize>, String> {
         let mut values = BTreeMap::new();
         for (name, shape, current) in named_params(&self.model) {
-            let t = stored
-                .get(&name)
-                .ok_or_else(|| format!("model.safetensors has no tensor `{name}`"))?;
+            let t = stored.get(&name).ok_or_else(|| {
+                format!(
+                    "the checkpoint has no tensor `{name}` (in model.safetensors or any \
+                     model.rank-NNNN.safetensors shard)"
+                )
+            })?;
             values.insert(name.clone(), value(&name, t, &shape, &current)?);
         }
         let sizes = values.iter().map(|(k, v)| (k.clone(), v.len())).collect();
@@ -483,6 +663,41 @@ impl Trainer {
         });
         Ok(sizes)
     }
+}
+
+/// The tensors of every `{kind}.safetensors` / `{kind}.rank-NNNN.safetensors` file of a
+/// checkpoint, by name (a checkpoint written at any layout reads the same way).
+fn merged(
+    loaded: &checkpoint::LoadedCheckpoint,
+    kind: &str,
+) -> Result<BTreeMap<String, NamedTensor>, String> {
+    let mut out = BTreeMap::new();
+    let mut found = false;
+    for (file, tensors) in &loaded.files {
+        let Some(rest) = file.strip_prefix(kind) else {
+            continue;
+        };
+        if !(rest == ".safetensors" || rest.starts_with(".rank-") && rest.ends_with(".safetensors"))
+        {
+            continue;
+        }
+        found = true;
+        for t in tensors {
+            if out.insert(t.name.clone(), t.clone()).is_some() {
+                return Err(format!(
+                    "tensor `{}` is stored twice (again in {file}); the checkpoint's shards \
+                     overlap",
+                    t.name
+                ));
+            }
+        }
+    }
+    if !found {
+        return Err(format!(
+            "the checkpoint has no {kind}.safetensors (nor {kind}.rank-NNNN.safetensors shards)"
+        ));
+    }
+    Ok(out)
 }
 
 fn f32_values(name: &str, t: &NamedTensor) -> Result<Vec<f32>, String> {
@@ -516,14 +731,30 @@ pub enum Start<'a> {
     InitFrom(&'a Path),
 }
 
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub enum RunOutcome {
+    /// Every step ran; the last evaluation, if any.
+    Finished(Option<EvalReport>),
+    /// A preemption signal arrived; every rank stopped at the same step boundary after a
+    /// committed checkpoint of that step (`--resume auto` continues from it).
+    Preempted { step: u64, checkpoint: PathBuf },
+}
+
+/// `world`: this rank's communicator when the layout has more than one rank (every rank
+/// calls `run`); only rank 0 writes metrics and prints progress. `preempt`: set (by a
+/// signal handler) to stop at the next step boundary with a checkpoint; the decision is
+/// collective, so every rank stops at the same step even if only one was signalled.
 pub fn run(
     cfg: &Config,
     corpus: &Corpus,
     start: Start<'_>,
     device: &Device,
     resolved_config: serde_json::Value,
-) -> Result<Option<EvalReport>, TrainError> {
-    let mut trainer = Trainer::new(cfg, corpus, device)?;
+    world: Option<Box<dyn Communicator>>,
+    preempt: Option<&AtomicBool>,
+) -> Result<RunOutcome, TrainError> {
+    let mut trainer = Trainer::new_on(cfg, corpus, device, world)?;
     let ckpt_dir = cfg
         .checkpoint
         .dir
@@ -541,13 +772,19 @@ pub fn run(
             tracing::info!(path = %path.display(), "weights initialised from checkpoint");
         }
     }
-    let mut metrics = MetricsSink::new(
-        cfg.metrics.clone(),
-        &cfg.run.output_dir,
-        cfg.train.steps,
-        trainer.state_step,
-    )
-    .map_err(|e| TrainError::Metrics(e.to_string()))?;
+    let mut metrics = if trainer.is_logger() {
+        Some(
+            MetricsSink::new(
+                cfg.metrics.clone(),
+                &cfg.run.output_dir,
+                cfg.train.steps,
+                trainer.state_step,
+            )
+            .map_err(|e| TrainError::Metrics(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     let flops_per_token = trainer.train_flops_per_token();
     let mut last_eval = None;
     while trainer.state_step < cfg.train.steps {
@@ -593,23 +830,48 @@ pub fn run(
         let step = trainer.state_step;
         let last = step == cfg.train.steps;
         if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0) || last {
-            let eval = trainer.evaluate();
+            let eval = trainer.evaluate()?;
             scalars.push(("valid/loss".into(), eval.loss));
             scalars.push(("valid/perplexity".into(), eval.perplexity));
             last_eval = Some(eval);
         }
-        let borrowed: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        metrics
-            .log(step, &borrowed)
-            .map_err(|e| TrainError::Metrics(e.to_string()))?;
-        metrics.progress(step, report.loss, tokens_per_sec);
+        if let Some(metrics) = &mut metrics {
+            let borrowed: Vec<(&str, f64)> =
+                scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            metrics
+                .log(step, &borrowed)
+                .map_err(|e| TrainError::Metrics(e.to_string()))?;
+            metrics.progress(step, report.loss, tokens_per_sec);
+        }
         let due = cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0;
+        let mut saved = None;
         if due || (last && cfg.checkpoint.save_final) {
-            trainer.save(&manager, &resolved_config)?;
+            saved = Some(trainer.save(&manager, &resolved_config)?);
+        }
+        // A signal that arrived during the step, the evaluation or the save is acted on here.
+        let signalled = preempt.is_some_and(|p| p.load(Ordering::SeqCst));
+        let stop = match &trainer.dist {
+            Some(d) => !d.all_ok(!signalled, "preemption check")?,
+            None => signalled,
+        };
+        if stop && !last {
+            let checkpoint = match saved {
+                Some(path) => path,
+                None => trainer.save(&manager, &resolved_config)?,
+            };
+            if let Some(metrics) = metrics {
+                metrics
+                    .finish()
+                    .map_err(|e| TrainError::Metrics(e.to_string()))?;
+            }
+            tracing::warn!(step, checkpoint = %checkpoint.display(), "preempted: checkpoint committed, stopping");
+            return Ok(RunOutcome::Preempted { step, checkpoint });
         }
     }
-    metrics
-        .finish()
-        .map_err(|e| TrainError::Metrics(e.to_string()))?;
-    Ok(last_eval)
+    if let Some(metrics) = metrics {
+        metrics
+            .finish()
+            .map_err(|e| TrainError::Metrics(e.to_string()))?;
+    }
+    Ok(RunOutcome::Finished(last_eval))
 }

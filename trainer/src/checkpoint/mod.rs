@@ -15,10 +15,12 @@
 //! named `step-N` therefore always holds a complete checkpoint unless someone edited it,
 //! which [`load`] detects through the checksums.
 //!
-//! Multi-rank shards (later): every rank writes its own files (e.g.
-//! `model.rank-0003.safetensors`) into the same temp directory and reports their
-//! [`FileEntry`]; one rank writes the manifest listing all of them and commits. The
-//! manifest format already allows any number of files.
+//! Multi-rank saves ([`CheckpointManager::begin_shared`], [`write_files`],
+//! [`CheckpointManager::commit_shared`]): one rank creates the temp directory, every
+//! writer writes and fsyncs its own files (e.g. `model.rank-0003.safetensors`) there and
+//! reports their [`FileEntry`]s, and only after every writer has reported does one rank
+//! write the manifest listing all of them and commit. A crash of any rank before the commit
+//! leaves only a temp directory, which the next save removes.
 
 mod error;
 mod inspect;
@@ -140,6 +142,69 @@ impl CheckpointManager {
         Ok(final_dir)
     }
 
+    /// Multi-writer save, phase 1 (one rank, before the others write): removes temp
+    /// directories of crashed saves and creates this save's temp directory, named by
+    /// `tag` (the same on every rank, e.g. the committing rank's pid).
+    pub fn begin_shared(&self, step: u64, tag: u64) -> Result<PathBuf> {
+        let final_dir = self.root.join(step_dir_name(step));
+        std::fs::create_dir_all(&self.root)
+            .map_err(io_err("create checkpoint root", &self.root))?;
+        if final_dir.exists() {
+            return Err(CheckpointError::AlreadyExists { path: final_dir });
+        }
+        self.remove_stale_temp_dirs()?;
+        let tmp = self.shared_temp_dir(step, tag);
+        std::fs::create_dir(&tmp).map_err(io_err("create temporary checkpoint directory", &tmp))?;
+        Ok(tmp)
+    }
+
+    /// The temp directory of a multi-writer save (see [`Self::begin_shared`]).
+    pub fn shared_temp_dir(&self, step: u64, tag: u64) -> PathBuf {
+        self.root
+            .join(format!(".{}.tmp-{tag}", step_dir_name(step)))
+    }
+
+    /// Multi-writer save, phase 3 (one rank, after every writer's files are durable):
+    /// writes the manifest listing `entries`, commits, prunes. On error the temp directory
+    /// is removed.
+    pub fn commit_shared(
+        &self,
+        tmp: &Path,
+        step: u64,
+        entries: Vec<FileEntry>,
+        meta: ManifestMeta,
+    ) -> Result<PathBuf> {
+        let final_dir = self.root.join(step_dir_name(step));
+        let mut names = std::collections::HashSet::new();
+        for e in &entries {
+            if e.name == MANIFEST_FILE || !names.insert(e.name.clone()) {
+                self.abandon(tmp);
+                return Err(CheckpointError::DuplicateFile {
+                    dir: final_dir,
+                    name: e.name.clone(),
+                });
+            }
+        }
+        if let Err(e) = commit(tmp, &final_dir, &self.root, step, entries, meta) {
+            self.abandon(tmp);
+            return Err(e);
+        }
+        tracing::info!(dir = %final_dir.display(), step, "checkpoint committed");
+        if let Err(e) = self.prune(&final_dir) {
+            tracing::warn!(error = %e, "checkpoint saved but pruning old checkpoints failed");
+        }
+        Ok(final_dir)
+    }
+
+    /// Removes the temp directory of a save that failed on some rank.
+    pub fn abandon(&self, tmp: &Path) {
+        if tmp.exists()
+            && let Err(rm) = std::fs::remove_dir_all(tmp)
+        {
+            tracing::warn!(dir = %tmp.display(), error = %rm, "could not remove temporary checkpoint directory after a failed save");
+        }
+    }
+
     /// The newest complete checkpoint under the root, or `None` if there is none.
     pub fn latest_complete(&self) -> Result<Option<PathBuf>> {
         latest_complete(&self.root)
@@ -203,16 +268,37 @@ fn write_and_commit(
     files: &[(&str, Vec<NamedTensor>)],
     meta: ManifestMeta,
 ) -> Result<()> {
+    let entries = write_files(tmp, files)?;
+    commit(tmp, final_dir, root, step, entries, meta)
+}
+
+/// Encodes and durably writes one safetensors file per `(file name, tensors)` into `dir`;
+/// returns their manifest entries. Multi-writer saves: phase 2, on every writer.
+pub fn write_files(dir: &Path, files: &[(&str, Vec<NamedTensor>)]) -> Result<Vec<FileEntry>> {
     let mut entries = Vec::with_capacity(files.len());
     for (name, tensors) in files {
+        check_file_name(name, "write_files() argument")?;
         let bytes = tensor::encode(name, tensors)?;
-        write_durable(&tmp.join(name), &bytes)?;
+        write_durable(&dir.join(name), &bytes)?;
         entries.push(FileEntry {
             name: (*name).into(),
             bytes: bytes.len() as u64,
             sha256: sha256_hex(&bytes),
         });
     }
+    Ok(entries)
+}
+
+/// Writes the manifest last (its presence marks the checkpoint complete), then renames the
+/// temp directory into place.
+fn commit(
+    tmp: &Path,
+    final_dir: &Path,
+    root: &Path,
+    step: u64,
+    entries: Vec<FileEntry>,
+    meta: ManifestMeta,
+) -> Result<()> {
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         step,
@@ -227,7 +313,6 @@ fn write_and_commit(
             path: tmp.join(MANIFEST_FILE),
             reason: format!("could not serialize: {e}"),
         })?;
-    // Manifest last: its presence is what marks the checkpoint complete.
     write_durable(&tmp.join(MANIFEST_FILE), &json)?;
     fsync_dir(tmp)?;
     if final_dir.exists() {

@@ -26,6 +26,16 @@ impl Batch {
         &self.tokens[i * w..(i + 1) * w]
     }
 
+    /// The rows in `range` as a batch of their own (a rank's share of a global batch).
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Batch {
+        let w = self.seq_len + 1;
+        Batch {
+            tokens: self.tokens[range.start * w..range.end * w].to_vec(),
+            batch_size: range.len(),
+            seq_len: self.seq_len,
+        }
+    }
+
     /// Inputs, row-major `[batch_size, seq_len]`.
     pub fn inputs(&self) -> Vec<i64> {
         (0..self.batch_size)

@@ -1,0 +1,103 @@
+//! The `parallel:` config node: the mesh layout and the knobs of expert / data parallelism.
+//! Validated against the model and the world size at launch (`Mesh::new`).
+
+use serde::{Deserialize, Serialize};
+
+/// world = dp x ep. Every rank holds `1/world` of the global batch; the ep ranks of one dp
+/// group together hold every expert once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelConfig {
+    /// Data-parallel degree: replicas of each expert.
+    #[serde(default = "one")]
+    pub dp: usize,
+    /// Expert-parallel degree: ranks that split the experts (must divide
+    /// `model.moe.num_experts`).
+    #[serde(default = "one")]
+    pub ep: usize,
+    /// Gradient all-reduce bucket size, MiB of f32.
+    #[serde(default = "default_bucket_mib")]
+    pub grad_bucket_mib: f64,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig {
+            dp: 1,
+            ep: 1,
+            grad_bucket_mib: default_bucket_mib(),
+        }
+    }
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_bucket_mib() -> f64 {
+    16.0
+}
+
+impl ParallelConfig {
+    /// Ranks the layout needs.
+    pub fn world_size(&self) -> usize {
+        self.dp * self.ep
+    }
+
+    /// Bucket size in f32 elements.
+    pub fn bucket_elems(&self) -> usize {
+        ((self.grad_bucket_mib * (1 << 20) as f64) / 4.0).max(1.0) as usize
+    }
+
+    /// Issues as (key relative to this node, message). `num_experts`: routed experts per
+    /// MoE layer of the model.
+    pub fn validate(&self, num_experts: usize) -> Vec<(String, String)> {
+        let mut issues = Vec::new();
+        if self.dp == 0 {
+            issues.push(("dp".into(), "must be at least 1".into()));
+        }
+        if self.ep == 0 {
+            issues.push(("ep".into(), "must be at least 1".into()));
+        } else if !num_experts.is_multiple_of(self.ep) {
+            let divisors: Vec<usize> = (1..=num_experts)
+                .filter(|d| num_experts.is_multiple_of(*d))
+                .collect();
+            issues.push((
+                "ep".into(),
+                format!(
+                    "is {} but must divide model.moe.num_experts ({num_experts}); choose one of \
+                     {divisors:?}",
+                    self.ep
+                ),
+            ));
+        }
+        if !(self.grad_bucket_mib.is_finite() && self.grad_bucket_mib > 0.0) {
+            issues.push((
+                "grad_bucket_mib".into(),
+                format!(
+                    "must be a positive size in MiB, got {}",
+                    self.grad_bucket_mib
+                ),
+            ));
+        }
+        issues
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_validation() {
+        let c: ParallelConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(c, ParallelConfig::default());
+        assert_eq!(c.world_size(), 1);
+        let c: ParallelConfig = serde_yaml::from_str("{dp: 2, ep: 3}").unwrap();
+        assert_eq!(c.world_size(), 6);
+        let keys: Vec<String> = c.validate(8).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["ep"]);
+        assert!(c.validate(6).is_empty());
+        assert!(serde_yaml::from_str::<ParallelConfig>("{tp: 2}").is_err());
+    }
+}

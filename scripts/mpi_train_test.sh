@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Training under mpirun follows the single-process loss curve, and checkpoints move between
+# layouts: quickstart (4 experts) for 6 steps in one process; under `mpirun -np 2` at ep=2;
+# under `mpirun -np 4` at ep=4; and under `mpirun -np 4` at dp=2 x ep=2 resumed from the
+# ep=2 run's step-3 checkpoint. Every step's train loss must match within 1e-5 relative.
+# Needs a switchyard built with `--features mpi` (scripts/test.sh builds it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin="${CARGO_TARGET_DIR:-target}/release/switchyard"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 RUST_LOG=warn
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+common=(--config configs/quickstart.yaml --set train.steps=6 --set train.eval_every=3
+        --set checkpoint.every=3 --set metrics.progress=false --set run.threads=1)
+
+run() { # name, launcher..., -- extra args
+  local name=$1; shift
+  local launcher=()
+  while [[ $1 != -- ]]; do launcher+=("$1"); shift; done; shift
+  echo "-- $name"
+  timeout 600 "${launcher[@]}" "$bin" train "${common[@]}" --set "run.output_dir=$work/$name" "$@" \
+    | grep '^final:'
+}
+
+run one env -- 
+run ep2 mpirun -np 2 --oversubscribe -- --set parallel.ep=2
+run ep4 mpirun -np 4 --oversubscribe -- --set parallel.ep=4
+mkdir -p "$work/dp2ep2/checkpoints"
+cp -a "$work/ep2/checkpoints/step-00000003" "$work/dp2ep2/checkpoints/"
+run dp2ep2 mpirun -np 4 --oversubscribe -- --set parallel.dp=2 --set parallel.ep=2 --resume auto
+test -f "$work/ep2/checkpoints/step-00000006/model.rank-0001.safetensors"
+
+python3 - "$work" <<'PY'
+import json, sys
+work = sys.argv[1]
+def losses(name):
+    return {j["step"]: j["train/loss"] for j in map(json.loads, open(f"{work}/{name}/metrics.jsonl"))}
+one = losses("one")
+assert sorted(one) == list(range(1, 7)), one
+worst = 0.0
+for name, steps in [("ep2", range(1, 7)), ("ep4", range(1, 7)), ("dp2ep2", range(4, 7))]:
+    got = losses(name)
+    assert sorted(got) == list(steps), (name, sorted(got))
+    for s in steps:
+        rel = abs(got[s] - one[s]) / abs(one[s])
+        worst = max(worst, rel)
+        assert rel <= 1e-5, f"{name} step {s}: {got[s]} vs one process {one[s]}"
+print(f"mpirun training matches one process: worst relative loss difference {worst:.2e}")
+PY

@@ -1,0 +1,459 @@
+//! Layout parity, the core promise: N ranks with expert / data parallelism equal one
+//! process on the same global batch — the loss of every step, every parameter's gradient
+//! (first step) and every weight after 3 AdamW steps (`NamedAdamW`, the trainer's own
+//! optimizer), within 1e-5 relative (fp32; per tensor, max |a - b| <= 1e-5 * max |b|).
+//!
+//! Backend-agnostic: every rank computes the single-process reference itself, runs its
+//! share of the parallel run, and compares what it holds; the worst error is agreed over
+//! the world. So the same cases run on the local backend inside `cargo test`
+//! (`trainer/tests/parity.rs`) and under `mpirun` (`parity-mpi`, feature `mpi`).
+//!
+//! Cases: layouts dp=2, ep=2, ep=4, dp=2 x ep=2; routers top-k, null experts (AdaMoE), MoE++
+//! (zero / copy / constant experts); a batch where some ranks receive zero tokens (every
+//! token picks experts 0 and 1), one where every token goes to one expert, and placements
+//! that are not contiguous blocks.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use switchyard_comm::{Buffer, Communicator, ReduceOp};
+use switchyard_moe::config::{CapacityConfig, NullInit, NullNormalization};
+use switchyard_moe::params::{map_params, named_grads, named_params};
+use switchyard_moe::{ModelConfig, MoeConfig, RouterConfig, Transformer, cross_entropy};
+use switchyard_parallel::{GradSync, LossScale, Mesh, Placement, parallelize};
+
+use crate::optim::{NamedAdamW, OptimConfig, tensor_to_vec};
+
+const SEQ: usize = 6;
+const BATCH: usize = 8;
+const STEPS: usize = 3;
+const LR: f64 = 1e-3;
+/// Relative tolerance of every comparison.
+pub const TOL: f32 = 1e-5;
+
+/// How the routers are pushed, to build the batches the edge cases need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forcing {
+    /// Random routing.
+    None,
+    /// Every token picks experts 0 and 1 (top-2): ep ranks owning neither get zero rows.
+    FirstTwo,
+    /// top-1, every token picks expert 0.
+    Single,
+}
+
+/// One parity case.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub label: String,
+    pub model: ModelConfig,
+    pub forcing: Forcing,
+    pub dp: usize,
+    pub ep: usize,
+    /// Expert -> ep rank; `None` = contiguous blocks.
+    pub owners: Option<Vec<usize>>,
+}
+
+impl Case {
+    pub fn world_size(&self) -> usize {
+        self.dp * self.ep
+    }
+}
+
+/// A 2-layer model, 4 experts, every layer MoE.
+pub fn model_cfg(router: RouterConfig, top_k: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 32,
+        d_model: 16,
+        n_heads: 2,
+        n_layers: 2,
+        ffn_dim: 32,
+        max_seq_len: 16,
+        rope_theta: 10000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: false,
+        init_std: 0.2,
+        moe: MoeConfig {
+            every: 1,
+            num_experts: 4,
+            top_k,
+            expert_ffn_dim: 16,
+            router,
+            capacity: CapacityConfig::Dropless,
+            shared_expert: None,
+            load_balance_coef: 0.01,
+            z_loss_coef: 0.001,
+        },
+    }
+}
+
+/// The router families of the parity matrix.
+pub fn routers() -> Vec<(&'static str, RouterConfig)> {
+    vec![
+        (
+            "top-k",
+            RouterConfig::TopKSoftmax {
+                normalize_weights: true,
+            },
+        ),
+        (
+            "null experts",
+            RouterConfig::NullExperts {
+                num_null: 2,
+                normalize: NullNormalization::TrueExperts,
+                null_init: NullInit::Random,
+                anneal: None,
+            },
+        ),
+        (
+            "MoE++",
+            RouterConfig::MoePlusPlus {
+                zero: 1,
+                copy: 1,
+                constant: 1,
+                tau: 0.75,
+                gating_residual: true,
+                normalize_weights: false,
+            },
+        ),
+    ]
+}
+
+/// The layouts of the parity matrix: (dp, ep).
+pub const LAYOUTS: [(usize, usize); 4] = [(2, 1), (1, 2), (1, 4), (2, 2)];
+
+/// Every case of the matrix.
+pub fn all_cases() -> Vec<Case> {
+    let case = |label: String, model, forcing, (dp, ep), owners: Option<Vec<usize>>| Case {
+        label,
+        model,
+        forcing,
+        dp,
+        ep,
+        owners,
+    };
+    let mut cases = Vec::new();
+    for (name, router) in routers() {
+        for layout in LAYOUTS {
+            cases.push(case(
+                name.into(),
+                model_cfg(router.clone(), 2),
+                Forcing::None,
+                layout,
+                None,
+            ));
+        }
+        for layout in [(1, 2), (1, 4), (2, 2)] {
+            cases.push(case(
+                format!("{name}, experts 0 and 1 only (zero-token ranks)"),
+                model_cfg(router.clone(), 2),
+                Forcing::FirstTwo,
+                layout,
+                None,
+            ));
+        }
+    }
+    let (_, top_k) = routers().remove(0);
+    for layout in [(1, 2), (1, 4), (2, 2)] {
+        cases.push(case(
+            "top-1, every token to expert 0".into(),
+            model_cfg(top_k.clone(), 1),
+            Forcing::Single,
+            layout,
+            None,
+        ));
+    }
+    // Non-contiguous (rows leave in another order than the plan's) and uneven placements.
+    for owners in [[1usize, 0, 1, 0], [1, 1, 0, 1]] {
+        for (name, router) in [routers().remove(0), routers().remove(2)] {
+            for layout in [(1, 2), (2, 2)] {
+                cases.push(case(
+                    format!("{name}, placement {owners:?}"),
+                    model_cfg(router.clone(), 2),
+                    Forcing::None,
+                    layout,
+                    Some(owners.to_vec()),
+                ));
+            }
+        }
+    }
+    cases
+}
+
+/// The same model on every rank and in the reference; `forcing` makes feature 0 of every
+/// token a large constant and the routers prefer the forced experts along it.
+pub fn build(cfg: &ModelConfig, forcing: Forcing, device: &Device) -> Transformer {
+    let model = Transformer::new(cfg, 7, device);
+    let favoured: &[usize] = match forcing {
+        Forcing::None => return model,
+        Forcing::FirstTwo => &[0, 1],
+        Forcing::Single => &[0],
+    };
+    let d = cfg.d_model;
+    map_params(model, |name, value| {
+        let mut v = tensor_to_vec(&value);
+        if name == "embed" {
+            for row in v.chunks_mut(d) {
+                row[0] = 5.0;
+            }
+        } else if name.ends_with("router.w_gate") {
+            // [D, N] row-major: row 0 is the weight of feature 0.
+            let slots = v.len() / d;
+            for (e, w) in v[..slots].iter_mut().enumerate() {
+                *w = match favoured.iter().position(|&f| f == e) {
+                    Some(rank) => 3.0 - rank as f32,
+                    None => -3.0,
+                };
+            }
+        } else {
+            return value;
+        }
+        Tensor::from_floats(v.as_slice(), &value.device())
+    })
+}
+
+/// Deterministic global batch: [BATCH, SEQ + 1] tokens.
+pub fn batch(vocab: usize) -> Vec<i64> {
+    let mut state = 12345u64;
+    (0..BATCH * (SEQ + 1))
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab as u64) as i64
+        })
+        .collect()
+}
+
+/// Inputs and targets [rows, SEQ] of `tokens` ([rows, SEQ + 1]).
+pub fn tensors(tokens: &[i64], rows: usize, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let mut inputs = Vec::new();
+    let mut targets = Vec::new();
+    for row in tokens.chunks(SEQ + 1) {
+        inputs.extend_from_slice(&row[..SEQ]);
+        targets.extend_from_slice(&row[1..]);
+    }
+    (
+        Tensor::from_data(TensorData::new(inputs, [rows, SEQ]), device),
+        Tensor::from_data(TensorData::new(targets, [rows, SEQ]), device),
+    )
+}
+
+fn optim_cfg() -> OptimConfig {
+    OptimConfig {
+        lr: LR,
+        min_lr: LR,
+        warmup_steps: 0,
+        decay_steps: None,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        grad_clip: None,
+    }
+}
+
+type Named = BTreeMap<String, Vec<f32>>;
+
+/// Loss (share) per step, first-step gradients, final weights.
+struct Run {
+    losses: Vec<f64>,
+    grads: Named,
+    weights: Named,
+}
+
+fn scalar(t: &Tensor<1>) -> f64 {
+    tensor_to_vec(t)[0] as f64
+}
+
+fn reference(cfg: &ModelConfig, forcing: Forcing) -> Run {
+    let device = Device::flex().autodiff();
+    let mut model = build(cfg, forcing, &device);
+    let mut adam = NamedAdamW::new(&optim_cfg(), &model);
+    let tokens = batch(cfg.vocab_size);
+    let mut run = Run {
+        losses: vec![],
+        grads: Named::new(),
+        weights: Named::new(),
+    };
+    for step in 0..STEPS {
+        let (inputs, targets) = tensors(&tokens, BATCH, &device);
+        let out = model.forward(inputs);
+        let loss = cross_entropy(out.logits.clone(), targets) + out.aux_loss(cfg, step as u64);
+        run.losses.push(scalar(&loss));
+        let grads = named_grads(&model, &loss.backward());
+        if step == 0 {
+            for (name, _, value) in named_params(&model) {
+                let g = grads
+                    .get(&name)
+                    .cloned()
+                    .unwrap_or_else(|| value.zeros_like());
+                run.grads.insert(name, tensor_to_vec(&g));
+            }
+        }
+        model = adam.step(model, &grads, LR);
+    }
+    for (name, _, value) in named_params(&model) {
+        run.weights.insert(name, tensor_to_vec(&value));
+    }
+    run
+}
+
+/// This rank's loss shares, synced first-step gradients and final weights of the
+/// parameters it holds.
+fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), String> {
+    let cfg = &case.model;
+    let rank = world.rank();
+    let n = case.world_size();
+    let device = Device::flex().autodiff();
+    let mut mesh =
+        Mesh::new(world, case.dp, case.ep, cfg.moe.num_experts).map_err(|e| e.to_string())?;
+    if let Some(owners) = &case.owners {
+        let placement =
+            Placement::from_owners(owners.clone(), case.ep).map_err(|e| e.to_string())?;
+        mesh = mesh.with_placement(placement).map_err(|e| e.to_string())?;
+    }
+    let mut model =
+        parallelize(build(cfg, case.forcing, &device), &mesh).map_err(|e| e.to_string())?;
+    let sync = GradSync::new(&mesh).with_bucket_elems(700);
+    let mut adam = NamedAdamW::new(&optim_cfg(), &model);
+    let rows = BATCH / n;
+    let tokens = batch(cfg.vocab_size);
+    let mine = &tokens[rank * rows * (SEQ + 1)..(rank + 1) * rows * (SEQ + 1)];
+    let scale = LossScale::new(&mesh, rows * SEQ).map_err(|e| e.to_string())?;
+    let mut run = Run {
+        losses: vec![],
+        grads: Named::new(),
+        weights: Named::new(),
+    };
+    for step in 0..STEPS {
+        let (inputs, targets) = tensors(mine, rows, &device);
+        let out = model.forward(inputs);
+        let loss = cross_entropy(out.logits.clone(), targets) * scale.ce_weight()
+            + out.aux_loss(cfg, step as u64);
+        run.losses.push(scalar(&loss));
+        let local = named_grads(&model, &loss.backward());
+        let grads = sync.sync(&model, &local).map_err(|e| e.to_string())?;
+        if step == 0 {
+            for (name, g) in &grads {
+                run.grads.insert(name.clone(), tensor_to_vec(g));
+            }
+        }
+        model = adam.step(model, &grads, LR);
+    }
+    for (name, _, value) in named_params(&model) {
+        run.weights.insert(name, tensor_to_vec(&value));
+    }
+    Ok((run, mesh))
+}
+
+fn max_rel(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    if scale == 0.0 { diff } else { diff / scale }
+}
+
+/// Runs `case` as this rank of `world` (every rank of a world of `case.world_size()`
+/// calls it). Returns the worst relative error over every rank's comparisons (agreed over
+/// the world), or the first mismatch this rank saw.
+pub fn check_case(case: &Case, world: Box<dyn Communicator>) -> Result<f32, String> {
+    if world.size() != case.world_size() {
+        return Err(format!(
+            "{}: the case needs {} ranks, the world has {}",
+            case.label,
+            case.world_size(),
+            world.size()
+        ));
+    }
+    let want = reference(&case.model, case.forcing);
+    let (got, mesh) = parallel(case, world)?;
+    let mut worst = 0f32;
+    let mut problems = Vec::new();
+    // Loss: the shares sum to the global loss.
+    let mut losses = Buffer::F64(got.losses.clone());
+    mesh.world()
+        .all_reduce(&mut losses, ReduceOp::Sum)
+        .map_err(|e| e.to_string())?;
+    for (step, want_loss) in want.losses.iter().enumerate() {
+        let total = losses.get_f64(step);
+        let rel = ((total - want_loss) / want_loss).abs() as f32;
+        worst = worst.max(rel);
+        if rel > TOL {
+            problems.push(format!("loss of step {step}: {total} vs {want_loss}"));
+        }
+    }
+    for (what, got_map, want_map) in [
+        ("gradient", &got.grads, &want.grads),
+        ("weight after 3 steps", &got.weights, &want.weights),
+    ] {
+        // Every held parameter is compared; every dense parameter must be held.
+        for (name, g) in got_map {
+            let Some(w) = want_map.get(name) else {
+                problems.push(format!("{what} of `{name}`: not in the reference"));
+                continue;
+            };
+            if g.len() != w.len() {
+                problems.push(format!(
+                    "{what} of `{name}`: {} vs {} values",
+                    g.len(),
+                    w.len()
+                ));
+                continue;
+            }
+            let rel = max_rel(g, w);
+            worst = worst.max(rel);
+            if rel > TOL {
+                problems.push(format!("{what} of `{name}`: relative error {rel:e}"));
+            }
+        }
+    }
+    // Coverage: every expert's weights on exactly its dp replicas.
+    let held: Vec<u8> = want
+        .weights
+        .keys()
+        .map(|name| got.weights.contains_key(name) as u8)
+        .collect();
+    let counts = mesh
+        .world()
+        .all_gather_v(
+            &Buffer::U8(held.clone()),
+            &vec![held.len(); mesh.world().size()],
+        )
+        .map_err(|e| e.to_string())?
+        .into_vec::<u8>()
+        .map_err(|_| "all-gather of u8".to_string())?;
+    for (i, name) in want.weights.keys().enumerate() {
+        let holders: usize = counts.chunks(held.len()).map(|c| c[i] as usize).sum();
+        let expected = if switchyard_parallel::grad_sync::expert_id(name).is_some() {
+            case.dp
+        } else {
+            case.world_size()
+        };
+        if holders != expected {
+            problems.push(format!(
+                "`{name}` is held by {holders} ranks, expected {expected}"
+            ));
+        }
+    }
+    let mut agreed = Buffer::F64(vec![worst as f64, problems.len() as f64]);
+    mesh.world()
+        .all_reduce(&mut agreed, ReduceOp::Max)
+        .map_err(|e| e.to_string())?;
+    if !problems.is_empty() {
+        return Err(format!(
+            "{} (dp={} ep={}), rank {}: {}",
+            case.label,
+            case.dp,
+            case.ep,
+            mesh.rank(),
+            problems.join("; ")
+        ));
+    }
+    if agreed.get_f64(1) > 0.0 {
+        return Err(format!("{}: another rank saw a mismatch", case.label));
+    }
+    Ok(agreed.get_f64(0) as f32)
+}

@@ -1,0 +1,127 @@
+//! Layout parity on the local backend (threads): every case of `switchyard_trainer::parity`
+//! (dp=2, ep=2, ep=4, dp=2 x ep=2 x top-k / null experts / MoE++, zero-token ranks, one
+//! expert for every token, non-contiguous and uneven placements) equals one process within
+//! 1e-5 relative. The same cases run under mpirun through the `parity-mpi` binary.
+
+use std::time::Duration;
+
+use burn::tensor::Device;
+use switchyard_comm::{Communicator, LocalWorld};
+use switchyard_trainer::parity::{
+    Case, Forcing, TOL, all_cases, batch, build, check_case, model_cfg, routers, tensors,
+};
+
+/// Runs the case on one thread per rank; returns the agreed worst error.
+fn run(case: &Case) -> f32 {
+    let comms = LocalWorld::new(case.world_size(), Duration::from_secs(120), None);
+    let results: Vec<Result<f32, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                std::thread::Builder::new()
+                    .stack_size(64 << 20)
+                    .spawn_scoped(s, move || {
+                        check_case(case, Box::new(c) as Box<dyn Communicator>)
+                    })
+                    .expect("spawn rank thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a rank thread panicked"))
+            .collect()
+    });
+    let mut worst = 0f32;
+    for r in results {
+        worst = worst.max(r.unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert!(
+        worst <= TOL,
+        "{}: worst relative error {worst:e}",
+        case.label
+    );
+    eprintln!(
+        "{} dp={} ep={}: max relative error {worst:e}",
+        case.label, case.dp, case.ep
+    );
+    worst
+}
+
+fn run_matching(filter: impl Fn(&Case) -> bool) {
+    let cases: Vec<Case> = all_cases().into_iter().filter(|c| filter(c)).collect();
+    assert!(!cases.is_empty());
+    for case in &cases {
+        run(case);
+    }
+}
+
+#[test]
+fn top_k_router_matches_single_process() {
+    run_matching(|c| c.label == "top-k");
+}
+
+#[test]
+fn null_experts_router_matches_single_process() {
+    run_matching(|c| c.label == "null experts");
+}
+
+#[test]
+fn moe_plus_plus_router_matches_single_process() {
+    run_matching(|c| c.label == "MoE++");
+}
+
+#[test]
+fn ranks_that_receive_zero_tokens_match_single_process() {
+    run_matching(|c| c.forcing == Forcing::FirstTwo);
+}
+
+#[test]
+fn every_token_to_one_expert_matches_single_process() {
+    run_matching(|c| c.forcing == Forcing::Single);
+}
+
+#[test]
+fn non_contiguous_and_uneven_placements_match_single_process() {
+    run_matching(|c| c.owners.is_some());
+}
+
+/// The matrix covers every layout with every router.
+#[test]
+fn the_matrix_is_complete() {
+    let cases = all_cases();
+    for (name, _) in routers() {
+        for layout in switchyard_trainer::parity::LAYOUTS {
+            assert!(
+                cases
+                    .iter()
+                    .any(|c| c.label == name && (c.dp, c.ep) == layout),
+                "{name} at {layout:?}"
+            );
+        }
+    }
+}
+
+/// The forced batches really do what they claim (so the tests above cover the cases).
+#[test]
+fn forced_routing_sends_nothing_to_the_other_experts() {
+    let (_, top_k) = routers().remove(0);
+    for (forcing, k, allowed) in [(Forcing::FirstTwo, 2, 2usize), (Forcing::Single, 1, 1)] {
+        let cfg = model_cfg(top_k.clone(), k);
+        let device = Device::flex().autodiff();
+        let model = build(&cfg, forcing, &device);
+        let (inputs, _) = tensors(&batch(cfg.vocab_size), 8, &device);
+        for (_, stats) in model.forward(inputs).moe_stats {
+            let outside: f64 = stats.expert_fraction[allowed..].iter().sum();
+            assert_eq!(outside, 0.0, "{forcing:?}: {:?}", stats.expert_fraction);
+        }
+    }
+}
+
+/// A case run on a world of the wrong size is an error, never a vacuous pass.
+#[test]
+fn a_wrong_world_size_is_reported() {
+    let case = all_cases().remove(0);
+    let comms = LocalWorld::new(1, Duration::from_secs(10), None);
+    let err = check_case(&case, Box::new(comms.into_iter().next().unwrap())).unwrap_err();
+    assert!(err.contains("needs 2 ranks"), "{err}");
+}
