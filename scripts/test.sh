@@ -11,8 +11,8 @@ cargo fmt --all -- --check
 
 echo "== cargo clippy -D warnings"
 cargo clippy --release --workspace --all-targets -- -D warnings
-cargo clippy --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch --all-targets \
-  --features mpi -- -D warnings
+cargo clippy --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch \
+  -p switchyard-parallel --all-targets --features mpi -- -D warnings
 # The NCCL backend must build without a GPU (cudarc loads CUDA/NCCL at run time).
 cargo clippy --release -p switchyard-comm --all-targets --features nccl -- -D warnings
 
@@ -22,8 +22,9 @@ trap 'rm -f "$test_log"' EXIT
 cargo test --release --workspace 2>&1 | tee "$test_log"
 cargo_passed=$(grep -o 'test result: ok\. [0-9]* passed' "$test_log" | awk '{s += $4} END {print s + 0}')
 
-echo "== MPI builds: switchyard, comm-conformance, parity-mpi (feature mpi)"
-cargo build --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch --features mpi
+echo "== MPI builds: switchyard, comm-conformance, parity-mpi, cp-parity (feature mpi)"
+cargo build --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch \
+  -p switchyard-parallel --features mpi
 
 echo "== comm conformance suite on MPI (mpirun -np 2, 3, 4; chunked counts with polling; no signature check)"
 conformance="${CARGO_TARGET_DIR:-target}/release/comm-conformance"
@@ -37,6 +38,12 @@ timeout 600 mpirun -np 3 --oversubscribe "$conformance" --progress poll --max-co
 mpi_runs=$((mpi_runs + 1))
 timeout 600 mpirun -np 4 --oversubscribe "$conformance" --no-verify
 mpi_runs=$((mpi_runs + 1))
+
+echo "== context-parallel attention (ring, TokenRing) vs dense attention on MPI (mpirun -np 2, 4)"
+for np in 2 4; do
+  timeout 600 mpirun -np "$np" --oversubscribe "${CARGO_TARGET_DIR:-target}/release/cp-parity"
+  mpi_runs=$((mpi_runs + 1))
+done
 
 echo "== layout parity under MPI (dp x ep = 2 and 4 ranks; loss, gradients, weights after 3 steps)"
 for np in 2 4; do

@@ -2,6 +2,7 @@
 //! losses, the `TokenDispatcher` seam (with the communication-free `LocalDispatcher`), and
 //! the decoder-only transformer that uses them. Knows nothing about communication.
 
+pub mod attention;
 pub mod config;
 pub mod dispatch;
 pub mod experts;
@@ -11,6 +12,7 @@ pub mod model;
 pub mod params;
 pub mod router;
 
+pub use attention::{AttentionImpl, DenseAttention};
 pub use config::{
     CapacityConfig, ModelConfig, MoeConfig, RouterConfig, SharedExpertConfig, SlotKind,
 };

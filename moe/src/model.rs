@@ -6,10 +6,13 @@
 //!
 //! Shape legend: B batch, S sequence, D model dim, H heads, Dh head dim (D / H), V vocab.
 
+use std::sync::Arc;
+
 use burn::module::{Module, Param};
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+use crate::attention::{AttentionImpl, DenseAttention};
 use crate::config::{ModelConfig, RouterConfig};
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
@@ -48,13 +51,15 @@ struct Rope {
 
 impl Rope {
     /// x: [B, H, S, Dh] -> rotated, pairing dimension i with i + Dh/2 (rotate-half form).
-    fn apply(&self, x_bhsd: Tensor<4>) -> Tensor<4> {
+    /// `positions`: the global position of each of the S tokens.
+    fn apply(&self, x_bhsd: Tensor<4>, positions: &[usize]) -> Tensor<4> {
         let [b, h, s, dh] = x_bhsd.dims();
         let half = dh / 2;
         let device = x_bhsd.device();
         let mut cos = Vec::with_capacity(s * half);
         let mut sin = Vec::with_capacity(s * half);
-        for pos in 0..s {
+        debug_assert_eq!(positions.len(), s);
+        for &pos in positions {
             for i in 0..half {
                 let freq = self.theta.powf(-(2.0 * i as f64) / self.head_dim as f64);
                 let angle = pos as f64 * freq;
@@ -106,8 +111,14 @@ impl Attention {
         }
     }
 
-    /// x: [B, S, D] -> [B, S, D], causal.
-    pub fn forward(&self, x_bsd: Tensor<3>) -> Tensor<3> {
+    /// x: [B, S, D] -> [B, S, D], causal. `positions`: global position of each of the S
+    /// tokens (RoPE); `attention` attends over the (possibly sharded) sequence.
+    pub fn forward(
+        &self,
+        x_bsd: Tensor<3>,
+        positions: &[usize],
+        attention: &dyn AttentionImpl,
+    ) -> Tensor<3> {
         let [b, s, d] = x_bsd.dims();
         let (h, dh) = (self.n_heads, d / self.n_heads);
         let heads = |w: &Param<Tensor<2>>| -> Tensor<4> {
@@ -117,10 +128,10 @@ impl Attention {
                 .reshape([b, s, h, dh])
                 .swap_dims(1, 2)
         };
-        let q_bhsd = self.rope.apply(heads(&self.wq));
-        let k_bhsd = self.rope.apply(heads(&self.wk));
+        let q_bhsd = self.rope.apply(heads(&self.wq), positions);
+        let k_bhsd = self.rope.apply(heads(&self.wk), positions);
         let v_bhsd = heads(&self.wv);
-        let out_bhsd = causal_attention(q_bhsd, k_bhsd, v_bhsd);
+        let out_bhsd = attention.attend(q_bhsd, k_bhsd, v_bhsd);
         out_bhsd
             .swap_dims(1, 2)
             .reshape([b, s, d])
@@ -158,6 +169,9 @@ pub struct Transformer {
     pub lm_head: Option<Param<Tensor<2>>>,
     /// RMoE: the GRU cell shared by every MoE layer's router.
     pub router_gru: Option<Gru>,
+    /// How attention covers the sequence (dense here; swapped by context parallelism).
+    #[module(skip)]
+    attention: Arc<dyn AttentionImpl>,
 }
 
 /// Output of a forward pass.
@@ -210,7 +224,14 @@ impl Transformer {
             final_norm,
             lm_head,
             router_gru,
+            attention: Arc::new(DenseAttention),
         }
+    }
+
+    /// Swap the attention implementation (how `parallelize` applies context parallelism).
+    pub fn with_attention(mut self, attention: Arc<dyn AttentionImpl>) -> Self {
+        self.attention = attention;
+        self
     }
 
     /// tokens: [B, S] -> logits [B, S, V] and the auxiliary losses.
@@ -238,8 +259,14 @@ impl Transformer {
         // Router state from one MoE layer to the next (gating residuals, RMoE's GRU state).
         let mut carry = RouterCarry::default();
         let gru = self.router_gru.as_ref();
+        let positions = self.attention.positions(s);
         for (index, block) in self.layers.iter().enumerate() {
-            x_bsd = x_bsd.clone() + block.attn.forward(block.attn_norm.forward(x_bsd));
+            let attn_bsd = block.attn.forward(
+                block.attn_norm.forward(x_bsd.clone()),
+                &positions,
+                self.attention.as_ref(),
+            );
+            x_bsd = x_bsd + attn_bsd;
             let h_bsd = block.ffn_norm.forward(x_bsd.clone());
             let ffn_bsd = match (&block.dense, &block.moe) {
                 (Some(dense), None) => {

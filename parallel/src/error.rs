@@ -7,11 +7,13 @@ pub type Result<T, E = ParallelError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum ParallelError {
     #[error(
-        "mesh: dp ({dp}) x ep ({ep}) = {product} ranks, but the world communicator `{world_name}` \
-         has {world} ranks; choose dp and ep whose product is {world} (e.g. dp = {world}, ep = 1)"
+        "mesh: dp ({dp}) x cp ({cp}) x ep ({ep}) = {product} ranks, but the world communicator \
+         `{world_name}` has {world} ranks; choose dp, cp and ep whose product is {world} (e.g. \
+         dp = {world}, cp = 1, ep = 1)"
     )]
     WorldSize {
         dp: usize,
+        cp: usize,
         ep: usize,
         product: usize,
         world: usize,

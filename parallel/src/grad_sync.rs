@@ -25,9 +25,13 @@
 //!
 //! Gradients are then SUMMED (not averaged — the `1/T_g` is already in the loss):
 //! - dense parameters (every rank holds a replica) over the whole world;
-//! - expert parameters over the dp axis (the ranks holding the same expert); the ep axis
-//!   needs nothing, the all-to-all backward already brought every token's contribution
-//!   to the owner.
+//! - expert parameters over the ranks holding the same expert (the dp x cp plane); the ep
+//!   axis needs nothing, the all-to-all backward already brought every token's
+//!   contribution to the owner.
+//!
+//! Context parallelism changes nothing here: a cp rank's tokens are its share of the batch
+//! (`T_r` counts them), and the attention backward already brought every query's
+//! contribution to the owner of each key and value.
 //!
 //! With equal shards this equals averaging the per-rank mean losses' gradients over the
 //! replicas. Expert parameters a rank does not own are left out of the synced gradients.
@@ -44,6 +48,7 @@ use switchyard_moe::dispatch::BatchReducer;
 use switchyard_moe::params::named_params;
 use switchyard_moe::{LocalDispatcher, Transformer};
 
+use crate::cp::{CpAttention, CpConfig};
 use crate::dispatcher::AllToAllDispatcher;
 use crate::error::{ParallelError, Result};
 use crate::mesh::Mesh;
@@ -80,13 +85,20 @@ impl BatchReducer for WorldReducer {
     }
 }
 
-/// Applies expert and data parallelism to a single-device model: every MoE layer gets the
-/// all-to-all dispatcher over the mesh's ep axis (the local dispatcher when ep = 1) and the
-/// world reducer for its auxiliary losses, and keeps only the routed experts this rank owns
-/// (the others are dropped: their memory is freed and they leave the parameter list). The
-/// kept weights are untouched (every rank builds the same weights from the seed); gradients
-/// are synced by [`GradSync`].
-pub fn parallelize(mut model: Transformer, mesh: &Mesh) -> Result<Transformer> {
+/// [`parallelize_with`] with the default `cp:` config (ring attention).
+pub fn parallelize(model: Transformer, mesh: &Mesh) -> Result<Transformer> {
+    parallelize_with(model, mesh, &CpConfig::default())
+}
+
+/// Applies expert, data and context parallelism to a single-device model: every MoE layer
+/// gets the all-to-all dispatcher over the mesh's ep axis (the local dispatcher when
+/// ep = 1) and the world reducer for its auxiliary losses, and keeps only the routed
+/// experts this rank owns (the others are dropped: their memory is freed and they leave
+/// the parameter list); when cp > 1 the attention becomes context-parallel over the cp
+/// axis (zigzag shards; the model then expects this rank's shard of every sequence, see
+/// [`crate::shard_sequence`]). The kept weights are untouched (every rank builds the same
+/// weights from the seed); gradients are synced by [`GradSync`].
+pub fn parallelize_with(mut model: Transformer, mesh: &Mesh, cp: &CpConfig) -> Result<Transformer> {
     let experts = mesh.placement().num_experts();
     let reducer: Arc<dyn BatchReducer> = Arc::new(WorldReducer::new(mesh));
     let dispatcher: Arc<dyn switchyard_moe::TokenDispatcher> = if mesh.ep() == 1 {
@@ -112,6 +124,9 @@ pub fn parallelize(mut model: Transformer, mesh: &Mesh) -> Result<Transformer> {
                     .with_reducer(reducer.clone()),
             );
         }
+    }
+    if mesh.cp() > 1 {
+        model = model.with_attention(Arc::new(CpAttention::for_mesh(mesh, cp)));
     }
     Ok(model)
 }
@@ -151,7 +166,7 @@ impl LossScale {
 pub enum SyncGroup {
     /// Dense parameter: the whole world.
     World,
-    /// Expert owned by this rank: the dp axis.
+    /// Expert owned by this rank: the ranks holding the same expert (dp x cp).
     Dp,
     /// Expert owned by another ep rank: not synced, left out.
     NotOwned,
@@ -208,7 +223,7 @@ impl GradSync {
         let mut out = BTreeMap::new();
         for (group, comm) in [
             (SyncGroup::World, self.mesh.world()),
-            (SyncGroup::Dp, self.mesh.dp_comm()),
+            (SyncGroup::Dp, self.mesh.expert_replicas()),
         ] {
             let members: Vec<(&String, &Tensor<1>)> = params
                 .iter()

@@ -1,18 +1,21 @@
-//! `switchyard-parallel`: expert and data parallelism applied from outside to the
+//! `switchyard-parallel`: expert, data and context parallelism applied from outside to the
 //! single-device model of `switchyard-moe`, over the `Communicator` of `switchyard-comm`.
 //!
-//! - [`Mesh`]: world = dp x ep, one sub-communicator per axis, validated at launch;
+//! - [`Mesh`]: world = dp x cp x ep, one sub-communicator per axis, validated at launch;
 //!   [`Placement`]: which ep rank owns which expert (an input; default contiguous blocks).
 //! - [`glue`]: burn tensors <-> `comm::Buffer`.
 //! - [`all_to_all`]: the row all-to-all as a custom autodiff operation (backward = the
 //!   transposed all-to-all).
 //! - [`AllToAllDispatcher`]: `moe`'s `TokenDispatcher` for expert parallelism.
-//! - [`parallelize`] and [`GradSync`]: apply EP + DP to a model; synchronise named
+//! - [`cp`]: context parallelism: ring attention and TokenRing as a custom autodiff
+//!   operation, zigzag sequence sharding, the model's attention implementation for cp > 1.
+//! - [`parallelize`] and [`GradSync`]: apply EP + DP + CP to a model; synchronise named
 //!   gradients so the trained weights do not depend on the layout ([`grad_sync`] documents
 //!   the loss scaling).
 
 pub mod all_to_all;
 pub mod config;
+pub mod cp;
 pub mod dispatcher;
 mod error;
 pub mod glue;
@@ -20,7 +23,8 @@ pub mod grad_sync;
 pub mod mesh;
 
 pub use config::ParallelConfig;
+pub use cp::{CpAlgorithm, CpAttention, CpConfig, SeqLayout, Sharding, shard_sequence};
 pub use dispatcher::AllToAllDispatcher;
 pub use error::{ParallelError, Result};
-pub use grad_sync::{GradSync, LossScale, WorldReducer, parallelize};
-pub use mesh::{Mesh, Placement};
+pub use grad_sync::{GradSync, LossScale, WorldReducer, parallelize, parallelize_with};
+pub use mesh::{Mesh, MeshShape, Placement};

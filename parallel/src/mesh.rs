@@ -1,10 +1,20 @@
-//! The device mesh: world = dp x ep, one sub-communicator per axis, and the expert
+//! The device mesh: world = dp x cp x ep, one sub-communicator per axis, and the expert
 //! placement. Built once at launch and passed down as a value (no global state).
 //!
-//! Layout: world rank `r = d * ep + p`. The **ep axis** (`p`, consecutive ranks) groups the
-//! ranks whose experts together make up the full expert set: tokens are exchanged inside
-//! it. The **dp axis** (`d`) groups the ranks holding the same experts (the replicas of
-//! an expert). Every world rank holds its own share of the global batch.
+//! Layout: world rank `r = (d * cp + c) * ep + p`.
+//! - The **ep axis** (`p`, consecutive ranks) groups the ranks whose experts together make
+//!   up the full expert set: tokens are exchanged inside it.
+//! - The **cp axis** (`c`) groups the ranks holding the shards of the same sequences
+//!   (context parallelism): ring attention runs inside it.
+//! - The **dp axis** (`d`) groups the data-parallel replicas.
+//!
+//! Batch rows are split over the `dp * ep` batch shards (shard `d * ep + p`, see
+//! [`Mesh::batch_shard`]); each batch shard's sequences are split over the cp axis (see
+//! [`crate::cp::SeqLayout`]). The ranks holding the same expert are those with the same `p`
+//! (the dp x cp plane, [`Mesh::expert_replicas`]): expert gradients are summed over them,
+//! dense gradients over the whole world.
+//!
+//! With cp = 1 the layout is the dp x ep layout `r = d * ep + p` of [`Mesh::new`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -81,14 +91,42 @@ fn check_ep(num_experts: usize, ep: usize) -> Result<()> {
     Ok(())
 }
 
-/// world = dp x ep with a communicator per axis. Cloning shares the communicators.
+/// The sizes of the mesh axes: world = dp x cp x ep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeshShape {
+    pub dp: usize,
+    pub cp: usize,
+    pub ep: usize,
+}
+
+impl MeshShape {
+    /// The rank at coordinates (d, c, p).
+    pub fn rank_of(&self, d: usize, c: usize, p: usize) -> usize {
+        (d * self.cp + c) * self.ep + p
+    }
+
+    /// The coordinates (d, c, p) of `rank`.
+    pub fn coords(&self, rank: usize) -> (usize, usize, usize) {
+        let p = rank % self.ep;
+        let c = (rank / self.ep) % self.cp;
+        let d = rank / (self.ep * self.cp);
+        (d, c, p)
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.dp * self.cp * self.ep
+    }
+}
+
+/// world = dp x cp x ep with a communicator per axis. Cloning shares the communicators.
 #[derive(Clone)]
 pub struct Mesh {
     world: Arc<dyn Communicator>,
     dp_comm: Arc<dyn Communicator>,
+    cp_comm: Arc<dyn Communicator>,
     ep_comm: Arc<dyn Communicator>,
-    dp: usize,
-    ep: usize,
+    replicas_comm: Arc<dyn Communicator>,
+    shape: MeshShape,
     placement: Arc<Placement>,
 }
 
@@ -97,60 +135,77 @@ impl fmt::Debug for Mesh {
         f.debug_struct("Mesh")
             .field("world", &self.world.name())
             .field("rank", &self.world.rank())
-            .field("dp", &self.dp)
-            .field("ep", &self.ep)
+            .field("shape", &self.shape)
             .field("placement", &self.placement)
             .finish()
     }
 }
 
 impl Mesh {
-    /// Validates the layout, then splits `world` (a collective: every rank calls it with
-    /// the same arguments). `num_experts`: routed FFN experts per MoE layer.
+    /// A dp x ep mesh (cp = 1): [`Mesh::with_shape`] with `cp: 1`.
     pub fn new(
         world: Box<dyn Communicator>,
         dp: usize,
         ep: usize,
         num_experts: usize,
     ) -> Result<Mesh> {
-        if dp == 0 {
-            return Err(ParallelError::ZeroAxis { axis: "dp" });
+        Mesh::with_shape(world, MeshShape { dp, cp: 1, ep }, num_experts)
+    }
+
+    /// Validates the layout, then splits `world` (a collective: every rank calls it with
+    /// the same arguments). `num_experts`: routed FFN experts per MoE layer.
+    pub fn with_shape(
+        world: Box<dyn Communicator>,
+        shape: MeshShape,
+        num_experts: usize,
+    ) -> Result<Mesh> {
+        let MeshShape { dp, cp, ep } = shape;
+        for (axis, size) in [("dp", dp), ("cp", cp), ("ep", ep)] {
+            if size == 0 {
+                return Err(ParallelError::ZeroAxis { axis });
+            }
         }
-        if ep == 0 {
-            return Err(ParallelError::ZeroAxis { axis: "ep" });
-        }
-        if dp * ep != world.size() {
+        if shape.world_size() != world.size() {
             return Err(ParallelError::WorldSize {
                 dp,
+                cp,
                 ep,
-                product: dp * ep,
+                product: shape.world_size(),
                 world: world.size(),
                 world_name: world.name().to_string(),
             });
         }
         check_ep(num_experts, ep)?;
         let placement = Placement::contiguous(num_experts, ep)?;
-        let rank = world.rank();
-        let (d, p) = (rank / ep, rank % ep);
-        let ep_comm = world
-            .split(d as u32, p as i32)
-            .map_err(ParallelError::comm("mesh: split of the ep axis"))?;
-        let dp_comm = world
-            .split(p as u32, d as i32)
-            .map_err(ParallelError::comm("mesh: split of the dp axis"))?;
+        let (d, c, p) = shape.coords(world.rank());
+        let split = |color: usize, key: usize, axis: &str| {
+            world
+                .split(color as u32, key as i32)
+                .map(Arc::from)
+                .map_err(ParallelError::comm(format!(
+                    "mesh: split of the {axis} axis"
+                )))
+        };
+        // Every rank runs the same four splits in the same order (they are collectives).
+        let ep_comm = split(d * cp + c, p, "ep")?;
+        let cp_comm = split(d * ep + p, c, "cp")?;
+        let dp_comm = split(c * ep + p, d, "dp")?;
+        let replicas_comm = split(p, d * cp + c, "dp x cp (expert replicas)")?;
         Ok(Mesh {
             world: Arc::from(world),
-            dp_comm: Arc::from(dp_comm),
-            ep_comm: Arc::from(ep_comm),
-            dp,
-            ep,
+            dp_comm,
+            cp_comm,
+            ep_comm,
+            replicas_comm,
+            shape,
             placement: Arc::new(placement),
         })
     }
 
     /// Replaces the expert placement (same number of experts and ep size).
     pub fn with_placement(mut self, placement: Placement) -> Result<Mesh> {
-        if placement.ep_size() != self.ep || placement.num_experts() != self.placement.num_experts()
+        if placement.ep_size() != self.shape.ep
+            || placement.num_experts() != self.placement.num_experts()
         {
             return Err(ParallelError::Placement(format!(
                 "the placement is for {} experts on {} ep ranks, the mesh has {} experts on \
@@ -158,7 +213,7 @@ impl Mesh {
                 placement.num_experts(),
                 placement.ep_size(),
                 self.placement.num_experts(),
-                self.ep
+                self.shape.ep
             )));
         }
         self.placement = Arc::new(placement);
@@ -168,19 +223,35 @@ impl Mesh {
     pub fn world(&self) -> &Arc<dyn Communicator> {
         &self.world
     }
-    /// Ranks holding the same experts (replicas); size `dp`.
+    /// The data-parallel replicas (same c and p); size `dp`.
     pub fn dp_comm(&self) -> &Arc<dyn Communicator> {
         &self.dp_comm
     }
-    /// Ranks exchanging tokens; size `ep`.
+    /// Ranks holding the shards of the same sequences (same d and p); size `cp`, ordered by
+    /// `c` (rank `c` holds sequence shard `c`).
+    pub fn cp_comm(&self) -> &Arc<dyn Communicator> {
+        &self.cp_comm
+    }
+    /// Ranks exchanging tokens (same d and c); size `ep`.
     pub fn ep_comm(&self) -> &Arc<dyn Communicator> {
         &self.ep_comm
     }
+    /// Ranks holding the same experts (same p: the dp x cp plane); size `dp * cp`. Expert
+    /// gradients are summed over it.
+    pub fn expert_replicas(&self) -> &Arc<dyn Communicator> {
+        &self.replicas_comm
+    }
+    pub fn shape(&self) -> MeshShape {
+        self.shape
+    }
     pub fn dp(&self) -> usize {
-        self.dp
+        self.shape.dp
+    }
+    pub fn cp(&self) -> usize {
+        self.shape.cp
     }
     pub fn ep(&self) -> usize {
-        self.ep
+        self.shape.ep
     }
     pub fn rank(&self) -> usize {
         self.world.rank()
@@ -188,8 +259,17 @@ impl Mesh {
     pub fn dp_rank(&self) -> usize {
         self.dp_comm.rank()
     }
+    pub fn cp_rank(&self) -> usize {
+        self.cp_comm.rank()
+    }
     pub fn ep_rank(&self) -> usize {
         self.ep_comm.rank()
+    }
+    /// This rank's batch shard and the number of batch shards: `(d * ep + p, dp * ep)`. The
+    /// cp ranks of one batch shard hold the same rows (different sequence shards).
+    pub fn batch_shard(&self) -> (usize, usize) {
+        let (d, _, p) = self.shape.coords(self.rank());
+        (d * self.shape.ep + p, self.shape.dp * self.shape.ep)
     }
     pub fn placement(&self) -> &Arc<Placement> {
         &self.placement

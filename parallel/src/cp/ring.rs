@@ -1,0 +1,215 @@
+//! Ring attention (Liu et al., arXiv 2310.01889; the schedule of zhuzilin's
+//! ring-flash-attention, zigzag variant).
+//!
+//! Forward, rank `r` of `W`: at step `s` it holds the key/value block of rank `r - s`. It
+//! posts the send of that block to `r + 1` and the receive of the next one from `r - 1`,
+//! computes the tile of its queries against the block it holds, merges the partial into
+//! its running (output, lse) in fp32, and only then waits for the transfer: the transfer
+//! of step `s + 1` overlaps the compute of step `s`.
+//!
+//! Backward: the key/value blocks travel the same way again; the gradient accumulators of
+//! a block travel one step behind it (rank `r` receives the accumulator of the block it
+//! holds from `r - 1`, adds its tile's dK/dV and passes it to `r + 1`). After step `W - 1`
+//! the accumulator of rank `r + 1`'s block is sent to `r + 1`: every accumulator ends at its
+//! owner. dQ accumulates locally. The receive of the accumulator is posted before the
+//! tile's compute, so it overlaps too.
+//!
+//! Shape legend: B batch, H heads, N local tokens, Dh head dim.
+
+use burn::tensor::{Device, Tensor};
+use switchyard_comm::Request;
+
+use super::CpAttention;
+use super::op::Saved;
+use super::tile::{self, Merged, add_rows, pack, plan, recv_buffer, rows, unpack};
+use crate::error::{ParallelError, Result};
+
+const TAG_KV: u32 = 0x4b56;
+const TAG_DKV: u32 = 0x644b;
+
+fn comm_err(
+    attn: &CpAttention,
+    what: &str,
+) -> impl FnOnce(switchyard_comm::CommError) -> ParallelError {
+    ParallelError::comm(format!("ring attention on `{}`: {what}", attn.comm.name()))
+}
+
+/// The key/value exchange of one step: receive from `r - 1`, send to `r + 1`.
+struct KvExchange {
+    recv: Request,
+    send: Request,
+}
+
+impl KvExchange {
+    fn post(attn: &CpAttention, k: &Tensor<4>, v: &Tensor<4>) -> Result<KvExchange> {
+        let (w, r) = (attn.comm.size(), attn.comm.rank());
+        let shape = k.dims();
+        let recv = attn
+            .comm
+            .i_recv(recv_buffer(&[shape, shape]), (r + w - 1) % w, TAG_KV)
+            .map_err(comm_err(attn, "receive of a key/value block"))?;
+        let send = attn
+            .comm
+            .i_send(pack(&[k.clone(), v.clone()])?, (r + 1) % w, TAG_KV)
+            .map_err(comm_err(attn, "send of a key/value block"))?;
+        Ok(KvExchange { recv, send })
+    }
+
+    fn finish(
+        self,
+        attn: &CpAttention,
+        shape: [usize; 4],
+        device: &Device,
+    ) -> Result<(Tensor<4>, Tensor<4>)> {
+        let buf = self
+            .recv
+            .wait()
+            .map_err(comm_err(attn, "receive of a key/value block"))?;
+        self.send
+            .wait()
+            .map_err(comm_err(attn, "send of a key/value block"))?;
+        let mut kv = unpack(buf, &[shape, shape], device)?.into_iter();
+        Ok((kv.next().expect("k"), kv.next().expect("v")))
+    }
+}
+
+/// q, k, v [B, H, N, Dh] of this rank -> its output and everything the backward needs.
+pub fn forward(attn: &CpAttention, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<Saved> {
+    let (w, r) = (attn.comm.size(), attn.comm.rank());
+    let [_, _, n, dh] = q.dims();
+    let shape = k.dims();
+    let scale = 1.0 / (dh as f64).sqrt();
+    let device = q.device();
+    let q_pos = attn.layout.positions(r, n);
+    let (mut k_cur, mut v_cur) = (k.clone(), v.clone());
+    let mut merged: Option<Merged> = None;
+    for s in 0..w {
+        let src = (r + w - s) % w;
+        let exchange = (s + 1 < w)
+            .then(|| KvExchange::post(attn, &k_cur, &v_cur))
+            .transpose()?;
+        let k_pos = attn.layout.positions(src, n);
+        if let Some(t) = plan(&q_pos, &k_pos, attn.causal) {
+            let mask = t.mask(&q_pos, &k_pos, &device);
+            let (o_b, lse_b) = tile::forward(
+                rows(q.clone(), t.rows.clone()),
+                rows(k_cur.clone(), t.cols.clone()),
+                rows(v_cur.clone(), t.cols.clone()),
+                mask,
+                scale,
+            );
+            match &mut merged {
+                Some(m) => m.merge(t.rows, o_b, lse_b),
+                None => {
+                    // Step 0 is the own block: every query sees at least itself.
+                    debug_assert_eq!(t.rows, 0..n);
+                    merged = Some(Merged { o: o_b, lse: lse_b });
+                }
+            }
+        }
+        if let Some(exchange) = exchange {
+            (k_cur, v_cur) = exchange.finish(attn, shape, &device)?;
+        }
+    }
+    let Merged { o, lse } = merged.expect("the own block is always attended");
+    Ok(Saved { q, k, v, o, lse })
+}
+
+/// Output gradient [B, H, N, Dh] -> (dq, dk, dv) of this rank's q, k, v.
+pub fn backward(
+    attn: &CpAttention,
+    saved: &Saved,
+    d_out: Tensor<4>,
+) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
+    let (w, r) = (attn.comm.size(), attn.comm.rank());
+    let Saved { q, k, v, o, lse } = saved;
+    let [_, _, n, dh] = q.dims();
+    let shape = k.dims();
+    let scale = 1.0 / (dh as f64).sqrt();
+    let device = q.device();
+    let q_pos = attn.layout.positions(r, n);
+    let delta = (d_out.clone() * o.clone()).sum_dim(3);
+    let mut dq = q.zeros_like();
+    let (mut k_cur, mut v_cur) = (k.clone(), v.clone());
+    let (prev, next) = ((r + w - 1) % w, (r + 1) % w);
+    let mut acc_send: Option<Request> = None;
+    let mut own = None;
+    for s in 0..w {
+        let src = (r + w - s) % w;
+        let exchange = (s + 1 < w)
+            .then(|| KvExchange::post(attn, &k_cur, &v_cur))
+            .transpose()?;
+        // The accumulator of the block held now, from the rank that held it one step ago.
+        let acc_recv = (s > 0)
+            .then(|| {
+                attn.comm
+                    .i_recv(recv_buffer(&[shape, shape]), prev, TAG_DKV)
+                    .map_err(comm_err(attn, "receive of a dK/dV accumulator"))
+            })
+            .transpose()?;
+        let k_pos = attn.layout.positions(src, n);
+        let tile_grads = plan(&q_pos, &k_pos, attn.causal).map(|t| {
+            let mask = t.mask(&q_pos, &k_pos, &device);
+            let (dq_t, dk_t, dv_t) = tile::backward(
+                rows(q.clone(), t.rows.clone()),
+                rows(k_cur.clone(), t.cols.clone()),
+                rows(v_cur.clone(), t.cols.clone()),
+                rows(d_out.clone(), t.rows.clone()),
+                rows(lse.clone(), t.rows.clone()),
+                rows(delta.clone(), t.rows.clone()),
+                mask,
+                scale,
+            );
+            dq = add_rows(dq.clone(), t.rows, dq_t);
+            (t.cols, dk_t, dv_t)
+        });
+        let (mut dk_acc, mut dv_acc) = match acc_recv {
+            None => (k.zeros_like(), v.zeros_like()),
+            Some(req) => {
+                let buf = req
+                    .wait()
+                    .map_err(comm_err(attn, "receive of a dK/dV accumulator"))?;
+                let mut acc = unpack(buf, &[shape, shape], &device)?.into_iter();
+                (acc.next().expect("dk"), acc.next().expect("dv"))
+            }
+        };
+        if let Some((cols, dk_t, dv_t)) = tile_grads {
+            dk_acc = add_rows(dk_acc, cols.clone(), dk_t);
+            dv_acc = add_rows(dv_acc, cols, dv_t);
+        }
+        if w == 1 {
+            own = Some((dk_acc, dv_acc));
+        } else {
+            if let Some(sent) = acc_send.take() {
+                sent.wait()
+                    .map_err(comm_err(attn, "send of a dK/dV accumulator"))?;
+            }
+            acc_send = Some(
+                attn.comm
+                    .i_send(pack(&[dk_acc, dv_acc])?, next, TAG_DKV)
+                    .map_err(comm_err(attn, "send of a dK/dV accumulator"))?,
+            );
+        }
+        if let Some(exchange) = exchange {
+            (k_cur, v_cur) = exchange.finish(attn, shape, &device)?;
+        }
+    }
+    let (dk, dv) = match own {
+        Some(own) => own,
+        None => {
+            // The accumulator of the own block, complete, from r - 1.
+            let buf = attn
+                .comm
+                .i_recv(recv_buffer(&[shape, shape]), prev, TAG_DKV)
+                .and_then(Request::wait)
+                .map_err(comm_err(attn, "receive of the own dK/dV"))?;
+            if let Some(sent) = acc_send.take() {
+                sent.wait()
+                    .map_err(comm_err(attn, "send of a dK/dV accumulator"))?;
+            }
+            let mut acc = unpack(buf, &[shape, shape], &device)?.into_iter();
+            (acc.next().expect("dk"), acc.next().expect("dv"))
+        }
+    };
+    Ok((dq, dk, dv))
+}
