@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training under mpirun follows the single-process loss curve, and checkpoints move between
 # layouts: quickstart (4 experts) for 6 steps in one process; under `mpirun -np 2` at ep=2;
-# under `mpirun -np 4` at ep=4; and under `mpirun -np 4` at dp=2 x ep=2 resumed from the
+# under `mpirun -np 4` at ep=4 and at cp=2 x ep=2 (TokenRing attention); and under `mpirun -np 4` at dp=2 x ep=2 resumed from the
 # ep=2 run's step-3 checkpoint; the ep=4 run's step-3 checkpoint resumed under `mpirun -np 2`
 # (ep=2) and in one process. Every step's train loss must match within 1e-5 relative.
 # Needs a switchyard built with `--features mpi` (scripts/test.sh builds it).
@@ -26,6 +26,8 @@ run() { # name, launcher..., -- extra args
 run one env -- 
 run ep2 mpirun -np 2 --oversubscribe -- --set parallel.ep=2
 run ep4 mpirun -np 4 --oversubscribe -- --set parallel.ep=4
+run cp2ep2 mpirun -np 4 --oversubscribe -- --set parallel.cp=2 --set parallel.ep=2 \
+  --set parallel.cp_algorithm=token_ring
 mkdir -p "$work/dp2ep2/checkpoints"
 cp -a "$work/ep2/checkpoints/step-00000003" "$work/dp2ep2/checkpoints/"
 run dp2ep2 mpirun -np 4 --oversubscribe -- --set parallel.dp=2 --set parallel.ep=2 --resume auto
@@ -46,7 +48,8 @@ def losses(name):
 one = losses("one")
 assert sorted(one) == list(range(1, 7)), one
 worst = 0.0
-for name, steps in [("ep2", range(1, 7)), ("ep4", range(1, 7)), ("dp2ep2", range(4, 7)),
+for name, steps in [("ep2", range(1, 7)), ("ep4", range(1, 7)), ("cp2ep2", range(1, 7)),
+                    ("dp2ep2", range(4, 7)),
                     ("ep4to2", range(4, 7)), ("ep4to1", range(4, 7))]:
     got = losses(name)
     assert sorted(got) == list(steps), (name, sorted(got))

@@ -3,14 +3,25 @@
 
 use serde::{Deserialize, Serialize};
 
-/// world = dp x ep. Every rank holds `1/world` of the global batch; the ep ranks of one dp
-/// group together hold every expert once.
+use crate::cp::CpAlgorithm;
+
+/// world = dp x cp x ep. The dp x ep ranks of one cp position each hold `1/(dp·ep)` of the
+/// global batch's rows, split along the sequence over the cp ranks; the ep ranks of one
+/// (dp, cp) group together hold every expert once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelConfig {
     /// Data-parallel degree: replicas of each expert.
     #[serde(default = "one")]
     pub dp: usize,
+    /// Context-parallel degree: ranks that split each sequence (zigzag; the sequence length
+    /// must be a multiple of 2·cp).
+    #[serde(default = "one")]
+    pub cp: usize,
+    /// Context-parallel attention: `ring` (key/value blocks travel) or `token_ring` (queries
+    /// travel, partial outputs return).
+    #[serde(default)]
+    pub cp_algorithm: CpAlgorithm,
     /// Expert-parallel degree: ranks that split the experts (must divide
     /// `model.moe.num_experts`).
     #[serde(default = "one")]
@@ -24,6 +35,8 @@ impl Default for ParallelConfig {
     fn default() -> Self {
         ParallelConfig {
             dp: 1,
+            cp: 1,
+            cp_algorithm: CpAlgorithm::default(),
             ep: 1,
             grad_bucket_mib: default_bucket_mib(),
         }
@@ -41,6 +54,11 @@ fn default_bucket_mib() -> f64 {
 impl ParallelConfig {
     /// Ranks the layout needs.
     pub fn world_size(&self) -> usize {
+        self.dp * self.cp * self.ep
+    }
+
+    /// Ranks that split the rows of the global batch (dp x ep).
+    pub fn batch_shards(&self) -> usize {
         self.dp * self.ep
     }
 
@@ -55,6 +73,9 @@ impl ParallelConfig {
         let mut issues = Vec::new();
         if self.dp == 0 {
             issues.push(("dp".into(), "must be at least 1".into()));
+        }
+        if self.cp == 0 {
+            issues.push(("cp".into(), "must be at least 1".into()));
         }
         if self.ep == 0 {
             issues.push(("ep".into(), "must be at least 1".into()));

@@ -85,14 +85,28 @@ impl Config {
             self.parallel.validate(self.model.moe.num_experts),
         );
         add("comm", self.comm.validate());
-        let world = self.parallel.world_size();
-        if world > 1 && !self.data.batch_size.is_multiple_of(world) {
+        let shards = self.parallel.batch_shards();
+        if shards > 1 && !self.data.batch_size.is_multiple_of(shards) {
             issues.push((
                 "data.batch_size".to_string(),
                 format!(
-                    "is {} but the layout parallel.dp x parallel.ep has {world} ranks, each \
-                     taking an equal share of the global batch; use a multiple of {world}",
+                    "is {} but the layout parallel.dp x parallel.ep has {shards} ranks, each \
+                     taking an equal share of the global batch's rows; use a multiple of \
+                     {shards}",
                     self.data.batch_size
+                ),
+            ));
+        }
+        let cp = self.parallel.cp;
+        if cp > 1 && !self.data.seq_len.is_multiple_of(2 * cp) {
+            issues.push((
+                "data.seq_len".to_string(),
+                format!(
+                    "is {} but parallel.cp = {cp} splits each sequence into {} zigzag chunks; \
+                     use a multiple of {}",
+                    self.data.seq_len,
+                    2 * cp,
+                    2 * cp
                 ),
             ));
         }

@@ -4,11 +4,14 @@
 //! about skipping a step, clipping, or committing a checkpoint.
 //!
 //! Every rank builds the same global batch from the same sampler (same seed, same state)
-//! and keeps rows `[r * B / W, (r + 1) * B / W)`; the sampler state is therefore the same
-//! on every rank and a checkpoint holds it once.
+//! and keeps rows `[s * B / n, (s + 1) * B / n)` of it, where `s` is its (dp, ep) shard and
+//! n = dp x ep; with context parallelism it then keeps its zigzag chunks of each sequence.
+//! The sampler state is therefore the same on every rank and a checkpoint holds it once.
 
 use switchyard_comm::{Buffer, Communicator, ReduceOp};
+use switchyard_parallel::cp::{CpConfig, SeqLayout, shard_sequence};
 use switchyard_parallel::grad_sync::SyncGroup;
+use switchyard_parallel::mesh::MeshShape;
 use switchyard_parallel::{GradSync, LossScale, Mesh};
 
 use crate::config::Config;
@@ -18,7 +21,7 @@ use crate::train::TrainError;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 /// One rank's view of a multi-rank run.
 pub struct Distributed {
@@ -34,7 +37,12 @@ impl Distributed {
     /// Builds the mesh from `parallel:` (a collective: every rank calls it).
     pub fn new(world: Box<dyn Communicator>, cfg: &Config) -> Result<Distributed, TrainError> {
         let p = &cfg.parallel;
-        let mesh = Mesh::new(world, p.dp, p.ep, cfg.model.moe.num_experts)
+        let shape = MeshShape {
+            dp: p.dp,
+            cp: p.cp,
+            ep: p.ep,
+        };
+        let mesh = Mesh::with_shape(world, shape, cfg.model.moe.num_experts)
             .map_err(|e| TrainError::Comm(format!("building the mesh: {e}")))?;
         let sync = GradSync::new(&mesh).with_bucket_elems(p.bucket_elems());
         Ok(Distributed { mesh, sync })
@@ -48,20 +56,50 @@ impl Distributed {
         self.mesh.world().size()
     }
 
-    /// This rank's rows of a global batch (the global row count is divisible by the world
-    /// size: `Config::validate` checks it).
+    /// The context-parallel attention settings for `parallelize_with`.
+    pub fn cp_config(cfg: &Config) -> CpConfig {
+        CpConfig {
+            algorithm: cfg.parallel.cp_algorithm,
+        }
+    }
+
+    /// This rank's rows of a global batch (the row count is divisible by dp x ep:
+    /// `Config::validate` checks it; a validation batch may be cut to a multiple first).
     pub fn shard(&self, batch: &Batch) -> Batch {
-        let per = batch.batch_size / self.world_size();
-        batch.rows(self.rank() * per..(self.rank() + 1) * per)
+        let (shard, shards) = self.mesh.batch_shard();
+        let per = batch.batch_size / shards;
+        batch.rows(shard * per..(shard + 1) * per)
+    }
+
+    /// Ranks that split the rows (dp x ep).
+    pub fn row_shards(&self) -> usize {
+        self.mesh.batch_shard().1
+    }
+
+    /// Inputs or targets `[rows, S]` of this rank's rows -> its zigzag chunks `[rows, S/cp]`
+    /// (unchanged when cp = 1).
+    pub fn shard_sequence(&self, tokens: Tensor<2, Int>) -> Tensor<2, Int> {
+        let cp = self.mesh.cp_comm();
+        if cp.size() == 1 {
+            return tokens;
+        }
+        shard_sequence(tokens, &SeqLayout::zigzag(cp.size()), cp.rank())
+            .expect("Config::validate checks that seq_len splits into 2·cp chunks")
     }
 
     /// The weight of this rank's mean cross-entropy in the global mean (`T_r / T_g`).
     pub fn loss_scale(&self, global: &Batch) -> LossScale {
-        let per = global.batch_size / self.world_size();
+        let per = global.batch_size / self.row_shards();
         LossScale {
-            local_tokens: per * global.seq_len,
+            local_tokens: per * global.seq_len / self.mesh.cp_comm().size(),
             global_tokens: global.batch_size * global.seq_len,
         }
+    }
+
+    /// Whether this rank writes its experts into checkpoints: the first of the ranks holding
+    /// the same experts (every expert is written once).
+    pub fn writes_experts(&self) -> bool {
+        self.mesh.expert_replicas().rank() == 0
     }
 
     /// Sums `values` over the world; every rank gets the same bits (the sum is followed by

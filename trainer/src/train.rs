@@ -18,7 +18,7 @@ use switchyard_moe::{RouterConfig, Transformer, cross_entropy};
 use crate::checkpoint::{self, CheckpointManager, ManifestMeta, NamedTensor};
 use switchyard_comm::Communicator;
 use switchyard_parallel::grad_sync::expert_id;
-use switchyard_parallel::parallelize;
+use switchyard_parallel::parallelize_with;
 
 use crate::config::Config;
 use crate::data::{Batch, Corpus, Sampler, SamplerState};
@@ -241,7 +241,7 @@ impl Trainer {
         let dist = match world {
             Some(world) => {
                 let dist = Distributed::new(world, cfg)?;
-                model = parallelize(model, &dist.mesh)
+                model = parallelize_with(model, &dist.mesh, &Distributed::cp_config(cfg))
                     .map_err(|e| TrainError::Comm(format!("parallelize: {e}")))?;
                 Some(dist)
             }
@@ -252,7 +252,7 @@ impl Trainer {
         if let Some(d) = &dist {
             // Ranks take equal shares: a last, partial batch keeps a multiple of the world
             // size of its rows (the same rows on every rank).
-            let w = d.world_size();
+            let w = d.row_shards();
             for b in &mut valid {
                 if !b.batch_size.is_multiple_of(w) {
                     *b = b.rows(0..b.batch_size - b.batch_size % w);
@@ -277,6 +277,15 @@ impl Trainer {
         })
     }
 
+    /// Inputs and targets of this rank's rows, cut to its sequence chunks under cp.
+    fn local_tensors(&self, batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+        let (inputs, targets) = batch_tensors(batch, device);
+        match &self.dist {
+            Some(d) => (d.shard_sequence(inputs), d.shard_sequence(targets)),
+            None => (inputs, targets),
+        }
+    }
+
     /// Whether this rank logs, prints and writes run-level files (rank 0).
     pub fn is_logger(&self) -> bool {
         self.dist.as_ref().is_none_or(|d| d.rank() == 0)
@@ -299,7 +308,7 @@ impl Trainer {
                 Some(d) => (d.shard(&global), d.loss_scale(&global).ce_weight()),
                 None => (global, 1.0),
             };
-            let (inputs, targets) = batch_tensors(&batch, &self.device);
+            let (inputs, targets) = self.local_tensors(&batch, &self.device);
             let output = self.model.forward(inputs);
             let aux_loss = output.aux_loss(&self.cfg.model, step);
             let ce = cross_entropy(output.logits, targets) * ce_weight;
@@ -385,9 +394,9 @@ impl Trainer {
                 Some(d) => d.shard(global),
                 None => global.clone(),
             };
-            let (inputs, targets) = batch_tensors(&batch, &inner);
+            let (inputs, targets) = self.local_tensors(&batch, &inner);
+            let n = targets.dims().iter().product::<usize>() as f64;
             let out = model.forward(inputs);
-            let n = (batch.batch_size * batch.seq_len) as f64;
             sum += scalar(&cross_entropy(out.logits, targets)) * n;
             tokens += n;
         }
@@ -453,7 +462,7 @@ impl Trainer {
         };
         let rank = d.rank();
         // Every expert once (dp rank 0 of its ep rank), every dense tensor once (rank 0).
-        let writes = d.mesh.dp_rank() == 0;
+        let writes = d.writes_experts();
         let mine = |tensors: Vec<NamedTensor>| -> Vec<NamedTensor> {
             tensors
                 .into_iter()
