@@ -336,6 +336,18 @@ pub struct MpiEnv {
 
 impl Drop for MpiEnv {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A panic (e.g. a timed-out collective inside a model seam that has no error
+            // channel) is unwinding: MPI_Finalize would wait for the other ranks forever.
+            eprintln!(
+                "switchyard-comm: rank {} panicked; aborting the MPI job",
+                self.env.world_rank
+            );
+            // SAFETY: MPI is initialised; MPI_Abort does not return.
+            unsafe {
+                sys::MPI_Abort(sys::RSMPI_COMM_WORLD, 1);
+            }
+        }
         self.env.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
