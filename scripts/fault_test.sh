@@ -9,7 +9,7 @@
 #     operation, and MPI_Abort ends the job within the timeout + 30 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin="$(realpath "${CARGO_TARGET_DIR:-target}/release/switchyard")"
+bin="$(realpath "${SWITCHYARD_BIN:-${CARGO_TARGET_DIR:-target}/release/switchyard}")"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 RUST_LOG=warn
 work="$(mktemp -d)"
 [[ ${KEEP_WORK:-} ]] || trap 'rm -rf "$work"' EXIT; echo "work dir: $work"
@@ -24,7 +24,7 @@ rank_pid() {
   local deadline=$((SECONDS + 60)) pid
   while ((SECONDS < deadline)); do
     for pid in $(pgrep -P "$1" || true); do
-      if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$2"; then
+      if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -cx "OMPI_COMM_WORLD_RANK=$2" > /dev/null; then
         echo "$pid"; return 0
       fi
     done

@@ -4,10 +4,11 @@
 # under `mpirun -np 4` at ep=4 and at cp=2 x ep=2 (TokenRing attention); and under `mpirun -np 4` at dp=2 x ep=2 resumed from the
 # ep=2 run's step-3 checkpoint; the ep=4 run's step-3 checkpoint resumed under `mpirun -np 2`
 # (ep=2) and in one process. Every step's train loss must match within 1e-5 relative.
-# Needs a switchyard built with `--features mpi` (scripts/test.sh builds it).
+# Needs a switchyard built with `--features mpi` (scripts/test.sh builds it and points
+# SWITCHYARD_BIN at it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin="${CARGO_TARGET_DIR:-target}/release/switchyard"
+bin="${SWITCHYARD_BIN:-${CARGO_TARGET_DIR:-target}/release/switchyard}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 RUST_LOG=warn
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

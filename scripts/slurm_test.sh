@@ -199,7 +199,7 @@ if [[ "$preempt" == 1 ]]; then
     fail "job $id: expected COMPLETED after one requeue (the trainer must exit $EXIT_PREEMPTED on SIGUSR1)"
   }
   grep -qF "srun exited with $EXIT_PREEMPTED" "$out" || fail "$out: the first run did not exit $EXIT_PREEMPTED"
-  strip_ansi "$err" | grep -q "resumed" || fail "$err: the second run did not resume"
+  strip_ansi "$err" | grep -c "resumed" > /dev/null || fail "$err: the second run did not resume"
   grep -Eq "^final: step $steps valid loss" "$out" || fail "$out has no final validation loss"
   # Every step logged exactly once: the second run continued, it did not start over.
   python3 - "$run/metrics.jsonl" "$steps" <<'EOF' || fail "metrics.jsonl: steps not 1..$steps exactly once"

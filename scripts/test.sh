@@ -25,6 +25,9 @@ cargo_passed=$(grep -o 'test result: ok\. [0-9]* passed' "$test_log" | awk '{s +
 echo "== MPI builds: switchyard, comm-conformance, parity-mpi, cp-parity (feature mpi)"
 cargo build --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch \
   -p switchyard-parallel --features mpi
+# A copy: later steps (the TensorBoard check) rebuild the default `switchyard` in place.
+export SWITCHYARD_BIN="${CARGO_TARGET_DIR:-target}/release/switchyard-mpi"
+cp "${CARGO_TARGET_DIR:-target}/release/switchyard" "$SWITCHYARD_BIN"
 
 echo "== comm conformance suite on MPI (mpirun -np 2, 3, 4; chunked counts with polling; no signature check)"
 conformance="${CARGO_TARGET_DIR:-target}/release/comm-conformance"
