@@ -226,6 +226,7 @@ pub struct PlanPlacementOptions {
     pub ranks: usize,
     pub strategy: Option<String>,
     pub time_limit: f64,
+    pub mip_gap: f64,
     pub solver: String,
     pub ranks_per_node: Option<usize>,
     pub inter_node_slowdown: f64,
@@ -249,14 +250,21 @@ pub fn plan_placement(opts: &PlanPlacementOptions) -> Result<()> {
     if !(opts.time_limit.is_finite() && opts.time_limit >= 0.0) {
         bail!("--time-limit {}: expected seconds >= 0", opts.time_limit);
     }
+    if !(0.0..1.0).contains(&opts.mip_gap) {
+        bail!(
+            "--mip-gap {}: expected a relative gap in [0, 1)",
+            opts.mip_gap
+        );
+    }
     let ilp = Strategy::Ilp {
         time_limit_s: opts.time_limit,
+        mip_gap: opts.mip_gap,
         solver,
     };
     let strategies = match opts.strategy.as_deref() {
-        None => vec![Strategy::Contiguous, Strategy::Heuristic, ilp],
-        Some("contiguous") => vec![Strategy::Contiguous],
-        Some("heuristic") => vec![Strategy::Heuristic],
+        None => vec![Strategy::Contiguous {}, Strategy::Heuristic {}, ilp],
+        Some("contiguous") => vec![Strategy::Contiguous {}],
+        Some("heuristic") => vec![Strategy::Heuristic {}],
         Some("ilp") => vec![ilp],
         Some(other) => bail!("--strategy {other}: expected `contiguous`, `heuristic` or `ilp`"),
     };
@@ -280,7 +288,12 @@ pub fn plan_placement(opts: &PlanPlacementOptions) -> Result<()> {
     );
     println!(
         "{:<11} {:>14} {:>11} {:>16} {:>15} {:>9}",
-        "strategy", "load max/mean", "worst layer", "cross-rank trans", "busiest traffic", "solve s"
+        "strategy",
+        "load max/mean",
+        "worst layer",
+        "cross-rank trans",
+        "busiest traffic",
+        "solve s"
     );
     let mut plans = Vec::new();
     for strategy in &strategies {
@@ -336,7 +349,11 @@ pub fn plan_placement(opts: &PlanPlacementOptions) -> Result<()> {
             .iter()
             .map(|x| format!("{x:.3}"))
             .collect();
-        println!("{} load max/mean per layer: {}", plan.strategy, per_layer.join(" "));
+        println!(
+            "{} load max/mean per layer: {}",
+            plan.strategy,
+            per_layer.join(" ")
+        );
     }
     if let Some(out) = &opts.out {
         let json = serde_json::to_string_pretty(&plans)?;

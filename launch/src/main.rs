@@ -121,6 +121,9 @@ struct PlanPlacementArgs {
     /// ILP wall-clock budget, seconds (both stages).
     #[arg(long, default_value_t = 1.0)]
     time_limit: f64,
+    /// ILP relative gap at which a solve may stop (0 = prove optimality).
+    #[arg(long, default_value_t = 0.0)]
+    mip_gap: f64,
     /// ILP solver: `microlp`, or `highs` (built with the `highs` feature).
     #[arg(long, default_value = "microlp")]
     solver: String,
@@ -245,6 +248,7 @@ fn run(command: Command) -> Result<()> {
             ranks: args.ranks,
             strategy: args.strategy,
             time_limit: args.time_limit,
+            mip_gap: args.mip_gap,
             solver: args.solver,
             ranks_per_node: args.ranks_per_node,
             inter_node_slowdown: args.inter_node_slowdown,

@@ -32,20 +32,25 @@ impl Default for PlacementConfig {
 }
 
 /// The placement strategy (`type: ...`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+/// The field-less variants are empty struct variants: serde lets a unit variant of an
+/// internally tagged enum ignore unknown keys, `deny_unknown_fields` notwithstanding.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Strategy {
     /// Experts `[i * E/ep, (i+1) * E/ep)` on ep rank `i`, in every layer.
-    #[default]
-    Contiguous,
+    Contiguous {},
     /// Longest-processing-time assignment plus pairwise-swap refinement per layer, then
     /// each layer's groups mapped to ranks to keep consecutive experts together.
-    Heuristic,
+    Heuristic {},
     /// MoETuner's two stages as ILPs, started from (and falling back to) the heuristic.
     Ilp {
         /// Wall-clock budget of both stages together, seconds.
         #[serde(default = "default_time_limit_s")]
         time_limit_s: f64,
+        /// Relative gap at which a solve may stop (0 = prove optimality; MoETuner ran
+        /// Gurobi to 0.025).
+        #[serde(default)]
+        mip_gap: f64,
         #[serde(default)]
         solver: IlpSolver,
     },
@@ -78,19 +83,26 @@ impl IlpSolver {
     }
 }
 
+impl Default for Strategy {
+    fn default() -> Self {
+        Strategy::Contiguous {}
+    }
+}
+
 impl Strategy {
     /// The ILP with the default time limit and solver.
     pub fn ilp() -> Strategy {
         Strategy::Ilp {
             time_limit_s: default_time_limit_s(),
+            mip_gap: 0.0,
             solver: IlpSolver::default(),
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
-            Strategy::Contiguous => "contiguous",
-            Strategy::Heuristic => "heuristic",
+            Strategy::Contiguous {} => "contiguous",
+            Strategy::Heuristic {} => "heuristic",
             Strategy::Ilp { .. } => "ilp",
         }
     }
@@ -108,7 +120,7 @@ impl PlacementConfig {
                 ),
             ));
         }
-        if self.rebalance_every > 0 && self.strategy == Strategy::Contiguous {
+        if self.rebalance_every > 0 && self.strategy == (Strategy::Contiguous {}) {
             issues.push((
                 "rebalance_every".into(),
                 "a contiguous placement never changes; set strategy.type: heuristic or ilp, or rebalance_every: 0".into(),
@@ -116,9 +128,16 @@ impl PlacementConfig {
         }
         if let Strategy::Ilp {
             time_limit_s,
+            mip_gap,
             solver,
         } = self.strategy
         {
+            if !(0.0..1.0).contains(&mip_gap) {
+                issues.push((
+                    "strategy.mip_gap".into(),
+                    format!("must be in [0, 1), got {mip_gap}; 0 proves optimality"),
+                ));
+            }
             if !(time_limit_s.is_finite() && time_limit_s >= 0.0) {
                 issues.push((
                     "strategy.time_limit_s".into(),

@@ -8,7 +8,7 @@
 //!
 //! Shape legend: L layers, E experts, N ranks = groups per layer, m = E / N.
 
-use crate::evaluate::{boundary_time, max_group_load, mean};
+use crate::evaluate::{boundary_time, mean};
 use crate::instance::Instance;
 
 /// Stage-1 result: per layer, expert -> group (N groups of m experts).
@@ -84,14 +84,6 @@ fn refine_swaps(p: &[f64], group: &mut [usize], load: &mut [f64]) {
         load[gj] += moved;
         group.swap(i, j);
     }
-}
-
-/// Stage-1 objective of `groups`: mean over layers of the heaviest group's normalised load.
-pub fn stage1_objective(instance: &Instance, groups: &Groups) -> f64 {
-    let per_layer: Vec<f64> = (0..instance.layers())
-        .map(|l| max_group_load(&instance.normalized_loads(l), &groups[l], instance.ranks()))
-        .collect();
-    mean(&per_layer)
 }
 
 /// Per boundary, the normalised transitions between the groups of layer l (rows) and of

@@ -14,17 +14,20 @@
 //!   send_l(g1) = sum_c1 y[l][c1][g1] * a[c1][g1] with
 //!   a[c1][g1] = sum_c2 C_l[c1][c2] sum_{g2 != g1} t(g1, g2) y[l+1][c2][g2]  (linear),
 //!   receive symmetric, minimise mean_l z_l with z_l >= send_l(g), z_l >= recv_l(g).
-//! The product y * a (binary times a bounded linear form, 0 <= a <= M) is linearised as
-//! u >= a - M (1 - y), u >= 0; minimisation presses u down to y * a. MoETuner's Eq. 8
-//! writes the max without its index; we take it over ranks and directions, the busiest
-//! link endpoint of the all-to-all (the local link model's cost). With a uniform topology
-//! layer 0's map is fixed to the start's (relabelling all ranks changes nothing).
+//! With uniform links, send_l(g) = (transitions out of g's group) - (those retained on g),
+//! the retained ones through w[c1][c2][g] = y[l][c1][g] y[l+1][c2][g], linearised tightly
+//! as a transport plan (rows sum to y[l][.][g], columns to y[l+1][.][g]); layer 0's map is
+//! fixed to the start's (relabelling all ranks changes nothing). With other links the
+//! product y * a (binary times a bounded linear form, 0 <= a <= M) is linearised as
+//! u >= a - M (1 - y), u >= 0 (weaker bounds; minimisation presses u down to y * a).
+//! MoETuner's Eq. 8 writes the max without its index; we take it over ranks and
+//! directions, the busiest endpoint of the all-to-all (the local link model's cost).
 
 use std::time::{Duration, Instant};
 
 use good_lp::{
-    Constraint, Expression, ProblemVariables, Solution, SolutionStatus, SolverModel, Variable,
-    WithInitialSolution, WithTimeLimit, variable,
+    Constraint, Expression, ProblemVariables, ResolutionError, Solution, SolutionStatus,
+    SolverModel, Variable, WithInitialSolution, WithMipGap, WithTimeLimit, variable,
 };
 use serde::Serialize;
 
@@ -37,13 +40,14 @@ use crate::instance::Instance;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// The start already meets a lower bound: nothing to solve.
+    /// The start is already within the MIP gap of a lower bound: nothing to solve.
     StartProven,
-    /// The solver proved its answer optimal.
+    /// The solver proved its answer optimal (within the MIP gap).
     Optimal,
     /// Better than the start; not proven optimal within the time limit.
     Improved,
-    /// Nothing better than the start within the time limit: the start is kept.
+    /// Nothing better than the start within the time limit (or no solution at all from
+    /// the solver): the start is kept.
     StartKept,
     /// No time was left for this solve: the start is kept.
     NoTime,
@@ -78,6 +82,14 @@ pub(crate) fn relative_gap(objective: f64, bound: f64) -> f64 {
     }
 }
 
+/// Budget and stopping rule of one solve.
+pub(crate) struct IlpOptions {
+    pub limit: Duration,
+    /// Relative gap at which the solve may stop (0 = prove optimality).
+    pub mip_gap: f64,
+    pub solver: IlpSolver,
+}
+
 /// A MILP in good_lp's terms, minimised.
 struct Milp {
     vars: ProblemVariables,
@@ -87,10 +99,14 @@ struct Milp {
 }
 
 /// Values of `read`, whether the solver proved optimality, and its best bound if it has
-/// one.
+/// one. `solve_milp` returns `None` when the time ran out before the solver had any
+/// solution (microlp adopts the warm start only after the root relaxation is solved).
 struct MilpResult {
     values: Vec<f64>,
+    /// Optimal within the MIP gap.
     proven: bool,
+    /// Optimal, the search complete: the objective is itself a bound.
+    exact: bool,
     best_bound: Option<f64>,
 }
 
@@ -98,30 +114,38 @@ struct MilpResult {
 fn solve_milp(
     milp: Milp,
     read: &[Variable],
-    limit: Duration,
-    solver: IlpSolver,
-) -> Result<MilpResult, String> {
-    let seconds = limit.as_secs_f64();
-    match solver {
+    options: &IlpOptions,
+) -> Result<Option<MilpResult>, String> {
+    let seconds = options.limit.as_secs_f64();
+    let gap = options.mip_gap as f32;
+    match options.solver {
         IlpSolver::Microlp => {
             let mut model = milp
                 .vars
                 .minimise(milp.objective)
                 .using(good_lp::microlp)
                 .with_time_limit(seconds)
-                .with_initial_solution(milp.start);
+                .with_initial_solution(milp.start)
+                .with_mip_gap(gap)
+                .map_err(|e| e.to_string())?;
             for c in milp.constraints {
                 model.add_constraint(c);
             }
-            let solution = model.solve().map_err(|e| e.to_string())?;
-            let proven = matches!(solution.status(), SolutionStatus::Optimal);
+            let solution = match model.solve() {
+                Ok(solution) => solution,
+                Err(ResolutionError::Other(m)) if m.starts_with("Time limit") => return Ok(None),
+                Err(e) => return Err(e.to_string()),
+            };
+            let proven = !matches!(solution.status(), SolutionStatus::TimeLimit);
+            let exact = matches!(solution.status(), SolutionStatus::Optimal);
             let values = read.iter().map(|&v| solution.value(v)).collect();
             let best_bound = solution.into_inner().stats().best_bound;
-            Ok(MilpResult {
+            Ok(Some(MilpResult {
                 values,
                 proven,
+                exact,
                 best_bound,
-            })
+            }))
         }
         #[cfg(feature = "highs")]
         IlpSolver::Highs => {
@@ -130,22 +154,32 @@ fn solve_milp(
                 .minimise(milp.objective)
                 .using(good_lp::highs)
                 .with_time_limit(seconds)
-                .with_initial_solution(milp.start);
+                .with_initial_solution(milp.start)
+                .with_mip_gap(gap)
+                .map_err(|e| e.to_string())?;
             for c in milp.constraints {
                 model.add_constraint(c);
             }
-            let solution = model.solve().map_err(|e| e.to_string())?;
+            let solution = match model.solve() {
+                Ok(solution) => solution,
+                Err(ResolutionError::Other("NoSolutionFound")) => return Ok(None),
+                Err(e) => return Err(e.to_string()),
+            };
             // good_lp's HiGHS solution carries no dual bound: only a proof counts.
-            let proven = matches!(solution.status(), SolutionStatus::Optimal);
+            let proven = !matches!(solution.status(), SolutionStatus::TimeLimit);
+            let exact = matches!(solution.status(), SolutionStatus::Optimal);
             let values = read.iter().map(|&v| solution.value(v)).collect();
-            Ok(MilpResult {
+            Ok(Some(MilpResult {
                 values,
                 proven,
+                exact,
                 best_bound: None,
-            })
+            }))
         }
         #[cfg(not(feature = "highs"))]
-        IlpSolver::Highs => Err(crate::error::PlacementError::SolverUnavailable("highs").to_string()),
+        IlpSolver::Highs => {
+            Err(crate::error::PlacementError::SolverUnavailable("highs").to_string())
+        }
     }
 }
 
@@ -170,8 +204,7 @@ pub(crate) fn stage1_layer(
     p: &[f64],
     ranks: usize,
     start: &[usize],
-    limit: Duration,
-    solver: IlpSolver,
+    options: &IlpOptions,
 ) -> (Vec<usize>, SolveReport) {
     let started = Instant::now();
     let start_objective = max_group_load(p, start, ranks);
@@ -187,10 +220,10 @@ pub(crate) fn stage1_layer(
         };
         (groups, report)
     };
-    if start_objective <= bound + tol {
+    if start_objective <= bound + tol || relative_gap(start_objective, bound) <= options.mip_gap {
         return finish(start.to_vec(), start_objective, bound, Outcome::StartProven);
     }
-    if limit < Duration::from_millis(1) {
+    if options.limit < Duration::from_millis(1) {
         return finish(start.to_vec(), start_objective, bound, Outcome::NoTime);
     }
     let (n, e) = (ranks, p.len());
@@ -244,9 +277,15 @@ pub(crate) fn stage1_layer(
         start: warm,
     };
     let read: Vec<Variable> = x.iter().flatten().copied().collect();
-    match solve_milp(milp, &read, limit, solver) {
-        Err(message) => finish(start.to_vec(), start_objective, bound, Outcome::Failed(message)),
-        Ok(result) => {
+    match solve_milp(milp, &read, options) {
+        Err(message) => finish(
+            start.to_vec(),
+            start_objective,
+            bound,
+            Outcome::Failed(message),
+        ),
+        Ok(None) => finish(start.to_vec(), start_objective, bound, Outcome::StartKept),
+        Ok(Some(result)) => {
             let groups: Vec<usize> = (0..e)
                 .map(|i| argmax(&result.values[i * n..(i + 1) * n]))
                 .collect();
@@ -257,16 +296,29 @@ pub(crate) fn stage1_layer(
             let objective = max_group_load(p, &groups, ranks);
             if !valid {
                 let message = "the solver's assignment breaks the equal-count constraint".into();
-                return finish(start.to_vec(), start_objective, bound, Outcome::Failed(message));
+                return finish(
+                    start.to_vec(),
+                    start_objective,
+                    bound,
+                    Outcome::Failed(message),
+                );
             }
-            if result.proven {
+            if result.exact {
                 bound = bound.max(objective);
             }
             if objective < start_objective - tol {
-                let outcome = if result.proven { Outcome::Optimal } else { Outcome::Improved };
+                let outcome = if result.proven {
+                    Outcome::Optimal
+                } else {
+                    Outcome::Improved
+                };
                 finish(groups, objective, bound, outcome)
             } else {
-                let outcome = if result.proven { Outcome::Optimal } else { Outcome::StartKept };
+                let outcome = if result.proven {
+                    Outcome::Optimal
+                } else {
+                    Outcome::StartKept
+                };
                 finish(start.to_vec(), start_objective, bound, outcome)
             }
         }
@@ -279,8 +331,7 @@ pub(crate) fn stage2(
     instance: &Instance,
     c: &[Vec<Vec<f64>>],
     start: &RankMaps,
-    limit: Duration,
-    solver: IlpSolver,
+    options: &IlpOptions,
 ) -> (RankMaps, SolveReport) {
     let started = Instant::now();
     let start_objective = stage2_objective(instance, c, start);
@@ -296,9 +347,14 @@ pub(crate) fn stage2(
         (maps, report)
     };
     if c.is_empty() || start_objective <= tol {
-        return finish(start.clone(), start_objective, start_objective, Outcome::StartProven);
+        return finish(
+            start.clone(),
+            start_objective,
+            start_objective,
+            Outcome::StartProven,
+        );
     }
-    if limit < Duration::from_millis(1) {
+    if options.limit < Duration::from_millis(1) {
         return finish(start.clone(), start_objective, 0.0, Outcome::NoTime);
     }
     let topology = &instance.topology;
@@ -348,7 +404,46 @@ pub(crate) fn stage2(
         objective.add_mul(1.0 / c.len() as f64, z);
         let start_time = crate::evaluate::boundary_time(cb, &start[b], &start[b + 1], topology);
         warm.push((z, start_time));
-        // Sending side: rows of layer b; receiving side: columns of layer b+1.
+        if fix_first {
+            // Uniform links (time `unit` each): a rank sends all of its group's outgoing
+            // transitions except those retained on the rank, sum_{c1,c2} C w[c1][c2][g]
+            // with w = y[b][c1][g] * y[b+1][c2][g]. For a fixed g, w is a transport plan
+            // between the two layers' indicator rows (the tight linearisation: with binary
+            // y it is exactly the product).
+            let unit = topology.cost(0, 1);
+            let out_of: Vec<f64> = cb.iter().map(|row| row.iter().sum()).collect();
+            let into: Vec<f64> = (0..n)
+                .map(|c2| cb.iter().map(|row| row[c2]).sum())
+                .collect();
+            for g in 0..n {
+                let w: Vec<Vec<Variable>> = (0..n)
+                    .map(|_| (0..n).map(|_| vars.add(variable().min(0.0))).collect())
+                    .collect();
+                let mut retained = Expression::with_capacity(n * n);
+                for c1 in 0..n {
+                    constraints.push((sum(w[c1].iter().copied()) - y_expr(b, c1, g)).eq(0.0));
+                    constraints
+                        .push((sum((0..n).map(|c2| w[c2][c1])) - y_expr(b + 1, c1, g)).eq(0.0));
+                    for c2 in 0..n {
+                        retained.add_mul(cb[c1][c2], w[c1][c2]);
+                        warm.push((w[c1][c2], y_start(b, c1, g) * y_start(b + 1, c2, g)));
+                    }
+                }
+                let mut send = Expression::with_capacity(n);
+                let mut recv = Expression::with_capacity(n);
+                for grp in 0..n {
+                    send.add_mul(out_of[grp], y_expr(b, grp, g));
+                    recv.add_mul(into[grp], y_expr(b + 1, grp, g));
+                }
+                for side in [send, recv] {
+                    let time = unit * (side - retained.clone());
+                    constraints.push((Expression::from(z) - time).geq(0.0));
+                }
+            }
+            continue;
+        }
+        // Any links: big-M products. Sending side: rows of layer b; receiving side:
+        // columns of layer b+1.
         for outgoing in [true, false] {
             for g in 0..n {
                 let mut rank_total = Expression::with_capacity(n);
@@ -358,7 +453,11 @@ pub(crate) fn stage2(
                     let mut a_start = 0.0;
                     let mut big_m = 0.0;
                     for other in 0..n {
-                        let t = if outgoing { cb[grp][other] } else { cb[other][grp] };
+                        let t = if outgoing {
+                            cb[grp][other]
+                        } else {
+                            cb[other][grp]
+                        };
                         if t <= 0.0 {
                             continue;
                         }
@@ -399,9 +498,15 @@ pub(crate) fn stage2(
         constraints,
         start: warm,
     };
-    match solve_milp(milp, &read, limit, solver) {
-        Err(message) => finish(start.clone(), start_objective, 0.0, Outcome::Failed(message)),
-        Ok(result) => {
+    match solve_milp(milp, &read, options) {
+        Err(message) => finish(
+            start.clone(),
+            start_objective,
+            0.0,
+            Outcome::Failed(message),
+        ),
+        Ok(None) => finish(start.clone(), start_objective, 0.0, Outcome::StartKept),
+        Ok(Some(result)) => {
             let mut values = result.values.into_iter();
             let maps: RankMaps = (0..layers)
                 .map(|l| {
@@ -419,18 +524,31 @@ pub(crate) fn stage2(
             let valid = maps.iter().all(|map| is_permutation(map));
             if !valid {
                 let message = "the solver's maps are not permutations".into();
-                return finish(start.clone(), start_objective, 0.0, Outcome::Failed(message));
+                return finish(
+                    start.clone(),
+                    start_objective,
+                    0.0,
+                    Outcome::Failed(message),
+                );
             }
             let objective = stage2_objective(instance, c, &maps);
             let mut bound = result.best_bound.unwrap_or(0.0);
-            if result.proven {
+            if result.exact {
                 bound = bound.max(objective.min(start_objective));
             }
             if objective < start_objective - tol {
-                let outcome = if result.proven { Outcome::Optimal } else { Outcome::Improved };
+                let outcome = if result.proven {
+                    Outcome::Optimal
+                } else {
+                    Outcome::Improved
+                };
                 finish(maps, objective, bound, outcome)
             } else {
-                let outcome = if result.proven { Outcome::Optimal } else { Outcome::StartKept };
+                let outcome = if result.proven {
+                    Outcome::Optimal
+                } else {
+                    Outcome::StartKept
+                };
                 finish(start.clone(), start_objective, bound, outcome)
             }
         }
@@ -453,5 +571,6 @@ fn argmax(values: &[f64]) -> usize {
 
 fn is_permutation(map: &[usize]) -> bool {
     let mut seen = vec![false; map.len()];
-    map.iter().all(|&g| g < seen.len() && !std::mem::replace(&mut seen[g], true))
+    map.iter()
+        .all(|&g| g < seen.len() && !std::mem::replace(&mut seen[g], true))
 }

@@ -87,7 +87,11 @@ impl Topology {
     /// Time per unit of traffic from rank `a` to rank `b` (1 on the fastest link, 0 inside
     /// a rank).
     pub fn cost(&self, a: usize, b: usize) -> f64 {
-        if a == b { 0.0 } else { 1.0 / self.bandwidth[a][b] }
+        if a == b {
+            0.0
+        } else {
+            1.0 / self.bandwidth[a][b]
+        }
     }
 
     /// Every link equal: relabelling ranks does not change any cost.

@@ -7,8 +7,8 @@ use serde::Serialize;
 use crate::config::Strategy;
 use crate::error::Result;
 use crate::evaluate::{Metrics, evaluate, mean};
-use crate::heuristic::{self, Groups, group_transitions, map_groups, stage1_objective};
-use crate::ilp::{self, Outcome, SolveReport, relative_gap, stage1_bound};
+use crate::heuristic::{self, Groups, group_transitions, map_groups};
+use crate::ilp::{self, IlpOptions, Outcome, SolveReport, relative_gap, stage1_bound};
 use crate::instance::Instance;
 
 /// A placement and what it is predicted to cost.
@@ -51,8 +51,9 @@ pub struct StageReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StageStatus {
-    /// Every solve proven optimal (by the solver or by a bound).
-    Optimal,
+    /// Every solve proven optimal within the requested MIP gap (by the solver or by a
+    /// bound; exactly optimal when the gap is 0).
+    Proven,
     /// At least one solve stopped at the time limit with a better answer than its start.
     Improved,
     /// Not proven, and nothing better than the heuristic was found.
@@ -66,10 +67,13 @@ impl StageReport {
         let objective = mean(&solves.iter().map(|s| s.objective).collect::<Vec<_>>());
         let bound = mean(&solves.iter().map(|s| s.bound).collect::<Vec<_>>());
         let proven = |s: &SolveReport| matches!(s.outcome, Outcome::StartProven | Outcome::Optimal);
-        let status = if solves.iter().any(|s| matches!(s.outcome, Outcome::Failed(_))) {
+        let status = if solves
+            .iter()
+            .any(|s| matches!(s.outcome, Outcome::Failed(_)))
+        {
             StageStatus::Failed
         } else if solves.iter().all(proven) {
-            StageStatus::Optimal
+            StageStatus::Proven
         } else if solves.iter().any(|s| s.outcome == Outcome::Improved) {
             StageStatus::Improved
         } else {
@@ -92,21 +96,24 @@ pub fn plan(instance: &Instance, strategy: &Strategy) -> Result<Plan> {
     if let Strategy::Ilp { solver, .. } = strategy
         && !solver.available()
     {
-        return Err(crate::error::PlacementError::SolverUnavailable(solver.name()));
+        return Err(crate::error::PlacementError::SolverUnavailable(
+            solver.name(),
+        ));
     }
     let started = Instant::now();
     let (owners, stage1, stage2) = match *strategy {
-        Strategy::Contiguous => (
+        Strategy::Contiguous {} => (
             heuristic::contiguous(instance.layers(), instance.experts(), instance.ranks()),
             None,
             None,
         ),
-        Strategy::Heuristic => {
+        Strategy::Heuristic {} => {
             let (groups, maps) = heuristic::solve(instance);
             (heuristic::owners(&groups, &maps), None, None)
         }
         Strategy::Ilp {
             time_limit_s,
+            mip_gap,
             solver,
         } => {
             let deadline = started + Duration::from_secs_f64(time_limit_s.max(0.0));
@@ -121,8 +128,13 @@ pub fn plan(instance: &Instance, strategy: &Strategy) -> Result<Plan> {
                 let left = stage1_deadline.saturating_duration_since(Instant::now());
                 let limit = left / (layers - l) as u32;
                 let p = instance.normalized_loads(l);
+                let options = IlpOptions {
+                    limit,
+                    mip_gap,
+                    solver,
+                };
                 let (layer_groups, report) =
-                    ilp::stage1_layer(&p, instance.ranks(), start, limit, solver);
+                    ilp::stage1_layer(&p, instance.ranks(), start, &options);
                 groups.push(layer_groups);
                 solves.push(report);
             }
@@ -138,7 +150,12 @@ pub fn plan(instance: &Instance, strategy: &Strategy) -> Result<Plan> {
                 map_groups(instance, &c)
             };
             let limit = deadline.saturating_duration_since(Instant::now());
-            let (maps, report) = ilp::stage2(instance, &c, &maps_start, limit, solver);
+            let options = IlpOptions {
+                limit,
+                mip_gap,
+                solver,
+            };
+            let (maps, report) = ilp::stage2(instance, &c, &maps_start, &options);
             let stage2 = StageReport::new(vec![report], stage2_started.elapsed().as_secs_f64());
             (
                 heuristic::owners(&groups, &maps),
@@ -169,10 +186,4 @@ pub fn load_bound(instance: &Instance) -> f64 {
             .map(|l| stage1_bound(&instance.normalized_loads(l), instance.ranks()))
             .collect::<Vec<_>>(),
     )
-}
-
-/// Stage-1 objective of the heuristic's groups (for tests and reports).
-pub fn heuristic_stage1(instance: &Instance) -> f64 {
-    let (groups, _) = heuristic::solve(instance);
-    stage1_objective(instance, &groups)
 }

@@ -188,7 +188,12 @@ impl RoutingStats {
         }
         let d = self.decay;
         let blend = |avg: &mut f64, x: f64| *avg = d * *avg + (1.0 - d) * x;
-        for (avg, x) in self.tokens.iter_mut().flatten().zip(counts.tokens.iter().flatten()) {
+        for (avg, x) in self
+            .tokens
+            .iter_mut()
+            .flatten()
+            .zip(counts.tokens.iter().flatten())
+        {
             blend(avg, *x);
         }
         for (avg, x) in self

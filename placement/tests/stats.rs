@@ -17,11 +17,18 @@ fn stats(experts: usize, top_k: usize, dispatched: &[Option<u32>]) -> MoeStats {
 #[test]
 fn counts_and_transitions_of_hand_made_routing() {
     // 3 tokens, top-2, 4 experts; token 2's second choice in layer 1 was dropped.
-    let l0 = stats(4, 2, &[Some(0), Some(1), Some(2), Some(3), Some(0), Some(3)]);
+    let l0 = stats(
+        4,
+        2,
+        &[Some(0), Some(1), Some(2), Some(3), Some(0), Some(3)],
+    );
     let l1 = stats(4, 2, &[Some(1), Some(2), Some(1), Some(0), Some(3), None]);
     let counts = BatchCounts::from_moe_stats(&[(0, l0), (2, l1)]).unwrap();
     assert_eq!(counts.moe_layers, vec![0, 2]);
-    assert_eq!(counts.tokens, vec![vec![2.0, 1.0, 1.0, 2.0], vec![1.0, 2.0, 1.0, 1.0]]);
+    assert_eq!(
+        counts.tokens,
+        vec![vec![2.0, 1.0, 1.0, 2.0], vec![1.0, 2.0, 1.0, 1.0]]
+    );
     let mut expected = vec![vec![0.0; 4]; 4];
     // token 0: {0, 1} -> {1, 2}, weight 1/2 each pair
     for i in [0, 1] {
@@ -121,7 +128,11 @@ fn a_real_forward_reports_every_dispatched_choice() {
         // Dropless vanilla routing: every choice is dispatched, and the counts are the
         // fractions the metrics report.
         for (e, f) in s.expert_fraction.iter().enumerate() {
-            let n = s.dispatched_tk.iter().filter(|&&x| x == Some(e as u32)).count();
+            let n = s
+                .dispatched_tk
+                .iter()
+                .filter(|&&x| x == Some(e as u32))
+                .count();
             assert!((n as f64 / (2 * t) as f64 - f).abs() < 1e-12);
         }
         // The two choices of a token are different experts.

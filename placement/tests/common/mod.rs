@@ -34,7 +34,9 @@ pub fn random_instance(
         .map(|l| {
             (0..experts)
                 .map(|i| {
-                    let w: Vec<f64> = (0..experts).map(|_| (2.0 * normal(&mut rng)).exp()).collect();
+                    let w: Vec<f64> = (0..experts)
+                        .map(|_| (2.0 * normal(&mut rng)).exp())
+                        .collect();
                     let total: f64 = w.iter().sum();
                     w.iter().map(|x| loads[l][i] * x / total).collect()
                 })
@@ -47,7 +49,14 @@ pub fn random_instance(
 /// The smallest possible largest group load of one layer (normalised loads `p`, groups of
 /// `p.len() / ranks`), by enumerating every balanced partition.
 pub fn brute_force_stage1(p: &[f64], ranks: usize) -> f64 {
-    fn go(p: &[f64], i: usize, per: usize, load: &mut Vec<f64>, count: &mut Vec<usize>, best: &mut f64) {
+    fn go(
+        p: &[f64],
+        i: usize,
+        per: usize,
+        load: &mut Vec<f64>,
+        count: &mut Vec<usize>,
+        best: &mut f64,
+    ) {
         if i == p.len() {
             *best = best.min(load.iter().cloned().fold(0.0, f64::max));
             return;
@@ -72,7 +81,14 @@ pub fn brute_force_stage1(p: &[f64], ranks: usize) -> f64 {
         }
     }
     let mut best = f64::INFINITY;
-    go(p, 0, p.len() / ranks, &mut vec![0.0; ranks], &mut vec![0; ranks], &mut best);
+    go(
+        p,
+        0,
+        p.len() / ranks,
+        &mut vec![0.0; ranks],
+        &mut vec![0; ranks],
+        &mut best,
+    );
     best
 }
 
