@@ -26,6 +26,7 @@ record e16-l2-bal      model.moe.num_experts=16   model.n_layers=2  model.moe.lo
 record e32-l4-bal      model.moe.num_experts=32   model.n_layers=4  model.moe.load_balance_coef=0.01
 record e32-l4-skew     model.moe.num_experts=32   model.n_layers=4  model.moe.load_balance_coef=0
 record e64-l4-bal      model.moe.num_experts=64   model.n_layers=4  model.moe.load_balance_coef=0.01
+record e64-l4-mild     model.moe.num_experts=64   model.n_layers=4  model.moe.load_balance_coef=0.001
 record e64-l4-skew     model.moe.num_experts=64   model.n_layers=4  model.moe.load_balance_coef=0
 
 plan() { # stats, ranks, extra args
@@ -41,5 +42,8 @@ plan e32-l4-bal 4
 plan e32-l4-bal 8
 plan e32-l4-skew 8
 plan e64-l4-bal 8
+plan e64-l4-bal 8 --strategy ilp --mip-gap 0.05
+plan e64-l4-bal 8 --strategy ilp --time-limit 10
+plan e64-l4-mild 8
 plan e64-l4-skew 8
 plan e64-l4-skew 8 --ranks-per-node 4 --inter-node-slowdown 9

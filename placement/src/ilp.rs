@@ -257,7 +257,7 @@ pub(crate) fn stage1_layer(
         constraints.push(sum(row.iter().copied()).eq(1.0));
     }
     for c in 0..n {
-        constraints.push(sum((0..e).map(|i| x[i][c])).eq(per_rank as f64));
+        constraints.push(sum(x.iter().map(|row| row[c])).eq(per_rank as f64));
     }
     for c in 0..n - 1 {
         constraints.push((load(c) - load(c + 1)).geq(0.0));
@@ -388,14 +388,14 @@ pub(crate) fn stage2(
         if l == 0 && fix_first {
             continue;
         }
-        for grp in 0..n {
-            constraints.push(sum(layer[grp].iter().flatten().copied()).eq(1.0));
-            for g in 0..n {
-                warm.push((layer[grp][g].expect("free layer"), y_start(l, grp, g)));
+        for (grp, row) in layer.iter().enumerate() {
+            constraints.push(sum(row.iter().flatten().copied()).eq(1.0));
+            for (g, v) in row.iter().enumerate() {
+                warm.push((v.expect("free layer"), y_start(l, grp, g)));
             }
         }
         for g in 0..n {
-            constraints.push(sum((0..n).filter_map(|grp| layer[grp][g])).eq(1.0));
+            constraints.push(sum(layer.iter().filter_map(|row| row[g])).eq(1.0));
         }
     }
     let mut objective = Expression::with_capacity(c.len());
@@ -452,12 +452,13 @@ pub(crate) fn stage2(
                     let mut a = Expression::with_capacity(n * n);
                     let mut a_start = 0.0;
                     let mut big_m = 0.0;
-                    for other in 0..n {
-                        let t = if outgoing {
-                            cb[grp][other]
-                        } else {
-                            cb[other][grp]
-                        };
+                    // Transitions from `grp` (outgoing) or into it, by the other group.
+                    let flows: Vec<f64> = if outgoing {
+                        cb[grp].clone()
+                    } else {
+                        cb.iter().map(|row| row[grp]).collect()
+                    };
+                    for (other, &t) in flows.iter().enumerate() {
                         if t <= 0.0 {
                             continue;
                         }
