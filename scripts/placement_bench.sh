@@ -29,11 +29,12 @@ record e64-l4-bal      model.moe.num_experts=64   model.n_layers=4  model.moe.lo
 record e64-l4-mild     model.moe.num_experts=64   model.n_layers=4  model.moe.load_balance_coef=0.001
 record e64-l4-skew     model.moe.num_experts=64   model.n_layers=4  model.moe.load_balance_coef=0
 
-plan() { # stats, ranks, extra args
+plan() { # stats, ranks, extra args (default: every strategy, ILP limited to 1 s)
     local stats=$1 ranks=$2
     shift 2
+    [[ $# -gt 0 ]] || set -- --time-limit 1
     echo "=== $stats, $ranks ranks $*"
-    "$bin" plan-placement --stats "$out/$stats.json" --ranks "$ranks" --time-limit 1 "$@"
+    "$bin" plan-placement --stats "$out/$stats.json" --ranks "$ranks" "$@"
     echo
 }
 
@@ -42,8 +43,8 @@ plan e32-l4-bal 4
 plan e32-l4-bal 8
 plan e32-l4-skew 8
 plan e64-l4-bal 8
-plan e64-l4-bal 8 --strategy ilp --mip-gap 0.05
+plan e64-l4-bal 8 --strategy ilp --time-limit 1 --mip-gap 0.05
 plan e64-l4-bal 8 --strategy ilp --time-limit 10
 plan e64-l4-mild 8
 plan e64-l4-skew 8
-plan e64-l4-skew 8 --ranks-per-node 4 --inter-node-slowdown 9
+plan e64-l4-skew 8 --time-limit 1 --ranks-per-node 4 --inter-node-slowdown 9

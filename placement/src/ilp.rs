@@ -256,7 +256,9 @@ pub(crate) fn stage1_layer(
     for row in &x {
         constraints.push(sum(row.iter().copied()).eq(1.0));
     }
-    for c in 0..n {
+    // The last group's count is implied (a redundant equality leaves microlp's basis
+    // singular).
+    for c in 0..n - 1 {
         constraints.push(sum(x.iter().map(|row| row[c])).eq(per_rank as f64));
     }
     for c in 0..n - 1 {
@@ -394,7 +396,9 @@ pub(crate) fn stage2(
                 warm.push((v.expect("free layer"), y_start(l, grp, g)));
             }
         }
-        for g in 0..n {
+        // Every rank holds one group; the last rank's row is implied by the others (and
+        // a redundant equality leaves microlp's basis singular).
+        for g in 0..n - 1 {
             constraints.push(sum(layer.iter().filter_map(|row| row[g])).eq(1.0));
         }
     }
@@ -422,8 +426,11 @@ pub(crate) fn stage2(
                 let mut retained = Expression::with_capacity(n * n);
                 for c1 in 0..n {
                     constraints.push((sum(w[c1].iter().copied()) - y_expr(b, c1, g)).eq(0.0));
-                    constraints
-                        .push((sum((0..n).map(|c2| w[c2][c1])) - y_expr(b + 1, c1, g)).eq(0.0));
+                    // The last column sum is implied by the others and the permutations.
+                    if c1 + 1 < n {
+                        constraints
+                            .push((sum((0..n).map(|c2| w[c2][c1])) - y_expr(b + 1, c1, g)).eq(0.0));
+                    }
                     for c2 in 0..n {
                         retained.add_mul(cb[c1][c2], w[c1][c2]);
                         warm.push((w[c1][c2], y_start(b, c1, g) * y_start(b + 1, c2, g)));
