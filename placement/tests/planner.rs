@@ -54,7 +54,7 @@ fn assert_valid(instance: &Instance, plan: &Plan) {
 #[test]
 fn every_strategy_places_every_expert_once_with_equal_counts() {
     for seed in 0..12 {
-        for (experts, ranks, layers) in [(16, 4, 2), (32, 8, 3), (12, 3, 4), (8, 8, 2), (6, 1, 2)] {
+        for (experts, ranks, layers) in [(16, 4, 2), (32, 8, 3), (12, 3, 4), (8, 8, 2), (6, 1, 2), (8, 2, 1)] {
             let instance = random_instance(seed, layers, experts, Topology::uniform(ranks), 1.0);
             for strategy in [Strategy::Contiguous {}, Strategy::Heuristic {}, ilp(0.2)] {
                 let plan = plan(&instance, &strategy).unwrap();
