@@ -149,31 +149,51 @@ fn solve_milp(
         }
         #[cfg(feature = "highs")]
         IlpSolver::Highs => {
-            let mut model = milp
+            use highs::{HighsModelStatus, HighsSolutionStatus};
+            // good_lp's HiGHS solution drops the dual bound: solve the highs::Model here.
+            let column: std::collections::HashMap<Variable, usize> = milp
                 .vars
-                .minimise(milp.objective)
-                .using(good_lp::highs)
-                .with_time_limit(seconds)
-                .with_initial_solution(milp.start)
-                .with_mip_gap(gap)
-                .map_err(|e| e.to_string())?;
-            for c in milp.constraints {
-                model.add_constraint(c);
+                .iter_variables_with_def()
+                .enumerate()
+                .map(|(i, (v, _))| (v, i))
+                .collect();
+            let mut start = vec![0.0; column.len()];
+            for (v, x) in &milp.start {
+                start[column[v]] = *x;
             }
-            let solution = match model.solve() {
-                Ok(solution) => solution,
-                Err(ResolutionError::Other("NoSolutionFound")) => return Ok(None),
-                Err(e) => return Err(e.to_string()),
-            };
-            // good_lp's HiGHS solution carries no dual bound: only a proof counts.
-            let proven = !matches!(solution.status(), SolutionStatus::TimeLimit);
-            let exact = matches!(solution.status(), SolutionStatus::Optimal);
-            let values = read.iter().map(|&v| solution.value(v)).collect();
+            let mut problem = milp.vars.minimise(milp.objective).using(good_lp::highs);
+            for c in milp.constraints {
+                problem.add_constraint(c);
+            }
+            let mut model = problem.try_into_inner().map_err(|e| e.to_string())?;
+            model.make_quiet();
+            model.set_option("time_limit", seconds);
+            model.set_option("mip_rel_gap", options.mip_gap);
+            model
+                .try_set_solution(Some(&start), None, None, None)
+                .map_err(|e| format!("HiGHS rejected the start: {e:?}"))?;
+            let solved = model.try_solve().map_err(|e| format!("HiGHS: {e:?}"))?;
+            let status = solved.status();
+            if !matches!(
+                status,
+                HighsModelStatus::Optimal | HighsModelStatus::ReachedTimeLimit
+            ) {
+                return Err(format!("HiGHS stopped with status {status:?}"));
+            }
+            if solved.primal_solution_status() != HighsSolutionStatus::Feasible {
+                return Ok(None);
+            }
+            let columns = solved.get_solution().columns().to_vec();
+            let proven = status == HighsModelStatus::Optimal;
+            let best_bound = solved
+                .double_info_value(c"mip_dual_bound")
+                .ok()
+                .filter(|b| b.is_finite());
             Ok(Some(MilpResult {
-                values,
+                values: read.iter().map(|v| columns[column[v]]).collect(),
                 proven,
-                exact,
-                best_bound: None,
+                exact: proven && solved.mip_gap() <= 1e-9,
+                best_bound,
             }))
         }
         #[cfg(not(feature = "highs"))]

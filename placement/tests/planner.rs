@@ -12,11 +12,23 @@ use switchyard_placement::{
 };
 
 fn ilp(time_limit_s: f64) -> Strategy {
+    ilp_with(IlpSolver::Microlp, time_limit_s)
+}
+
+fn ilp_with(solver: IlpSolver, time_limit_s: f64) -> Strategy {
     Strategy::Ilp {
         time_limit_s,
         mip_gap: 0.0,
-        solver: IlpSolver::Microlp,
+        solver,
     }
+}
+
+/// microlp, and HiGHS when it is compiled in.
+fn solvers() -> Vec<IlpSolver> {
+    [IlpSolver::Microlp, IlpSolver::Highs]
+        .into_iter()
+        .filter(|s| s.available())
+        .collect()
 }
 
 const TOL: f64 = 1e-9;
@@ -54,7 +66,14 @@ fn assert_valid(instance: &Instance, plan: &Plan) {
 #[test]
 fn every_strategy_places_every_expert_once_with_equal_counts() {
     for seed in 0..12 {
-        for (experts, ranks, layers) in [(16, 4, 2), (32, 8, 3), (12, 3, 4), (8, 8, 2), (6, 1, 2), (8, 2, 1)] {
+        for (experts, ranks, layers) in [
+            (16, 4, 2),
+            (32, 8, 3),
+            (12, 3, 4),
+            (8, 8, 2),
+            (6, 1, 2),
+            (8, 2, 1),
+        ] {
             let instance = random_instance(seed, layers, experts, Topology::uniform(ranks), 1.0);
             for strategy in [Strategy::Contiguous {}, Strategy::Heuristic {}, ilp(0.2)] {
                 let plan = plan(&instance, &strategy).unwrap();
@@ -152,29 +171,32 @@ fn ilp_is_never_worse_than_its_heuristic_start() {
 #[test]
 fn ilp_stage1_matches_brute_force_on_small_instances() {
     let mut improved = 0;
-    for seed in 0..12 {
-        for (experts, ranks) in [(8, 2), (8, 4), (9, 3), (12, 3), (12, 4)] {
-            let instance = random_instance(200 + seed, 2, experts, Topology::uniform(ranks), 1.0);
-            let plan = plan(&instance, &ilp(60.0)).unwrap();
-            let s1 = plan.report.stage1.as_ref().unwrap();
-            assert_eq!(
-                s1.status,
-                StageStatus::Proven,
-                "seed {seed} {experts}x{ranks}: {s1:?}"
-            );
-            for l in 0..instance.layers() {
-                let optimum = brute_force_stage1(&instance.normalized_loads(l), ranks);
-                let got = plan.metrics.load_max_over_mean[l];
-                assert!(
-                    (got - optimum).abs() < 1e-7,
-                    "seed {seed} {experts}x{ranks} layer {l}: ILP {got}, brute force {optimum}"
+    for solver in solvers() {
+        for seed in 0..12 {
+            for (experts, ranks) in [(8, 2), (8, 4), (9, 3), (12, 3), (12, 4)] {
+                let instance =
+                    random_instance(200 + seed, 2, experts, Topology::uniform(ranks), 1.0);
+                let plan = plan(&instance, &ilp_with(solver, 60.0)).unwrap();
+                let s1 = plan.report.stage1.as_ref().unwrap();
+                assert_eq!(
+                    s1.status,
+                    StageStatus::Proven,
+                    "seed {seed} {experts}x{ranks}: {s1:?}"
                 );
-                let solve = &s1.solves[l];
-                assert!(solve.gap() < 1e-6, "{solve:?}");
-                if solve.outcome == Outcome::Optimal
-                    && solve.objective < solve.start_objective - 1e-6
-                {
-                    improved += 1;
+                for l in 0..instance.layers() {
+                    let optimum = brute_force_stage1(&instance.normalized_loads(l), ranks);
+                    let got = plan.metrics.load_max_over_mean[l];
+                    assert!(
+                        (got - optimum).abs() < 1e-7,
+                        "seed {seed} {experts}x{ranks} layer {l}: ILP {got}, brute force {optimum}"
+                    );
+                    let solve = &s1.solves[l];
+                    assert!(solve.gap() < 1e-6, "{solve:?}");
+                    if solve.outcome == Outcome::Optimal
+                        && solve.objective < solve.start_objective - 1e-6
+                    {
+                        improved += 1;
+                    }
                 }
             }
         }
@@ -187,24 +209,30 @@ fn ilp_stage1_matches_brute_force_on_small_instances() {
 
 #[test]
 fn ilp_stage2_matches_brute_force_on_small_instances() {
-    for seed in 0..8 {
-        for (experts, ranks, layers, topology) in [
-            (6, 3, 3, Topology::uniform(3)),
-            (8, 4, 3, Topology::uniform(4)),
-            (8, 4, 3, Topology::two_level(4, 2, 9.0).unwrap()),
-            (12, 4, 2, Topology::two_level(4, 2, 4.0).unwrap()),
-        ] {
-            let uniform = topology.is_uniform();
-            let instance = random_instance(300 + seed, layers, experts, topology, 1.0);
-            let plan = plan(&instance, &ilp(60.0)).unwrap();
-            let s2 = plan.report.stage2.as_ref().unwrap();
-            assert_eq!(s2.status, StageStatus::Proven, "seed {seed}: {s2:?}");
-            let optimum = brute_force_stage2(&instance, &plan.owners);
-            assert!(
-                (plan.metrics.mean_boundary_traffic - optimum).abs() < 1e-7,
-                "seed {seed} {experts}x{ranks}x{layers} uniform={uniform}: ILP {}, brute force {optimum}",
-                plan.metrics.mean_boundary_traffic
-            );
+    for solver in solvers() {
+        for seed in 0..8 {
+            for (experts, ranks, layers, topology) in [
+                (6, 3, 3, Topology::uniform(3)),
+                (8, 4, 3, Topology::uniform(4)),
+                (8, 4, 3, Topology::two_level(4, 2, 9.0).unwrap()),
+                (12, 4, 2, Topology::two_level(4, 2, 4.0).unwrap()),
+            ] {
+                let uniform = topology.is_uniform();
+                let instance = random_instance(300 + seed, layers, experts, topology, 1.0);
+                let plan = plan(&instance, &ilp_with(solver, 60.0)).unwrap();
+                let s2 = plan.report.stage2.as_ref().unwrap();
+                assert_eq!(
+                    s2.status,
+                    StageStatus::Proven,
+                    "{solver:?} seed {seed}: {s2:?}"
+                );
+                let optimum = brute_force_stage2(&instance, &plan.owners);
+                assert!(
+                    (plan.metrics.mean_boundary_traffic - optimum).abs() < 1e-7,
+                    "{solver:?} seed {seed} {experts}x{ranks}x{layers} uniform={uniform}: ILP {}, brute force {optimum}",
+                    plan.metrics.mean_boundary_traffic
+                );
+            }
         }
     }
 }
