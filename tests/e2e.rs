@@ -528,3 +528,67 @@ fn prepare_data_then_train_and_eval_on_the_indexed_dataset() {
         text(&out)
     );
 }
+
+#[test]
+fn record_routing_then_plan_placement() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "tiny.yaml", &tiny_config(tmp.path()));
+    let stats = tmp.path().join("stats.json");
+    let out = switchyard(&[
+        "record-routing",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--out",
+        stats.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("recorded 3 steps"),
+        "{}",
+        text(&out)
+    );
+    let plans = tmp.path().join("plans.json");
+    let out = switchyard(&[
+        "plan-placement",
+        "--stats",
+        stats.to_str().unwrap(),
+        "--ranks",
+        "2",
+        "--out",
+        plans.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for strategy in ["contiguous", "heuristic", "ilp stage 1", "ilp stage 2"] {
+        assert!(
+            stdout.contains(strategy),
+            "{strategy} missing: {}",
+            text(&out)
+        );
+    }
+    let plans: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plans).unwrap()).unwrap();
+    for plan in plans.as_array().unwrap() {
+        let owners = plan["owners"].as_array().unwrap();
+        assert_eq!(owners.len(), 2, "one owner vector per MoE layer");
+        for owner in owners {
+            let mut count = [0; 2];
+            for rank in owner.as_array().unwrap() {
+                count[rank.as_u64().unwrap() as usize] += 1;
+            }
+            assert_eq!(count, [2, 2]);
+        }
+    }
+    // A rank count that does not divide the experts is refused with a reason.
+    let out = switchyard(&[
+        "plan-placement",
+        "--stats",
+        stats.to_str().unwrap(),
+        "--ranks",
+        "3",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be split evenly"));
+}

@@ -380,3 +380,198 @@ pub fn ablate(cfg: &Config) -> Result<()> {
     println!("{report}");
     Ok(())
 }
+
+/// `record-routing`: train in one process and save the moving-average routing statistics.
+pub fn record_routing(
+    cfg: &Config,
+    config_path: &Path,
+    steps: Option<u64>,
+    decay: f64,
+    out: &Path,
+) -> Result<()> {
+    use switchyard_placement::{BatchCounts, RoutingStats};
+    setup_threads(cfg.run.threads)?;
+    let mut cfg = cfg.clone();
+    if let Some(steps) = steps {
+        cfg.train.steps = steps;
+    }
+    let corpus = load_data(&cfg)?;
+    let device = Device::flex().autodiff();
+    let mut trainer = train_impl::Trainer::new(&cfg, &corpus, &device)?;
+    let mut stats = RoutingStats::new(decay)?;
+    stats.source = format!(
+        "switchyard record-routing --config {} --steps {} --decay {decay}",
+        config_path.display(),
+        cfg.train.steps
+    );
+    let started = std::time::Instant::now();
+    let mut loss = f64::NAN;
+    while trainer.state_step < cfg.train.steps {
+        let report = trainer.step()?;
+        loss = report.loss;
+        stats.record(&BatchCounts::from_moe_stats(&trainer.last_moe_stats)?)?;
+        if report.step % 50 == 0 || report.step == cfg.train.steps {
+            tracing::info!(step = report.step, loss, "recording routing");
+        }
+    }
+    stats.save(out)?;
+    println!(
+        "recorded {} steps ({:.0} s, last loss {loss:.4}) of {} MoE layers x {} experts to {}",
+        stats.records,
+        started.elapsed().as_secs_f64(),
+        stats.moe_layers.len(),
+        stats.num_experts,
+        out.display()
+    );
+    for (layer, tokens) in stats.moe_layers.iter().zip(&stats.tokens) {
+        let total: f64 = tokens.iter().sum();
+        let max = tokens.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "  layer {layer}: hottest expert {:.2}x the mean",
+            max * tokens.len() as f64 / total.max(f64::MIN_POSITIVE)
+        );
+    }
+    Ok(())
+}
+
+pub struct PlanPlacementOptions {
+    pub stats: PathBuf,
+    pub ranks: usize,
+    pub strategy: Option<String>,
+    pub time_limit: f64,
+    pub mip_gap: f64,
+    pub solver: String,
+    pub ranks_per_node: Option<usize>,
+    pub inter_node_slowdown: f64,
+    pub out: Option<PathBuf>,
+}
+
+/// `plan-placement`: every strategy (or one) on recorded statistics, side by side.
+pub fn plan_placement(opts: &PlanPlacementOptions) -> Result<()> {
+    use switchyard_placement::{IlpSolver, RoutingStats, Strategy, Topology, plan};
+    let stats = RoutingStats::load(&opts.stats)?;
+    let topology = match opts.ranks_per_node {
+        Some(per_node) => Topology::two_level(opts.ranks, per_node, opts.inter_node_slowdown)?,
+        None => Topology::uniform(opts.ranks),
+    };
+    let instance = stats.instance(topology)?;
+    let solver = match opts.solver.as_str() {
+        "microlp" => IlpSolver::Microlp,
+        "highs" => IlpSolver::Highs,
+        other => bail!("--solver {other}: expected `microlp` or `highs`"),
+    };
+    if !(opts.time_limit.is_finite() && opts.time_limit >= 0.0) {
+        bail!("--time-limit {}: expected seconds >= 0", opts.time_limit);
+    }
+    if !(0.0..1.0).contains(&opts.mip_gap) {
+        bail!(
+            "--mip-gap {}: expected a relative gap in [0, 1)",
+            opts.mip_gap
+        );
+    }
+    let ilp = Strategy::Ilp {
+        time_limit_s: opts.time_limit,
+        mip_gap: opts.mip_gap,
+        solver,
+    };
+    let strategies = match opts.strategy.as_deref() {
+        None => vec![Strategy::Contiguous {}, Strategy::Heuristic {}, ilp],
+        Some("contiguous") => vec![Strategy::Contiguous {}],
+        Some("heuristic") => vec![Strategy::Heuristic {}],
+        Some("ilp") => vec![ilp],
+        Some(other) => bail!("--strategy {other}: expected `contiguous`, `heuristic` or `ilp`"),
+    };
+    println!(
+        "routing statistics: {} ({} MoE layers x {} experts, {} steps recorded)",
+        opts.stats.display(),
+        instance.layers(),
+        instance.experts(),
+        stats.records
+    );
+    match opts.ranks_per_node {
+        Some(k) => println!(
+            "{} ranks, {k} per node, inter-node links {}x slower",
+            opts.ranks, opts.inter_node_slowdown
+        ),
+        None => println!("{} ranks, all links equal", opts.ranks),
+    }
+    println!(
+        "lower bound on load max/mean (mean over layers): {:.4}\n",
+        switchyard_placement::plan::load_bound(&instance)
+    );
+    println!(
+        "{:<11} {:>14} {:>11} {:>16} {:>15} {:>9}",
+        "strategy",
+        "load max/mean",
+        "worst layer",
+        "cross-rank trans",
+        "busiest traffic",
+        "solve s"
+    );
+    let mut plans = Vec::new();
+    for strategy in &strategies {
+        let plan = plan(&instance, strategy)?;
+        let m = &plan.metrics;
+        println!(
+            "{:<11} {:>14.4} {:>11.4} {:>16.4} {:>15.4} {:>9.3}",
+            plan.strategy,
+            m.mean_load_max_over_mean,
+            m.worst_load_max_over_mean,
+            m.cross_rank_fraction,
+            m.mean_boundary_traffic,
+            plan.report.seconds
+        );
+        plans.push(plan);
+    }
+    for plan in &plans {
+        let stages = [
+            ("stage 1 (load balance, max/mean)", &plan.report.stage1),
+            ("stage 2 (busiest-rank traffic)", &plan.report.stage2),
+        ];
+        for (name, stage) in stages {
+            let Some(s) = stage else { continue };
+            let proven = s
+                .solves
+                .iter()
+                .filter(|x| {
+                    matches!(
+                        x.outcome,
+                        switchyard_placement::ilp::Outcome::Optimal
+                            | switchyard_placement::ilp::Outcome::StartProven
+                    )
+                })
+                .count();
+            println!(
+                "{} {name}: objective {:.4} (heuristic {:.4}), bound {:.4}, gap {:.2}%, {:?}, \
+                 {proven}/{} solves proven, {:.3} s",
+                plan.strategy,
+                s.objective,
+                s.start_objective,
+                s.bound,
+                100.0 * s.gap,
+                s.status,
+                s.solves.len(),
+                s.seconds
+            );
+        }
+    }
+    for plan in &plans {
+        let per_layer: Vec<String> = plan
+            .metrics
+            .load_max_over_mean
+            .iter()
+            .map(|x| format!("{x:.3}"))
+            .collect();
+        println!(
+            "{} load max/mean per layer: {}",
+            plan.strategy,
+            per_layer.join(" ")
+        );
+    }
+    if let Some(out) = &opts.out {
+        let json = serde_json::to_string_pretty(&plans)?;
+        std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
+        println!("plans written to {}", out.display());
+    }
+    Ok(())
+}

@@ -91,6 +91,55 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         warmup: u64,
     },
+    /// Train in one process and save routing statistics (tokens per expert, layer-to-layer
+    /// transitions; a moving average) for `plan-placement`. No checkpoints or metrics.
+    RecordRouting {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Optimizer steps (default: train.steps).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Moving-average decay per step, in [0, 1).
+        #[arg(long, default_value_t = 0.99)]
+        decay: f64,
+        /// Output JSON file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Plan expert placement from routing statistics: predicted per-rank load and
+    /// cross-rank traffic of each strategy, solve time, and the ILP's objective, bound, gap.
+    PlanPlacement(PlanPlacementArgs),
+}
+
+#[derive(clap::Args)]
+struct PlanPlacementArgs {
+    /// Routing statistics written by `record-routing` (or the trainer).
+    #[arg(long)]
+    stats: PathBuf,
+    /// Expert-parallel ranks (must divide the number of experts).
+    #[arg(long)]
+    ranks: usize,
+    /// `contiguous`, `heuristic` or `ilp`; default: all three, side by side.
+    #[arg(long)]
+    strategy: Option<String>,
+    /// ILP wall-clock budget, seconds (both stages).
+    #[arg(long, default_value_t = 1.0)]
+    time_limit: f64,
+    /// ILP relative gap at which a solve may stop (0 = prove optimality).
+    #[arg(long, default_value_t = 0.0)]
+    mip_gap: f64,
+    /// ILP solver: `microlp`, or `highs` (built with the `highs` feature).
+    #[arg(long, default_value = "microlp")]
+    solver: String,
+    /// Ranks per node; links between nodes are `--inter-node-slowdown` times slower
+    /// (default: one node, all links equal).
+    #[arg(long)]
+    ranks_per_node: Option<usize>,
+    #[arg(long, default_value_t = 9.0)]
+    inter_node_slowdown: f64,
+    /// Write the plans (owner vectors per layer, metrics, reports) as JSON.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -207,5 +256,25 @@ fn run(command: Command) -> Result<()> {
             let cfg = load(&config)?;
             commands::bench(&cfg, steps, warmup)
         }
+        Command::RecordRouting {
+            config,
+            steps,
+            decay,
+            out,
+        } => {
+            let cfg = load(&config)?;
+            commands::record_routing(&cfg, &config.config, steps, decay, &out)
+        }
+        Command::PlanPlacement(args) => commands::plan_placement(&commands::PlanPlacementOptions {
+            stats: args.stats,
+            ranks: args.ranks,
+            strategy: args.strategy,
+            time_limit: args.time_limit,
+            mip_gap: args.mip_gap,
+            solver: args.solver,
+            ranks_per_node: args.ranks_per_node,
+            inter_node_slowdown: args.inter_node_slowdown,
+            out: args.out,
+        }),
     }
 }

@@ -41,6 +41,12 @@ pub struct MoeStats {
     /// Wall time of this layer's forward (the CPU backend executes eagerly, so this is the
     /// layer's compute time).
     pub seconds: f64,
+    /// Choices per token (the router's k).
+    pub top_k: usize,
+    /// Per token and choice, row-major [T, K] in the batch's token order: the FFN expert the
+    /// assignment was dispatched to, `None` for an extra-expert slot (null, zero, copy,
+    /// constant) or a dropped assignment. Placement statistics pair these across layers.
+    pub dispatched_tk: Vec<Option<u32>>,
 }
 
 /// Names of `MoeStats::kind_fraction`'s entries.
@@ -368,6 +374,13 @@ impl MoeLayer {
             z_loss: scalar(z),
             expert_flops,
             seconds: 0.0,
+            top_k: routing.top_k,
+            dispatched_tk: (0..kept.len())
+                .map(|a| {
+                    let slot = routing.experts_tk[a];
+                    (kept[a] && kinds[slot] == SlotKind::Ffn).then_some(slot as u32)
+                })
+                .collect(),
         }
     }
 

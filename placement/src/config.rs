@@ -1,0 +1,168 @@
+//! The `placement:` config node.
+
+use serde::{Deserialize, Serialize};
+
+/// Issues found by `validate`: (key path relative to the node, message with a hint).
+pub type ConfigIssues = Vec<(String, String)>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementConfig {
+    /// How experts are assigned to ep ranks.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Optimizer steps between re-plans (with expert migration); 0 = keep the initial
+    /// placement for the whole run.
+    #[serde(default)]
+    pub rebalance_every: u64,
+    /// Moving-average decay of the routing statistics per recorded step, in [0, 1): the
+    /// statistics weigh the last ~1/(1 - decay) steps.
+    #[serde(default = "default_stats_decay")]
+    pub stats_decay: f64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::default(),
+            rebalance_every: 0,
+            stats_decay: default_stats_decay(),
+        }
+    }
+}
+
+/// The placement strategy (`type: ...`).
+/// The field-less variants are empty struct variants: serde lets a unit variant of an
+/// internally tagged enum ignore unknown keys, `deny_unknown_fields` notwithstanding.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Strategy {
+    /// Experts `[i * E/ep, (i+1) * E/ep)` on ep rank `i`, in every layer.
+    Contiguous {},
+    /// Longest-processing-time assignment plus pairwise-swap refinement per layer, then
+    /// each layer's groups mapped to ranks to keep consecutive experts together.
+    Heuristic {},
+    /// MoETuner's two stages as ILPs, started from (and falling back to) the heuristic.
+    Ilp {
+        /// Wall-clock budget of both stages together, seconds.
+        #[serde(default = "default_time_limit_s")]
+        time_limit_s: f64,
+        /// Relative gap at which a solve may stop (0 = prove optimality; MoETuner ran
+        /// Gurobi to 0.025).
+        #[serde(default)]
+        mip_gap: f64,
+        #[serde(default)]
+        solver: IlpSolver,
+    },
+}
+
+/// The MILP solver behind `good_lp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IlpSolver {
+    /// Pure Rust, always available.
+    #[default]
+    Microlp,
+    /// HiGHS (C++), with the crate feature `highs`.
+    Highs,
+}
+
+impl IlpSolver {
+    pub fn name(self) -> &'static str {
+        match self {
+            IlpSolver::Microlp => "microlp",
+            IlpSolver::Highs => "highs",
+        }
+    }
+
+    pub fn available(self) -> bool {
+        match self {
+            IlpSolver::Microlp => true,
+            IlpSolver::Highs => cfg!(feature = "highs"),
+        }
+    }
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Strategy::Contiguous {}
+    }
+}
+
+impl Strategy {
+    /// The ILP with the default time limit and solver.
+    pub fn ilp() -> Strategy {
+        Strategy::Ilp {
+            time_limit_s: default_time_limit_s(),
+            mip_gap: 0.0,
+            solver: IlpSolver::default(),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Contiguous {} => "contiguous",
+            Strategy::Heuristic {} => "heuristic",
+            Strategy::Ilp { .. } => "ilp",
+        }
+    }
+}
+
+impl PlacementConfig {
+    pub fn validate(&self) -> ConfigIssues {
+        let mut issues = ConfigIssues::new();
+        if !(0.0..1.0).contains(&self.stats_decay) {
+            issues.push((
+                "stats_decay".into(),
+                format!(
+                    "must be in [0, 1), got {}; 0.99 averages over ~100 steps",
+                    self.stats_decay
+                ),
+            ));
+        }
+        if self.rebalance_every > 0 && self.strategy == (Strategy::Contiguous {}) {
+            issues.push((
+                "rebalance_every".into(),
+                "a contiguous placement never changes; set strategy.type: heuristic or ilp, or rebalance_every: 0".into(),
+            ));
+        }
+        if let Strategy::Ilp {
+            time_limit_s,
+            mip_gap,
+            solver,
+        } = self.strategy
+        {
+            if !(0.0..1.0).contains(&mip_gap) {
+                issues.push((
+                    "strategy.mip_gap".into(),
+                    format!("must be in [0, 1), got {mip_gap}; 0 proves optimality"),
+                ));
+            }
+            if !(time_limit_s.is_finite() && time_limit_s >= 0.0) {
+                issues.push((
+                    "strategy.time_limit_s".into(),
+                    format!("must be a finite number of seconds >= 0, got {time_limit_s}"),
+                ));
+            }
+            if !solver.available() {
+                issues.push((
+                    "strategy.solver".into(),
+                    format!(
+                        "`{}` is not compiled in; rebuild with `--features switchyard-placement/{}` or use `microlp`",
+                        solver.name(),
+                        solver.name()
+                    ),
+                ));
+            }
+        }
+        issues
+    }
+}
+
+fn default_stats_decay() -> f64 {
+    0.99
+}
+
+fn default_time_limit_s() -> f64 {
+    1.0
+}
