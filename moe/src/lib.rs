@@ -3,12 +3,14 @@
 //! the decoder-only transformer that uses them. Knows nothing about communication.
 
 pub mod config;
+pub mod cpu;
 pub mod dispatch;
 pub mod experts;
 pub mod init;
 pub mod layer;
 pub mod model;
 pub mod params;
+pub mod profile;
 pub mod router;
 
 pub use config::{

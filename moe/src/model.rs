@@ -14,6 +14,7 @@ use crate::config::{ModelConfig, RouterConfig};
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
 use crate::layer::{MoeLayer, MoeStats};
+use crate::profile::{self, Part};
 use crate::router::{Gru, RouterCarry};
 
 #[derive(Module, Debug)]
@@ -239,7 +240,12 @@ impl Transformer {
         let mut carry = RouterCarry::default();
         let gru = self.router_gru.as_ref();
         for (index, block) in self.layers.iter().enumerate() {
-            x_bsd = x_bsd.clone() + block.attn.forward(block.attn_norm.forward(x_bsd));
+            let attn_bsd = profile::time(Part::AttentionBlock, || {
+                let x_bsd = profile::region_start(x_bsd.clone(), Part::AttentionBlock);
+                let out_bsd = block.attn.forward(block.attn_norm.forward(x_bsd));
+                profile::region_end(out_bsd, Part::AttentionBlock)
+            });
+            x_bsd = x_bsd + attn_bsd;
             let h_bsd = block.ffn_norm.forward(x_bsd.clone());
             let ffn_bsd = match (&block.dense, &block.moe) {
                 (Some(dense), None) => {

@@ -1,0 +1,249 @@
+//! Fused CPU operations on raw f32 buffers, as custom autodiff nodes on `Autodiff<Flex>`.
+//!
+//! burn's generic ops allocate a tensor per step and run one pass over memory each; the
+//! hot parts of a training step (grouped experts, dispatch gather, combine, attention core,
+//! loss) are written here as one node each, forward and backward, with their GEMMs on the
+//! `gemm` crate (the kernel burn-flex itself uses) called single-threaded inside coarse
+//! parallel tasks (per expert, per head, per row block): on two cores, splitting one
+//! mid-sized GEMM across threads costs more than it gains. Each op has a readable
+//! reference in burn ops and a test pinning output and gradients to it.
+//!
+//! An op runs here only on the flex backend (plain or autodiff); on any other backend the
+//! callers take their burn-op reference path.
+
+pub mod combine;
+pub mod gemm;
+pub mod grouped;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Flex};
+use burn::backend::BackendTypes;
+use burn::tensor::{Tensor, TensorData};
+
+
+/// The fused paths, each of which can be switched back to its burn-op reference (the
+/// benchmark measures every change side by side this way; tests pin the two together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fused {
+    /// Grouped SwiGLU over all local experts (`grouped`).
+    GroupedExperts,
+    /// Dispatch gather and weighted combine (`combine`).
+    DispatchCombine,
+    /// Causal attention core (`attention`).
+    Attention,
+    /// Cross-entropy over the vocabulary (`loss`).
+    Loss,
+    /// One pass AdamW over raw buffers (in the trainer).
+    Optimizer,
+}
+
+impl Fused {
+    pub const ALL: [Fused; 5] = [
+        Fused::GroupedExperts,
+        Fused::DispatchCombine,
+        Fused::Attention,
+        Fused::Loss,
+        Fused::Optimizer,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fused::GroupedExperts => "grouped expert GEMM",
+            Fused::DispatchCombine => "fused dispatch/combine",
+            Fused::Attention => "fused attention core",
+            Fused::Loss => "fused cross-entropy",
+            Fused::Optimizer => "fused AdamW",
+        }
+    }
+}
+
+/// Bit i set: `Fused::ALL[i]` is switched off (process-wide; on by default).
+static DISABLED: AtomicU32 = AtomicU32::new(0);
+
+/// Switches a fused path on or off for the whole process.
+pub fn set_fused(op: Fused, on: bool) {
+    let bit = 1 << op as u32;
+    if on {
+        DISABLED.fetch_and(!bit, Ordering::Relaxed);
+    } else {
+        DISABLED.fetch_or(bit, Ordering::Relaxed);
+    }
+}
+
+/// Whether `op` takes its fused path.
+pub fn fused(op: Fused) -> bool {
+    DISABLED.load(Ordering::Relaxed) & (1 << op as u32) == 0
+}
+
+/// The flex backend's tensor primitive.
+pub type FlexTensor = <Flex as BackendTypes>::FloatTensorPrimitive;
+
+/// A float tensor taken apart for a custom op.
+pub enum Prim {
+    Tracked(<Autodiff<Flex> as BackendTypes>::FloatTensorPrimitive),
+    Plain(FlexTensor),
+}
+
+/// The primitive of a flex tensor (autodiff or not); `None` on another backend.
+pub fn prim<const D: usize>(t: &Tensor<D>) -> Option<Prim> {
+    if t.device().is_autodiff() {
+        t.clone()
+            .try_into_primitive::<Autodiff<Flex>>()
+            .ok()
+            .map(Prim::Tracked)
+    } else {
+        t.clone().try_into_primitive::<Flex>().ok().map(Prim::Plain)
+    }
+}
+
+/// Computes the gradients of an op's inputs from the gradient of its output;
+/// `needed[i]` tells whether input `i` wants one.
+pub type BackwardFn<const N: usize> =
+    Box<dyn FnOnce(FlexTensor, [bool; N]) -> [Option<FlexTensor>; N] + Send>;
+
+/// Runs a custom op: `forward` gets the inputs' values and returns the output and the
+/// backward closure (dropped when nothing is tracked). Inputs must all be tracked or all
+/// plain (`None` otherwise, and the caller takes its reference path).
+pub fn custom_op<const N: usize, const D: usize>(
+    inputs: [Prim; N],
+    forward: impl FnOnce([&FlexTensor; N]) -> (FlexTensor, BackwardFn<N>),
+) -> Option<Tensor<D>> {
+    if inputs.iter().all(|p| matches!(p, Prim::Plain(_))) {
+        let values = inputs.map(|p| match p {
+            Prim::Plain(t) => t,
+            Prim::Tracked(_) => unreachable!(),
+        });
+        let (out, _) = forward(values.each_ref());
+        return Some(Tensor::from_primitive::<Flex>(out));
+    }
+    if !inputs.iter().all(|p| matches!(p, Prim::Tracked(_))) {
+        return None;
+    }
+    let (values, guards) = split(inputs);
+    let (out, backward) = forward(values.each_ref());
+    let tracked = match Custom::<N>
+        .prepare::<NoCheckpointing>(guards)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            State {
+                backward: Arc::new(std::sync::Mutex::new(Some(backward))),
+            },
+            out,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Some(Tensor::from_primitive::<Autodiff<Flex>>(tracked))
+}
+
+type Guard = burn::backend::autodiff::ops::NodeGuard;
+
+fn split<const N: usize>(inputs: [Prim; N]) -> ([FlexTensor; N], [Guard; N]) {
+    let mut values = Vec::with_capacity(N);
+    let mut guards = Vec::with_capacity(N);
+    for p in inputs {
+        let Prim::Tracked(t) = p else { unreachable!() };
+        let (v, g) = t.into_parts();
+        values.push(v);
+        guards.push(g);
+    }
+    let (Ok(values), Ok(guards)) = (values.try_into(), guards.try_into()) else {
+        unreachable!()
+    };
+    (values, guards)
+}
+
+struct State<const N: usize> {
+    /// Taken once by the backward step.
+    backward: Arc<std::sync::Mutex<Option<BackwardFn<N>>>>,
+}
+
+impl<const N: usize> Clone for State<N> {
+    fn clone(&self) -> Self {
+        Self {
+            backward: self.backward.clone(),
+        }
+    }
+}
+
+impl<const N: usize> fmt::Debug for State<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("State").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Custom<const N: usize>;
+
+impl<const N: usize> Backward<Flex, N> for Custom<N> {
+    type State = State<N>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let needed = ops.parents.each_ref().map(Option::is_some);
+        let backward = ops
+            .state
+            .backward
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .expect("a custom op's backward runs once");
+        let input_grads = backward(grad, needed);
+        for (parent, g) in ops.parents.into_iter().zip(input_grads) {
+            if let (Some(parent), Some(g)) = (parent, g) {
+                grads.register::<Flex>(parent.id, g);
+            }
+        }
+    }
+}
+
+/// Contiguous f32 values of a flex tensor (a copy only when it is a strided view).
+pub fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().unwrap().to_vec()),
+    }
+}
+
+/// A flex tensor of `shape` holding `data`.
+pub fn tensor(data: Vec<f32>, shape: &[usize]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape.to_vec()))
+}
+
+/// The dims of a flex tensor.
+pub fn dims(t: &FlexTensor) -> Vec<usize> {
+    t.layout().shape().to_vec()
+}
+
+/// Splits `0..n` into about `parts` contiguous ranges.
+pub fn ranges(n: usize, parts: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let parts = parts.clamp(1, n.max(1));
+    (0..parts).map(move |p| n * p / parts..n * (p + 1) / parts)
+}
+
+/// A raw pointer that may cross threads: the tasks that share one write disjoint parts.
+#[derive(Clone, Copy)]
+pub struct SendPtr(pub *mut f32);
+// SAFETY: every user writes disjoint index ranges from each task and joins before reading.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// SiLU and its derivative.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+#[inline]
+pub fn silu_grad(x: f32) -> f32 {
+    let s = 1.0 / (1.0 + (-x).exp());
+    s * (1.0 + x * (1.0 - s))
+}
