@@ -11,6 +11,7 @@ use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use crate::config::{ModelConfig, RouterConfig};
+use crate::cpu;
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
 use crate::layer::{MoeLayer, MoeStats};
@@ -130,7 +131,16 @@ impl Attention {
 }
 
 /// softmax(q k^T / sqrt(Dh) + causal mask) v. q, k, v: [B, H, S, Dh] -> [B, H, S, Dh].
+/// One fused op on the CPU backend (`cpu::attention`).
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    match cpu::attention::causal_attention(&q, &k, &v) {
+        Some(out) => out,
+        None => causal_attention_reference(q, k, v),
+    }
+}
+
+/// `causal_attention` with burn ops: the reference of the fused op.
+pub fn causal_attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let [_, _, s, dh] = q.dims();
     let scores_bhss = q.matmul(k.swap_dims(2, 3)) / (dh as f64).sqrt();
     // true above the diagonal: key position after query position.
@@ -292,6 +302,16 @@ impl ModelOutput {
 
 /// Mean next-token cross-entropy in nats. logits: [B, S, V], targets: [B, S] -> [1].
 pub fn cross_entropy(logits_bsv: Tensor<3>, targets_bs: Tensor<2, Int>) -> Tensor<1> {
+    let [b, s, v] = logits_bsv.dims();
+    let logits_nv = logits_bsv.clone().reshape([b * s, v]);
+    if let Some(loss) = cpu::loss::cross_entropy(&logits_nv, &targets_bs.clone().reshape([b * s])) {
+        return loss;
+    }
+    cross_entropy_reference(logits_bsv, targets_bs)
+}
+
+/// `cross_entropy` with burn ops: the reference of the fused op.
+pub fn cross_entropy_reference(logits_bsv: Tensor<3>, targets_bs: Tensor<2, Int>) -> Tensor<1> {
     let [b, s, v] = logits_bsv.dims();
     let logp_nv = log_softmax(logits_bsv.reshape([b * s, v]), 1);
     let picked_n1 = logp_nv.gather(1, targets_bs.reshape([b * s, 1]));

@@ -6,6 +6,9 @@ use std::fmt;
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
+use switchyard_moe::cpu::gemm::{Mat, gemm_rows_parallel};
+use switchyard_moe::cpu::{Fused, set_fused};
+use switchyard_moe::profile;
 
 use crate::config::Config;
 use crate::data::Corpus;
@@ -22,8 +25,15 @@ pub struct BenchReport {
     pub model_gflops_per_token: f64,
     pub achieved_gflops: f64,
     pub fma_peak_gflops: f64,
+    /// burn's matmul, 1024^2.
     pub gemm_gflops: f64,
+    /// Switchyard's GEMM path (`moe::cpu::gemm`, row blocks over the thread pool), 1024^2.
+    pub own_gemm_gflops: f64,
     pub final_loss: f64,
+    /// Step time by part over the profiled steps: (name, seconds per step).
+    pub breakdown: Vec<(&'static str, f64)>,
+    /// With `compare`: (what, mean step seconds without it, with it), measured interleaved.
+    pub comparisons: Vec<(String, f64, f64)>,
 }
 
 impl fmt::Display for BenchReport {
@@ -55,31 +65,73 @@ impl fmt::Display for BenchReport {
         writeln!(f, "GEMM GFLOP/s (burn, 1024^2)  {:.1}", self.gemm_gflops)?;
         writeln!(
             f,
+            "GEMM GFLOP/s (own, 1024^2)   {:.1}",
+            self.own_gemm_gflops
+        )?;
+        let best_gemm = self.gemm_gflops.max(self.own_gemm_gflops);
+        writeln!(
+            f,
             "achieved / FMA peak          {:.3}",
             self.achieved_gflops / self.fma_peak_gflops
         )?;
         writeln!(
             f,
-            "achieved / GEMM              {:.3}",
-            self.achieved_gflops / self.gemm_gflops
+            "achieved / best GEMM         {:.3}",
+            self.achieved_gflops / best_gemm
         )?;
-        write!(f, "last train loss              {:.4}", self.final_loss)
+        writeln!(f, "last train loss              {:.4}", self.final_loss)?;
+        let total: f64 = self.breakdown.iter().map(|(_, t)| t).sum();
+        writeln!(f, "step time by part (profiled steps, {:.3} s/step):", total)?;
+        for (name, t) in &self.breakdown {
+            writeln!(
+                f,
+                "  {name:<18} {:>6.1}%  {:>7.1} ms",
+                100.0 * t / total.max(f64::MIN_POSITIVE),
+                1e3 * t
+            )?;
+        }
+        if !self.comparisons.is_empty() {
+            writeln!(f, "side by side (interleaved steps, mean step time):")?;
+            writeln!(
+                f,
+                "  {:<28} {:>10} {:>10} {:>8}",
+                "change", "without s", "with s", "speedup"
+            )?;
+            for (what, without, with) in &self.comparisons {
+                writeln!(
+                    f,
+                    "  {what:<28} {without:>10.3} {with:>10.3} {:>7.2}x",
+                    without / with
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 
-/// Trains `warmup` untimed and `steps` timed optimizer steps and measures the peaks.
+/// Trains `warmup` untimed and `steps` timed optimizer steps, then `steps` profiled steps
+/// for the breakdown, and measures the peaks. With `compare`, also runs interleaved steps
+/// with every fused path switched off (the burn-op references) and with each one switched
+/// off alone, against all on.
 pub fn run(
     cfg: &Config,
     corpus: &Corpus,
     steps: u64,
     warmup: u64,
+    compare: bool,
 ) -> Result<BenchReport, TrainError> {
     let threads = rayon::current_num_threads();
     let fma_peak_gflops = fma_peak_gflops(threads);
     let gemm_gflops = gemm_gflops(1024, 3);
+    let own_gemm_gflops = own_gemm_gflops(1024, 3);
     let device = Device::flex().autodiff();
     let mut cfg = cfg.clone();
-    cfg.train.steps = warmup + steps;
+    let compare_steps = if compare {
+        2 * steps * (Fused::ALL.len() as u64 + 1)
+    } else {
+        0
+    };
+    cfg.train.steps = warmup + 2 * steps + compare_steps;
     let mut trainer = Trainer::new(&cfg, corpus, &device)?;
     for _ in 0..warmup {
         trainer.step()?;
@@ -93,6 +145,41 @@ pub fn run(
         final_loss = report.loss;
     }
     let seconds = started.elapsed().as_secs_f64();
+    // The breakdown, from separate steps: the markers add graph nodes.
+    profile::enable(true);
+    let profiled = Instant::now();
+    for _ in 0..steps {
+        trainer.step()?;
+    }
+    let profiled_seconds = profiled.elapsed().as_secs_f64();
+    let totals = profile::snapshot();
+    profile::enable(false);
+    let per_step = steps.max(1) as f64;
+    let breakdown = totals
+        .table(profiled_seconds)
+        .into_iter()
+        .map(|(name, t)| (name, t / per_step))
+        .collect();
+    let mut comparisons = Vec::new();
+    if compare {
+        let mut cases: Vec<(String, Vec<Fused>)> =
+            vec![("all fused paths".to_string(), Fused::ALL.to_vec())];
+        cases.extend(Fused::ALL.iter().map(|&op| (op.name().to_string(), vec![op])));
+        for (what, ops) in cases {
+            let (mut without, mut with) = (0.0, 0.0);
+            for _ in 0..steps {
+                for &op in &ops {
+                    set_fused(op, false);
+                }
+                without += trainer.step()?.seconds;
+                for &op in &ops {
+                    set_fused(op, true);
+                }
+                with += trainer.step()?.seconds;
+            }
+            comparisons.push((what, without / per_step, with / per_step));
+        }
+    }
     let tokens_per_sec = tokens as f64 / seconds;
     let flops_per_token = trainer.train_flops_per_token();
     Ok(BenchReport {
@@ -105,8 +192,27 @@ pub fn run(
         achieved_gflops: tokens_per_sec * flops_per_token / 1e9,
         fma_peak_gflops,
         gemm_gflops,
+        own_gemm_gflops,
         final_loss,
+        breakdown,
+        comparisons,
     })
+}
+
+/// Best of `repeats` square f32 matmuls of size `n` through `moe::cpu::gemm` (the kernel
+/// the fused ops use), row blocks spread over the thread pool.
+pub fn own_gemm_gflops(n: usize, repeats: usize) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+    let mut c = vec![0f32; n * n];
+    let mut best = f64::MAX;
+    for _ in 0..repeats {
+        let started = Instant::now();
+        gemm_rows_parallel(Mat::new(&a, n, n), Mat::new(&b, n, n), &mut c, false);
+        std::hint::black_box(&c);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
 }
 
 /// Best of `repeats` square f32 matmuls of size `n` through burn's CPU backend.

@@ -9,7 +9,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, Optimizer};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+use burn::backend::Flex;
+use rayon::prelude::*;
+use switchyard_moe::cpu::{self, Fused, fused};
 use switchyard_moe::params::{map_params, named_params};
+use switchyard_moe::profile::{self, Part};
 
 use crate::checkpoint::NamedTensor;
 
@@ -126,6 +130,16 @@ pub struct NamedAdamW {
     /// constant-expert vectors) are not decayed, as in GPT-2 / nanoGPT.
     decay: BTreeSet<String>,
     state: BTreeMap<String, AdamWState<1>>,
+    hyper: Hyper,
+}
+
+/// AdamW's constants, for the fused update.
+#[derive(Debug, Clone, Copy)]
+struct Hyper {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
 }
 
 impl NamedAdamW {
@@ -147,6 +161,12 @@ impl NamedAdamW {
             not_decayed: base.with_weight_decay(0.0).build(),
             decay,
             state: BTreeMap::new(),
+            hyper: Hyper {
+                beta1: cfg.beta1 as f32,
+                beta2: cfg.beta2 as f32,
+                eps: cfg.eps as f32,
+                weight_decay: cfg.weight_decay as f32,
+            },
         }
     }
 
@@ -159,18 +179,35 @@ impl NamedAdamW {
         grads: &BTreeMap<String, Tensor<1>>,
         lr: f64,
     ) -> M {
+        profile::time(Part::Optimizer, || self.step_impl(model, grads, lr))
+    }
+
+    fn step_impl<M: burn::module::Module>(
+        &mut self,
+        model: M,
+        grads: &BTreeMap<String, Tensor<1>>,
+        lr: f64,
+    ) -> M {
         map_params(model, |name, value| {
             let grad = grads
                 .get(name)
                 .cloned()
                 .unwrap_or_else(|| value.zeros_like());
-            let optimizer = if self.decay.contains(name) {
-                &self.decayed
-            } else {
-                &self.not_decayed
-            };
+            let decayed = self.decay.contains(name);
             let state = self.state.remove(name);
-            let (updated, state) = optimizer.step(lr, value, grad, state);
+            let (updated, state) = if fused(Fused::Optimizer)
+                && let Some((updated, state)) =
+                    fused_adamw(self.hyper, decayed, lr, &value, &grad, state.as_ref())
+            {
+                (updated, Some(state))
+            } else {
+                let optimizer = if decayed {
+                    &self.decayed
+                } else {
+                    &self.not_decayed
+                };
+                optimizer.step(lr, value, grad, state)
+            };
             if let Some(state) = state {
                 self.state.insert(name.to_string(), state);
             }
@@ -243,8 +280,82 @@ impl NamedAdamW {
     }
 }
 
+/// burn-optim's AdamW update (same formulas, same order) in one pass over raw buffers
+/// instead of a dozen full-size temporaries. `None` off the flex backend.
+fn fused_adamw(
+    h: Hyper,
+    decayed: bool,
+    lr: f64,
+    value: &Tensor<1>,
+    grad: &Tensor<1>,
+    state: Option<&AdamWState<1>>,
+) -> Option<(Tensor<1>, AdamWState<1>)> {
+    let flex = |t: &Tensor<1>| t.clone().try_into_primitive::<Flex>().ok();
+    let (p, g) = (flex(value)?, flex(grad)?);
+    let moments = match state {
+        Some(s) => Some((
+            flex(&s.momentum.moment_1)?,
+            flex(&s.momentum.moment_2)?,
+            s.momentum.time,
+        )),
+        None => None,
+    };
+    let time = moments.as_ref().map_or(1, |(_, _, t)| t + 1);
+    let (pv, gv) = (cpu::values(&p), cpu::values(&g));
+    let n = pv.len();
+    let mut m = vec![0f32; n];
+    let mut v = vec![0f32; n];
+    let mut out = vec![0f32; n];
+    let (f1, f2) = (1.0 - h.beta1, 1.0 - h.beta2);
+    let c1 = 1f32 - h.beta1.powi(time as i32);
+    let c2 = 1f32 - h.beta2.powi(time as i32);
+    let decay_rate = if decayed {
+        lr * h.weight_decay as f64
+    } else {
+        0.0
+    };
+    let keep = (1.0 - decay_rate) as f32;
+    let lr = lr as f32;
+    let old = moments.as_ref().map(|(m, v, _)| (cpu::values(m), cpu::values(v)));
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, ((out, m), v))| {
+            let base = c * CHUNK;
+            for i in 0..out.len() {
+                let gi = gv[base + i];
+                let (mi, vi) = match &old {
+                    Some((m0, v0)) => (
+                        m0[base + i] * h.beta1 + gi * f1,
+                        v0[base + i] * h.beta2 + gi * gi * f2,
+                    ),
+                    None => (gi * f1, gi * gi * f2),
+                };
+                m[i] = mi;
+                v[i] = vi;
+                let delta = (mi / c1) / ((vi / c2).sqrt() + h.eps);
+                let pi = pv[base + i];
+                let decayed = if decay_rate == 0.0 { pi } else { pi * keep };
+                out[i] = decayed - delta * lr;
+            }
+        });
+    let to_tensor = |data: Vec<f32>| Tensor::<1>::from_primitive::<Flex>(cpu::tensor(data, &[n]));
+    let state = AdamWState::new(AdaptiveMomentumState::new(
+        time,
+        to_tensor(m),
+        to_tensor(v),
+    ));
+    Some((to_tensor(out), state))
+}
+
 /// sqrt(sum of squares) over every gradient, in f64 on the host.
 pub fn global_norm(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
+    profile::time(Part::Optimizer, || global_norm_impl(grads))
+}
+
+fn global_norm_impl(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
     let sum: f64 = grads
         .values()
         .map(|g| {
@@ -257,6 +368,7 @@ pub fn global_norm(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
 
 /// Scale every gradient so the global norm is at most `max_norm`.
 pub fn clip_global_norm(grads: &mut BTreeMap<String, Tensor<1>>, norm: f64, max_norm: f64) {
+    let _timer = profile::Timer::new(Part::Optimizer);
     if norm > max_norm {
         let scale = (max_norm / (norm + 1e-6)) as f32;
         for g in grads.values_mut() {
