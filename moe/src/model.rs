@@ -113,9 +113,7 @@ impl Attention {
         let [b, s, d] = x_bsd.dims();
         let (h, dh) = (self.n_heads, d / self.n_heads);
         let heads = |w: &Param<Tensor<2>>| -> Tensor<4> {
-            x_bsd
-                .clone()
-                .matmul(w.val().unsqueeze::<3>())
+            project(x_bsd.clone(), w.val())
                 .reshape([b, s, h, dh])
                 .swap_dims(1, 2)
         };
@@ -123,11 +121,15 @@ impl Attention {
         let k_bhsd = self.rope.apply(heads(&self.wk));
         let v_bhsd = heads(&self.wv);
         let out_bhsd = causal_attention(q_bhsd, k_bhsd, v_bhsd);
-        out_bhsd
-            .swap_dims(1, 2)
-            .reshape([b, s, d])
-            .matmul(self.wo.val().unsqueeze::<3>())
+        project(out_bhsd.swap_dims(1, 2).reshape([b, s, d]), self.wo.val())
     }
+}
+
+/// x: [B, S, D] times w: [D, O] -> [B, S, O], as one 2-D product over the B*S rows.
+fn project(x_bsd: Tensor<3>, w_do: Tensor<2>) -> Tensor<3> {
+    let [b, s, d] = x_bsd.dims();
+    let [_, o] = w_do.dims();
+    cpu::linear::linear(x_bsd.reshape([b * s, d]), w_do).reshape([b, s, o])
 }
 
 /// softmax(q k^T / sqrt(Dh) + causal mask) v. q, k, v: [B, H, S, Dh] -> [B, H, S, Dh].
@@ -282,7 +284,7 @@ impl Transformer {
             Some(head) => head.val(),
             None => embed_vd.transpose(),
         };
-        let logits = h_bsd.matmul(head_dv.unsqueeze::<3>());
+        let logits = project(h_bsd, head_dv);
         ModelOutput {
             logits,
             load_balance,

@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, Optimizer};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
-use burn::backend::Flex;
+use burn::tensor::{Device, TensorData};
 use rayon::prelude::*;
-use switchyard_moe::cpu::{self, Fused, fused};
+use switchyard_moe::cpu::{Fused, fused};
 use switchyard_moe::params::{map_params, named_params};
 use switchyard_moe::profile::{self, Part};
 
@@ -195,10 +195,8 @@ impl NamedAdamW {
                 .unwrap_or_else(|| value.zeros_like());
             let decayed = self.decay.contains(name);
             let state = self.state.remove(name);
-            let (updated, state) = if fused(Fused::Optimizer)
-                && let Some((updated, state)) =
-                    fused_adamw(self.hyper, decayed, lr, &value, &grad, state.as_ref())
-            {
+            let (updated, state) = if fused(Fused::Optimizer) && value.device() == Device::flex() {
+                let (updated, state) = fused_adamw(self.hyper, decayed, lr, value, &grad, state);
                 (updated, Some(state))
             } else {
                 let optimizer = if decayed {
@@ -280,32 +278,37 @@ impl NamedAdamW {
     }
 }
 
-/// burn-optim's AdamW update (same formulas, same order) in one pass over raw buffers
-/// instead of a dozen full-size temporaries. `None` off the flex backend.
+/// burn-optim's AdamW update (same formulas, same order) in one pass, in place on the
+/// parameter's and the moments' own buffers (taken out of their tensors without a copy
+/// when nothing else holds them), instead of a dozen full-size temporaries.
 fn fused_adamw(
     h: Hyper,
     decayed: bool,
     lr: f64,
-    value: &Tensor<1>,
+    value: Tensor<1>,
     grad: &Tensor<1>,
-    state: Option<&AdamWState<1>>,
-) -> Option<(Tensor<1>, AdamWState<1>)> {
-    let flex = |t: &Tensor<1>| t.clone().try_into_primitive::<Flex>().ok();
-    let (p, g) = (flex(value)?, flex(grad)?);
-    let moments = match state {
-        Some(s) => Some((
-            flex(&s.momentum.moment_1)?,
-            flex(&s.momentum.moment_2)?,
-            s.momentum.time,
-        )),
-        None => None,
+    state: Option<AdamWState<1>>,
+) -> (Tensor<1>, AdamWState<1>) {
+    let device = value.device();
+    let owned = |t: Tensor<1>| -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("parameters and moments are f32")
     };
-    let time = moments.as_ref().map_or(1, |(_, _, t)| t + 1);
-    let (pv, gv) = (cpu::values(&p), cpu::values(&g));
-    let n = pv.len();
-    let mut m = vec![0f32; n];
-    let mut v = vec![0f32; n];
-    let mut out = vec![0f32; n];
+    let mut p = owned(value);
+    let n = p.len();
+    let (time, mut m, mut v) = match state {
+        Some(s) => (
+            s.momentum.time + 1,
+            owned(s.momentum.moment_1),
+            owned(s.momentum.moment_2),
+        ),
+        // Zero moments give the first step's `(1 - beta) g` exactly.
+        None => (1, vec![0f32; n], vec![0f32; n]),
+    };
+    let g = grad.to_data().convert::<f32>();
+    let g = g.as_slice::<f32>().expect("gradients are f32");
     let (f1, f2) = (1.0 - h.beta1, 1.0 - h.beta2);
     let c1 = 1f32 - h.beta1.powi(time as i32);
     let c2 = 1f32 - h.beta2.powi(time as i32);
@@ -316,38 +319,28 @@ fn fused_adamw(
     };
     let keep = (1.0 - decay_rate) as f32;
     let lr = lr as f32;
-    let old = moments.as_ref().map(|(m, v, _)| (cpu::values(m), cpu::values(v)));
     const CHUNK: usize = 1 << 14;
-    out.par_chunks_mut(CHUNK)
+    p.par_chunks_mut(CHUNK)
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(c, ((out, m), v))| {
-            let base = c * CHUNK;
-            for i in 0..out.len() {
-                let gi = gv[base + i];
-                let (mi, vi) = match &old {
-                    Some((m0, v0)) => (
-                        m0[base + i] * h.beta1 + gi * f1,
-                        v0[base + i] * h.beta2 + gi * gi * f2,
-                    ),
-                    None => (gi * f1, gi * gi * f2),
-                };
-                m[i] = mi;
-                v[i] = vi;
-                let delta = (mi / c1) / ((vi / c2).sqrt() + h.eps);
-                let pi = pv[base + i];
-                let decayed = if decay_rate == 0.0 { pi } else { pi * keep };
-                out[i] = decayed - delta * lr;
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(((p, m), v), g)| {
+            for i in 0..p.len() {
+                let gi = g[i];
+                m[i] = m[i] * h.beta1 + gi * f1;
+                v[i] = v[i] * h.beta2 + gi * gi * f2;
+                let delta = (m[i] / c1) / ((v[i] / c2).sqrt() + h.eps);
+                let decayed = if decay_rate == 0.0 { p[i] } else { p[i] * keep };
+                p[i] = decayed - delta * lr;
             }
         });
-    let to_tensor = |data: Vec<f32>| Tensor::<1>::from_primitive::<Flex>(cpu::tensor(data, &[n]));
+    let to_tensor = |data: Vec<f32>| Tensor::<1>::from_data(TensorData::new(data, [n]), &device);
     let state = AdamWState::new(AdaptiveMomentumState::new(
         time,
         to_tensor(m),
         to_tensor(v),
     ));
-    Some((to_tensor(out), state))
+    (to_tensor(p), state)
 }
 
 /// sqrt(sum of squares) over every gradient, in f64 on the host.
@@ -359,6 +352,15 @@ fn global_norm_impl(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
     let sum: f64 = grads
         .values()
         .map(|g| {
+            if fused(Fused::Optimizer) && g.device() == Device::flex() {
+                // One pass over the values, partial sums in f32 per block, total in f64.
+                let data = g.to_data().convert::<f32>();
+                let values = data.as_slice::<f32>().expect("gradients are f32");
+                return values
+                    .par_chunks(1 << 14)
+                    .map(|c| c.iter().map(|x| x * x).sum::<f32>() as f64)
+                    .sum::<f64>();
+            }
             let s: f32 = g.clone().powi_scalar(2).sum().into_scalar::<f32>();
             s as f64
         })
@@ -371,9 +373,24 @@ pub fn clip_global_norm(grads: &mut BTreeMap<String, Tensor<1>>, norm: f64, max_
     let _timer = profile::Timer::new(Part::Optimizer);
     if norm > max_norm {
         let scale = (max_norm / (norm + 1e-6)) as f32;
-        for g in grads.values_mut() {
-            *g = g.clone() * scale;
-        }
+        *grads = std::mem::take(grads)
+            .into_iter()
+            .map(|(name, g)| {
+                if !(fused(Fused::Optimizer) && g.device() == Device::flex()) {
+                    return (name, g * scale);
+                }
+                // In place on the gradient's own buffer when nothing else holds it.
+                let device = g.device();
+                let mut values = g
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .expect("gradients are f32");
+                values.par_iter_mut().for_each(|x| *x *= scale);
+                let n = values.len();
+                (name, Tensor::from_data(TensorData::new(values, [n]), &device))
+            })
+            .collect();
     }
 }
 
@@ -418,6 +435,72 @@ mod tests {
             let lr = c.lr_at(s, 100);
             assert!(lr <= prev);
             prev = lr;
+        }
+    }
+
+    /// The fused AdamW equals burn-optim's over several steps, decayed and not, with the
+    /// moments it keeps (checkpoints store them).
+    #[test]
+    fn fused_adamw_matches_burn_optim() {
+        let device = burn::tensor::Device::flex();
+        let run = |fused_on: bool| {
+            switchyard_moe::cpu::set_fused(Fused::Optimizer, fused_on);
+            let h = cfg();
+            let base = AdamWConfig::new()
+                .with_beta_1(h.beta1 as f32)
+                .with_beta_2(h.beta2 as f32)
+                .with_epsilon(h.eps as f32);
+            let mut opt = NamedAdamW {
+                decayed: base.clone().with_weight_decay(0.1).build(),
+                not_decayed: base.with_weight_decay(0.0).build(),
+                decay: ["w".to_string()].into_iter().collect(),
+                state: BTreeMap::new(),
+                hyper: Hyper {
+                    beta1: 0.9,
+                    beta2: 0.95,
+                    eps: 1e-8,
+                    weight_decay: 0.1,
+                },
+            };
+            let mut params: Vec<(String, Vec<f32>)> = vec![
+                ("w".into(), (0..50).map(|i| (i as f32 * 0.37).sin()).collect()),
+                ("g".into(), (0..7).map(|i| 1.0 + i as f32 * 0.1).collect()),
+            ];
+            for step in 0..4 {
+                for (name, p) in params.iter_mut() {
+                    let grad: Vec<f32> =
+                        (0..p.len()).map(|i| ((i + step) as f32 * 0.71).cos()).collect();
+                    let grad = Tensor::<1>::from_floats(grad.as_slice(), &device);
+                    let value = Tensor::<1>::from_floats(p.as_slice(), &device);
+                    let decayed = opt.decay.contains(name);
+                    let state = opt.state.remove(name.as_str());
+                    let (updated, state) = if fused_on {
+                        let (u, s) = fused_adamw(opt.hyper, decayed, 1e-2, value, &grad, state);
+                        (u, Some(s))
+                    } else {
+                        let o = if decayed { &opt.decayed } else { &opt.not_decayed };
+                        o.step(1e-2, value, grad, state)
+                    };
+                    opt.state.insert(name.clone(), state.unwrap());
+                    *p = tensor_to_vec(&updated);
+                }
+            }
+            switchyard_moe::cpu::set_fused(Fused::Optimizer, true);
+            (params, opt.export())
+        };
+        let (fast, fast_state) = run(true);
+        let (slow, slow_state) = run(false);
+        for ((name, a), (_, b)) in fast.iter().zip(&slow) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0), "{name}: {x} vs {y}");
+            }
+        }
+        assert_eq!(fast_state.len(), slow_state.len());
+        for (a, b) in fast_state.iter().zip(&slow_state) {
+            assert_eq!(a.name, b.name);
+            for (x, y) in a.as_f32().unwrap().iter().zip(b.as_f32().unwrap()) {
+                assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-3), "{}: {x} vs {y}", a.name);
+            }
         }
     }
 

@@ -15,6 +15,7 @@ pub mod attention;
 pub mod combine;
 pub mod gemm;
 pub mod grouped;
+pub mod linear;
 pub mod loss;
 
 use std::fmt;
@@ -44,15 +45,18 @@ pub enum Fused {
     Loss,
     /// One pass AdamW over raw buffers (in the trainer).
     Optimizer,
+    /// Dense projections (attention, LM head) as row-blocked GEMMs (`linear`).
+    Linear,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 5] = [
+    pub const ALL: [Fused; 6] = [
         Fused::GroupedExperts,
         Fused::DispatchCombine,
         Fused::Attention,
         Fused::Loss,
         Fused::Optimizer,
+        Fused::Linear,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +66,7 @@ impl Fused {
             Fused::Attention => "fused attention core",
             Fused::Loss => "fused cross-entropy",
             Fused::Optimizer => "fused AdamW",
+            Fused::Linear => "row-blocked projections",
         }
     }
 }
