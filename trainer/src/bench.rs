@@ -30,9 +30,12 @@ pub struct BenchReport {
     /// Switchyard's GEMM path (`moe::cpu::gemm`, row blocks over the thread pool), 1024^2.
     pub own_gemm_gflops: f64,
     pub final_loss: f64,
+    /// CPU time of the process over the timed steps (all threads), when the OS reports it.
+    pub cpu_seconds: Option<f64>,
     /// Step time by part over the profiled steps: (name, seconds per step).
     pub breakdown: Vec<(&'static str, f64)>,
-    /// With `compare`: (what, mean step seconds without it, with it), measured interleaved.
+    /// With `compare`: (what, mean step seconds without it, with it), measured interleaved;
+    /// CPU seconds when the OS reports them (robust on a shared machine), else wall.
     pub comparisons: Vec<(String, f64, f64)>,
 }
 
@@ -47,6 +50,20 @@ impl fmt::Display for BenchReport {
             self.seconds / self.steps as f64
         )?;
         writeln!(f, "tokens/s                     {:.0}", self.tokens_per_sec)?;
+        if let Some(cpu) = self.cpu_seconds {
+            // On a shared machine the wall clock includes waiting for a core; the CPU time
+            // over the thread count is the step time had the cores been ours.
+            let per_step = cpu / self.steps as f64;
+            let tokens = self.tokens_per_step as f64 * self.steps as f64;
+            let owned_cores_tps = tokens / (cpu / self.threads as f64);
+            writeln!(f, "CPU time per step            {per_step:.3} s (all threads)")?;
+            writeln!(f, "tokens/s per CPU-s x threads {owned_cores_tps:.0}")?;
+            writeln!(
+                f,
+                "GFLOP/s per CPU-s x threads  {:.1}",
+                owned_cores_tps * self.model_gflops_per_token
+            )?;
+        }
         writeln!(
             f,
             "model GFLOP per token (f+b)  {:.4}",
@@ -91,11 +108,19 @@ impl fmt::Display for BenchReport {
             )?;
         }
         if !self.comparisons.is_empty() {
-            writeln!(f, "side by side (interleaved steps, mean step time):")?;
+            let clock = if self.cpu_seconds.is_some() {
+                "CPU"
+            } else {
+                "wall"
+            };
+            writeln!(
+                f,
+                "side by side (interleaved steps, mean {clock} seconds per step):"
+            )?;
             writeln!(
                 f,
                 "  {:<28} {:>10} {:>10} {:>8}",
-                "change", "without s", "with s", "speedup"
+                "change", "without", "with", "speedup"
             )?;
             for (what, without, with) in &self.comparisons {
                 writeln!(
@@ -137,6 +162,7 @@ pub fn run(
         trainer.step()?;
     }
     let started = Instant::now();
+    let cpu_started = process_cpu_seconds();
     let mut tokens = 0;
     let mut final_loss = f64::NAN;
     for _ in 0..steps {
@@ -145,6 +171,9 @@ pub fn run(
         final_loss = report.loss;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = cpu_started
+        .zip(process_cpu_seconds())
+        .map(|(a, b)| b - a);
     // The breakdown, from separate steps: the markers add graph nodes.
     profile::enable(true);
     let profiled = Instant::now();
@@ -171,11 +200,11 @@ pub fn run(
                 for &op in &ops {
                     set_fused(op, false);
                 }
-                without += trainer.step()?.seconds;
+                without += timed_step(&mut trainer)?;
                 for &op in &ops {
                     set_fused(op, true);
                 }
-                with += trainer.step()?.seconds;
+                with += timed_step(&mut trainer)?;
             }
             comparisons.push((what, without / per_step, with / per_step));
         }
@@ -194,9 +223,30 @@ pub fn run(
         gemm_gflops,
         own_gemm_gflops,
         final_loss,
+        cpu_seconds,
         breakdown,
         comparisons,
     })
+}
+
+/// One step's CPU seconds (all threads), or its wall seconds where the OS does not say.
+fn timed_step(trainer: &mut Trainer) -> Result<f64, TrainError> {
+    let cpu = process_cpu_seconds();
+    let wall = trainer.step()?.seconds;
+    Ok(cpu
+        .zip(process_cpu_seconds())
+        .map_or(wall, |(a, b)| b - a))
+}
+
+/// CPU time of every thread of this process so far (Linux: the first field of each
+/// `/proc/self/task/*/schedstat`, in nanoseconds); `None` elsewhere.
+fn process_cpu_seconds() -> Option<f64> {
+    let mut nanos = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        nanos += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(nanos as f64 * 1e-9)
 }
 
 /// Best of `repeats` square f32 matmuls of size `n` through `moe::cpu::gemm` (the kernel

@@ -444,7 +444,6 @@ mod tests {
     fn fused_adamw_matches_burn_optim() {
         let device = burn::tensor::Device::flex();
         let run = |fused_on: bool| {
-            switchyard_moe::cpu::set_fused(Fused::Optimizer, fused_on);
             let h = cfg();
             let base = AdamWConfig::new()
                 .with_beta_1(h.beta1 as f32)
@@ -485,7 +484,6 @@ mod tests {
                     *p = tensor_to_vec(&updated);
                 }
             }
-            switchyard_moe::cpu::set_fused(Fused::Optimizer, true);
             (params, opt.export())
         };
         let (fast, fast_state) = run(true);
