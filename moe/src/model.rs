@@ -34,8 +34,18 @@ impl RmsNorm {
         }
     }
 
-    /// x: [B, S, D] -> [B, S, D]
+    /// x: [B, S, D] -> [B, S, D]; one fused op on the CPU backend (`cpu::norm`).
     pub fn forward(&self, x_bsd: Tensor<3>) -> Tensor<3> {
+        let [b, s, d] = x_bsd.dims();
+        let x_nd = x_bsd.clone().reshape([b * s, d]);
+        match cpu::norm::rms_norm(&x_nd, &self.gamma.val(), self.eps) {
+            Some(y_nd) => y_nd.reshape([b, s, d]),
+            None => self.forward_reference(x_bsd),
+        }
+    }
+
+    /// `forward` with burn ops: the reference of the fused op.
+    pub fn forward_reference(&self, x_bsd: Tensor<3>) -> Tensor<3> {
         let rms_bs1 = (x_bsd.clone().powi_scalar(2).mean_dim(2) + self.eps).sqrt();
         x_bsd / rms_bs1 * self.gamma.val().unsqueeze::<3>()
     }

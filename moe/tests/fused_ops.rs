@@ -4,7 +4,7 @@
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
-use switchyard_moe::cpu::{attention, combine, grouped, linear, loss};
+use switchyard_moe::cpu::{attention, combine, grouped, linear, loss, norm};
 use switchyard_moe::dispatch::{gather_rows_reference, scatter_weighted_reference};
 use switchyard_moe::experts::SwiGlu;
 use switchyard_moe::init::Initializer;
@@ -214,6 +214,29 @@ fn linear_matches_matmul() {
     };
     let (fast, reference) = (run(true), run(false));
     for (i, name) in ["y", "dx", "dw"].iter().enumerate() {
+        assert_close(name, &fast[i], &reference[i], 1e-5);
+    }
+}
+
+#[test]
+fn rms_norm_matches_the_reference() {
+    let device = device();
+    let (n, d) = (150, 16);
+    let x = normal([n, d], &device).require_grad();
+    let gamma = (normal([d], &device) * 0.3 + 1.0).require_grad();
+    let probe = normal([n, d], &device);
+    let run = |fused: bool| {
+        let y = if fused {
+            norm::rms_norm(&x, &gamma, 1e-5).unwrap()
+        } else {
+            let rms = (x.clone().powi_scalar(2).mean_dim(1) + 1e-5).sqrt();
+            x.clone() / rms * gamma.clone().unsqueeze::<2>()
+        };
+        let grads = (y.clone() * probe.clone()).sum().backward();
+        vec![values(&y), grad(&x, &grads), grad(&gamma, &grads)]
+    };
+    let (fast, reference) = (run(true), run(false));
+    for (i, name) in ["y", "dx", "dgamma"].iter().enumerate() {
         assert_close(name, &fast[i], &reference[i], 1e-5);
     }
 }

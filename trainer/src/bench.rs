@@ -34,6 +34,8 @@ pub struct BenchReport {
     pub cpu_seconds: Option<f64>,
     /// Step time by part over the profiled steps: (name, seconds per step).
     pub breakdown: Vec<(&'static str, f64)>,
+    /// With `compare`: the same with every fused path switched off (the burn-op references).
+    pub breakdown_reference: Option<Vec<(&'static str, f64)>>,
     /// With `compare`: (what, mean step seconds without it, with it), measured interleaved;
     /// CPU seconds when the OS reports them (robust on a shared machine), else wall.
     pub comparisons: Vec<(String, f64, f64)>,
@@ -98,14 +100,33 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(f, "last train loss              {:.4}", self.final_loss)?;
         let total: f64 = self.breakdown.iter().map(|(_, t)| t).sum();
-        writeln!(f, "step time by part (profiled steps, {:.3} s/step):", total)?;
-        for (name, t) in &self.breakdown {
-            writeln!(
-                f,
-                "  {name:<18} {:>6.1}%  {:>7.1} ms",
-                100.0 * t / total.max(f64::MIN_POSITIVE),
-                1e3 * t
-            )?;
+        let share = |t: f64, total: f64| 100.0 * t / total.max(f64::MIN_POSITIVE);
+        match &self.breakdown_reference {
+            None => {
+                writeln!(f, "step time by part (profiled steps, {total:.3} s/step):")?;
+                for (name, t) in &self.breakdown {
+                    writeln!(f, "  {name:<18} {:>6.1}%  {:>7.1} ms", share(*t, total), 1e3 * t)?;
+                }
+            }
+            Some(reference) => {
+                let ref_total: f64 = reference.iter().map(|(_, t)| t).sum();
+                writeln!(
+                    f,
+                    "step time by part (profiled steps; wall): fused {total:.3} s/step, \
+                     references {ref_total:.3} s/step"
+                )?;
+                writeln!(f, "  {:<18} {:>17} {:>17}", "part", "fused", "references")?;
+                for ((name, t), (_, r)) in self.breakdown.iter().zip(reference) {
+                    writeln!(
+                        f,
+                        "  {name:<18} {:>6.1}% {:>7.1} ms {:>6.1}% {:>7.1} ms",
+                        share(*t, total),
+                        1e3 * t,
+                        share(*r, ref_total),
+                        1e3 * r
+                    )?;
+                }
+            }
         }
         if !self.comparisons.is_empty() {
             let clock = if self.cpu_seconds.is_some() {
@@ -156,7 +177,7 @@ pub fn run(
     } else {
         0
     };
-    cfg.train.steps = warmup + 2 * steps + compare_steps;
+    cfg.train.steps = warmup + 3 * steps + compare_steps;
     let mut trainer = Trainer::new(&cfg, corpus, &device)?;
     for _ in 0..warmup {
         trainer.step()?;
@@ -176,21 +197,18 @@ pub fn run(
         .map(|(a, b)| b - a);
     // The breakdown, from separate steps: the markers add graph nodes.
     profile::enable(true);
-    let profiled = Instant::now();
-    for _ in 0..steps {
-        trainer.step()?;
-    }
-    let profiled_seconds = profiled.elapsed().as_secs_f64();
-    let totals = profile::snapshot();
-    profile::enable(false);
     let per_step = steps.max(1) as f64;
-    let breakdown = totals
-        .table(profiled_seconds)
-        .into_iter()
-        .map(|(name, t)| (name, t / per_step))
-        .collect();
+    let breakdown = profile_steps(&mut trainer, steps)?;
     let mut comparisons = Vec::new();
+    let mut breakdown_reference = None;
     if compare {
+        for op in Fused::ALL {
+            set_fused(op, false);
+        }
+        breakdown_reference = Some(profile_steps(&mut trainer, steps)?);
+        for op in Fused::ALL {
+            set_fused(op, true);
+        }
         let mut cases: Vec<(String, Vec<Fused>)> =
             vec![("all fused paths".to_string(), Fused::ALL.to_vec())];
         cases.extend(Fused::ALL.iter().map(|&op| (op.name().to_string(), vec![op])));
@@ -225,8 +243,30 @@ pub fn run(
         final_loss,
         cpu_seconds,
         breakdown,
+        breakdown_reference,
         comparisons,
     })
+}
+
+/// Runs `steps` steps with the profiler on: seconds per step by part.
+fn profile_steps(
+    trainer: &mut Trainer,
+    steps: u64,
+) -> Result<Vec<(&'static str, f64)>, TrainError> {
+    profile::enable(true);
+    let started = Instant::now();
+    for _ in 0..steps {
+        trainer.step()?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let totals = profile::snapshot();
+    profile::enable(false);
+    let per_step = steps.max(1) as f64;
+    Ok(totals
+        .table(seconds)
+        .into_iter()
+        .map(|(name, t)| (name, t / per_step))
+        .collect())
 }
 
 /// One step's CPU seconds (all threads), or its wall seconds where the OS does not say.

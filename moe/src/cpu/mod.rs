@@ -17,6 +17,7 @@ pub mod gemm;
 pub mod grouped;
 pub mod linear;
 pub mod loss;
+pub mod norm;
 
 use std::fmt;
 use std::sync::Arc;
@@ -47,16 +48,19 @@ pub enum Fused {
     Optimizer,
     /// Dense projections (attention, LM head) as row-blocked GEMMs (`linear`).
     Linear,
+    /// RMSNorm (`norm`).
+    Norm,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 6] = [
+    pub const ALL: [Fused; 7] = [
         Fused::GroupedExperts,
         Fused::DispatchCombine,
         Fused::Attention,
         Fused::Loss,
         Fused::Optimizer,
         Fused::Linear,
+        Fused::Norm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +71,7 @@ impl Fused {
             Fused::Loss => "fused cross-entropy",
             Fused::Optimizer => "fused AdamW",
             Fused::Linear => "row-blocked projections",
+            Fused::Norm => "fused RMSNorm",
         }
     }
 }
