@@ -325,13 +325,12 @@ fn fused_adamw(
         .zip(v.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK))
         .for_each(|(((p, m), v), g)| {
-            for i in 0..p.len() {
-                let gi = g[i];
-                m[i] = m[i] * h.beta1 + gi * f1;
-                v[i] = v[i] * h.beta2 + gi * gi * f2;
-                let delta = (m[i] / c1) / ((v[i] / c2).sqrt() + h.eps);
-                let decayed = if decay_rate == 0.0 { p[i] } else { p[i] * keep };
-                p[i] = decayed - delta * lr;
+            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                *m = *m * h.beta1 + g * f1;
+                *v = *v * h.beta2 + g * g * f2;
+                let delta = (*m / c1) / ((*v / c2).sqrt() + h.eps);
+                let decayed = if decay_rate == 0.0 { *p } else { *p * keep };
+                *p = decayed - delta * lr;
             }
         });
     let to_tensor = |data: Vec<f32>| Tensor::<1>::from_data(TensorData::new(data, [n]), &device);

@@ -8,7 +8,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, gemm};
-use super::{BackwardFn, Fused, custom_op, dims, exp, fused, prim, tensor, values};
+use super::{BackwardFn, Fused, custom_op, dims, exp, fused, prim, sum, tensor, values};
 
 /// q, k, v: [B, H, S, Dh] -> [B, H, S, Dh]. `None` off the flex backend or when switched off.
 pub fn causal_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<4>> {
@@ -33,12 +33,10 @@ pub fn causal_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<T
                 for (row, p_row) in p.chunks_mut(s).enumerate() {
                     let live = &mut p_row[..=row];
                     let max = live.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
-                    let mut sum = 0.0;
                     for x in live.iter_mut() {
                         *x = exp((*x - max) * scale);
-                        sum += *x;
                     }
-                    let inv = 1.0 / sum;
+                    let inv = 1.0 / sum(live);
                     live.iter_mut().for_each(|x| *x *= inv);
                     p_row[row + 1..].fill(0.0);
                 }

@@ -12,7 +12,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, gemm};
-use super::{BackwardFn, Fused, fused, FlexTensor, custom_op, dims, prim, silu, silu_grad, tensor, values};
+use super::{BackwardFn, Fused, fused, FlexTensor, custom_op, dims, prim, sigmoid, silu, tensor, values};
 use crate::experts::SwiGlu;
 
 /// Row blocks per task: small enough to spread one expert over both cores, large enough
@@ -185,12 +185,15 @@ fn backward(
             let dy_b = Mat::new(&dyv[b.start * d..(b.start + b.len) * d], b.len, d);
             // dA lands in dg_b, then is turned into dG in place.
             gemm(dy_b, w(&wdv, f, d).t(), dg_b, f, false);
-            for (i, (&gi, &ui)) in g[span.clone()].iter().zip(&u[span]).enumerate() {
-                let da = dg_b[i];
-                let s = silu(gi);
-                a_b[i] = s * ui;
-                du_b[i] = da * s;
-                dg_b[i] = da * ui * silu_grad(gi);
+            // With s = sigmoid(g): silu(g) = g s, silu'(g) = s (1 + g (1 - s)).
+            let grads = a_b.iter_mut().zip(du_b.iter_mut()).zip(dg_b.iter_mut());
+            for (((a, du), dg), (&gi, &ui)) in grads.zip(g[span.clone()].iter().zip(&u[span])) {
+                let da = *dg;
+                let s = sigmoid(gi);
+                let act = gi * s;
+                *a = act * ui;
+                *du = da * act;
+                *dg = da * ui * s * (1.0 + gi * (1.0 - s));
             }
             gemm(Mat::new(dg_b, b.len, f), w(&wgv, d, f).t(), dx_b, d, false);
             gemm(Mat::new(du_b, b.len, f), w(&wuv, d, f).t(), dx_b, d, true);

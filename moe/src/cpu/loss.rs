@@ -7,7 +7,7 @@
 use burn::tensor::{Int, Tensor};
 use rayon::prelude::*;
 
-use super::{BackwardFn, Fused, custom_op, dims, exp, fused, prim, tensor, values};
+use super::{BackwardFn, Fused, custom_op, dims, exp, exp_sum, fused, prim, tensor, values};
 
 /// logits: [T, V], targets: T ids -> mean over T of `logsumexp(logits_t) - logits_t[target_t]`:
 /// [1]. `None` off the flex backend or when switched off.
@@ -38,7 +38,7 @@ pub fn cross_entropy(logits_tv: &Tensor<2>, targets: &Tensor<1, Int>) -> Option<
             .for_each(|(row, (lse, loss))| {
                 let x = &lv[row * v..(row + 1) * v];
                 let max = x.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
-                let sum: f32 = x.iter().map(|&a| exp(a - max)).sum();
+                let sum = exp_sum(x, max);
                 *lse = max + sum.ln();
                 *loss = *lse - x[targets[row]];
             });

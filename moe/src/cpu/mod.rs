@@ -268,16 +268,43 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// SiLU and its derivative.
-#[inline(always)]
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + exp(-x))
+/// `sum_i e^(x_i - shift)` with eight independent partial sums, so the loop vectorises
+/// (a single running f32 sum is a dependency chain the compiler must keep in order).
+pub fn exp_sum(xs: &[f32], shift: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&x| exp(x - shift)).sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += exp(x - shift);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
+/// `sum_i x_i` with eight partial sums (vectorises, as `exp_sum`).
+pub fn sum(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The logistic sigmoid.
 #[inline(always)]
-pub fn silu_grad(x: f32) -> f32 {
-    let s = 1.0 / (1.0 + exp(-x));
-    s * (1.0 + x * (1.0 - s))
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// SiLU.
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
 }
 
 #[cfg(test)]
