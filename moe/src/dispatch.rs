@@ -137,7 +137,8 @@ impl TokenDispatcher for LocalDispatcher {
 /// rows[r] = x[token[r]] with burn ops: the reference of the fused gather.
 pub fn gather_rows_reference(x_td: Tensor<2>, token: &[i64]) -> Tensor<2> {
     let device = x_td.device();
-    let index = Tensor::<1, Int>::from_data(TensorData::new(token.to_vec(), [token.len()]), &device);
+    let index =
+        Tensor::<1, Int>::from_data(TensorData::new(token.to_vec(), [token.len()]), &device);
     x_td.select(0, index)
 }
 

@@ -15,10 +15,10 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::config::{CapacityConfig, MoeConfig, RouterConfig, SlotKind};
+use crate::cpu::grouped::grouped_swiglu;
 use crate::dispatch::{
     BatchReducer, DispatchPlan, LocalDispatcher, LocalReducer, TokenDispatcher, admit,
 };
-use crate::cpu::grouped::grouped_swiglu;
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
 use crate::profile::{self, Part};
@@ -367,7 +367,10 @@ impl MoeLayer {
     /// rows: [R, D] grouped by expert as in `local_experts` -> outputs [R, D], same order:
     /// all local experts in one grouped op.
     fn run_experts(&self, rows_nd: Tensor<2>, local_experts: &[(usize, usize)]) -> Tensor<2> {
-        let experts: Vec<&SwiGlu> = local_experts.iter().map(|&(e, _)| &self.experts[e]).collect();
+        let experts: Vec<&SwiGlu> = local_experts
+            .iter()
+            .map(|&(e, _)| &self.experts[e])
+            .collect();
         let rows: Vec<usize> = local_experts.iter().map(|&(_, n)| n).collect();
         grouped_swiglu(rows_nd, &experts, &rows)
     }

@@ -147,8 +147,8 @@ impl Profile {
     /// norm, LM head, loss, residual adds, gradient collection).
     pub fn table(&self, total: f64) -> Vec<(&'static str, f64)> {
         let s = |p: Part| self.seconds(p);
-        let router = (s(Part::MoeLayer) - s(Part::Dispatch) - s(Part::Experts) - s(Part::Combine))
-            .max(0.0);
+        let router =
+            (s(Part::MoeLayer) - s(Part::Dispatch) - s(Part::Experts) - s(Part::Combine)).max(0.0);
         let rows = vec![
             ("attention", s(Part::AttentionBlock)),
             ("router", router),

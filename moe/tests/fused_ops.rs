@@ -5,11 +5,11 @@
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use switchyard_moe::cpu::{attention, combine, grouped, linear, loss, norm};
+use switchyard_moe::dispatch::DispatchPlan;
 use switchyard_moe::dispatch::{gather_rows_reference, scatter_weighted_reference};
 use switchyard_moe::experts::SwiGlu;
 use switchyard_moe::init::Initializer;
 use switchyard_moe::model::{causal_attention_reference, cross_entropy_reference};
-use switchyard_moe::dispatch::DispatchPlan;
 
 fn device() -> Device {
     Device::flex().autodiff()
@@ -61,7 +61,10 @@ fn grouped_experts_match_the_per_expert_reference() {
             grouped::grouped_swiglu_reference(x.clone(), &refs, &rows)
         };
         let grads = (y.clone() * probe.clone()).sum().backward();
-        let mut out = vec![("y".to_string(), values(&y)), ("dx".into(), grad(&x, &grads))];
+        let mut out = vec![
+            ("y".to_string(), values(&y)),
+            ("dx".into(), grad(&x, &grads)),
+        ];
         for (e, expert) in experts.iter().enumerate() {
             for (name, w) in [
                 ("w_gate", &expert.w_gate),
@@ -69,7 +72,11 @@ fn grouped_experts_match_the_per_expert_reference() {
                 ("w_down", &expert.w_down),
             ] {
                 let g = w.val().grad(&grads);
-                assert_eq!(g.is_some(), rows[e] > 0, "expert {e} {name}: gradient presence");
+                assert_eq!(
+                    g.is_some(),
+                    rows[e] > 0,
+                    "expert {e} {name}: gradient presence"
+                );
                 if let Some(g) = g {
                     out.push((format!("{e}.{name}"), g.into_data().try_to_vec().unwrap()));
                 }
@@ -86,7 +93,12 @@ fn grouped_experts_match_the_per_expert_reference() {
     let plain: Vec<SwiGlu> = experts.iter().map(|e| e.clone().valid()).collect();
     let plain_refs: Vec<&SwiGlu> = plain.iter().collect();
     let y = grouped::grouped_swiglu(x.clone().inner(), &plain_refs, &rows);
-    assert_close("plain y", &y.into_data().try_to_vec::<f32>().unwrap(), &reference[0].1, 1e-5);
+    assert_close(
+        "plain y",
+        &y.into_data().try_to_vec::<f32>().unwrap(),
+        &reference[0].1,
+        1e-5,
+    );
 }
 
 #[test]

@@ -58,7 +58,10 @@ impl fmt::Display for BenchReport {
             let per_step = cpu / self.steps as f64;
             let tokens = self.tokens_per_step as f64 * self.steps as f64;
             let owned_cores_tps = tokens / (cpu / self.threads as f64);
-            writeln!(f, "CPU time per step            {per_step:.3} s (all threads)")?;
+            writeln!(
+                f,
+                "CPU time per step            {per_step:.3} s (all threads)"
+            )?;
             writeln!(f, "tokens/s per CPU-s x threads {owned_cores_tps:.0}")?;
             writeln!(
                 f,
@@ -105,7 +108,12 @@ impl fmt::Display for BenchReport {
             None => {
                 writeln!(f, "step time by part (profiled steps, {total:.3} s/step):")?;
                 for (name, t) in &self.breakdown {
-                    writeln!(f, "  {name:<18} {:>6.1}%  {:>7.1} ms", share(*t, total), 1e3 * t)?;
+                    writeln!(
+                        f,
+                        "  {name:<18} {:>6.1}%  {:>7.1} ms",
+                        share(*t, total),
+                        1e3 * t
+                    )?;
                 }
             }
             Some(reference) => {
@@ -192,9 +200,7 @@ pub fn run(
         final_loss = report.loss;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let cpu_seconds = cpu_started
-        .zip(process_cpu_seconds())
-        .map(|(a, b)| b - a);
+    let cpu_seconds = cpu_started.zip(process_cpu_seconds()).map(|(a, b)| b - a);
     // The breakdown, from separate steps: the markers add graph nodes.
     profile::enable(true);
     let per_step = steps.max(1) as f64;
@@ -211,7 +217,11 @@ pub fn run(
         }
         let mut cases: Vec<(String, Vec<Fused>)> =
             vec![("all fused paths".to_string(), Fused::ALL.to_vec())];
-        cases.extend(Fused::ALL.iter().map(|&op| (op.name().to_string(), vec![op])));
+        cases.extend(
+            Fused::ALL
+                .iter()
+                .map(|&op| (op.name().to_string(), vec![op])),
+        );
         for (what, ops) in cases {
             let (mut without, mut with) = (0.0, 0.0);
             for _ in 0..steps {
@@ -273,9 +283,7 @@ fn profile_steps(
 fn timed_step(trainer: &mut Trainer) -> Result<f64, TrainError> {
     let cpu = process_cpu_seconds();
     let wall = trainer.step()?.seconds;
-    Ok(cpu
-        .zip(process_cpu_seconds())
-        .map_or(wall, |(a, b)| b - a))
+    Ok(cpu.zip(process_cpu_seconds()).map_or(wall, |(a, b)| b - a))
 }
 
 /// CPU time of every thread of this process so far (Linux: the first field of each

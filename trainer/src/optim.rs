@@ -8,9 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, Optimizer};
 use burn::tensor::Tensor;
-use serde::{Deserialize, Serialize};
 use burn::tensor::{Device, TensorData};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use switchyard_moe::cpu::{Fused, fused};
 use switchyard_moe::params::{map_params, named_params};
 use switchyard_moe::profile::{self, Part};
@@ -334,11 +334,7 @@ fn fused_adamw(
             }
         });
     let to_tensor = |data: Vec<f32>| Tensor::<1>::from_data(TensorData::new(data, [n]), &device);
-    let state = AdamWState::new(AdaptiveMomentumState::new(
-        time,
-        to_tensor(m),
-        to_tensor(v),
-    ));
+    let state = AdamWState::new(AdaptiveMomentumState::new(time, to_tensor(m), to_tensor(v)));
     (to_tensor(p), state)
 }
 
@@ -387,7 +383,10 @@ pub fn clip_global_norm(grads: &mut BTreeMap<String, Tensor<1>>, norm: f64, max_
                     .expect("gradients are f32");
                 values.par_iter_mut().for_each(|x| *x *= scale);
                 let n = values.len();
-                (name, Tensor::from_data(TensorData::new(values, [n]), &device))
+                (
+                    name,
+                    Tensor::from_data(TensorData::new(values, [n]), &device),
+                )
             })
             .collect();
     }
@@ -461,13 +460,17 @@ mod tests {
                 },
             };
             let mut params: Vec<(String, Vec<f32>)> = vec![
-                ("w".into(), (0..50).map(|i| (i as f32 * 0.37).sin()).collect()),
+                (
+                    "w".into(),
+                    (0..50).map(|i| (i as f32 * 0.37).sin()).collect(),
+                ),
                 ("g".into(), (0..7).map(|i| 1.0 + i as f32 * 0.1).collect()),
             ];
             for step in 0..4 {
                 for (name, p) in params.iter_mut() {
-                    let grad: Vec<f32> =
-                        (0..p.len()).map(|i| ((i + step) as f32 * 0.71).cos()).collect();
+                    let grad: Vec<f32> = (0..p.len())
+                        .map(|i| ((i + step) as f32 * 0.71).cos())
+                        .collect();
                     let grad = Tensor::<1>::from_floats(grad.as_slice(), &device);
                     let value = Tensor::<1>::from_floats(p.as_slice(), &device);
                     let decayed = opt.decay.contains(name);
@@ -476,7 +479,11 @@ mod tests {
                         let (u, s) = fused_adamw(opt.hyper, decayed, 1e-2, value, &grad, state);
                         (u, Some(s))
                     } else {
-                        let o = if decayed { &opt.decayed } else { &opt.not_decayed };
+                        let o = if decayed {
+                            &opt.decayed
+                        } else {
+                            &opt.not_decayed
+                        };
                         o.step(1e-2, value, grad, state)
                     };
                     opt.state.insert(name.clone(), state.unwrap());
@@ -489,14 +496,21 @@ mod tests {
         let (slow, slow_state) = run(false);
         for ((name, a), (_, b)) in fast.iter().zip(&slow) {
             for (x, y) in a.iter().zip(b) {
-                assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0), "{name}: {x} vs {y}");
+                assert!(
+                    (x - y).abs() <= 1e-6 * y.abs().max(1.0),
+                    "{name}: {x} vs {y}"
+                );
             }
         }
         assert_eq!(fast_state.len(), slow_state.len());
         for (a, b) in fast_state.iter().zip(&slow_state) {
             assert_eq!(a.name, b.name);
             for (x, y) in a.as_f32().unwrap().iter().zip(b.as_f32().unwrap()) {
-                assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-3), "{}: {x} vs {y}", a.name);
+                assert!(
+                    (x - y).abs() <= 1e-6 * y.abs().max(1e-3),
+                    "{}: {x} vs {y}",
+                    a.name
+                );
             }
         }
     }

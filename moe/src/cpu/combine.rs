@@ -5,7 +5,7 @@
 
 use burn::tensor::Tensor;
 
-use super::{BackwardFn, Fused, fused, custom_op, dims, prim, tensor, values};
+use super::{BackwardFn, Fused, custom_op, dims, fused, prim, tensor, values};
 
 /// x: [T, D] -> rows [N, D] with `rows[r] = x[token[r]]`. `None` off the flex backend.
 pub fn gather_rows(x_td: &Tensor<2>, token: &[i64]) -> Option<Tensor<2>> {

@@ -149,7 +149,13 @@ mod tests {
         let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.5).collect();
         let expect = naive(Mat::new(&a, m, k), Mat::new(&b, k, n));
         let mut c = vec![0.0; m * n];
-        gemm(Mat::new(&at, k, m).t(), Mat::new(&b, k, n), &mut c, n, false);
+        gemm(
+            Mat::new(&at, k, m).t(),
+            Mat::new(&b, k, n),
+            &mut c,
+            n,
+            false,
+        );
         assert_eq!(c, expect);
         gemm_rows_parallel(Mat::new(&a, m, k), Mat::new(&b, k, n), &mut c, true);
         let doubled: Vec<f32> = expect.iter().map(|x| 2.0 * x).collect();

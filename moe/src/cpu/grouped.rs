@@ -12,7 +12,9 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, gemm};
-use super::{BackwardFn, Fused, fused, FlexTensor, custom_op, dims, prim, sigmoid, silu, tensor, values};
+use super::{
+    BackwardFn, FlexTensor, Fused, custom_op, dims, fused, prim, sigmoid, silu, tensor, values,
+};
 use crate::experts::SwiGlu;
 
 /// Row blocks per task: small enough to spread one expert over both cores, large enough
@@ -25,7 +27,11 @@ const ROW_BLOCK: usize = 256;
 pub fn grouped_swiglu(x_rd: Tensor<2>, experts: &[&SwiGlu], rows: &[usize]) -> Tensor<2> {
     assert_eq!(experts.len(), rows.len(), "one row count per expert");
     let [r, _] = x_rd.dims();
-    assert_eq!(rows.iter().sum::<usize>(), r, "row counts add up to the rows");
+    assert_eq!(
+        rows.iter().sum::<usize>(),
+        r,
+        "row counts add up to the rows"
+    );
     // Experts with no rows take no part (no gradient), as in the reference.
     let (experts, rows): (Vec<&SwiGlu>, Vec<usize>) = experts
         .iter()
@@ -39,17 +45,18 @@ pub fn grouped_swiglu(x_rd: Tensor<2>, experts: &[&SwiGlu], rows: &[usize]) -> T
     if !fused(Fused::GroupedExperts) {
         return grouped_swiglu_reference(x_rd, &experts, &rows);
     }
-    let stack = |w: fn(&SwiGlu) -> Tensor<2>| Tensor::cat(experts.iter().map(|e| w(e)).collect(), 0);
+    let stack =
+        |w: fn(&SwiGlu) -> Tensor<2>| Tensor::cat(experts.iter().map(|e| w(e)).collect(), 0);
     let wg = stack(|e| e.w_gate.val());
     let wu = stack(|e| e.w_up.val());
     let wd = stack(|e| e.w_down.val());
     let inputs = [prim(&x_rd), prim(&wg), prim(&wu), prim(&wd)];
-    if let [Some(x), Some(g), Some(u), Some(d)] = inputs {
-        if let Some(y) = custom_op([x, g, u, d], |[x, wg, wu, wd]| {
+    if let [Some(x), Some(g), Some(u), Some(d)] = inputs
+        && let Some(y) = custom_op([x, g, u, d], |[x, wg, wu, wd]| {
             forward(x, wg, wu, wd, &rows)
-        }) {
-            return y;
-        }
+        })
+    {
+        return y;
     }
     grouped_swiglu_reference(x_rd, &experts, &rows)
 }
@@ -139,7 +146,11 @@ fn forward(
             let w = |v, rows_per, cols| weight(v, b.e, rows_per, cols);
             gemm(x_b, w(&wgv, d, f), g_b, f, false);
             gemm(x_b, w(&wuv, d, f), u_b, f, false);
-            let a_b: Vec<f32> = g_b.iter().zip(u_b.iter()).map(|(&g, &u)| silu(g) * u).collect();
+            let a_b: Vec<f32> = g_b
+                .iter()
+                .zip(u_b.iter())
+                .map(|(&g, &u)| silu(g) * u)
+                .collect();
             gemm(Mat::new(&a_b, b.len, f), w(&wdv, f, d), y_b, d, false);
         });
     let saved = (x.clone(), wg.clone(), wu.clone(), wd.clone(), rows.to_vec());
@@ -218,11 +229,29 @@ fn backward(
         let (o, n) = (offsets[e], rows[e]);
         let x_e = Mat::new(&xv[o * d..(o + n) * d], n, d);
         match which {
-            0 => gemm(x_e.t(), Mat::new(&dg[o * f..(o + n) * f], n, f), out, f, false),
-            1 => gemm(x_e.t(), Mat::new(&du[o * f..(o + n) * f], n, f), out, f, false),
+            0 => gemm(
+                x_e.t(),
+                Mat::new(&dg[o * f..(o + n) * f], n, f),
+                out,
+                f,
+                false,
+            ),
+            1 => gemm(
+                x_e.t(),
+                Mat::new(&du[o * f..(o + n) * f], n, f),
+                out,
+                f,
+                false,
+            ),
             _ => {
                 let a_e = Mat::new(&a[o * f..(o + n) * f], n, f);
-                gemm(a_e.t(), Mat::new(&dyv[o * d..(o + n) * d], n, d), out, d, false)
+                gemm(
+                    a_e.t(),
+                    Mat::new(&dyv[o * d..(o + n) * d], n, d),
+                    out,
+                    d,
+                    false,
+                )
             }
         }
     });

@@ -23,14 +23,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use burn::backend::BackendTypes;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
-use burn::backend::BackendTypes;
 use burn::tensor::{Tensor, TensorData};
-
 
 /// The fused paths, each of which can be switched back to its burn-op reference (the
 /// benchmark measures every change side by side this way; tests pin the two together).

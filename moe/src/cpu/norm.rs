@@ -48,7 +48,8 @@ pub fn rms_norm(x_nd: &Tensor<2>, gamma: &Tensor<1>, eps: f64) -> Option<Tensor<
                     let mut dg = vec![0f32; d];
                     for (i, dx_row) in dx.chunks_mut(d).enumerate() {
                         let row = c * ROWS + i;
-                        let (x_row, dy_row) = (&xv[row * d..(row + 1) * d], &dyv[row * d..(row + 1) * d]);
+                        let (x_row, dy_row) =
+                            (&xv[row * d..(row + 1) * d], &dyv[row * d..(row + 1) * d]);
                         let r = inv[row];
                         // xhat = x r; dxhat = dy gamma; dx = r (dxhat - xhat mean(dxhat xhat)).
                         let mut dot = 0f32;
