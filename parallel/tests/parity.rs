@@ -1,7 +1,7 @@
 //! N ranks with expert / data parallelism equal one process on the same global batch:
-//! the loss of every step, every parameter's gradient (first step, gathered by name) and
-//! every weight after 3 AdamW steps, within 1e-5 relative (fp32; per tensor,
-//! max |a - b| <= 1e-5 * max |b|).
+//! the loss of every step and every parameter's gradient (first step, gathered by name)
+//! within 1e-5 relative (fp32; per tensor, max |a - b| <= 1e-5 * max |b|), and every
+//! weight after 3 AdamW steps within 3e-5 (see `WEIGHT_TOL`).
 //!
 //! Layouts dp=2, ep=2, ep=4, dp=2 x ep=2; routers top-k, null experts (AdaMoE), MoE++
 //! (zero / copy / constant experts); plus a batch where some ranks receive zero tokens
@@ -29,6 +29,13 @@ const BATCH: usize = 8;
 const STEPS: usize = 3;
 const LR: f64 = 1e-3;
 const TOL: f32 = 1e-5;
+/// Weights after the AdamW steps: AdamW's normalised step turns a gradient element near
+/// zero whose fp32 rounding differs between layouts (sums over other row splits) into a
+/// weight difference of order lr, so this check is looser than the gradients'. Measured
+/// worst on `ranks_that_receive_zero_tokens_match_single_process` (null experts, dp=1
+/// ep=2): 8e-6 with burn's ops, up to 1.6e-5 with the fused CPU ops, whose reductions are
+/// ordered differently.
+const WEIGHT_TOL: f32 = 3e-5;
 
 #[derive(Clone, Copy, Debug)]
 enum Forcing {
@@ -329,13 +336,19 @@ fn check_placed(
         );
         worst = worst.max(rel);
     }
-    for (what, want_map, get) in [
+    for (what, want_map, get, tol) in [
         (
             "gradient",
             &want.grads,
             (|r: &Run| &r.grads) as fn(&Run) -> &Named,
+            TOL,
         ),
-        ("weight after 3 steps", &want.weights, |r: &Run| &r.weights),
+        (
+            "weight after 3 steps",
+            &want.weights,
+            |r: &Run| &r.weights,
+            WEIGHT_TOL,
+        ),
     ] {
         for (name, w) in want_map {
             let holders: Vec<&Vec<f32>> = ranks.iter().filter_map(|r| get(r).get(name)).collect();
@@ -348,7 +361,7 @@ fn check_placed(
                 assert_eq!(g.len(), w.len(), "{label}: {what} of `{name}`: length");
                 let rel = max_rel(g, w);
                 assert!(
-                    rel <= TOL,
+                    rel <= tol,
                     "{label}: {what} of `{name}`: relative error {rel:e}"
                 );
                 worst = worst.max(rel);
