@@ -3,15 +3,15 @@
 //! Off by default: every hook is then a relaxed atomic load and nothing else (no graph
 //! node, no clock read). When enabled, forward sections are timed with the wall clock —
 //! burn's `flex` CPU backend is eager (each op has finished when it returns), so the time
-//! around a call is the time of its ops. Backward time is taken in two ways:
-//!
-//! - the custom ops (grouped experts, dispatch gather, combine, attention core, loss)
-//!   time their own `Backward` step;
-//! - a region of burn-native ops (the attention block, the MoE layer) is bracketed by two
-//!   identity marker nodes; burn's backward runs node depth by depth, deepest first, and a
-//!   block's nodes lie between its markers' depths, so the backward time of the block is
-//!   the time from its end marker's backward step to its start marker's. The custom ops
-//!   inside a region are subtracted from it by the reader ([`Profile::table`]).
+//! around a call is the time of its ops. Backward time is taken with identity marker
+//! nodes: a region (the attention block, the MoE layer, and inside it dispatch, experts
+//! and combine) is bracketed by a start marker on its input and an end marker on its
+//! output. burn's backward runs node depth by depth, deepest first, and a region's nodes
+//! lie between its markers' depths, so the region's backward time is the time from its end
+//! marker's backward step to its start marker's. Nodes of a parallel branch at the same
+//! depths (the router's, inside the MoE layer) are counted with the region that is open;
+//! they are small next to the experts. The router row is the MoE layer minus its three
+//! inner regions ([`Profile::table`]).
 //!
 //! The accumulator is process-global (timing is a measurement of the process, and the
 //! backward pass has no handle to pass it through); `bench` enables it, runs its timed
@@ -35,11 +35,11 @@ pub enum Part {
     AttentionBlock,
     /// The MoE layer as a whole (router + dispatch + experts + combine + extras), a region.
     MoeLayer,
-    /// Gathering the token rows into expert order (custom op).
+    /// Gathering the token rows into expert order (region).
     Dispatch,
-    /// The routed experts' GEMMs and activation (custom op).
+    /// The routed experts' GEMMs and activation (region).
     Experts,
-    /// Weighted scatter of expert outputs back to token order (custom op).
+    /// Weighted scatter of expert outputs back to token order (region).
     Combine,
     /// Gradient norm, clipping, AdamW.
     Optimizer,

@@ -1,11 +1,12 @@
 //! Fused CPU operations on raw f32 buffers, as custom autodiff nodes on `Autodiff<Flex>`.
 //!
 //! burn's generic ops allocate a tensor per step and run one pass over memory each; the
-//! hot parts of a training step (grouped experts, dispatch gather, combine, attention core,
-//! loss) are written here as one node each, forward and backward, with their GEMMs on the
-//! `gemm` crate (the kernel burn-flex itself uses) called single-threaded inside coarse
-//! parallel tasks (per expert, per head, per row block): on two cores, splitting one
-//! mid-sized GEMM across threads costs more than it gains. Each op has a readable
+//! hot parts of a training step (grouped experts, dispatch gather, combine, attention
+//! core, projections, RMSNorm, loss) are written here as one node each, forward and
+//! backward, with their GEMMs on the `gemm` crate (the kernel burn-flex itself uses)
+//! called single-threaded inside coarse parallel tasks (per expert, per head, per row
+//! block): on two cores, splitting one mid-sized GEMM across threads costs more than it
+//! gains. Each op has a readable
 //! reference in burn ops and a test pinning output and gradients to it.
 //!
 //! An op runs here only on the flex backend (plain or autodiff); on any other backend the
@@ -233,19 +234,6 @@ pub fn tensor(data: Vec<f32>, shape: &[usize]) -> FlexTensor {
 pub fn dims(t: &FlexTensor) -> Vec<usize> {
     t.layout().shape().to_vec()
 }
-
-/// Splits `0..n` into about `parts` contiguous ranges.
-pub fn ranges(n: usize, parts: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let parts = parts.clamp(1, n.max(1));
-    (0..parts).map(move |p| n * p / parts..n * (p + 1) / parts)
-}
-
-/// A raw pointer that may cross threads: the tasks that share one write disjoint parts.
-#[derive(Clone, Copy)]
-pub struct SendPtr(pub *mut f32);
-// SAFETY: every user writes disjoint index ranges from each task and joins before reading.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// `e^x` for f32 to about 2e-7 relative error: 2^n from the exponent bits and a
 /// degree-6 polynomial on the remainder. Branch-free, so loops over slices vectorise
