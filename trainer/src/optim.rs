@@ -6,12 +6,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use burn::backend::Flex;
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, Optimizer};
 use burn::tensor::Tensor;
 use burn::tensor::{Device, TensorData};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use switchyard_moe::cpu::{Fused, fused};
+use switchyard_moe::cpu::{self, Fused, fused};
 use switchyard_moe::params::{map_params, named_params};
 use switchyard_moe::profile::{self, Part};
 
@@ -292,7 +293,6 @@ fn fused_adamw(
     let device = value.device();
     let owned = |t: Tensor<1>| -> Vec<f32> {
         t.into_data()
-            .convert::<f32>()
             .try_into_vec::<f32>()
             .expect("parameters and moments are f32")
     };
@@ -307,8 +307,6 @@ fn fused_adamw(
         // Zero moments give the first step's `(1 - beta) g` exactly.
         None => (1, vec![0f32; n], vec![0f32; n]),
     };
-    let g = grad.to_data().convert::<f32>();
-    let g = g.as_slice::<f32>().expect("gradients are f32");
     let (f1, f2) = (1.0 - h.beta1, 1.0 - h.beta2);
     let c1 = 1f32 - h.beta1.powi(time as i32);
     let c2 = 1f32 - h.beta2.powi(time as i32);
@@ -317,25 +315,38 @@ fn fused_adamw(
     } else {
         0.0
     };
+    // x * 1.0 == x exactly, so one branch-free loop serves both (it vectorises); the bias
+    // corrections as reciprocals leave one division and one square root per element.
     let keep = (1.0 - decay_rate) as f32;
+    let (inv_c1, inv_c2) = (1.0 / c1, 1.0 / c2);
     let lr = lr as f32;
     const CHUNK: usize = 1 << 14;
-    p.par_chunks_mut(CHUNK)
-        .zip(m.par_chunks_mut(CHUNK))
-        .zip(v.par_chunks_mut(CHUNK))
-        .zip(g.par_chunks(CHUNK))
-        .for_each(|(((p, m), v), g)| {
-            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
-                *m = *m * h.beta1 + g * f1;
-                *v = *v * h.beta2 + g * g * f2;
-                let delta = (*m / c1) / ((*v / c2).sqrt() + h.eps);
-                let decayed = if decay_rate == 0.0 { *p } else { *p * keep };
-                *p = decayed - delta * lr;
-            }
-        });
+    with_flex_values(grad, |g| {
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                    *m = *m * h.beta1 + g * f1;
+                    *v = *v * h.beta2 + g * g * f2;
+                    let delta = (*m * inv_c1) / ((*v * inv_c2).sqrt() + h.eps);
+                    *p = *p * keep - delta * lr;
+                }
+            })
+    });
     let to_tensor = |data: Vec<f32>| Tensor::<1>::from_data(TensorData::new(data, [n]), &device);
     let state = AdamWState::new(AdaptiveMomentumState::new(time, to_tensor(m), to_tensor(v)));
     (to_tensor(p), state)
+}
+
+/// `f` of the values of a flex tensor, read in place (a copy only for a strided view).
+fn with_flex_values<R>(t: &Tensor<1>, f: impl FnOnce(&[f32]) -> R) -> R {
+    let primitive = t
+        .clone()
+        .try_into_primitive::<Flex>()
+        .expect("a tensor on the flex device");
+    f(&cpu::values(&primitive))
 }
 
 /// sqrt(sum of squares) over every gradient, in f64 on the host.
@@ -349,12 +360,12 @@ fn global_norm_impl(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
         .map(|g| {
             if fused(Fused::Optimizer) && g.device() == Device::flex() {
                 // One pass over the values, partial sums in f32 per block, total in f64.
-                let data = g.to_data().convert::<f32>();
-                let values = data.as_slice::<f32>().expect("gradients are f32");
-                return values
-                    .par_chunks(1 << 14)
-                    .map(|c| c.iter().map(|x| x * x).sum::<f32>() as f64)
-                    .sum::<f64>();
+                return with_flex_values(g, |values| {
+                    values
+                        .par_chunks(1 << 14)
+                        .map(|c| c.iter().map(|x| x * x).sum::<f32>() as f64)
+                        .sum::<f64>()
+                });
             }
             let s: f32 = g.clone().powi_scalar(2).sum().into_scalar::<f32>();
             s as f64
@@ -378,7 +389,6 @@ pub fn clip_global_norm(grads: &mut BTreeMap<String, Tensor<1>>, norm: f64, max_
                 let device = g.device();
                 let mut values = g
                     .into_data()
-                    .convert::<f32>()
                     .try_into_vec::<f32>()
                     .expect("gradients are f32");
                 values.par_iter_mut().for_each(|x| *x *= scale);
