@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
 use switchyard_moe::cpu::gemm::{Mat, gemm_rows_parallel};
-use switchyard_moe::cpu::{Fused, set_fused};
+use switchyard_moe::cpu::{Fused, fused, set_fused};
 use switchyard_moe::profile;
 
 use crate::config::Config;
@@ -202,26 +202,27 @@ pub fn run(
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = cpu_started.zip(process_cpu_seconds()).map(|(a, b)| b - a);
     // The breakdown, from separate steps: the markers add graph nodes.
-    profile::enable(true);
     let per_step = steps.max(1) as f64;
     let breakdown = profile_steps(&mut trainer, steps)?;
     let mut comparisons = Vec::new();
     let mut breakdown_reference = None;
     if compare {
+        let defaults = Fused::ALL.map(fused);
+        let restore = || {
+            for (op, on) in Fused::ALL.into_iter().zip(defaults) {
+                set_fused(op, on);
+            }
+        };
         for op in Fused::ALL {
             set_fused(op, false);
         }
         breakdown_reference = Some(profile_steps(&mut trainer, steps)?);
-        for op in Fused::ALL {
-            set_fused(op, true);
-        }
-        let mut cases: Vec<(String, Vec<Fused>)> =
-            vec![("all fused paths".to_string(), Fused::ALL.to_vec())];
-        cases.extend(
-            Fused::ALL
-                .iter()
-                .map(|&op| (op.name().to_string(), vec![op])),
-        );
+        restore();
+        // Every path on by default at once, then each path alone with the others at their
+        // defaults.
+        let on: Vec<Fused> = Fused::ALL.into_iter().filter(|&op| fused(op)).collect();
+        let mut cases = vec![("fused paths on by default".to_string(), on)];
+        cases.extend(Fused::ALL.map(|op| (op.name().to_string(), vec![op])));
         for (what, ops) in cases {
             let (mut without, mut with) = (0.0, 0.0);
             for _ in 0..steps {
@@ -234,6 +235,7 @@ pub fn run(
                 }
                 with += timed_step(&mut trainer)?;
             }
+            restore();
             comparisons.push((what, without / per_step, with / per_step));
         }
     }

@@ -44,7 +44,7 @@ pub enum Fused {
     Attention,
     /// Cross-entropy over the vocabulary (`loss`).
     Loss,
-    /// One pass AdamW over raw buffers (in the trainer).
+    /// One pass AdamW over raw buffers (in the trainer); off by default (see `DISABLED`).
     Optimizer,
     /// Dense projections (attention, LM head) as row-blocked GEMMs (`linear`).
     Linear,
@@ -76,8 +76,11 @@ impl Fused {
     }
 }
 
-/// Bit i set: `Fused::ALL[i]` is switched off (process-wide; on by default).
-static DISABLED: AtomicU32 = AtomicU32::new(0);
+/// Bit i set: `Fused::ALL[i]` is switched off (process-wide). All on by default except
+/// the fused AdamW: 1.8x faster than burn-optim's on a lone 1M-element tensor, but not
+/// faster inside a training step in our measurements (`bench --compare`), cause not found
+/// yet; it stays available and tested.
+static DISABLED: AtomicU32 = AtomicU32::new(1 << Fused::Optimizer as u32);
 
 /// Switches a fused path on or off for the whole process.
 pub fn set_fused(op: Fused, on: bool) {
