@@ -357,10 +357,10 @@ pub fn inspect(path: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn bench(cfg: &Config, steps: u64, warmup: u64) -> Result<()> {
+pub fn bench(cfg: &Config, steps: u64, warmup: u64, compare: bool) -> Result<()> {
     setup_threads(cfg.run.threads)?;
     let corpus = load_data(cfg)?;
-    let report = bench_impl::run(cfg, &corpus, steps, warmup)?;
+    let report = bench_impl::run(cfg, &corpus, steps, warmup, compare)?;
     println!("{report}");
     Ok(())
 }

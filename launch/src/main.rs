@@ -90,6 +90,10 @@ enum Command {
         /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: u64,
+        /// Also time steps with the fused CPU paths switched off (all, then each alone),
+        /// interleaved with steps that have them on.
+        #[arg(long)]
+        compare: bool,
     },
     /// Train in one process and save routing statistics (tokens per expert, layer-to-layer
     /// transitions; a moving average) for `plan-placement`. No checkpoints or metrics.
@@ -252,9 +256,10 @@ fn run(command: Command) -> Result<()> {
             config,
             steps,
             warmup,
+            compare,
         } => {
             let cfg = load(&config)?;
-            commands::bench(&cfg, steps, warmup)
+            commands::bench(&cfg, steps, warmup, compare)
         }
         Command::RecordRouting {
             config,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
+use crate::cpu::combine::{combine_rows, gather_rows};
 use crate::router::Routing;
 
 /// Which assignments survive the capacity limits. Assignments are admitted choice by
@@ -113,11 +114,8 @@ pub struct LocalDispatcher;
 
 impl TokenDispatcher for LocalDispatcher {
     fn dispatch(&self, x_td: Tensor<2>, plan: DispatchPlan) -> Dispatched {
-        let device = x_td.device();
-        let rows = plan.num_rows();
-        let index =
-            Tensor::<1, Int>::from_data(TensorData::new(plan.row_token.clone(), [rows]), &device);
-        let rows_nd = x_td.select(0, index);
+        let rows_nd = gather_rows(&x_td, &plan.row_token)
+            .unwrap_or_else(|| gather_rows_reference(x_td, &plan.row_token));
         let local_experts = plan.rows_per_expert.iter().copied().enumerate().collect();
         Dispatched {
             rows_nd,
@@ -136,9 +134,37 @@ impl TokenDispatcher for LocalDispatcher {
     }
 }
 
+/// rows[r] = x[token[r]] with burn ops: the reference of the fused gather.
+pub fn gather_rows_reference(x_td: Tensor<2>, token: &[i64]) -> Tensor<2> {
+    let device = x_td.device();
+    let index =
+        Tensor::<1, Int>::from_data(TensorData::new(token.to_vec(), [token.len()]), &device);
+    x_td.select(0, index)
+}
+
 /// y[t] = sum over rows r of token t: weight[r] * out[r]. Shared by every dispatcher once
-/// the rows are back home in plan order.
+/// the rows are back home in plan order. One fused op on the CPU backend.
 pub fn scatter_weighted(
+    out_nd: Tensor<2>,
+    weights_tk: Tensor<2>,
+    plan: &DispatchPlan,
+) -> Tensor<2> {
+    if plan.num_rows() > 0
+        && let Some(y_td) = combine_rows(
+            &out_nd,
+            &weights_tk,
+            &plan.row_token,
+            &plan.row_assignment,
+            plan.num_tokens,
+        )
+    {
+        return y_td;
+    }
+    scatter_weighted_reference(out_nd, weights_tk, plan)
+}
+
+/// `scatter_weighted` with burn ops: the reference of the fused combine.
+pub fn scatter_weighted_reference(
     out_nd: Tensor<2>,
     weights_tk: Tensor<2>,
     plan: &DispatchPlan,

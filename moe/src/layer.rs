@@ -15,11 +15,13 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::config::{CapacityConfig, MoeConfig, RouterConfig, SlotKind};
+use crate::cpu::grouped::grouped_swiglu;
 use crate::dispatch::{
     BatchReducer, DispatchPlan, LocalDispatcher, LocalReducer, TokenDispatcher, admit,
 };
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
+use crate::profile::{self, Part};
 use crate::router::{Gru, Router, RouterCarry, Routing, slot_counts, slot_fractions, z_loss_share};
 
 /// Per-layer routing statistics for metrics.
@@ -239,12 +241,25 @@ impl MoeLayer {
     ) -> MoeOutput {
         self.forward_with(x_bsd, carry, gru, |layer, x_td, routing, kept| {
             let plan = DispatchPlan::new(routing, kept, layer.experts.len());
-            let dispatched = layer.dispatcher.dispatch(x_td, plan);
-            let out_nd = layer.run_experts(dispatched.rows_nd, &dispatched.local_experts);
-            let y_td =
-                layer
+            let dispatched = profile::time(Part::Dispatch, || {
+                let x_td = profile::region_start(x_td, Part::Dispatch);
+                let mut dispatched = layer.dispatcher.dispatch(x_td, plan);
+                dispatched.rows_nd = profile::region_end(dispatched.rows_nd, Part::Dispatch);
+                dispatched
+            });
+            let out_nd = profile::time(Part::Experts, || {
+                let rows_nd = profile::region_start(dispatched.rows_nd, Part::Experts);
+                let out_nd = layer.run_experts(rows_nd, &dispatched.local_experts);
+                profile::region_end(out_nd, Part::Experts)
+            });
+            let y_td = profile::time(Part::Combine, || {
+                let out_nd = profile::region_start(out_nd, Part::Combine);
+                let weights_tk = profile::region_start(routing.weights_tk.clone(), Part::Combine);
+                let y_td = layer
                     .dispatcher
-                    .combine(out_nd, routing.weights_tk.clone(), dispatched.handle);
+                    .combine(out_nd, weights_tk, dispatched.handle);
+                profile::region_end(y_td, Part::Combine)
+            });
             let flops = dispatched
                 .local_experts
                 .iter()
@@ -294,6 +309,7 @@ impl MoeLayer {
         routed: impl FnOnce(&Self, Tensor<2>, &Routing, &[bool]) -> (Tensor<2>, u64),
     ) -> MoeOutput {
         let started = std::time::Instant::now();
+        let x_bsd = profile::region_start(x_bsd, Part::MoeLayer);
         let [b, s, d] = x_bsd.dims();
         let x_td = x_bsd.reshape([b * s, d]);
         let routing = self.router.forward(x_td.clone(), carry, gru);
@@ -318,8 +334,9 @@ impl MoeLayer {
         let z = z_loss_share(&routing, global_tokens);
         let mut stats = self.stats(&routing, &kept, &load_balance, &z, expert_flops);
         stats.seconds = started.elapsed().as_secs_f64();
+        profile::add(Part::MoeLayer, stats.seconds);
         MoeOutput {
-            y: y_td.reshape([b, s, d]),
+            y: profile::region_end(y_td.reshape([b, s, d]), Part::MoeLayer),
             load_balance,
             z_loss: z,
             stats,
@@ -384,23 +401,12 @@ impl MoeLayer {
         }
     }
 
-    /// rows: [R, D] grouped by expert as in `local_experts` -> outputs [R, D], same order.
+    /// rows: [R, D] grouped by expert as in `local_experts` -> outputs [R, D], same order:
+    /// all local experts in one grouped op.
     fn run_experts(&self, rows_nd: Tensor<2>, local_experts: &[(usize, usize)]) -> Tensor<2> {
-        let [_, d] = rows_nd.dims();
-        let mut outputs = Vec::with_capacity(local_experts.len());
-        let mut offset = 0;
-        for &(expert, rows) in local_experts {
-            if rows == 0 {
-                continue;
-            }
-            let chunk = rows_nd.clone().slice([offset..offset + rows, 0..d]);
-            outputs.push(self.expert(expert).forward(chunk));
-            offset += rows;
-        }
-        if outputs.is_empty() {
-            return rows_nd;
-        }
-        Tensor::cat(outputs, 0)
+        let experts: Vec<&SwiGlu> = local_experts.iter().map(|&(e, _)| self.expert(e)).collect();
+        let rows: Vec<usize> = local_experts.iter().map(|&(_, n)| n).collect();
+        grouped_swiglu(rows_nd, &experts, &rows)
     }
 }
 

@@ -4,12 +4,14 @@
 
 pub mod attention;
 pub mod config;
+pub mod cpu;
 pub mod dispatch;
 pub mod experts;
 pub mod init;
 pub mod layer;
 pub mod model;
 pub mod params;
+pub mod profile;
 pub mod router;
 
 pub use attention::{AttentionImpl, DenseAttention};

@@ -14,9 +14,11 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use crate::attention::{AttentionImpl, DenseAttention};
 use crate::config::{ModelConfig, RouterConfig};
+use crate::cpu;
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
 use crate::layer::{MoeLayer, MoeStats};
+use crate::profile::{self, Part};
 use crate::router::{Gru, RouterCarry};
 
 #[derive(Module, Debug)]
@@ -35,8 +37,18 @@ impl RmsNorm {
         }
     }
 
-    /// x: [B, S, D] -> [B, S, D]
+    /// x: [B, S, D] -> [B, S, D]; one fused op on the CPU backend (`cpu::norm`).
     pub fn forward(&self, x_bsd: Tensor<3>) -> Tensor<3> {
+        let [b, s, d] = x_bsd.dims();
+        let x_nd = x_bsd.clone().reshape([b * s, d]);
+        match cpu::norm::rms_norm(&x_nd, &self.gamma.val(), self.eps) {
+            Some(y_nd) => y_nd.reshape([b, s, d]),
+            None => self.forward_reference(x_bsd),
+        }
+    }
+
+    /// `forward` with burn ops: the reference of the fused op.
+    pub fn forward_reference(&self, x_bsd: Tensor<3>) -> Tensor<3> {
         let rms_bs1 = (x_bsd.clone().powi_scalar(2).mean_dim(2) + self.eps).sqrt();
         x_bsd / rms_bs1 * self.gamma.val().unsqueeze::<3>()
     }
@@ -122,9 +134,7 @@ impl Attention {
         let [b, s, d] = x_bsd.dims();
         let (h, dh) = (self.n_heads, d / self.n_heads);
         let heads = |w: &Param<Tensor<2>>| -> Tensor<4> {
-            x_bsd
-                .clone()
-                .matmul(w.val().unsqueeze::<3>())
+            project(x_bsd.clone(), w.val())
                 .reshape([b, s, h, dh])
                 .swap_dims(1, 2)
         };
@@ -132,15 +142,28 @@ impl Attention {
         let k_bhsd = self.rope.apply(heads(&self.wk), positions);
         let v_bhsd = heads(&self.wv);
         let out_bhsd = attention.attend(q_bhsd, k_bhsd, v_bhsd);
-        out_bhsd
-            .swap_dims(1, 2)
-            .reshape([b, s, d])
-            .matmul(self.wo.val().unsqueeze::<3>())
+        project(out_bhsd.swap_dims(1, 2).reshape([b, s, d]), self.wo.val())
     }
 }
 
+/// x: [B, S, D] times w: [D, O] -> [B, S, O], as one 2-D product over the B*S rows.
+fn project(x_bsd: Tensor<3>, w_do: Tensor<2>) -> Tensor<3> {
+    let [b, s, d] = x_bsd.dims();
+    let [_, o] = w_do.dims();
+    cpu::linear::linear(x_bsd.reshape([b * s, d]), w_do).reshape([b, s, o])
+}
+
 /// softmax(q k^T / sqrt(Dh) + causal mask) v. q, k, v: [B, H, S, Dh] -> [B, H, S, Dh].
+/// One fused op on the CPU backend (`cpu::attention`).
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    match cpu::attention::causal_attention(&q, &k, &v) {
+        Some(out) => out,
+        None => causal_attention_reference(q, k, v),
+    }
+}
+
+/// `causal_attention` with burn ops: the reference of the fused op.
+pub fn causal_attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let [_, _, s, dh] = q.dims();
     let scores_bhss = q.matmul(k.swap_dims(2, 3)) / (dh as f64).sqrt();
     // true above the diagonal: key position after query position.
@@ -261,11 +284,15 @@ impl Transformer {
         let gru = self.router_gru.as_ref();
         let positions = self.attention.positions(s);
         for (index, block) in self.layers.iter().enumerate() {
-            let attn_bsd = block.attn.forward(
-                block.attn_norm.forward(x_bsd.clone()),
-                &positions,
-                self.attention.as_ref(),
-            );
+            let attn_bsd = profile::time(Part::AttentionBlock, || {
+                let x_bsd = profile::region_start(x_bsd.clone(), Part::AttentionBlock);
+                let out_bsd = block.attn.forward(
+                    block.attn_norm.forward(x_bsd),
+                    &positions,
+                    self.attention.as_ref(),
+                );
+                profile::region_end(out_bsd, Part::AttentionBlock)
+            });
             x_bsd = x_bsd + attn_bsd;
             let h_bsd = block.ffn_norm.forward(x_bsd.clone());
             let ffn_bsd = match (&block.dense, &block.moe) {
@@ -293,7 +320,7 @@ impl Transformer {
             Some(head) => head.val(),
             None => embed_vd.transpose(),
         };
-        let logits = h_bsd.matmul(head_dv.unsqueeze::<3>());
+        let logits = project(h_bsd, head_dv);
         ModelOutput {
             logits,
             load_balance,
@@ -313,6 +340,16 @@ impl ModelOutput {
 
 /// Mean next-token cross-entropy in nats. logits: [B, S, V], targets: [B, S] -> [1].
 pub fn cross_entropy(logits_bsv: Tensor<3>, targets_bs: Tensor<2, Int>) -> Tensor<1> {
+    let [b, s, v] = logits_bsv.dims();
+    let logits_nv = logits_bsv.clone().reshape([b * s, v]);
+    if let Some(loss) = cpu::loss::cross_entropy(&logits_nv, &targets_bs.clone().reshape([b * s])) {
+        return loss;
+    }
+    cross_entropy_reference(logits_bsv, targets_bs)
+}
+
+/// `cross_entropy` with burn ops: the reference of the fused op.
+pub fn cross_entropy_reference(logits_bsv: Tensor<3>, targets_bs: Tensor<2, Int>) -> Tensor<1> {
     let [b, s, v] = logits_bsv.dims();
     let logp_nv = log_softmax(logits_bsv.reshape([b * s, v]), 1);
     let picked_n1 = logp_nv.gather(1, targets_bs.reshape([b * s, 1]));

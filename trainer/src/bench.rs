@@ -6,6 +6,9 @@ use std::fmt;
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
+use switchyard_moe::cpu::gemm::{Mat, gemm_rows_parallel};
+use switchyard_moe::cpu::{Fused, fused, set_fused};
+use switchyard_moe::profile;
 
 use crate::config::Config;
 use crate::data::Corpus;
@@ -22,8 +25,20 @@ pub struct BenchReport {
     pub model_gflops_per_token: f64,
     pub achieved_gflops: f64,
     pub fma_peak_gflops: f64,
+    /// burn's matmul, 1024^2.
     pub gemm_gflops: f64,
+    /// Switchyard's GEMM path (`moe::cpu::gemm`, row blocks over the thread pool), 1024^2.
+    pub own_gemm_gflops: f64,
     pub final_loss: f64,
+    /// CPU time of the process over the timed steps (all threads), when the OS reports it.
+    pub cpu_seconds: Option<f64>,
+    /// Step time by part over the profiled steps: (name, seconds per step).
+    pub breakdown: Vec<(&'static str, f64)>,
+    /// With `compare`: the same with every fused path switched off (the burn-op references).
+    pub breakdown_reference: Option<Vec<(&'static str, f64)>>,
+    /// With `compare`: (what, mean step seconds without it, with it), measured interleaved;
+    /// CPU seconds when the OS reports them (robust on a shared machine), else wall.
+    pub comparisons: Vec<(String, f64, f64)>,
 }
 
 impl fmt::Display for BenchReport {
@@ -37,6 +52,23 @@ impl fmt::Display for BenchReport {
             self.seconds / self.steps as f64
         )?;
         writeln!(f, "tokens/s                     {:.0}", self.tokens_per_sec)?;
+        if let Some(cpu) = self.cpu_seconds {
+            // On a shared machine the wall clock includes waiting for a core; the CPU time
+            // over the thread count is the step time had the cores been ours.
+            let per_step = cpu / self.steps as f64;
+            let tokens = self.tokens_per_step as f64 * self.steps as f64;
+            let owned_cores_tps = tokens / (cpu / self.threads as f64);
+            writeln!(
+                f,
+                "CPU time per step            {per_step:.3} s (all threads)"
+            )?;
+            writeln!(f, "tokens/s per CPU-s x threads {owned_cores_tps:.0}")?;
+            writeln!(
+                f,
+                "GFLOP/s per CPU-s x threads  {:.1}",
+                owned_cores_tps * self.model_gflops_per_token
+            )?;
+        }
         writeln!(
             f,
             "model GFLOP per token (f+b)  {:.4}",
@@ -55,36 +87,111 @@ impl fmt::Display for BenchReport {
         writeln!(f, "GEMM GFLOP/s (burn, 1024^2)  {:.1}", self.gemm_gflops)?;
         writeln!(
             f,
+            "GEMM GFLOP/s (own, 1024^2)   {:.1}",
+            self.own_gemm_gflops
+        )?;
+        let best_gemm = self.gemm_gflops.max(self.own_gemm_gflops);
+        writeln!(
+            f,
             "achieved / FMA peak          {:.3}",
             self.achieved_gflops / self.fma_peak_gflops
         )?;
         writeln!(
             f,
-            "achieved / GEMM              {:.3}",
-            self.achieved_gflops / self.gemm_gflops
+            "achieved / best GEMM         {:.3}",
+            self.achieved_gflops / best_gemm
         )?;
-        write!(f, "last train loss              {:.4}", self.final_loss)
+        writeln!(f, "last train loss              {:.4}", self.final_loss)?;
+        let total: f64 = self.breakdown.iter().map(|(_, t)| t).sum();
+        let share = |t: f64, total: f64| 100.0 * t / total.max(f64::MIN_POSITIVE);
+        match &self.breakdown_reference {
+            None => {
+                writeln!(f, "step time by part (profiled steps, {total:.3} s/step):")?;
+                for (name, t) in &self.breakdown {
+                    writeln!(
+                        f,
+                        "  {name:<18} {:>6.1}%  {:>7.1} ms",
+                        share(*t, total),
+                        1e3 * t
+                    )?;
+                }
+            }
+            Some(reference) => {
+                let ref_total: f64 = reference.iter().map(|(_, t)| t).sum();
+                writeln!(
+                    f,
+                    "step time by part (profiled steps; wall): fused {total:.3} s/step, \
+                     references {ref_total:.3} s/step"
+                )?;
+                writeln!(f, "  {:<18} {:>17} {:>17}", "part", "fused", "references")?;
+                for ((name, t), (_, r)) in self.breakdown.iter().zip(reference) {
+                    writeln!(
+                        f,
+                        "  {name:<18} {:>6.1}% {:>7.1} ms {:>6.1}% {:>7.1} ms",
+                        share(*t, total),
+                        1e3 * t,
+                        share(*r, ref_total),
+                        1e3 * r
+                    )?;
+                }
+            }
+        }
+        if !self.comparisons.is_empty() {
+            let clock = if self.cpu_seconds.is_some() {
+                "CPU"
+            } else {
+                "wall"
+            };
+            writeln!(
+                f,
+                "side by side (interleaved steps, mean {clock} seconds per step):"
+            )?;
+            writeln!(
+                f,
+                "  {:<28} {:>10} {:>10} {:>8}",
+                "change", "without", "with", "speedup"
+            )?;
+            for (what, without, with) in &self.comparisons {
+                writeln!(
+                    f,
+                    "  {what:<28} {without:>10.3} {with:>10.3} {:>7.2}x",
+                    without / with
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 
-/// Trains `warmup` untimed and `steps` timed optimizer steps and measures the peaks.
+/// Trains `warmup` untimed and `steps` timed optimizer steps, then `steps` profiled steps
+/// for the breakdown, and measures the peaks. With `compare`, also runs interleaved steps
+/// with every fused path switched off (the burn-op references) and with each one switched
+/// off alone, against all on.
 pub fn run(
     cfg: &Config,
     corpus: &Corpus,
     steps: u64,
     warmup: u64,
+    compare: bool,
 ) -> Result<BenchReport, TrainError> {
     let threads = rayon::current_num_threads();
     let fma_peak_gflops = fma_peak_gflops(threads);
     let gemm_gflops = gemm_gflops(1024, 3);
+    let own_gemm_gflops = own_gemm_gflops(1024, 3);
     let device = Device::flex().autodiff();
     let mut cfg = cfg.clone();
-    cfg.train.steps = warmup + steps;
+    let compare_steps = if compare {
+        2 * steps * (Fused::ALL.len() as u64 + 1)
+    } else {
+        0
+    };
+    cfg.train.steps = warmup + 3 * steps + compare_steps;
     let mut trainer = Trainer::new(&cfg, corpus, &device)?;
     for _ in 0..warmup {
         trainer.step()?;
     }
     let started = Instant::now();
+    let cpu_started = process_cpu_seconds();
     let mut tokens = 0;
     let mut final_loss = f64::NAN;
     for _ in 0..steps {
@@ -93,6 +200,45 @@ pub fn run(
         final_loss = report.loss;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = cpu_started.zip(process_cpu_seconds()).map(|(a, b)| b - a);
+    // The breakdown, from separate steps: the markers add graph nodes.
+    let per_step = steps.max(1) as f64;
+    let breakdown = profile_steps(&mut trainer, steps)?;
+    let mut comparisons = Vec::new();
+    let mut breakdown_reference = None;
+    if compare {
+        let defaults = Fused::ALL.map(fused);
+        let restore = || {
+            for (op, on) in Fused::ALL.into_iter().zip(defaults) {
+                set_fused(op, on);
+            }
+        };
+        for op in Fused::ALL {
+            set_fused(op, false);
+        }
+        breakdown_reference = Some(profile_steps(&mut trainer, steps)?);
+        restore();
+        // Every path on by default at once, then each path alone with the others at their
+        // defaults.
+        let on: Vec<Fused> = Fused::ALL.into_iter().filter(|&op| fused(op)).collect();
+        let mut cases = vec![("fused paths on by default".to_string(), on)];
+        cases.extend(Fused::ALL.map(|op| (op.name().to_string(), vec![op])));
+        for (what, ops) in cases {
+            let (mut without, mut with) = (0.0, 0.0);
+            for _ in 0..steps {
+                for &op in &ops {
+                    set_fused(op, false);
+                }
+                without += timed_step(&mut trainer)?;
+                for &op in &ops {
+                    set_fused(op, true);
+                }
+                with += timed_step(&mut trainer)?;
+            }
+            restore();
+            comparisons.push((what, without / per_step, with / per_step));
+        }
+    }
     let tokens_per_sec = tokens as f64 / seconds;
     let flops_per_token = trainer.train_flops_per_token();
     Ok(BenchReport {
@@ -105,8 +251,68 @@ pub fn run(
         achieved_gflops: tokens_per_sec * flops_per_token / 1e9,
         fma_peak_gflops,
         gemm_gflops,
+        own_gemm_gflops,
         final_loss,
+        cpu_seconds,
+        breakdown,
+        breakdown_reference,
+        comparisons,
     })
+}
+
+/// Runs `steps` steps with the profiler on: seconds per step by part.
+fn profile_steps(
+    trainer: &mut Trainer,
+    steps: u64,
+) -> Result<Vec<(&'static str, f64)>, TrainError> {
+    profile::enable(true);
+    let started = Instant::now();
+    for _ in 0..steps {
+        trainer.step()?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let totals = profile::snapshot();
+    profile::enable(false);
+    let per_step = steps.max(1) as f64;
+    Ok(totals
+        .table(seconds)
+        .into_iter()
+        .map(|(name, t)| (name, t / per_step))
+        .collect())
+}
+
+/// One step's CPU seconds (all threads), or its wall seconds where the OS does not say.
+fn timed_step(trainer: &mut Trainer) -> Result<f64, TrainError> {
+    let cpu = process_cpu_seconds();
+    let wall = trainer.step()?.seconds;
+    Ok(cpu.zip(process_cpu_seconds()).map_or(wall, |(a, b)| b - a))
+}
+
+/// CPU time of every thread of this process so far (Linux: the first field of each
+/// `/proc/self/task/*/schedstat`, in nanoseconds); `None` elsewhere.
+fn process_cpu_seconds() -> Option<f64> {
+    let mut nanos = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        nanos += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(nanos as f64 * 1e-9)
+}
+
+/// Best of `repeats` square f32 matmuls of size `n` through `moe::cpu::gemm` (the kernel
+/// the fused ops use), row blocks spread over the thread pool.
+pub fn own_gemm_gflops(n: usize, repeats: usize) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+    let mut c = vec![0f32; n * n];
+    let mut best = f64::MAX;
+    for _ in 0..repeats {
+        let started = Instant::now();
+        gemm_rows_parallel(Mat::new(&a, n, n), Mat::new(&b, n, n), &mut c, false);
+        std::hint::black_box(&c);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
 }
 
 /// Best of `repeats` square f32 matmuls of size `n` through burn's CPU backend.

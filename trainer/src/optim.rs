@@ -6,10 +6,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use burn::backend::Flex;
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, Optimizer};
 use burn::tensor::Tensor;
+use burn::tensor::{Device, TensorData};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use switchyard_moe::cpu::{self, Fused, fused};
 use switchyard_moe::params::{map_params, named_params};
+use switchyard_moe::profile::{self, Part};
 
 use crate::checkpoint::NamedTensor;
 
@@ -126,6 +131,16 @@ pub struct NamedAdamW {
     /// constant-expert vectors) are not decayed, as in GPT-2 / nanoGPT.
     decay: BTreeSet<String>,
     state: BTreeMap<String, AdamWState<1>>,
+    hyper: Hyper,
+}
+
+/// AdamW's constants, for the fused update.
+#[derive(Debug, Clone, Copy)]
+struct Hyper {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
 }
 
 impl NamedAdamW {
@@ -147,6 +162,12 @@ impl NamedAdamW {
             not_decayed: base.with_weight_decay(0.0).build(),
             decay,
             state: BTreeMap::new(),
+            hyper: Hyper {
+                beta1: cfg.beta1 as f32,
+                beta2: cfg.beta2 as f32,
+                eps: cfg.eps as f32,
+                weight_decay: cfg.weight_decay as f32,
+            },
         }
     }
 
@@ -159,18 +180,33 @@ impl NamedAdamW {
         grads: &BTreeMap<String, Tensor<1>>,
         lr: f64,
     ) -> M {
+        profile::time(Part::Optimizer, || self.step_impl(model, grads, lr))
+    }
+
+    fn step_impl<M: burn::module::Module>(
+        &mut self,
+        model: M,
+        grads: &BTreeMap<String, Tensor<1>>,
+        lr: f64,
+    ) -> M {
         map_params(model, |name, value| {
             let grad = grads
                 .get(name)
                 .cloned()
                 .unwrap_or_else(|| value.zeros_like());
-            let optimizer = if self.decay.contains(name) {
-                &self.decayed
-            } else {
-                &self.not_decayed
-            };
+            let decayed = self.decay.contains(name);
             let state = self.state.remove(name);
-            let (updated, state) = optimizer.step(lr, value, grad, state);
+            let (updated, state) = if fused(Fused::Optimizer) && value.device() == Device::flex() {
+                let (updated, state) = fused_adamw(self.hyper, decayed, lr, value, &grad, state);
+                (updated, Some(state))
+            } else {
+                let optimizer = if decayed {
+                    &self.decayed
+                } else {
+                    &self.not_decayed
+                };
+                optimizer.step(lr, value, grad, state)
+            };
             if let Some(state) = state {
                 self.state.insert(name.to_string(), state);
             }
@@ -243,11 +279,94 @@ impl NamedAdamW {
     }
 }
 
+/// burn-optim's AdamW update (same formulas, same order) in one pass, in place on the
+/// parameter's and the moments' own buffers (taken out of their tensors without a copy
+/// when nothing else holds them), instead of a dozen full-size temporaries.
+fn fused_adamw(
+    h: Hyper,
+    decayed: bool,
+    lr: f64,
+    value: Tensor<1>,
+    grad: &Tensor<1>,
+    state: Option<AdamWState<1>>,
+) -> (Tensor<1>, AdamWState<1>) {
+    let device = value.device();
+    let owned = |t: Tensor<1>| -> Vec<f32> {
+        t.into_data()
+            .try_into_vec::<f32>()
+            .expect("parameters and moments are f32")
+    };
+    let mut p = owned(value);
+    let n = p.len();
+    let (time, mut m, mut v) = match state {
+        Some(s) => (
+            s.momentum.time + 1,
+            owned(s.momentum.moment_1),
+            owned(s.momentum.moment_2),
+        ),
+        // Zero moments give the first step's `(1 - beta) g` exactly.
+        None => (1, vec![0f32; n], vec![0f32; n]),
+    };
+    let (f1, f2) = (1.0 - h.beta1, 1.0 - h.beta2);
+    let c1 = 1f32 - h.beta1.powi(time as i32);
+    let c2 = 1f32 - h.beta2.powi(time as i32);
+    let decay_rate = if decayed {
+        lr * h.weight_decay as f64
+    } else {
+        0.0
+    };
+    // x * 1.0 == x exactly, so one branch-free loop serves both (it vectorises); the bias
+    // corrections as reciprocals leave one division and one square root per element.
+    let keep = (1.0 - decay_rate) as f32;
+    let (inv_c1, inv_c2) = (1.0 / c1, 1.0 / c2);
+    let lr = lr as f32;
+    const CHUNK: usize = 1 << 14;
+    with_flex_values(grad, |g| {
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                    *m = *m * h.beta1 + g * f1;
+                    *v = *v * h.beta2 + g * g * f2;
+                    let delta = (*m * inv_c1) / ((*v * inv_c2).sqrt() + h.eps);
+                    *p = *p * keep - delta * lr;
+                }
+            })
+    });
+    let to_tensor = |data: Vec<f32>| Tensor::<1>::from_data(TensorData::new(data, [n]), &device);
+    let state = AdamWState::new(AdaptiveMomentumState::new(time, to_tensor(m), to_tensor(v)));
+    (to_tensor(p), state)
+}
+
+/// `f` of the values of a flex tensor, read in place (a copy only for a strided view).
+fn with_flex_values<R>(t: &Tensor<1>, f: impl FnOnce(&[f32]) -> R) -> R {
+    let primitive = t
+        .clone()
+        .try_into_primitive::<Flex>()
+        .expect("a tensor on the flex device");
+    f(&cpu::values(&primitive))
+}
+
 /// sqrt(sum of squares) over every gradient, in f64 on the host.
 pub fn global_norm(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
+    profile::time(Part::Optimizer, || global_norm_impl(grads))
+}
+
+fn global_norm_impl(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
     let sum: f64 = grads
         .values()
         .map(|g| {
+            if fused(Fused::Optimizer) && g.device() == Device::flex() {
+                // One pass over the values, partial sums in f32 per block, total in f64.
+                return with_flex_values(g, |values| {
+                    values
+                        .par_chunks(1 << 14)
+                        .map(|c| c.iter().map(|x| x * x).sum::<f32>() as f64)
+                        .sum::<f64>()
+                });
+            }
             let s: f32 = g.clone().powi_scalar(2).sum().into_scalar::<f32>();
             s as f64
         })
@@ -257,11 +376,29 @@ pub fn global_norm(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
 
 /// Scale every gradient so the global norm is at most `max_norm`.
 pub fn clip_global_norm(grads: &mut BTreeMap<String, Tensor<1>>, norm: f64, max_norm: f64) {
+    let _timer = profile::Timer::new(Part::Optimizer);
     if norm > max_norm {
         let scale = (max_norm / (norm + 1e-6)) as f32;
-        for g in grads.values_mut() {
-            *g = g.clone() * scale;
-        }
+        *grads = std::mem::take(grads)
+            .into_iter()
+            .map(|(name, g)| {
+                if !(fused(Fused::Optimizer) && g.device() == Device::flex()) {
+                    return (name, g * scale);
+                }
+                // In place on the gradient's own buffer when nothing else holds it.
+                let device = g.device();
+                let mut values = g
+                    .into_data()
+                    .try_into_vec::<f32>()
+                    .expect("gradients are f32");
+                values.par_iter_mut().for_each(|x| *x *= scale);
+                let n = values.len();
+                (
+                    name,
+                    Tensor::from_data(TensorData::new(values, [n]), &device),
+                )
+            })
+            .collect();
     }
 }
 
@@ -306,6 +443,85 @@ mod tests {
             let lr = c.lr_at(s, 100);
             assert!(lr <= prev);
             prev = lr;
+        }
+    }
+
+    /// The fused AdamW equals burn-optim's over several steps, decayed and not, with the
+    /// moments it keeps (checkpoints store them).
+    #[test]
+    fn fused_adamw_matches_burn_optim() {
+        let device = burn::tensor::Device::flex();
+        let run = |fused_on: bool| {
+            let h = cfg();
+            let base = AdamWConfig::new()
+                .with_beta_1(h.beta1 as f32)
+                .with_beta_2(h.beta2 as f32)
+                .with_epsilon(h.eps as f32);
+            let mut opt = NamedAdamW {
+                decayed: base.clone().with_weight_decay(0.1).build(),
+                not_decayed: base.with_weight_decay(0.0).build(),
+                decay: ["w".to_string()].into_iter().collect(),
+                state: BTreeMap::new(),
+                hyper: Hyper {
+                    beta1: 0.9,
+                    beta2: 0.95,
+                    eps: 1e-8,
+                    weight_decay: 0.1,
+                },
+            };
+            let mut params: Vec<(String, Vec<f32>)> = vec![
+                (
+                    "w".into(),
+                    (0..50).map(|i| (i as f32 * 0.37).sin()).collect(),
+                ),
+                ("g".into(), (0..7).map(|i| 1.0 + i as f32 * 0.1).collect()),
+            ];
+            for step in 0..4 {
+                for (name, p) in params.iter_mut() {
+                    let grad: Vec<f32> = (0..p.len())
+                        .map(|i| ((i + step) as f32 * 0.71).cos())
+                        .collect();
+                    let grad = Tensor::<1>::from_floats(grad.as_slice(), &device);
+                    let value = Tensor::<1>::from_floats(p.as_slice(), &device);
+                    let decayed = opt.decay.contains(name);
+                    let state = opt.state.remove(name.as_str());
+                    let (updated, state) = if fused_on {
+                        let (u, s) = fused_adamw(opt.hyper, decayed, 1e-2, value, &grad, state);
+                        (u, Some(s))
+                    } else {
+                        let o = if decayed {
+                            &opt.decayed
+                        } else {
+                            &opt.not_decayed
+                        };
+                        o.step(1e-2, value, grad, state)
+                    };
+                    opt.state.insert(name.clone(), state.unwrap());
+                    *p = tensor_to_vec(&updated);
+                }
+            }
+            (params, opt.export())
+        };
+        let (fast, fast_state) = run(true);
+        let (slow, slow_state) = run(false);
+        for ((name, a), (_, b)) in fast.iter().zip(&slow) {
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-6 * y.abs().max(1.0),
+                    "{name}: {x} vs {y}"
+                );
+            }
+        }
+        assert_eq!(fast_state.len(), slow_state.len());
+        for (a, b) in fast_state.iter().zip(&slow_state) {
+            assert_eq!(a.name, b.name);
+            for (x, y) in a.as_f32().unwrap().iter().zip(b.as_f32().unwrap()) {
+                assert!(
+                    (x - y).abs() <= 1e-6 * y.abs().max(1e-3),
+                    "{}: {x} vs {y}",
+                    a.name
+                );
+            }
         }
     }
 

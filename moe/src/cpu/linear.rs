@@ -1,0 +1,51 @@
+//! `x w` for the dense projections (attention, LM head) as one op whose three GEMMs
+//! (forward, input gradient, weight gradient) are split into row blocks over the thread
+//! pool, each block a single-threaded GEMM. burn's 3-D matmul against a broadcast weight
+//! runs one GEMM per batch entry and sums a [B, D, O] weight gradient over the batch.
+//!
+//! Shape legend: N rows, D input dim, O output dim.
+
+use burn::tensor::Tensor;
+
+use super::gemm::{Mat, gemm_rows_parallel};
+use super::{BackwardFn, Fused, custom_op, dims, fused, prim, tensor, values};
+
+/// x: [N, D], w: [D, O] -> [N, O]; burn's matmul off the flex backend or when switched off.
+pub fn linear(x_nd: Tensor<2>, w_do: Tensor<2>) -> Tensor<2> {
+    if fused(Fused::Linear)
+        && let (Some(x), Some(w)) = (prim(&x_nd), prim(&w_do))
+        && let Some(y) = custom_op([x, w], |[x, w]| forward(x, w))
+    {
+        return y;
+    }
+    x_nd.matmul(w_do)
+}
+
+fn forward(x: &super::FlexTensor, w: &super::FlexTensor) -> (super::FlexTensor, BackwardFn<2>) {
+    let (n, d) = (dims(x)[0], dims(x)[1]);
+    let o = dims(w)[1];
+    let mut y = vec![0f32; n * o];
+    gemm_rows_parallel(
+        Mat::new(&values(x), n, d),
+        Mat::new(&values(w), d, o),
+        &mut y,
+        false,
+    );
+    let (x, w) = (x.clone(), w.clone());
+    let backward: BackwardFn<2> = Box::new(move |dy, needed| {
+        let (xv, wv, dyv) = (values(&x), values(&w), values(&dy));
+        let dy = Mat::new(&dyv, n, o);
+        let dx = needed[0].then(|| {
+            let mut dx = vec![0f32; n * d];
+            gemm_rows_parallel(dy, Mat::new(&wv, d, o).t(), &mut dx, false);
+            tensor(dx, &[n, d])
+        });
+        let dw = needed[1].then(|| {
+            let mut dw = vec![0f32; d * o];
+            gemm_rows_parallel(Mat::new(&xv, n, d).t(), dy, &mut dw, false);
+            tensor(dw, &[d, o])
+        });
+        [dx, dw]
+    });
+    (tensor(y, &[n, o]), backward)
+}
