@@ -127,6 +127,8 @@ struct Slot {
     contribs: Vec<Option<Arc<Contrib>>>,
     arrived: usize,
     last_arrival: Option<Instant>,
+    /// Per rank, when its part completes under the link model (the last arrival without one).
+    ready: Vec<Instant>,
     /// Ranks that took their result (or gave up).
     done: usize,
     error: Option<CommError>,
@@ -167,6 +169,10 @@ struct State {
     mail: HashMap<(usize, usize, u32), VecDeque<Msg>>,
     /// What each rank last entered, for timeout diagnostics.
     last_op: Vec<String>,
+    /// Per rank, when its emulated link is next free: collectives in flight at the same time
+    /// share the rank's link (one after the other, in the order they completed arrival)
+    /// instead of each getting the full bandwidth.
+    link_free: Vec<Option<Instant>>,
 }
 
 struct Group {
@@ -185,6 +191,7 @@ impl Group {
             link,
             state: Mutex::new(State {
                 last_op: vec!["nothing yet".to_string(); size],
+                link_free: vec![None; size],
                 ..Default::default()
             }),
             cv: Condvar::new(),
@@ -283,7 +290,23 @@ impl LocalComm {
         slot.contribs[self.rank] = Some(c.clone());
         slot.arrived += 1;
         if slot.arrived == n {
-            slot.last_arrival = Some(Instant::now());
+            let now = Instant::now();
+            slot.last_arrival = Some(now);
+            slot.ready = vec![now; n];
+            if let Some(link) = &self.group.link
+                && slot.error.is_none()
+            {
+                let contribs: Vec<_> = slot.contribs.iter().map(|c| c.clone().unwrap()).collect();
+                let State {
+                    slots, link_free, ..
+                } = &mut *st;
+                let slot = slots.get_mut(&seq).expect("the slot just entered");
+                for (rank, (ready, free)) in slot.ready.iter_mut().zip(link_free).enumerate() {
+                    let start = free.map_or(now, |f| f.max(now));
+                    *ready = start + modelled_cost(link, &c.kind, rank, &contribs);
+                    *free = Some(*ready);
+                }
+            }
         }
         drop(st);
         self.group.cv.notify_all();
@@ -397,7 +420,7 @@ impl Pending {
             )));
         }
         let contribs: Vec<_> = slot.contribs.iter().map(|c| c.clone().unwrap()).collect();
-        let t = Taken::Data(contribs, slot.last_arrival.unwrap(), slot.children.clone());
+        let t = Taken::Data(contribs, slot.ready[self.rank], slot.children.clone());
         slot.done += 1;
         if slot.done == n {
             st.slots.remove(&self.seq);
@@ -411,7 +434,7 @@ impl Pending {
     }
 
     fn finish(&mut self, taken: Taken, sleep: bool) -> Result<Buffer> {
-        let (contribs, last, children) = match taken {
+        let (contribs, ready, children) = match taken {
             Taken::Data(c, l, ch) => (c, l, ch),
             Taken::Err(e) => {
                 self.poison(&e);
@@ -419,8 +442,7 @@ impl Pending {
             }
         };
         let out = compute(&self.kind, self.rank, &contribs, children.as_deref());
-        if sleep && let Some(link) = &self.group.link {
-            let ready = last + modelled_cost(link, &self.kind, self.rank, &contribs);
+        if sleep && self.group.link.is_some() {
             let now = Instant::now();
             if ready > now {
                 std::thread::sleep(ready - now);
@@ -443,14 +465,8 @@ impl PendingOp for Pending {
                 if slot.arrived < self.group.size {
                     return Ok(false);
                 }
-                if let Some(link) = &self.group.link {
-                    let contribs: Vec<_> =
-                        slot.contribs.iter().map(|c| c.clone().unwrap()).collect();
-                    let ready = slot.last_arrival.unwrap()
-                        + modelled_cost(link, &self.kind, self.rank, &contribs);
-                    if Instant::now() < ready {
-                        return Ok(false);
-                    }
+                if Instant::now() < slot.ready[self.rank] {
+                    return Ok(false);
                 }
             }
         }

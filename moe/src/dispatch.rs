@@ -13,6 +13,7 @@ use std::sync::Arc;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::cpu::combine::{combine_rows, gather_rows};
+use crate::experts::SwiGlu;
 use crate::router::Routing;
 
 /// Which assignments survive the capacity limits. Assignments are admitted choice by
@@ -106,6 +107,29 @@ pub trait TokenDispatcher: Debug + Send + Sync {
     /// weight * expert output. weights: [T, K].
     fn combine(&self, out_nd: Tensor<2>, weights_tk: Tensor<2>, handle: CombineHandle)
     -> Tensor<2>;
+
+    /// dispatch -> experts -> combine as one step, for a dispatcher that pipelines its
+    /// exchange with the expert compute (the transfer of one chunk of rows overlapping the
+    /// experts of another). `experts`: the layer's routed experts by global id (`None`: not
+    /// held by this process). `None` (the default): the layer runs the three steps itself.
+    fn pipelined(
+        &self,
+        _x_td: &Tensor<2>,
+        _plan: &DispatchPlan,
+        _weights_tk: &Tensor<2>,
+        _experts: &[Option<SwiGlu>],
+    ) -> Option<Pipelined> {
+        None
+    }
+}
+
+/// The result of [`TokenDispatcher::pipelined`].
+#[derive(Debug)]
+pub struct Pipelined {
+    /// [T, D], as `combine` returns it.
+    pub y_td: Tensor<2>,
+    /// Global ids of the experts computed here, and the number of rows of each.
+    pub local_experts: Vec<(usize, usize)>,
 }
 
 /// Single-process dispatcher: every expert is local, no communication.

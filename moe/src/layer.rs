@@ -241,6 +241,14 @@ impl MoeLayer {
     ) -> MoeOutput {
         self.forward_with(x_bsd, carry, gru, |layer, x_td, routing, kept| {
             let plan = DispatchPlan::new(routing, kept, layer.experts.len());
+            let pipelined = profile::time(Part::Experts, || {
+                layer
+                    .dispatcher
+                    .pipelined(&x_td, &plan, &routing.weights_tk, &layer.experts)
+            });
+            if let Some(done) = pipelined {
+                return (done.y_td, layer.flops(&done.local_experts));
+            }
             let dispatched = profile::time(Part::Dispatch, || {
                 let x_td = profile::region_start(x_td, Part::Dispatch);
                 let mut dispatched = layer.dispatcher.dispatch(x_td, plan);
@@ -260,12 +268,7 @@ impl MoeLayer {
                     .combine(out_nd, weights_tk, dispatched.handle);
                 profile::region_end(y_td, Part::Combine)
             });
-            let flops = dispatched
-                .local_experts
-                .iter()
-                .map(|&(e, rows)| layer.expert(e).forward_flops(rows))
-                .sum();
-            (y_td, flops)
+            (y_td, layer.flops(&dispatched.local_experts))
         })
     }
 
@@ -399,6 +402,14 @@ impl MoeLayer {
                 })
                 .collect(),
         }
+    }
+
+    /// Forward FLOPs of the routed experts computed here.
+    fn flops(&self, local_experts: &[(usize, usize)]) -> u64 {
+        local_experts
+            .iter()
+            .map(|&(e, rows)| self.expert(e).forward_flops(rows))
+            .sum()
     }
 
     /// rows: [R, D] grouped by expert as in `local_experts` -> outputs [R, D], same order:

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cp::CpAlgorithm;
+use crate::overlap::Overlap;
 
 /// world = dp x cp x ep. The dp x ep ranks of one cp position each hold `1/(dp·ep)` of the
 /// global batch's rows, split along the sequence over the cp ranks; the ep ranks of one
@@ -26,6 +27,11 @@ pub struct ParallelConfig {
     /// `model.moe.num_experts`).
     #[serde(default = "one")]
     pub ep: usize,
+    /// Chunks of the expert-parallel exchange whose transfers overlap the expert compute,
+    /// forward and backward: a count (1 = no overlap) or `auto` (measured on the first
+    /// step, then chosen from a cost model; `overlap.rs`).
+    #[serde(default)]
+    pub ep_overlap: Overlap,
     /// Gradient all-reduce bucket size, MiB of f32.
     #[serde(default = "default_bucket_mib")]
     pub grad_bucket_mib: f64,
@@ -38,6 +44,7 @@ impl Default for ParallelConfig {
             cp: 1,
             cp_algorithm: CpAlgorithm::default(),
             ep: 1,
+            ep_overlap: Overlap::default(),
             grad_bucket_mib: default_bucket_mib(),
         }
     }

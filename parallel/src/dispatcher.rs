@@ -15,22 +15,31 @@
 //!
 //! Shape legend: T tokens, D model dim, K top-k, R_s rows sent, R_r rows received.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use switchyard_comm::{Buffer, Communicator};
 use switchyard_moe::dispatch::{
-    CombineHandle, DispatchPlan, Dispatched, TokenDispatcher, scatter_weighted,
+    CombineHandle, DispatchPlan, Dispatched, Pipelined, TokenDispatcher, scatter_weighted,
 };
+use switchyard_moe::experts::SwiGlu;
 
 use crate::all_to_all::{RowExchange, all_to_all_rows};
 use crate::error::{ParallelError, Result};
 use crate::mesh::{Mesh, Placement};
+use crate::overlap::{AutoState, BlockLayout, BlockTimes, Overlap, agree_time, expert_block};
 
 /// Exchanges token rows with the ep ranks that own the experts.
 pub struct AllToAllDispatcher {
     ep: Arc<dyn Communicator>,
     placement: RwLock<Arc<Placement>>,
+    /// `None`: the three-step reference path; otherwise the pipelined block (`overlap`).
+    overlap: Option<Overlap>,
+    auto: Mutex<AutoState>,
+    /// Waiting and expert compute of the pipelined block, forward and backward, since the
+    /// last `take_block_times`.
+    block_times: Arc<Mutex<BlockTimes>>,
 }
 
 impl std::fmt::Debug for AllToAllDispatcher {
@@ -40,6 +49,20 @@ impl std::fmt::Debug for AllToAllDispatcher {
             .field("rank", &self.ep.rank())
             .finish()
     }
+}
+
+/// Steps (1) and (2) of a dispatch.
+struct Counts {
+    /// Global ids of each ep rank's experts, in local order.
+    experts_of: Vec<Vec<usize>>,
+    /// Rows this rank sends to each ep rank.
+    send_rows: Vec<usize>,
+    /// `counts[src * mine + l]`: rows from rank src for this rank's l-th expert.
+    counts: Vec<usize>,
+    /// This rank's expert count.
+    mine: usize,
+    /// The plan with its rows in send order.
+    send_plan: DispatchPlan,
 }
 
 /// What `combine` needs, carried in `CombineHandle::extra`.
@@ -59,7 +82,22 @@ impl AllToAllDispatcher {
         AllToAllDispatcher {
             ep: mesh.ep_comm().clone(),
             placement: RwLock::new(mesh.placement().clone()),
+            overlap: mesh.ep_overlap(),
+            auto: Mutex::new(AutoState::default()),
+            block_times: Arc::default(),
         }
+    }
+
+    /// The pipelined block's waiting and expert compute (forward and backward) since the
+    /// last call, and resets them.
+    pub fn take_block_times(&self) -> BlockTimes {
+        std::mem::take(&mut *self.block_times.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The chunk count `ep_overlap: auto` settled on (`None` while it is measuring, or when
+    /// the overlap is not `auto`).
+    pub fn auto_choice(&self) -> Option<usize> {
+        self.auto.lock().unwrap_or_else(|p| p.into_inner()).chosen()
     }
 
     /// Changes the placement for the next forward (every rank must change it the same way
@@ -84,7 +122,8 @@ impl AllToAllDispatcher {
             .clone()
     }
 
-    fn try_dispatch(&self, x_td: Tensor<2>, plan: DispatchPlan) -> Result<Dispatched> {
+    /// Steps (1) and (2): the send order and the row counts every rank gets.
+    fn exchange_counts(&self, plan: &DispatchPlan) -> Result<Counts> {
         let placement = self.placement();
         let (me, size) = (self.ep.rank(), self.ep.size());
         let num_experts = plan.rows_per_expert.len();
@@ -96,8 +135,6 @@ impl AllToAllDispatcher {
                 placement.ep_size()
             )));
         }
-        let device = x_td.device();
-        let [_, d] = x_td.dims();
         let experts_of: Vec<Vec<usize>> = (0..size).map(|r| placement.experts_of(r)).collect();
         // (1) rows in send order: by owner rank, then expert, then plan order.
         let mut offset = vec![0usize; num_experts + 1];
@@ -123,29 +160,130 @@ impl AllToAllDispatcher {
             .i_all_to_all_v(Buffer::I64(meta), meta_send, vec![mine; size])
             .map_err(ParallelError::comm(op))?;
         let received = request.wait().map_err(ParallelError::comm(op))?;
-        let counts: Vec<i64> = received
+        let counts: Vec<usize> = received
             .into_vec::<i64>()
             .map_err(|b| ParallelError::Shape {
-                what: "AllToAllDispatcher: exchange of row counts".into(),
+                what: op.into(),
                 detail: format!("received {} elements instead of i64", b.dtype()),
-            })?;
-        // counts[src * mine + l]: rows from rank src for my l-th expert.
-        let recv_rows: Vec<usize> = (0..size)
-            .map(|src| counts[src * mine..(src + 1) * mine].iter().sum::<i64>() as usize)
+            })?
+            .into_iter()
+            .map(|c| c as usize)
             .collect();
-        // (3) rows to owners.
         let send_plan = DispatchPlan {
             row_token: order.iter().map(|&r| plan.row_token[r]).collect(),
             row_assignment: order.iter().map(|&r| plan.row_assignment[r]).collect(),
             rows_per_expert: plan.rows_per_expert.clone(),
             num_tokens: plan.num_tokens,
         };
+        Ok(Counts {
+            experts_of,
+            send_rows,
+            counts,
+            mine,
+            send_plan,
+        })
+    }
+
+    /// x_td's rows in send order (differentiable gather).
+    fn rows_to_send(x_td: Tensor<2>, send_plan: &DispatchPlan) -> Tensor<2> {
         let rows_sent = send_plan.num_rows();
         let index = Tensor::<1, Int>::from_data(
             TensorData::new(send_plan.row_token.clone(), [rows_sent]),
-            &device,
+            &x_td.device(),
         );
-        let x_send = x_td.select(0, index);
+        x_td.select(0, index)
+    }
+
+    /// The pipelined block (`overlap`), then the weighted combine at home.
+    fn try_pipelined(
+        &self,
+        overlap: Overlap,
+        x_td: &Tensor<2>,
+        plan: &DispatchPlan,
+        weights_tk: &Tensor<2>,
+        experts: &[Option<SwiGlu>],
+    ) -> Result<Pipelined> {
+        let Counts {
+            experts_of,
+            counts,
+            mine,
+            send_plan,
+            ..
+        } = self.exchange_counts(plan)?;
+        let (me, size) = (self.ep.rank(), self.ep.size());
+        let [_, d] = x_td.dims();
+        let send: Vec<Vec<usize>> = experts_of
+            .iter()
+            .map(|es| es.iter().map(|&e| plan.rows_per_expert[e]).collect())
+            .collect();
+        let recv: Vec<Vec<usize>> = (0..size)
+            .map(|src| counts[src * mine..(src + 1) * mine].to_vec())
+            .collect();
+        let local: Vec<&SwiGlu> = experts_of[me]
+            .iter()
+            .map(|&e| {
+                experts[e].as_ref().unwrap_or_else(|| {
+                    panic!(
+                        "expert {e} is placed on this rank but the layer does not hold it; the \
+                         placement and the layer's experts must change together"
+                    )
+                })
+            })
+            .collect();
+        let local_experts = experts_of[me]
+            .iter()
+            .enumerate()
+            .map(|(l, &e)| (e, recv.iter().map(|r| r[l]).sum()))
+            .collect();
+        let (chunks, trial) = self
+            .auto
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next(overlap);
+        let started = Instant::now();
+        let x_send = Self::rows_to_send(x_td.clone(), &send_plan);
+        let layout = BlockLayout::new(self.ep.clone(), send, recv, chunks, d);
+        let (home_rd, _) = expert_block(x_send, &local, layout, self.block_times.clone())
+            .expect("the dispatcher checked for the flex backend")?;
+        if trial {
+            let seconds = agree_time(self.ep.as_ref(), started.elapsed().as_secs_f64())?;
+            self.auto
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(chunks, seconds);
+        }
+        let y_td = if send_plan.num_rows() == 0 {
+            // Keep the block in the graph so this rank runs its backward (the others wait
+            // for it there).
+            scatter_weighted(home_rd.clone(), weights_tk.clone(), &send_plan)
+                + home_rd.sum().reshape([1, 1]) * 0.0
+        } else {
+            scatter_weighted(home_rd, weights_tk.clone(), &send_plan)
+        };
+        Ok(Pipelined {
+            y_td,
+            local_experts,
+        })
+    }
+
+    fn try_dispatch(&self, x_td: Tensor<2>, plan: DispatchPlan) -> Result<Dispatched> {
+        let Counts {
+            experts_of,
+            send_rows,
+            counts,
+            mine,
+            send_plan,
+            ..
+        } = self.exchange_counts(&plan)?;
+        let (me, size) = (self.ep.rank(), self.ep.size());
+        let device = x_td.device();
+        let [_, d] = x_td.dims();
+        // counts[src * mine + l]: rows from rank src for my l-th expert.
+        let recv_rows: Vec<usize> = (0..size)
+            .map(|src| counts[src * mine..(src + 1) * mine].iter().sum())
+            .collect();
+        // (3) rows to owners.
+        let x_send = Self::rows_to_send(x_td, &send_plan);
         let exchange = RowExchange::new(self.ep.clone(), send_rows, recv_rows)?;
         let x_recv = all_to_all_rows(x_send, &exchange)?;
         // (4) regroup (source, expert) -> (expert, source).
@@ -153,7 +291,7 @@ impl AllToAllDispatcher {
         let mut at = 0;
         for (b, start) in block_start.iter_mut().enumerate() {
             *start = at;
-            at += counts[b] as usize;
+            at += counts[b];
         }
         let mut grouped = Vec::with_capacity(at);
         let mut local_experts = Vec::with_capacity(mine);
@@ -161,7 +299,7 @@ impl AllToAllDispatcher {
             let mut rows = 0;
             for src in 0..size {
                 let b = src * mine + l;
-                let n = counts[b] as usize;
+                let n = counts[b];
                 grouped.extend((block_start[b]..block_start[b] + n).map(|r| r as i64));
                 rows += n;
             }
@@ -231,6 +369,22 @@ impl AllToAllDispatcher {
 }
 
 impl TokenDispatcher for AllToAllDispatcher {
+    fn pipelined(
+        &self,
+        x_td: &Tensor<2>,
+        plan: &DispatchPlan,
+        weights_tk: &Tensor<2>,
+        experts: &[Option<SwiGlu>],
+    ) -> Option<Pipelined> {
+        let overlap = self.overlap?;
+        // The block runs on the flex backend; elsewhere the three-step path does the work.
+        switchyard_moe::cpu::prim(x_td)?;
+        Some(
+            self.try_pipelined(overlap, x_td, plan, weights_tk, experts)
+                .unwrap_or_else(|e| panic!("expert-parallel block: {e}")),
+        )
+    }
+
     fn dispatch(&self, x_td: Tensor<2>, plan: DispatchPlan) -> Dispatched {
         // The seam has no error channel; a failed collective (timeout, mismatch) is fatal.
         self.try_dispatch(x_td, plan)

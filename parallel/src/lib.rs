@@ -7,6 +7,8 @@
 //! - [`all_to_all`]: the row all-to-all as a custom autodiff operation (backward = the
 //!   transposed all-to-all).
 //! - [`AllToAllDispatcher`]: `moe`'s `TokenDispatcher` for expert parallelism.
+//! - [`overlap`]: the expert-parallel block split into chunks whose transfers overlap the
+//!   expert compute (forward and backward), with `auto` chunking from a cost model.
 //! - [`cp`]: context parallelism: ring attention and TokenRing as a custom autodiff
 //!   operation, zigzag sequence sharding, the model's attention implementation for cp > 1.
 //! - [`parallelize`] and [`GradSync`]: apply EP + DP + CP to a model; synchronise named
@@ -21,6 +23,7 @@ mod error;
 pub mod glue;
 pub mod grad_sync;
 pub mod mesh;
+pub mod overlap;
 
 pub use config::ParallelConfig;
 pub use cp::{CpAlgorithm, CpAttention, CpConfig, SeqLayout, Sharding, shard_sequence};
@@ -28,3 +31,4 @@ pub use dispatcher::AllToAllDispatcher;
 pub use error::{ParallelError, Result};
 pub use grad_sync::{GradSync, LossScale, WorldReducer, parallelize, parallelize_with};
 pub use mesh::{Mesh, MeshShape, Placement};
+pub use overlap::Overlap;

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use switchyard_comm::Communicator;
 
 use crate::error::{ParallelError, Result};
+use crate::overlap::Overlap;
 
 /// Which ep rank owns each routed FFN expert. An input, so it can later change at run time
 /// (e.g. from an ILP placement); the default is contiguous blocks.
@@ -128,6 +129,7 @@ pub struct Mesh {
     replicas_comm: Arc<dyn Communicator>,
     shape: MeshShape,
     placement: Arc<Placement>,
+    ep_overlap: Option<Overlap>,
 }
 
 impl fmt::Debug for Mesh {
@@ -199,6 +201,7 @@ impl Mesh {
             replicas_comm,
             shape,
             placement: Arc::new(placement),
+            ep_overlap: None,
         })
     }
 
@@ -218,6 +221,18 @@ impl Mesh {
         }
         self.placement = Arc::new(placement);
         Ok(self)
+    }
+
+    /// Runs the expert-parallel exchange as the pipelined block with this chunking
+    /// (`parallel.ep_overlap`); without it the dispatcher takes its unchunked three-step
+    /// reference path.
+    pub fn with_ep_overlap(mut self, overlap: Overlap) -> Mesh {
+        self.ep_overlap = Some(overlap);
+        self
+    }
+
+    pub fn ep_overlap(&self) -> Option<Overlap> {
+        self.ep_overlap
     }
 
     pub fn world(&self) -> &Arc<dyn Communicator> {

@@ -43,7 +43,8 @@ impl Distributed {
             ep: p.ep,
         };
         let mesh = Mesh::with_shape(world, shape, cfg.model.moe.num_experts)
-            .map_err(|e| TrainError::Comm(format!("building the mesh: {e}")))?;
+            .map_err(|e| TrainError::Comm(format!("building the mesh: {e}")))?
+            .with_ep_overlap(p.ep_overlap);
         let sync = GradSync::new(&mesh).with_bucket_elems(p.bucket_elems());
         Ok(Distributed { mesh, sync })
     }

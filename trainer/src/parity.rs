@@ -20,7 +20,7 @@ use switchyard_comm::{Buffer, Communicator, ReduceOp};
 use switchyard_moe::config::{CapacityConfig, NullInit, NullNormalization};
 use switchyard_moe::params::{map_params, named_grads, named_params};
 use switchyard_moe::{ModelConfig, MoeConfig, RouterConfig, Transformer, cross_entropy};
-use switchyard_parallel::{GradSync, LossScale, Mesh, Placement, parallelize};
+use switchyard_parallel::{GradSync, LossScale, Mesh, Overlap, Placement, parallelize};
 
 use crate::optim::{NamedAdamW, OptimConfig, tensor_to_vec};
 
@@ -52,6 +52,9 @@ pub struct Case {
     pub ep: usize,
     /// Expert -> ep rank; `None` = contiguous blocks.
     pub owners: Option<Vec<usize>>,
+    /// The pipelined expert-parallel block with this chunking; `None` = the three-step
+    /// reference path.
+    pub overlap: Option<Overlap>,
 }
 
 impl Case {
@@ -131,6 +134,7 @@ pub fn all_cases() -> Vec<Case> {
         dp,
         ep,
         owners,
+        overlap: None,
     };
     let mut cases = Vec::new();
     for (name, router) in routers() {
@@ -176,6 +180,60 @@ pub fn all_cases() -> Vec<Case> {
                 ));
             }
         }
+    }
+    // The pipelined block (chunked exchange overlapping the experts): every router at
+    // every ep layout with 3 chunks (uneven pieces) and `auto`, zero-token ranks, one
+    // expert for every token (chunks with no rows) and an uneven placement.
+    let mut pipelined = Vec::new();
+    for (name, router) in routers() {
+        for layout in [(1, 2), (1, 4), (2, 2)] {
+            for overlap in [Overlap::Chunks(3), Overlap::Auto] {
+                pipelined.push((
+                    name,
+                    model_cfg(router.clone(), 2),
+                    Forcing::None,
+                    layout,
+                    None,
+                    overlap,
+                ));
+            }
+            pipelined.push((
+                name,
+                model_cfg(router.clone(), 2),
+                Forcing::FirstTwo,
+                layout,
+                None,
+                Overlap::Chunks(2),
+            ));
+        }
+    }
+    let (_, top_k) = routers().remove(0);
+    pipelined.push((
+        "top-1",
+        model_cfg(top_k.clone(), 1),
+        Forcing::Single,
+        (1, 4),
+        None,
+        Overlap::Chunks(8),
+    ));
+    pipelined.push((
+        "top-k",
+        model_cfg(top_k, 2),
+        Forcing::None,
+        (2, 2),
+        Some(vec![1, 1, 0, 1]),
+        Overlap::Chunks(3),
+    ));
+    for (name, model, forcing, (dp, ep), owners, overlap) in pipelined {
+        cases.push(Case {
+            label: format!("{name}, pipelined block ({overlap:?}, {forcing:?}, owners {owners:?})"),
+            model,
+            forcing,
+            dp,
+            ep,
+            owners,
+            overlap: Some(overlap),
+        });
     }
     cases
 }
@@ -319,6 +377,9 @@ fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), St
         let placement =
             Placement::from_owners(owners.clone(), case.ep).map_err(|e| e.to_string())?;
         mesh = mesh.with_placement(placement).map_err(|e| e.to_string())?;
+    }
+    if let Some(overlap) = case.overlap {
+        mesh = mesh.with_ep_overlap(overlap);
     }
     let mut model =
         parallelize(build(cfg, case.forcing, &device), &mesh).map_err(|e| e.to_string())?;

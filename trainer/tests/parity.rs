@@ -125,3 +125,8 @@ fn a_wrong_world_size_is_reported() {
     let err = check_case(&case, Box::new(comms.into_iter().next().unwrap())).unwrap_err();
     assert!(err.contains("needs 2 ranks"), "{err}");
 }
+
+#[test]
+fn pipelined_expert_block_matches_single_process() {
+    run_matching(|c| c.overlap.is_some());
+}

@@ -91,7 +91,7 @@ fn blocks(rows: &[usize]) -> Vec<Block> {
     let mut out = Vec::new();
     let mut start = 0;
     for (e, &n) in rows.iter().enumerate() {
-        let pieces = n.div_ceil(ROW_BLOCK).max(1);
+        let pieces = n.div_ceil(ROW_BLOCK);
         for p in 0..pieces {
             let (a, b) = (n * p / pieces, n * (p + 1) / pieces);
             out.push(Block {
@@ -130,8 +130,66 @@ fn forward(
 ) -> (FlexTensor, BackwardFn<4>) {
     let (r, d) = (dims(x)[0], dims(x)[1]);
     let f = dims(wg)[1];
-    let xv = values(x);
-    let (wgv, wuv, wdv) = (values(wg), values(wu), values(wd));
+    let weights = Stacked {
+        gate: &values(wg),
+        up: &values(wu),
+        down: &values(wd),
+        d,
+        f,
+    };
+    let (y, g, u) = forward_raw(&values(x), &weights, rows);
+    let saved = (x.clone(), wg.clone(), wu.clone(), wd.clone(), rows.to_vec());
+    let backward: BackwardFn<4> = Box::new(move |dy, needed| {
+        let (x, wg, wu, wd, rows) = saved;
+        let e_count = rows.len();
+        let weights = Stacked {
+            gate: &values(&wg),
+            up: &values(&wu),
+            down: &values(&wd),
+            d,
+            f,
+        };
+        let mut dx = needed[0].then(|| vec![0f32; r * d]);
+        let mut dw: [Option<Vec<f32>>; 3] =
+            [1, 2, 3].map(|i| needed[i].then(|| vec![0f32; e_count * d * f]));
+        let [dwg, dwu, dwd] = &mut dw;
+        backward_raw(
+            &values(&x),
+            &weights,
+            &rows,
+            &g,
+            &u,
+            &values(&dy),
+            dx.as_deref_mut(),
+            [dwg.as_deref_mut(), dwu.as_deref_mut(), dwd.as_deref_mut()],
+        );
+        let [dwg, dwu, dwd] = dw;
+        [
+            dx.map(|v| tensor(v, &[r, d])),
+            dwg.map(|v| tensor(v, &[e_count * d, f])),
+            dwu.map(|v| tensor(v, &[e_count * d, f])),
+            dwd.map(|v| tensor(v, &[e_count * f, d])),
+        ]
+    });
+    (tensor(y, &[r, d]), backward)
+}
+
+/// Every expert's weights stacked along the first dimension: gate and up [E·D, F], down
+/// [E·F, D] (expert `e` is block `e`).
+pub struct Stacked<'a> {
+    pub gate: &'a [f32],
+    pub up: &'a [f32],
+    pub down: &'a [f32],
+    pub d: usize,
+    pub f: usize,
+}
+
+/// The forward on raw buffers: x [R, D] grouped by expert (`rows[e]` rows of expert `e`,
+/// zero allowed) -> (y [R, D], g [R, F], u [R, F]); g and u are what the backward needs.
+pub fn forward_raw(xv: &[f32], w: &Stacked, rows: &[usize]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (d, f) = (w.d, w.f);
+    let r = rows.iter().sum::<usize>();
+    debug_assert_eq!(xv.len(), r * d);
     let blocks = blocks(rows);
     let mut g = vec![0f32; r * f];
     let mut u = vec![0f32; r * f];
@@ -143,59 +201,60 @@ fn forward(
         .zip(blocks.par_iter())
         .for_each(|(((g_b, u_b), y_b), b)| {
             let x_b = Mat::new(&xv[b.start * d..(b.start + b.len) * d], b.len, d);
-            let w = |v, rows_per, cols| weight(v, b.e, rows_per, cols);
-            gemm(x_b, w(&wgv, d, f), g_b, f, false);
-            gemm(x_b, w(&wuv, d, f), u_b, f, false);
+            let wt = |v, rows_per, cols| weight(v, b.e, rows_per, cols);
+            gemm(x_b, wt(w.gate, d, f), g_b, f, false);
+            gemm(x_b, wt(w.up, d, f), u_b, f, false);
             let a_b: Vec<f32> = g_b
                 .iter()
                 .zip(u_b.iter())
                 .map(|(&g, &u)| silu(g) * u)
                 .collect();
-            gemm(Mat::new(&a_b, b.len, f), w(&wdv, f, d), y_b, d, false);
+            gemm(Mat::new(&a_b, b.len, f), wt(w.down, f, d), y_b, d, false);
         });
-    let saved = (x.clone(), wg.clone(), wu.clone(), wd.clone(), rows.to_vec());
-    let backward: BackwardFn<4> = Box::new(move |dy, needed| {
-        let (x, wg, wu, wd, rows) = saved;
-        backward(&x, &wg, &wu, &wd, &rows, &g, &u, &dy, needed)
-    });
-    (tensor(y, &[r, d]), backward)
+    (y, g, u)
 }
 
+/// The backward on raw buffers (`g`, `u` from [`forward_raw`]): writes dx [R, D] when
+/// given and ADDS the weight gradients (stacked like the weights) into `dw` when given.
 #[allow(clippy::too_many_arguments)]
-fn backward(
-    x: &FlexTensor,
-    wg: &FlexTensor,
-    wu: &FlexTensor,
-    wd: &FlexTensor,
+pub fn backward_raw(
+    xv: &[f32],
+    w: &Stacked,
     rows: &[usize],
     g: &[f32],
     u: &[f32],
-    dy: &FlexTensor,
-    needed: [bool; 4],
-) -> [Option<FlexTensor>; 4] {
-    let (r, d) = (dims(x)[0], dims(x)[1]);
-    let f = dims(wg)[1];
-    let e_count = rows.len();
-    let (xv, dyv) = (values(x), values(dy));
-    let (wgv, wuv, wdv) = (values(wg), values(wu), values(wd));
+    dyv: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: [Option<&mut [f32]>; 3],
+) {
+    let (d, f) = (w.d, w.f);
+    let r = rows.iter().sum::<usize>();
+    let (wgv, wuv, wdv) = (w.gate, w.up, w.down);
     let blocks = blocks(rows);
     // Per row block: dA = dY Wd^T, then dG, dU (and A for dWd), then dX.
     let mut a = vec![0f32; r * f];
     let mut dg = vec![0f32; r * f];
     let mut du = vec![0f32; r * f];
-    let mut dx = vec![0f32; r * d];
+    let mut dx_scratch = Vec::new();
+    let dx = match dx {
+        Some(dx) => dx,
+        None => {
+            dx_scratch.resize(r * d, 0f32);
+            &mut dx_scratch[..]
+        }
+    };
     split_rows(&mut a, &blocks, f)
         .into_par_iter()
         .zip(split_rows(&mut dg, &blocks, f))
         .zip(split_rows(&mut du, &blocks, f))
-        .zip(split_rows(&mut dx, &blocks, d))
+        .zip(split_rows(dx, &blocks, d))
         .zip(blocks.par_iter())
         .for_each(|((((a_b, dg_b), du_b), dx_b), b)| {
             let span = b.start * f..(b.start + b.len) * f;
             let w = |v, rows_per, cols| weight(v, b.e, rows_per, cols);
             let dy_b = Mat::new(&dyv[b.start * d..(b.start + b.len) * d], b.len, d);
             // dA lands in dg_b, then is turned into dG in place.
-            gemm(dy_b, w(&wdv, f, d).t(), dg_b, f, false);
+            gemm(dy_b, w(wdv, f, d).t(), dg_b, f, false);
             // With s = sigmoid(g): silu(g) = g s, silu'(g) = s (1 + g (1 - s)).
             let grads = a_b.iter_mut().zip(du_b.iter_mut()).zip(dg_b.iter_mut());
             for (((a, du), dg), (&gi, &ui)) in grads.zip(g[span.clone()].iter().zip(&u[span])) {
@@ -206,22 +265,21 @@ fn backward(
                 *du = da * act;
                 *dg = da * ui * s * (1.0 + gi * (1.0 - s));
             }
-            gemm(Mat::new(dg_b, b.len, f), w(&wgv, d, f).t(), dx_b, d, false);
-            gemm(Mat::new(du_b, b.len, f), w(&wuv, d, f).t(), dx_b, d, true);
+            gemm(Mat::new(dg_b, b.len, f), w(wgv, d, f).t(), dx_b, d, false);
+            gemm(Mat::new(du_b, b.len, f), w(wuv, d, f).t(), dx_b, d, true);
         });
-    // Weight gradients: one task per (expert, weight): X^T dG, X^T dU, A^T dY.
-    let mut offsets = vec![0usize; e_count + 1];
-    for e in 0..e_count {
+    // Weight gradients: one task per (expert, weight): X^T dG, X^T dU, A^T dY, added in.
+    let mut offsets = vec![0usize; rows.len() + 1];
+    for e in 0..rows.len() {
         offsets[e + 1] = offsets[e] + rows[e];
     }
-    let mut dwg = vec![0f32; e_count * d * f];
-    let mut dwu = vec![0f32; e_count * d * f];
-    let mut dwd = vec![0f32; e_count * f * d];
-    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(3 * e_count);
-    for (which, buf) in [&mut dwg, &mut dwu, &mut dwd].into_iter().enumerate() {
-        if needed[which + 1] {
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(3 * rows.len());
+    for (which, buf) in dw.into_iter().enumerate() {
+        if let Some(buf) = buf {
             for (e, chunk) in buf.chunks_mut(d * f).enumerate() {
-                tasks.push((which, e, chunk));
+                if rows[e] > 0 {
+                    tasks.push((which, e, chunk));
+                }
             }
         }
     }
@@ -234,14 +292,14 @@ fn backward(
                 Mat::new(&dg[o * f..(o + n) * f], n, f),
                 out,
                 f,
-                false,
+                true,
             ),
             1 => gemm(
                 x_e.t(),
                 Mat::new(&du[o * f..(o + n) * f], n, f),
                 out,
                 f,
-                false,
+                true,
             ),
             _ => {
                 let a_e = Mat::new(&a[o * f..(o + n) * f], n, f);
@@ -250,15 +308,9 @@ fn backward(
                     Mat::new(&dyv[o * d..(o + n) * d], n, d),
                     out,
                     d,
-                    false,
+                    true,
                 )
             }
         }
     });
-    [
-        needed[0].then(|| tensor(dx, &[r, d])),
-        needed[1].then(|| tensor(dwg, &[e_count * d, f])),
-        needed[2].then(|| tensor(dwu, &[e_count * d, f])),
-        needed[3].then(|| tensor(dwd, &[e_count * f, d])),
-    ]
 }
