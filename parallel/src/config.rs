@@ -128,4 +128,20 @@ mod tests {
         assert!(c.validate(6).is_empty());
         assert!(serde_yaml::from_str::<ParallelConfig>("{tp: 2}").is_err());
     }
+
+    #[test]
+    fn ep_overlap_is_a_count_or_auto() {
+        let c: ParallelConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(c.ep_overlap, Overlap::Auto);
+        let c: ParallelConfig = serde_yaml::from_str("{ep_overlap: 4}").unwrap();
+        assert_eq!(c.ep_overlap, Overlap::Chunks(4));
+        let c: ParallelConfig = serde_yaml::from_str("{ep_overlap: auto}").unwrap();
+        assert_eq!(c.ep_overlap, Overlap::Auto);
+        for bad in ["{ep_overlap: 0}", "{ep_overlap: fast}", "{ep_overlap: -1}"] {
+            let err = serde_yaml::from_str::<ParallelConfig>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("ep_overlap"), "{bad}: {err}");
+        }
+    }
 }

@@ -46,26 +46,21 @@ use burn::tensor::Tensor;
 use crate::error::{ParallelError, Result};
 
 /// How many chunks the expert-parallel exchange is split into (`parallel.ep_overlap`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(try_from = "OverlapRepr", into = "OverlapRepr")]
 pub enum Overlap {
     /// Exactly `d` chunks (1: no overlap, the same op unchunked).
     Chunks(usize),
-    /// Measured on the first call, then chosen by the cost model (module docs).
+    /// The first forward calls time the candidates; the fastest is kept (module docs).
+    #[default]
     Auto,
-}
-
-impl Default for Overlap {
-    fn default() -> Self {
-        Overlap::Auto
-    }
 }
 
 /// YAML form: a positive integer or `auto`.
 #[derive(Serialize, Deserialize)]
 #[serde(untagged)]
 enum OverlapRepr {
-    Chunks(usize),
+    Chunks(i64),
     Word(String),
 }
 
@@ -73,8 +68,10 @@ impl TryFrom<OverlapRepr> for Overlap {
     type Error = String;
     fn try_from(r: OverlapRepr) -> std::result::Result<Overlap, String> {
         match r {
-            OverlapRepr::Chunks(0) => Err("ep_overlap must be at least 1 (or `auto`)".into()),
-            OverlapRepr::Chunks(d) => Ok(Overlap::Chunks(d)),
+            OverlapRepr::Chunks(d) if d < 1 => Err(format!(
+                "ep_overlap is {d}; use a chunk count of at least 1 (1 = no overlap) or `auto`"
+            )),
+            OverlapRepr::Chunks(d) => Ok(Overlap::Chunks(d as usize)),
             OverlapRepr::Word(w) if w == "auto" => Ok(Overlap::Auto),
             OverlapRepr::Word(w) => Err(format!(
                 "ep_overlap is `{w}`; use a chunk count (1 = no overlap, 2, 4, ...) or `auto`"
@@ -86,7 +83,7 @@ impl TryFrom<OverlapRepr> for Overlap {
 impl From<Overlap> for OverlapRepr {
     fn from(o: Overlap) -> OverlapRepr {
         match o {
-            Overlap::Chunks(d) => OverlapRepr::Chunks(d),
+            Overlap::Chunks(d) => OverlapRepr::Chunks(d as i64),
             Overlap::Auto => OverlapRepr::Word("auto".into()),
         }
     }
@@ -213,6 +210,9 @@ impl fmt::Debug for BlockLayout {
     }
 }
 
+/// One (source, expert) piece at the owner: its rows in arrival order and in grouped order.
+type PieceMove = (Range<usize>, Range<usize>);
+
 /// Piece `c` of `chunks` of a block of `n` rows.
 fn piece(n: usize, c: usize, chunks: usize) -> Range<usize> {
     n * c / chunks..n * (c + 1) / chunks
@@ -288,7 +288,7 @@ impl BlockLayout {
     /// For chunk `c` as it arrives at the owner (source s, then expert l): the row range of
     /// each (s, l) piece in arrival order and in grouped order (expert l, then source s);
     /// and the rows per source.
-    fn owner_pieces(&self, c: usize) -> (Vec<(Range<usize>, Range<usize>)>, Vec<usize>) {
+    fn owner_pieces(&self, c: usize) -> (Vec<PieceMove>, Vec<usize>) {
         let (size, mine) = (self.recv.len(), self.local_experts());
         let len = |s: usize, l: usize| piece(self.recv[s][l], c, self.chunks).len();
         let mut grouped_start = vec![vec![0usize; size]; mine];
