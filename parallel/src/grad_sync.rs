@@ -237,10 +237,9 @@ impl GradSync {
         &self.mesh
     }
 
-    /// The same sync over `mesh` (after a migration changed its placements).
-    pub fn with_mesh(mut self, mesh: &Mesh) -> GradSync {
+    /// Syncs over `mesh` from now on (after a migration changed its placements).
+    pub fn set_mesh(&mut self, mesh: &Mesh) {
         self.mesh = mesh.clone();
-        self
     }
 
     /// `grads`: this rank's gradients of its loss share, by name (absent = zero). Returns the

@@ -32,4 +32,4 @@ pub use dispatcher::AllToAllDispatcher;
 pub use error::{ParallelError, Result};
 pub use grad_sync::{GradSync, LossScale, WorldReducer, parallelize, parallelize_with};
 pub use mesh::{Mesh, MeshShape, Placement};
-pub use migrate::{ExpertMove, ExpertState, WeightsOnly, migrate};
+pub use migrate::{ExpertMove, ExpertState, WeightsOnly, migrate, relayout};

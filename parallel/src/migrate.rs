@@ -2,7 +2,7 @@
 //! changes from the old owner to the new one — the weights and whatever per-parameter
 //! state the caller keeps (the optimizer's moments and step count, through
 //! [`ExpertState`]) — then installs the new per-layer placements in the model's
-//! dispatchers and returns the mesh that holds them (for [`crate::GradSync::with_mesh`]).
+//! dispatchers and returns the mesh that holds them (for [`crate::GradSync::set_mesh`]).
 //!
 //! Every rank of the world calls [`migrate`] with the same new placements (the caller makes
 //! them agree, e.g. by broadcasting rank 0's plan). The transfer is one all-to-all(v) of
@@ -187,6 +187,39 @@ pub fn migrate(
         block.moe = Some(moe.with_dispatcher(layer_dispatcher(&new_mesh, layer)));
     }
     Ok((model, new_mesh, moves))
+}
+
+/// Lays the model's experts out for `new` (model layer index -> placement) without moving
+/// any data: experts this rank stops owning are dropped, experts it starts owning are made
+/// by `fresh` (placeholders, to be overwritten — a checkpoint restore reads every expert by
+/// name), and the dispatchers get the new placements. Local: no communication. Returns the
+/// model and the mesh with the new placements.
+pub fn relayout(
+    mut model: Transformer,
+    mesh: &Mesh,
+    new: BTreeMap<usize, Placement>,
+    fresh: impl Fn() -> SwiGlu,
+) -> Result<(Transformer, Mesh)> {
+    let new_mesh = mesh.clone().with_layer_placements(new.clone())?;
+    let me = mesh.ep_rank();
+    for (&layer, placement) in &new {
+        let Some(moe) = model.layers.get_mut(layer).and_then(|b| b.moe.take()) else {
+            return Err(ParallelError::Placement(format!(
+                "relayout: model layer {layer} is not a MoE layer; give placements only for \
+                 the MoE layers"
+            )));
+        };
+        let mut moe = moe.with_dispatcher(layer_dispatcher(&new_mesh, layer));
+        for (e, slot) in moe.experts.iter_mut().enumerate() {
+            match (placement.owner(e) == me, slot.is_some()) {
+                (true, false) => *slot = Some(fresh()),
+                (false, true) => *slot = None,
+                _ => {}
+            }
+        }
+        model.layers[layer].moe = Some(moe);
+    }
+    Ok((model, new_mesh))
 }
 
 fn moe_layer(model: &mut Transformer, layer: usize) -> &mut switchyard_moe::MoeLayer {

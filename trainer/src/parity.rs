@@ -402,7 +402,7 @@ fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), St
             if moved.is_empty() {
                 return Err(format!("{}: the migration moved nothing", case.label));
             }
-            sync = sync.with_mesh(&mesh);
+            sync.set_mesh(&mesh);
         }
         let (inputs, targets) = tensors(mine, rows, &device);
         let out = model.forward(inputs);
