@@ -1034,10 +1034,12 @@ pub fn run(
         let step = trainer.state_step;
         let last = step == cfg.train.steps;
         let every = cfg.placement.rebalance_every;
-        if every > 0 && step % every == 0 && !last {
-            if let Some(line) = trainer.rebalance()? {
-                tracing::info!("{line}");
-            }
+        if every > 0
+            && step % every == 0
+            && !last
+            && let Some(line) = trainer.rebalance()?
+        {
+            tracing::info!("{line}");
         }
         if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0) || last {
             let eval = trainer.evaluate()?;
