@@ -592,3 +592,91 @@ fn record_routing_then_plan_placement() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be split evenly"));
 }
+
+/// `switchyard` with `RUST_LOG=info` (to read the trainer's log lines).
+fn switchyard_info(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .current_dir(repo_root())
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("running switchyard")
+}
+
+/// Load-aware placement with live migration (ep=4 on threads, 8 experts, the heuristic
+/// re-planning every 3 steps) follows the loss curve of the same run without rebalancing;
+/// a run stopped after a migration resumes with the saved placement at the same ep size,
+/// and falls back to contiguous (logged) at another ep size, still on the same curve.
+#[test]
+fn rebalancing_migrates_experts_and_keeps_the_loss_curve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = ["--set", "parallel.ep=4", "--set", "model.moe.num_experts=8"];
+    let rebalance = [
+        "--set",
+        "placement.strategy.type=heuristic",
+        "--set",
+        "placement.rebalance_every=3",
+    ];
+    let train = |name: &str, extra: &[&str]| -> (PathBuf, Output) {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = write(&dir, "c.yaml", &tiny_config(&dir));
+        let mut args = vec!["train", "--config", cfg.to_str().unwrap()];
+        args.extend(layout);
+        args.extend(extra);
+        let out = switchyard_info(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        (dir, out)
+    };
+    let (fixed_dir, _) = train("fixed", &[]);
+    let (moving_dir, out) = train("moving", &rebalance);
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    let migrations = log
+        .lines()
+        .filter(|l| l.contains("placement: step"))
+        .count();
+    assert_eq!(migrations, 3, "re-planned at steps 3, 6, 9: {log}");
+    assert!(log.contains("moved"), "{log}");
+    assert!(
+        moving_dir.join("run/routing-stats.json").exists(),
+        "routing statistics saved with the checkpoints"
+    );
+    let fixed = losses(&fixed_dir.join("run"));
+    let moving = losses(&moving_dir.join("run"));
+    assert_eq!(fixed.len(), 12);
+    assert_eq!(moving.len(), 12);
+    let same_curve = |a: &[(u64, f64)], b: &[(u64, f64)], what: &str| {
+        for ((s1, l1), (s2, l2)) in a.iter().zip(b) {
+            assert_eq!(s1, s2);
+            let rel = ((l1 - l2) / l1).abs();
+            assert!(rel <= 1e-5, "{what}, step {s1}: {l1} vs {l2} (rel {rel:e})");
+        }
+    };
+    same_curve(&fixed, &moving, "rebalanced vs fixed placement");
+
+    // Stop at step 6 (migrated at step 3), resume at ep=4 (saved placement) to step 9, then
+    // at ep=2 (contiguous fallback) to step 12.
+    let dir = tmp.path().join("resumed");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = write(&dir, "c.yaml", &tiny_config(&dir));
+    let cfg = cfg.to_str().unwrap();
+    for (steps, ep, resume) in [("6", "4", false), ("9", "4", true), ("12", "2", true)] {
+        let steps = format!("train.steps={steps}");
+        let ep = format!("parallel.ep={ep}");
+        let mut args = vec!["train", "--config", cfg, "--set", &steps, "--set", &ep];
+        args.extend(["--set", "model.moe.num_experts=8"]);
+        args.extend(rebalance);
+        if resume {
+            args.extend(["--resume", "auto"]);
+        }
+        let out = switchyard_info(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        let log = String::from_utf8_lossy(&out.stderr);
+        if ep.ends_with('2') {
+            assert!(log.contains("another ep size"), "{log}");
+        }
+    }
+    let resumed = losses(&dir.join("run"));
+    assert_eq!(resumed.len(), 12);
+    same_curve(&fixed, &resumed, "stopped, resumed at ep=4 then ep=2");
+}

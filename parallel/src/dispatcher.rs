@@ -77,11 +77,21 @@ struct Exchanged {
 }
 
 impl AllToAllDispatcher {
-    /// A dispatcher over the mesh's ep axis with the mesh's placement.
+    /// A dispatcher over the mesh's ep axis with the mesh's default placement.
     pub fn new(mesh: &Mesh) -> AllToAllDispatcher {
+        AllToAllDispatcher::for_layer(mesh, None)
+    }
+
+    /// A dispatcher over the mesh's ep axis with the placement of the MoE layer at model
+    /// layer index `layer` (`None`: the default placement). Each MoE layer has its own.
+    pub fn for_layer(mesh: &Mesh, layer: Option<usize>) -> AllToAllDispatcher {
+        let placement = match layer {
+            Some(l) => mesh.placement_of(l),
+            None => mesh.placement(),
+        };
         AllToAllDispatcher {
             ep: mesh.ep_comm().clone(),
-            placement: RwLock::new(mesh.placement().clone()),
+            placement: RwLock::new(placement.clone()),
             overlap: mesh.ep_overlap(),
             auto: Mutex::new(AutoState::default()),
             block_times: Arc::default(),

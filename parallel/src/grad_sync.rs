@@ -101,11 +101,6 @@ pub fn parallelize(model: Transformer, mesh: &Mesh) -> Result<Transformer> {
 pub fn parallelize_with(mut model: Transformer, mesh: &Mesh, cp: &CpConfig) -> Result<Transformer> {
     let experts = mesh.placement().num_experts();
     let reducer: Arc<dyn BatchReducer> = Arc::new(WorldReducer::new(mesh));
-    let dispatcher: Arc<dyn switchyard_moe::TokenDispatcher> = if mesh.ep() == 1 {
-        Arc::new(LocalDispatcher)
-    } else {
-        Arc::new(AllToAllDispatcher::new(mesh))
-    };
     for (index, block) in model.layers.iter_mut().enumerate() {
         if let Some(layer) = block.moe.take() {
             if layer.experts.len() != experts {
@@ -115,12 +110,12 @@ pub fn parallelize_with(mut model: Transformer, mesh: &Mesh, cp: &CpConfig) -> R
                     layer.experts.len()
                 )));
             }
-            let placement = mesh.placement().clone();
+            let placement = mesh.placement_of(index).clone();
             let me = mesh.ep_rank();
             block.moe = Some(
                 layer
                     .retain_experts(|e| placement.owner(e) == me)
-                    .with_dispatcher(dispatcher.clone())
+                    .with_dispatcher(layer_dispatcher(mesh, index))
                     .with_reducer(reducer.clone()),
             );
         }
@@ -129,6 +124,19 @@ pub fn parallelize_with(mut model: Transformer, mesh: &Mesh, cp: &CpConfig) -> R
         model = model.with_attention(Arc::new(CpAttention::for_mesh(mesh, cp)));
     }
     Ok(model)
+}
+
+/// The dispatcher of the MoE layer at model layer index `layer`: the all-to-all over the
+/// ep axis with that layer's placement (the local dispatcher when ep = 1).
+pub(crate) fn layer_dispatcher(
+    mesh: &Mesh,
+    layer: usize,
+) -> Arc<dyn switchyard_moe::TokenDispatcher> {
+    if mesh.ep() == 1 {
+        Arc::new(LocalDispatcher)
+    } else {
+        Arc::new(AllToAllDispatcher::for_layer(mesh, Some(layer)))
+    }
 }
 
 /// The share of the global batch's mean cross-entropy that this rank's local mean stands
@@ -181,6 +189,16 @@ pub fn expert_id(name: &str) -> Option<usize> {
         .and_then(|w| w[2].parse().ok())
 }
 
+/// Model layer index and global expert id of a routed-expert parameter
+/// (`layers.{l}.moe.experts.{e}.{w}` -> `(l, e)`).
+pub fn expert_key(name: &str) -> Option<(usize, usize)> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts
+        .windows(5)
+        .find(|w| w[0] == "layers" && w[2] == "moe" && w[3] == "experts")
+        .and_then(|w| Some((w[1].parse().ok()?, w[4].parse().ok()?)))
+}
+
 /// Sums named gradients over the right axis, in buckets of at most `bucket_elems` floats
 /// (all buckets of an axis are in flight together, then waited).
 pub struct GradSync {
@@ -202,12 +220,26 @@ impl GradSync {
         self
     }
 
+    /// The sync group of a parameter, by name; an expert's owner comes from its layer's
+    /// placement.
     pub fn group_of(&self, name: &str) -> SyncGroup {
-        match expert_id(name) {
+        match expert_key(name) {
             None => SyncGroup::World,
-            Some(e) if self.mesh.placement().owner(e) == self.mesh.ep_rank() => SyncGroup::Dp,
+            Some((l, e)) if self.mesh.placement_of(l).owner(e) == self.mesh.ep_rank() => {
+                SyncGroup::Dp
+            }
             Some(_) => SyncGroup::NotOwned,
         }
+    }
+
+    /// The mesh whose placements decide expert ownership.
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    /// Syncs over `mesh` from now on (after a migration changed its placements).
+    pub fn set_mesh(&mut self, mesh: &Mesh) {
+        self.mesh = mesh.clone();
     }
 
     /// `grads`: this rank's gradients of its loss share, by name (absent = zero). Returns the

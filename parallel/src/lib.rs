@@ -2,7 +2,8 @@
 //! single-device model of `switchyard-moe`, over the `Communicator` of `switchyard-comm`.
 //!
 //! - [`Mesh`]: world = dp x cp x ep, one sub-communicator per axis, validated at launch;
-//!   [`Placement`]: which ep rank owns which expert (an input; default contiguous blocks).
+//!   [`Placement`]: which ep rank owns which expert, per MoE layer (an input; default
+//!   contiguous blocks).
 //! - [`glue`]: burn tensors <-> `comm::Buffer`.
 //! - [`all_to_all`]: the row all-to-all as a custom autodiff operation (backward = the
 //!   transposed all-to-all).
@@ -14,6 +15,8 @@
 //! - [`parallelize`] and [`GradSync`]: apply EP + DP + CP to a model; synchronise named
 //!   gradients so the trained weights do not depend on the layout ([`grad_sync`] documents
 //!   the loss scaling).
+//! - [`migrate()`]: live expert migration (weights and optimizer state move to the new
+//!   owners of per-layer placements at a step boundary).
 
 pub mod all_to_all;
 pub mod config;
@@ -23,6 +26,7 @@ mod error;
 pub mod glue;
 pub mod grad_sync;
 pub mod mesh;
+pub mod migrate;
 pub mod overlap;
 
 pub use config::ParallelConfig;
@@ -31,4 +35,5 @@ pub use dispatcher::AllToAllDispatcher;
 pub use error::{ParallelError, Result};
 pub use grad_sync::{GradSync, LossScale, WorldReducer, parallelize, parallelize_with};
 pub use mesh::{Mesh, MeshShape, Placement};
+pub use migrate::{ExpertMove, ExpertState, WeightsOnly, migrate, relayout};
 pub use overlap::Overlap;

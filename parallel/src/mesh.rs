@@ -16,6 +16,7 @@
 //!
 //! With cp = 1 the layout is the dp x ep layout `r = d * ep + p` of [`Mesh::new`].
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -24,8 +25,8 @@ use switchyard_comm::Communicator;
 use crate::error::{ParallelError, Result};
 use crate::overlap::Overlap;
 
-/// Which ep rank owns each routed FFN expert. An input, so it can later change at run time
-/// (e.g. from an ILP placement); the default is contiguous blocks.
+/// Which ep rank owns each routed FFN expert of one MoE layer. An input, so it can change at
+/// run time (a planned placement, a live migration); the default is contiguous blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     owner: Vec<usize>,
@@ -73,6 +74,11 @@ impl Placement {
         (0..self.owner.len())
             .filter(|&e| self.owner[e] == rank)
             .collect()
+    }
+
+    /// The owner of every expert, by global id.
+    pub fn owners(&self) -> &[usize] {
+        &self.owner
     }
 }
 
@@ -128,8 +134,11 @@ pub struct Mesh {
     ep_comm: Arc<dyn Communicator>,
     replicas_comm: Arc<dyn Communicator>,
     shape: MeshShape,
+    /// The placement of every MoE layer without an entry in `layer_placements`.
     placement: Arc<Placement>,
     ep_overlap: Option<Overlap>,
+    /// Per-layer placements, keyed by the model's layer index (`layers.{l}.moe`).
+    layer_placements: BTreeMap<usize, Arc<Placement>>,
 }
 
 impl fmt::Debug for Mesh {
@@ -139,6 +148,7 @@ impl fmt::Debug for Mesh {
             .field("rank", &self.world.rank())
             .field("shape", &self.shape)
             .field("placement", &self.placement)
+            .field("layer_placements", &self.layer_placements)
             .finish()
     }
 }
@@ -202,11 +212,11 @@ impl Mesh {
             shape,
             placement: Arc::new(placement),
             ep_overlap: None,
+            layer_placements: BTreeMap::new(),
         })
     }
 
-    /// Replaces the expert placement (same number of experts and ep size).
-    pub fn with_placement(mut self, placement: Placement) -> Result<Mesh> {
+    fn check_placement(&self, placement: &Placement) -> Result<()> {
         if placement.ep_size() != self.shape.ep
             || placement.num_experts() != self.placement.num_experts()
         {
@@ -219,7 +229,35 @@ impl Mesh {
                 self.shape.ep
             )));
         }
+        Ok(())
+    }
+
+    /// Replaces the expert placement of every MoE layer (same number of experts and ep
+    /// size); per-layer placements set before are dropped.
+    pub fn with_placement(mut self, placement: Placement) -> Result<Mesh> {
+        self.check_placement(&placement)?;
         self.placement = Arc::new(placement);
+        self.layer_placements.clear();
+        Ok(self)
+    }
+
+    /// Sets the placement of the MoE layer at model layer index `layer` (`layers.{layer}`);
+    /// layers without one use [`Mesh::placement`].
+    pub fn with_layer_placement(mut self, layer: usize, placement: Placement) -> Result<Mesh> {
+        self.check_placement(&placement)?;
+        self.layer_placements.insert(layer, Arc::new(placement));
+        Ok(self)
+    }
+
+    /// [`Mesh::with_layer_placement`] for every entry of `placements` (model layer index ->
+    /// placement).
+    pub fn with_layer_placements(
+        mut self,
+        placements: impl IntoIterator<Item = (usize, Placement)>,
+    ) -> Result<Mesh> {
+        for (layer, placement) in placements {
+            self = self.with_layer_placement(layer, placement)?;
+        }
         Ok(self)
     }
 
@@ -286,7 +324,14 @@ impl Mesh {
         let (d, _, p) = self.shape.coords(self.rank());
         (d * self.shape.ep + p, self.shape.dp * self.shape.ep)
     }
+    /// The placement of the MoE layers without a per-layer placement (contiguous unless
+    /// [`Mesh::with_placement`] changed it).
     pub fn placement(&self) -> &Arc<Placement> {
         &self.placement
+    }
+
+    /// The placement of the MoE layer at model layer index `layer`.
+    pub fn placement_of(&self, layer: usize) -> &Arc<Placement> {
+        self.layer_placements.get(&layer).unwrap_or(&self.placement)
     }
 }

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use switchyard_comm::{Buffer, Communicator, ReduceOp, Request};
-use switchyard_moe::cpu::grouped::{Stacked, backward_raw, forward_raw};
+use switchyard_moe::cpu::grouped::{RowGrads, Stacked, backward_rows, forward_raw, weight_grads};
 use switchyard_moe::cpu::{BackwardFn, FlexTensor, custom_op, dims, prim, tensor, values};
 use switchyard_moe::experts::SwiGlu;
 
@@ -315,15 +315,53 @@ impl BlockLayout {
         (pieces, per_source)
     }
 
+    /// Every chunk's saved rows, row gradients and dY, put back into the unchunked grouped
+    /// order (expert l, then source s, then chunk c: the pieces of one (s, l) block are
+    /// consecutive, so this is the order of d = 1).
+    fn unchunked(
+        &self,
+        chunks: &[(SavedChunk, RowGrads, Vec<f32>)],
+        d: usize,
+        f: usize,
+    ) -> Unchunked {
+        let (size, mine) = (self.recv.len(), self.local_experts());
+        let mut all = Unchunked {
+            rows: (0..mine)
+                .map(|l| self.recv.iter().map(|r| r[l]).sum())
+                .collect(),
+            ..Unchunked::default()
+        };
+        let pieces: Vec<Vec<PieceMove>> =
+            (0..chunks.len()).map(|c| self.owner_pieces(c).0).collect();
+        for l in 0..mine {
+            for s in 0..size {
+                for (c, (saved, grads, dy)) in chunks.iter().enumerate() {
+                    let rows = &pieces[c][s * mine + l].1;
+                    let (fd, ff) = (rows.start * d..rows.end * d, rows.start * f..rows.end * f);
+                    all.x.extend_from_slice(&saved.x[fd.clone()]);
+                    all.dy.extend_from_slice(&dy[fd]);
+                    all.a.extend_from_slice(&grads.a[ff.clone()]);
+                    all.dg.extend_from_slice(&grads.dg[ff.clone()]);
+                    all.du.extend_from_slice(&grads.du[ff]);
+                }
+            }
+        }
+        all
+    }
+
     /// Runs the pipeline: chunk c of `home` (R_s x D, send order) goes to the owners,
     /// `compute(c, rows grouped by local expert, rows per local expert)` runs there, and
     /// the results come back into a new R_s x D buffer. The next chunk's exchange is posted
     /// before this chunk's compute starts.
+    ///
+    /// `tail` runs once the last chunk's results are on their way home (work that needs
+    /// every chunk and overlaps the last transfers).
     pub fn run(
         &self,
         home: &[f32],
         what: &str,
         mut compute: impl FnMut(usize, Vec<f32>, &[usize]) -> Vec<f32>,
+        tail: impl FnOnce(),
     ) -> Result<(Vec<f32>, BlockTimes)> {
         let w = self.width;
         let op = |stage: &str| format!("{what}: {stage} (ep communicator `{}`)", self.comm.name());
@@ -383,6 +421,9 @@ impl BlockLayout {
                     .map_err(ParallelError::comm(op("results back home")))?,
             );
         }
+        let started = Instant::now();
+        tail();
+        times.compute += started.elapsed();
         let mut result = vec![0f32; home.len()];
         for (c, request) in returns.into_iter().enumerate() {
             let waited = Instant::now();
@@ -401,6 +442,17 @@ impl BlockLayout {
         }
         Ok((result, times))
     }
+}
+
+/// The backward's inputs of the weight gradients for all chunks, in the unchunked order.
+#[derive(Default)]
+struct Unchunked {
+    rows: Vec<usize>,
+    x: Vec<f32>,
+    a: Vec<f32>,
+    dg: Vec<f32>,
+    du: Vec<f32>,
+    dy: Vec<f32>,
 }
 
 /// What the owner keeps of one chunk for the backward.
@@ -505,6 +557,7 @@ fn forward(
                 });
                 y
             },
+            || {},
         )
     };
     let out = match result {
@@ -529,47 +582,63 @@ fn forward(
         let values_w = weights
             .as_ref()
             .map(|[g, u, d]| [values(g), values(u), values(d)]);
-        let mut chunks = saved.into_iter();
-        // The backward pass has no error channel: a failed exchange ends the rank here.
+        let stacked = values_w.as_ref().map(|[g, u, d]| Stacked {
+            gate: g,
+            up: u,
+            down: d,
+            d: width,
+            f,
+        });
+        // Per chunk: the row part (dX travels home at once); the weight gradients wait for
+        // every chunk and are one GEMM per expert over its rows in the unchunked order, so
+        // the chunk count never changes a single bit of them (or of anything else: every
+        // other result is per row).
+        let rows_done: std::cell::RefCell<Vec<(SavedChunk, RowGrads, Vec<f32>)>> =
+            std::cell::RefCell::new(Vec::with_capacity(layout.chunks));
+        let mut pending = saved.into_iter();
         let (dx, t) = layout
             .run(
                 &values(&dy),
                 "expert-parallel block (backward)",
                 |_, dys, rows| {
-                    let Some([g, u, d]) = &values_w else {
+                    let Some(stacked) = &stacked else {
                         return dys;
                     };
-                    let chunk = chunks.next().expect("one saved chunk per chunk");
+                    let chunk = pending.next().expect("one saved chunk per chunk");
                     debug_assert_eq!(chunk.rows, rows);
-                    let stacked = Stacked {
-                        gate: g,
-                        up: u,
-                        down: d,
-                        d: width,
-                        f,
-                    };
                     let mut dx = vec![0f32; dys.len()];
-                    let [dwg, dwu, dwd] = &mut dw;
-                    fn slot(need: bool, v: &mut [f32]) -> Option<&mut [f32]> {
-                        need.then_some(v)
-                    }
-                    backward_raw(
-                        &chunk.x,
-                        &stacked,
-                        rows,
-                        &chunk.g,
-                        &chunk.u,
-                        &dys,
-                        Some(&mut dx),
-                        [
-                            slot(needed[1], dwg),
-                            slot(needed[2], dwu),
-                            slot(needed[3], dwd),
-                        ],
-                    );
+                    let grads =
+                        backward_rows(stacked, rows, &chunk.g, &chunk.u, &dys, Some(&mut dx));
+                    rows_done.borrow_mut().push((chunk, grads, dys));
                     dx
                 },
+                || {
+                    if let Some(stacked) = &stacked
+                        && needed[1..].iter().any(|&n| n)
+                    {
+                        let [dwg, dwu, dwd] = &mut dw;
+                        fn slot(need: bool, v: &mut [f32]) -> Option<&mut [f32]> {
+                            need.then_some(v)
+                        }
+                        let all = layout.unchunked(&rows_done.borrow(), width, f);
+                        weight_grads(
+                            &all.x,
+                            stacked,
+                            &all.rows,
+                            &all.a,
+                            &all.dg,
+                            &all.du,
+                            &all.dy,
+                            [
+                                slot(needed[1], dwg),
+                                slot(needed[2], dwu),
+                                slot(needed[3], dwd),
+                            ],
+                        );
+                    }
+                },
             )
+            // The backward pass has no error channel: a failed exchange ends the rank here.
             .unwrap_or_else(|e| panic!("backward of the expert-parallel block: {e}"));
         *totals.lock().unwrap_or_else(|p| p.into_inner()) += t;
         let [dwg, dwu, dwd] = dw;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use switchyard_comm::CommConfig;
 use switchyard_moe::ModelConfig;
 use switchyard_parallel::ParallelConfig;
+use switchyard_placement::{PlacementConfig, Strategy};
 
 use crate::data::{DataConfig, TokenizerConfig};
 use crate::metrics::MetricsConfig;
@@ -33,6 +34,10 @@ pub struct Config {
     /// Transport between ranks (`type: auto` picks MPI under mpirun / srun, else threads).
     #[serde(default)]
     pub comm: CommConfig,
+    /// Load-aware expert placement: routing statistics, the planner, live migration every
+    /// `rebalance_every` steps (absent = contiguous, never rebalanced).
+    #[serde(default)]
+    pub placement: PlacementConfig,
 }
 
 /// The `run:` node: identity and placement of one training run.
@@ -85,6 +90,29 @@ impl Config {
             self.parallel.validate(self.model.moe.num_experts),
         );
         add("comm", self.comm.validate());
+        add("placement", self.placement.validate());
+        if self.placement.rebalance_every > 0 && self.parallel.ep < 2 {
+            issues.push((
+                "placement.rebalance_every".to_string(),
+                format!(
+                    "is {} but parallel.ep is {}: with one ep rank every expert is local and \
+                     there is nothing to place; set parallel.ep >= 2 or rebalance_every: 0",
+                    self.placement.rebalance_every, self.parallel.ep
+                ),
+            ));
+        }
+        if let Strategy::Ilp { time_limit_s, .. } = self.placement.strategy
+            && self.placement.rebalance_every > 0
+            && time_limit_s <= 0.0
+        {
+            issues.push((
+                "placement.strategy.time_limit_s".to_string(),
+                format!(
+                    "is {time_limit_s} but every rank waits for the plan during training; \
+                     give the ILP a budget > 0 seconds (e.g. 1.0)"
+                ),
+            ));
+        }
         let shards = self.parallel.batch_shards();
         if shards > 1 && !self.data.batch_size.is_multiple_of(shards) {
             issues.push((

@@ -10,6 +10,7 @@ pub mod distributed;
 pub mod metrics;
 pub mod optim;
 pub mod parity;
+pub mod rebalance;
 pub mod train;
 
 /// Exit status of a run that stopped on SIGUSR1 or SIGTERM after committing a checkpoint:

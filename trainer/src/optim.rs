@@ -1,8 +1,8 @@
 //! AdamW (burn-optim's update rule) with per-parameter state keyed by parameter name, a
 //! linear-warmup + cosine learning-rate schedule, and global-norm gradient clipping.
 //!
-//! State is keyed by name, not by burn's random `ParamId`, so it survives checkpoints, and
-//! later moves with an expert when placement changes.
+//! State is keyed by name, not by burn's random `ParamId`, so it survives checkpoints and
+//! moves with an expert when placement changes ([`AdamMigration`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use switchyard_moe::cpu::{self, Fused, fused};
 use switchyard_moe::params::{map_params, named_params};
 use switchyard_moe::profile::{self, Part};
+use switchyard_parallel::migrate::ExpertState;
 
 use crate::checkpoint::NamedTensor;
 
@@ -275,6 +276,61 @@ impl NamedAdamW {
                 AdaptiveMomentumState::new(steps_taken, moment("exp_avg")?, moment("exp_avg_sq")?);
             self.state.insert(name.clone(), AdamWState::new(momentum));
         }
+        Ok(())
+    }
+}
+
+/// [`NamedAdamW`]'s state of one parameter as bytes, for live expert migration: the step
+/// count (u64) then both moments (f32), little-endian. `device`: where received moments live
+/// (the parameters' inner device, as in [`NamedAdamW::import`]).
+pub struct AdamMigration<'a> {
+    pub optim: &'a mut NamedAdamW,
+    pub device: Device,
+}
+
+impl ExpertState for AdamMigration<'_> {
+    fn take(&mut self, param: &str) -> Vec<u8> {
+        let Some(state) = self.optim.state.remove(param) else {
+            return Vec::new();
+        };
+        let m = &state.momentum;
+        let mut out = (m.time as u64).to_le_bytes().to_vec();
+        for moment in [&m.moment_1, &m.moment_2] {
+            out.extend(tensor_to_vec(moment).iter().flat_map(|v| v.to_le_bytes()));
+        }
+        out
+    }
+
+    fn put(&mut self, param: &str, shape: &[usize], bytes: &[u8]) -> Result<(), String> {
+        // The decay set was built from the parameters this rank held at the start.
+        if shape.len() >= 2 {
+            self.optim.decay.insert(param.to_string());
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let n: usize = shape.iter().product();
+        if bytes.len() != 8 + 8 * n {
+            return Err(format!(
+                "{} bytes of optimizer state for {n} values (expected {})",
+                bytes.len(),
+                8 + 8 * n
+            ));
+        }
+        let time = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+        let floats: Vec<f32> = bytes[8..]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("chunks of 4")))
+            .collect();
+        let (m1, m2) = floats.split_at(n);
+        let momentum = AdaptiveMomentumState::new(
+            time,
+            Tensor::from_floats(m1, &self.device),
+            Tensor::from_floats(m2, &self.device),
+        );
+        self.optim
+            .state
+            .insert(param.to_string(), AdamWState::new(momentum));
         Ok(())
     }
 }

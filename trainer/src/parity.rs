@@ -10,8 +10,10 @@
 //!
 //! Cases: layouts dp=2, ep=2, ep=4, dp=2 x ep=2; routers top-k, null experts (AdaMoE), MoE++
 //! (zero / copy / constant experts); a batch where some ranks receive zero tokens (every
-//! token picks experts 0 and 1), one where every token goes to one expert, and placements
-//! that are not contiguous blocks.
+//! token picks experts 0 and 1), one where every token goes to one expert, placements
+//! that are not contiguous blocks, a different placement per MoE layer, and a live
+//! migration after the first step (weights and AdamW state move to new owners; the next
+//! steps must still equal one process).
 
 use std::collections::BTreeMap;
 
@@ -20,9 +22,9 @@ use switchyard_comm::{Buffer, Communicator, ReduceOp};
 use switchyard_moe::config::{CapacityConfig, NullInit, NullNormalization};
 use switchyard_moe::params::{map_params, named_grads, named_params};
 use switchyard_moe::{ModelConfig, MoeConfig, RouterConfig, Transformer, cross_entropy};
-use switchyard_parallel::{GradSync, LossScale, Mesh, Overlap, Placement, parallelize};
+use switchyard_parallel::{GradSync, LossScale, Mesh, Overlap, Placement, migrate, parallelize};
 
-use crate::optim::{NamedAdamW, OptimConfig, tensor_to_vec};
+use crate::optim::{AdamMigration, NamedAdamW, OptimConfig, tensor_to_vec};
 
 const SEQ: usize = 6;
 const BATCH: usize = 8;
@@ -50,8 +52,11 @@ pub struct Case {
     pub forcing: Forcing,
     pub dp: usize,
     pub ep: usize,
-    /// Expert -> ep rank; `None` = contiguous blocks.
-    pub owners: Option<Vec<usize>>,
+    /// Expert -> ep rank, one vector per MoE layer (model order; a single vector is used
+    /// for every layer); `None` = contiguous blocks.
+    pub owners: Option<Vec<Vec<usize>>>,
+    /// After this many steps, migrate to these per-layer owners (as `owners`).
+    pub migrate: Option<(usize, Vec<Vec<usize>>)>,
     /// The pipelined expert-parallel block with this chunking; `None` = the three-step
     /// reference path.
     pub overlap: Option<Overlap>,
@@ -127,7 +132,7 @@ pub const LAYOUTS: [(usize, usize); 4] = [(2, 1), (1, 2), (1, 4), (2, 2)];
 
 /// Every case of the matrix.
 pub fn all_cases() -> Vec<Case> {
-    let case = |label: String, model, forcing, (dp, ep), owners: Option<Vec<usize>>| Case {
+    let case = |label: String, model, forcing, (dp, ep), owners: Option<Vec<Vec<usize>>>| Case {
         label,
         model,
         forcing,
@@ -135,6 +140,7 @@ pub fn all_cases() -> Vec<Case> {
         ep,
         owners,
         overlap: None,
+        migrate: None,
     };
     let mut cases = Vec::new();
     for (name, router) in routers() {
@@ -176,9 +182,39 @@ pub fn all_cases() -> Vec<Case> {
                     model_cfg(router.clone(), 2),
                     Forcing::None,
                     layout,
-                    Some(owners.to_vec()),
+                    Some(vec![owners.to_vec()]),
                 ));
             }
+        }
+    }
+    // A different placement in each MoE layer (one even, one uneven).
+    for (name, router) in [routers().remove(0), routers().remove(2)] {
+        for layout in [(1, 2), (2, 2)] {
+            cases.push(case(
+                format!("{name}, per-layer placements"),
+                model_cfg(router.clone(), 2),
+                Forcing::None,
+                layout,
+                Some(vec![vec![1, 0, 1, 0], vec![0, 0, 0, 1]]),
+            ));
+        }
+    }
+    // Live migration after step 1: every layer changes owners differently.
+    for (name, router) in routers() {
+        for (layout, to) in [
+            ((1, 2), vec![vec![1, 0, 1, 0], vec![0, 1, 1, 0]]),
+            ((1, 4), vec![vec![3, 2, 1, 0], vec![1, 0, 3, 2]]),
+            ((2, 2), vec![vec![1, 1, 0, 0], vec![0, 1, 0, 1]]),
+        ] {
+            let mut c = case(
+                format!("{name}, migration"),
+                model_cfg(router.clone(), 2),
+                Forcing::None,
+                layout,
+                None,
+            );
+            c.migrate = Some((1, to));
+            cases.push(c);
         }
     }
     // The pipelined block (chunked exchange overlapping the experts): every router at
@@ -221,7 +257,7 @@ pub fn all_cases() -> Vec<Case> {
         model_cfg(top_k, 2),
         Forcing::None,
         (2, 2),
-        Some(vec![1, 1, 0, 1]),
+        Some(vec![vec![1, 1, 0, 1]]),
         Overlap::Chunks(3),
     ));
     for (name, model, forcing, (dp, ep), owners, overlap) in pipelined {
@@ -233,9 +269,42 @@ pub fn all_cases() -> Vec<Case> {
             ep,
             owners,
             overlap: Some(overlap),
+            migrate: None,
         });
     }
+    // Migration under the pipelined block: the new dispatchers keep the chunking.
+    let (_, top_k) = routers().remove(0);
+    cases.push(Case {
+        label: "top-k, migration, pipelined block (Chunks(2))".into(),
+        model: model_cfg(top_k, 2),
+        forcing: Forcing::None,
+        dp: 1,
+        ep: 4,
+        owners: None,
+        overlap: Some(Overlap::Chunks(2)),
+        migrate: Some((1, vec![vec![3, 2, 1, 0], vec![1, 0, 3, 2]])),
+    });
     cases
+}
+
+/// Per-layer owner vectors -> placements keyed by model layer index (a single vector
+/// applies to every MoE layer).
+fn layer_placements(
+    cfg: &ModelConfig,
+    owners: &[Vec<usize>],
+    ep: usize,
+) -> Result<BTreeMap<usize, Placement>, String> {
+    let moe_layers: Vec<usize> = (0..cfg.n_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
+    moe_layers
+        .iter()
+        .enumerate()
+        .map(|(k, &l)| {
+            let o = &owners[k.min(owners.len() - 1)];
+            Placement::from_owners(o.clone(), ep)
+                .map(|p| (l, p))
+                .map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
 /// The same model on every rank and in the reference; `forcing` makes feature 0 of every
@@ -374,16 +443,16 @@ fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), St
     let mut mesh =
         Mesh::new(world, case.dp, case.ep, cfg.moe.num_experts).map_err(|e| e.to_string())?;
     if let Some(owners) = &case.owners {
-        let placement =
-            Placement::from_owners(owners.clone(), case.ep).map_err(|e| e.to_string())?;
-        mesh = mesh.with_placement(placement).map_err(|e| e.to_string())?;
+        mesh = mesh
+            .with_layer_placements(layer_placements(cfg, owners, case.ep)?)
+            .map_err(|e| e.to_string())?;
     }
     if let Some(overlap) = case.overlap {
         mesh = mesh.with_ep_overlap(overlap);
     }
     let mut model =
         parallelize(build(cfg, case.forcing, &device), &mesh).map_err(|e| e.to_string())?;
-    let sync = GradSync::new(&mesh).with_bucket_elems(700);
+    let mut sync = GradSync::new(&mesh).with_bucket_elems(700);
     let mut adam = NamedAdamW::new(&optim_cfg(), &model);
     let rows = BATCH / n;
     let tokens = batch(cfg.vocab_size);
@@ -395,6 +464,20 @@ fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), St
         weights: Named::new(),
     };
     for step in 0..STEPS {
+        if let Some((_, to)) = case.migrate.as_ref().filter(|(at, _)| *at == step) {
+            let mut state = AdamMigration {
+                optim: &mut adam,
+                device: device.clone().inner(),
+            };
+            let new = layer_placements(cfg, to, case.ep)?;
+            let moved;
+            (model, mesh, moved) =
+                migrate(model, &mesh, new, &mut state, &device).map_err(|e| e.to_string())?;
+            if moved.is_empty() {
+                return Err(format!("{}: the migration moved nothing", case.label));
+            }
+            sync.set_mesh(&mesh);
+        }
         let (inputs, targets) = tensors(mine, rows, &device);
         let out = model.forward(inputs);
         let loss = cross_entropy(out.logits.clone(), targets) * scale.ce_weight()

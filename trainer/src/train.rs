@@ -16,15 +16,16 @@ use switchyard_moe::params::{map_params, named_grads, named_params, signature};
 use switchyard_moe::{RouterConfig, Transformer, cross_entropy};
 
 use crate::checkpoint::{self, CheckpointManager, ManifestMeta, NamedTensor};
-use switchyard_comm::Communicator;
+use switchyard_comm::{Buffer, Communicator};
 use switchyard_parallel::grad_sync::expert_id;
-use switchyard_parallel::parallelize_with;
+use switchyard_parallel::{migrate, parallelize_with, relayout};
 
 use crate::config::Config;
 use crate::data::{Batch, Corpus, Sampler, SamplerState};
 use crate::distributed::Distributed;
 use crate::metrics::MetricsSink;
-use crate::optim::{NamedAdamW, clip_global_norm, global_norm, tensor_to_vec};
+use crate::optim::{AdamMigration, NamedAdamW, clip_global_norm, global_norm, tensor_to_vec};
+use crate::rebalance::{Rebalancer, SavedPlacement};
 
 /// The `train:` node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,6 +180,13 @@ pub struct TrainerState {
     pub optimizer_steps_taken: usize,
     pub skipped_steps: u64,
     pub sampler: SamplerState,
+    /// The per-layer expert placement when it is not the contiguous default of a
+    /// single-process run.
+    #[serde(default)]
+    pub placement: Option<SavedPlacement>,
+    /// The routing statistics (moving average) so far.
+    #[serde(default)]
+    pub routing: Option<switchyard_placement::RoutingStats>,
 }
 
 /// Result of one optimizer step.
@@ -217,6 +225,8 @@ pub struct Trainer {
     pub last_moe_stats: Vec<(usize, switchyard_moe::MoeStats)>,
     /// The other ranks, when the layout has more than one.
     pub dist: Option<Distributed>,
+    /// Routing statistics and the planner (`placement:`); `None` without MoE layers.
+    pub rebalancer: Option<Rebalancer>,
     /// Signature of the whole (unsharded) model: the same at every layout.
     signature: String,
 }
@@ -261,6 +271,12 @@ impl Trainer {
             valid.retain(|b| b.batch_size > 0);
         }
         let optim = NamedAdamW::new(&cfg.optim, &model);
+        let has_moe = (0..cfg.model.n_layers).any(|l| cfg.model.is_moe_layer(l));
+        let rebalancer = if has_moe {
+            Some(Rebalancer::new(&cfg.placement)?)
+        } else {
+            None
+        };
         Ok(Self {
             cfg: cfg.clone(),
             model,
@@ -273,6 +289,7 @@ impl Trainer {
             skipped_steps: 0,
             last_moe_stats: Vec::new(),
             dist,
+            rebalancer,
             signature,
         })
     }
@@ -344,6 +361,9 @@ impl Trainer {
                 global_norm(&grads),
             ),
         };
+        if let Some(r) = &mut self.rebalancer {
+            r.record(&moe_stats, self.dist.as_ref())?;
+        }
         let finite = loss.is_finite() && grad_norm.is_finite();
         if !finite {
             if self.cfg.train.nonfinite == NonFinitePolicy::Stop {
@@ -424,7 +444,126 @@ impl Trainer {
             optimizer_steps_taken: self.optim.steps_taken(),
             skipped_steps: self.skipped_steps,
             sampler: self.sampler.state(),
+            placement: self.saved_placement(),
+            routing: self
+                .rebalancer
+                .as_ref()
+                .filter(|r| r.stats.records > 0)
+                .map(|r| r.stats.clone()),
         }
+    }
+
+    /// Model layer indices of the MoE layers.
+    fn moe_layers(&self) -> Vec<usize> {
+        (0..self.cfg.model.n_layers)
+            .filter(|&l| self.cfg.model.is_moe_layer(l))
+            .collect()
+    }
+
+    fn saved_placement(&self) -> Option<SavedPlacement> {
+        let d = self.dist.as_ref()?;
+        Some(SavedPlacement::of(&d.mesh, &self.moe_layers()))
+    }
+
+    /// Placement metrics of this step (rank 0 logs them): load max/mean per MoE layer and
+    /// cross-rank traffic of the current placement under the routing statistics.
+    pub fn placement_scalars(&self) -> Vec<(String, f64)> {
+        match (&self.rebalancer, &self.dist) {
+            (Some(r), Some(d)) => r.scalars(&d.mesh),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Re-plans the placement and migrates the experts (a collective: every rank calls it
+    /// at the same step boundary). Rank 0 plans and broadcasts the owners. Returns the log
+    /// line (rank 0) or `None` when nothing was planned (one ep rank, no statistics yet).
+    pub fn rebalance(&mut self) -> Result<Option<String>, TrainError> {
+        let (Some(r), Some(d)) = (&self.rebalancer, &mut self.dist) else {
+            return Ok(None);
+        };
+        let layers = r.stats.moe_layers.clone();
+        let experts = r.stats.num_experts;
+        if d.mesh.ep() < 2 || layers.is_empty() {
+            return Ok(None);
+        }
+        let step = self.state_step;
+        let (mut flat, mut line) = (vec![0i64; layers.len() * experts], None);
+        if d.rank() == 0 {
+            match r.plan(&d.mesh) {
+                Ok(p) => {
+                    flat = p.owners.iter().flatten().map(|&o| o as i64).collect();
+                    line = Some(format!(
+                        "placement: step {step}, {} plan in {:.3} s: predicted load max/mean \
+                         {:.3} -> {:.3}, cross-rank transitions {:.3} -> {:.3}",
+                        r.cfg.strategy.name(),
+                        p.seconds,
+                        p.before.mean_load_max_over_mean,
+                        p.after.mean_load_max_over_mean,
+                        p.before.cross_rank_fraction,
+                        p.after.cross_rank_fraction
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        step,
+                        "placement: planning failed, keeping the placement: {e}"
+                    );
+                    flat = vec![-1; flat.len()];
+                }
+            }
+        }
+        let mut buf = Buffer::I64(flat);
+        d.mesh
+            .world()
+            .broadcast(&mut buf, 0)
+            .map_err(|e| TrainError::Comm(format!("placement: broadcast of the plan: {e}")))?;
+        let flat = buf
+            .into_vec::<i64>()
+            .expect("a broadcast of i64 returns i64");
+        if flat.iter().any(|&o| o < 0) {
+            return Ok(None);
+        }
+        let new: BTreeMap<usize, switchyard_parallel::Placement> = layers
+            .iter()
+            .zip(flat.chunks(experts))
+            .map(|(&l, owners)| {
+                let owners = owners.iter().map(|&o| o as usize).collect();
+                switchyard_parallel::Placement::from_owners(owners, d.mesh.ep()).map(|p| (l, p))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| TrainError::Comm(format!("placement: the plan: {e}")))?;
+        let mut state = AdamMigration {
+            optim: &mut self.optim,
+            device: self.device.clone().inner(),
+        };
+        let (model, mesh, moves) =
+            migrate(self.model.clone(), &d.mesh, new, &mut state, &self.device)
+                .map_err(|e| TrainError::Comm(format!("step {step}: {e}")))?;
+        self.model = model;
+        d.sync.set_mesh(&mesh);
+        d.mesh = mesh;
+        Ok(line.map(|l| {
+            let mut per_layer: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+            for m in &moves {
+                per_layer
+                    .entry(m.layer)
+                    .or_default()
+                    .push(format!("{}:{}->{}", m.expert, m.from, m.to));
+            }
+            let detail: Vec<String> = per_layer
+                .iter()
+                .map(|(l, v)| format!("layer {l} [{}]", v.join(" ")))
+                .collect();
+            format!(
+                "{l}; moved {} experts (expert:from->to ep rank) {}",
+                moves.len(),
+                if detail.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    detail.join(", ")
+                }
+            )
+        }))
     }
 
     /// Model tensors and optimizer tensors, by name.
@@ -446,6 +585,18 @@ impl Trainer {
     ) -> Result<PathBuf, TrainError> {
         let (model, optimizer) = self.export();
         let state = serde_json::to_value(self.trainer_state()).expect("trainer state serialises");
+        if self.is_logger()
+            && let Some(r) = self.rebalancer.as_ref().filter(|r| r.stats.records > 0)
+        {
+            // For `switchyard plan-placement --stats`; the checkpoint holds its own copy.
+            let path = self.cfg.run.output_dir.join("routing-stats.json");
+            if let Err(e) = std::fs::create_dir_all(&self.cfg.run.output_dir)
+                .map_err(|e| e.to_string())
+                .and_then(|_| r.stats.save(&path).map_err(|e| e.to_string()))
+            {
+                tracing::warn!("routing statistics not saved: {e}");
+            }
+        }
         let meta = ManifestMeta {
             tokens_seen: self.tokens_seen,
             model_signature: self.signature.clone(),
@@ -564,6 +715,10 @@ impl Trainer {
             .map_err(|e| resume_err(format!("manifest.json trainer_state: {e}")))?;
         let model_tensors = merged(&loaded, "model").map_err(resume_err)?;
         let optim_tensors = merged(&loaded, "optimizer").map_err(resume_err)?;
+        self.restore_placement(state.placement.as_ref())?;
+        if let (Some(r), Some(stats)) = (&mut self.rebalancer, &state.routing) {
+            r.stats = stats.clone();
+        }
         let sizes = self
             .load_weights(&model_tensors, |name, stored, shape, _| {
                 if stored.shape != shape {
@@ -593,6 +748,43 @@ impl Trainer {
 }
 
 impl Trainer {
+    /// Lays the experts out as the checkpoint's run had them (before its weights are read
+    /// by name): same ep size -> the saved per-layer placement; another ep size (or a
+    /// single-process checkpoint) -> contiguous, which `parallelize` already set.
+    fn restore_placement(&mut self, saved: Option<&SavedPlacement>) -> Result<(), TrainError> {
+        let (Some(saved), Some(d)) = (saved, &mut self.dist) else {
+            return Ok(());
+        };
+        if saved.ep != d.mesh.ep() {
+            tracing::info!(
+                saved_ep = saved.ep,
+                ep = d.mesh.ep(),
+                "the checkpoint's expert placement was for another ep size: using the \
+                 contiguous placement"
+            );
+            return Ok(());
+        }
+        let new = saved.placements()?;
+        let (d_model, f) = (self.cfg.model.d_model, self.cfg.model.moe.expert_ffn_dim);
+        let device = self.device.clone();
+        let zeros = |shape: [usize; 2]| {
+            burn::module::Param::from_tensor(Tensor::<2>::zeros(shape, &device))
+        };
+        let fresh = || switchyard_moe::experts::SwiGlu {
+            w_gate: zeros([d_model, f]),
+            w_up: zeros([d_model, f]),
+            w_down: zeros([f, d_model]),
+        };
+        let (model, mesh) = relayout(self.model.clone(), &d.mesh, new, fresh)
+            .map_err(|e| TrainError::Comm(format!("restoring the placement: {e}")))?;
+        self.model = model;
+        d.sync.set_mesh(&mesh);
+        d.mesh = mesh;
+        // The decay set covers the parameters held at construction; rebuild it.
+        self.optim = NamedAdamW::new(&self.cfg.optim, &self.model);
+        Ok(())
+    }
+
     /// Start from the weights of another run's checkpoint (fine-tuning, conversion): the
     /// optimizer, data position and step start fresh. A vanilla router's `[D, n]` weights
     /// fill a null-expert router's `[D, n + m]`: the true-expert columns are copied, and the
@@ -812,6 +1004,9 @@ pub fn run(
             ("train/tokens_seen".into(), trainer.tokens_seen as f64),
             ("train/skipped".into(), report.skipped as u8 as f64),
         ];
+        if trainer.is_logger() {
+            scalars.extend(trainer.placement_scalars());
+        }
         for (layer, stats) in &trainer.last_moe_stats {
             scalars.push((
                 format!("moe/layer{layer}/max_over_mean_load"),
@@ -838,6 +1033,14 @@ pub fn run(
         }
         let step = trainer.state_step;
         let last = step == cfg.train.steps;
+        let every = cfg.placement.rebalance_every;
+        if every > 0
+            && step % every == 0
+            && !last
+            && let Some(line) = trainer.rebalance()?
+        {
+            tracing::info!("{line}");
+        }
         if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0) || last {
             let eval = trainer.evaluate()?;
             scalars.push(("valid/loss".into(), eval.loss));

@@ -1,6 +1,7 @@
 //! Layout parity on the local backend (threads): every case of `switchyard_trainer::parity`
 //! (dp=2, ep=2, ep=4, dp=2 x ep=2 x top-k / null experts / MoE++, zero-token ranks, one
-//! expert for every token, non-contiguous and uneven placements) equals one process within
+//! expert for every token, non-contiguous and uneven placements, per-layer placements, live
+//! migration) equals one process within
 //! 1e-5 relative. The same cases run under mpirun through the `parity-mpi` binary.
 
 use std::time::Duration;
@@ -82,7 +83,18 @@ fn every_token_to_one_expert_matches_single_process() {
 
 #[test]
 fn non_contiguous_and_uneven_placements_match_single_process() {
-    run_matching(|c| c.owners.is_some());
+    run_matching(|c| c.owners.is_some() && !c.label.contains("per-layer"));
+}
+
+#[test]
+fn per_layer_placements_match_single_process() {
+    run_matching(|c| c.label.contains("per-layer"));
+}
+
+/// Weights and AdamW state moved after step 1: the next steps still equal one process.
+#[test]
+fn live_migration_matches_single_process() {
+    run_matching(|c| c.migrate.is_some());
 }
 
 /// The matrix covers every layout with every router.

@@ -227,6 +227,27 @@ pub fn backward_raw(
     dx: Option<&mut [f32]>,
     dw: [Option<&mut [f32]>; 3],
 ) {
+    let RowGrads { a, dg, du } = backward_rows(w, rows, g, u, dyv, dx);
+    weight_grads(xv, w, rows, &a, &dg, &du, dyv, dw);
+}
+
+/// What the weight gradients need from the row pass: A = silu(G) U, dG and dU, [R, F] each.
+pub struct RowGrads {
+    pub a: Vec<f32>,
+    pub dg: Vec<f32>,
+    pub du: Vec<f32>,
+}
+
+/// The row part of the backward: dx [R, D] (when given) and what the weight gradients
+/// need. Every row's results depend on that row alone.
+pub fn backward_rows(
+    w: &Stacked,
+    rows: &[usize],
+    g: &[f32],
+    u: &[f32],
+    dyv: &[f32],
+    dx: Option<&mut [f32]>,
+) -> RowGrads {
     let (d, f) = (w.d, w.f);
     let r = rows.iter().sum::<usize>();
     let (wgv, wuv, wdv) = (w.gate, w.up, w.down);
@@ -243,6 +264,14 @@ pub fn backward_raw(
             &mut dx_scratch[..]
         }
     };
+    // The weights transposed into contiguous copies: with a strided (transposed view)
+    // operand the kernel's result for a row depends on how many rows share the call, and
+    // the pipelined expert block must give the same bits however it chunks the rows.
+    let (wdt, wgt, wut) = (
+        transpose_stacked(wdv, rows, f, d),
+        transpose_stacked(wgv, rows, d, f),
+        transpose_stacked(wuv, rows, d, f),
+    );
     split_rows(&mut a, &blocks, f)
         .into_par_iter()
         .zip(split_rows(&mut dg, &blocks, f))
@@ -254,7 +283,7 @@ pub fn backward_raw(
             let w = |v, rows_per, cols| weight(v, b.e, rows_per, cols);
             let dy_b = Mat::new(&dyv[b.start * d..(b.start + b.len) * d], b.len, d);
             // dA lands in dg_b, then is turned into dG in place.
-            gemm(dy_b, w(wdv, f, d).t(), dg_b, f, false);
+            gemm(dy_b, w(&wdt, d, f), dg_b, f, false);
             // With s = sigmoid(g): silu(g) = g s, silu'(g) = s (1 + g (1 - s)).
             let grads = a_b.iter_mut().zip(du_b.iter_mut()).zip(dg_b.iter_mut());
             for (((a, du), dg), (&gi, &ui)) in grads.zip(g[span.clone()].iter().zip(&u[span])) {
@@ -265,9 +294,56 @@ pub fn backward_raw(
                 *du = da * act;
                 *dg = da * ui * s * (1.0 + gi * (1.0 - s));
             }
-            gemm(Mat::new(dg_b, b.len, f), w(wgv, d, f).t(), dx_b, d, false);
-            gemm(Mat::new(du_b, b.len, f), w(wuv, d, f).t(), dx_b, d, true);
+            // dX = dG Wg^T + dU Wu^T: two plain GEMMs and an elementwise sum (an
+            // accumulating GEMM's rounding depends on the number of rows in the call).
+            gemm(Mat::new(dg_b, b.len, f), w(&wgt, f, d), dx_b, d, false);
+            let mut dx_up = vec![0f32; dx_b.len()];
+            gemm(
+                Mat::new(du_b, b.len, f),
+                w(&wut, f, d),
+                &mut dx_up,
+                d,
+                false,
+            );
+            for (x, u) in dx_b.iter_mut().zip(&dx_up) {
+                *x += u;
+            }
         });
+    RowGrads { a, dg, du }
+}
+
+/// Stacked [E·p, q] -> stacked [E·q, p]: every expert's block transposed (experts with no
+/// rows are left zero).
+fn transpose_stacked(stacked: &[f32], rows: &[usize], p: usize, q: usize) -> Vec<f32> {
+    let mut out = vec![0f32; stacked.len()];
+    out.par_chunks_mut(p * q)
+        .zip(stacked.par_chunks(p * q))
+        .zip(rows.par_iter())
+        .filter(|(_, n)| **n > 0)
+        .for_each(|((dst, src), _)| {
+            for (i, row) in src.chunks(q).enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    dst[j * p + i] = v;
+                }
+            }
+        });
+    out
+}
+
+/// The weight part of the backward: ADDS X^T dG, X^T dU, A^T dY of each expert (one GEMM
+/// over all of its rows, stacked like the weights) into `dw` where given.
+#[allow(clippy::too_many_arguments)]
+pub fn weight_grads(
+    xv: &[f32],
+    w: &Stacked,
+    rows: &[usize],
+    a: &[f32],
+    dg: &[f32],
+    du: &[f32],
+    dyv: &[f32],
+    dw: [Option<&mut [f32]>; 3],
+) {
+    let (d, f) = (w.d, w.f);
     // Weight gradients: one task per (expert, weight): X^T dG, X^T dU, A^T dY, added in.
     let mut offsets = vec![0usize; rows.len() + 1];
     for e in 0..rows.len() {
