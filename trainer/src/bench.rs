@@ -98,11 +98,8 @@ impl fmt::Display for BenchReport {
             "achieved GFLOP/s             {:.1}",
             self.achieved_gflops
         )?;
-        writeln!(
-            f,
-            "device GEMM GFLOP/s ({}^2)  {:.1}",
-            self.device_gemm_n, self.device_gemm_gflops
-        )?;
+        let label = format!("device GEMM GFLOP/s ({}^2)", self.device_gemm_n);
+        writeln!(f, "{label:<29}{:.1}", self.device_gemm_gflops)?;
         writeln!(
             f,
             "MFU (achieved / device GEMM) {:.3}",

@@ -153,13 +153,17 @@ mod tests {
     /// not a panic; with a GPU: a CUDA device.
     #[test]
     fn cuda_is_an_error_not_a_panic_when_unusable() {
+        let built = CUDA_BUILT;
         match DeviceConfig::Cuda(None).resolve(0) {
-            Err(DeviceError::NotBuilt(_)) => assert!(!CUDA_BUILT),
+            Err(e @ DeviceError::NotBuilt(_)) => {
+                assert!(!built);
+                assert!(e.to_string().contains("--features cuda"), "{e}");
+            }
             Err(e) => {
-                assert!(CUDA_BUILT);
+                assert!(built);
                 println!("skipped: {e}");
             }
-            Ok(device) => assert!(CUDA_BUILT && device.is_autodiff()),
+            Ok(device) => assert!(built && device.is_autodiff()),
         }
         assert!(DeviceConfig::Cuda(Some(1 << 20)).resolve(0).is_err());
     }
