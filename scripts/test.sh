@@ -13,7 +13,9 @@ echo "== cargo clippy -D warnings"
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo clippy --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch \
   -p switchyard-parallel --all-targets --features mpi -- -D warnings
-# The NCCL backend must build without a GPU (cudarc loads CUDA/NCCL at run time).
+# The NCCL backend and the CUDA probe (`nccl` implies `cuda`) must build without a GPU
+# (cudarc loads CUDA/NCCL at run time). The trainer's `cuda` feature (burn's CUDA backend)
+# is not built here: ~37 min cold on the 2-core machine (README, "GPU").
 cargo clippy --release -p switchyard-comm --all-targets --features nccl -- -D warnings
 
 echo "== cargo test (release: burn is unusably slow unoptimised)"

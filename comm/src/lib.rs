@@ -5,7 +5,8 @@
 //!   reduce-scatter, all-to-all(v)), point-to-point, `split`; non-blocking `i_*` versions
 //!   returning a [`Request`] to `test`/`wait`.
 //! - Backends: [`local`] (ranks as threads, optional link model), `mpi` (feature `mpi`),
-//!   `nccl` (feature `nccl`).
+//!   `nccl` (feature `nccl`). `cuda::probe` (feature `cuda`): is a CUDA driver and device
+//!   present (asked before burn's CUDA backend is touched).
 //! - [`conformance`]: one suite run unchanged against every backend.
 //! - [`CommConfig`]: the `comm:` config node.
 //!
@@ -19,6 +20,8 @@
 mod communicator;
 pub mod config;
 pub mod conformance;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod dtype;
 mod error;
 pub mod local;

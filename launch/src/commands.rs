@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
 use switchyard_trainer::checkpoint::{self, resume_target};
 use switchyard_trainer::config::Config;
 use switchyard_trainer::data::{Corpus, InputFormat, Tokenizer, build_tokenizer, prepare_data};
@@ -130,12 +129,20 @@ pub fn train(
         Ok(())
     };
     let preempt = preemption_flag()?;
+    let threads = matches!(transport, Transport::Threads(_));
     let rank_run = |world: Option<Box<dyn Communicator>>| {
+        // The GPU of `device: cuda`: rank threads share this node; MPI ranks have the
+        // launcher's local rank (else their rank).
+        let local_rank = match &world {
+            Some(w) if threads => w.rank(),
+            Some(w) => launch.local_rank.map_or(w.rank(), |v| v.value),
+            None => launch.local_rank.map_or(0, |v| v.value),
+        };
         train_impl::run(
             cfg,
             &corpus,
             start,
-            &Device::flex().autodiff(),
+            &cfg.device.resolve(local_rank)?,
             serde_json::to_value(cfg).expect("config serialises"),
             world,
             Some(&preempt),
@@ -297,7 +304,7 @@ fn mpi_train(
 pub fn eval(cfg: &Config, checkpoint: &str) -> Result<()> {
     setup_threads(cfg.run.threads)?;
     let corpus = load_data(cfg)?;
-    let device = Device::flex().autodiff();
+    let device = cfg.device.resolve(0)?;
     let mut trainer = train_impl::Trainer::new(cfg, &corpus, &device)?;
     match resume_target(&checkpoint_root(cfg), checkpoint)? {
         Some(path) => {
@@ -376,7 +383,7 @@ pub fn ablate(cfg: &Config) -> Result<()> {
     }
     setup_threads(cfg.run.threads)?;
     let corpus = load_data(cfg)?;
-    let report = ablation::run(cfg, &corpus, &Device::flex().autodiff())?;
+    let report = ablation::run(cfg, &corpus, &cfg.device.resolve(0)?)?;
     println!("{report}");
     Ok(())
 }
@@ -396,7 +403,7 @@ pub fn record_routing(
         cfg.train.steps = steps;
     }
     let corpus = load_data(&cfg)?;
-    let device = Device::flex().autodiff();
+    let device = cfg.device.resolve(0)?;
     let mut trainer = train_impl::Trainer::new(&cfg, &corpus, &device)?;
     let mut stats = RoutingStats::new(decay)?;
     stats.source = format!(

@@ -7,6 +7,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
 
 use crate::init::Initializer;
+use crate::precision::matmul;
 
 /// `down(silu(x @ gate) * (x @ up))`, the feed-forward block of LLaMA and Mixtral.
 #[derive(Module, Debug)]
@@ -28,11 +29,11 @@ impl SwiGlu {
         }
     }
 
-    /// x: [N, D] -> [N, D]
+    /// x: [N, D] -> [N, D]; GEMMs at the forward pass's precision (`crate::precision`).
     pub fn forward(&self, x_nd: Tensor<2>) -> Tensor<2> {
-        let gate_nf = silu(x_nd.clone().matmul(self.w_gate.val()));
-        let up_nf = x_nd.matmul(self.w_up.val());
-        (gate_nf * up_nf).matmul(self.w_down.val())
+        let gate_nf = silu(matmul(x_nd.clone(), self.w_gate.val()));
+        let up_nf = matmul(x_nd, self.w_up.val());
+        matmul(gate_nf * up_nf, self.w_down.val())
     }
 
     /// Matmul FLOPs of the forward pass for `rows` rows.

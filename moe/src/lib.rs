@@ -11,6 +11,7 @@ pub mod init;
 pub mod layer;
 pub mod model;
 pub mod params;
+pub mod precision;
 pub mod profile;
 pub mod router;
 
@@ -21,3 +22,4 @@ pub use config::{
 pub use dispatch::{BatchReducer, LocalDispatcher, LocalReducer, TokenDispatcher};
 pub use layer::{MoeLayer, MoeStats};
 pub use model::{Transformer, cross_entropy};
+pub use precision::Precision;

@@ -18,6 +18,7 @@ use crate::cpu;
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
 use crate::layer::{MoeLayer, MoeStats};
+use crate::precision::{self, Precision};
 use crate::profile::{self, Part};
 use crate::router::{Gru, RouterCarry};
 
@@ -162,14 +163,15 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     }
 }
 
-/// `causal_attention` with burn ops: the reference of the fused op.
+/// `causal_attention` with burn ops: the reference of the fused op. The two GEMMs run at the
+/// forward pass's precision, the softmax in f32.
 pub fn causal_attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let [_, _, s, dh] = q.dims();
-    let scores_bhss = q.matmul(k.swap_dims(2, 3)) / (dh as f64).sqrt();
+    let scores_bhss = precision::matmul(q, k.swap_dims(2, 3)) / (dh as f64).sqrt();
     // true above the diagonal: key position after query position.
     let future_ss = Tensor::<2, Bool>::tril_mask([s, s], 0, &scores_bhss.device());
     let scores_bhss = scores_bhss.mask_fill(future_ss.unsqueeze::<4>(), f32::NEG_INFINITY);
-    softmax(scores_bhss, 3).matmul(v)
+    precision::matmul(softmax(scores_bhss, 3), v)
 }
 
 #[derive(Module, Debug)]
@@ -195,6 +197,9 @@ pub struct Transformer {
     /// How attention covers the sequence (dense here; swapped by context parallelism).
     #[module(skip)]
     attention: Arc<dyn AttentionImpl>,
+    /// The dtype of the GEMMs of a forward pass (f32 master weights either way).
+    #[module(skip)]
+    precision: Precision,
 }
 
 /// Output of a forward pass.
@@ -248,7 +253,18 @@ impl Transformer {
             lm_head,
             router_gru,
             attention: Arc::new(DenseAttention),
+            precision: Precision::Fp32,
         }
+    }
+
+    /// Sets the compute precision of the forward pass (`crate::precision`).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Swap the attention implementation (how `parallelize` applies context parallelism).
@@ -268,6 +284,12 @@ impl Transformer {
     }
 
     fn forward_impl(&self, tokens_bs: Tensor<2, Int>, reference: bool) -> ModelOutput {
+        precision::scoped(self.precision, || {
+            self.forward_at_precision(tokens_bs, reference)
+        })
+    }
+
+    fn forward_at_precision(&self, tokens_bs: Tensor<2, Int>, reference: bool) -> ModelOutput {
         let [b, s] = tokens_bs.dims();
         let embed_vd = self.embed.val();
         let [_, d] = embed_vd.dims();

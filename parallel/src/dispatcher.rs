@@ -387,8 +387,13 @@ impl TokenDispatcher for AllToAllDispatcher {
         experts: &[Option<SwiGlu>],
     ) -> Option<Pipelined> {
         let overlap = self.overlap?;
-        // The block runs on the flex backend; elsewhere the three-step path does the work.
+        // The block runs its expert GEMMs in f32 on the flex backend; elsewhere, under a bf16
+        // forward pass, or with the grouped GEMM switched off, the three-step path does the
+        // work.
         switchyard_moe::cpu::prim(x_td)?;
+        if !switchyard_moe::cpu::fused(switchyard_moe::cpu::Fused::GroupedExperts) {
+            return None;
+        }
         Some(
             self.try_pipelined(overlap, x_td, plan, weights_tk, experts)
                 .unwrap_or_else(|e| panic!("expert-parallel block: {e}")),

@@ -5,7 +5,8 @@
 use std::fmt;
 use std::time::Instant;
 
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, FloatDType, Tensor};
+use switchyard_moe::Precision;
 use switchyard_moe::cpu::gemm::{Mat, gemm_rows_parallel};
 use switchyard_moe::cpu::{Fused, fused, set_fused};
 use switchyard_moe::profile;
@@ -17,6 +18,9 @@ use crate::train::{TrainError, Trainer};
 /// Figures of one benchmark run.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
+    /// The training device (`device:`) and GEMM precision (`precision:`).
+    pub device: String,
+    pub precision: Precision,
     pub threads: usize,
     pub steps: u64,
     pub tokens_per_step: u64,
@@ -24,11 +28,17 @@ pub struct BenchReport {
     pub tokens_per_sec: f64,
     pub model_gflops_per_token: f64,
     pub achieved_gflops: f64,
-    pub fma_peak_gflops: f64,
-    /// burn's matmul, 1024^2.
-    pub gemm_gflops: f64,
-    /// Switchyard's GEMM path (`moe::cpu::gemm`, row blocks over the thread pool), 1024^2.
-    pub own_gemm_gflops: f64,
+    /// burn's matmul on the training device at the training precision (`device_gemm_n`^2):
+    /// the peak MFU is taken against, measured in this run.
+    pub device_gemm_gflops: f64,
+    pub device_gemm_n: usize,
+    /// CPU peaks (absent when training on a GPU).
+    pub cpu_peaks: Option<CpuPeaks>,
+    /// Peak resident memory of the process (Linux `VmHWM`), bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// The device allocator after the timed steps: (bytes in use, bytes reserved); `None`
+    /// on the CPU backend, which does not report it.
+    pub device_memory: Option<(u64, u64)>,
     pub final_loss: f64,
     /// CPU time of the process over the timed steps (all threads), when the OS reports it.
     pub cpu_seconds: Option<f64>,
@@ -43,6 +53,15 @@ pub struct BenchReport {
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "device, precision            {}, {}",
+            self.device,
+            match self.precision {
+                Precision::Fp32 => "fp32",
+                Precision::Bf16 => "bf16",
+            }
+        )?;
         writeln!(f, "threads                      {}", self.threads)?;
         writeln!(f, "timed steps                  {}", self.steps)?;
         writeln!(f, "tokens per step              {}", self.tokens_per_step)?;
@@ -79,28 +98,41 @@ impl fmt::Display for BenchReport {
             "achieved GFLOP/s             {:.1}",
             self.achieved_gflops
         )?;
+        let label = format!("device GEMM GFLOP/s ({}^2)", self.device_gemm_n);
+        writeln!(f, "{label:<29}{:.1}", self.device_gemm_gflops)?;
         writeln!(
             f,
-            "FMA peak GFLOP/s (measured)  {:.1}",
-            self.fma_peak_gflops
+            "MFU (achieved / device GEMM) {:.3}",
+            self.achieved_gflops / self.device_gemm_gflops
         )?;
-        writeln!(f, "GEMM GFLOP/s (burn, 1024^2)  {:.1}", self.gemm_gflops)?;
-        writeln!(
-            f,
-            "GEMM GFLOP/s (own, 1024^2)   {:.1}",
-            self.own_gemm_gflops
-        )?;
-        let best_gemm = self.gemm_gflops.max(self.own_gemm_gflops);
-        writeln!(
-            f,
-            "achieved / FMA peak          {:.3}",
-            self.achieved_gflops / self.fma_peak_gflops
-        )?;
-        writeln!(
-            f,
-            "achieved / best GEMM         {:.3}",
-            self.achieved_gflops / best_gemm
-        )?;
+        if let Some(cpu) = &self.cpu_peaks {
+            writeln!(f, "FMA peak GFLOP/s (measured)  {:.1}", cpu.fma_peak_gflops)?;
+            writeln!(f, "GEMM GFLOP/s (burn, 1024^2)  {:.1}", cpu.gemm_gflops)?;
+            writeln!(f, "GEMM GFLOP/s (own, 1024^2)   {:.1}", cpu.own_gemm_gflops)?;
+            let best_gemm = cpu.gemm_gflops.max(cpu.own_gemm_gflops);
+            writeln!(
+                f,
+                "achieved / FMA peak          {:.3}",
+                self.achieved_gflops / cpu.fma_peak_gflops
+            )?;
+            writeln!(
+                f,
+                "achieved / best GEMM         {:.3}",
+                self.achieved_gflops / best_gemm
+            )?;
+        }
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        if let Some(rss) = self.peak_rss_bytes {
+            writeln!(f, "peak RSS                     {:.2} GiB", gib(rss))?;
+        }
+        if let Some((used, reserved)) = self.device_memory {
+            writeln!(
+                f,
+                "device memory                {:.2} GiB in use, {:.2} GiB reserved",
+                gib(used),
+                gib(reserved)
+            )?;
+        }
         writeln!(f, "last train loss              {:.4}", self.final_loss)?;
         let total: f64 = self.breakdown.iter().map(|(_, t)| t).sum();
         let share = |t: f64, total: f64| 100.0 * t / total.max(f64::MIN_POSITIVE);
@@ -163,6 +195,16 @@ impl fmt::Display for BenchReport {
     }
 }
 
+/// The CPU's peaks, measured in the same run.
+#[derive(Debug, Clone)]
+pub struct CpuPeaks {
+    pub fma_peak_gflops: f64,
+    /// burn's matmul, 1024^2.
+    pub gemm_gflops: f64,
+    /// Switchyard's GEMM path (`moe::cpu::gemm`, row blocks over the thread pool), 1024^2.
+    pub own_gemm_gflops: f64,
+}
+
 /// Trains `warmup` untimed and `steps` timed optimizer steps, then `steps` profiled steps
 /// for the breakdown, and measures the peaks. With `compare`, also runs interleaved steps
 /// with every fused path switched off (the burn-op references) and with each one switched
@@ -175,10 +217,20 @@ pub fn run(
     compare: bool,
 ) -> Result<BenchReport, TrainError> {
     let threads = rayon::current_num_threads();
-    let fma_peak_gflops = fma_peak_gflops(threads);
-    let gemm_gflops = gemm_gflops(1024, 3);
-    let own_gemm_gflops = own_gemm_gflops(1024, 3);
-    let device = Device::flex().autodiff();
+    let device = cfg.device.resolve(0)?;
+    let on_gpu = cfg.device.is_cuda();
+    if compare && on_gpu {
+        return Err(TrainError::Io(
+            "--compare switches the fused CPU paths on and off; use it with `device: cpu`".into(),
+        ));
+    }
+    let cpu_peaks = (!on_gpu).then(|| CpuPeaks {
+        fma_peak_gflops: fma_peak_gflops(threads),
+        gemm_gflops: gemm_gflops(1024, 3),
+        own_gemm_gflops: own_gemm_gflops(1024, 3),
+    });
+    let device_gemm_n = if on_gpu { 8192 } else { 1024 };
+    let device_gemm_gflops = device_gemm_gflops(&device, cfg.precision, device_gemm_n, 5)?;
     let mut cfg = cfg.clone();
     let compare_steps = if compare {
         2 * steps * (Fused::ALL.len() as u64 + 1)
@@ -241,7 +293,12 @@ pub fn run(
     }
     let tokens_per_sec = tokens as f64 / seconds;
     let flops_per_token = trainer.train_flops_per_token();
+    let device_memory = device
+        .memory_pool_usage()
+        .map(|u| (u.bytes_in_use, u.bytes_reserved));
     Ok(BenchReport {
+        device: cfg.device.to_string(),
+        precision: cfg.precision,
         threads,
         steps,
         tokens_per_step: tokens / steps.max(1),
@@ -249,9 +306,11 @@ pub fn run(
         tokens_per_sec,
         model_gflops_per_token: flops_per_token / 1e9,
         achieved_gflops: tokens_per_sec * flops_per_token / 1e9,
-        fma_peak_gflops,
-        gemm_gflops,
-        own_gemm_gflops,
+        device_gemm_gflops,
+        device_gemm_n,
+        cpu_peaks,
+        peak_rss_bytes: peak_rss_bytes(),
+        device_memory,
         final_loss,
         cpu_seconds,
         breakdown,
@@ -313,6 +372,52 @@ pub fn own_gemm_gflops(n: usize, repeats: usize) -> f64 {
         best = best.min(started.elapsed().as_secs_f64());
     }
     2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+/// Best of `repeats` square matmuls of size `n` on `device` (without autodiff) with bf16 or
+/// f32 operands, waiting for the device after each.
+pub fn device_gemm_gflops(
+    device: &Device,
+    precision: Precision,
+    n: usize,
+    repeats: usize,
+) -> Result<f64, TrainError> {
+    let device = device.clone().inner();
+    let operand = || {
+        let t = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), &device);
+        match precision {
+            Precision::Fp32 => t,
+            Precision::Bf16 => t.cast(FloatDType::BF16),
+        }
+    };
+    let (a, b) = (operand(), operand());
+    let sync = || {
+        device
+            .sync()
+            .map_err(|e| TrainError::Io(format!("device sync: {e:?}")))
+    };
+    let mut best = f64::MAX;
+    // One untimed product first: kernel compilation and autotuning on a GPU.
+    for round in 0..=repeats {
+        sync()?;
+        let started = Instant::now();
+        let c = a.clone().matmul(b.clone());
+        sync()?;
+        let elapsed = started.elapsed().as_secs_f64();
+        drop(c);
+        if round > 0 {
+            best = best.min(elapsed);
+        }
+    }
+    Ok(2.0 * (n * n * n) as f64 / best / 1e9)
+}
+
+/// Peak resident set size of this process (Linux `/proc/self/status` `VmHWM`), bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Best of `repeats` square f32 matmuls of size `n` through burn's CPU backend.

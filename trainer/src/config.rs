@@ -6,11 +6,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use switchyard_comm::CommConfig;
-use switchyard_moe::ModelConfig;
+use switchyard_moe::{ModelConfig, Precision};
 use switchyard_parallel::ParallelConfig;
 use switchyard_placement::{PlacementConfig, Strategy};
 
 use crate::data::{DataConfig, TokenizerConfig};
+use crate::device::{CUDA_BUILT, DeviceConfig};
 use crate::metrics::MetricsConfig;
 use crate::optim::OptimConfig;
 use crate::train::CheckpointConfig;
@@ -38,6 +39,13 @@ pub struct Config {
     /// `rebalance_every` steps (absent = contiguous, never rebalanced).
     #[serde(default)]
     pub placement: PlacementConfig,
+    /// `cpu` (default), `cuda` (the rank's local rank picks the GPU) or `cuda:N`.
+    #[serde(default)]
+    pub device: DeviceConfig,
+    /// `fp32` (default) or `bf16`: bf16 GEMMs with f32 master weights, router, softmax and
+    /// loss (`switchyard_moe::precision`).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// The `run:` node: identity and placement of one training run.
@@ -138,6 +146,7 @@ impl Config {
                 ),
             ));
         }
+        issues.extend(self.device_issues());
         // Combinations that span components.
         if self.data.seq_len > self.model.max_seq_len {
             issues.push((
@@ -163,6 +172,38 @@ impl Config {
                     "is {} but the tokenizer has up to {vocab} tokens; set model.vocab_size: {vocab}",
                     self.model.vocab_size
                 ),
+            ));
+        }
+        issues
+    }
+
+    fn device_issues(&self) -> Vec<(String, String)> {
+        let mut issues = Vec::new();
+        let device = self.device;
+        if !device.is_cuda() {
+            return issues;
+        }
+        let mut add = |msg: String| issues.push(("device".to_string(), msg));
+        if !CUDA_BUILT {
+            add(format!(
+                "is `{device}` but this switchyard was built without the CUDA backend; \
+                 rebuild with `cargo build --release --features cuda` or use `device: cpu`"
+            ));
+        }
+        if self.parallel.ep > 1 || self.parallel.cp > 1 {
+            add(format!(
+                "is `{device}` with parallel.ep = {} and parallel.cp = {}: the expert-parallel \
+                 all-to-all and context-parallel attention are autodiff ops of the CPU \
+                 backend only so far; use ep: 1 and cp: 1 (data parallelism works) or \
+                 `device: cpu`",
+                self.parallel.ep, self.parallel.cp
+            ));
+        }
+        if matches!(device, DeviceConfig::Cuda(Some(_))) && self.parallel.world_size() > 1 {
+            add(format!(
+                "is `{device}` for {} ranks, which would all share that GPU; use `device: \
+                 cuda` (each rank takes the GPU of its local rank)",
+                self.parallel.world_size()
             ));
         }
         issues

@@ -169,6 +169,8 @@ pub enum TrainError {
     Resume { path: PathBuf, message: String },
     #[error("{0}")]
     Io(String),
+    #[error("{0}")]
+    Device(#[from] crate::device::DeviceError),
 }
 
 /// What the trainer carries from step to step besides weights and optimizer moments; saved
@@ -246,7 +248,8 @@ impl Trainer {
         device: &Device,
         world: Option<Box<dyn Communicator>>,
     ) -> Result<Self, TrainError> {
-        let mut model = Transformer::new(&cfg.model, cfg.run.seed, device);
+        let mut model =
+            Transformer::new(&cfg.model, cfg.run.seed, device).with_precision(cfg.precision);
         let signature = signature(&model);
         let dist = match world {
             Some(world) => {

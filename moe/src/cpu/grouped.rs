@@ -42,7 +42,8 @@ pub fn grouped_swiglu(x_rd: Tensor<2>, experts: &[&SwiGlu], rows: &[usize]) -> T
     if experts.is_empty() {
         return x_rd;
     }
-    if !fused(Fused::GroupedExperts) {
+    // Off the flex backend, before stacking copies of the weights for nothing.
+    if !fused(Fused::GroupedExperts) || prim(&x_rd).is_none() {
         return grouped_swiglu_reference(x_rd, &experts, &rows);
     }
     let stack =

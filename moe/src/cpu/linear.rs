@@ -10,7 +10,8 @@ use burn::tensor::Tensor;
 use super::gemm::{Mat, gemm_rows_parallel};
 use super::{BackwardFn, Fused, custom_op, dims, fused, prim, tensor, values};
 
-/// x: [N, D], w: [D, O] -> [N, O]; burn's matmul off the flex backend or when switched off.
+/// x: [N, D], w: [D, O] -> [N, O]; burn's matmul (at the forward pass's precision) off the
+/// flex backend, under bf16 or when switched off.
 pub fn linear(x_nd: Tensor<2>, w_do: Tensor<2>) -> Tensor<2> {
     if fused(Fused::Linear)
         && let (Some(x), Some(w)) = (prim(&x_nd), prim(&w_do))
@@ -18,7 +19,7 @@ pub fn linear(x_nd: Tensor<2>, w_do: Tensor<2>) -> Tensor<2> {
     {
         return y;
     }
-    x_nd.matmul(w_do)
+    crate::precision::matmul(x_nd, w_do)
 }
 
 fn forward(x: &super::FlexTensor, w: &super::FlexTensor) -> (super::FlexTensor, BackwardFn<2>) {

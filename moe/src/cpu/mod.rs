@@ -32,6 +32,8 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Tensor, TensorData};
 
+use crate::precision::Precision;
+
 /// The fused paths, each of which can be switched back to its burn-op reference (the
 /// benchmark measures every change side by side this way; tests pin the two together).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,9 +94,12 @@ pub fn set_fused(op: Fused, on: bool) {
     }
 }
 
-/// Whether `op` takes its fused path.
+/// Whether `op` takes its fused path. The GEMM ops compute in f32 only, so under a bf16
+/// forward pass (`crate::precision`) they give way to their references, which cast.
 pub fn fused(op: Fused) -> bool {
+    let f32_gemm = matches!(op, Fused::GroupedExperts | Fused::Attention | Fused::Linear);
     DISABLED.load(Ordering::Relaxed) & (1 << op as u32) == 0
+        && !(f32_gemm && crate::precision::current() == Precision::Bf16)
 }
 
 /// The flex backend's tensor primitive.
