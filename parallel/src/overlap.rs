@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use switchyard_comm::{Buffer, Communicator, ReduceOp, Request};
-use switchyard_moe::cpu::grouped::{RowGrads, Stacked, backward_rows, forward_raw, weight_grads};
+use switchyard_moe::cpu::grouped::{
+    RowGrads, Stacked, Transposed, backward_rows, forward_raw, weight_grads,
+};
 use switchyard_moe::cpu::{BackwardFn, FlexTensor, custom_op, dims, prim, tensor, values};
 use switchyard_moe::experts::SwiGlu;
 
@@ -253,6 +255,13 @@ impl BlockLayout {
     /// Local experts (`recv[s].len()`, the same for every s).
     fn local_experts(&self) -> usize {
         self.recv.first().map_or(0, Vec::len)
+    }
+
+    /// Rows this rank's l-th expert gets over all chunks and sources.
+    fn total_rows(&self) -> Vec<usize> {
+        (0..self.local_experts())
+            .map(|l| self.recv.iter().map(|r| r[l]).sum())
+            .collect()
     }
 
     /// Rows of chunk `c` this rank's l-th expert gets, over all sources.
@@ -589,6 +598,9 @@ fn forward(
             d: width,
             f,
         });
+        let transposed = stacked
+            .as_ref()
+            .map(|s| Transposed::of(s, &layout.total_rows()));
         // Per chunk: the row part (dX travels home at once); the weight gradients wait for
         // every chunk and are one GEMM per expert over its rows in the unchunked order, so
         // the chunk count never changes a single bit of them (or of anything else: every
@@ -601,14 +613,21 @@ fn forward(
                 &values(&dy),
                 "expert-parallel block (backward)",
                 |_, dys, rows| {
-                    let Some(stacked) = &stacked else {
+                    let (Some(stacked), Some(transposed)) = (&stacked, &transposed) else {
                         return dys;
                     };
                     let chunk = pending.next().expect("one saved chunk per chunk");
                     debug_assert_eq!(chunk.rows, rows);
                     let mut dx = vec![0f32; dys.len()];
-                    let grads =
-                        backward_rows(stacked, rows, &chunk.g, &chunk.u, &dys, Some(&mut dx));
+                    let grads = backward_rows(
+                        stacked,
+                        transposed,
+                        rows,
+                        &chunk.g,
+                        &chunk.u,
+                        &dys,
+                        Some(&mut dx),
+                    );
                     rows_done.borrow_mut().push((chunk, grads, dys));
                     dx
                 },

@@ -228,7 +228,7 @@ pub fn backward_raw(
     dx: Option<&mut [f32]>,
     dw: [Option<&mut [f32]>; 3],
 ) {
-    let RowGrads { a, dg, du } = backward_rows(w, rows, g, u, dyv, dx);
+    let RowGrads { a, dg, du } = backward_rows(w, &Transposed::of(w, rows), rows, g, u, dyv, dx);
     weight_grads(xv, w, rows, &a, &dg, &du, dyv, dw);
 }
 
@@ -243,6 +243,7 @@ pub struct RowGrads {
 /// need. Every row's results depend on that row alone.
 pub fn backward_rows(
     w: &Stacked,
+    wt: &Transposed,
     rows: &[usize],
     g: &[f32],
     u: &[f32],
@@ -251,7 +252,6 @@ pub fn backward_rows(
 ) -> RowGrads {
     let (d, f) = (w.d, w.f);
     let r = rows.iter().sum::<usize>();
-    let (wgv, wuv, wdv) = (w.gate, w.up, w.down);
     let blocks = blocks(rows);
     // Per row block: dA = dY Wd^T, then dG, dU (and A for dWd), then dX.
     let mut a = vec![0f32; r * f];
@@ -265,14 +265,7 @@ pub fn backward_rows(
             &mut dx_scratch[..]
         }
     };
-    // The weights transposed into contiguous copies: with a strided (transposed view)
-    // operand the kernel's result for a row depends on how many rows share the call, and
-    // the pipelined expert block must give the same bits however it chunks the rows.
-    let (wdt, wgt, wut) = (
-        transpose_stacked(wdv, rows, f, d),
-        transpose_stacked(wgv, rows, d, f),
-        transpose_stacked(wuv, rows, d, f),
-    );
+    let (wdt, wgt, wut) = (&wt.down, &wt.gate, &wt.up);
     split_rows(&mut a, &blocks, f)
         .into_par_iter()
         .zip(split_rows(&mut dg, &blocks, f))
@@ -284,7 +277,7 @@ pub fn backward_rows(
             let w = |v, rows_per, cols| weight(v, b.e, rows_per, cols);
             let dy_b = Mat::new(&dyv[b.start * d..(b.start + b.len) * d], b.len, d);
             // dA lands in dg_b, then is turned into dG in place.
-            gemm(dy_b, w(&wdt, d, f), dg_b, f, false);
+            gemm(dy_b, w(wdt, d, f), dg_b, f, false);
             // With s = sigmoid(g): silu(g) = g s, silu'(g) = s (1 + g (1 - s)).
             let grads = a_b.iter_mut().zip(du_b.iter_mut()).zip(dg_b.iter_mut());
             for (((a, du), dg), (&gi, &ui)) in grads.zip(g[span.clone()].iter().zip(&u[span])) {
@@ -297,20 +290,36 @@ pub fn backward_rows(
             }
             // dX = dG Wg^T + dU Wu^T: two plain GEMMs and an elementwise sum (an
             // accumulating GEMM's rounding depends on the number of rows in the call).
-            gemm(Mat::new(dg_b, b.len, f), w(&wgt, f, d), dx_b, d, false);
+            gemm(Mat::new(dg_b, b.len, f), w(wgt, f, d), dx_b, d, false);
             let mut dx_up = vec![0f32; dx_b.len()];
-            gemm(
-                Mat::new(du_b, b.len, f),
-                w(&wut, f, d),
-                &mut dx_up,
-                d,
-                false,
-            );
+            gemm(Mat::new(du_b, b.len, f), w(wut, f, d), &mut dx_up, d, false);
             for (x, u) in dx_b.iter_mut().zip(&dx_up) {
                 *x += u;
             }
         });
     RowGrads { a, dg, du }
+}
+
+/// The weights of [`Stacked`] transposed into contiguous copies, for the backward's row
+/// GEMMs: with a strided (transposed view) operand the kernel's result for a row depends
+/// on how many rows share the call, and the pipelined expert block must give the same bits
+/// however it chunks the rows. Made once per backward, not per chunk.
+pub struct Transposed {
+    /// [E·F, D] (each expert's gate weight transposed), likewise `up`; `down` [E·D, F].
+    pub gate: Vec<f32>,
+    pub up: Vec<f32>,
+    pub down: Vec<f32>,
+}
+
+impl Transposed {
+    /// The experts with rows (by `rows`) transposed; the others left zero.
+    pub fn of(w: &Stacked, rows: &[usize]) -> Transposed {
+        Transposed {
+            gate: transpose_stacked(w.gate, rows, w.d, w.f),
+            up: transpose_stacked(w.up, rows, w.d, w.f),
+            down: transpose_stacked(w.down, rows, w.f, w.d),
+        }
+    }
 }
 
 /// Stacked [E·p, q] -> stacked [E·q, p]: every expert's block transposed (experts with no
