@@ -19,6 +19,7 @@
 //!   owners of per-layer placements at a step boundary).
 
 pub mod all_to_all;
+pub mod bench_clock;
 pub mod config;
 pub mod cp;
 pub mod dispatcher;

@@ -54,7 +54,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -62,29 +62,8 @@ use switchyard_comm::{
     BackendKind, Buffer, CommError, Communicator, LinkModel, LocalWorld, PendingOp, ReduceOp,
     Request,
 };
+use switchyard_parallel::bench_clock::{Cpu, thread_cpu_time};
 use switchyard_parallel::cp::{CpAlgorithm, CpAttention, Sharding, context_attention};
-
-/// The process's one CPU token: at most one rank computes at a time.
-#[derive(Default)]
-struct Cpu {
-    busy: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Cpu {
-    fn acquire(&self) {
-        let mut busy = self.busy.lock().unwrap();
-        while *busy {
-            busy = self.cv.wait(busy).unwrap();
-        }
-        *busy = true;
-    }
-
-    fn release(&self) {
-        *self.busy.lock().unwrap() = false;
-        self.cv.notify_one();
-    }
-}
 
 /// A message: (source, destination, tag, sequence number on that triple).
 type MsgId = (usize, usize, u32, usize);
@@ -99,13 +78,6 @@ enum Event {
     },
     /// Blocks until the message has arrived (a receive, or a send's delivery).
     Wait(MsgId),
-}
-
-/// Seconds of CPU time of the calling thread (Linux), or `None`.
-fn thread_cpu_time() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
-    Some(ns as f64 * 1e-9)
 }
 
 /// The compute clock: thread CPU time where available, else wall time since `origin`.

@@ -43,7 +43,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -52,6 +52,7 @@ use switchyard_comm::{
 };
 use switchyard_moe::config::CapacityConfig;
 use switchyard_moe::{ModelConfig, MoeConfig, RouterConfig, Transformer, cross_entropy};
+use switchyard_parallel::bench_clock::{Cpu, thread_cpu_time};
 use switchyard_parallel::overlap::BlockTimes;
 use switchyard_parallel::{AllToAllDispatcher, LossScale, Mesh, Overlap, parallelize};
 
@@ -158,28 +159,6 @@ fn model_cfg(a: &Args) -> ModelConfig {
 // collectives queue on its link in post order.
 // ---------------------------------------------------------------------------------------
 
-/// The process's one CPU token: at most one rank computes at a time.
-#[derive(Default)]
-struct Cpu {
-    busy: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Cpu {
-    fn acquire(&self) {
-        let mut busy = self.busy.lock().unwrap();
-        while *busy {
-            busy = self.cv.wait(busy).unwrap();
-        }
-        *busy = true;
-    }
-
-    fn release(&self) {
-        *self.busy.lock().unwrap() = false;
-        self.cv.notify_one();
-    }
-}
-
 /// A collective: (communicator name, its sequence number there).
 type CollId = (String, u64);
 
@@ -198,12 +177,8 @@ enum Event {
     Wait(CollId),
 }
 
-fn thread_cpu_time() -> f64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|ns| ns as f64 * 1e-9)
-        .expect("the replay needs /proc/thread-self/schedstat (Linux)")
+fn cpu_time() -> f64 {
+    thread_cpu_time().expect("the replay needs /proc/thread-self/schedstat (Linux)")
 }
 
 struct Trace {
@@ -220,7 +195,7 @@ struct Recorder {
 impl Recorder {
     fn checkpoint(st: &mut Trace) {
         if st.running {
-            let now = thread_cpu_time();
+            let now = cpu_time();
             st.events.push(Event::Compute((now - st.resumed).max(0.0)));
             st.resumed = now;
         }
@@ -230,7 +205,7 @@ impl Recorder {
         self.cpu.acquire();
         let mut st = self.st.lock().unwrap();
         st.running = true;
-        st.resumed = thread_cpu_time();
+        st.resumed = cpu_time();
         st.events.clear();
     }
 
@@ -272,7 +247,7 @@ impl Recorder {
         self.cpu.release();
         let out = f();
         self.cpu.acquire();
-        self.st.lock().unwrap().resumed = thread_cpu_time();
+        self.st.lock().unwrap().resumed = cpu_time();
         out
     }
 }
