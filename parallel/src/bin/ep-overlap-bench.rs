@@ -19,7 +19,8 @@
 //! one rank at a time, charged its thread's CPU time); its trace of compute, collective
 //! posts and waits is replayed on virtual clocks with the link model, and again with free
 //! links. Definitions (all from the same run):
-//! - step: forward + loss + backward, the slowest rank's replayed end (median of the steps).
+//! - step: forward + loss + backward, the slowest rank's replayed end; the measured steps
+//!   run the same schedule, so each compute segment keeps its fastest measurement.
 //! - exposed comm: step with the link minus step with free links.
 //! - communication: the exposed comm at d=1 (nothing overlaps there).
 //! - expert compute: the block's grouped-GEMM time, forward and backward (slowest rank).
@@ -595,7 +596,7 @@ fn threads(a: &Args, overlap: Overlap, link: LinkModel) -> Vec<Measured> {
     })
 }
 
-/// Replayed step times (ms, median over steps) with the link and with free links, the
+/// Replayed step times (ms, from the combined traces) with the link and with free links, the
 /// slowest rank's link cost and the block's expert compute per step (ms, slowest rank).
 #[derive(Clone, Copy, Debug)]
 struct Replayed {
@@ -605,29 +606,44 @@ struct Replayed {
     compute: f64,
 }
 
+/// Combines a rank's measured steps into one trace: the steps run the same schedule (same
+/// batch, fixed chunk count), so each compute segment keeps its shortest measurement (noise
+/// on a shared machine only ever adds time), as `cp-bench` does with its repetitions.
+fn combined(steps: &[(f64, BlockTimes, Vec<Event>)]) -> Vec<Event> {
+    let mut out = steps[0].2.clone();
+    for (_, _, events) in &steps[1..] {
+        assert_eq!(
+            events.len(),
+            out.len(),
+            "every measured step runs the same schedule"
+        );
+        for (kept, e) in out.iter_mut().zip(events) {
+            if let (Event::Compute(k), Event::Compute(x)) = (kept, e) {
+                *k = k.min(*x);
+            }
+        }
+    }
+    out
+}
+
 fn replay_all(per_rank: &[Measured], link: LinkModel) -> Replayed {
-    let steps = per_rank[0].len();
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2] * 1e3
-    };
-    let traces =
-        |i: usize| -> Vec<Vec<Event>> { per_rank.iter().map(|r| r[i].2.clone()).collect() };
-    let linked: Vec<(f64, f64)> = (0..steps).map(|i| replay(&traces(i), Some(link))).collect();
-    let free: Vec<f64> = (0..steps).map(|i| replay(&traces(i), None).0).collect();
-    let compute: Vec<f64> = (0..steps)
-        .map(|i| {
-            per_rank
-                .iter()
-                .map(|r| r[i].1.compute.as_secs_f64())
-                .fold(0.0, f64::max)
+    let traces: Vec<Vec<Event>> = per_rank.iter().map(|r| combined(r)).collect();
+    let (step, link_cost) = replay(&traces, Some(link));
+    let (free, _) = replay(&traces, None);
+    // The block's expert compute: the slowest rank's fastest step.
+    let compute = per_rank
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|s| s.1.compute.as_secs_f64())
+                .fold(f64::INFINITY, f64::min)
         })
-        .collect();
+        .fold(0.0, f64::max);
     Replayed {
-        step: median(linked.iter().map(|x| x.0).collect()),
-        free: median(free),
-        link_cost: median(linked.iter().map(|x| x.1).collect()),
-        compute: median(compute),
+        step: step * 1e3,
+        free: free * 1e3,
+        link_cost: link_cost * 1e3,
+        compute: compute * 1e3,
     }
 }
 
@@ -726,7 +742,7 @@ fn main() {
     println!(
         "ep={} ranks as threads, recorded (one core each, CPU time) and replayed with a link \
          of {} Gbit/s + {} us per message; {} layers (all MoE), d_model {}, {} experts top-2 \
-         (expert ffn {}), {} x {} tokens per rank; median of {} steps after {} warm-up",
+         (expert ffn {}), {} x {} tokens per rank; fastest segments of {} steps after {} warm-up",
         a.ranks,
         a.gbps,
         a.latency_us,
