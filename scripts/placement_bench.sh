@@ -29,7 +29,7 @@ record e64-l4-bal      model.moe.num_experts=64   model.n_layers=4  model.moe.lo
 record e64-l4-mild     model.moe.num_experts=64   model.n_layers=4  model.moe.load_balance_coef=0.001
 record e64-l4-skew     model.moe.num_experts=64   model.n_layers=4  model.moe.load_balance_coef=0
 
-plan() { # stats, ranks, extra args (default: every strategy, ILP limited to 1 s)
+plan() { # stats, ranks, extra args (default: every strategy, ILP limited to 1 s, gap 1%)
     local stats=$1 ranks=$2
     shift 2
     [[ $# -gt 0 ]] || set -- --time-limit 1
@@ -43,8 +43,8 @@ plan e32-l4-bal 4
 plan e32-l4-bal 8
 plan e32-l4-skew 8
 plan e64-l4-bal 8
-plan e64-l4-bal 8 --strategy ilp --time-limit 1 --mip-gap 0.05
-plan e64-l4-bal 8 --strategy ilp --time-limit 10
+plan e64-l4-bal 8 --strategy ilp --time-limit 10 --mip-gap 0
+plan e64-l4-mild 8 --strategy ilp --time-limit 10 --mip-gap 0
 plan e64-l4-mild 8
 plan e64-l4-skew 8
 plan e64-l4-skew 8 --time-limit 1 --ranks-per-node 4 --inter-node-slowdown 9

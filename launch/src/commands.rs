@@ -545,6 +545,7 @@ pub fn plan_placement(opts: &PlanPlacementOptions) -> Result<()> {
                         x.outcome,
                         switchyard_placement::ilp::Outcome::Optimal
                             | switchyard_placement::ilp::Outcome::StartProven
+                            | switchyard_placement::ilp::Outcome::Exact
                     )
                 })
                 .count();

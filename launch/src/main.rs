@@ -130,7 +130,7 @@ struct PlanPlacementArgs {
     #[arg(long, default_value_t = 1.0)]
     time_limit: f64,
     /// ILP relative gap at which a solve may stop (0 = prove optimality).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.01)]
     mip_gap: f64,
     /// ILP solver: `microlp`, or `highs` (built with the `highs` feature).
     #[arg(long, default_value = "microlp")]

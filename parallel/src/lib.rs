@@ -29,6 +29,7 @@ pub mod grad_sync;
 pub mod mesh;
 pub mod migrate;
 pub mod overlap;
+pub mod trace;
 
 pub use config::ParallelConfig;
 pub use cp::{CpAlgorithm, CpAttention, CpConfig, SeqLayout, Sharding, shard_sequence};

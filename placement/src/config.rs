@@ -47,9 +47,10 @@ pub enum Strategy {
         /// Wall-clock budget of both stages together, seconds.
         #[serde(default = "default_time_limit_s")]
         time_limit_s: f64,
-        /// Relative gap at which a solve may stop (0 = prove optimality; MoETuner ran
-        /// Gurobi to 0.025).
-        #[serde(default)]
+        /// Relative gap at which a solve may stop (0 = prove optimality). Default 0.01:
+        /// 64 experts x 8 ranks x 4 layers is then proven in ~0.2 s, the exact optimum
+        /// takes ~3 s (MoETuner ran Gurobi to 0.025).
+        #[serde(default = "default_mip_gap")]
         mip_gap: f64,
         #[serde(default)]
         solver: IlpSolver,
@@ -94,7 +95,7 @@ impl Strategy {
     pub fn ilp() -> Strategy {
         Strategy::Ilp {
             time_limit_s: default_time_limit_s(),
-            mip_gap: 0.0,
+            mip_gap: default_mip_gap(),
             solver: IlpSolver::default(),
         }
     }
@@ -165,4 +166,8 @@ fn default_stats_decay() -> f64 {
 
 fn default_time_limit_s() -> f64 {
     1.0
+}
+
+fn default_mip_gap() -> f64 {
+    0.01
 }

@@ -66,7 +66,12 @@ impl StageReport {
     fn new(solves: Vec<SolveReport>, seconds: f64) -> StageReport {
         let objective = mean(&solves.iter().map(|s| s.objective).collect::<Vec<_>>());
         let bound = mean(&solves.iter().map(|s| s.bound).collect::<Vec<_>>());
-        let proven = |s: &SolveReport| matches!(s.outcome, Outcome::StartProven | Outcome::Optimal);
+        let proven = |s: &SolveReport| {
+            matches!(
+                s.outcome,
+                Outcome::StartProven | Outcome::Optimal | Outcome::Exact
+            )
+        };
         let status = if solves
             .iter()
             .any(|s| matches!(s.outcome, Outcome::Failed(_)))

@@ -24,7 +24,7 @@ fn the_ilp_takes_a_time_limit_and_a_solver() {
         cfg.strategy,
         Strategy::Ilp {
             time_limit_s: 0.5,
-            mip_gap: 0.0,
+            mip_gap: 0.01,
             solver: IlpSolver::Microlp
         }
     );

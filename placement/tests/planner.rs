@@ -239,7 +239,10 @@ fn ilp_stage2_matches_brute_force_on_small_instances() {
 
 #[test]
 fn zero_time_limit_falls_back_to_the_heuristic() {
-    let instance = random_instance(7, 3, 32, Topology::uniform(8), 1.5);
+    // Two-level links: stage 2 is a MILP there (with uniform links it is solved exactly,
+    // in microseconds, whatever the limit).
+    let topology = Topology::two_level(8, 4, 9.0).unwrap();
+    let instance = random_instance(7, 3, 32, topology, 1.5);
     let heuristic = plan(&instance, &Strategy::Heuristic {}).unwrap();
     let fallback = plan(&instance, &ilp(0.0)).unwrap();
     assert_valid(&instance, &fallback);

@@ -526,25 +526,11 @@ impl Trainer {
         if flat.iter().any(|&o| o < 0) {
             return Ok(None);
         }
-        let new: BTreeMap<usize, switchyard_parallel::Placement> = layers
-            .iter()
-            .zip(flat.chunks(experts))
-            .map(|(&l, owners)| {
-                let owners = owners.iter().map(|&o| o as usize).collect();
-                switchyard_parallel::Placement::from_owners(owners, d.mesh.ep()).map(|p| (l, p))
-            })
-            .collect::<Result<_, _>>()
-            .map_err(|e| TrainError::Comm(format!("placement: the plan: {e}")))?;
-        let mut state = AdamMigration {
-            optim: &mut self.optim,
-            device: self.device.clone().inner(),
-        };
-        let (model, mesh, moves) =
-            migrate(self.model.clone(), &d.mesh, new, &mut state, &self.device)
-                .map_err(|e| TrainError::Comm(format!("step {step}: {e}")))?;
-        self.model = model;
-        d.sync.set_mesh(&mesh);
-        d.mesh = mesh;
+        let owners: Vec<Vec<usize>> = flat
+            .chunks(experts)
+            .map(|o| o.iter().map(|&x| x as usize).collect())
+            .collect();
+        let moves = self.set_placement(&owners)?;
         Ok(line.map(|l| {
             let mut per_layer: BTreeMap<usize, Vec<String>> = BTreeMap::new();
             for m in &moves {
@@ -567,6 +553,51 @@ impl Trainer {
                 }
             )
         }))
+    }
+
+    /// Moves every MoE layer's experts to `owners[i]` (the ep rank of each expert of the
+    /// i-th MoE layer), weights and optimizer state (a collective: every rank calls it with
+    /// the same owners at the same step boundary). Returns what moved.
+    pub fn set_placement(
+        &mut self,
+        owners: &[Vec<usize>],
+    ) -> Result<Vec<switchyard_parallel::ExpertMove>, TrainError> {
+        let step = self.state_step;
+        let Some(d) = &mut self.dist else {
+            return Err(TrainError::Comm(
+                "placement: setting a placement needs expert parallelism".into(),
+            ));
+        };
+        let layers: Vec<usize> = (0..self.cfg.model.n_layers)
+            .filter(|&l| self.cfg.model.is_moe_layer(l))
+            .collect();
+        if owners.len() != layers.len() {
+            return Err(TrainError::Comm(format!(
+                "placement: {} owner vectors for {} MoE layers",
+                owners.len(),
+                layers.len()
+            )));
+        }
+        let new: BTreeMap<usize, switchyard_parallel::Placement> = layers
+            .iter()
+            .zip(owners)
+            .map(|(&l, owners)| {
+                switchyard_parallel::Placement::from_owners(owners.clone(), d.mesh.ep())
+                    .map(|p| (l, p))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| TrainError::Comm(format!("placement: the plan: {e}")))?;
+        let mut state = AdamMigration {
+            optim: &mut self.optim,
+            device: self.device.clone().inner(),
+        };
+        let (model, mesh, moves) =
+            migrate(self.model.clone(), &d.mesh, new, &mut state, &self.device)
+                .map_err(|e| TrainError::Comm(format!("step {step}: {e}")))?;
+        self.model = model;
+        d.sync.set_mesh(&mesh);
+        d.mesh = mesh;
+        Ok(moves)
     }
 
     /// Model tensors and optimizer tensors, by name.

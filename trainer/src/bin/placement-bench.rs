@@ -218,7 +218,7 @@ fn main() {
             Strategy::Heuristic {},
             Strategy::Ilp {
                 time_limit_s: args.time_limit,
-                mip_gap: 0.0,
+                mip_gap: 0.01,
                 solver: Default::default(),
             },
         ];
