@@ -12,6 +12,7 @@
 //! An op runs here only on the flex backend (plain or autodiff); on any other backend the
 //! callers take their burn-op reference path.
 
+pub mod alloc;
 pub mod attention;
 pub mod combine;
 pub mod gemm;
