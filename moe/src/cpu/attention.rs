@@ -8,7 +8,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, gemm};
-use super::{BackwardFn, Fused, custom_op, dims, exp, fused, prim, sum, tensor, values};
+use super::{BackwardFn, Fused, custom_op, dims, exp, fused, prim, sum, tensor, values, zeros};
 
 /// q, k, v: [B, H, S, Dh] -> [B, H, S, Dh]. `None` off the flex backend or when switched off.
 pub fn causal_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<Tensor<4>> {
@@ -21,8 +21,8 @@ pub fn causal_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<T
         let scale = 1.0 / (dh as f32).sqrt();
         let (qv, kv, vv) = (values(q), values(k), values(v));
         let head = s * dh;
-        let mut p = vec![0f32; b * h * s * s];
-        let mut o = vec![0f32; b * h * head];
+        let mut p = zeros(b * h * s * s);
+        let mut o = zeros(b * h * head);
         p.par_chunks_mut(s * s)
             .zip(o.par_chunks_mut(head))
             .enumerate()
@@ -45,9 +45,9 @@ pub fn causal_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<T
         let (q, k, v) = (q.clone(), k.clone(), v.clone());
         let backward: BackwardFn<3> = Box::new(move |d_out, _| {
             let (qv, kv, vv, dov) = (values(&q), values(&k), values(&v), values(&d_out));
-            let mut dq = vec![0f32; b * h * head];
-            let mut dk = vec![0f32; b * h * head];
-            let mut dvv = vec![0f32; b * h * head];
+            let mut dq = zeros(b * h * head);
+            let mut dk = zeros(b * h * head);
+            let mut dvv = zeros(b * h * head);
             dq.par_chunks_mut(head)
                 .zip(dk.par_chunks_mut(head))
                 .zip(dvv.par_chunks_mut(head))

@@ -7,7 +7,7 @@
 use burn::tensor::{Int, Tensor};
 use rayon::prelude::*;
 
-use super::{BackwardFn, Fused, custom_op, dims, exp, exp_sum, fused, prim, tensor, values};
+use super::{BackwardFn, Fused, custom_op, dims, exp, exp_sum, fused, prim, tensor, values, zeros};
 
 /// logits: [T, V], targets: T ids -> mean over T of `logsumexp(logits_t) - logits_t[target_t]`:
 /// [1]. `None` off the flex backend or when switched off.
@@ -30,8 +30,8 @@ pub fn cross_entropy(logits_tv: &Tensor<2>, targets: &Tensor<1, Int>) -> Option<
         assert_eq!(targets.len(), t, "one target per row");
         let lv = values(logits);
         // Per row: log-sum-exp and the loss.
-        let mut lse = vec![0f32; t];
-        let mut loss = vec![0f32; t];
+        let mut lse = zeros(t);
+        let mut loss = zeros(t);
         lse.par_iter_mut()
             .zip(loss.par_iter_mut())
             .enumerate()
@@ -47,7 +47,7 @@ pub fn cross_entropy(logits_tv: &Tensor<2>, targets: &Tensor<1, Int>) -> Option<
         let backward: BackwardFn<1> = Box::new(move |dy, _| {
             let scale = values(&dy)[0] / t.max(1) as f32;
             let lv = values(&logits);
-            let mut dx = vec![0f32; t * v];
+            let mut dx = zeros(t * v);
             dx.par_chunks_mut(v).enumerate().for_each(|(row, d)| {
                 let x = &lv[row * v..(row + 1) * v];
                 let m = lse[row];

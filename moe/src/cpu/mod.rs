@@ -47,7 +47,8 @@ pub enum Fused {
     Attention,
     /// Cross-entropy over the vocabulary (`loss`).
     Loss,
-    /// One pass AdamW over raw buffers (in the trainer); off by default (see `DISABLED`).
+    /// One parallel AdamW pass over raw buffers, and the gradient norm and clipping on raw
+    /// buffers (in the trainer).
     Optimizer,
     /// Dense projections (attention, LM head) as row-blocked GEMMs (`linear`).
     Linear,
@@ -79,11 +80,8 @@ impl Fused {
     }
 }
 
-/// Bit i set: `Fused::ALL[i]` is switched off (process-wide). All on by default except
-/// the fused AdamW: 1.8x faster than burn-optim's on a lone 1M-element tensor, but not
-/// faster inside a training step in our measurements (`bench --compare`), cause not found
-/// yet; it stays available and tested.
-static DISABLED: AtomicU32 = AtomicU32::new(1 << Fused::Optimizer as u32);
+/// Bit i set: `Fused::ALL[i]` is switched off (process-wide). All on by default.
+static DISABLED: AtomicU32 = AtomicU32::new(0);
 
 /// Switches a fused path on or off for the whole process.
 pub fn set_fused(op: Fused, on: bool) {
@@ -232,6 +230,18 @@ pub fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
         Some(s) => std::borrow::Cow::Borrowed(s),
         None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().unwrap().to_vec()),
     }
+}
+
+/// `n` zeros; a large buffer is written by the thread pool (zeroing the ops' output
+/// buffers on the calling thread was a fifth of a step's serial time).
+pub fn zeros(n: usize) -> Vec<f32> {
+    use rayon::iter::{ParallelExtend, repeat_n};
+    if n < 1 << 16 {
+        return vec![0f32; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.par_extend(repeat_n(0f32, n));
+    v
 }
 
 /// A flex tensor of `shape` holding `data`.
