@@ -151,14 +151,21 @@ fn gather_and_combine_match_the_reference() {
 
 #[test]
 fn attention_matches_the_reference() {
+    // 17: one block; 150: the causal loops' blocks of 64 rows, the last one partial.
+    for s in [17, 150] {
+        attention_matches_the_reference_at(s);
+    }
+}
+
+fn attention_matches_the_reference_at(s: usize) {
     let device = device();
-    let shape = [2, 3, 17, 8];
+    let shape = [2, 3, s, 8];
     let (q, k) = (
         normal(shape, &device).require_grad(),
         normal(shape, &device).require_grad(),
     );
     // v: [B, S, H, Dh], viewed as [B, H, S, Dh].
-    let v = normal([2, 17, 3, 8], &device).require_grad();
+    let v = normal([2, s, 3, 8], &device).require_grad();
     let probe = normal(shape, &device);
     let run = |fused: bool| {
         // A strided view, as the model's heads are.
@@ -178,7 +185,7 @@ fn attention_matches_the_reference() {
     };
     let (fast, reference) = (run(true), run(false));
     for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
-        assert_close(name, &fast[i], &reference[i], 1e-5);
+        assert_close(&format!("{name} (S = {s})"), &fast[i], &reference[i], 1e-5);
     }
 }
 

@@ -518,17 +518,15 @@ pub fn clip_global_norm(grads: &mut BTreeMap<String, Tensor<1>>, norm: f64, max_
                 if !(fused(Fused::Optimizer) && g.device() == Device::flex()) {
                     return (name, g * scale);
                 }
-                // In place on the gradient's own buffer when nothing else holds it.
+                // Read in place (the gradient is shared with the caller's map, so taking
+                // its buffer would copy it first), written once by the thread pool.
                 let device = g.device();
-                let mut values = g
-                    .into_data()
-                    .try_into_vec::<f32>()
-                    .expect("gradients are f32");
-                values.par_iter_mut().for_each(|x| *x *= scale);
-                let n = values.len();
+                let scaled: Vec<f32> =
+                    with_flex_values(&g, |values| values.par_iter().map(|x| x * scale).collect());
+                let n = scaled.len();
                 (
                     name,
-                    Tensor::from_data(TensorData::new(values, [n]), &device),
+                    Tensor::from_data(TensorData::new(scaled, [n]), &device),
                 )
             })
             .collect();

@@ -18,8 +18,9 @@ use std::sync::Mutex;
 pub const MIN_CACHED: usize = 64 << 10;
 /// The most free bytes the cache keeps.
 pub const MAX_CACHED_BYTES: usize = 2 << 30;
-/// The most free blocks the cache keeps.
-const SLOTS: usize = 512;
+/// The most free blocks the cache keeps (a step frees a few thousand large buffers: with
+/// too few slots the cache evicts blocks the next step asks for again).
+const SLOTS: usize = 4096;
 
 /// The size a request of `size` bytes (at least [`MIN_CACHED`]) is served with: rounded up
 /// to one of 8 classes per power of two (at most 12.5% slack), so blocks of nearly equal

@@ -331,9 +331,15 @@ fn transpose_stacked(stacked: &[f32], rows: &[usize], p: usize, q: usize) -> Vec
         .zip(rows.par_iter())
         .filter(|(_, n)| **n > 0)
         .for_each(|((dst, src), _)| {
-            for (i, row) in src.chunks(q).enumerate() {
-                for (j, &v) in row.iter().enumerate() {
-                    dst[j * p + i] = v;
+            // In 32 x 32 tiles, so both sides stay in cache lines already loaded.
+            const TILE: usize = 32;
+            for i0 in (0..p).step_by(TILE) {
+                for j0 in (0..q).step_by(TILE) {
+                    for i in i0..(i0 + TILE).min(p) {
+                        for j in j0..(j0 + TILE).min(q) {
+                            dst[j * p + i] = src[i * q + j];
+                        }
+                    }
                 }
             }
         });
