@@ -20,6 +20,7 @@ pub mod grouped;
 pub mod linear;
 pub mod loss;
 pub mod norm;
+pub mod rope;
 
 use std::fmt;
 use std::sync::Arc;
@@ -54,10 +55,12 @@ pub enum Fused {
     Linear,
     /// RMSNorm (`norm`).
     Norm,
+    /// Split into heads with the rotary embedding, and the merge of heads (`rope`).
+    Heads,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 7] = [
+    pub const ALL: [Fused; 8] = [
         Fused::GroupedExperts,
         Fused::DispatchCombine,
         Fused::Attention,
@@ -65,6 +68,7 @@ impl Fused {
         Fused::Optimizer,
         Fused::Linear,
         Fused::Norm,
+        Fused::Heads,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +80,7 @@ impl Fused {
             Fused::Optimizer => "fused AdamW",
             Fused::Linear => "row-blocked projections",
             Fused::Norm => "fused RMSNorm",
+            Fused::Heads => "fused heads + RoPE",
         }
     }
 }
