@@ -6,9 +6,10 @@
 //! (and, after a trim, smaller ones) with a fresh `mmap`, so every step the kernel zeroes
 //! and faults in the same pages again: 25-30% of a `bench-small` step's CPU time went to
 //! `clear_page` and page faults. Here a freed block of at least [`MIN_CACHED`] bytes goes
-//! into a cache keyed by its size class and alignment, and the next request of that class
+//! into a cache keyed by its size class, and the next request of that class
 //! takes it back; the cache holds at most [`MAX_CACHED_BYTES`] (least recently freed
-//! blocks go back to the system first). The binary installs it with `#[global_allocator]`.
+//! blocks go back to the system first). Cached blocks share one alignment
+//! ([`ALIGN`]). The binary installs it with `#[global_allocator]`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
@@ -16,6 +17,10 @@ use std::sync::Mutex;
 /// Blocks smaller than this go straight to the system allocator (its free lists reuse them
 /// without the kernel's help).
 pub const MIN_CACHED: usize = 64 << 10;
+/// Every cached block is allocated with this alignment and serves any request of its size
+/// class aligned to at most this (burn's buffers and plain `Vec`s ask for different
+/// alignments; keyed apart, each kind missed the other's freed blocks).
+pub const ALIGN: usize = 64;
 /// The most free bytes the cache keeps.
 pub const MAX_CACHED_BYTES: usize = 2 << 30;
 /// The most free blocks the cache keeps (a step frees a few thousand large buffers: with
@@ -35,7 +40,6 @@ pub fn size_class(size: usize) -> usize {
 struct Block {
     addr: usize,
     size: usize,
-    align: usize,
 }
 
 struct Cache {
@@ -52,11 +56,7 @@ pub struct ReuseLarge {
 
 impl ReuseLarge {
     pub const fn new() -> Self {
-        const EMPTY: Block = Block {
-            addr: 0,
-            size: 0,
-            align: 0,
-        };
+        const EMPTY: Block = Block { addr: 0, size: 0 };
         Self {
             cache: Mutex::new(Cache {
                 blocks: [EMPTY; SLOTS],
@@ -70,14 +70,14 @@ impl ReuseLarge {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A cached block of exactly `size` bytes (a size class) and `align`, taken out.
-    fn take(&self, size: usize, align: usize) -> Option<*mut u8> {
+    /// A cached block of exactly `size` bytes (a size class), taken out.
+    fn take(&self, size: usize) -> Option<*mut u8> {
         let mut c = self.cache();
         let len = c.len;
         // Newest first: the block freed last is the likeliest to be in cache.
         let i = (0..len)
             .rev()
-            .find(|&i| c.blocks[i].size == size && c.blocks[i].align == align)?;
+            .find(|&i| c.blocks[i].size == size)?;
         let block = c.blocks[i];
         c.blocks.copy_within(i + 1..len, i);
         c.len -= 1;
@@ -124,34 +124,40 @@ impl Default for ReuseLarge {
 }
 
 fn release(b: Block) {
-    // SAFETY: the block came from `System.alloc` with exactly this size and alignment.
-    unsafe { System.dealloc(b.addr as *mut u8, Layout::from_size_align_unchecked(b.size, b.align)) }
+    // SAFETY: the block came from `System.alloc` with exactly this size and `ALIGN`.
+    unsafe { System.dealloc(b.addr as *mut u8, Layout::from_size_align_unchecked(b.size, ALIGN)) }
+}
+
+/// Whether the cache serves a request of this layout.
+fn cached(layout: Layout) -> bool {
+    layout.size() >= MIN_CACHED && layout.align() <= ALIGN
 }
 
 // SAFETY: every block handed out is either the system allocator's answer for the request
-// (small) or a block of the request's size class (at least the request) and alignment,
+// (small or over-aligned) or a block of the request's size class (at least the request)
+// aligned to `ALIGN` (at least the request's),
 // owned by nobody else: the cache gives each block out once and takes it back on `dealloc`.
 unsafe impl GlobalAlloc for ReuseLarge {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() < MIN_CACHED {
+        if !cached(layout) {
             // SAFETY: forwarded as is.
             return unsafe { System.alloc(layout) };
         }
         let size = size_class(layout.size());
-        match self.take(size, layout.align()) {
+        match self.take(size) {
             Some(p) => p,
-            // SAFETY: size is non-zero and rounding up keeps the layout valid.
-            None => unsafe { System.alloc(Layout::from_size_align_unchecked(size, layout.align())) },
+            // SAFETY: size is non-zero and ALIGN a power of two.
+            None => unsafe { System.alloc(Layout::from_size_align_unchecked(size, ALIGN)) },
         }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() < MIN_CACHED {
+        if !cached(layout) {
             // SAFETY: forwarded as is.
             return unsafe { System.alloc_zeroed(layout) };
         }
         let size = size_class(layout.size());
-        match self.take(size, layout.align()) {
+        match self.take(size) {
             Some(p) => {
                 // SAFETY: the block holds at least `layout.size()` bytes.
                 unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
@@ -159,38 +165,39 @@ unsafe impl GlobalAlloc for ReuseLarge {
             }
             // SAFETY: as in `alloc`; fresh system memory comes zeroed without a pass.
             None => unsafe {
-                System.alloc_zeroed(Layout::from_size_align_unchecked(size, layout.align()))
+                System.alloc_zeroed(Layout::from_size_align_unchecked(size, ALIGN))
             },
         }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if layout.size() < MIN_CACHED {
-            // SAFETY: a small block came from `System` with this layout.
+        if !cached(layout) {
+            // SAFETY: such a block came from `System` with this layout.
             return unsafe { System.dealloc(ptr, layout) };
         }
         self.put(Block {
             addr: ptr as usize,
             size: size_class(layout.size()),
-            align: layout.align(),
         });
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let (old, align) = (layout.size(), layout.align());
-        if old < MIN_CACHED && new_size < MIN_CACHED {
+        // SAFETY: the caller's layout rules hold for the new layout too.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        if !cached(layout) && !cached(new_layout) {
             // SAFETY: forwarded as is.
             return unsafe { System.realloc(ptr, layout, new_size) };
         }
-        if old >= MIN_CACHED && new_size >= MIN_CACHED && size_class(old) == size_class(new_size) {
+        if cached(layout) && cached(new_layout) && size_class(layout.size()) == size_class(new_size)
+        {
             return ptr;
         }
-        // SAFETY: the caller's layout rules hold for the new layout too.
+        // SAFETY: a fresh block for the new layout, the old one's bytes moved over and the
+        // old one given back with its own layout.
         unsafe {
-            let new_layout = Layout::from_size_align_unchecked(new_size, align);
             let new = self.alloc(new_layout);
             if !new.is_null() {
-                std::ptr::copy_nonoverlapping(ptr, new, old.min(new_size));
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
                 self.dealloc(ptr, layout);
             }
             new
@@ -227,12 +234,17 @@ mod tests {
             assert_eq!(q, p);
             assert_eq!(a.cached_bytes(), 0);
             assert!(std::slice::from_raw_parts(q, near.size()).iter().all(|&b| b == 0));
-            // Another alignment does not.
+            // Another alignment up to `ALIGN` does too; a larger one goes to the system.
             a.dealloc(q, near);
-            let other = Layout::from_size_align(299_000, 128).unwrap();
+            let other = Layout::from_size_align(299_000, 4).unwrap();
             let r = a.alloc(other);
-            assert_ne!(r, p);
+            assert_eq!(r, p);
+            assert_eq!(r as usize % ALIGN, 0);
             a.dealloc(r, other);
+            let over = Layout::from_size_align(299_000, 2 * ALIGN).unwrap();
+            let o = a.alloc(over);
+            assert_ne!(o, p);
+            a.dealloc(o, over);
             // Growing within the class keeps the block; across classes moves the bytes.
             let s = a.alloc(near);
             *s = 42;

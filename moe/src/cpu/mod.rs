@@ -279,21 +279,8 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// `sum_i e^(x_i - shift)` with eight independent partial sums, so the loop vectorises
-/// (a single running f32 sum is a dependency chain the compiler must keep in order).
-pub fn exp_sum(xs: &[f32], shift: f32) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().map(|&x| exp(x - shift)).sum();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += exp(x - shift);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `sum_i x_i` with eight partial sums (vectorises, as `exp_sum`).
+/// `sum_i x_i` with eight independent partial sums, so the loop vectorises (a single
+/// running f32 sum is a dependency chain the compiler must keep in order).
 pub fn sum(xs: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = xs.chunks_exact(8);
