@@ -87,8 +87,7 @@ fn apply_rope(x_bhsd: Tensor<4>, tables: &cpu::rope::RopeTables) -> Tensor<4> {
     let half = dh / 2;
     let device = x_bhsd.device();
     let table = |v: &[f32]| {
-        Tensor::<2>::from_data(TensorData::new(v.to_vec(), [s, half]), &device)
-            .unsqueeze::<4>()
+        Tensor::<2>::from_data(TensorData::new(v.to_vec(), [s, half]), &device).unsqueeze::<4>()
     };
     let (cos, sin) = (table(&tables.cos), table(&tables.sin));
     let x1 = x_bhsd.clone().slice([0..b, 0..h, 0..s, 0..half]);
@@ -178,7 +177,8 @@ impl Attention {
     ) -> Tensor<3> {
         let h = self.n_heads;
         let tables = self.rope.tables(positions);
-        let heads = |w: &Param<Tensor<2>>, rope| split_heads(project(x_bsd.clone(), w.val()), h, rope);
+        let heads =
+            |w: &Param<Tensor<2>>, rope| split_heads(project(x_bsd.clone(), w.val()), h, rope);
         let q_bhsd = heads(&self.wq, Some(&tables));
         let k_bhsd = heads(&self.wk, Some(&tables));
         let v_bhsd = heads(&self.wv, None);

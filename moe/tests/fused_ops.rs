@@ -294,7 +294,12 @@ fn heads_split_with_rope_and_merge_match_the_reference() {
         };
         let (fast, reference) = (run(true), run(false));
         for (i, name) in ["split", "merged", "dx"].iter().enumerate() {
-            assert_close(&format!("{name} (rope {with_rope})"), &fast[i], &reference[i], 1e-6);
+            assert_close(
+                &format!("{name} (rope {with_rope})"),
+                &fast[i],
+                &reference[i],
+                1e-6,
+            );
         }
     }
 }

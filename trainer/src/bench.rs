@@ -272,9 +272,7 @@ pub fn run(
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = cpu_started.zip(process_cpu_seconds()).map(|(a, b)| b - a);
-    let serial_cpu_seconds = serial_started
-        .zip(thread_cpu_seconds())
-        .map(|(a, b)| b - a);
+    let serial_cpu_seconds = serial_started.zip(thread_cpu_seconds()).map(|(a, b)| b - a);
     // The breakdown, from separate steps: the markers add graph nodes.
     let per_step = steps.max(1) as f64;
     let breakdown = profile_steps(&mut trainer, steps)?;

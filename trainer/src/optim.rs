@@ -206,7 +206,8 @@ impl NamedAdamW {
                     })
                     .unzip();
                 let mut updated = BTreeMap::new();
-                for (name, (value, state)) in names.into_iter().zip(fused_adamw(self.hyper, lr, entries))
+                for (name, (value, state)) in
+                    names.into_iter().zip(fused_adamw(self.hyper, lr, entries))
                 {
                     self.state.insert(name.clone(), state);
                     updated.insert(name, value);
@@ -433,25 +434,27 @@ fn fused_adamw(h: Hyper, lr: f64, entries: Vec<AdamEntry>) -> Vec<(Tensor<1>, Ad
                 tasks.push((i, c * CHUNK, p, m, v));
             }
         }
-        tasks.into_par_iter().for_each(|(i, start, p_out, m_out, v_out)| {
-            let [p, g, m, v] = &inputs[i];
-            let (_, keep, inv_c1, inv_c2) = consts[i];
-            let span = start..start + p_out.len();
-            let ins = p[span.clone()]
-                .iter()
-                .zip(&g[span.clone()])
-                .zip(&m[span.clone()])
-                .zip(&v[span]);
-            let outs = p_out.iter_mut().zip(m_out.iter_mut()).zip(v_out.iter_mut());
-            for ((((&p, &g), &m), &v), ((p_out, m_out), v_out)) in ins.zip(outs) {
-                let m = m * h.beta1 + g * f1;
-                let v = v * h.beta2 + g * g * f2;
-                let delta = (m * inv_c1) / ((v * inv_c2).sqrt() + h.eps);
-                p_out.write(p * keep - delta * lr);
-                m_out.write(m);
-                v_out.write(v);
-            }
-        });
+        tasks
+            .into_par_iter()
+            .for_each(|(i, start, p_out, m_out, v_out)| {
+                let [p, g, m, v] = &inputs[i];
+                let (_, keep, inv_c1, inv_c2) = consts[i];
+                let span = start..start + p_out.len();
+                let ins = p[span.clone()]
+                    .iter()
+                    .zip(&g[span.clone()])
+                    .zip(&m[span.clone()])
+                    .zip(&v[span]);
+                let outs = p_out.iter_mut().zip(m_out.iter_mut()).zip(v_out.iter_mut());
+                for ((((&p, &g), &m), &v), ((p_out, m_out), v_out)) in ins.zip(outs) {
+                    let m = m * h.beta1 + g * f1;
+                    let v = v * h.beta2 + g * g * f2;
+                    let delta = (m * inv_c1) / ((v * inv_c2).sqrt() + h.eps);
+                    p_out.write(p * keep - delta * lr);
+                    m_out.write(m);
+                    v_out.write(v);
+                }
+            });
     }
     let device = entries.first().map(|e| e.value.device());
     outputs

@@ -75,9 +75,7 @@ impl ReuseLarge {
         let mut c = self.cache();
         let len = c.len;
         // Newest first: the block freed last is the likeliest to be in cache.
-        let i = (0..len)
-            .rev()
-            .find(|&i| c.blocks[i].size == size)?;
+        let i = (0..len).rev().find(|&i| c.blocks[i].size == size)?;
         let block = c.blocks[i];
         c.blocks.copy_within(i + 1..len, i);
         c.len -= 1;
@@ -125,7 +123,12 @@ impl Default for ReuseLarge {
 
 fn release(b: Block) {
     // SAFETY: the block came from `System.alloc` with exactly this size and `ALIGN`.
-    unsafe { System.dealloc(b.addr as *mut u8, Layout::from_size_align_unchecked(b.size, ALIGN)) }
+    unsafe {
+        System.dealloc(
+            b.addr as *mut u8,
+            Layout::from_size_align_unchecked(b.size, ALIGN),
+        )
+    }
 }
 
 /// Whether the cache serves a request of this layout.
@@ -164,9 +167,7 @@ unsafe impl GlobalAlloc for ReuseLarge {
                 p
             }
             // SAFETY: as in `alloc`; fresh system memory comes zeroed without a pass.
-            None => unsafe {
-                System.alloc_zeroed(Layout::from_size_align_unchecked(size, ALIGN))
-            },
+            None => unsafe { System.alloc_zeroed(Layout::from_size_align_unchecked(size, ALIGN)) },
         }
     }
 
@@ -211,7 +212,13 @@ mod tests {
 
     #[test]
     fn size_classes_cover_the_request_with_little_slack() {
-        for size in [MIN_CACHED, MIN_CACHED + 1, 100_000, 1 << 20, (1 << 25) + 12345] {
+        for size in [
+            MIN_CACHED,
+            MIN_CACHED + 1,
+            100_000,
+            1 << 20,
+            (1 << 25) + 12345,
+        ] {
             let c = size_class(size);
             assert!(c >= size && c <= size + size / 8, "{size} -> {c}");
             assert_eq!(size_class(c), c, "a class is its own class");
@@ -233,7 +240,11 @@ mod tests {
             let q = a.alloc_zeroed(near);
             assert_eq!(q, p);
             assert_eq!(a.cached_bytes(), 0);
-            assert!(std::slice::from_raw_parts(q, near.size()).iter().all(|&b| b == 0));
+            assert!(
+                std::slice::from_raw_parts(q, near.size())
+                    .iter()
+                    .all(|&b| b == 0)
+            );
             // Another alignment up to `ALIGN` does too; a larger one goes to the system.
             a.dealloc(q, near);
             let other = Layout::from_size_align(299_000, 4).unwrap();

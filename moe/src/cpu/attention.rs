@@ -17,7 +17,10 @@ const BLOCK: usize = 64;
 
 /// `(first, end)` rows of each block of `s` rows.
 fn row_blocks(s: usize) -> Vec<(usize, usize)> {
-    (0..s).step_by(BLOCK).map(|r0| (r0, (r0 + BLOCK).min(s))).collect()
+    (0..s)
+        .step_by(BLOCK)
+        .map(|r0| (r0, (r0 + BLOCK).min(s)))
+        .collect()
 }
 
 /// q, k, v: [B, H, S, Dh] -> [B, H, S, Dh]. `None` off the flex backend or when switched off.
@@ -87,7 +90,9 @@ pub fn causal_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<T
                         let ds_b = &mut ds[r0 * s..r1 * s];
                         gemm(d_o, Mat::new(&v[..r1 * dh], r1, dh).t(), ds_b, s, false);
                         let p_b = &p[r0 * s..r1 * s];
-                        for (row, (ds_row, p_row)) in (r0..r1).zip(ds_b.chunks_mut(s).zip(p_b.chunks(s))) {
+                        for (row, (ds_row, p_row)) in
+                            (r0..r1).zip(ds_b.chunks_mut(s).zip(p_b.chunks(s)))
+                        {
                             let live = ..=row;
                             let dot: f32 = ds_row[live]
                                 .iter()
@@ -100,7 +105,13 @@ pub fn causal_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<T
                             ds_row[row + 1..r1].fill(0.0);
                         }
                         let ds_b = Mat::with_ld(&ds[r0 * s..], r1 - r0, r1, s);
-                        gemm(ds_b, Mat::new(&k[..r1 * dh], r1, dh), &mut dq[r0 * dh..r1 * dh], dh, false);
+                        gemm(
+                            ds_b,
+                            Mat::new(&k[..r1 * dh], r1, dh),
+                            &mut dq[r0 * dh..r1 * dh],
+                            dh,
+                            false,
+                        );
                     }
                     // Key columns c0..c1 get gradient from query rows c0..S only.
                     for &(c0, c1) in &blocks {

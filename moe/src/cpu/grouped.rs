@@ -13,7 +13,8 @@ use rayon::prelude::*;
 
 use super::gemm::{Mat, gemm};
 use super::{
-    BackwardFn, FlexTensor, Fused, custom_op, dims, fused, prim, sigmoid, silu, tensor, values, zeros,
+    BackwardFn, FlexTensor, Fused, custom_op, dims, fused, prim, sigmoid, silu, tensor, values,
+    zeros,
 };
 use crate::experts::SwiGlu;
 

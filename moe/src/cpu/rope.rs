@@ -22,7 +22,11 @@ pub struct RopeTables {
 
 /// x: [B, S, D] -> [B, H, S, Dh] (contiguous), rotated by `rope` when given. `None` off the
 /// flex backend or when switched off.
-pub fn split_heads(x_bsd: &Tensor<3>, heads: usize, rope: Option<&RopeTables>) -> Option<Tensor<4>> {
+pub fn split_heads(
+    x_bsd: &Tensor<3>,
+    heads: usize,
+    rope: Option<&RopeTables>,
+) -> Option<Tensor<4>> {
     if !fused(Fused::Heads) {
         return None;
     }
