@@ -63,15 +63,11 @@ struct Rope {
 }
 
 impl Rope {
-    /// x: [B, H, S, Dh] -> rotated, pairing dimension i with i + Dh/2 (rotate-half form).
-    /// `positions`: the global position of each of the S tokens.
-    fn apply(&self, x_bhsd: Tensor<4>, positions: &[usize]) -> Tensor<4> {
-        let [b, h, s, dh] = x_bhsd.dims();
-        let half = dh / 2;
-        let device = x_bhsd.device();
-        let mut cos = Vec::with_capacity(s * half);
-        let mut sin = Vec::with_capacity(s * half);
-        debug_assert_eq!(positions.len(), s);
+    /// The rotation tables for the S tokens at global `positions`: [S, Dh/2] each.
+    fn tables(&self, positions: &[usize]) -> cpu::rope::RopeTables {
+        let half = self.head_dim / 2;
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
         for &pos in positions {
             for i in 0..half {
                 let freq = self.theta.powf(-(2.0 * i as f64) / self.head_dim as f64);
@@ -80,18 +76,65 @@ impl Rope {
                 sin.push(angle.sin() as f32);
             }
         }
-        let cos = Tensor::<2>::from_data(TensorData::new(cos, [s, half]), &device).unsqueeze::<4>();
-        let sin = Tensor::<2>::from_data(TensorData::new(sin, [s, half]), &device).unsqueeze::<4>();
-        let x1 = x_bhsd.clone().slice([0..b, 0..h, 0..s, 0..half]);
-        let x2 = x_bhsd.slice([0..b, 0..h, 0..s, half..dh]);
-        Tensor::cat(
-            vec![
-                x1.clone() * cos.clone() - x2.clone() * sin.clone(),
-                x1 * sin + x2 * cos,
-            ],
-            3,
-        )
+        cpu::rope::RopeTables { cos, sin }
     }
+}
+
+/// x: [B, H, S, Dh] -> rotated, pairing dimension i with i + Dh/2 (rotate-half form), with
+/// burn ops: the rotation of the fused split's reference.
+fn apply_rope(x_bhsd: Tensor<4>, tables: &cpu::rope::RopeTables) -> Tensor<4> {
+    let [b, h, s, dh] = x_bhsd.dims();
+    let half = dh / 2;
+    let device = x_bhsd.device();
+    let table = |v: &[f32]| {
+        Tensor::<2>::from_data(TensorData::new(v.to_vec(), [s, half]), &device).unsqueeze::<4>()
+    };
+    let (cos, sin) = (table(&tables.cos), table(&tables.sin));
+    let x1 = x_bhsd.clone().slice([0..b, 0..h, 0..s, 0..half]);
+    let x2 = x_bhsd.slice([0..b, 0..h, 0..s, half..dh]);
+    Tensor::cat(
+        vec![
+            x1.clone() * cos.clone() - x2.clone() * sin.clone(),
+            x1 * sin + x2 * cos,
+        ],
+        3,
+    )
+}
+
+/// x: [B, S, H·Dh] -> [B, H, S, Dh], rotated by `rope` when given: one fused op on the CPU
+/// backend (`cpu::rope`), else a reshape, a transpose and the rotation in burn ops.
+pub fn split_heads(
+    x_bsd: Tensor<3>,
+    heads: usize,
+    rope: Option<&cpu::rope::RopeTables>,
+) -> Tensor<4> {
+    if let Some(y) = cpu::rope::split_heads(&x_bsd, heads, rope) {
+        return y;
+    }
+    split_heads_reference(x_bsd, heads, rope)
+}
+
+/// `split_heads` with burn ops: the reference of the fused op.
+pub fn split_heads_reference(
+    x_bsd: Tensor<3>,
+    heads: usize,
+    rope: Option<&cpu::rope::RopeTables>,
+) -> Tensor<4> {
+    let [b, s, d] = x_bsd.dims();
+    let x_bhsd = x_bsd.reshape([b, s, heads, d / heads]).swap_dims(1, 2);
+    match rope {
+        Some(tables) => apply_rope(x_bhsd, tables),
+        None => x_bhsd,
+    }
+}
+
+/// y: [B, H, S, Dh] -> [B, S, H·Dh]: one fused op on the CPU backend (`cpu::rope`).
+pub fn merge_heads(y_bhsd: Tensor<4>) -> Tensor<3> {
+    if let Some(x) = cpu::rope::merge_heads(&y_bhsd) {
+        return x;
+    }
+    let [b, h, s, dh] = y_bhsd.dims();
+    y_bhsd.swap_dims(1, 2).reshape([b, s, h * dh])
 }
 
 #[derive(Module, Debug)]
@@ -132,18 +175,15 @@ impl Attention {
         positions: &[usize],
         attention: &dyn AttentionImpl,
     ) -> Tensor<3> {
-        let [b, s, d] = x_bsd.dims();
-        let (h, dh) = (self.n_heads, d / self.n_heads);
-        let heads = |w: &Param<Tensor<2>>| -> Tensor<4> {
-            project(x_bsd.clone(), w.val())
-                .reshape([b, s, h, dh])
-                .swap_dims(1, 2)
-        };
-        let q_bhsd = self.rope.apply(heads(&self.wq), positions);
-        let k_bhsd = self.rope.apply(heads(&self.wk), positions);
-        let v_bhsd = heads(&self.wv);
+        let h = self.n_heads;
+        let tables = self.rope.tables(positions);
+        let heads =
+            |w: &Param<Tensor<2>>, rope| split_heads(project(x_bsd.clone(), w.val()), h, rope);
+        let q_bhsd = heads(&self.wq, Some(&tables));
+        let k_bhsd = heads(&self.wk, Some(&tables));
+        let v_bhsd = heads(&self.wv, None);
         let out_bhsd = attention.attend(q_bhsd, k_bhsd, v_bhsd);
-        project(out_bhsd.swap_dims(1, 2).reshape([b, s, d]), self.wo.val())
+        project(merge_heads(out_bhsd), self.wo.val())
     }
 }
 

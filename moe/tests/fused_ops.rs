@@ -4,12 +4,14 @@
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
-use switchyard_moe::cpu::{attention, combine, grouped, linear, loss, norm};
+use switchyard_moe::cpu::{attention, combine, grouped, linear, loss, norm, rope};
 use switchyard_moe::dispatch::DispatchPlan;
 use switchyard_moe::dispatch::{gather_rows_reference, scatter_weighted_reference};
 use switchyard_moe::experts::SwiGlu;
 use switchyard_moe::init::Initializer;
-use switchyard_moe::model::{causal_attention_reference, cross_entropy_reference};
+use switchyard_moe::model::{
+    causal_attention_reference, cross_entropy_reference, split_heads_reference,
+};
 
 fn device() -> Device {
     Device::flex().autodiff()
@@ -151,14 +153,21 @@ fn gather_and_combine_match_the_reference() {
 
 #[test]
 fn attention_matches_the_reference() {
+    // 17: one block; 150: the causal loops' blocks of 64 rows, the last one partial.
+    for s in [17, 150] {
+        attention_matches_the_reference_at(s);
+    }
+}
+
+fn attention_matches_the_reference_at(s: usize) {
     let device = device();
-    let shape = [2, 3, 17, 8];
+    let shape = [2, 3, s, 8];
     let (q, k) = (
         normal(shape, &device).require_grad(),
         normal(shape, &device).require_grad(),
     );
     // v: [B, S, H, Dh], viewed as [B, H, S, Dh].
-    let v = normal([2, 17, 3, 8], &device).require_grad();
+    let v = normal([2, s, 3, 8], &device).require_grad();
     let probe = normal(shape, &device);
     let run = |fused: bool| {
         // A strided view, as the model's heads are.
@@ -178,7 +187,7 @@ fn attention_matches_the_reference() {
     };
     let (fast, reference) = (run(true), run(false));
     for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
-        assert_close(name, &fast[i], &reference[i], 1e-5);
+        assert_close(&format!("{name} (S = {s})"), &fast[i], &reference[i], 1e-5);
     }
 }
 
@@ -251,4 +260,51 @@ fn rms_norm_matches_the_reference() {
     for (i, name) in ["y", "dx", "dgamma"].iter().enumerate() {
         assert_close(name, &fast[i], &reference[i], 1e-5);
     }
+}
+
+#[test]
+fn heads_split_with_rope_and_merge_match_the_reference() {
+    let device = device();
+    let (b, s, h, dh) = (2, 5, 3, 4);
+    let tables = rope::RopeTables {
+        cos: (0..s * dh / 2).map(|i| (i as f32 * 0.3).cos()).collect(),
+        sin: (0..s * dh / 2).map(|i| (i as f32 * 0.3).sin()).collect(),
+    };
+    let x = normal([b, s, h * dh], &device).require_grad();
+    let probe = normal([b, s, h * dh], &device);
+    // Scales the heads differently, so the merge's gradient is not the split's inverse of
+    // a constant.
+    let head_scale = normal([1, h, 1, 1], &device);
+    for with_rope in [true, false] {
+        let tables = with_rope.then_some(&tables);
+        let run = |fused: bool| {
+            let split = if fused {
+                rope::split_heads(&x, h, tables).unwrap()
+            } else {
+                split_heads_reference(x.clone(), h, tables)
+            };
+            let scaled = split.clone() * head_scale.clone();
+            let merged = if fused {
+                rope::merge_heads(&scaled).unwrap()
+            } else {
+                merge_heads_reference(scaled)
+            };
+            let grads = (merged.clone() * probe.clone()).sum().backward();
+            vec![values(&split), values(&merged), grad(&x, &grads)]
+        };
+        let (fast, reference) = (run(true), run(false));
+        for (i, name) in ["split", "merged", "dx"].iter().enumerate() {
+            assert_close(
+                &format!("{name} (rope {with_rope})"),
+                &fast[i],
+                &reference[i],
+                1e-6,
+            );
+        }
+    }
+}
+
+fn merge_heads_reference(y_bhsd: Tensor<4>) -> Tensor<3> {
+    let [b, h, s, dh] = y_bhsd.dims();
+    y_bhsd.swap_dims(1, 2).reshape([b, s, h * dh])
 }

@@ -190,24 +190,44 @@ impl NamedAdamW {
         grads: &BTreeMap<String, Tensor<1>>,
         lr: f64,
     ) -> M {
+        if fused(Fused::Optimizer) {
+            let params = named_params(&model);
+            if params.iter().all(|(_, _, v)| v.device() == Device::flex()) {
+                let (names, entries): (Vec<String>, Vec<AdamEntry>) = params
+                    .into_iter()
+                    .map(|(name, _, value)| {
+                        let entry = AdamEntry {
+                            grad: grads.get(&name).cloned(),
+                            state: self.state.remove(&name),
+                            decayed: self.decay.contains(&name),
+                            value,
+                        };
+                        (name, entry)
+                    })
+                    .unzip();
+                let mut updated = BTreeMap::new();
+                for (name, (value, state)) in
+                    names.into_iter().zip(fused_adamw(self.hyper, lr, entries))
+                {
+                    self.state.insert(name.clone(), state);
+                    updated.insert(name, value);
+                }
+                return map_params(model, |name, _| {
+                    updated.remove(name).expect("every parameter was updated")
+                });
+            }
+        }
         map_params(model, |name, value| {
             let grad = grads
                 .get(name)
                 .cloned()
                 .unwrap_or_else(|| value.zeros_like());
-            let decayed = self.decay.contains(name);
-            let state = self.state.remove(name);
-            let (updated, state) = if fused(Fused::Optimizer) && value.device() == Device::flex() {
-                let (updated, state) = fused_adamw(self.hyper, decayed, lr, value, &grad, state);
-                (updated, Some(state))
+            let optimizer = if self.decay.contains(name) {
+                &self.decayed
             } else {
-                let optimizer = if decayed {
-                    &self.decayed
-                } else {
-                    &self.not_decayed
-                };
-                optimizer.step(lr, value, grad, state)
+                &self.not_decayed
             };
+            let (updated, state) = optimizer.step(lr, value, grad, self.state.remove(name));
             if let Some(state) = state {
                 self.state.insert(name.to_string(), state);
             }
@@ -335,65 +355,125 @@ impl ExpertState for AdamMigration<'_> {
     }
 }
 
-/// burn-optim's AdamW update (same formulas, same order) in one pass, in place on the
-/// parameter's and the moments' own buffers (taken out of their tensors without a copy
-/// when nothing else holds them), instead of a dozen full-size temporaries.
-fn fused_adamw(
-    h: Hyper,
-    decayed: bool,
-    lr: f64,
+/// One parameter's input to [`fused_adamw`]: its flattened value, its gradient (none: it
+/// took no part in the step, and is updated with a zero gradient) and its moments (none
+/// before the first update).
+struct AdamEntry {
     value: Tensor<1>,
-    grad: &Tensor<1>,
+    grad: Option<Tensor<1>>,
     state: Option<AdamWState<1>>,
-) -> (Tensor<1>, AdamWState<1>) {
-    let device = value.device();
-    let owned = |t: Tensor<1>| -> Vec<f32> {
-        t.into_data()
-            .try_into_vec::<f32>()
-            .expect("parameters and moments are f32")
-    };
-    let mut p = owned(value);
-    let n = p.len();
-    let (time, mut m, mut v) = match state {
-        Some(s) => (
-            s.momentum.time + 1,
-            owned(s.momentum.moment_1),
-            owned(s.momentum.moment_2),
-        ),
-        // Zero moments give the first step's `(1 - beta) g` exactly.
-        None => (1, vec![0f32; n], vec![0f32; n]),
-    };
-    let (f1, f2) = (1.0 - h.beta1, 1.0 - h.beta2);
-    let c1 = 1f32 - h.beta1.powi(time as i32);
-    let c2 = 1f32 - h.beta2.powi(time as i32);
-    let decay_rate = if decayed {
-        lr * h.weight_decay as f64
-    } else {
-        0.0
-    };
-    // x * 1.0 == x exactly, so one branch-free loop serves both (it vectorises); the bias
-    // corrections as reciprocals leave one division and one square root per element.
-    let keep = (1.0 - decay_rate) as f32;
-    let (inv_c1, inv_c2) = (1.0 / c1, 1.0 / c2);
-    let lr = lr as f32;
+    decayed: bool,
+}
+
+/// burn-optim's AdamW update (same formulas, same order) of every parameter in one
+/// parallel pass: the chunks of all parameters form one task list (a per-parameter loop
+/// left the second core idle on the small ones and cost a dispatch each), values, gradients
+/// and moments are read in place and the new ones written once into fresh buffers, instead
+/// of burn-optim's dozen full-size temporaries per parameter.
+fn fused_adamw(h: Hyper, lr: f64, entries: Vec<AdamEntry>) -> Vec<(Tensor<1>, AdamWState<1>)> {
     const CHUNK: usize = 1 << 14;
-    with_flex_values(grad, |g| {
-        p.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
-            .zip(g.par_chunks(CHUNK))
-            .for_each(|(((p, m), v), g)| {
-                for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
-                    *m = *m * h.beta1 + g * f1;
-                    *v = *v * h.beta2 + g * g * f2;
-                    let delta = (*m * inv_c1) / ((*v * inv_c2).sqrt() + h.eps);
-                    *p = *p * keep - delta * lr;
-                }
+    let flex = |t: &Tensor<1>| {
+        t.clone()
+            .try_into_primitive::<Flex>()
+            .expect("a tensor on the flex device")
+    };
+    // Inputs: [value, grad, m, v] per parameter; `None` reads as zeros.
+    let prims: Vec<[Option<cpu::FlexTensor>; 4]> = entries
+        .iter()
+        .map(|e| {
+            let m = e.state.as_ref().map(|s| flex(&s.momentum.moment_1));
+            let v = e.state.as_ref().map(|s| flex(&s.momentum.moment_2));
+            [Some(flex(&e.value)), e.grad.as_ref().map(flex), m, v]
+        })
+        .collect();
+    let inputs: Vec<[std::borrow::Cow<[f32]>; 4]> = prims
+        .iter()
+        .zip(&entries)
+        .map(|(p, e)| {
+            let n = e.value.dims()[0];
+            p.each_ref().map(|t| match t {
+                Some(t) => cpu::values(t),
+                None => std::borrow::Cow::Owned(vec![0f32; n]),
             })
-    });
-    let to_tensor = |data: Vec<f32>| Tensor::<1>::from_data(TensorData::new(data, [n]), &device);
-    let state = AdamWState::new(AdaptiveMomentumState::new(time, to_tensor(m), to_tensor(v)));
-    (to_tensor(p), state)
+        })
+        .collect();
+    // Per parameter: (step count, decay factor, 1 / bias corrections).
+    let (f1, f2) = (1.0 - h.beta1, 1.0 - h.beta2);
+    let consts: Vec<(usize, f32, f32, f32)> = entries
+        .iter()
+        .map(|e| {
+            let time = e.state.as_ref().map_or(1, |s| s.momentum.time + 1);
+            let c1 = 1f32 - h.beta1.powi(time as i32);
+            let c2 = 1f32 - h.beta2.powi(time as i32);
+            let decay_rate = if e.decayed {
+                lr * h.weight_decay as f64
+            } else {
+                0.0
+            };
+            // x * 1.0 == x exactly, so one branch-free loop serves both (it vectorises);
+            // the bias corrections as reciprocals leave one division and one square root.
+            (time, (1.0 - decay_rate) as f32, 1.0 / c1, 1.0 / c2)
+        })
+        .collect();
+    let mut outputs: Vec<[Vec<f32>; 3]> = inputs
+        .iter()
+        .map(|i| [0; 3].map(|_| Vec::with_capacity(i[0].len())))
+        .collect();
+    let lr = lr as f32;
+    {
+        // One task per chunk of a parameter: (parameter, first element, out p, m, v).
+        type Out<'a> = &'a mut [std::mem::MaybeUninit<f32>];
+        let mut tasks: Vec<(usize, usize, Out, Out, Out)> = Vec::new();
+        for (i, [p, m, v]) in outputs.iter_mut().enumerate() {
+            let n = inputs[i][0].len();
+            let chunks = p.spare_capacity_mut()[..n]
+                .chunks_mut(CHUNK)
+                .zip(m.spare_capacity_mut()[..n].chunks_mut(CHUNK))
+                .zip(v.spare_capacity_mut()[..n].chunks_mut(CHUNK));
+            for (c, ((p, m), v)) in chunks.enumerate() {
+                tasks.push((i, c * CHUNK, p, m, v));
+            }
+        }
+        tasks
+            .into_par_iter()
+            .for_each(|(i, start, p_out, m_out, v_out)| {
+                let [p, g, m, v] = &inputs[i];
+                let (_, keep, inv_c1, inv_c2) = consts[i];
+                let span = start..start + p_out.len();
+                let ins = p[span.clone()]
+                    .iter()
+                    .zip(&g[span.clone()])
+                    .zip(&m[span.clone()])
+                    .zip(&v[span]);
+                let outs = p_out.iter_mut().zip(m_out.iter_mut()).zip(v_out.iter_mut());
+                for ((((&p, &g), &m), &v), ((p_out, m_out), v_out)) in ins.zip(outs) {
+                    let m = m * h.beta1 + g * f1;
+                    let v = v * h.beta2 + g * g * f2;
+                    let delta = (m * inv_c1) / ((v * inv_c2).sqrt() + h.eps);
+                    p_out.write(p * keep - delta * lr);
+                    m_out.write(m);
+                    v_out.write(v);
+                }
+            });
+    }
+    let device = entries.first().map(|e| e.value.device());
+    outputs
+        .into_iter()
+        .zip(consts)
+        .zip(&inputs)
+        .map(|((mut out, (time, ..)), input)| {
+            let n = input[0].len();
+            for buf in &mut out {
+                // SAFETY: the chunks of the pass above cover all `n` elements of each buffer
+                // and wrote every one of them.
+                unsafe { buf.set_len(n) };
+            }
+            let device = device.as_ref().expect("a parameter");
+            let [p, m, v] =
+                out.map(|data| Tensor::<1>::from_data(TensorData::new(data, [n]), device));
+            (p, AdamWState::new(AdaptiveMomentumState::new(time, m, v)))
+        })
+        .collect()
 }
 
 /// `f` of the values of a flex tensor, read in place (a copy only for a strided view).
@@ -441,17 +521,15 @@ pub fn clip_global_norm(grads: &mut BTreeMap<String, Tensor<1>>, norm: f64, max_
                 if !(fused(Fused::Optimizer) && g.device() == Device::flex()) {
                     return (name, g * scale);
                 }
-                // In place on the gradient's own buffer when nothing else holds it.
+                // Read in place (the gradient is shared with the caller's map, so taking
+                // its buffer would copy it first), written once by the thread pool.
                 let device = g.device();
-                let mut values = g
-                    .into_data()
-                    .try_into_vec::<f32>()
-                    .expect("gradients are f32");
-                values.par_iter_mut().for_each(|x| *x *= scale);
-                let n = values.len();
+                let scaled: Vec<f32> =
+                    with_flex_values(&g, |values| values.par_iter().map(|x| x * scale).collect());
+                let n = scaled.len();
                 (
                     name,
-                    Tensor::from_data(TensorData::new(values, [n]), &device),
+                    Tensor::from_data(TensorData::new(scaled, [n]), &device),
                 )
             })
             .collect();
@@ -516,7 +594,7 @@ mod tests {
             let mut opt = NamedAdamW {
                 decayed: base.clone().with_weight_decay(0.1).build(),
                 not_decayed: base.with_weight_decay(0.0).build(),
-                decay: ["w".to_string()].into_iter().collect(),
+                decay: ["w".to_string(), "big".to_string()].into_iter().collect(),
                 state: BTreeMap::new(),
                 hyper: Hyper {
                     beta1: 0.9,
@@ -531,27 +609,44 @@ mod tests {
                     (0..50).map(|i| (i as f32 * 0.37).sin()).collect(),
                 ),
                 ("g".into(), (0..7).map(|i| 1.0 + i as f32 * 0.1).collect()),
+                // Several chunks of the fused pass.
+                (
+                    "big".into(),
+                    (0..40_000).map(|i| (i as f32 * 0.011).cos()).collect(),
+                ),
             ];
             for step in 0..4 {
-                for (name, p) in params.iter_mut() {
-                    let grad: Vec<f32> = (0..p.len())
-                        .map(|i| ((i + step) as f32 * 0.71).cos())
+                let grad = |n: usize| {
+                    let g: Vec<f32> = (0..n).map(|i| ((i + step) as f32 * 0.71).cos()).collect();
+                    Tensor::<1>::from_floats(g.as_slice(), &device)
+                };
+                if fused_on {
+                    // Every parameter in one call, as `NamedAdamW::step` makes it.
+                    let entries = params
+                        .iter()
+                        .map(|(name, p)| AdamEntry {
+                            value: Tensor::<1>::from_floats(p.as_slice(), &device),
+                            grad: Some(grad(p.len())),
+                            state: opt.state.remove(name.as_str()),
+                            decayed: opt.decay.contains(name),
+                        })
                         .collect();
-                    let grad = Tensor::<1>::from_floats(grad.as_slice(), &device);
+                    let updated = fused_adamw(opt.hyper, 1e-2, entries);
+                    for ((name, p), (u, state)) in params.iter_mut().zip(updated) {
+                        opt.state.insert(name.clone(), state);
+                        *p = tensor_to_vec(&u);
+                    }
+                    continue;
+                }
+                for (name, p) in params.iter_mut() {
                     let value = Tensor::<1>::from_floats(p.as_slice(), &device);
-                    let decayed = opt.decay.contains(name);
-                    let state = opt.state.remove(name.as_str());
-                    let (updated, state) = if fused_on {
-                        let (u, s) = fused_adamw(opt.hyper, decayed, 1e-2, value, &grad, state);
-                        (u, Some(s))
+                    let o = if opt.decay.contains(name) {
+                        &opt.decayed
                     } else {
-                        let o = if decayed {
-                            &opt.decayed
-                        } else {
-                            &opt.not_decayed
-                        };
-                        o.step(1e-2, value, grad, state)
+                        &opt.not_decayed
                     };
+                    let state = opt.state.remove(name.as_str());
+                    let (updated, state) = o.step(1e-2, value, grad(p.len()), state);
                     opt.state.insert(name.clone(), state.unwrap());
                     *p = tensor_to_vec(&updated);
                 }

@@ -5,7 +5,7 @@
 
 use burn::tensor::Tensor;
 
-use super::{BackwardFn, Fused, custom_op, dims, fused, prim, tensor, values};
+use super::{BackwardFn, Fused, custom_op, dims, fused, prim, tensor, values, zeros};
 
 /// x: [T, D] -> rows [N, D] with `rows[r] = x[token[r]]`. `None` off the flex backend.
 pub fn gather_rows(x_td: &Tensor<2>, token: &[i64]) -> Option<Tensor<2>> {
@@ -16,14 +16,14 @@ pub fn gather_rows(x_td: &Tensor<2>, token: &[i64]) -> Option<Tensor<2>> {
     custom_op([prim(x_td)?], move |[x]| {
         let (t, d) = (dims(x)[0], dims(x)[1]);
         let xv = values(x);
-        let mut out = vec![0f32; token.len() * d];
+        let mut out = zeros(token.len() * d);
         for (row, &tok) in out.chunks_mut(d).zip(&token) {
             row.copy_from_slice(&xv[tok * d..(tok + 1) * d]);
         }
         let n = token.len();
         let backward: BackwardFn<1> = Box::new(move |dy, _| {
             let dyv = values(&dy);
-            let mut dx = vec![0f32; t * d];
+            let mut dx = zeros(t * d);
             for (row, &tok) in dyv.chunks(d).zip(&token) {
                 for (acc, g) in dx[tok * d..(tok + 1) * d].iter_mut().zip(row) {
                     *acc += g;
@@ -55,7 +55,7 @@ pub fn combine_rows(
         let (t, k) = (dims(weights)[0], dims(weights)[1]);
         debug_assert_eq!(t, num_tokens);
         let (ov, wv) = (values(out), values(weights));
-        let mut y = vec![0f32; t * d];
+        let mut y = zeros(t * d);
         for ((row, &tok), &a) in ov.chunks(d).zip(&token).zip(&assignment) {
             let w = wv[a];
             for (acc, o) in y[tok * d..(tok + 1) * d].iter_mut().zip(row) {
@@ -66,8 +66,8 @@ pub fn combine_rows(
         let backward: BackwardFn<2> = Box::new(move |dy, needed| {
             let dyv = values(&dy);
             let (ov, wv) = (values(&out), values(&weights));
-            let mut d_out = vec![0f32; if needed[0] { n * d } else { 0 }];
-            let mut d_w = vec![0f32; t * k];
+            let mut d_out = zeros(if needed[0] { n * d } else { 0 });
+            let mut d_w = zeros(t * k);
             for (r, (&tok, &a)) in token.iter().zip(&assignment).enumerate() {
                 let g = &dyv[tok * d..(tok + 1) * d];
                 if needed[0] {

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use super::gemm::{Mat, gemm};
 use super::{
     BackwardFn, FlexTensor, Fused, custom_op, dims, fused, prim, sigmoid, silu, tensor, values,
+    zeros,
 };
 use crate::experts::SwiGlu;
 
@@ -150,9 +151,9 @@ fn forward(
             d,
             f,
         };
-        let mut dx = needed[0].then(|| vec![0f32; r * d]);
+        let mut dx = needed[0].then(|| zeros(r * d));
         let mut dw: [Option<Vec<f32>>; 3] =
-            [1, 2, 3].map(|i| needed[i].then(|| vec![0f32; e_count * d * f]));
+            [1, 2, 3].map(|i| needed[i].then(|| zeros(e_count * d * f)));
         let [dwg, dwu, dwd] = &mut dw;
         backward_raw(
             &values(&x),
@@ -192,9 +193,9 @@ pub fn forward_raw(xv: &[f32], w: &Stacked, rows: &[usize]) -> (Vec<f32>, Vec<f3
     let r = rows.iter().sum::<usize>();
     debug_assert_eq!(xv.len(), r * d);
     let blocks = blocks(rows);
-    let mut g = vec![0f32; r * f];
-    let mut u = vec![0f32; r * f];
-    let mut y = vec![0f32; r * d];
+    let mut g = zeros(r * f);
+    let mut u = zeros(r * f);
+    let mut y = zeros(r * d);
     split_rows(&mut g, &blocks, f)
         .into_par_iter()
         .zip(split_rows(&mut u, &blocks, f))
@@ -254,9 +255,9 @@ pub fn backward_rows(
     let r = rows.iter().sum::<usize>();
     let blocks = blocks(rows);
     // Per row block: dA = dY Wd^T, then dG, dU (and A for dWd), then dX.
-    let mut a = vec![0f32; r * f];
-    let mut dg = vec![0f32; r * f];
-    let mut du = vec![0f32; r * f];
+    let mut a = zeros(r * f);
+    let mut dg = zeros(r * f);
+    let mut du = zeros(r * f);
     let mut dx_scratch = Vec::new();
     let dx = match dx {
         Some(dx) => dx,
@@ -325,15 +326,21 @@ impl Transposed {
 /// Stacked [E·p, q] -> stacked [E·q, p]: every expert's block transposed (experts with no
 /// rows are left zero).
 fn transpose_stacked(stacked: &[f32], rows: &[usize], p: usize, q: usize) -> Vec<f32> {
-    let mut out = vec![0f32; stacked.len()];
+    let mut out = zeros(stacked.len());
     out.par_chunks_mut(p * q)
         .zip(stacked.par_chunks(p * q))
         .zip(rows.par_iter())
         .filter(|(_, n)| **n > 0)
         .for_each(|((dst, src), _)| {
-            for (i, row) in src.chunks(q).enumerate() {
-                for (j, &v) in row.iter().enumerate() {
-                    dst[j * p + i] = v;
+            // In 32 x 32 tiles, so both sides stay in cache lines already loaded.
+            const TILE: usize = 32;
+            for i0 in (0..p).step_by(TILE) {
+                for j0 in (0..q).step_by(TILE) {
+                    for i in i0..(i0 + TILE).min(p) {
+                        for j in j0..(j0 + TILE).min(q) {
+                            dst[j * p + i] = src[i * q + j];
+                        }
+                    }
                 }
             }
         });

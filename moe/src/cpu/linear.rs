@@ -8,7 +8,7 @@
 use burn::tensor::Tensor;
 
 use super::gemm::{Mat, gemm_rows_parallel};
-use super::{BackwardFn, Fused, custom_op, dims, fused, prim, tensor, values};
+use super::{BackwardFn, Fused, custom_op, dims, fused, prim, tensor, values, zeros};
 
 /// x: [N, D], w: [D, O] -> [N, O]; burn's matmul (at the forward pass's precision) off the
 /// flex backend, under bf16 or when switched off.
@@ -25,7 +25,7 @@ pub fn linear(x_nd: Tensor<2>, w_do: Tensor<2>) -> Tensor<2> {
 fn forward(x: &super::FlexTensor, w: &super::FlexTensor) -> (super::FlexTensor, BackwardFn<2>) {
     let (n, d) = (dims(x)[0], dims(x)[1]);
     let o = dims(w)[1];
-    let mut y = vec![0f32; n * o];
+    let mut y = zeros(n * o);
     gemm_rows_parallel(
         Mat::new(&values(x), n, d),
         Mat::new(&values(w), d, o),
@@ -37,12 +37,12 @@ fn forward(x: &super::FlexTensor, w: &super::FlexTensor) -> (super::FlexTensor, 
         let (xv, wv, dyv) = (values(&x), values(&w), values(&dy));
         let dy = Mat::new(&dyv, n, o);
         let dx = needed[0].then(|| {
-            let mut dx = vec![0f32; n * d];
+            let mut dx = zeros(n * d);
             gemm_rows_parallel(dy, Mat::new(&wv, d, o).t(), &mut dx, false);
             tensor(dx, &[n, d])
         });
         let dw = needed[1].then(|| {
-            let mut dw = vec![0f32; d * o];
+            let mut dw = zeros(d * o);
             gemm_rows_parallel(Mat::new(&xv, n, d).t(), dy, &mut dw, false);
             tensor(dw, &[d, o])
         });

@@ -12,6 +12,7 @@
 //! An op runs here only on the flex backend (plain or autodiff); on any other backend the
 //! callers take their burn-op reference path.
 
+pub mod alloc;
 pub mod attention;
 pub mod combine;
 pub mod gemm;
@@ -19,6 +20,7 @@ pub mod grouped;
 pub mod linear;
 pub mod loss;
 pub mod norm;
+pub mod rope;
 
 use std::fmt;
 use std::sync::Arc;
@@ -46,16 +48,19 @@ pub enum Fused {
     Attention,
     /// Cross-entropy over the vocabulary (`loss`).
     Loss,
-    /// One pass AdamW over raw buffers (in the trainer); off by default (see `DISABLED`).
+    /// One parallel AdamW pass over raw buffers, and the gradient norm and clipping on raw
+    /// buffers (in the trainer).
     Optimizer,
     /// Dense projections (attention, LM head) as row-blocked GEMMs (`linear`).
     Linear,
     /// RMSNorm (`norm`).
     Norm,
+    /// Split into heads with the rotary embedding, and the merge of heads (`rope`).
+    Heads,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 7] = [
+    pub const ALL: [Fused; 8] = [
         Fused::GroupedExperts,
         Fused::DispatchCombine,
         Fused::Attention,
@@ -63,6 +68,7 @@ impl Fused {
         Fused::Optimizer,
         Fused::Linear,
         Fused::Norm,
+        Fused::Heads,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,15 +80,13 @@ impl Fused {
             Fused::Optimizer => "fused AdamW",
             Fused::Linear => "row-blocked projections",
             Fused::Norm => "fused RMSNorm",
+            Fused::Heads => "fused heads + RoPE",
         }
     }
 }
 
-/// Bit i set: `Fused::ALL[i]` is switched off (process-wide). All on by default except
-/// the fused AdamW: 1.8x faster than burn-optim's on a lone 1M-element tensor, but not
-/// faster inside a training step in our measurements (`bench --compare`), cause not found
-/// yet; it stays available and tested.
-static DISABLED: AtomicU32 = AtomicU32::new(1 << Fused::Optimizer as u32);
+/// Bit i set: `Fused::ALL[i]` is switched off (process-wide). All on by default.
+static DISABLED: AtomicU32 = AtomicU32::new(0);
 
 /// Switches a fused path on or off for the whole process.
 pub fn set_fused(op: Fused, on: bool) {
@@ -233,6 +237,18 @@ pub fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
+/// `n` zeros; a large buffer is written by the thread pool (zeroing the ops' output
+/// buffers on the calling thread was a fifth of a step's serial time).
+pub fn zeros(n: usize) -> Vec<f32> {
+    use rayon::iter::{ParallelExtend, repeat_n};
+    if n < 1 << 16 {
+        return vec![0f32; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.par_extend(repeat_n(0f32, n));
+    v
+}
+
 /// A flex tensor of `shape` holding `data`.
 pub fn tensor(data: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape.to_vec()))
@@ -263,21 +279,8 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// `sum_i e^(x_i - shift)` with eight independent partial sums, so the loop vectorises
-/// (a single running f32 sum is a dependency chain the compiler must keep in order).
-pub fn exp_sum(xs: &[f32], shift: f32) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().map(|&x| exp(x - shift)).sum();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += exp(x - shift);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `sum_i x_i` with eight partial sums (vectorises, as `exp_sum`).
+/// `sum_i x_i` with eight independent partial sums, so the loop vectorises (a single
+/// running f32 sum is a dependency chain the compiler must keep in order).
 pub fn sum(xs: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = xs.chunks_exact(8);

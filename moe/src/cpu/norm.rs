@@ -6,7 +6,7 @@
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::{BackwardFn, Fused, custom_op, dims, fused, prim, tensor, values};
+use super::{BackwardFn, Fused, custom_op, dims, fused, prim, tensor, values, zeros};
 
 /// Rows per parallel task.
 const ROWS: usize = 64;
@@ -20,8 +20,8 @@ pub fn rms_norm(x_nd: &Tensor<2>, gamma: &Tensor<1>, eps: f64) -> Option<Tensor<
     custom_op([prim(x_nd)?, prim(gamma)?], move |[x, gamma]| {
         let (n, d) = (dims(x)[0], dims(x)[1]);
         let (xv, gv) = (values(x), values(gamma));
-        let mut y = vec![0f32; n * d];
-        let mut inv = vec![0f32; n];
+        let mut y = zeros(n * d);
+        let mut inv = zeros(n);
         y.par_chunks_mut(ROWS * d)
             .zip(inv.par_chunks_mut(ROWS))
             .enumerate()
@@ -39,7 +39,7 @@ pub fn rms_norm(x_nd: &Tensor<2>, gamma: &Tensor<1>, eps: f64) -> Option<Tensor<
         let (x, gamma) = (x.clone(), gamma.clone());
         let backward: BackwardFn<2> = Box::new(move |dy, needed| {
             let (xv, gv, dyv) = (values(&x), values(&gamma), values(&dy));
-            let mut dx = vec![0f32; n * d];
+            let mut dx = zeros(n * d);
             // dgamma: per task partial sums, added up after.
             let partial: Vec<Vec<f32>> = dx
                 .par_chunks_mut(ROWS * d)
@@ -66,7 +66,7 @@ pub fn rms_norm(x_nd: &Tensor<2>, gamma: &Tensor<1>, eps: f64) -> Option<Tensor<
                     dg
                 })
                 .collect();
-            let mut dgamma = vec![0f32; d];
+            let mut dgamma = zeros(d);
             for dg in &partial {
                 for (acc, v) in dgamma.iter_mut().zip(dg) {
                     *acc += v;
