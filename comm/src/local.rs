@@ -68,15 +68,29 @@ impl LocalWorld {
         link: Option<LinkModel>,
         f: impl Fn(&mut LocalComm) -> R + Sync,
     ) -> Vec<R> {
-        let comms = LocalWorld::new(n, timeout, link);
+        LocalWorld::spawn(LocalWorld::new(n, timeout, link), None, |mut c| f(&mut c))
+    }
+
+    /// Runs `f(comm)` for every communicator of `comms` on its own thread (with a stack of
+    /// `stack_bytes`, e.g. for deep autodiff graphs; `None`: the default) and returns the
+    /// results in rank order.
+    pub fn spawn<R: Send>(
+        comms: Vec<LocalComm>,
+        stack_bytes: Option<usize>,
+        f: impl Fn(LocalComm) -> R + Sync,
+    ) -> Vec<R> {
         std::thread::scope(|s| {
             let handles: Vec<_> = comms
                 .into_iter()
-                .map(|mut c| {
+                .map(|c| {
                     let f = &f;
-                    std::thread::Builder::new()
-                        .name(format!("local-rank-{}", c.rank))
-                        .spawn_scoped(s, move || f(&mut c))
+                    let mut builder =
+                        std::thread::Builder::new().name(format!("local-rank-{}", c.rank));
+                    if let Some(bytes) = stack_bytes {
+                        builder = builder.stack_size(bytes);
+                    }
+                    builder
+                        .spawn_scoped(s, move || f(c))
                         .expect("spawn rank thread")
                 })
                 .collect();

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use switchyard_comm::{BackendKind, Buffer, Communicator, LinkModel, PendingOp, ReduceOp, Request};
 
+use switchyard_comm::LocalWorld;
 use switchyard_comm::local::LocalComm;
 
 use crate::bench_clock::{Cpu, thread_cpu_time};
@@ -376,32 +377,17 @@ pub fn run_ranks<T: Send>(
 ) -> Vec<T> {
     const STACK: usize = 64 << 20;
     let cpu = Arc::new(Cpu::default());
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|c| {
-                let rec = Recorder::new(cpu.clone());
-                std::thread::Builder::new()
-                    .stack_size(STACK)
-                    .spawn_scoped(s, move || {
-                        let pool = rayon::ThreadPoolBuilder::new()
-                            .num_threads(1)
-                            .stack_size(STACK)
-                            .build()
-                            .expect("one-thread pool");
-                        pool.install(|| {
-                            let world = RecordingComm::wrap(Box::new(c), rec.clone());
-                            f(Box::new(world), rec)
-                        })
-                    })
-                    .expect("spawn rank thread")
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a rank thread panicked"))
-            .collect()
+    LocalWorld::spawn(comms, Some(STACK), |c| {
+        let rec = Recorder::new(cpu.clone());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .stack_size(STACK)
+            .build()
+            .expect("one-thread pool");
+        pool.install(|| {
+            let world = RecordingComm::wrap(Box::new(c), rec.clone());
+            f(Box::new(world), rec)
+        })
     })
 }
 

@@ -4,9 +4,9 @@
 
 mod common;
 
-use common::{brute_force_stage1, brute_force_stage2, random_instance};
+use common::{brute_force_stage1, brute_force_stage2, permutations, random_instance};
 use switchyard_parallel::Placement;
-use switchyard_placement::ilp::Outcome;
+use switchyard_placement::ilp::{Outcome, bottleneck_assignment};
 use switchyard_placement::{
     IlpSolver, Instance, Plan, StageStatus, Strategy, Topology, evaluate, plan,
 };
@@ -278,4 +278,40 @@ fn uniform_loads_and_no_traffic_are_proven_at_once() {
 fn a_rank_count_that_does_not_divide_the_experts_is_an_error() {
     let err = Instance::new(vec![vec![1.0; 10]], vec![], Topology::uniform(4)).unwrap_err();
     assert!(err.to_string().contains("cannot be split evenly"), "{err}");
+}
+
+#[test]
+fn bottleneck_assignment_matches_brute_force() {
+    let mut state = 12345u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        // Few distinct values: ties between thresholds are exercised too.
+        ((state >> 33) % 7) as f64
+    };
+    let worst_of = |cost: &[Vec<f64>], p: &[usize]| {
+        (0..cost.len())
+            .map(|i| cost[i][p[i]])
+            .fold(f64::MIN, f64::max)
+    };
+    for n in 1..=6 {
+        for _ in 0..20 {
+            let cost: Vec<Vec<f64>> = (0..n).map(|_| (0..n).map(|_| next()).collect()).collect();
+            let (p, worst) = bottleneck_assignment(&cost);
+            let mut sorted = p.clone();
+            sorted.sort();
+            assert_eq!(
+                sorted,
+                (0..n).collect::<Vec<_>>(),
+                "not a permutation: {p:?}"
+            );
+            assert_eq!(worst_of(&cost, &p), worst);
+            let optimum = permutations(n)
+                .iter()
+                .map(|q| worst_of(&cost, q))
+                .fold(f64::MAX, f64::min);
+            assert_eq!(worst, optimum, "{cost:?}");
+        }
+    }
 }

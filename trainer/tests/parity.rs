@@ -15,22 +15,8 @@ use switchyard_trainer::parity::{
 /// Runs the case on one thread per rank; returns the agreed worst error.
 fn run(case: &Case) -> f32 {
     let comms = LocalWorld::new(case.world_size(), Duration::from_secs(120), None);
-    let results: Vec<Result<f32, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|c| {
-                std::thread::Builder::new()
-                    .stack_size(64 << 20)
-                    .spawn_scoped(s, move || {
-                        check_case(case, Box::new(c) as Box<dyn Communicator>)
-                    })
-                    .expect("spawn rank thread")
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a rank thread panicked"))
-            .collect()
+    let results: Vec<Result<f32, String>> = LocalWorld::spawn(comms, Some(64 << 20), |c| {
+        check_case(case, Box::new(c) as Box<dyn Communicator>)
     });
     let mut worst = 0f32;
     for r in results {

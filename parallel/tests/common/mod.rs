@@ -8,22 +8,7 @@ use switchyard_comm::{Communicator, LocalWorld};
 /// Runs `f(world)` on `n` threads (one per rank) and returns the results in rank order.
 pub fn run_world<R: Send>(n: usize, f: impl Fn(Box<dyn Communicator>) -> R + Sync) -> Vec<R> {
     let comms = LocalWorld::new(n, Duration::from_secs(120), None);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|c| {
-                let f = &f;
-                std::thread::Builder::new()
-                    .stack_size(64 << 20)
-                    .spawn_scoped(s, move || f(Box::new(c)))
-                    .expect("spawn rank thread")
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a rank thread panicked"))
-            .collect()
-    })
+    LocalWorld::spawn(comms, Some(64 << 20), |c| f(Box::new(c)))
 }
 
 pub fn to_vec<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
