@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use switchyard_comm::{Buffer, Communicator, ReduceOp, Request};
 use switchyard_moe::cpu::grouped::{
-    RowGrads, Stacked, Transposed, backward_rows, forward_raw, weight_grads,
+    Packed, RowGrads, Stacked, backward_rows, forward_raw, weight_grads,
 };
 use switchyard_moe::cpu::{BackwardFn, FlexTensor, custom_op, dims, prim, tensor, values};
 use switchyard_moe::experts::SwiGlu;
@@ -543,21 +543,25 @@ fn forward(
         let values_w = weights
             .as_ref()
             .map(|[g, u, d]| [values(g), values(u), values(d)]);
+        // Packed once for every chunk.
+        let packed = values_w.as_ref().map(|[g, u, d]| {
+            let stacked = Stacked {
+                gate: g,
+                up: u,
+                down: d,
+                d: width,
+                f,
+            };
+            Packed::forward(&stacked, &layout.total_rows())
+        });
         layout.run(
             &values(x),
             "expert-parallel block (forward)",
             |_, xs, rows| {
-                let Some([g, u, d]) = &values_w else {
+                let Some(packed) = &packed else {
                     return xs;
                 };
-                let stacked = Stacked {
-                    gate: g,
-                    up: u,
-                    down: d,
-                    d: width,
-                    f,
-                };
-                let (y, g, u) = forward_raw(&xs, &stacked, rows);
+                let (y, g, u) = forward_raw(&xs, packed, rows);
                 saved.push(SavedChunk {
                     x: xs,
                     g,
@@ -598,9 +602,9 @@ fn forward(
             d: width,
             f,
         });
-        let transposed = stacked
+        let packed = stacked
             .as_ref()
-            .map(|s| Transposed::of(s, &layout.total_rows()));
+            .map(|s| Packed::backward(s, &layout.total_rows()));
         // Per chunk: the row part (dX travels home at once); the weight gradients wait for
         // every chunk and are one GEMM per expert over its rows in the unchunked order, so
         // the chunk count never changes a single bit of them (or of anything else: every
@@ -613,21 +617,14 @@ fn forward(
                 &values(&dy),
                 "expert-parallel block (backward)",
                 |_, dys, rows| {
-                    let (Some(stacked), Some(transposed)) = (&stacked, &transposed) else {
+                    let Some(packed) = &packed else {
                         return dys;
                     };
                     let chunk = pending.next().expect("one saved chunk per chunk");
                     debug_assert_eq!(chunk.rows, rows);
                     let mut dx = vec![0f32; dys.len()];
-                    let grads = backward_rows(
-                        stacked,
-                        transposed,
-                        rows,
-                        &chunk.g,
-                        &chunk.u,
-                        &dys,
-                        Some(&mut dx),
-                    );
+                    let grads =
+                        backward_rows(packed, rows, &chunk.g, &chunk.u, &dys, Some(&mut dx));
                     rows_done.borrow_mut().push((chunk, grads, dys));
                     dx
                 },

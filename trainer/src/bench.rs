@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, FloatDType, Tensor};
 use switchyard_moe::Precision;
-use switchyard_moe::cpu::gemm::{Mat, gemm_rows_parallel};
+use switchyard_moe::cpu::gemm::{Mat, gemm_parallel};
 use switchyard_moe::cpu::{Fused, fused, set_fused};
 use switchyard_moe::profile;
 
@@ -42,9 +42,6 @@ pub struct BenchReport {
     pub final_loss: f64,
     /// CPU time of the process over the timed steps (all threads), when the OS reports it.
     pub cpu_seconds: Option<f64>,
-    /// CPU time of the calling thread over the timed steps: the serial sections (the thread
-    /// pool's workers run the parallel ops while the caller waits for them).
-    pub serial_cpu_seconds: Option<f64>,
     /// Step time by part over the profiled steps: (name, seconds per step).
     pub breakdown: Vec<(&'static str, f64)>,
     /// With `compare`: the same with every fused path switched off (the burn-op references).
@@ -85,21 +82,6 @@ impl fmt::Display for BenchReport {
                 "CPU time per step            {per_step:.3} s (all threads)"
             )?;
             writeln!(f, "tokens/s per CPU-s x threads {owned_cores_tps:.0}")?;
-            if let Some(serial) = self.serial_cpu_seconds {
-                // Serial sections keep the other threads idle: on owned cores a step takes
-                // the serial time plus the parallel time spread over the threads.
-                let serial = serial / self.steps as f64;
-                let owned_step = serial + (per_step - serial) / self.threads as f64;
-                writeln!(
-                    f,
-                    "serial CPU time per step     {serial:.3} s (caller thread)"
-                )?;
-                writeln!(
-                    f,
-                    "tokens/s on owned cores      {:.0} (serial + rest / threads)",
-                    self.tokens_per_step as f64 / owned_step
-                )?;
-            }
             writeln!(
                 f,
                 "GFLOP/s per CPU-s x threads  {:.1}",
@@ -262,7 +244,6 @@ pub fn run(
     }
     let started = Instant::now();
     let cpu_started = process_cpu_seconds();
-    let serial_started = thread_cpu_seconds();
     let mut tokens = 0;
     let mut final_loss = f64::NAN;
     for _ in 0..steps {
@@ -272,7 +253,6 @@ pub fn run(
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = cpu_started.zip(process_cpu_seconds()).map(|(a, b)| b - a);
-    let serial_cpu_seconds = serial_started.zip(thread_cpu_seconds()).map(|(a, b)| b - a);
     // The breakdown, from separate steps: the markers add graph nodes.
     let per_step = steps.max(1) as f64;
     let breakdown = profile_steps(&mut trainer, steps)?;
@@ -333,7 +313,6 @@ pub fn run(
         device_memory,
         final_loss,
         cpu_seconds,
-        serial_cpu_seconds,
         breakdown,
         breakdown_reference,
         comparisons,
@@ -379,14 +358,6 @@ fn process_cpu_seconds() -> Option<f64> {
     Some(nanos as f64 * 1e-9)
 }
 
-/// CPU time of the calling thread so far (Linux `/proc/thread-self/schedstat`); `None`
-/// elsewhere.
-fn thread_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    let nanos = stat.split_whitespace().next()?.parse::<u64>().ok()?;
-    Some(nanos as f64 * 1e-9)
-}
-
 /// Best of `repeats` square f32 matmuls of size `n` through `moe::cpu::gemm` (the kernel
 /// the fused ops use), row blocks spread over the thread pool.
 pub fn own_gemm_gflops(n: usize, repeats: usize) -> f64 {
@@ -396,7 +367,7 @@ pub fn own_gemm_gflops(n: usize, repeats: usize) -> f64 {
     let mut best = f64::MAX;
     for _ in 0..repeats {
         let started = Instant::now();
-        gemm_rows_parallel(Mat::new(&a, n, n), Mat::new(&b, n, n), &mut c, false);
+        gemm_parallel(Mat::new(&a, n, n), Mat::new(&b, n, n), &mut c, false);
         std::hint::black_box(&c);
         best = best.min(started.elapsed().as_secs_f64());
     }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -145,6 +146,17 @@ impl CheckpointConfig {
     }
 }
 
+/// The pool a trainer's steps run on: as many threads as the global pool (`run.threads`),
+/// with a main-thread-sized stack (deep autodiff graphs recurse in the backward pass).
+fn step_pool() -> Result<rayon::ThreadPool, TrainError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .stack_size(64 << 20)
+        .thread_name(|i| format!("switchyard-step-{i}"))
+        .build()
+        .map_err(|e| TrainError::Io(format!("starting the step's thread pool: {e}")))
+}
+
 /// Errors of a training run.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -231,6 +243,8 @@ pub struct Trainer {
     pub rebalancer: Option<Rebalancer>,
     /// Signature of the whole (unsharded) model: the same at every layout.
     signature: String,
+    /// The threads a step runs on (see [`Self::step`]).
+    pool: Arc<rayon::ThreadPool>,
 }
 
 impl Trainer {
@@ -294,6 +308,7 @@ impl Trainer {
             dist,
             rebalancer,
             signature,
+            pool: Arc::new(step_pool()?),
         })
     }
 
@@ -313,6 +328,21 @@ impl Trainer {
 
     /// One optimizer step over `grad_accum_steps` micro-batches.
     pub fn step(&mut self) -> Result<StepReport, TrainError> {
+        // On a thread of a pool: every parallel op inside is then a join among workers,
+        // not a job injected from outside, which per op wakes a sleeping worker and, at its
+        // end, the blocked caller (two futex wake-ups on the critical path, ~20% of a
+        // two-thread step). The trainer's own pool, not the global one: ranks that are
+        // threads of one process block in collectives, and blocked workers of a shared pool
+        // would starve the other ranks. Already on a pool (a benchmark's per-rank pool),
+        // the step stays there.
+        if rayon::current_thread_index().is_some() {
+            return self.step_on_pool();
+        }
+        let pool = Arc::clone(&self.pool);
+        pool.install(|| self.step_on_pool())
+    }
+
+    fn step_on_pool(&mut self) -> Result<StepReport, TrainError> {
         let started = Instant::now();
         let step = self.state_step;
         let accum = self.cfg.train.grad_accum_steps;

@@ -11,16 +11,17 @@
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::gemm::{Mat, gemm};
+use super::gemm::{Mat, PackedB, gemm, gemm_packed};
 use super::{
     BackwardFn, FlexTensor, Fused, custom_op, dims, fused, prim, sigmoid, silu, tensor, values,
     zeros,
 };
 use crate::experts::SwiGlu;
 
-/// Row blocks per task: small enough to spread one expert over both cores, large enough
-/// to keep the GEMM efficient.
-const ROW_BLOCK: usize = 256;
+/// Rows per task: small enough to balance the experts' uneven row counts over the cores,
+/// large enough to keep the GEMM efficient (the weights are packed once per op, so a
+/// block's only overhead is its share of the register-tile edges).
+const ROW_BLOCK: usize = 128;
 
 /// x: [R, D], rows grouped by expert (`rows[i]` rows for `experts[i]`, in order) ->
 /// [R, D] with `y_r = SwiGlu_e(x_r)`. Falls back to [`grouped_swiglu_reference`] off the
@@ -139,7 +140,7 @@ fn forward(
         d,
         f,
     };
-    let (y, g, u) = forward_raw(&values(x), &weights, rows);
+    let (y, g, u) = forward_raw(&values(x), &Packed::forward(&weights, rows), rows);
     let saved = (x.clone(), wg.clone(), wu.clone(), wd.clone(), rows.to_vec());
     let backward: BackwardFn<4> = Box::new(move |dy, needed| {
         let (x, wg, wu, wd, rows) = saved;
@@ -186,9 +187,55 @@ pub struct Stacked<'a> {
     pub f: usize,
 }
 
+/// Every expert's weights packed for the GEMM kernel, once per op (experts without rows
+/// are skipped): the forward's gate [D, F], up [D, F], down [F, D], or the backward's
+/// down^T [D, F], gate^T [F, D], up^T [F, D].
+pub struct Packed {
+    experts: Vec<Option<[PackedB; 3]>>,
+    d: usize,
+    f: usize,
+}
+
+impl Packed {
+    pub fn forward(w: &Stacked, rows: &[usize]) -> Packed {
+        Self::of(w, rows, false)
+    }
+
+    pub fn backward(w: &Stacked, rows: &[usize]) -> Packed {
+        Self::of(w, rows, true)
+    }
+
+    fn of(w: &Stacked, rows: &[usize], transposed: bool) -> Packed {
+        let (d, f) = (w.d, w.f);
+        let experts = rows
+            .par_iter()
+            .enumerate()
+            .map(|(e, &n)| {
+                (n > 0).then(|| {
+                    let (gate, up) = (weight(w.gate, e, d, f), weight(w.up, e, d, f));
+                    let down = weight(w.down, e, f, d);
+                    if transposed {
+                        [down.t(), gate.t(), up.t()].map(PackedB::new)
+                    } else {
+                        [gate, up, down].map(PackedB::new)
+                    }
+                })
+            })
+            .collect();
+        Packed { experts, d, f }
+    }
+
+    fn expert(&self, e: usize) -> &[PackedB; 3] {
+        self.experts[e]
+            .as_ref()
+            .expect("packed weights for every expert with rows")
+    }
+}
+
 /// The forward on raw buffers: x [R, D] grouped by expert (`rows[e]` rows of expert `e`,
-/// zero allowed) -> (y [R, D], g [R, F], u [R, F]); g and u are what the backward needs.
-pub fn forward_raw(xv: &[f32], w: &Stacked, rows: &[usize]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// zero allowed), weights from [`Packed::forward`] -> (y [R, D], g [R, F], u [R, F]); g
+/// and u are what the backward needs.
+pub fn forward_raw(xv: &[f32], w: &Packed, rows: &[usize]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (d, f) = (w.d, w.f);
     let r = rows.iter().sum::<usize>();
     debug_assert_eq!(xv.len(), r * d);
@@ -203,15 +250,15 @@ pub fn forward_raw(xv: &[f32], w: &Stacked, rows: &[usize]) -> (Vec<f32>, Vec<f3
         .zip(blocks.par_iter())
         .for_each(|(((g_b, u_b), y_b), b)| {
             let x_b = Mat::new(&xv[b.start * d..(b.start + b.len) * d], b.len, d);
-            let wt = |v, rows_per, cols| weight(v, b.e, rows_per, cols);
-            gemm(x_b, wt(w.gate, d, f), g_b, f, false);
-            gemm(x_b, wt(w.up, d, f), u_b, f, false);
+            let [gate, up, down] = w.expert(b.e);
+            gemm_packed(x_b, gate, g_b, f, false);
+            gemm_packed(x_b, up, u_b, f, false);
             let a_b: Vec<f32> = g_b
                 .iter()
                 .zip(u_b.iter())
                 .map(|(&g, &u)| silu(g) * u)
                 .collect();
-            gemm(Mat::new(&a_b, b.len, f), wt(w.down, f, d), y_b, d, false);
+            gemm_packed(Mat::new(&a_b, b.len, f), down, y_b, d, false);
         });
     (y, g, u)
 }
@@ -229,7 +276,8 @@ pub fn backward_raw(
     dx: Option<&mut [f32]>,
     dw: [Option<&mut [f32]>; 3],
 ) {
-    let RowGrads { a, dg, du } = backward_rows(w, &Transposed::of(w, rows), rows, g, u, dyv, dx);
+    let packed = Packed::backward(w, rows);
+    let RowGrads { a, dg, du } = backward_rows(&packed, rows, g, u, dyv, dx);
     weight_grads(xv, w, rows, &a, &dg, &du, dyv, dw);
 }
 
@@ -240,11 +288,11 @@ pub struct RowGrads {
     pub du: Vec<f32>,
 }
 
-/// The row part of the backward: dx [R, D] (when given) and what the weight gradients
-/// need. Every row's results depend on that row alone.
+/// The row part of the backward (weights from [`Packed::backward`]): dx [R, D] (when given)
+/// and what the weight gradients need. Every row's results depend on that row alone, bit
+/// for bit (the GEMM kernel's rounding does not depend on the number of rows in a call).
 pub fn backward_rows(
-    w: &Stacked,
-    wt: &Transposed,
+    w: &Packed,
     rows: &[usize],
     g: &[f32],
     u: &[f32],
@@ -266,7 +314,6 @@ pub fn backward_rows(
             &mut dx_scratch[..]
         }
     };
-    let (wdt, wgt, wut) = (&wt.down, &wt.gate, &wt.up);
     split_rows(&mut a, &blocks, f)
         .into_par_iter()
         .zip(split_rows(&mut dg, &blocks, f))
@@ -275,10 +322,10 @@ pub fn backward_rows(
         .zip(blocks.par_iter())
         .for_each(|((((a_b, dg_b), du_b), dx_b), b)| {
             let span = b.start * f..(b.start + b.len) * f;
-            let w = |v, rows_per, cols| weight(v, b.e, rows_per, cols);
+            let [down_t, gate_t, up_t] = w.expert(b.e);
             let dy_b = Mat::new(&dyv[b.start * d..(b.start + b.len) * d], b.len, d);
             // dA lands in dg_b, then is turned into dG in place.
-            gemm(dy_b, w(wdt, d, f), dg_b, f, false);
+            gemm_packed(dy_b, down_t, dg_b, f, false);
             // With s = sigmoid(g): silu(g) = g s, silu'(g) = s (1 + g (1 - s)).
             let grads = a_b.iter_mut().zip(du_b.iter_mut()).zip(dg_b.iter_mut());
             for (((a, du), dg), (&gi, &ui)) in grads.zip(g[span.clone()].iter().zip(&u[span])) {
@@ -289,62 +336,11 @@ pub fn backward_rows(
                 *du = da * act;
                 *dg = da * ui * s * (1.0 + gi * (1.0 - s));
             }
-            // dX = dG Wg^T + dU Wu^T: two plain GEMMs and an elementwise sum (an
-            // accumulating GEMM's rounding depends on the number of rows in the call).
-            gemm(Mat::new(dg_b, b.len, f), w(wgt, f, d), dx_b, d, false);
-            let mut dx_up = vec![0f32; dx_b.len()];
-            gemm(Mat::new(du_b, b.len, f), w(wut, f, d), &mut dx_up, d, false);
-            for (x, u) in dx_b.iter_mut().zip(&dx_up) {
-                *x += u;
-            }
+            // dX = dG Wg^T + dU Wu^T.
+            gemm_packed(Mat::new(dg_b, b.len, f), gate_t, dx_b, d, false);
+            gemm_packed(Mat::new(du_b, b.len, f), up_t, dx_b, d, true);
         });
     RowGrads { a, dg, du }
-}
-
-/// The weights of [`Stacked`] transposed into contiguous copies, for the backward's row
-/// GEMMs: with a strided (transposed view) operand the kernel's result for a row depends
-/// on how many rows share the call, and the pipelined expert block must give the same bits
-/// however it chunks the rows. Made once per backward, not per chunk.
-pub struct Transposed {
-    /// [E·F, D] (each expert's gate weight transposed), likewise `up`; `down` [E·D, F].
-    pub gate: Vec<f32>,
-    pub up: Vec<f32>,
-    pub down: Vec<f32>,
-}
-
-impl Transposed {
-    /// The experts with rows (by `rows`) transposed; the others left zero.
-    pub fn of(w: &Stacked, rows: &[usize]) -> Transposed {
-        Transposed {
-            gate: transpose_stacked(w.gate, rows, w.d, w.f),
-            up: transpose_stacked(w.up, rows, w.d, w.f),
-            down: transpose_stacked(w.down, rows, w.f, w.d),
-        }
-    }
-}
-
-/// Stacked [E·p, q] -> stacked [E·q, p]: every expert's block transposed (experts with no
-/// rows are left zero).
-fn transpose_stacked(stacked: &[f32], rows: &[usize], p: usize, q: usize) -> Vec<f32> {
-    let mut out = zeros(stacked.len());
-    out.par_chunks_mut(p * q)
-        .zip(stacked.par_chunks(p * q))
-        .zip(rows.par_iter())
-        .filter(|(_, n)| **n > 0)
-        .for_each(|((dst, src), _)| {
-            // In 32 x 32 tiles, so both sides stay in cache lines already loaded.
-            const TILE: usize = 32;
-            for i0 in (0..p).step_by(TILE) {
-                for j0 in (0..q).step_by(TILE) {
-                    for i in i0..(i0 + TILE).min(p) {
-                        for j in j0..(j0 + TILE).min(q) {
-                            dst[j * p + i] = src[i * q + j];
-                        }
-                    }
-                }
-            }
-        });
-    out
 }
 
 /// The weight part of the backward: ADDS X^T dG, X^T dU, A^T dY of each expert (one GEMM
@@ -366,44 +362,33 @@ pub fn weight_grads(
     for e in 0..rows.len() {
         offsets[e + 1] = offsets[e] + rows[e];
     }
-    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(3 * rows.len());
+    // One task per (weight, expert, half of the gradient's rows), so that the experts'
+    // uneven row counts balance over the cores (the halves' bits are those of one GEMM).
+    let mut tasks: Vec<(usize, usize, usize, &mut [f32])> = Vec::with_capacity(6 * rows.len());
     for (which, buf) in dw.into_iter().enumerate() {
-        if let Some(buf) = buf {
-            for (e, chunk) in buf.chunks_mut(d * f).enumerate() {
-                if rows[e] > 0 {
-                    tasks.push((which, e, chunk));
-                }
+        let Some(buf) = buf else { continue };
+        let width = if which == 2 { d } else { f };
+        for (e, chunk) in buf.chunks_mut(d * f).enumerate() {
+            if rows[e] == 0 {
+                continue;
             }
+            let half = (d * f / width).div_ceil(2) * width;
+            let (top, bottom) = chunk.split_at_mut(half);
+            tasks.push((which, e, 0, top));
+            tasks.push((which, e, half / width, bottom));
         }
     }
-    tasks.into_par_iter().for_each(|(which, e, out)| {
+    tasks.into_par_iter().for_each(|(which, e, r0, out)| {
         let (o, n) = (offsets[e], rows[e]);
-        let x_e = Mat::new(&xv[o * d..(o + n) * d], n, d);
-        match which {
-            0 => gemm(
-                x_e.t(),
-                Mat::new(&dg[o * f..(o + n) * f], n, f),
-                out,
-                f,
-                true,
-            ),
-            1 => gemm(
-                x_e.t(),
-                Mat::new(&du[o * f..(o + n) * f], n, f),
-                out,
-                f,
-                true,
-            ),
-            _ => {
-                let a_e = Mat::new(&a[o * f..(o + n) * f], n, f);
-                gemm(
-                    a_e.t(),
-                    Mat::new(&dyv[o * d..(o + n) * d], n, d),
-                    out,
-                    d,
-                    true,
-                )
-            }
+        fn rows_of(v: &[f32], o: usize, n: usize, width: usize) -> Mat<'_> {
+            Mat::new(&v[o * width..(o + n) * width], n, width)
         }
+        // dW_gate = X^T dG, dW_up = X^T dU ([D, F]); dW_down = A^T dY ([F, D]).
+        let (lhs_t, rhs, width) = match which {
+            0 => (rows_of(xv, o, n, d), rows_of(dg, o, n, f), f),
+            1 => (rows_of(xv, o, n, d), rows_of(du, o, n, f), f),
+            _ => (rows_of(a, o, n, f), rows_of(dyv, o, n, d), d),
+        };
+        gemm(lhs_t.t().rows(r0, out.len() / width), rhs, out, width, true);
     });
 }

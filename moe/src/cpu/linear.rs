@@ -1,13 +1,13 @@
 //! `x w` for the dense projections (attention, LM head) as one op whose three GEMMs
-//! (forward, input gradient, weight gradient) are split into row blocks over the thread
-//! pool, each block a single-threaded GEMM. burn's 3-D matmul against a broadcast weight
-//! runs one GEMM per batch entry and sums a [B, D, O] weight gradient over the batch.
+//! (forward, input gradient, weight gradient) are tiled over the thread pool
+//! (`gemm_parallel`). burn's 3-D matmul against a broadcast weight runs one GEMM per batch
+//! entry and sums a [B, D, O] weight gradient over the batch.
 //!
 //! Shape legend: N rows, D input dim, O output dim.
 
 use burn::tensor::Tensor;
 
-use super::gemm::{Mat, gemm_rows_parallel};
+use super::gemm::{Mat, gemm_parallel};
 use super::{BackwardFn, Fused, custom_op, dims, fused, prim, tensor, values, zeros};
 
 /// x: [N, D], w: [D, O] -> [N, O]; burn's matmul (at the forward pass's precision) off the
@@ -26,7 +26,7 @@ fn forward(x: &super::FlexTensor, w: &super::FlexTensor) -> (super::FlexTensor, 
     let (n, d) = (dims(x)[0], dims(x)[1]);
     let o = dims(w)[1];
     let mut y = zeros(n * o);
-    gemm_rows_parallel(
+    gemm_parallel(
         Mat::new(&values(x), n, d),
         Mat::new(&values(w), d, o),
         &mut y,
@@ -38,12 +38,12 @@ fn forward(x: &super::FlexTensor, w: &super::FlexTensor) -> (super::FlexTensor, 
         let dy = Mat::new(&dyv, n, o);
         let dx = needed[0].then(|| {
             let mut dx = zeros(n * d);
-            gemm_rows_parallel(dy, Mat::new(&wv, d, o).t(), &mut dx, false);
+            gemm_parallel(dy, Mat::new(&wv, d, o).t(), &mut dx, false);
             tensor(dx, &[n, d])
         });
         let dw = needed[1].then(|| {
             let mut dw = zeros(d * o);
-            gemm_rows_parallel(Mat::new(&xv, n, d).t(), dy, &mut dw, false);
+            gemm_parallel(Mat::new(&xv, n, d).t(), dy, &mut dw, false);
             tensor(dw, &[d, o])
         });
         [dx, dw]

@@ -3,11 +3,10 @@
 //! burn's generic ops allocate a tensor per step and run one pass over memory each; the
 //! hot parts of a training step (grouped experts, dispatch gather, combine, attention
 //! core, projections, RMSNorm, loss) are written here as one node each, forward and
-//! backward, with their GEMMs on the `gemm` crate (the kernel burn-flex itself uses)
-//! called single-threaded inside coarse parallel tasks (per expert, per head, per row
-//! block): on two cores, splitting one mid-sized GEMM across threads costs more than it
-//! gains. Each op has a readable
-//! reference in burn ops and a test pinning output and gradients to it.
+//! backward, with their GEMMs on [`gemm`] (a packed micro-kernel GEMM whose rounding does
+//! not depend on how a GEMM is split) called single-threaded inside parallel tasks (per
+//! expert row block, per head, per tile of C). Each op has a readable reference in burn
+//! ops and a test pinning output and gradients to it.
 //!
 //! An op runs here only on the flex backend (plain or autodiff); on any other backend the
 //! callers take their burn-op reference path.
