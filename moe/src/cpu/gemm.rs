@@ -239,8 +239,11 @@ unsafe fn gemm_raw(a: Mat, b: Source, n: usize, c: *mut f32, ldc: usize, accumul
     if k == 0 {
         if !accumulate {
             for i in 0..m {
-                // SAFETY: row i, columns 0..n are C's (caller's contract).
-                unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0) };
+                for j in 0..n {
+                    // SAFETY: (i, j) is C's (caller's contract); written, never read, so C
+                    // may be uninitialised.
+                    unsafe { c.add(i * ldc + j).write(0.0) };
+                }
             }
         }
         return;
@@ -453,10 +456,12 @@ unsafe fn tile_portable(a: Mat, b: &[f32], c: *mut f32, ldc: usize, add: bool) {
         }
     }
     for (r, acc_r) in acc.iter().enumerate() {
-        // SAFETY: C's tile is valid (caller's contract).
-        let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), NR) };
-        for (x, &v) in row.iter_mut().zip(acc_r) {
-            *x = if add { *x + v } else { v };
+        for (q, &v) in acc_r.iter().enumerate() {
+            // SAFETY: C's tile is valid (caller's contract); read only when adding.
+            unsafe {
+                let dst = c.add(r * ldc + q);
+                dst.write(if add { *dst + v } else { v });
+            }
         }
     }
 }
@@ -480,16 +485,42 @@ impl SharedOut {
 /// gradient) the tasks are column blocks, each packing its own columns of B. Same bits as [`gemm`] (see the module
 /// note), whatever the tiling.
 pub fn gemm_parallel(a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
-    let (m, n) = (a.rows, b.cols);
-    check(&a, b.rows, n, c.len(), n);
+    check(&a, b.rows, b.cols, c.len(), b.cols);
     assert!(b.fits(), "gemm: B is out of its slice");
+    // SAFETY: C's extent was checked against its slice, which is borrowed mutably.
+    unsafe { gemm_parallel_raw(a, b, c.as_mut_ptr(), accumulate) }
+}
+
+/// `a b` as a new row-major `a.rows x b.cols` buffer, tiled like [`gemm_parallel`]. Every
+/// element is written once before it is read, so the buffer is not zeroed first (the LM
+/// head's logits are 32 MiB a step in `bench-small`).
+pub fn gemm_parallel_new(a: Mat, b: Mat) -> Vec<f32> {
+    let len = a.rows * b.cols;
+    check(&a, b.rows, b.cols, len, b.cols);
+    assert!(b.fits(), "gemm: B is out of its slice");
+    let mut c = Vec::with_capacity(len);
+    // SAFETY: the capacity holds C; without `accumulate` the kernel writes each element
+    // before any read of it (later k blocks add to what the first wrote).
+    unsafe {
+        gemm_parallel_raw(a, b, c.spare_capacity_mut().as_mut_ptr().cast(), false);
+        c.set_len(len);
+    }
+    c
+}
+
+/// [`gemm_parallel`] on a raw C of `a.rows x b.cols`, leading dimension `b.cols`.
+///
+/// # Safety
+/// As [`gemm_raw`]; C may be uninitialised when `accumulate` is false.
+unsafe fn gemm_parallel_raw(a: Mat, b: Mat, c: *mut f32, accumulate: bool) {
+    let (m, n) = (a.rows, b.cols);
     if m == 0 || n == 0 {
         return;
     }
     let threads = rayon::current_num_threads().max(1);
     // Several tasks per thread so that a core held up elsewhere does not hold up the op.
     let tasks = threads * 4;
-    let out = SharedOut(c.as_mut_ptr());
+    let out = SharedOut(c);
     if m >= n || n < tasks * NR {
         let packed = PackedB::new(b);
         let block = m.div_ceil(tasks).next_multiple_of(MR).max(4 * MR);
@@ -632,6 +663,7 @@ mod tests {
         let mut par = vec![0f32; m * n];
         gemm_parallel(a_m, b_m, &mut par, false);
         assert_eq!(whole, par);
+        assert_eq!(whole, gemm_parallel_new(a_m, b_m));
         let wide = data(k * 900, 5);
         let mut one = vec![0f32; 8 * 900];
         let mut tiled = vec![0f32; 8 * 900];

@@ -7,8 +7,8 @@
 
 use burn::tensor::Tensor;
 
-use super::gemm::{Mat, gemm_parallel};
-use super::{BackwardFn, Fused, custom_op, dims, fused, prim, tensor, values, zeros};
+use super::gemm::{Mat, gemm_parallel_new};
+use super::{BackwardFn, Fused, custom_op, dims, fused, prim, tensor, values};
 
 /// x: [N, D], w: [D, O] -> [N, O]; burn's matmul (at the forward pass's precision) off the
 /// flex backend, under bf16 or when switched off.
@@ -25,27 +25,13 @@ pub fn linear(x_nd: Tensor<2>, w_do: Tensor<2>) -> Tensor<2> {
 fn forward(x: &super::FlexTensor, w: &super::FlexTensor) -> (super::FlexTensor, BackwardFn<2>) {
     let (n, d) = (dims(x)[0], dims(x)[1]);
     let o = dims(w)[1];
-    let mut y = zeros(n * o);
-    gemm_parallel(
-        Mat::new(&values(x), n, d),
-        Mat::new(&values(w), d, o),
-        &mut y,
-        false,
-    );
+    let y = gemm_parallel_new(Mat::new(&values(x), n, d), Mat::new(&values(w), d, o));
     let (x, w) = (x.clone(), w.clone());
     let backward: BackwardFn<2> = Box::new(move |dy, needed| {
         let (xv, wv, dyv) = (values(&x), values(&w), values(&dy));
         let dy = Mat::new(&dyv, n, o);
-        let dx = needed[0].then(|| {
-            let mut dx = zeros(n * d);
-            gemm_parallel(dy, Mat::new(&wv, d, o).t(), &mut dx, false);
-            tensor(dx, &[n, d])
-        });
-        let dw = needed[1].then(|| {
-            let mut dw = zeros(d * o);
-            gemm_parallel(Mat::new(&xv, n, d).t(), dy, &mut dw, false);
-            tensor(dw, &[d, o])
-        });
+        let dx = needed[0].then(|| tensor(gemm_parallel_new(dy, Mat::new(&wv, d, o).t()), &[n, d]));
+        let dw = needed[1].then(|| tensor(gemm_parallel_new(Mat::new(&xv, n, d).t(), dy), &[d, o]));
         [dx, dw]
     });
     (tensor(y, &[n, o]), backward)
