@@ -201,7 +201,7 @@ pub struct CpuPeaks {
     pub fma_peak_gflops: f64,
     /// burn's matmul, 1024^2.
     pub gemm_gflops: f64,
-    /// Switchyard's GEMM path (`moe::cpu::gemm`, row blocks over the thread pool), 1024^2.
+    /// Switchyard's GEMM path (`moe::cpu::gemm::gemm_parallel`, tiled over the pool), 1024^2.
     pub own_gemm_gflops: f64,
 }
 
@@ -359,7 +359,7 @@ fn process_cpu_seconds() -> Option<f64> {
 }
 
 /// Best of `repeats` square f32 matmuls of size `n` through `moe::cpu::gemm` (the kernel
-/// the fused ops use), row blocks spread over the thread pool.
+/// the fused ops use), tiled over the thread pool by `gemm_parallel`.
 pub fn own_gemm_gflops(n: usize, repeats: usize) -> f64 {
     let a: Vec<f32> = (0..n * n).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
     let b: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
