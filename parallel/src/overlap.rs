@@ -585,13 +585,7 @@ fn forward(
         }
     };
     let backward: BlockBackward = Box::new(move |dy, needed| {
-        let mut dw: [Vec<f32>; 3] = std::array::from_fn(|i| {
-            if needed[i + 1] {
-                vec![0f32; experts * width * f]
-            } else {
-                Vec::new()
-            }
-        });
+        let mut dw: Option<[Option<Vec<f32>>; 3]> = None;
         let values_w = weights
             .as_ref()
             .map(|[g, u, d]| [values(g), values(u), values(d)]);
@@ -622,9 +616,8 @@ fn forward(
                     };
                     let chunk = pending.next().expect("one saved chunk per chunk");
                     debug_assert_eq!(chunk.rows, rows);
-                    let mut dx = vec![0f32; dys.len()];
-                    let grads =
-                        backward_rows(packed, rows, &chunk.g, &chunk.u, &dys, Some(&mut dx));
+                    let mut grads = backward_rows(packed, rows, &chunk.g, &chunk.u, &dys, true);
+                    let dx = grads.dx.take().expect("dx was asked for");
                     rows_done.borrow_mut().push((chunk, grads, dys));
                     dx
                 },
@@ -632,12 +625,8 @@ fn forward(
                     if let Some(stacked) = &stacked
                         && needed[1..].iter().any(|&n| n)
                     {
-                        let [dwg, dwu, dwd] = &mut dw;
-                        fn slot(need: bool, v: &mut [f32]) -> Option<&mut [f32]> {
-                            need.then_some(v)
-                        }
                         let all = layout.unchunked(&rows_done.borrow(), width, f);
-                        weight_grads(
+                        dw = Some(weight_grads(
                             &all.x,
                             stacked,
                             &all.rows,
@@ -645,25 +634,24 @@ fn forward(
                             &all.dg,
                             &all.du,
                             &all.dy,
-                            [
-                                slot(needed[1], dwg),
-                                slot(needed[2], dwu),
-                                slot(needed[3], dwd),
-                            ],
-                        );
+                            [needed[1], needed[2], needed[3]],
+                        ));
                     }
                 },
             )
             // The backward pass has no error channel: a failed exchange ends the rank here.
             .unwrap_or_else(|e| panic!("backward of the expert-parallel block: {e}"));
         *totals.lock().unwrap_or_else(|p| p.into_inner()) += t;
-        let [dwg, dwu, dwd] = dw;
+        // Without local experts (or rows) the weight gradients are zeros.
+        let [dwg, dwu, dwd] = dw.unwrap_or_else(|| {
+            std::array::from_fn(|i| needed[i + 1].then(|| vec![0f32; experts * width * f]))
+        });
         let e_rows = experts * width;
         [
             needed[0].then(|| tensor(dx, &[rows_sent, width])),
-            needed[1].then(|| tensor(dwg, &[e_rows, f])),
-            needed[2].then(|| tensor(dwu, &[e_rows, f])),
-            needed[3].then(|| tensor(dwd, &[experts * f, width])),
+            dwg.map(|v| tensor(v, &[e_rows, f])),
+            dwu.map(|v| tensor(v, &[e_rows, f])),
+            dwd.map(|v| tensor(v, &[experts * f, width])),
         ]
     });
     (tensor(out, &[rows_sent, width]), backward)

@@ -172,22 +172,28 @@ impl NamedAdamW {
         }
     }
 
-    /// One update of every parameter. A parameter without a gradient (it took no part in
-    /// this step, e.g. an expert no token chose) is updated with a zero gradient, so every
-    /// parameter's step count stays equal to the optimizer's.
+    /// One update of every parameter with its gradient times `grad_scale` (the clipping
+    /// factor of [`clip_scale`], applied in the update's own pass over the gradients). A
+    /// parameter without a gradient (it took no part in this step, e.g. an expert no token
+    /// chose) is updated with a zero gradient, so every parameter's step count stays equal
+    /// to the optimizer's.
     pub fn step<M: burn::module::Module>(
         &mut self,
         model: M,
         grads: &BTreeMap<String, Tensor<1>>,
+        grad_scale: f32,
         lr: f64,
     ) -> M {
-        profile::time(Part::Optimizer, || self.step_impl(model, grads, lr))
+        profile::time(Part::Optimizer, || {
+            self.step_impl(model, grads, grad_scale, lr)
+        })
     }
 
     fn step_impl<M: burn::module::Module>(
         &mut self,
         model: M,
         grads: &BTreeMap<String, Tensor<1>>,
+        grad_scale: f32,
         lr: f64,
     ) -> M {
         if fused(Fused::Optimizer) {
@@ -206,8 +212,9 @@ impl NamedAdamW {
                     })
                     .unzip();
                 let mut updated = BTreeMap::new();
-                for (name, (value, state)) in
-                    names.into_iter().zip(fused_adamw(self.hyper, lr, entries))
+                for (name, (value, state)) in names
+                    .into_iter()
+                    .zip(fused_adamw(self.hyper, lr, grad_scale, entries))
                 {
                     self.state.insert(name.clone(), state);
                     updated.insert(name, value);
@@ -218,10 +225,11 @@ impl NamedAdamW {
             }
         }
         map_params(model, |name, value| {
-            let grad = grads
-                .get(name)
-                .cloned()
-                .unwrap_or_else(|| value.zeros_like());
+            let grad = match grads.get(name) {
+                Some(g) if grad_scale != 1.0 => g.clone() * grad_scale,
+                Some(g) => g.clone(),
+                None => value.zeros_like(),
+            };
             let optimizer = if self.decay.contains(name) {
                 &self.decayed
             } else {
@@ -365,12 +373,18 @@ struct AdamEntry {
     decayed: bool,
 }
 
-/// burn-optim's AdamW update (same formulas, same order) of every parameter in one
-/// parallel pass: the chunks of all parameters form one task list (a per-parameter loop
+/// burn-optim's AdamW update (same formulas, same order) of every parameter, with its
+/// gradient times `grad_scale` (rounded as a separate scaling pass would), in one parallel
+/// pass: the chunks of all parameters form one task list (a per-parameter loop
 /// left the second core idle on the small ones and cost a dispatch each), values, gradients
 /// and moments are read in place and the new ones written once into fresh buffers, instead
 /// of burn-optim's dozen full-size temporaries per parameter.
-fn fused_adamw(h: Hyper, lr: f64, entries: Vec<AdamEntry>) -> Vec<(Tensor<1>, AdamWState<1>)> {
+fn fused_adamw(
+    h: Hyper,
+    lr: f64,
+    grad_scale: f32,
+    entries: Vec<AdamEntry>,
+) -> Vec<(Tensor<1>, AdamWState<1>)> {
     const CHUNK: usize = 1 << 14;
     let flex = |t: &Tensor<1>| {
         t.clone()
@@ -446,14 +460,21 @@ fn fused_adamw(h: Hyper, lr: f64, entries: Vec<AdamEntry>) -> Vec<(Tensor<1>, Ad
                     .zip(&m[span.clone()])
                     .zip(&v[span]);
                 let outs = p_out.iter_mut().zip(m_out.iter_mut()).zip(v_out.iter_mut());
-                for ((((&p, &g), &m), &v), ((p_out, m_out), v_out)) in ins.zip(outs) {
-                    let m = m * h.beta1 + g * f1;
-                    let v = v * h.beta2 + g * g * f2;
-                    let delta = (m * inv_c1) / ((v * inv_c2).sqrt() + h.eps);
-                    p_out.write(p * keep - delta * lr);
-                    m_out.write(m);
-                    v_out.write(v);
-                }
+                cpu::wide(
+                    #[inline(always)]
+                    || {
+                        for ((((&p, &g), &m), &v), ((p_out, m_out), v_out)) in ins.zip(outs) {
+                            // g * 1.0 == g exactly: no branch for the unclipped case.
+                            let g = g * grad_scale;
+                            let m = m * h.beta1 + g * f1;
+                            let v = v * h.beta2 + g * g * f2;
+                            let delta = (m * inv_c1) / ((v * inv_c2).sqrt() + h.eps);
+                            p_out.write(p * keep - delta * lr);
+                            m_out.write(m);
+                            v_out.write(v);
+                        }
+                    },
+                );
             });
     }
     let device = entries.first().map(|e| e.value.device());
@@ -510,29 +531,12 @@ fn global_norm_impl(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
     sum.sqrt()
 }
 
-/// Scale every gradient so the global norm is at most `max_norm`.
-pub fn clip_global_norm(grads: &mut BTreeMap<String, Tensor<1>>, norm: f64, max_norm: f64) {
-    let _timer = profile::Timer::new(Part::Optimizer);
-    if norm > max_norm {
-        let scale = (max_norm / (norm + 1e-6)) as f32;
-        *grads = std::mem::take(grads)
-            .into_iter()
-            .map(|(name, g)| {
-                if !(fused(Fused::Optimizer) && g.device() == Device::flex()) {
-                    return (name, g * scale);
-                }
-                // Read in place (the gradient is shared with the caller's map, so taking
-                // its buffer would copy it first), written once by the thread pool.
-                let device = g.device();
-                let scaled: Vec<f32> =
-                    with_flex_values(&g, |values| values.par_iter().map(|x| x * scale).collect());
-                let n = scaled.len();
-                (
-                    name,
-                    Tensor::from_data(TensorData::new(scaled, [n]), &device),
-                )
-            })
-            .collect();
+/// The factor that brings the global gradient norm `norm` down to `max_norm` (1 when it is
+/// already at most that, or without clipping); [`NamedAdamW::step`] applies it.
+pub fn clip_scale(norm: f64, max_norm: Option<f64>) -> f32 {
+    match max_norm {
+        Some(max) if norm > max => (max / (norm + 1e-6)) as f32,
+        _ => 1.0,
     }
 }
 
@@ -616,6 +620,8 @@ mod tests {
                 ),
             ];
             for step in 0..4 {
+                // Clipped (scaled) gradients on odd steps.
+                let scale = if step % 2 == 1 { 0.37 } else { 1.0 };
                 let grad = |n: usize| {
                     let g: Vec<f32> = (0..n).map(|i| ((i + step) as f32 * 0.71).cos()).collect();
                     Tensor::<1>::from_floats(g.as_slice(), &device)
@@ -631,7 +637,7 @@ mod tests {
                             decayed: opt.decay.contains(name),
                         })
                         .collect();
-                    let updated = fused_adamw(opt.hyper, 1e-2, entries);
+                    let updated = fused_adamw(opt.hyper, 1e-2, scale, entries);
                     for ((name, p), (u, state)) in params.iter_mut().zip(updated) {
                         opt.state.insert(name.clone(), state);
                         *p = tensor_to_vec(&u);
@@ -646,7 +652,7 @@ mod tests {
                         &opt.not_decayed
                     };
                     let state = opt.state.remove(name.as_str());
-                    let (updated, state) = o.step(1e-2, value, grad(p.len()), state);
+                    let (updated, state) = o.step(1e-2, value, grad(p.len()) * scale, state);
                     opt.state.insert(name.clone(), state.unwrap());
                     *p = tensor_to_vec(&updated);
                 }
@@ -690,8 +696,14 @@ mod tests {
         );
         let norm = global_norm(&grads);
         assert!((norm - 5.0).abs() < 1e-6);
-        clip_global_norm(&mut grads, norm, 1.0);
-        assert!((global_norm(&grads) - 1.0).abs() < 1e-5);
-        assert!((tensor_to_vec(&grads["a"])[0] - 0.6).abs() < 1e-5);
+        let scale = clip_scale(norm, Some(1.0));
+        let clipped: BTreeMap<String, Tensor<1>> = grads
+            .iter()
+            .map(|(name, g)| (name.clone(), g.clone() * scale))
+            .collect();
+        assert!((global_norm(&clipped) - 1.0).abs() < 1e-5);
+        assert!((tensor_to_vec(&clipped["a"])[0] - 0.6).abs() < 1e-5);
+        assert_eq!(clip_scale(norm, Some(6.0)), 1.0, "below the limit");
+        assert_eq!(clip_scale(norm, None), 1.0, "no clipping");
     }
 }

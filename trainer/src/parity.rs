@@ -425,7 +425,7 @@ fn reference(cfg: &ModelConfig, forcing: Forcing) -> Run {
                 run.grads.insert(name, tensor_to_vec(&g));
             }
         }
-        model = adam.step(model, &grads, LR);
+        model = adam.step(model, &grads, 1.0, LR);
     }
     for (name, _, value) in named_params(&model) {
         run.weights.insert(name, tensor_to_vec(&value));
@@ -490,7 +490,7 @@ fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), St
                 run.grads.insert(name.clone(), tensor_to_vec(g));
             }
         }
-        model = adam.step(model, &grads, LR);
+        model = adam.step(model, &grads, 1.0, LR);
     }
     for (name, _, value) in named_params(&model) {
         run.weights.insert(name, tensor_to_vec(&value));

@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::data::{Batch, Corpus, Sampler, SamplerState};
 use crate::distributed::Distributed;
 use crate::metrics::MetricsSink;
-use crate::optim::{AdamMigration, NamedAdamW, clip_global_norm, global_norm, tensor_to_vec};
+use crate::optim::{AdamMigration, NamedAdamW, clip_scale, global_norm, tensor_to_vec};
 use crate::rebalance::{Rebalancer, SavedPlacement};
 
 /// The `train:` node.
@@ -415,11 +415,9 @@ impl Trainer {
                 "non-finite loss or gradient: update skipped"
             );
         } else {
-            if let Some(max) = self.cfg.optim.grad_clip {
-                clip_global_norm(&mut grads, grad_norm, max);
-            }
+            let scale = clip_scale(grad_norm, self.cfg.optim.grad_clip);
             // Cloning a module clones tensor handles, not data.
-            self.model = self.optim.step(self.model.clone(), &grads, lr);
+            self.model = self.optim.step(self.model.clone(), &grads, scale, lr);
         }
         self.state_step += 1;
         self.tokens_seen += tokens;

@@ -8,7 +8,9 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, gemm};
-use super::{BackwardFn, Fused, custom_op, dims, exp, fused, prim, sum, tensor, values, zeros};
+use super::{
+    BackwardFn, Fused, custom_op, dims, exp, fused, prim, sum, tensor, values, wide, zeros,
+};
 
 /// Query rows per block of the causal loops: the key range of a block ends at its last
 /// row, so blocks skip most of the zero upper triangle while staying large enough for an
@@ -49,16 +51,21 @@ pub fn causal_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<T
                     let q_b = Mat::new(&q[r0 * dh..r1 * dh], rows, dh);
                     let p_b = &mut p[r0 * s..r1 * s];
                     gemm(q_b, Mat::new(&k[..r1 * dh], r1, dh).t(), p_b, s, false);
-                    for (row, p_row) in (r0..r1).zip(p_b.chunks_mut(s)) {
-                        let live = &mut p_row[..=row];
-                        let max = live.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
-                        for x in live.iter_mut() {
-                            *x = exp((*x - max) * scale);
-                        }
-                        let inv = 1.0 / sum(live);
-                        live.iter_mut().for_each(|x| *x *= inv);
-                        p_row[row + 1..r1].fill(0.0);
-                    }
+                    wide(
+                        #[inline(always)]
+                        || {
+                            for (row, p_row) in (r0..r1).zip(p_b.chunks_mut(s)) {
+                                let live = &mut p_row[..=row];
+                                let max = live.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
+                                for x in live.iter_mut() {
+                                    *x = exp((*x - max) * scale);
+                                }
+                                let inv = 1.0 / sum(live);
+                                live.iter_mut().for_each(|x| *x *= inv);
+                                p_row[row + 1..r1].fill(0.0);
+                            }
+                        },
+                    );
                     let p_b = Mat::with_ld(&p[r0 * s..], rows, r1, s);
                     let o_b = &mut o[r0 * dh..r1 * dh];
                     gemm(p_b, Mat::new(&v[..r1 * dh], r1, dh), o_b, dh, false);
@@ -90,20 +97,25 @@ pub fn causal_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Option<T
                         let ds_b = &mut ds[r0 * s..r1 * s];
                         gemm(d_o, Mat::new(&v[..r1 * dh], r1, dh).t(), ds_b, s, false);
                         let p_b = &p[r0 * s..r1 * s];
-                        for (row, (ds_row, p_row)) in
-                            (r0..r1).zip(ds_b.chunks_mut(s).zip(p_b.chunks(s)))
-                        {
-                            let live = ..=row;
-                            let dot: f32 = ds_row[live]
-                                .iter()
-                                .zip(&p_row[live])
-                                .map(|(a, b)| a * b)
-                                .sum();
-                            for (x, &pi) in ds_row[live].iter_mut().zip(&p_row[live]) {
-                                *x = pi * (*x - dot) * scale;
-                            }
-                            ds_row[row + 1..r1].fill(0.0);
-                        }
+                        wide(
+                            #[inline(always)]
+                            || {
+                                for (row, (ds_row, p_row)) in
+                                    (r0..r1).zip(ds_b.chunks_mut(s).zip(p_b.chunks(s)))
+                                {
+                                    let live = ..=row;
+                                    let dot: f32 = ds_row[live]
+                                        .iter()
+                                        .zip(&p_row[live])
+                                        .map(|(a, b)| a * b)
+                                        .sum();
+                                    for (x, &pi) in ds_row[live].iter_mut().zip(&p_row[live]) {
+                                        *x = pi * (*x - dot) * scale;
+                                    }
+                                    ds_row[row + 1..r1].fill(0.0);
+                                }
+                            },
+                        );
                         let ds_b = Mat::with_ld(&ds[r0 * s..], r1 - r0, r1, s);
                         gemm(
                             ds_b,

@@ -11,10 +11,12 @@
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::gemm::{Mat, PackedB, gemm, gemm_packed};
+use std::mem::MaybeUninit;
+
+use super::gemm::{Mat, PackedB, gemm_packed, gemm_packed_into};
 use super::{
     BackwardFn, FlexTensor, Fused, custom_op, dims, fused, prim, sigmoid, silu, tensor, values,
-    zeros,
+    wide,
 };
 use crate::experts::SwiGlu;
 
@@ -114,7 +116,7 @@ fn weight(stacked: &[f32], e: usize, rows: usize, cols: usize) -> Mat<'_> {
 }
 
 /// Splits `buf` (rows of `width`) into the blocks' disjoint row ranges.
-fn split_rows<'a>(mut buf: &'a mut [f32], blocks: &[Block], width: usize) -> Vec<&'a mut [f32]> {
+fn split_rows<'a, T>(mut buf: &'a mut [T], blocks: &[Block], width: usize) -> Vec<&'a mut [T]> {
     let mut out = Vec::with_capacity(blocks.len());
     for b in blocks {
         let (head, tail) = buf.split_at_mut(b.len * width);
@@ -152,21 +154,8 @@ fn forward(
             d,
             f,
         };
-        let mut dx = needed[0].then(|| zeros(r * d));
-        let mut dw: [Option<Vec<f32>>; 3] =
-            [1, 2, 3].map(|i| needed[i].then(|| zeros(e_count * d * f)));
-        let [dwg, dwu, dwd] = &mut dw;
-        backward_raw(
-            &values(&x),
-            &weights,
-            &rows,
-            &g,
-            &u,
-            &values(&dy),
-            dx.as_deref_mut(),
-            [dwg.as_deref_mut(), dwu.as_deref_mut(), dwd.as_deref_mut()],
-        );
-        let [dwg, dwu, dwd] = dw;
+        let [dx, dwg, dwu, dwd] =
+            backward_raw(&values(&x), &weights, &rows, &g, &u, &values(&dy), needed);
         [
             dx.map(|v| tensor(v, &[r, d])),
             dwg.map(|v| tensor(v, &[e_count * d, f])),
@@ -240,31 +229,42 @@ pub fn forward_raw(xv: &[f32], w: &Packed, rows: &[usize]) -> (Vec<f32>, Vec<f32
     let r = rows.iter().sum::<usize>();
     debug_assert_eq!(xv.len(), r * d);
     let blocks = blocks(rows);
-    let mut g = zeros(r * f);
-    let mut u = zeros(r * f);
-    let mut y = zeros(r * d);
-    split_rows(&mut g, &blocks, f)
+    let (mut g, mut u, mut y) = (fresh(r * f), fresh(r * f), fresh(r * d));
+    split_rows(&mut g.spare_capacity_mut()[..r * f], &blocks, f)
         .into_par_iter()
-        .zip(split_rows(&mut u, &blocks, f))
-        .zip(split_rows(&mut y, &blocks, d))
+        .zip(split_rows(&mut u.spare_capacity_mut()[..r * f], &blocks, f))
+        .zip(split_rows(&mut y.spare_capacity_mut()[..r * d], &blocks, d))
         .zip(blocks.par_iter())
         .for_each(|(((g_b, u_b), y_b), b)| {
             let x_b = Mat::new(&xv[b.start * d..(b.start + b.len) * d], b.len, d);
             let [gate, up, down] = w.expert(b.e);
-            gemm_packed(x_b, gate, g_b, f, false);
-            gemm_packed(x_b, up, u_b, f, false);
-            let a_b: Vec<f32> = g_b
-                .iter()
-                .zip(u_b.iter())
-                .map(|(&g, &u)| silu(g) * u)
-                .collect();
-            gemm_packed(Mat::new(&a_b, b.len, f), down, y_b, d, false);
+            let g_b = gemm_packed_into(x_b, gate, g_b);
+            let u_b = gemm_packed_into(x_b, up, u_b);
+            let mut a_b = Vec::with_capacity(b.len * f);
+            wide(
+                #[inline(always)]
+                || {
+                    let acts = a_b.spare_capacity_mut()[..b.len * f].iter_mut();
+                    for (a, (&g, &u)) in acts.zip(g_b.iter().zip(u_b.iter())) {
+                        a.write(silu(g) * u);
+                    }
+                },
+            );
+            // SAFETY: the loop wrote all b.len * f activations (g_b and u_b have as many).
+            unsafe { a_b.set_len(b.len * f) };
+            gemm_packed_into(Mat::new(&a_b, b.len, f), down, y_b);
         });
+    // SAFETY: the blocks cover every row and each block of g, u and y was written whole.
+    unsafe {
+        g.set_len(r * f);
+        u.set_len(r * f);
+        y.set_len(r * d);
+    }
     (y, g, u)
 }
 
-/// The backward on raw buffers (`g`, `u` from [`forward_raw`]): writes dx [R, D] when
-/// given and ADDS the weight gradients (stacked like the weights) into `dw` when given.
+/// The backward on raw buffers (`g`, `u` from [`forward_raw`]): [dx [R, D], dWg, dWu, dWd]
+/// (weight gradients stacked like the weights), each computed only where `needed`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_raw(
     xv: &[f32],
@@ -273,78 +273,113 @@ pub fn backward_raw(
     g: &[f32],
     u: &[f32],
     dyv: &[f32],
-    dx: Option<&mut [f32]>,
-    dw: [Option<&mut [f32]>; 3],
-) {
+    needed: [bool; 4],
+) -> [Option<Vec<f32>>; 4] {
     let packed = Packed::backward(w, rows);
-    let RowGrads { a, dg, du } = backward_rows(&packed, rows, g, u, dyv, dx);
-    weight_grads(xv, w, rows, &a, &dg, &du, dyv, dw);
+    let RowGrads { a, dg, du, dx } = backward_rows(&packed, rows, g, u, dyv, needed[0]);
+    let [dwg, dwu, dwd] =
+        weight_grads(xv, w, rows, &a, &dg, &du, dyv, [1, 2, 3].map(|i| needed[i]));
+    [dx, dwg, dwu, dwd]
 }
 
-/// What the weight gradients need from the row pass: A = silu(G) U, dG and dU, [R, F] each.
+/// What the row pass gives: dX [R, D] (when asked for), and what the weight gradients need:
+/// A = silu(G) U, dG and dU, [R, F] each.
 pub struct RowGrads {
     pub a: Vec<f32>,
     pub dg: Vec<f32>,
     pub du: Vec<f32>,
+    pub dx: Option<Vec<f32>>,
 }
 
-/// The row part of the backward (weights from [`Packed::backward`]): dx [R, D] (when given)
-/// and what the weight gradients need. Every row's results depend on that row alone, bit
-/// for bit (the GEMM kernel's rounding does not depend on the number of rows in a call).
+/// The row part of the backward (weights from [`Packed::backward`]). Every row's results
+/// depend on that row alone, bit for bit (the GEMM kernel's rounding does not depend on the
+/// number of rows in a call).
 pub fn backward_rows(
     w: &Packed,
     rows: &[usize],
     g: &[f32],
     u: &[f32],
     dyv: &[f32],
-    dx: Option<&mut [f32]>,
+    want_dx: bool,
 ) -> RowGrads {
     let (d, f) = (w.d, w.f);
     let r = rows.iter().sum::<usize>();
     let blocks = blocks(rows);
     // Per row block: dA = dY Wd^T, then dG, dU (and A for dWd), then dX.
-    let mut a = zeros(r * f);
-    let mut dg = zeros(r * f);
-    let mut du = zeros(r * f);
-    let mut dx_scratch = Vec::new();
-    let dx = match dx {
-        Some(dx) => dx,
-        None => {
-            dx_scratch.resize(r * d, 0f32);
-            &mut dx_scratch[..]
-        }
+    let (mut a, mut dg, mut du) = (fresh(r * f), fresh(r * f), fresh(r * f));
+    let mut dx = fresh(if want_dx { r * d } else { 0 });
+    let dx_blocks: Vec<Option<&mut [MaybeUninit<f32>]>> = if want_dx {
+        split_rows(&mut dx.spare_capacity_mut()[..r * d], &blocks, d)
+            .into_iter()
+            .map(Some)
+            .collect()
+    } else {
+        blocks.iter().map(|_| None).collect()
     };
-    split_rows(&mut a, &blocks, f)
+    split_rows(&mut a.spare_capacity_mut()[..r * f], &blocks, f)
         .into_par_iter()
-        .zip(split_rows(&mut dg, &blocks, f))
-        .zip(split_rows(&mut du, &blocks, f))
-        .zip(split_rows(dx, &blocks, d))
+        .zip(split_rows(
+            &mut dg.spare_capacity_mut()[..r * f],
+            &blocks,
+            f,
+        ))
+        .zip(split_rows(
+            &mut du.spare_capacity_mut()[..r * f],
+            &blocks,
+            f,
+        ))
+        .zip(dx_blocks)
         .zip(blocks.par_iter())
         .for_each(|((((a_b, dg_b), du_b), dx_b), b)| {
             let span = b.start * f..(b.start + b.len) * f;
             let [down_t, gate_t, up_t] = w.expert(b.e);
             let dy_b = Mat::new(&dyv[b.start * d..(b.start + b.len) * d], b.len, d);
             // dA lands in dg_b, then is turned into dG in place.
-            gemm_packed(dy_b, down_t, dg_b, f, false);
+            let dg_b = gemm_packed_into(dy_b, down_t, dg_b);
             // With s = sigmoid(g): silu(g) = g s, silu'(g) = s (1 + g (1 - s)).
             let grads = a_b.iter_mut().zip(du_b.iter_mut()).zip(dg_b.iter_mut());
-            for (((a, du), dg), (&gi, &ui)) in grads.zip(g[span.clone()].iter().zip(&u[span])) {
-                let da = *dg;
-                let s = sigmoid(gi);
-                let act = gi * s;
-                *a = act * ui;
-                *du = da * act;
-                *dg = da * ui * s * (1.0 + gi * (1.0 - s));
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for (((a, du), dg), (&gi, &ui)) in
+                        grads.zip(g[span.clone()].iter().zip(&u[span]))
+                    {
+                        let da = *dg;
+                        let s = sigmoid(gi);
+                        let act = gi * s;
+                        a.write(act * ui);
+                        du.write(da * act);
+                        *dg = da * ui * s * (1.0 + gi * (1.0 - s));
+                    }
+                },
+            );
             // dX = dG Wg^T + dU Wu^T.
-            gemm_packed(Mat::new(dg_b, b.len, f), gate_t, dx_b, d, false);
-            gemm_packed(Mat::new(du_b, b.len, f), up_t, dx_b, d, true);
+            if let Some(dx_b) = dx_b {
+                let dx_b = gemm_packed_into(Mat::new(dg_b, b.len, f), gate_t, dx_b);
+                // SAFETY: the loop above wrote every element of du_b.
+                let du_b = unsafe { assume_init(du_b) };
+                gemm_packed(Mat::new(du_b, b.len, f), up_t, dx_b, d, true);
+            }
         });
-    RowGrads { a, dg, du }
+    // SAFETY: the blocks cover every row; each block of a, dg, du (and dx when asked for)
+    // was written whole.
+    unsafe {
+        a.set_len(r * f);
+        dg.set_len(r * f);
+        du.set_len(r * f);
+        dx.set_len(if want_dx { r * d } else { 0 });
+    }
+    RowGrads {
+        a,
+        dg,
+        du,
+        dx: want_dx.then_some(dx),
+    }
 }
 
-/// The weight part of the backward: ADDS X^T dG, X^T dU, A^T dY of each expert (one GEMM
-/// over all of its rows, stacked like the weights) into `dw` where given.
+/// The weight part of the backward: X^T dG, X^T dU, A^T dY of each expert (one GEMM over
+/// all of its rows), stacked like the weights, for each weight `needed` (experts without
+/// rows get zeros).
 #[allow(clippy::too_many_arguments)]
 pub fn weight_grads(
     xv: &[f32],
@@ -354,41 +389,158 @@ pub fn weight_grads(
     dg: &[f32],
     du: &[f32],
     dyv: &[f32],
-    dw: [Option<&mut [f32]>; 3],
-) {
+    needed: [bool; 3],
+) -> [Option<Vec<f32>>; 3] {
     let (d, f) = (w.d, w.f);
-    // Weight gradients: one task per (expert, weight): X^T dG, X^T dU, A^T dY, added in.
+    let len = rows.len() * d * f;
     let mut offsets = vec![0usize; rows.len() + 1];
     for e in 0..rows.len() {
         offsets[e + 1] = offsets[e] + rows[e];
     }
+    let mut grads: [Vec<f32>; 3] = needed.map(|n| fresh(if n { len } else { 0 }));
     // One task per (weight, expert, half of the gradient's rows), so that the experts'
     // uneven row counts balance over the cores (the halves' bits are those of one GEMM).
-    let mut tasks: Vec<(usize, usize, usize, &mut [f32])> = Vec::with_capacity(6 * rows.len());
-    for (which, buf) in dw.into_iter().enumerate() {
-        let Some(buf) = buf else { continue };
+    let mut tasks: Vec<(usize, usize, usize, &mut [MaybeUninit<f32>])> =
+        Vec::with_capacity(6 * rows.len());
+    for (which, buf) in grads.iter_mut().enumerate() {
+        if !needed[which] {
+            continue;
+        }
         let width = if which == 2 { d } else { f };
-        for (e, chunk) in buf.chunks_mut(d * f).enumerate() {
-            if rows[e] == 0 {
-                continue;
-            }
+        for (e, chunk) in buf.spare_capacity_mut()[..len]
+            .chunks_mut(d * f)
+            .enumerate()
+        {
             let half = (d * f / width).div_ceil(2) * width;
             let (top, bottom) = chunk.split_at_mut(half);
             tasks.push((which, e, 0, top));
             tasks.push((which, e, half / width, bottom));
         }
     }
-    tasks.into_par_iter().for_each(|(which, e, r0, out)| {
+    fn rows_of(v: &[f32], o: usize, n: usize, width: usize) -> Mat<'_> {
+        Mat::new(&v[o * width..(o + n) * width], n, width)
+    }
+    // dW_gate = X^T dG, dW_up = X^T dU ([D, F]); dW_down = A^T dY ([F, D]): the left factor
+    // of (weight, expert) and its right one, packed once for both halves.
+    let operands = |which: usize, e: usize| {
         let (o, n) = (offsets[e], rows[e]);
-        fn rows_of(v: &[f32], o: usize, n: usize, width: usize) -> Mat<'_> {
-            Mat::new(&v[o * width..(o + n) * width], n, width)
+        match which {
+            0 => (rows_of(xv, o, n, d), rows_of(dg, o, n, f)),
+            1 => (rows_of(xv, o, n, d), rows_of(du, o, n, f)),
+            _ => (rows_of(a, o, n, f), rows_of(dyv, o, n, d)),
         }
-        // dW_gate = X^T dG, dW_up = X^T dU ([D, F]); dW_down = A^T dY ([F, D]).
-        let (lhs_t, rhs, width) = match which {
-            0 => (rows_of(xv, o, n, d), rows_of(dg, o, n, f), f),
-            1 => (rows_of(xv, o, n, d), rows_of(du, o, n, f), f),
-            _ => (rows_of(a, o, n, f), rows_of(dyv, o, n, d), d),
+    };
+    let packed: Vec<Option<PackedB>> = (0..3 * rows.len())
+        .into_par_iter()
+        .map(|i| {
+            let (which, e) = (i / rows.len(), i % rows.len());
+            (needed[which] && rows[e] > 0).then(|| PackedB::new(operands(which, e).1))
+        })
+        .collect();
+    tasks.into_par_iter().for_each(|(which, e, r0, out)| {
+        let Some(rhs) = &packed[which * rows.len() + e] else {
+            // An expert without rows: a zero gradient.
+            out.fill(MaybeUninit::new(0.0));
+            return;
         };
-        gemm(lhs_t.t().rows(r0, out.len() / width), rhs, out, width, true);
+        let width = if which == 2 { d } else { f };
+        let lhs_t = operands(which, e).0;
+        gemm_packed_into(lhs_t.t().rows(r0, out.len() / width), rhs, out);
     });
+    // SAFETY: the tasks cover every expert's block of each needed gradient, written whole.
+    for (buf, need) in grads.iter_mut().zip(needed) {
+        unsafe { buf.set_len(if need { len } else { 0 }) };
+    }
+    let [dwg, dwu, dwd] = grads;
+    [(needed[0], dwg), (needed[1], dwu), (needed[2], dwd)].map(|(n, v)| n.then_some(v))
+}
+
+/// An empty buffer with room for `n` values, to be written whole before `set_len`.
+fn fresh(n: usize) -> Vec<f32> {
+    Vec::with_capacity(n)
+}
+
+/// # Safety
+/// Every element of `v` must have been written.
+unsafe fn assume_init(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: the caller's contract; MaybeUninit<f32> has f32's layout.
+    unsafe { &mut *(v as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    /// The buffers are written without zeroing: an expert without rows still gets a zero
+    /// gradient block (not whatever the allocator handed back), and the others the bits of
+    /// the same op without that expert.
+    #[test]
+    fn an_expert_without_rows_gets_zero_weight_gradients() {
+        let (d, f) = (4, 8);
+        let (gate, up, down) = (
+            filled(3 * d * f, 1),
+            filled(3 * d * f, 2),
+            filled(3 * f * d, 3),
+        );
+        let stacked = Stacked {
+            gate: &gate,
+            up: &up,
+            down: &down,
+            d,
+            f,
+        };
+        let rows = [3, 0, 2];
+        let x = filled(5 * d, 4);
+        let dy = filled(5 * d, 5);
+        let (_, g, u) = forward_raw(&x, &Packed::forward(&stacked, &rows), &rows);
+        // Leave garbage in freed blocks of the gradients' size for the allocator to hand
+        // back (glibc keeps up to 7 small freed blocks per size for reuse).
+        drop(
+            (0..8)
+                .map(|_| vec![f32::NAN; 3 * d * f])
+                .collect::<Vec<_>>(),
+        );
+        let with_gap = backward_raw(&x, &stacked, &rows, &g, &u, &dy, [true; 4]);
+
+        let drop_expert_1 = |w: &[f32], rows_per_expert: usize| -> Vec<f32> {
+            let block = rows_per_expert * w.len() / (3 * rows_per_expert);
+            [&w[..block], &w[2 * block..]].concat()
+        };
+        let (gate2, up2, down2) = (
+            drop_expert_1(&gate, d),
+            drop_expert_1(&up, d),
+            drop_expert_1(&down, f),
+        );
+        let without = Stacked {
+            gate: &gate2,
+            up: &up2,
+            down: &down2,
+            d,
+            f,
+        };
+        let dense = backward_raw(&x, &without, &[3, 2], &g, &u, &dy, [true; 4]);
+
+        assert_eq!(with_gap[0], dense[0], "dx");
+        for i in 1..4 {
+            let (gap, dense) = (with_gap[i].as_ref().unwrap(), dense[i].as_ref().unwrap());
+            let block = d * f;
+            assert_eq!(gap[..block], dense[..block], "weight {i}, expert 0");
+            assert!(
+                gap[block..2 * block].iter().all(|&v| v == 0.0),
+                "weight {i}, expert 1"
+            );
+            assert_eq!(gap[2 * block..], dense[block..], "weight {i}, expert 2");
+        }
+        let none = backward_raw(&x, &stacked, &rows, &g, &u, &dy, [false; 4]);
+        assert!(
+            none.iter().all(Option::is_none),
+            "nothing asked, nothing computed"
+        );
+    }
 }

@@ -7,7 +7,9 @@
 use burn::tensor::{Int, Tensor};
 use rayon::prelude::*;
 
-use super::{BackwardFn, Fused, custom_op, dims, exp, fused, prim, sum, tensor, values, zeros};
+use super::{
+    BackwardFn, Fused, custom_op, dims, exp, fused, prim, sum, tensor, values, wide, zeros,
+};
 
 /// logits: [T, V], targets: T ids -> mean over T of `logsumexp(logits_t) - logits_t[target_t]`:
 /// [1]. `None` off the flex backend or when switched off.
@@ -38,15 +40,20 @@ pub fn cross_entropy(logits_tv: &Tensor<2>, targets: &Tensor<1, Int>) -> Option<
             .zip(loss.par_iter_mut())
             .enumerate()
             .for_each(|(row, (p, loss))| {
-                let x = &lv[row * v..(row + 1) * v];
-                let max = x.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
-                for (p, &xi) in p.iter_mut().zip(x) {
-                    *p = exp(xi - max);
-                }
-                let sum = sum(p);
-                *loss = max + sum.ln() - x[targets[row]];
-                let inv = 1.0 / sum;
-                p.iter_mut().for_each(|p| *p *= inv);
+                wide(
+                    #[inline(always)]
+                    || {
+                        let x = &lv[row * v..(row + 1) * v];
+                        let max = x.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
+                        for (p, &xi) in p.iter_mut().zip(x) {
+                            *p = exp(xi - max);
+                        }
+                        let sum = sum(p);
+                        *loss = max + sum.ln() - x[targets[row]];
+                        let inv = 1.0 / sum;
+                        p.iter_mut().for_each(|p| *p *= inv);
+                    },
+                )
             });
         let mean = (loss.iter().map(|&l| l as f64).sum::<f64>() / t.max(1) as f64) as f32;
         let backward: BackwardFn<1> = Box::new(move |dy, _| {
@@ -54,7 +61,10 @@ pub fn cross_entropy(logits_tv: &Tensor<2>, targets: &Tensor<1, Int>) -> Option<
             // In place on the kept probabilities.
             let mut dx = probs;
             dx.par_chunks_mut(v).enumerate().for_each(|(row, d)| {
-                d.iter_mut().for_each(|p| *p *= scale);
+                wide(
+                    #[inline(always)]
+                    || d.iter_mut().for_each(|p| *p *= scale),
+                );
                 d[targets[row]] -= scale;
             });
             [Some(tensor(dx, &[t, v]))]

@@ -278,6 +278,26 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// Runs `f` inside a function compiled for AVX2 + FMA when the CPU has them, so that the
+/// elementwise loops inlined into it use 8-lane vectors (the build targets baseline x86-64,
+/// whose vectors have 4 lanes). The results are the same bits either way: Rust never fuses
+/// `a * b + c` into one rounding, and the loops keep their order of summation.
+#[inline(always)]
+pub fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if gemm::has_avx2_fma() {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
 /// `sum_i x_i` with eight independent partial sums, so the loop vectorises (a single
 /// running f32 sum is a dependency chain the compiler must keep in order).
 pub fn sum(xs: &[f32]) -> f32 {
@@ -306,6 +326,23 @@ pub fn silu(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    /// The AVX2 build of a loop gives the bits of the baseline build.
+    #[test]
+    fn wide_loops_round_like_narrow_ones() {
+        let xs: Vec<f32> = (0..4099).map(|i| (i as f32 - 2000.0) * 0.0173).collect();
+        let act = |xs: &[f32]| -> Vec<f32> { xs.iter().map(|&x| super::silu(x) * x).collect() };
+        let narrow = act(&xs);
+        let wide = super::wide(
+            #[inline(always)]
+            || act(&xs),
+        );
+        assert_eq!(wide, narrow);
+        assert_eq!(
+            super::wide(|| super::sum(&narrow)).to_bits(),
+            super::sum(&narrow).to_bits()
+        );
+    }
+
     #[test]
     fn exp_is_close_to_libm() {
         let mut worst = 0f32;
