@@ -106,7 +106,13 @@ impl fmt::Display for BenchReport {
             self.achieved_gflops / self.device_gemm_gflops
         )?;
         if let Some(cpu) = &self.cpu_peaks {
-            writeln!(f, "FMA peak GFLOP/s (measured)  {:.1}", cpu.fma_peak_gflops)?;
+            let (low, high) = cpu.fma_peak_range;
+            writeln!(
+                f,
+                "FMA peak GFLOP/s (measured)  {:.1} (median of {}, one before each timed step; \
+                 range {low:.1}-{high:.1})",
+                cpu.fma_peak_gflops, cpu.fma_peak_samples
+            )?;
             writeln!(f, "GEMM GFLOP/s (burn, 1024^2)  {:.1}", cpu.gemm_gflops)?;
             writeln!(f, "GEMM GFLOP/s (own, 1024^2)   {:.1}", cpu.own_gemm_gflops)?;
             let best_gemm = cpu.gemm_gflops.max(cpu.own_gemm_gflops);
@@ -198,7 +204,12 @@ impl fmt::Display for BenchReport {
 /// The CPU's peaks, measured in the same run.
 #[derive(Debug, Clone)]
 pub struct CpuPeaks {
+    /// The median of the FMA peaks measured just before each timed step (the host's load
+    /// changes within seconds; a peak taken once, apart from the steps, is not their peak).
     pub fma_peak_gflops: f64,
+    /// The lowest and highest of those measurements.
+    pub fma_peak_range: (f64, f64),
+    pub fma_peak_samples: usize,
     /// burn's matmul, 1024^2.
     pub gemm_gflops: f64,
     /// Switchyard's GEMM path (`moe::cpu::gemm::gemm_parallel`, tiled over the pool), 1024^2.
@@ -224,11 +235,7 @@ pub fn run(
             "--compare switches the fused CPU paths on and off; use it with `device: cpu`".into(),
         ));
     }
-    let cpu_peaks = (!on_gpu).then(|| CpuPeaks {
-        fma_peak_gflops: fma_peak_gflops(threads),
-        gemm_gflops: gemm_gflops(1024, 3),
-        own_gemm_gflops: own_gemm_gflops(1024, 3),
-    });
+    let gemm_peaks = (!on_gpu).then(|| (gemm_gflops(1024, 3), own_gemm_gflops(1024, 3)));
     let device_gemm_n = if on_gpu { 8192 } else { 1024 };
     let device_gemm_gflops = device_gemm_gflops(&device, cfg.precision, device_gemm_n, 5)?;
     let mut cfg = cfg.clone();
@@ -242,17 +249,36 @@ pub fn run(
     for _ in 0..warmup {
         trainer.step()?;
     }
-    let started = Instant::now();
-    let cpu_started = process_cpu_seconds();
+    let (mut seconds, mut cpu_seconds) = (0.0, Some(0.0));
     let mut tokens = 0;
     let mut final_loss = f64::NAN;
+    let mut fma_peaks = Vec::new();
     for _ in 0..steps {
+        if !on_gpu {
+            fma_peaks.push(fma_peak_gflops(threads));
+        }
+        let started = Instant::now();
+        let cpu_started = process_cpu_seconds();
         let report = trainer.step()?;
+        seconds += started.elapsed().as_secs_f64();
+        let cpu = cpu_started.zip(process_cpu_seconds()).map(|(a, b)| b - a);
+        cpu_seconds = cpu_seconds.zip(cpu).map(|(sum, c)| sum + c);
         tokens += report.tokens;
         final_loss = report.loss;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    let cpu_seconds = cpu_started.zip(process_cpu_seconds()).map(|(a, b)| b - a);
+    let cpu_peaks = gemm_peaks.map(|(gemm_gflops, own_gemm_gflops)| {
+        fma_peaks.sort_by(f64::total_cmp);
+        CpuPeaks {
+            fma_peak_gflops: median(&fma_peaks),
+            fma_peak_range: (
+                fma_peaks.first().copied().unwrap_or(f64::NAN),
+                fma_peaks.last().copied().unwrap_or(f64::NAN),
+            ),
+            fma_peak_samples: fma_peaks.len(),
+            gemm_gflops,
+            own_gemm_gflops,
+        }
+    });
     // The breakdown, from separate steps: the markers add graph nodes.
     let per_step = steps.max(1) as f64;
     let breakdown = profile_steps(&mut trainer, steps)?;
@@ -433,6 +459,16 @@ pub fn gemm_gflops(n: usize, repeats: usize) -> f64 {
         best = best.min(started.elapsed().as_secs_f64());
     }
     2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+/// The middle value of sorted `xs` (the mean of the middle two for an even count; NaN when
+/// empty).
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 /// Peak f32 FMA throughput over `threads` threads: independent FMA chains on the widest
