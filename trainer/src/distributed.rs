@@ -165,7 +165,7 @@ impl Distributed {
     pub fn grad_norm(&self, grads: &BTreeMap<String, Tensor<1>>) -> Result<f64, TrainError> {
         let (mut dense, mut experts) = (0f64, 0f64);
         for (name, g) in grads {
-            let sq = g.clone().powi_scalar(2).sum().into_scalar::<f32>() as f64;
+            let sq = crate::optim::squared_norm(g);
             match self.sync.group_of(name) {
                 SyncGroup::World => dense += sq,
                 SyncGroup::Dp => experts += sq,

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::gemm::{Mat, PackedB, gemm_packed, gemm_packed_into};
+use super::gemm::{MR, Mat, PackedB, gemm_packed, gemm_packed_into};
 use super::{
     BackwardFn, FlexTensor, Fused, custom_op, dims, fused, prim, sigmoid, silu, tensor, values,
     wide,
@@ -97,8 +97,17 @@ fn blocks(rows: &[usize]) -> Vec<Block> {
     let mut start = 0;
     for (e, &n) in rows.iter().enumerate() {
         let pieces = n.div_ceil(ROW_BLOCK);
+        // Inner boundaries on multiples of the kernel's tile height, so that only an
+        // expert's last block has a partial (partly wasted) row tile.
+        let boundary = |p: usize| {
+            if p == pieces {
+                n
+            } else {
+                n * p / pieces / MR * MR
+            }
+        };
         for p in 0..pieces {
-            let (a, b) = (n * p / pieces, n * (p + 1) / pieces);
+            let (a, b) = (boundary(p), boundary(p + 1));
             out.push(Block {
                 e,
                 start: start + a,

@@ -300,6 +300,7 @@ pub fn wide<R>(f: impl FnOnce() -> R) -> R {
 
 /// `sum_i x_i` with eight independent partial sums, so the loop vectorises (a single
 /// running f32 sum is a dependency chain the compiler must keep in order).
+#[inline(always)]
 pub fn sum(xs: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = xs.chunks_exact(8);
@@ -307,6 +308,20 @@ pub fn sum(xs: &[f32]) -> f32 {
     for c in chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
             *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sum_i x_i^2` with eight independent partial sums, like [`sum`].
+#[inline(always)]
+pub fn sum_squares(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|x| x * x).sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x * x;
         }
     }
     acc.iter().sum::<f32>() + tail
