@@ -6,9 +6,9 @@
 #   scripts/bench-alternate.sh PAIRS 'COMMAND A' 'COMMAND B'
 #
 # Each command must print the `switchyard bench` lines `tokens/s` and `CPU time per step`
-# (scripts/torch_bench_small.py prints them too). Example, this build against PyTorch:
-#   scripts/bench-alternate.sh 3 \
-#     'python3 scripts/torch_bench_small.py --threads 2 --steps 6 --warmup 2' \
+# (scripts/torch_reference.py prints them too on the CPU). Example, against PyTorch:
+#   scripts/bench-alternate.sh 5 \
+#     'python3 scripts/torch_reference.py --config configs/bench-small.yaml --device cpu --threads 2 --steps 6 --warmup 2' \
 #     'target/release/switchyard bench --config configs/bench-small.yaml --steps 6 --warmup 2'
 set -euo pipefail
 if [[ $# -ne 3 ]] || ! [[ $1 =~ ^[1-9][0-9]*$ ]]; then

@@ -14,17 +14,26 @@ matmuls only, attention scores over the full sequence, backward = 2x forward), t
 (or fp32) matmul peak measured in the same run, MFU against it, and peak memory.
 
     python3 scripts/torch_reference.py --config configs/gpu/bench-gpu.yaml --steps 10 --warmup 3
-    python3 scripts/torch_reference.py --config configs/bench-small.yaml --device cpu --steps 2
+    python3 scripts/torch_reference.py --config configs/bench-small.yaml --device cpu --threads 2 --steps 6 --warmup 2
+    python3 scripts/torch_reference.py --config configs/bench-small.yaml --device cpu --threads 2 --compile --experts grouped_mm
+
+On the CPU it also prints the process's CPU time per step; `scripts/bench-alternate.sh` reads
+its `tokens/s` and `CPU time per step` lines as it reads `switchyard bench`'s.
 
 Differences from Switchyard that matter for speed, kept on purpose (eager PyTorch is the
 reference the issue names): `--attention sdpa` (default) uses
 `torch.nn.functional.scaled_dot_product_attention` (flash attention on a GPU); `--attention
-math` materialises the scores as Switchyard's burn-op attention does. Only the top-k softmax
-router is implemented (the bench presets use it).
+math` materialises the scores as Switchyard's burn-op attention does. `--experts loop`
+(default) runs one SwiGLU per expert on its rows (HF Mixtral's way); `--experts grouped_mm`
+runs all experts in `torch._grouped_mm` calls over their stacked weights (torchtitan's).
+`--compile` wraps the model in `torch.compile` (with `loop` it recompiles whenever the
+per-expert row counts change, i.e. every step). Only the top-k softmax router is
+implemented (the bench presets use it).
 """
 
 import argparse
 import math
+import resource
 import time
 
 import torch
@@ -58,6 +67,8 @@ class RmsNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.gamma, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.gamma.to(x.dtype)
 
@@ -109,8 +120,9 @@ class Attention(torch.nn.Module):
 
 
 class MoeLayer(torch.nn.Module):
-    def __init__(self, d, moe, std):
+    def __init__(self, d, moe, std, experts_path):
         super().__init__()
+        self.path = experts_path
         self.e, self.k = moe["num_experts"], moe["top_k"]
         router = moe.get("router", {"type": "top_k_softmax"})
         assert router.get("type", "top_k_softmax") == "top_k_softmax", "only top_k_softmax"
@@ -140,12 +152,19 @@ class MoeLayer(torch.nn.Module):
         flat = experts.flatten()
         order = flat.argsort()
         rows = x_td[order // self.k]
-        out = torch.empty_like(rows)
-        offset = 0
-        for e, n in enumerate(counts.long().tolist()):
-            if n:
-                out[offset : offset + n] = self.experts[e](rows[offset : offset + n])
-            offset += n
+        if self.path == "grouped_mm":
+            offs = counts.cumsum(0).to(torch.int32)
+            stack = lambda name: torch.stack([getattr(e, name) for e in self.experts]).to(rows.dtype)
+            g = torch._grouped_mm(rows, stack("w_gate"), offs=offs)
+            u = torch._grouped_mm(rows, stack("w_up"), offs=offs)
+            out = torch._grouped_mm(F.silu(g) * u, stack("w_down"), offs=offs)
+        else:
+            out = torch.empty_like(rows)
+            offset = 0
+            for e, n in enumerate(counts.long().tolist()):
+                if n:
+                    out[offset : offset + n] = self.experts[e](rows[offset : offset + n])
+                offset += n
         y = torch.zeros_like(x_td)
         y.index_add_(0, order // self.k, out * weights.flatten()[order, None].to(out.dtype))
         for shared in self.shared:
@@ -154,7 +173,7 @@ class MoeLayer(torch.nn.Module):
 
 
 class Transformer(torch.nn.Module):
-    def __init__(self, m, attention):
+    def __init__(self, m, attention, experts_path):
         super().__init__()
         std = m.get("init_std", 0.02)
         out_std = std / math.sqrt(2 * m["n_layers"])
@@ -166,7 +185,7 @@ class Transformer(torch.nn.Module):
             block.attn_norm, block.ffn_norm = RmsNorm(d, eps), RmsNorm(d, eps)
             block.attn = Attention(m, std, out_std, attention)
             is_moe = layer % moe.get("every", 1) == 0
-            block.ffn = MoeLayer(d, moe, std) if is_moe else SwiGlu(d, m["ffn_dim"], std)
+            block.ffn = MoeLayer(d, moe, std, experts_path) if is_moe else SwiGlu(d, m["ffn_dim"], std)
             self.blocks.append(block)
         self.final_norm = RmsNorm(d, eps)
         tied = m.get("tie_embeddings", True)
@@ -203,6 +222,11 @@ def matmul_peak_tflops(device, dtype, n, repeats=5):
     return 2 * n**3 / best / 1e12
 
 
+def cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -217,7 +241,12 @@ def main():
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: the config's")
     p.add_argument("--attention", choices=["sdpa", "math"], default="sdpa")
     p.add_argument("--seq-len", type=int, help="override data.seq_len")
+    p.add_argument("--experts", choices=["loop", "grouped_mm"], default="loop")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = yaml.safe_load(open(args.config))
     m, data, optim = cfg["model"], cfg["data"], cfg["optim"]
     seq = args.seq_len or data["seq_len"]
@@ -228,7 +257,8 @@ def main():
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in Switchyard
-    model = Transformer(m, args.attention).to(device)
+    model = Transformer(m, args.attention, args.experts).to(device)
+    forward = torch.compile(model) if args.compile else model
     params = sum(p.numel() for p in model.parameters())
     no_decay = [p for n, p in model.named_parameters() if n.endswith("gamma")]
     decay = [p for n, p in model.named_parameters() if not n.endswith("gamma")]
@@ -246,7 +276,7 @@ def main():
     def step():
         tokens = torch.randint(0, vocab_used, (batch, seq + 1), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits, lb, z = model(tokens[:, :-1])
+            logits, lb, z = forward(tokens[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         total = loss + lb_coef * lb + z_coef * z
         opt.zero_grad(set_to_none=True)
@@ -262,20 +292,23 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(args.steps):
         loss = step()
     sync(device)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, cpu_seconds() - cpu
     tokens_per_s = args.steps * batch * seq / seconds
     flops = 3 * forward_flops_per_token(m, seq)
     achieved = tokens_per_s * flops / 1e12
     print(f"torch {torch.__version__} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})")
     print(f"precision, attention          {precision}, {args.attention}")
+    print(f"experts, compiled, threads    {args.experts}, {args.compile}, {torch.get_num_threads()}")
     print(f"parameters                    {params / 1e9:.3f} B")
     print(f"tokens per step               {batch * seq}")
     print(f"step time (mean)              {seconds / args.steps:.3f} s")
     print(f"tokens/s                      {tokens_per_s:.0f}")
+    if device.type == "cpu":
+        print(f"CPU time per step             {cpu / args.steps:.3f} s (all threads)")
     print(f"model GFLOP per token (f+b)   {flops / 1e9:.4f}")
     print(f"achieved TFLOP/s              {achieved:.2f}")
     print(f"{precision} matmul peak TFLOP/s    {peak:.1f} (8192^2, measured)" if device.type == "cuda" else f"{precision} matmul peak TFLOP/s    {peak:.3f} (1024^2, measured)")
