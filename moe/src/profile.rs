@@ -99,29 +99,6 @@ pub fn time<R>(part: Part, f: impl FnOnce() -> R) -> R {
     out
 }
 
-/// Adds the time from its creation to its drop to a part (when timing is on).
-pub struct Timer {
-    part: Part,
-    started: Option<Instant>,
-}
-
-impl Timer {
-    pub fn new(part: Part) -> Self {
-        Self {
-            part,
-            started: enabled().then(Instant::now),
-        }
-    }
-}
-
-impl Drop for Timer {
-    fn drop(&mut self) {
-        if let Some(started) = self.started {
-            add(self.part, started.elapsed().as_secs_f64());
-        }
-    }
-}
-
 /// Totals since `enable(true)`, in seconds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Profile {

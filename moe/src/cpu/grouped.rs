@@ -238,7 +238,11 @@ pub fn forward_raw(xv: &[f32], w: &Packed, rows: &[usize]) -> (Vec<f32>, Vec<f32
     let r = rows.iter().sum::<usize>();
     debug_assert_eq!(xv.len(), r * d);
     let blocks = blocks(rows);
-    let (mut g, mut u, mut y) = (fresh(r * f), fresh(r * f), fresh(r * d));
+    let (mut g, mut u, mut y) = (
+        Vec::with_capacity(r * f),
+        Vec::with_capacity(r * f),
+        Vec::with_capacity(r * d),
+    );
     split_rows(&mut g.spare_capacity_mut()[..r * f], &blocks, f)
         .into_par_iter()
         .zip(split_rows(&mut u.spare_capacity_mut()[..r * f], &blocks, f))
@@ -315,8 +319,12 @@ pub fn backward_rows(
     let r = rows.iter().sum::<usize>();
     let blocks = blocks(rows);
     // Per row block: dA = dY Wd^T, then dG, dU (and A for dWd), then dX.
-    let (mut a, mut dg, mut du) = (fresh(r * f), fresh(r * f), fresh(r * f));
-    let mut dx = fresh(if want_dx { r * d } else { 0 });
+    let (mut a, mut dg, mut du) = (
+        Vec::with_capacity(r * f),
+        Vec::with_capacity(r * f),
+        Vec::with_capacity(r * f),
+    );
+    let mut dx = Vec::with_capacity(if want_dx { r * d } else { 0 });
     let dx_blocks: Vec<Option<&mut [MaybeUninit<f32>]>> = if want_dx {
         split_rows(&mut dx.spare_capacity_mut()[..r * d], &blocks, d)
             .into_iter()
@@ -406,7 +414,7 @@ pub fn weight_grads(
     for e in 0..rows.len() {
         offsets[e + 1] = offsets[e] + rows[e];
     }
-    let mut grads: [Vec<f32>; 3] = needed.map(|n| fresh(if n { len } else { 0 }));
+    let mut grads: [Vec<f32>; 3] = needed.map(|n| Vec::with_capacity(if n { len } else { 0 }));
     // One task per (weight, expert, half of the gradient's rows), so that the experts'
     // uneven row counts balance over the cores (the halves' bits are those of one GEMM).
     let mut tasks: Vec<(usize, usize, usize, &mut [MaybeUninit<f32>])> =
@@ -462,11 +470,6 @@ pub fn weight_grads(
     }
     let [dwg, dwu, dwd] = grads;
     [(needed[0], dwg), (needed[1], dwu), (needed[2], dwd)].map(|(n, v)| n.then_some(v))
-}
-
-/// An empty buffer with room for `n` values, to be written whole before `set_len`.
-fn fresh(n: usize) -> Vec<f32> {
-    Vec::with_capacity(n)
 }
 
 /// # Safety
