@@ -293,8 +293,17 @@ pub fn gemm_packed_into<'c>(a: Mat, b: &PackedB, c: &'c mut [MaybeUninit<f32>]) 
     // `accumulate` every element is written, so the slice is initialised afterwards.
     unsafe {
         gemm_raw(a, Source::Packed(b), b.n, c.as_mut_ptr().cast(), b.n, false);
-        &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32])
+        assume_init(c)
     }
+}
+
+/// `v` as the initialised values it holds.
+///
+/// # Safety
+/// Every element of `v` must have been written.
+pub(crate) unsafe fn assume_init(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: the caller's contract; MaybeUninit<f32> has f32's layout.
+    unsafe { &mut *(v as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Where the B blocks come from: packed on the fly from a matrix, or packed beforehand.

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::gemm::{MR, Mat, PackedB, gemm_packed, gemm_packed_into};
+use super::gemm::{MR, Mat, PackedB, assume_init, gemm_packed, gemm_packed_into};
 use super::{
     BackwardFn, FlexTensor, Fused, custom_op, dims, fused, prim, sigmoid, silu, tensor, values,
     wide,
@@ -470,13 +470,6 @@ pub fn weight_grads(
     }
     let [dwg, dwu, dwd] = grads;
     [(needed[0], dwg), (needed[1], dwu), (needed[2], dwd)].map(|(n, v)| n.then_some(v))
-}
-
-/// # Safety
-/// Every element of `v` must have been written.
-unsafe fn assume_init(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    // SAFETY: the caller's contract; MaybeUninit<f32> has f32's layout.
-    unsafe { &mut *(v as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 #[cfg(test)]
