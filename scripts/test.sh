@@ -12,11 +12,11 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo clippy --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch \
-  -p switchyard-parallel --all-targets --features mpi -- -D warnings
+  -p switchyard-parallel -p switchyard-tools --all-targets --features mpi -- -D warnings
 # The NCCL backend and the CUDA probe (`nccl` implies `cuda`) must build without a GPU
 # (cudarc loads CUDA/NCCL at run time). The trainer's `cuda` feature (burn's CUDA backend)
 # is not built here: ~37 min cold on the 2-core machine (README, "GPU").
-cargo clippy --release -p switchyard-comm --all-targets --features nccl -- -D warnings
+cargo clippy --release -p switchyard-comm -p switchyard-tools --all-targets --features nccl -- -D warnings
 
 echo "== cargo test (release: burn is unusably slow unoptimised)"
 test_log="$(mktemp)"
@@ -26,7 +26,7 @@ cargo_passed=$(grep -o 'test result: ok\. [0-9]* passed' "$test_log" | awk '{s +
 
 echo "== MPI builds: switchyard, comm-conformance, parity-mpi, cp-parity (feature mpi)"
 cargo build --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch \
-  -p switchyard-parallel --features mpi
+  -p switchyard-parallel -p switchyard-tools --features mpi
 # A copy: later steps (the TensorBoard check) rebuild the default `switchyard` in place.
 export SWITCHYARD_BIN="${CARGO_TARGET_DIR:-target}/release/switchyard-mpi"
 cp "${CARGO_TARGET_DIR:-target}/release/switchyard" "$SWITCHYARD_BIN"

@@ -7,7 +7,6 @@
 //! - Backends: [`local`] (ranks as threads, optional link model), `mpi` (feature `mpi`),
 //!   `nccl` (feature `nccl`). `cuda::probe` (feature `cuda`): is a CUDA driver and device
 //!   present (asked before burn's CUDA backend is touched).
-//! - [`conformance`]: one suite run unchanged against every backend.
 //! - [`CommConfig`]: the `comm:` config node.
 //!
 //! Only this crate contains `unsafe` FFI; each foreign call is wrapped once in a helper that
@@ -19,7 +18,6 @@
 
 mod communicator;
 pub mod config;
-pub mod conformance;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod dtype;

@@ -242,7 +242,9 @@ fn preemption_flag() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-type RankRun<'a> = dyn Fn(Option<Box<dyn Communicator>>) -> std::result::Result<RunOutcome, train_impl::TrainError>
+type RankRun<'a> = dyn Fn(
+        Option<Box<dyn Communicator>>,
+    ) -> std::result::Result<RunOutcome, switchyard_trainer::TrainError>
     + 'a;
 
 /// One MPI process per rank. A failure on any rank brings the whole job down (MPI_Abort),
@@ -312,7 +314,7 @@ pub fn eval(cfg: &Config, checkpoint: &str) -> Result<()> {
             println!(
                 "checkpoint: {} (step {})",
                 path.display(),
-                trainer.state_step
+                trainer.counters.step
             );
         }
         None => println!(
@@ -413,7 +415,7 @@ pub fn record_routing(
     );
     let started = std::time::Instant::now();
     let mut loss = f64::NAN;
-    while trainer.state_step < cfg.train.steps {
+    while trainer.counters.step < cfg.train.steps {
         let report = trainer.step()?;
         loss = report.loss;
         stats.record(&BatchCounts::from_moe_stats(&trainer.last_moe_stats)?)?;

@@ -17,10 +17,9 @@ use switchyard_trainer::config::Config;
 use crate::config::loader::{ConfigError, load_config_checked};
 
 /// Freed large buffers are kept for the next step instead of going back to the OS (see
-/// `switchyard_moe::cpu::alloc`: the kernel re-zeroing them cost a quarter of a CPU step).
+/// `switchyard_kernels::alloc`: the kernel re-zeroing them cost a quarter of a CPU step).
 #[global_allocator]
-static ALLOC: switchyard_moe::cpu::alloc::ReuseLarge =
-    switchyard_moe::cpu::alloc::ReuseLarge::new();
+static ALLOC: switchyard_kernels::alloc::ReuseLarge = switchyard_kernels::alloc::ReuseLarge::new();
 
 #[derive(Parser)]
 #[command(

@@ -6,15 +6,13 @@
 //!
 //! Shape legend: T tokens, D model dim, K top-k, N routed rows (kept assignments).
 
-use std::any::Any;
 use std::fmt::Debug;
-use std::sync::Arc;
 
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
-use crate::cpu::combine::{combine_rows, gather_rows};
 use crate::experts::SwiGlu;
 use crate::router::Routing;
+use switchyard_kernels::combine::{combine_rows, gather_rows};
 
 /// Which assignments survive the capacity limits. Assignments are admitted choice by
 /// choice (every token's first choice before any second choice) and, within a choice, in
@@ -83,30 +81,25 @@ pub struct Dispatched {
     pub rows_nd: Tensor<2>,
     /// Global ids of the experts computed here, and the number of rows of each.
     pub local_experts: Vec<(usize, usize)>,
-    /// What `combine` needs to undo the permutation.
-    pub handle: CombineHandle,
+    /// Brings the expert outputs back: made by the dispatcher with whatever this call's
+    /// exchange needs (typed inside it), consumed once.
+    pub combine: Box<dyn Combine>,
 }
 
-/// Opaque to the MoE layer: whatever a dispatcher needs to bring results back.
-#[derive(Debug, Clone)]
-pub struct CombineHandle {
-    pub plan: DispatchPlan,
-    /// Dispatcher-specific data (e.g. the exchange counts of an expert-parallel
-    /// dispatcher); `None` for `LocalDispatcher`. Only the dispatcher that made the handle
-    /// reads it (downcast with `Arc::downcast`).
-    pub extra: Option<Arc<dyn Any + Send + Sync>>,
+/// The second half of one dispatch: undoes its permutation (and exchange) and applies the
+/// routing weights.
+pub trait Combine: Send {
+    /// expert outputs [N_local, D] -> y [T, D] = sum over kept assignments of
+    /// weight * expert output. weights: [T, K].
+    fn combine(self: Box<Self>, out_nd: Tensor<2>, weights_tk: Tensor<2>) -> Tensor<2>;
 }
 
 /// Moves token rows to experts and back. Implementations: `LocalDispatcher` here;
 /// the expert-parallel all-to-all dispatcher lives in `switchyard-parallel`.
 pub trait TokenDispatcher: Debug + Send + Sync {
-    /// x: [T, D] -> rows of the experts computed on this process.
+    /// x: [T, D] -> rows of the experts computed on this process, and how to combine
+    /// their outputs.
     fn dispatch(&self, x_td: Tensor<2>, plan: DispatchPlan) -> Dispatched;
-
-    /// expert outputs [N_local, D] -> y [T, D] = sum over kept assignments of
-    /// weight * expert output. weights: [T, K].
-    fn combine(&self, out_nd: Tensor<2>, weights_tk: Tensor<2>, handle: CombineHandle)
-    -> Tensor<2>;
 
     /// dispatch -> experts -> combine as one step, for a dispatcher that pipelines its
     /// exchange with the expert compute (the transfer of one chunk of rows overlapping the
@@ -144,17 +137,19 @@ impl TokenDispatcher for LocalDispatcher {
         Dispatched {
             rows_nd,
             local_experts,
-            handle: CombineHandle { plan, extra: None },
+            combine: Box::new(LocalCombine { plan }),
         }
     }
+}
 
-    fn combine(
-        &self,
-        out_nd: Tensor<2>,
-        weights_tk: Tensor<2>,
-        handle: CombineHandle,
-    ) -> Tensor<2> {
-        scatter_weighted(out_nd, weights_tk, &handle.plan)
+/// Every row is home already: the weighted scatter of the plan.
+struct LocalCombine {
+    plan: DispatchPlan,
+}
+
+impl Combine for LocalCombine {
+    fn combine(self: Box<Self>, out_nd: Tensor<2>, weights_tk: Tensor<2>) -> Tensor<2> {
+        scatter_weighted(out_nd, weights_tk, &self.plan)
     }
 }
 

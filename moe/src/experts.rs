@@ -4,10 +4,9 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
 
 use crate::init::Initializer;
-use crate::precision::matmul;
+use switchyard_kernels::grouped::{SwiGluWeights, swiglu};
 
 /// `down(silu(x @ gate) * (x @ up))`, the feed-forward block of LLaMA and Mixtral.
 #[derive(Module, Debug)]
@@ -31,14 +30,24 @@ impl SwiGlu {
 
     /// x: [N, D] -> [N, D]; GEMMs at the forward pass's precision (`crate::precision`).
     pub fn forward(&self, x_nd: Tensor<2>) -> Tensor<2> {
-        let gate_nf = silu(matmul(x_nd.clone(), self.w_gate.val()));
-        let up_nf = matmul(x_nd, self.w_up.val());
-        matmul(gate_nf * up_nf, self.w_down.val())
+        swiglu(x_nd, self)
     }
 
     /// Matmul FLOPs of the forward pass for `rows` rows.
     pub fn forward_flops(&self, rows: usize) -> u64 {
         let [d, f] = self.w_gate.val().dims();
         3 * 2 * (rows * d * f) as u64
+    }
+}
+
+impl SwiGluWeights for SwiGlu {
+    fn w_gate(&self) -> Tensor<2> {
+        self.w_gate.val()
+    }
+    fn w_up(&self) -> Tensor<2> {
+        self.w_up.val()
+    }
+    fn w_down(&self) -> Tensor<2> {
+        self.w_down.val()
     }
 }

@@ -15,7 +15,6 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::config::{CapacityConfig, MoeConfig, RouterConfig, SlotKind};
-use crate::cpu::grouped::grouped_swiglu;
 use crate::dispatch::{
     BatchReducer, DispatchPlan, LocalDispatcher, LocalReducer, TokenDispatcher, admit,
 };
@@ -23,6 +22,7 @@ use crate::experts::SwiGlu;
 use crate::init::Initializer;
 use crate::profile::{self, Part};
 use crate::router::{Gru, Router, RouterCarry, Routing, slot_counts, slot_fractions, z_loss_share};
+use switchyard_kernels::grouped::grouped_swiglu;
 
 /// Per-layer routing statistics for metrics.
 #[derive(Debug, Clone, Default)]
@@ -263,9 +263,7 @@ impl MoeLayer {
             let y_td = profile::time(Part::Combine, || {
                 let out_nd = profile::region_start(out_nd, Part::Combine);
                 let weights_tk = profile::region_start(routing.weights_tk.clone(), Part::Combine);
-                let y_td = layer
-                    .dispatcher
-                    .combine(out_nd, weights_tk, dispatched.handle);
+                let y_td = dispatched.combine.combine(out_nd, weights_tk);
                 profile::region_end(y_td, Part::Combine)
             });
             (y_td, layer.flops(&dispatched.local_experts))

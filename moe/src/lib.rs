@@ -4,14 +4,12 @@
 
 pub mod attention;
 pub mod config;
-pub mod cpu;
 pub mod dispatch;
 pub mod experts;
 pub mod init;
 pub mod layer;
 pub mod model;
 pub mod params;
-pub mod precision;
 pub mod profile;
 pub mod router;
 
@@ -22,4 +20,5 @@ pub use config::{
 pub use dispatch::{BatchReducer, LocalDispatcher, LocalReducer, TokenDispatcher};
 pub use layer::{MoeLayer, MoeStats};
 pub use model::{Transformer, cross_entropy};
-pub use precision::Precision;
+pub use params::{Component, ParamKey};
+pub use switchyard_kernels::precision::{self, Precision};

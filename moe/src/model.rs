@@ -14,13 +14,13 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use crate::attention::{AttentionImpl, DenseAttention};
 use crate::config::{ModelConfig, RouterConfig};
-use crate::cpu;
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
 use crate::layer::{MoeLayer, MoeStats};
-use crate::precision::{self, Precision};
 use crate::profile::{self, Part};
 use crate::router::{Gru, RouterCarry};
+use switchyard_kernels as cpu;
+use switchyard_kernels::precision::{self, Precision};
 
 #[derive(Module, Debug)]
 pub struct RmsNorm {

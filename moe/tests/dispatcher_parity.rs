@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use switchyard_moe::ParamKey;
 use switchyard_moe::config::{
     CapacityConfig, MoeConfig, NullInit, NullNormalization, RouterConfig, SharedExpertConfig,
 };
@@ -56,7 +57,7 @@ fn grads_of(
     let grads = loss.backward();
     let params = named_grads(layer, &grads)
         .into_iter()
-        .map(|(k, v)| (k, v.into_data().try_to_vec::<f32>().unwrap()))
+        .map(|(k, v)| (k.to_string(), v.into_data().try_to_vec::<f32>().unwrap()))
         .collect();
     let dx = x
         .grad(&grads)
@@ -288,9 +289,9 @@ fn whole_model_check(router: RouterConfig) {
     assert!(grads.contains_key("layers.1.dense.w_up"));
     assert!(grads.contains_key("layers.2.moe.router.w_gate"));
     assert!(grads.contains_key("lm_head"));
-    let to_vecs = |g: BTreeMap<String, Tensor<1>>| -> BTreeMap<String, Vec<f32>> {
+    let to_vecs = |g: BTreeMap<ParamKey, Tensor<1>>| -> BTreeMap<String, Vec<f32>> {
         g.into_iter()
-            .map(|(k, v)| (k, v.into_data().try_to_vec::<f32>().unwrap()))
+            .map(|(k, v)| (k.to_string(), v.into_data().try_to_vec::<f32>().unwrap()))
             .collect()
     };
     assert_same_grads(&to_vecs(grads), &to_vecs(grads_ref));

@@ -1,10 +1,10 @@
-//! Every fused CPU op (`switchyard_moe::cpu`) equals its burn-op reference: the output and
+//! Every fused CPU op (`switchyard_kernels`) equals its burn-op reference: the output and
 //! the gradient of every input, within fp32 tolerance, on the autodiff device; and the
 //! output on the plain device.
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
-use switchyard_moe::cpu::{attention, combine, grouped, linear, loss, norm, rope};
+use switchyard_kernels::{attention, combine, grouped, linear, loss, norm, rope};
 use switchyard_moe::dispatch::DispatchPlan;
 use switchyard_moe::dispatch::{gather_rows_reference, scatter_weighted_reference};
 use switchyard_moe::experts::SwiGlu;

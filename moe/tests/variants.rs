@@ -50,7 +50,7 @@ fn layer_forcing(cfg: &MoeConfig, slot: usize) -> MoeLayer {
     let layer = MoeLayer::new(D, cfg, &mut Initializer::new(1, 0.1, &device()));
     let slots = cfg.num_slots();
     map_params(layer, |name, value| {
-        if name != "router.w_gate" {
+        if name.name() != "router.w_gate" {
             return value;
         }
         let w: Vec<f32> = (0..D * slots)
@@ -120,7 +120,7 @@ fn tokens_routed_only_to_null_experts_pass_unchanged_and_cost_nothing() {
     // Columns 4..8 are the null slots; make them all win.
     let layer = MoeLayer::new(D, &cfg, &mut Initializer::new(1, 0.1, &device()));
     let layer = map_params(layer, |name, value| {
-        if name != "router.w_gate" {
+        if name.name() != "router.w_gate" {
             return value;
         }
         let w: Vec<f32> = (0..D * 8)

@@ -15,13 +15,13 @@
 //!
 //! Shape legend: T tokens, D model dim, K top-k, R_s rows sent, R_r rows received.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use switchyard_comm::{Buffer, Communicator};
 use switchyard_moe::dispatch::{
-    CombineHandle, DispatchPlan, Dispatched, Pipelined, TokenDispatcher, scatter_weighted,
+    Combine, DispatchPlan, Dispatched, Pipelined, TokenDispatcher, scatter_weighted,
 };
 use switchyard_moe::experts::SwiGlu;
 
@@ -33,7 +33,7 @@ use crate::overlap::{AutoState, BlockLayout, BlockTimes, Overlap, agree_time, ex
 /// Exchanges token rows with the ep ranks that own the experts.
 pub struct AllToAllDispatcher {
     ep: Arc<dyn Communicator>,
-    placement: RwLock<Arc<Placement>>,
+    placement: Arc<Placement>,
     /// `None`: the three-step reference path; otherwise the pipelined block (`overlap`).
     overlap: Option<Overlap>,
     auto: Mutex<AutoState>,
@@ -65,7 +65,7 @@ struct Counts {
     send_plan: DispatchPlan,
 }
 
-/// What `combine` needs, carried in `CombineHandle::extra`.
+/// What the combine of one dispatch needs: its exchange, run backwards.
 #[derive(Debug)]
 struct Exchanged {
     exchange: RowExchange,
@@ -77,21 +77,12 @@ struct Exchanged {
 }
 
 impl AllToAllDispatcher {
-    /// A dispatcher over the mesh's ep axis with the mesh's default placement.
-    pub fn new(mesh: &Mesh) -> AllToAllDispatcher {
-        AllToAllDispatcher::for_layer(mesh, None)
-    }
-
-    /// A dispatcher over the mesh's ep axis with the placement of the MoE layer at model
-    /// layer index `layer` (`None`: the default placement). Each MoE layer has its own.
-    pub fn for_layer(mesh: &Mesh, layer: Option<usize>) -> AllToAllDispatcher {
-        let placement = match layer {
-            Some(l) => mesh.placement_of(l),
-            None => mesh.placement(),
-        };
+    /// A dispatcher over the mesh's ep axis with `placement` (its MoE layer's; each MoE
+    /// layer has its own dispatcher).
+    pub fn new(mesh: &Mesh, placement: Arc<Placement>) -> AllToAllDispatcher {
         AllToAllDispatcher {
             ep: mesh.ep_comm().clone(),
-            placement: RwLock::new(placement.clone()),
+            placement,
             overlap: mesh.ep_overlap(),
             auto: Mutex::new(AutoState::default()),
             block_times: Arc::default(),
@@ -110,31 +101,9 @@ impl AllToAllDispatcher {
         self.auto.lock().unwrap_or_else(|p| p.into_inner()).chosen()
     }
 
-    /// Changes the placement for the next forward (every rank must change it the same way
-    /// between the same steps, and move the expert weights accordingly).
-    pub fn set_placement(&self, placement: Arc<Placement>) -> Result<()> {
-        if placement.ep_size() != self.ep.size() {
-            return Err(ParallelError::Placement(format!(
-                "the placement is for {} ep ranks, the dispatcher's ep communicator `{}` has {}",
-                placement.ep_size(),
-                self.ep.name(),
-                self.ep.size()
-            )));
-        }
-        *self.placement.write().unwrap_or_else(|p| p.into_inner()) = placement;
-        Ok(())
-    }
-
-    fn placement(&self) -> Arc<Placement> {
-        self.placement
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
     /// Steps (1) and (2): the send order and the row counts every rank gets.
     fn exchange_counts(&self, plan: &DispatchPlan) -> Result<Counts> {
-        let placement = self.placement();
+        let placement = &self.placement;
         let (me, size) = (self.ep.rank(), self.ep.size());
         let num_experts = plan.rows_per_expert.len();
         if placement.num_experts() != num_experts || placement.ep_size() != size {
@@ -331,50 +300,12 @@ impl AllToAllDispatcher {
         Ok(Dispatched {
             rows_nd,
             local_experts,
-            handle: CombineHandle {
-                plan,
-                extra: Some(Arc::new(Exchanged {
-                    exchange,
-                    inverse,
-                    send_plan,
-                })),
-            },
+            combine: Box::new(Exchanged {
+                exchange,
+                inverse,
+                send_plan,
+            }),
         })
-    }
-
-    fn try_combine(
-        &self,
-        out_nd: Tensor<2>,
-        weights_tk: Tensor<2>,
-        handle: CombineHandle,
-    ) -> Result<Tensor<2>> {
-        let extra = handle
-            .extra
-            .expect("AllToAllDispatcher::combine got a handle without its exchange data");
-        let state = extra.downcast::<Exchanged>().unwrap_or_else(|_| {
-            panic!("AllToAllDispatcher::combine got another dispatcher's handle")
-        });
-        let device = out_nd.device();
-        let out_recv = match &state.inverse {
-            None => out_nd,
-            Some(inverse) => {
-                let n = inverse.len();
-                let index =
-                    Tensor::<1, Int>::from_data(TensorData::new(inverse.clone(), [n]), &device);
-                out_nd.select(0, index)
-            }
-        };
-        let home_rd = all_to_all_rows(out_recv, &state.exchange.transposed())?;
-        if state.send_plan.num_rows() == 0 {
-            // No rows came home: keep the exchange's output in the graph anyway, so this
-            // rank runs its backward (the other ranks are waiting for it there).
-            let [t, _] = weights_tk.dims();
-            let [_, d] = home_rd.dims();
-            let y_td = scatter_weighted(home_rd.clone(), weights_tk, &state.send_plan);
-            debug_assert_eq!(y_td.dims(), [t, d]);
-            return Ok(y_td + home_rd.sum().reshape([1, 1]) * 0.0);
-        }
-        Ok(scatter_weighted(home_rd, weights_tk, &state.send_plan))
     }
 }
 
@@ -390,8 +321,8 @@ impl TokenDispatcher for AllToAllDispatcher {
         // The block runs its expert GEMMs in f32 on the flex backend; elsewhere, under a bf16
         // forward pass, or with the grouped GEMM switched off, the three-step path does the
         // work.
-        switchyard_moe::cpu::prim(x_td)?;
-        if !switchyard_moe::cpu::fused(switchyard_moe::cpu::Fused::GroupedExperts) {
+        switchyard_kernels::prim(x_td)?;
+        if !switchyard_kernels::fused(switchyard_kernels::Fused::GroupedExperts) {
             return None;
         }
         Some(
@@ -405,14 +336,38 @@ impl TokenDispatcher for AllToAllDispatcher {
         self.try_dispatch(x_td, plan)
             .unwrap_or_else(|e| panic!("expert-parallel dispatch: {e}"))
     }
+}
 
-    fn combine(
-        &self,
-        out_nd: Tensor<2>,
-        weights_tk: Tensor<2>,
-        handle: CombineHandle,
-    ) -> Tensor<2> {
-        self.try_combine(out_nd, weights_tk, handle)
+impl Exchanged {
+    fn try_combine(&self, out_nd: Tensor<2>, weights_tk: Tensor<2>) -> Result<Tensor<2>> {
+        let device = out_nd.device();
+        let out_recv = match &self.inverse {
+            None => out_nd,
+            Some(inverse) => {
+                let n = inverse.len();
+                let index =
+                    Tensor::<1, Int>::from_data(TensorData::new(inverse.clone(), [n]), &device);
+                out_nd.select(0, index)
+            }
+        };
+        let home_rd = all_to_all_rows(out_recv, &self.exchange.transposed())?;
+        if self.send_plan.num_rows() == 0 {
+            // No rows came home: keep the exchange's output in the graph anyway, so this
+            // rank runs its backward (the other ranks are waiting for it there).
+            let [t, _] = weights_tk.dims();
+            let [_, d] = home_rd.dims();
+            let y_td = scatter_weighted(home_rd.clone(), weights_tk, &self.send_plan);
+            debug_assert_eq!(y_td.dims(), [t, d]);
+            return Ok(y_td + home_rd.sum().reshape([1, 1]) * 0.0);
+        }
+        Ok(scatter_weighted(home_rd, weights_tk, &self.send_plan))
+    }
+}
+
+impl Combine for Exchanged {
+    fn combine(self: Box<Self>, out_nd: Tensor<2>, weights_tk: Tensor<2>) -> Tensor<2> {
+        // The seam has no error channel; a failed collective (timeout, mismatch) is fatal.
+        self.try_combine(out_nd, weights_tk)
             .unwrap_or_else(|e| panic!("expert-parallel combine: {e}"))
     }
 }

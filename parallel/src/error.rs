@@ -34,6 +34,8 @@ pub enum ParallelError {
     Placement(String),
     #[error("parallelize: {0}")]
     Model(String),
+    #[error("{0}")]
+    Agreement(String),
     #[error("{what}: {detail}")]
     Shape { what: String, detail: String },
     #[error("{op}: {source}")]

@@ -1,4 +1,5 @@
-//! `parallelize` (expert + data parallelism applied from outside) and the gradient sync.
+//! Applying expert, data and context parallelism to a model ([`apply_layout`]), and the
+//! gradient sync.
 //!
 //! # Loss scaling: the trained weights do not depend on the layout
 //!
@@ -46,12 +47,12 @@ use burn::tensor::Tensor;
 use switchyard_comm::{Buffer, Communicator, ReduceOp, Request};
 use switchyard_moe::dispatch::BatchReducer;
 use switchyard_moe::params::named_params;
-use switchyard_moe::{LocalDispatcher, Transformer};
+use switchyard_moe::{LocalDispatcher, ParamKey, Transformer};
 
 use crate::cp::{CpAttention, CpConfig};
 use crate::dispatcher::AllToAllDispatcher;
 use crate::error::{ParallelError, Result};
-use crate::mesh::Mesh;
+use crate::mesh::{ExpertPlacement, Mesh};
 
 /// Sums the MoE layers' batch statistics over the whole world (all-reduce of f64, no
 /// gradient). A collective in the forward pass: every rank calls it once per MoE layer.
@@ -85,37 +86,45 @@ impl BatchReducer for WorldReducer {
     }
 }
 
-/// [`parallelize_with`] with the default `cp:` config (ring attention).
-pub fn parallelize(model: Transformer, mesh: &Mesh) -> Result<Transformer> {
-    parallelize_with(model, mesh, &CpConfig::default())
-}
-
 /// Applies expert, data and context parallelism to a single-device model: every MoE layer
-/// gets the all-to-all dispatcher over the mesh's ep axis (the local dispatcher when
-/// ep = 1) and the world reducer for its auxiliary losses, and keeps only the routed
-/// experts this rank owns (the others are dropped: their memory is freed and they leave
-/// the parameter list); when cp > 1 the attention becomes context-parallel over the cp
-/// axis (zigzag shards; the model then expects this rank's shard of every sequence, see
-/// [`crate::shard_sequence`]). The kept weights are untouched (every rank builds the same
-/// weights from the seed); gradients are synced by [`GradSync`].
-pub fn parallelize_with(mut model: Transformer, mesh: &Mesh, cp: &CpConfig) -> Result<Transformer> {
-    let experts = mesh.placement().num_experts();
+/// gets the all-to-all dispatcher over the mesh's ep axis with its layer's `placement` (the
+/// local dispatcher when ep = 1) and the world reducer for its auxiliary losses, and keeps
+/// only the routed experts this rank owns (the others are dropped: their memory is freed
+/// and they leave the parameter list); when cp > 1 the attention becomes context-parallel
+/// over the cp axis (zigzag shards; the model then expects this rank's shard of every
+/// sequence, see [`crate::shard_sequence`]). The kept weights are untouched (every rank
+/// builds the same weights from the seed); gradients are synced by [`GradSync`].
+/// [`crate::parallelize`] calls it with the `parallel:` node's layout.
+pub fn apply_layout(
+    mut model: Transformer,
+    mesh: &Mesh,
+    placement: &ExpertPlacement,
+    cp: &CpConfig,
+) -> Result<Transformer> {
+    let experts = placement.num_experts();
+    if placement.ep() != mesh.ep() {
+        return Err(ParallelError::Placement(format!(
+            "the placement is for {} ep ranks, the mesh has {}",
+            placement.ep(),
+            mesh.ep()
+        )));
+    }
     let reducer: Arc<dyn BatchReducer> = Arc::new(WorldReducer::new(mesh));
     for (index, block) in model.layers.iter_mut().enumerate() {
         if let Some(layer) = block.moe.take() {
             if layer.experts.len() != experts {
                 return Err(ParallelError::Model(format!(
-                    "layer {index} has {} experts, the mesh was built for {experts}; pass \
-                     model.moe.num_experts to Mesh::new",
+                    "layer {index} has {} experts, the placement was built for {experts}; \
+                     build it for model.moe.num_experts",
                     layer.experts.len()
                 )));
             }
-            let placement = mesh.placement_of(index).clone();
+            let layer_placement = placement.of(index).clone();
             let me = mesh.ep_rank();
             block.moe = Some(
                 layer
-                    .retain_experts(|e| placement.owner(e) == me)
-                    .with_dispatcher(layer_dispatcher(mesh, index))
+                    .retain_experts(|e| layer_placement.owner(e) == me)
+                    .with_dispatcher(layer_dispatcher(mesh, layer_placement))
                     .with_reducer(reducer.clone()),
             );
         }
@@ -126,16 +135,16 @@ pub fn parallelize_with(mut model: Transformer, mesh: &Mesh, cp: &CpConfig) -> R
     Ok(model)
 }
 
-/// The dispatcher of the MoE layer at model layer index `layer`: the all-to-all over the
-/// ep axis with that layer's placement (the local dispatcher when ep = 1).
+/// The dispatcher of a MoE layer with `placement`: the all-to-all over the ep axis (the
+/// local dispatcher when ep = 1).
 pub(crate) fn layer_dispatcher(
     mesh: &Mesh,
-    layer: usize,
+    placement: Arc<crate::mesh::Placement>,
 ) -> Arc<dyn switchyard_moe::TokenDispatcher> {
     if mesh.ep() == 1 {
         Arc::new(LocalDispatcher)
     } else {
-        Arc::new(AllToAllDispatcher::for_layer(mesh, Some(layer)))
+        Arc::new(AllToAllDispatcher::new(mesh, placement))
     }
 }
 
@@ -174,29 +183,18 @@ impl LossScale {
 pub enum SyncGroup {
     /// Dense parameter: the whole world.
     World,
-    /// Expert owned by this rank: the ranks holding the same expert (dp x cp).
-    Dp,
-    /// Expert owned by another ep rank: not synced, left out.
-    NotOwned,
+    /// Routed expert (held only by the ranks that own it): the ranks holding the same
+    /// expert (dp x cp).
+    Replicas,
 }
 
-/// Global expert id of a routed-expert parameter (`layers.{l}.moe.experts.{e}.{w}`).
-pub fn expert_id(name: &str) -> Option<usize> {
-    let parts: Vec<&str> = name.split('.').collect();
-    parts
-        .windows(3)
-        .find(|w| w[0] == "moe" && w[1] == "experts")
-        .and_then(|w| w[2].parse().ok())
-}
-
-/// Model layer index and global expert id of a routed-expert parameter
-/// (`layers.{l}.moe.experts.{e}.{w}` -> `(l, e)`).
-pub fn expert_key(name: &str) -> Option<(usize, usize)> {
-    let parts: Vec<&str> = name.split('.').collect();
-    parts
-        .windows(5)
-        .find(|w| w[0] == "layers" && w[2] == "moe" && w[3] == "experts")
-        .and_then(|w| Some((w[1].parse().ok()?, w[4].parse().ok()?)))
+impl SyncGroup {
+    pub fn of(key: &ParamKey) -> SyncGroup {
+        match key.routed_expert_id() {
+            Some(_) => SyncGroup::Replicas,
+            None => SyncGroup::World,
+        }
+    }
 }
 
 /// Sums named gradients over the right axis, in buckets of at most `bucket_elems` floats
@@ -204,6 +202,15 @@ pub fn expert_key(name: &str) -> Option<(usize, usize)> {
 pub struct GradSync {
     mesh: Mesh,
     bucket_elems: usize,
+}
+
+impl std::fmt::Debug for GradSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GradSync")
+            .field("mesh", &self.mesh)
+            .field("bucket_elems", &self.bucket_elems)
+            .finish()
+    }
 }
 
 impl GradSync {
@@ -220,46 +227,25 @@ impl GradSync {
         self
     }
 
-    /// The sync group of a parameter, by name; an expert's owner comes from its layer's
-    /// placement.
-    pub fn group_of(&self, name: &str) -> SyncGroup {
-        match expert_key(name) {
-            None => SyncGroup::World,
-            Some((l, e)) if self.mesh.placement_of(l).owner(e) == self.mesh.ep_rank() => {
-                SyncGroup::Dp
-            }
-            Some(_) => SyncGroup::NotOwned,
-        }
-    }
-
-    /// The mesh whose placements decide expert ownership.
-    pub fn mesh(&self) -> &Mesh {
-        &self.mesh
-    }
-
-    /// Syncs over `mesh` from now on (after a migration changed its placements).
-    pub fn set_mesh(&mut self, mesh: &Mesh) {
-        self.mesh = mesh.clone();
-    }
-
-    /// `grads`: this rank's gradients of its loss share, by name (absent = zero). Returns the
-    /// summed gradient of every parameter this rank holds and owns, on the inner device.
+    /// `grads`: this rank's gradients of its loss share, by key (absent = zero). Returns the
+    /// summed gradient of every parameter this rank holds, on the inner device (a rank
+    /// holds exactly the experts it owns, so no placement is needed here).
     /// Parameters come from `named_params(model)`, the same list on every rank, so every
     /// rank issues the same collectives in the same order.
     pub fn sync(
         &self,
         model: &Transformer,
-        grads: &BTreeMap<String, Tensor<1>>,
-    ) -> Result<BTreeMap<String, Tensor<1>>> {
+        grads: &BTreeMap<ParamKey, Tensor<1>>,
+    ) -> Result<BTreeMap<ParamKey, Tensor<1>>> {
         let params = named_params(model);
         let mut out = BTreeMap::new();
         for (group, comm) in [
             (SyncGroup::World, self.mesh.world()),
-            (SyncGroup::Dp, self.mesh.expert_replicas()),
+            (SyncGroup::Replicas, self.mesh.expert_replicas()),
         ] {
-            let members: Vec<(&String, &Tensor<1>)> = params
+            let members: Vec<(&ParamKey, &Tensor<1>)> = params
                 .iter()
-                .filter(|(name, _, _)| self.group_of(name) == group)
+                .filter(|(key, _, _)| SyncGroup::of(key) == group)
                 .map(|(name, _, value)| (name, value))
                 .collect();
             self.sync_group(comm.as_ref(), &members, grads, &mut out)?;
@@ -270,9 +256,9 @@ impl GradSync {
     fn sync_group(
         &self,
         comm: &dyn Communicator,
-        members: &[(&String, &Tensor<1>)],
-        grads: &BTreeMap<String, Tensor<1>>,
-        out: &mut BTreeMap<String, Tensor<1>>,
+        members: &[(&ParamKey, &Tensor<1>)],
+        grads: &BTreeMap<ParamKey, Tensor<1>>,
+        out: &mut BTreeMap<ParamKey, Tensor<1>>,
     ) -> Result<()> {
         // Buckets: consecutive parameters up to bucket_elems floats (a larger parameter is
         // a bucket of its own).

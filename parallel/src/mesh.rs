@@ -1,5 +1,7 @@
-//! The device mesh: world = dp x cp x ep, one sub-communicator per axis, and the expert
-//! placement. Built once at launch and passed down as a value (no global state).
+//! The device mesh (world = dp x cp x ep, one sub-communicator per axis: fixed topology,
+//! built once at launch and passed down as a value, no global state) and the expert
+//! placement (which ep rank computes which expert: run-time state, owned by the
+//! [`crate::Layout`], changed by migration).
 //!
 //! Layout: world rank `r = (d * cp + c) * ep + p`.
 //! - The **ep axis** (`p`, consecutive ranks) groups the ranks whose experts together make
@@ -134,11 +136,7 @@ pub struct Mesh {
     ep_comm: Arc<dyn Communicator>,
     replicas_comm: Arc<dyn Communicator>,
     shape: MeshShape,
-    /// The placement of every MoE layer without an entry in `layer_placements`.
-    placement: Arc<Placement>,
     ep_overlap: Option<Overlap>,
-    /// Per-layer placements, keyed by the model's layer index (`layers.{l}.moe`).
-    layer_placements: BTreeMap<usize, Arc<Placement>>,
 }
 
 impl fmt::Debug for Mesh {
@@ -147,8 +145,6 @@ impl fmt::Debug for Mesh {
             .field("world", &self.world.name())
             .field("rank", &self.world.rank())
             .field("shape", &self.shape)
-            .field("placement", &self.placement)
-            .field("layer_placements", &self.layer_placements)
             .finish()
     }
 }
@@ -165,7 +161,8 @@ impl Mesh {
     }
 
     /// Validates the layout, then splits `world` (a collective: every rank calls it with
-    /// the same arguments). `num_experts`: routed FFN experts per MoE layer.
+    /// the same arguments). `num_experts`: routed FFN experts per MoE layer (ep must divide
+    /// it).
     pub fn with_shape(
         world: Box<dyn Communicator>,
         shape: MeshShape,
@@ -188,7 +185,6 @@ impl Mesh {
             });
         }
         check_ep(num_experts, ep)?;
-        let placement = Placement::contiguous(num_experts, ep)?;
         let (d, c, p) = shape.coords(world.rank());
         let split = |color: usize, key: usize, axis: &str| {
             world
@@ -210,55 +206,8 @@ impl Mesh {
             ep_comm,
             replicas_comm,
             shape,
-            placement: Arc::new(placement),
             ep_overlap: None,
-            layer_placements: BTreeMap::new(),
         })
-    }
-
-    fn check_placement(&self, placement: &Placement) -> Result<()> {
-        if placement.ep_size() != self.shape.ep
-            || placement.num_experts() != self.placement.num_experts()
-        {
-            return Err(ParallelError::Placement(format!(
-                "the placement is for {} experts on {} ep ranks, the mesh has {} experts on \
-                 {} ep ranks; build the placement for the mesh's layout",
-                placement.num_experts(),
-                placement.ep_size(),
-                self.placement.num_experts(),
-                self.shape.ep
-            )));
-        }
-        Ok(())
-    }
-
-    /// Replaces the expert placement of every MoE layer (same number of experts and ep
-    /// size); per-layer placements set before are dropped.
-    pub fn with_placement(mut self, placement: Placement) -> Result<Mesh> {
-        self.check_placement(&placement)?;
-        self.placement = Arc::new(placement);
-        self.layer_placements.clear();
-        Ok(self)
-    }
-
-    /// Sets the placement of the MoE layer at model layer index `layer` (`layers.{layer}`);
-    /// layers without one use [`Mesh::placement`].
-    pub fn with_layer_placement(mut self, layer: usize, placement: Placement) -> Result<Mesh> {
-        self.check_placement(&placement)?;
-        self.layer_placements.insert(layer, Arc::new(placement));
-        Ok(self)
-    }
-
-    /// [`Mesh::with_layer_placement`] for every entry of `placements` (model layer index ->
-    /// placement).
-    pub fn with_layer_placements(
-        mut self,
-        placements: impl IntoIterator<Item = (usize, Placement)>,
-    ) -> Result<Mesh> {
-        for (layer, placement) in placements {
-            self = self.with_layer_placement(layer, placement)?;
-        }
-        Ok(self)
     }
 
     /// Runs the expert-parallel exchange as the pipelined block with this chunking
@@ -324,14 +273,77 @@ impl Mesh {
         let (d, _, p) = self.shape.coords(self.rank());
         (d * self.shape.ep + p, self.shape.dp * self.shape.ep)
     }
-    /// The placement of the MoE layers without a per-layer placement (contiguous unless
-    /// [`Mesh::with_placement`] changed it).
-    pub fn placement(&self) -> &Arc<Placement> {
-        &self.placement
+}
+
+/// The expert placement of every MoE layer: a placement per model layer index
+/// (`layers.{l}.moe`), and one for the layers without their own. One value, owned by the
+/// [`crate::Layout`]; the dispatchers installed in the model hold their layer's copy, which
+/// [`crate::migrate()`] and [`crate::relayout`] replace together with the experts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertPlacement {
+    default: Arc<Placement>,
+    layers: BTreeMap<usize, Arc<Placement>>,
+}
+
+impl ExpertPlacement {
+    /// Experts `[i * E/ep, (i+1) * E/ep)` on ep rank `i`, in every layer.
+    pub fn contiguous(num_experts: usize, ep: usize) -> Result<ExpertPlacement> {
+        Ok(ExpertPlacement::uniform(Placement::contiguous(
+            num_experts,
+            ep,
+        )?))
+    }
+
+    /// `placement` in every layer.
+    pub fn uniform(placement: Placement) -> ExpertPlacement {
+        ExpertPlacement {
+            default: Arc::new(placement),
+            layers: BTreeMap::new(),
+        }
+    }
+
+    /// Sets the placement of the MoE layer at model layer index `layer` (same number of
+    /// experts and ep size as the others).
+    pub fn with_layer(mut self, layer: usize, placement: Placement) -> Result<ExpertPlacement> {
+        if placement.ep_size() != self.default.ep_size()
+            || placement.num_experts() != self.default.num_experts()
+        {
+            return Err(ParallelError::Placement(format!(
+                "the placement of layer {layer} is for {} experts on {} ep ranks, the others \
+                 for {} experts on {} ep ranks; build every layer's placement for the mesh's \
+                 layout",
+                placement.num_experts(),
+                placement.ep_size(),
+                self.default.num_experts(),
+                self.default.ep_size()
+            )));
+        }
+        self.layers.insert(layer, Arc::new(placement));
+        Ok(self)
+    }
+
+    /// [`ExpertPlacement::with_layer`] for every entry (model layer index -> placement).
+    pub fn with_layers(
+        mut self,
+        placements: impl IntoIterator<Item = (usize, Placement)>,
+    ) -> Result<ExpertPlacement> {
+        for (layer, placement) in placements {
+            self = self.with_layer(layer, placement)?;
+        }
+        Ok(self)
     }
 
     /// The placement of the MoE layer at model layer index `layer`.
-    pub fn placement_of(&self, layer: usize) -> &Arc<Placement> {
-        self.layer_placements.get(&layer).unwrap_or(&self.placement)
+    pub fn of(&self, layer: usize) -> &Arc<Placement> {
+        self.layers.get(&layer).unwrap_or(&self.default)
+    }
+
+    /// Routed experts per MoE layer.
+    pub fn num_experts(&self) -> usize {
+        self.default.num_experts()
+    }
+
+    pub fn ep(&self) -> usize {
+        self.default.ep_size()
     }
 }

@@ -20,25 +20,25 @@ use std::collections::BTreeMap;
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use switchyard_comm::Buffer;
-use switchyard_moe::Transformer;
 use switchyard_moe::experts::SwiGlu;
 use switchyard_moe::params::named_params;
+use switchyard_moe::{ParamKey, Transformer};
 
 use crate::error::{ParallelError, Result};
 use crate::grad_sync::layer_dispatcher;
-use crate::mesh::{Mesh, Placement};
+use crate::mesh::{ExpertPlacement, Mesh, Placement};
 
 /// Per-parameter state that travels with an expert's weights (the optimizer's, keyed by
-/// the parameter's global name `layers.{l}.moe.experts.{e}.{w}`).
+/// the parameter's key).
 pub trait ExpertState {
     /// Removes the state kept for `param` on the sending rank and returns it as bytes
     /// (empty when there is none, e.g. before the first optimizer step).
-    fn take(&mut self, param: &str) -> Vec<u8>;
+    fn take(&mut self, param: &ParamKey) -> Vec<u8>;
     /// Installs the state received for `param` of shape `shape` (the bytes `take` returned
     /// on the sender).
     fn put(
         &mut self,
-        param: &str,
+        param: &ParamKey,
         shape: &[usize],
         bytes: &[u8],
     ) -> std::result::Result<(), String>;
@@ -49,10 +49,10 @@ pub trait ExpertState {
 pub struct WeightsOnly;
 
 impl ExpertState for WeightsOnly {
-    fn take(&mut self, _: &str) -> Vec<u8> {
+    fn take(&mut self, _: &ParamKey) -> Vec<u8> {
         Vec::new()
     }
-    fn put(&mut self, _: &str, _: &[usize], _: &[u8]) -> std::result::Result<(), String> {
+    fn put(&mut self, _: &ParamKey, _: &[usize], _: &[u8]) -> std::result::Result<(), String> {
         Ok(())
     }
 }
@@ -69,12 +69,12 @@ pub struct ExpertMove {
     pub to: usize,
 }
 
-/// The moves from the mesh's placements to `new` (model layer index -> placement), in
+/// The moves from the `old` placements to `new` (model layer index -> placement), in
 /// (layer, expert) order.
-pub fn planned_moves(mesh: &Mesh, new: &BTreeMap<usize, Placement>) -> Vec<ExpertMove> {
+pub fn planned_moves(old: &ExpertPlacement, new: &BTreeMap<usize, Placement>) -> Vec<ExpertMove> {
     let mut moves = Vec::new();
     for (&layer, placement) in new {
-        let old = mesh.placement_of(layer);
+        let old = old.of(layer);
         for expert in 0..placement.num_experts().min(old.num_experts()) {
             let (from, to) = (old.owner(expert), placement.owner(expert));
             if from != to {
@@ -90,18 +90,20 @@ pub fn planned_moves(mesh: &Mesh, new: &BTreeMap<usize, Placement>) -> Vec<Exper
     moves
 }
 
-/// Moves experts (weights and `state`) to the owners of `new` (model layer index ->
-/// placement; layers not named keep theirs) and installs the new placements in the model's
-/// dispatchers. A collective over the world's ep groups: every rank calls it with the same
-/// `new`. `device`: the device of the model's parameters (received experts are built on
-/// it). Returns the model, the mesh with the new placements and the moves made.
+/// Moves experts (weights and `state`) from their owners under `old` to the owners of `new`
+/// (model layer index -> placement; layers not named keep theirs) and installs the new
+/// placements in the model's dispatchers. A collective over the world's ep groups: every
+/// rank calls it with the same `new`. `device`: the device of the model's parameters
+/// (received experts are built on it). Returns the model, the new placement and the moves
+/// made.
 pub fn migrate(
     mut model: Transformer,
     mesh: &Mesh,
+    old: &ExpertPlacement,
     new: BTreeMap<usize, Placement>,
     state: &mut dyn ExpertState,
     device: &Device,
-) -> Result<(Transformer, Mesh, Vec<ExpertMove>)> {
+) -> Result<(Transformer, ExpertPlacement, Vec<ExpertMove>)> {
     for &layer in new.keys() {
         if model
             .layers
@@ -115,8 +117,8 @@ pub fn migrate(
             )));
         }
     }
-    let moves = planned_moves(mesh, &new);
-    let new_mesh = mesh.clone().with_layer_placements(new.clone())?;
+    let moves = planned_moves(old, &new);
+    let placement = old.clone().with_layers(new.clone())?;
     let ep = mesh.ep_comm();
     let (me, size) = (ep.rank(), ep.size());
     // Pack what leaves this rank, dropping it from the model.
@@ -184,23 +186,24 @@ pub fn migrate(
     for &layer in new.keys() {
         let block = &mut model.layers[layer];
         let moe = block.moe.take().expect("checked above: a MoE layer");
-        block.moe = Some(moe.with_dispatcher(layer_dispatcher(&new_mesh, layer)));
+        block.moe = Some(moe.with_dispatcher(layer_dispatcher(mesh, placement.of(layer).clone())));
     }
-    Ok((model, new_mesh, moves))
+    Ok((model, placement, moves))
 }
 
 /// Lays the model's experts out for `new` (model layer index -> placement) without moving
 /// any data: experts this rank stops owning are dropped, experts it starts owning are made
 /// by `fresh` (placeholders, to be overwritten — a checkpoint restore reads every expert by
 /// name), and the dispatchers get the new placements. Local: no communication. Returns the
-/// model and the mesh with the new placements.
+/// model and the new placement (`old` with the layers of `new` replaced).
 pub fn relayout(
     mut model: Transformer,
     mesh: &Mesh,
+    old: &ExpertPlacement,
     new: BTreeMap<usize, Placement>,
     fresh: impl Fn() -> SwiGlu,
-) -> Result<(Transformer, Mesh)> {
-    let new_mesh = mesh.clone().with_layer_placements(new.clone())?;
+) -> Result<(Transformer, ExpertPlacement)> {
+    let new_placement = old.clone().with_layers(new.clone())?;
     let me = mesh.ep_rank();
     for (&layer, placement) in &new {
         let Some(moe) = model.layers.get_mut(layer).and_then(|b| b.moe.take()) else {
@@ -209,7 +212,7 @@ pub fn relayout(
                  the MoE layers"
             )));
         };
-        let mut moe = moe.with_dispatcher(layer_dispatcher(&new_mesh, layer));
+        let mut moe = moe.with_dispatcher(layer_dispatcher(mesh, new_placement.of(layer).clone()));
         for (e, slot) in moe.experts.iter_mut().enumerate() {
             match (placement.owner(e) == me, slot.is_some()) {
                 (true, false) => *slot = Some(fresh()),
@@ -219,7 +222,7 @@ pub fn relayout(
         }
         model.layers[layer].moe = Some(moe);
     }
-    Ok((model, new_mesh))
+    Ok((model, new_placement))
 }
 
 fn moe_layer(model: &mut Transformer, layer: usize) -> &mut switchyard_moe::MoeLayer {
@@ -244,9 +247,10 @@ fn pack_expert(
                 what: format!("migration: expert {} of layer {}", m.expert, m.layer),
                 detail: format!("`{name}` is not readable as f32: {e:?}"),
             })?;
-        let full = format!("layers.{}.moe.experts.{}.{name}", m.layer, m.expert);
-        out.extend((name.len() as u32).to_le_bytes());
-        out.extend(name.as_bytes());
+        let leaf = name.name();
+        let full = ParamKey::routed_expert(m.layer, m.expert, leaf);
+        out.extend((leaf.len() as u32).to_le_bytes());
+        out.extend(leaf.as_bytes());
         out.extend((shape.len() as u32).to_le_bytes());
         for d in &shape {
             out.extend((*d as u64).to_le_bytes());
@@ -292,7 +296,7 @@ fn unpack_expert(
             .collect();
         let extra_len = reader.u64(&what)? as usize;
         let extra = reader.take(extra_len, &what)?;
-        let full = format!("layers.{}.moe.experts.{}.{name}", m.layer, m.expert);
+        let full = ParamKey::routed_expert(m.layer, m.expert, &name);
         state
             .put(&full, &shape, extra)
             .map_err(|detail| ParallelError::Shape {

@@ -37,10 +37,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use switchyard_comm::{Buffer, Communicator, ReduceOp, Request};
-use switchyard_moe::cpu::grouped::{
+use switchyard_kernels::grouped::{
     Packed, RowGrads, Stacked, backward_rows, forward_raw, weight_grads,
 };
-use switchyard_moe::cpu::{BackwardFn, FlexTensor, custom_op, dims, prim, tensor, values};
+use switchyard_kernels::{BackwardFn, FlexTensor, custom_op, dims, prim, tensor, values};
 use switchyard_moe::experts::SwiGlu;
 
 use burn::tensor::Tensor;

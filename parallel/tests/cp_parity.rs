@@ -17,10 +17,9 @@ use common::{run_world, to_vec};
 use switchyard_moe::config::{CapacityConfig, NullInit, NullNormalization};
 use switchyard_moe::params::{named_grads, named_params};
 use switchyard_moe::{ModelConfig, MoeConfig, RouterConfig, Transformer, cross_entropy};
-use switchyard_parallel::grad_sync::SyncGroup;
 use switchyard_parallel::{
-    CpAlgorithm, CpConfig, GradSync, LossScale, Mesh, MeshShape, SeqLayout, parallelize_with,
-    shard_sequence,
+    CpAlgorithm, CpConfig, ExpertPlacement, GradSync, LossScale, Mesh, MeshShape, SeqLayout,
+    apply_layout, shard_sequence,
 };
 
 /// A multiple of 2 * cp for cp = 2 and 4 (zigzag chunks of 2 and 1 tokens).
@@ -113,7 +112,7 @@ fn reference(cfg: &ModelConfig) -> (f64, Named) {
                 .get(&name)
                 .cloned()
                 .unwrap_or_else(|| value.zeros_like());
-            (name, to_vec(g))
+            (name.to_string(), to_vec(g))
         })
         .collect();
     (to_vec(loss)[0] as f64, named)
@@ -124,9 +123,12 @@ fn parallel(cfg: &ModelConfig, shape: MeshShape, algorithm: CpAlgorithm) -> Vec<
     run_world(shape.world_size(), |comm| {
         let device = Device::flex().autodiff();
         let mesh = Mesh::with_shape(comm, shape, cfg.moe.num_experts).expect("valid mesh");
-        let model = parallelize_with(
+        let placement = ExpertPlacement::contiguous(cfg.moe.num_experts, shape.ep)
+            .expect("contiguous placement");
+        let model = apply_layout(
             Transformer::new(cfg, 7, &device),
             &mesh,
+            &placement,
             &CpConfig { algorithm },
         )
         .expect("parallelize");
@@ -146,10 +148,10 @@ fn parallel(cfg: &ModelConfig, shape: MeshShape, algorithm: CpAlgorithm) -> Vec<
         let grads = sync
             .sync(&model, &named_grads(&model, &loss.backward()))
             .expect("gradient sync");
+        // Only the parameters this rank holds: dense ones and the experts it owns.
         let named = grads
             .into_iter()
-            .filter(|(name, _)| sync.group_of(name) != SyncGroup::NotOwned)
-            .map(|(name, g)| (name, to_vec(g)))
+            .map(|(key, g)| (key.to_string(), to_vec(g)))
             .collect();
         (to_vec(loss)[0] as f64, named)
     })

@@ -13,7 +13,7 @@ use common::{run_world, to_vec};
 use switchyard_moe::config::CapacityConfig;
 use switchyard_moe::params::named_grads;
 use switchyard_moe::{ModelConfig, MoeConfig, RouterConfig, Transformer, cross_entropy};
-use switchyard_parallel::{LossScale, Mesh, Overlap, parallelize};
+use switchyard_parallel::{CpConfig, ExpertPlacement, LossScale, Mesh, Overlap, apply_layout};
 
 const SEQ: usize = 12;
 const ROWS: usize = 3;
@@ -57,7 +57,15 @@ fn step(ep: usize, d: usize) -> Vec<Bits> {
             .expect("mesh")
             .with_ep_overlap(Overlap::Chunks(d));
         let device = Device::flex().autodiff();
-        let model = parallelize(Transformer::new(&cfg, 3, &device), &mesh).expect("parallelize");
+        let placement =
+            ExpertPlacement::contiguous(cfg.moe.num_experts, ep).expect("contiguous placement");
+        let model = apply_layout(
+            Transformer::new(&cfg, 3, &device),
+            &mesh,
+            &placement,
+            &CpConfig::default(),
+        )
+        .expect("parallelize");
         let tokens: Vec<i64> = (0..ROWS * (SEQ + 1))
             .map(|i| ((i * 7 + rank * 13) % cfg.vocab_size) as i64)
             .collect();
@@ -75,7 +83,10 @@ fn step(ep: usize, d: usize) -> Vec<Bits> {
         (
             to_vec(loss),
             to_vec(out.logits),
-            grads.into_iter().map(|(k, v)| (k, to_vec(v))).collect(),
+            grads
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), to_vec(v)))
+                .collect(),
         )
     })
 }

@@ -10,9 +10,11 @@ use burn::tensor::Device;
 use common::{run_world, to_vec};
 use switchyard_moe::config::CapacityConfig;
 use switchyard_moe::params::named_params;
-use switchyard_moe::{ModelConfig, MoeConfig, RouterConfig, Transformer};
+use switchyard_moe::{ModelConfig, MoeConfig, ParamKey, RouterConfig, Transformer};
 use switchyard_parallel::migrate::{ExpertState, planned_moves};
-use switchyard_parallel::{Mesh, Placement, WeightsOnly, migrate, parallelize};
+use switchyard_parallel::{
+    CpConfig, ExpertPlacement, Mesh, Placement, WeightsOnly, apply_layout, migrate,
+};
 
 fn model_cfg() -> ModelConfig {
     ModelConfig {
@@ -50,13 +52,13 @@ struct NameState {
 }
 
 impl ExpertState for NameState {
-    fn take(&mut self, param: &str) -> Vec<u8> {
+    fn take(&mut self, param: &ParamKey) -> Vec<u8> {
         self.taken += 1;
-        param.as_bytes().to_vec()
+        param.name().as_bytes().to_vec()
     }
-    fn put(&mut self, param: &str, shape: &[usize], bytes: &[u8]) -> Result<(), String> {
+    fn put(&mut self, param: &ParamKey, shape: &[usize], bytes: &[u8]) -> Result<(), String> {
         self.put += 1;
-        if bytes != param.as_bytes() || shape.len() != 2 {
+        if bytes != param.name().as_bytes() || shape.len() != 2 {
             return Err(format!(
                 "state of {param} arrived as {bytes:?}, shape {shape:?}"
             ));
@@ -70,8 +72,8 @@ type Weights = BTreeMap<String, Vec<f32>>;
 fn expert_weights(model: &Transformer) -> Weights {
     named_params(model)
         .into_iter()
-        .filter(|(n, _, _)| n.contains(".experts."))
-        .map(|(n, _, v)| (n, to_vec(v)))
+        .filter(|(key, _, _)| key.routed_expert_id().is_some())
+        .map(|(key, _, v)| (key.to_string(), to_vec(v)))
         .collect()
 }
 
@@ -90,25 +92,40 @@ fn experts_and_their_state_move_to_the_new_owners_and_back() {
     let new = [[1, 1, 0, 0, 1, 0, 1, 0], [0, 1, 0, 1, 1, 1, 0, 0]];
     let results = run_world(4, |world| {
         let mesh = Mesh::new(world, 2, 2, 8).unwrap();
-        let model = parallelize(Transformer::new(&cfg, 3, &device), &mesh).unwrap();
+        let contiguous = ExpertPlacement::contiguous(8, 2).unwrap();
+        let model = apply_layout(
+            Transformer::new(&cfg, 3, &device),
+            &mesh,
+            &contiguous,
+            &CpConfig::default(),
+        )
+        .unwrap();
         let start = expert_weights(&model);
-        let moves = planned_moves(&mesh, &placements(new, 2));
+        let moves = planned_moves(&contiguous, &placements(new, 2));
         let mut state = NameState::default();
-        let (model, moved_mesh, made) =
-            migrate(model, &mesh, placements(new, 2), &mut state, &device).unwrap();
+        let (model, moved, made) = migrate(
+            model,
+            &mesh,
+            &contiguous,
+            placements(new, 2),
+            &mut state,
+            &device,
+        )
+        .unwrap();
         assert_eq!(made, moves);
         let after = expert_weights(&model);
         let back_owners = [[0, 0, 0, 0, 1, 1, 1, 1]; 2];
         let (model, _, _) = migrate(
             model,
-            &moved_mesh,
+            &mesh,
+            &moved,
             placements(back_owners, 2),
             &mut WeightsOnly,
             &device,
         )
         .unwrap();
         (
-            moved_mesh.ep_rank(),
+            mesh.ep_rank(),
             start,
             after,
             expert_weights(&model),
@@ -150,9 +167,16 @@ fn a_placement_for_a_dense_layer_is_rejected() {
     let device = Device::flex().autodiff();
     let errors = run_world(2, |world| {
         let mesh = Mesh::new(world, 1, 2, 8).unwrap();
-        let model = parallelize(Transformer::new(&cfg, 3, &device), &mesh).unwrap();
+        let contiguous = ExpertPlacement::contiguous(8, 2).unwrap();
+        let model = apply_layout(
+            Transformer::new(&cfg, 3, &device),
+            &mesh,
+            &contiguous,
+            &CpConfig::default(),
+        )
+        .unwrap();
         let bad = placements([[0, 0, 0, 0, 1, 1, 1, 1]; 2], 2);
-        migrate(model, &mesh, bad, &mut WeightsOnly, &device)
+        migrate(model, &mesh, &contiguous, bad, &mut WeightsOnly, &device)
             .err()
             .map(|e| e.to_string())
     });

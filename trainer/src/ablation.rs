@@ -11,7 +11,8 @@ use switchyard_moe::cross_entropy;
 
 use crate::config::Config;
 use crate::data::Corpus;
-use crate::train::{TrainError, Trainer, batch_tensors};
+use crate::error::TrainError;
+use crate::train::{Trainer, batch_tensors};
 
 /// One variant's figures.
 #[derive(Debug, Clone)]
@@ -143,7 +144,7 @@ pub fn run(base: &Config, corpus: &Corpus, device: &Device) -> Result<AblationRe
         tracing::info!(variant = name, "ablation: training");
         let started = std::time::Instant::now();
         let mut trainer = Trainer::new(&cfg, corpus, device)?;
-        while trainer.state_step < cfg.train.steps {
+        while trainer.counters.step < cfg.train.steps {
             trainer.step()?;
         }
         let train_seconds = started.elapsed().as_secs_f64();

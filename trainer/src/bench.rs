@@ -6,14 +6,15 @@ use std::fmt;
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, FloatDType, Tensor};
+use switchyard_kernels::gemm::{Mat, gemm_parallel};
+use switchyard_kernels::{Fused, fused, set_fused};
 use switchyard_moe::Precision;
-use switchyard_moe::cpu::gemm::{Mat, gemm_parallel};
-use switchyard_moe::cpu::{Fused, fused, set_fused};
 use switchyard_moe::profile;
 
 use crate::config::Config;
 use crate::data::Corpus;
-use crate::train::{TrainError, Trainer};
+use crate::error::TrainError;
+use crate::train::Trainer;
 
 /// Figures of one benchmark run.
 #[derive(Debug, Clone)]
@@ -212,7 +213,7 @@ pub struct CpuPeaks {
     pub fma_peak_samples: usize,
     /// burn's matmul, 1024^2.
     pub gemm_gflops: f64,
-    /// Switchyard's GEMM path (`moe::cpu::gemm::gemm_parallel`, tiled over the pool), 1024^2.
+    /// Switchyard's GEMM path (`kernels::gemm::gemm_parallel`, tiled over the pool), 1024^2.
     pub own_gemm_gflops: f64,
 }
 
@@ -384,7 +385,7 @@ fn process_cpu_seconds() -> Option<f64> {
     Some(nanos as f64 * 1e-9)
 }
 
-/// Best of `repeats` square f32 matmuls of size `n` through `moe::cpu::gemm` (the kernel
+/// Best of `repeats` square f32 matmuls of size `n` through `kernels::gemm` (the kernel
 /// the fused ops use), tiled over the thread pool by `gemm_parallel`.
 pub fn own_gemm_gflops(n: usize, repeats: usize) -> f64 {
     let a: Vec<f32> = (0..n * n).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();

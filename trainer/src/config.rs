@@ -5,17 +5,15 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use switchyard_comm::CommConfig;
+
 use switchyard_moe::{ModelConfig, Precision};
-use switchyard_parallel::ParallelConfig;
+use switchyard_parallel::{CommConfig, ParallelConfig};
 use switchyard_placement::{PlacementConfig, Strategy};
 
 use crate::data::{DataConfig, TokenizerConfig};
 use crate::device::{CUDA_BUILT, DeviceConfig};
 use crate::metrics::MetricsConfig;
 use crate::optim::OptimConfig;
-use crate::train::CheckpointConfig;
-use crate::train::TrainConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -204,6 +202,124 @@ impl Config {
                 "is `{device}` for {} ranks, which would all share that GPU; use `device: \
                  cuda` (each rank takes the GPU of its local rank)",
                 self.parallel.world_size()
+            ));
+        }
+        issues
+    }
+}
+
+/// The `train:` node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps of the whole run.
+    pub steps: u64,
+    /// Micro-batches summed into one optimizer step.
+    #[serde(default = "default_one")]
+    pub grad_accum_steps: usize,
+    /// Evaluate every this many steps (and after the last step); 0 = only after the last.
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Validation batches per evaluation.
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    /// What to do when the loss or a gradient is NaN or infinite.
+    #[serde(default)]
+    pub nonfinite: NonFinitePolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinitePolicy {
+    /// Stop the run with an error naming the step (the last checkpoint stays valid).
+    #[default]
+    Stop,
+    /// Skip the update (weights and optimizer state unchanged) and go on; logged.
+    Skip,
+}
+
+/// The `checkpoint:` node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every this many steps; 0 = only at the end of the run.
+    #[serde(default)]
+    pub every: u64,
+    /// Committed checkpoints to keep; older ones are deleted.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// Where checkpoints go; defaults to `<run.output_dir>/checkpoints`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Save after the last step.
+    #[serde(default = "default_true")]
+    pub save_final: bool,
+    /// Seconds the ranks of a multi-rank save wait for each other (writing a large shard
+    /// can take longer than `comm.timeout_s`).
+    #[serde(default = "default_save_timeout_s")]
+    pub save_timeout_s: f64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            keep_last: default_keep_last(),
+            dir: None,
+            save_final: true,
+            save_timeout_s: default_save_timeout_s(),
+        }
+    }
+}
+
+fn default_one() -> usize {
+    1
+}
+fn default_eval_batches() -> usize {
+    20
+}
+fn default_keep_last() -> usize {
+    3
+}
+fn default_save_timeout_s() -> f64 {
+    1800.0
+}
+fn default_true() -> bool {
+    true
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut issues = Vec::new();
+        if self.steps == 0 {
+            issues.push(("steps".into(), "must be at least 1".into()));
+        }
+        if self.grad_accum_steps == 0 {
+            issues.push(("grad_accum_steps".into(), "must be at least 1".into()));
+        }
+        if self.eval_batches == 0 {
+            issues.push(("eval_batches".into(), "must be at least 1".into()));
+        }
+        issues
+    }
+}
+
+impl CheckpointConfig {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut issues = Vec::new();
+        if self.keep_last == 0 {
+            issues.push((
+                "keep_last".into(),
+                "must be at least 1 (the newest checkpoint is always kept)".into(),
+            ));
+        }
+        if !(self.save_timeout_s.is_finite() && self.save_timeout_s > 0.0) {
+            issues.push((
+                "save_timeout_s".into(),
+                format!(
+                    "must be a positive number of seconds, got {}",
+                    self.save_timeout_s
+                ),
             ));
         }
         issues

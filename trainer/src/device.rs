@@ -65,7 +65,7 @@ impl DeviceConfig {
 
 #[cfg(feature = "cuda")]
 fn cuda_device(device: DeviceConfig, index: usize) -> Result<Device, DeviceError> {
-    let count = switchyard_comm::cuda::probe().map_err(|e| DeviceError::Unavailable {
+    let count = switchyard_parallel::cuda::probe().map_err(|e| DeviceError::Unavailable {
         device,
         reason: e.to_string(),
     })?;

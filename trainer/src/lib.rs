@@ -7,12 +7,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
-pub mod distributed;
+pub mod error;
 pub mod metrics;
 pub mod optim;
-pub mod parity;
 pub mod rebalance;
 pub mod train;
+
+pub use error::TrainError;
 
 /// Exit status of a run that stopped on SIGUSR1 or SIGTERM after committing a checkpoint:
 /// 75, `EX_TEMPFAIL` in sysexits.h ("temporary failure; try again"). The script written by

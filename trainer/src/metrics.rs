@@ -370,6 +370,53 @@ fn open_tensorboard(dir: &Path) -> Result<SummaryWriter, MetricsError> {
     Ok(writer)
 }
 
+/// The scalars of one optimizer step (`train/...`).
+pub fn step_scalars(
+    report: &crate::train::StepReport,
+    flops_per_token: f64,
+    tokens_seen: u64,
+) -> Vec<(String, f64)> {
+    let tokens_per_sec = report.tokens as f64 / report.seconds.max(1e-9);
+    vec![
+        ("train/loss".into(), report.loss),
+        ("train/aux_loss".into(), report.aux_loss),
+        ("train/grad_norm".into(), report.grad_norm),
+        ("train/lr".into(), report.lr),
+        ("train/tokens_per_sec".into(), tokens_per_sec),
+        (
+            "train/gflops_per_sec".into(),
+            tokens_per_sec * flops_per_token / 1e9,
+        ),
+        ("train/tokens_seen".into(), tokens_seen as f64),
+        ("train/skipped".into(), report.skipped as u8 as f64),
+    ]
+}
+
+/// The routing scalars of the MoE layers (`moe/layer{l}/...`): load, drops, balancing
+/// loss, experts per token, the share of each slot kind and of each expert.
+pub fn moe_scalars(stats: &[(usize, switchyard_moe::MoeStats)]) -> Vec<(String, f64)> {
+    let mut scalars = Vec::new();
+    for (layer, stats) in stats {
+        let mut push = |name: &str, value: f64| {
+            scalars.push((format!("moe/layer{layer}/{name}"), value));
+        };
+        push("max_over_mean_load", stats.max_over_mean_load());
+        push("dropped_fraction", stats.dropped_fraction);
+        push("load_balance_loss", stats.load_balance);
+        push("ffn_experts_per_token", stats.ffn_experts_per_token);
+        for (name, f) in switchyard_moe::layer::KIND_NAMES
+            .iter()
+            .zip(stats.kind_fraction)
+        {
+            push(&format!("{name}_fraction"), f);
+        }
+        for (e, f) in stats.expert_fraction.iter().enumerate() {
+            push(&format!("expert{e}_fraction"), *f);
+        }
+    }
+    scalars
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

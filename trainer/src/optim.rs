@@ -1,8 +1,9 @@
-//! AdamW (burn-optim's update rule) with per-parameter state keyed by parameter name, a
+//! AdamW (burn-optim's update rule) with per-parameter state keyed by [`ParamKey`], a
 //! linear-warmup + cosine learning-rate schedule, and global-norm gradient clipping.
 //!
-//! State is keyed by name, not by burn's random `ParamId`, so it survives checkpoints and
-//! moves with an expert when placement changes ([`AdamMigration`]).
+//! State is keyed by the parameter's typed identity, not by burn's random `ParamId`, so it
+//! survives checkpoints and moves with an expert when placement changes
+//! ([`AdamMigration`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -12,12 +13,13 @@ use burn::tensor::Tensor;
 use burn::tensor::{Device, TensorData};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use switchyard_moe::cpu::{self, Fused, fused};
+use switchyard_kernels::{self as cpu, Fused, fused};
+use switchyard_moe::ParamKey;
 use switchyard_moe::params::{map_params, named_params};
 use switchyard_moe::profile::{self, Part};
 use switchyard_parallel::migrate::ExpertState;
 
-use crate::checkpoint::NamedTensor;
+use crate::checkpoint::{Checkpointed, NamedTensor, Snapshot};
 
 /// The `optim:` node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,15 +126,20 @@ impl OptimConfig {
     }
 }
 
-/// AdamW over a whole model, state keyed by parameter name.
+/// AdamW over a whole model, state keyed by parameter.
 pub struct NamedAdamW {
     decayed: AdamW,
     not_decayed: AdamW,
     /// Parameters that receive weight decay: the matrices. Vectors (norm gains, biases,
     /// constant-expert vectors) are not decayed, as in GPT-2 / nanoGPT.
-    decay: BTreeSet<String>,
-    state: BTreeMap<String, AdamWState<1>>,
+    decay: BTreeSet<ParamKey>,
+    /// The parameters this rank holds and their element counts (kept current by expert
+    /// migration): what a checkpoint restore must find moments for.
+    held: BTreeMap<ParamKey, usize>,
+    state: BTreeMap<ParamKey, AdamWState<1>>,
     hyper: Hyper,
+    /// Where the moments live: the parameters' inner (non-autodiff) device.
+    device: Device,
 }
 
 /// AdamW's constants, for the fused update.
@@ -146,10 +153,19 @@ struct Hyper {
 
 impl NamedAdamW {
     pub fn new<M: burn::module::Module>(cfg: &OptimConfig, model: &M) -> Self {
-        let decay = named_params(model)
-            .into_iter()
+        let params = named_params(model);
+        let device = params
+            .first()
+            .map(|(_, _, value)| value.device())
+            .unwrap_or_else(Device::flex);
+        let decay = params
+            .iter()
             .filter(|(_, shape, _)| shape.len() >= 2)
-            .map(|(name, _, _)| name)
+            .map(|(key, _, _)| key.clone())
+            .collect();
+        let held = params
+            .iter()
+            .map(|(key, shape, _)| (key.clone(), shape.iter().product()))
             .collect();
         let base = AdamWConfig::new()
             .with_beta_1(cfg.beta1 as f32)
@@ -162,7 +178,9 @@ impl NamedAdamW {
                 .build(),
             not_decayed: base.with_weight_decay(0.0).build(),
             decay,
+            held,
             state: BTreeMap::new(),
+            device,
             hyper: Hyper {
                 beta1: cfg.beta1 as f32,
                 beta2: cfg.beta2 as f32,
@@ -180,7 +198,7 @@ impl NamedAdamW {
     pub fn step<M: burn::module::Module>(
         &mut self,
         model: M,
-        grads: &BTreeMap<String, Tensor<1>>,
+        grads: &BTreeMap<ParamKey, Tensor<1>>,
         grad_scale: f32,
         lr: f64,
     ) -> M {
@@ -192,14 +210,14 @@ impl NamedAdamW {
     fn step_impl<M: burn::module::Module>(
         &mut self,
         model: M,
-        grads: &BTreeMap<String, Tensor<1>>,
+        grads: &BTreeMap<ParamKey, Tensor<1>>,
         grad_scale: f32,
         lr: f64,
     ) -> M {
         if fused(Fused::Optimizer) {
             let params = named_params(&model);
             if params.iter().all(|(_, _, v)| v.device() == Device::flex()) {
-                let (names, entries): (Vec<String>, Vec<AdamEntry>) = params
+                let (names, entries): (Vec<ParamKey>, Vec<AdamEntry>) = params
                     .into_iter()
                     .map(|(name, _, value)| {
                         let entry = AdamEntry {
@@ -237,7 +255,7 @@ impl NamedAdamW {
             };
             let (updated, state) = optimizer.step(lr, value, grad, self.state.remove(name));
             if let Some(state) = state {
-                self.state.insert(name.to_string(), state);
+                self.state.insert(name.clone(), state);
             }
             updated
         })
@@ -255,13 +273,13 @@ impl NamedAdamW {
     /// First and second moments as `<param>.exp_avg` / `<param>.exp_avg_sq`.
     pub fn export(&self) -> Vec<NamedTensor> {
         let mut out = Vec::new();
-        for (name, state) in &self.state {
+        for (key, state) in &self.state {
             for (suffix, tensor) in [
                 ("exp_avg", &state.momentum.moment_1),
                 ("exp_avg_sq", &state.momentum.moment_2),
             ] {
                 out.push(NamedTensor::f32(
-                    format!("{name}.{suffix}"),
+                    format!("{key}.{suffix}"),
                     vec![tensor.dims()[0]],
                     tensor_to_vec(tensor),
                 ));
@@ -270,54 +288,65 @@ impl NamedAdamW {
         out
     }
 
-    /// Restore from `export`'s tensors and the step count. Every parameter named in
-    /// `param_sizes` must have both moments with the right length.
+    /// Restore from `export`'s tensors and the step count. Every parameter this rank holds
+    /// must have both moments with the right length.
     pub fn import(
         &mut self,
         tensors: &BTreeMap<String, NamedTensor>,
         steps_taken: usize,
-        param_sizes: &BTreeMap<String, usize>,
-        device: &burn::tensor::Device,
     ) -> Result<(), String> {
         self.state.clear();
         if steps_taken == 0 {
             return Ok(());
         }
-        for (name, &size) in param_sizes {
+        for (key, &size) in &self.held {
             let moment = |suffix: &str| -> Result<Tensor<1>, String> {
-                let key = format!("{name}.{suffix}");
+                let name = format!("{key}.{suffix}");
                 let t = tensors
-                    .get(&key)
-                    .ok_or_else(|| format!("optimizer state `{key}` is missing"))?;
+                    .get(&name)
+                    .ok_or_else(|| format!("optimizer state `{name}` is missing"))?;
                 let values = t
                     .as_f32()
-                    .ok_or_else(|| format!("optimizer state `{key}` is not f32"))?;
+                    .ok_or_else(|| format!("optimizer state `{name}` is not f32"))?;
                 if values.len() != size {
                     return Err(format!(
-                        "optimizer state `{key}` has {} values, the parameter has {size}",
+                        "optimizer state `{name}` has {} values, the parameter has {size}",
                         values.len()
                     ));
                 }
-                Ok(Tensor::from_floats(values, device))
+                Ok(Tensor::from_floats(values, &self.device))
             };
             let momentum =
                 AdaptiveMomentumState::new(steps_taken, moment("exp_avg")?, moment("exp_avg_sq")?);
-            self.state.insert(name.clone(), AdamWState::new(momentum));
+            self.state.insert(key.clone(), AdamWState::new(momentum));
         }
         Ok(())
     }
 }
 
+/// The moments in `optimizer` tensors, the update count in the trainer state.
+impl Checkpointed for NamedAdamW {
+    fn save(&self, snapshot: &mut Snapshot) {
+        snapshot.put_tensors("optimizer", self.export());
+        snapshot.put("optimizer_steps_taken", &self.steps_taken());
+    }
+
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), String> {
+        let steps: usize = snapshot.require("optimizer_steps_taken")?;
+        self.import(snapshot.tensors("optimizer")?, steps)
+    }
+}
+
 /// [`NamedAdamW`]'s state of one parameter as bytes, for live expert migration: the step
-/// count (u64) then both moments (f32), little-endian. `device`: where received moments live
-/// (the parameters' inner device, as in [`NamedAdamW::import`]).
+/// count (u64) then both moments (f32), little-endian.
 pub struct AdamMigration<'a> {
     pub optim: &'a mut NamedAdamW,
-    pub device: Device,
 }
 
 impl ExpertState for AdamMigration<'_> {
-    fn take(&mut self, param: &str) -> Vec<u8> {
+    fn take(&mut self, param: &ParamKey) -> Vec<u8> {
+        self.optim.held.remove(param);
+        self.optim.decay.remove(param);
         let Some(state) = self.optim.state.remove(param) else {
             return Vec::new();
         };
@@ -329,10 +358,12 @@ impl ExpertState for AdamMigration<'_> {
         out
     }
 
-    fn put(&mut self, param: &str, shape: &[usize], bytes: &[u8]) -> Result<(), String> {
-        // The decay set was built from the parameters this rank held at the start.
+    fn put(&mut self, param: &ParamKey, shape: &[usize], bytes: &[u8]) -> Result<(), String> {
+        self.optim
+            .held
+            .insert(param.clone(), shape.iter().product());
         if shape.len() >= 2 {
-            self.optim.decay.insert(param.to_string());
+            self.optim.decay.insert(param.clone());
         }
         if bytes.is_empty() {
             return Ok(());
@@ -353,12 +384,12 @@ impl ExpertState for AdamMigration<'_> {
         let (m1, m2) = floats.split_at(n);
         let momentum = AdaptiveMomentumState::new(
             time,
-            Tensor::from_floats(m1, &self.device),
-            Tensor::from_floats(m2, &self.device),
+            Tensor::from_floats(m1, &self.optim.device),
+            Tensor::from_floats(m2, &self.optim.device),
         );
         self.optim
             .state
-            .insert(param.to_string(), AdamWState::new(momentum));
+            .insert(param.clone(), AdamWState::new(momentum));
         Ok(())
     }
 }
@@ -497,41 +528,13 @@ fn fused_adamw(
         .collect()
 }
 
-/// `f` of the values of a flex tensor, read in place (a copy only for a strided view).
-fn with_flex_values<R>(t: &Tensor<1>, f: impl FnOnce(&[f32]) -> R) -> R {
-    let primitive = t
-        .clone()
-        .try_into_primitive::<Flex>()
-        .expect("a tensor on the flex device");
-    f(&cpu::values(&primitive))
-}
-
 /// sqrt(sum of squares) over every gradient, in f64 on the host.
-pub fn global_norm(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
+pub fn global_norm(grads: &BTreeMap<ParamKey, Tensor<1>>) -> f64 {
     profile::time(Part::Optimizer, || global_norm_impl(grads))
 }
 
-fn global_norm_impl(grads: &BTreeMap<String, Tensor<1>>) -> f64 {
-    grads.values().map(squared_norm).sum::<f64>().sqrt()
-}
-
-/// The sum of squares of one gradient. On the flex device one parallel pass over the values
-/// (per chunk in f32 with eight partial sums, so it vectorises; chunks added in f64).
-pub fn squared_norm(g: &Tensor<1>) -> f64 {
-    if fused(Fused::Optimizer) && g.device() == Device::flex() {
-        return with_flex_values(g, |values| {
-            values
-                .par_chunks(1 << 14)
-                .map(|c| {
-                    cpu::wide(
-                        #[inline(always)]
-                        || cpu::sum_squares(c),
-                    ) as f64
-                })
-                .sum::<f64>()
-        });
-    }
-    g.clone().powi_scalar(2).sum().into_scalar::<f32>() as f64
+fn global_norm_impl(grads: &BTreeMap<ParamKey, Tensor<1>>) -> f64 {
+    grads.values().map(cpu::squared_norm).sum::<f64>().sqrt()
 }
 
 /// The factor that brings the global gradient norm `norm` down to `max_norm` (1 when it is
@@ -601,8 +604,12 @@ mod tests {
             let mut opt = NamedAdamW {
                 decayed: base.clone().with_weight_decay(0.1).build(),
                 not_decayed: base.with_weight_decay(0.0).build(),
-                decay: ["w".to_string(), "big".to_string()].into_iter().collect(),
+                decay: [ParamKey::parse("w"), ParamKey::parse("big")]
+                    .into_iter()
+                    .collect(),
+                held: BTreeMap::new(),
                 state: BTreeMap::new(),
+                device: device.clone(),
                 hyper: Hyper {
                     beta1: 0.9,
                     beta2: 0.95,
@@ -610,15 +617,18 @@ mod tests {
                     weight_decay: 0.1,
                 },
             };
-            let mut params: Vec<(String, Vec<f32>)> = vec![
+            let mut params: Vec<(ParamKey, Vec<f32>)> = vec![
                 (
-                    "w".into(),
+                    ParamKey::parse("w"),
                     (0..50).map(|i| (i as f32 * 0.37).sin()).collect(),
                 ),
-                ("g".into(), (0..7).map(|i| 1.0 + i as f32 * 0.1).collect()),
+                (
+                    ParamKey::parse("g"),
+                    (0..7).map(|i| 1.0 + i as f32 * 0.1).collect(),
+                ),
                 // Several chunks of the fused pass.
                 (
-                    "big".into(),
+                    ParamKey::parse("big"),
                     (0..40_000).map(|i| (i as f32 * 0.011).cos()).collect(),
                 ),
             ];
@@ -636,7 +646,7 @@ mod tests {
                         .map(|(name, p)| AdamEntry {
                             value: Tensor::<1>::from_floats(p.as_slice(), &device),
                             grad: Some(grad(p.len())),
-                            state: opt.state.remove(name.as_str()),
+                            state: opt.state.remove(name),
                             decayed: opt.decay.contains(name),
                         })
                         .collect();
@@ -654,7 +664,7 @@ mod tests {
                     } else {
                         &opt.not_decayed
                     };
-                    let state = opt.state.remove(name.as_str());
+                    let state = opt.state.remove(name);
                     let (updated, state) = o.step(1e-2, value, grad(p.len()) * scale, state);
                     opt.state.insert(name.clone(), state.unwrap());
                     *p = tensor_to_vec(&updated);
@@ -690,17 +700,17 @@ mod tests {
         let device = burn::tensor::Device::flex();
         let mut grads = BTreeMap::new();
         grads.insert(
-            "a".to_string(),
+            ParamKey::parse("a"),
             Tensor::<1>::from_floats([3.0, 0.0], &device),
         );
         grads.insert(
-            "b".to_string(),
+            ParamKey::parse("b"),
             Tensor::<1>::from_floats([0.0, 4.0], &device),
         );
         let norm = global_norm(&grads);
         assert!((norm - 5.0).abs() < 1e-6);
         let scale = clip_scale(norm, Some(1.0));
-        let clipped: BTreeMap<String, Tensor<1>> = grads
+        let clipped: BTreeMap<ParamKey, Tensor<1>> = grads
             .iter()
             .map(|(name, g)| (name.clone(), g.clone() * scale))
             .collect();

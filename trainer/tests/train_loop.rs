@@ -2,10 +2,12 @@
 
 use burn::tensor::Device;
 use switchyard_moe::params::{map_params, named_params};
+use switchyard_trainer::TrainError;
 use switchyard_trainer::config::Config;
+use switchyard_trainer::config::NonFinitePolicy;
 use switchyard_trainer::data::Corpus;
 use switchyard_trainer::optim::tensor_to_vec;
-use switchyard_trainer::train::{NonFinitePolicy, TrainError, Trainer};
+use switchyard_trainer::train::Trainer;
 
 fn config(extra: &str) -> Config {
     let yaml = format!(
@@ -48,13 +50,13 @@ fn corpus(cfg: &Config) -> Corpus {
 fn weights(trainer: &Trainer) -> Vec<(String, Vec<f32>)> {
     named_params(&trainer.model)
         .into_iter()
-        .map(|(name, _, value)| (name, tensor_to_vec(&value)))
+        .map(|(key, _, value)| (key.to_string(), tensor_to_vec(&value)))
         .collect()
 }
 
 fn poison(trainer: &mut Trainer) {
     trainer.model = map_params(trainer.model.clone(), |name, value| {
-        if name == "embed" {
+        if name.name() == "embed" {
             value * f32::NAN
         } else {
             value
@@ -86,7 +88,7 @@ fn nonfinite_stop_names_the_step_and_skip_leaves_weights_untouched() {
     let before = weights(&trainer);
     let report = trainer.step().unwrap();
     assert!(report.skipped && !report.loss.is_finite());
-    assert_eq!(trainer.skipped_steps, 1);
+    assert_eq!(trainer.counters.skipped_steps, 1);
     assert_eq!(
         trainer.optim.steps_taken(),
         1,
@@ -139,7 +141,7 @@ fn loss_falls_and_evaluation_is_deterministic() {
 #[test]
 fn a_vanilla_checkpoint_initialises_a_null_expert_model() {
     use switchyard_moe::config::{NullInit, NullNormalization, RouterConfig};
-    use switchyard_trainer::checkpoint::CheckpointManager;
+    use switchyard_trainer::checkpoint::Checkpointer;
 
     let device = Device::flex().autodiff();
     let vanilla_cfg = config("");
@@ -147,8 +149,8 @@ fn a_vanilla_checkpoint_initialises_a_null_expert_model() {
     let mut vanilla = Trainer::new(&vanilla_cfg, &corpus, &device).unwrap();
     vanilla.step().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let manager = CheckpointManager::new(dir.path(), 1).unwrap();
-    let saved = vanilla.save(&manager, &serde_json::json!({})).unwrap();
+    let checkpointer = Checkpointer::new(dir.path(), 1, 60.0, serde_json::json!({})).unwrap();
+    let saved = vanilla.save(&checkpointer).unwrap();
 
     for null_init in [NullInit::CopyTrueRows, NullInit::Random] {
         let mut cfg = vanilla_cfg.clone();
@@ -162,7 +164,7 @@ fn a_vanilla_checkpoint_initialises_a_null_expert_model() {
         let mut ada = Trainer::new(&cfg, &corpus, &device).unwrap();
         let fresh = weights(&ada);
         ada.init_from(&saved).unwrap();
-        assert_eq!(ada.state_step, 0, "a fresh run, not a resume");
+        assert_eq!(ada.counters.step, 0, "a fresh run, not a resume");
         let old: std::collections::BTreeMap<_, _> = weights(&vanilla).into_iter().collect();
         let fresh: std::collections::BTreeMap<_, _> = fresh.into_iter().collect();
         for (name, new) in weights(&ada) {

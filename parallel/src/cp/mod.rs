@@ -21,12 +21,10 @@
 //!   order, so the result does not depend on timing.
 //! - [`CpAttention`]: the `AttentionImpl` that `parallelize` puts into the model when
 //!   cp > 1; it also tells the model the global positions of its tokens (RoPE).
-//! - [`conformance`]: parity with dense attention on any communicator (local tests, MPI).
 //!
 //! Shape legend: B batch, H heads, N local sequence length (`S / W`), Dh head dim,
 //! S global sequence length, W cp ranks.
 
-pub mod conformance;
 pub mod op;
 pub mod ring;
 pub mod tile;

@@ -22,6 +22,7 @@
 //! write the manifest listing all of them and commit. A crash of any rank before the commit
 //! leaves only a temp directory, which the next save removes.
 
+mod checkpointer;
 mod error;
 mod inspect;
 mod manifest;
@@ -34,6 +35,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+pub use checkpointer::{
+    Checkpointed, Checkpointer, SaveMeta, Snapshot, f32_values, load_weights, read_any_snapshot,
+    read_snapshot, tensor_values,
+};
 pub use error::{CheckpointError, Result};
 pub use inspect::{FileReport, FileStatus, InspectReport, TensorStats, inspect};
 pub use manifest::{
@@ -92,20 +97,21 @@ impl CheckpointManager {
     /// Writes a checkpoint for `step` holding one safetensors file per `(file name,
     /// tensors)` entry, commits it atomically, then deletes the oldest checkpoints beyond
     /// `keep_last`. Returns the committed directory. Errors leave no `step-N` directory.
-    pub fn save(
+    pub fn save<N: AsRef<str>>(
         &self,
         step: u64,
-        files: &[(&str, Vec<NamedTensor>)],
+        files: &[(N, Vec<NamedTensor>)],
         meta: ManifestMeta,
     ) -> Result<PathBuf> {
         let final_dir = self.root.join(step_dir_name(step));
         let mut names = std::collections::HashSet::new();
         for (name, _) in files {
+            let name = name.as_ref();
             check_file_name(name, "save() argument")?;
-            if *name == MANIFEST_FILE || !names.insert(*name) {
+            if name == MANIFEST_FILE || !names.insert(name) {
                 return Err(CheckpointError::DuplicateFile {
                     dir: final_dir,
-                    name: (*name).into(),
+                    name: name.into(),
                 });
             }
         }
@@ -260,12 +266,12 @@ impl CheckpointManager {
     }
 }
 
-fn write_and_commit(
+fn write_and_commit<N: AsRef<str>>(
     tmp: &Path,
     final_dir: &Path,
     root: &Path,
     step: u64,
-    files: &[(&str, Vec<NamedTensor>)],
+    files: &[(N, Vec<NamedTensor>)],
     meta: ManifestMeta,
 ) -> Result<()> {
     let entries = write_files(tmp, files)?;
@@ -274,14 +280,18 @@ fn write_and_commit(
 
 /// Encodes and durably writes one safetensors file per `(file name, tensors)` into `dir`;
 /// returns their manifest entries. Multi-writer saves: phase 2, on every writer.
-pub fn write_files(dir: &Path, files: &[(&str, Vec<NamedTensor>)]) -> Result<Vec<FileEntry>> {
+pub fn write_files<N: AsRef<str>>(
+    dir: &Path,
+    files: &[(N, Vec<NamedTensor>)],
+) -> Result<Vec<FileEntry>> {
     let mut entries = Vec::with_capacity(files.len());
     for (name, tensors) in files {
+        let name = name.as_ref();
         check_file_name(name, "write_files() argument")?;
         let bytes = tensor::encode(name, tensors)?;
         write_durable(&dir.join(name), &bytes)?;
         entries.push(FileEntry {
-            name: (*name).into(),
+            name: name.into(),
             bytes: bytes.len() as u64,
             sha256: sha256_hex(&bytes),
         });

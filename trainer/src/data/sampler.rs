@@ -245,6 +245,22 @@ pub fn valid_batches(
         .collect()
 }
 
+/// The data position and the shuffle seed (the RNG state: an epoch's order is a pure
+/// function of the seed and the epoch) in the trainer state's `sampler` field.
+impl crate::checkpoint::Checkpointed for Sampler {
+    fn save(&self, snapshot: &mut crate::checkpoint::Snapshot) {
+        snapshot.put("sampler", &self.state());
+    }
+
+    fn restore(
+        &mut self,
+        snapshot: &crate::checkpoint::Snapshot,
+    ) -> std::result::Result<(), String> {
+        let state: SamplerState = snapshot.require("sampler")?;
+        Sampler::restore(self, &state).map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,9 +10,9 @@
 
 use std::time::Duration;
 
-use switchyard_comm::conformance::{Options, run_all};
 use switchyard_comm::mpi::{MpiEnv, MpiOptions};
 use switchyard_comm::{Communicator, MpiProgress};
+use switchyard_tools::comm_conformance::{Options, run_all};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -15,7 +15,7 @@
 //! bytes each rank receives. The benchmark times exactly those, per MoE layer and rank:
 //! - **Expert compute, measured.** For each rank, its experts' rows (the layer's recorded
 //!   token share of a global batch of `ranks x tokens` tokens, top-k assignments, split by the
-//!   placement) go through the real grouped SwiGLU forward and backward (`moe::cpu::grouped`,
+//!   placement) go through the real grouped SwiGLU forward and backward (`kernels::grouped`,
 //!   the layer's own kernel, autodiff included), one rank at a time inside a one-thread rayon
 //!   pool, charged the thread's CPU time (`/proc/thread-self/schedstat`): emulated ranks never
 //!   share a core, and other processes on the machine do not inflate it. Each configuration
@@ -37,7 +37,7 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
 use switchyard_comm::LinkModel;
-use switchyard_moe::cpu::grouped::grouped_swiglu;
+use switchyard_kernels::grouped::grouped_swiglu;
 use switchyard_moe::experts::SwiGlu;
 use switchyard_moe::init::Initializer;
 use switchyard_placement::{RoutingStats, Strategy, Topology, plan};

@@ -3,17 +3,15 @@
 //! contiguous and non-causal, both algorithms; max abs error <= 1e-5 (fp32).
 //! Plus the sequence layout, the trainer's sharding helper, and the cp axis of the mesh.
 
-mod common;
-
 use std::sync::Arc;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use common::run_world;
 use switchyard_comm::{Communicator, LocalWorld};
-use switchyard_parallel::cp::conformance::{Case, Errors, cases, check};
 use switchyard_parallel::{
     CpAlgorithm, CpConfig, Mesh, MeshShape, ParallelError, SeqLayout, Sharding, shard_sequence,
 };
+use switchyard_tools::cp_conformance::{Case, Errors, cases, check};
+use switchyard_tools::run_world;
 
 const TOL: f32 = 1e-5;
 

@@ -15,7 +15,7 @@
 //! How it stays honest with 8 ranks on 2 shared cores: the ranks are threads of a local
 //! world, each computing on one core and only while holding the process's CPU token, charged
 //! its thread's CPU time; each rank's trace of compute and collectives is replayed on
-//! virtual clocks with the link model (`switchyard_parallel::trace`). The placements are
+//! virtual clocks with the link model (`switchyard_tools::trace`). The placements are
 //! measured in one world, interleaved: each round installs every placement in turn (live
 //! migration), runs one step and records the next. The step time is the slowest rank's end,
 //! the median over the rounds (each step replayed on its own: the routing, so the
@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use switchyard_comm::{LinkModel, LocalWorld};
 use switchyard_parallel::Overlap;
-use switchyard_parallel::trace::{Event, replay, run_ranks};
 use switchyard_placement::{Plan, RoutingStats, Strategy, Topology, plan};
+use switchyard_tools::trace::{Event, replay, run_ranks};
 use switchyard_trainer::config::Config;
 use switchyard_trainer::data::{Corpus, build_tokenizer};
 use switchyard_trainer::train::Trainer;
@@ -130,7 +130,7 @@ fn measure(
     let per_rank = run_ranks(
         comms,
         |world, rec| -> Result<Vec<Vec<Vec<Event>>>, String> {
-            let err = |e: switchyard_trainer::train::TrainError| e.to_string();
+            let err = |e: switchyard_trainer::TrainError| e.to_string();
             let device = cfg.device.resolve(0).map_err(|e| e.to_string())?;
             let mut t = Trainer::new_on(cfg, corpus, &device, Some(world)).map_err(err)?;
             t.init_from(&a.checkpoint).map_err(err)?;

@@ -27,7 +27,7 @@ use switchyard_comm::{BackendKind, Buffer, Communicator, LinkModel, PendingOp, R
 use switchyard_comm::LocalWorld;
 use switchyard_comm::local::LocalComm;
 
-use crate::bench_clock::{Cpu, thread_cpu_time};
+use crate::clock::{Cpu, thread_cpu_time};
 
 /// A collective: (communicator name, its sequence number there).
 pub type CollId = (String, u64);

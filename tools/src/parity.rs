@@ -21,10 +21,14 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use switchyard_comm::{Buffer, Communicator, ReduceOp};
 use switchyard_moe::config::{CapacityConfig, NullInit, NullNormalization};
 use switchyard_moe::params::{map_params, named_grads, named_params};
-use switchyard_moe::{ModelConfig, MoeConfig, RouterConfig, Transformer, cross_entropy};
-use switchyard_parallel::{GradSync, LossScale, Mesh, Overlap, Placement, migrate, parallelize};
+use switchyard_moe::{
+    Component, ModelConfig, MoeConfig, ParamKey, RouterConfig, Transformer, cross_entropy,
+};
+use switchyard_parallel::{
+    CpConfig, ExpertPlacement, GradSync, LossScale, Mesh, Overlap, Placement, apply_layout, migrate,
+};
 
-use crate::optim::{AdamMigration, NamedAdamW, OptimConfig, tensor_to_vec};
+use switchyard_trainer::optim::{AdamMigration, NamedAdamW, OptimConfig, tensor_to_vec};
 
 const SEQ: usize = 6;
 const BATCH: usize = 8;
@@ -319,11 +323,11 @@ pub fn build(cfg: &ModelConfig, forcing: Forcing, device: &Device) -> Transforme
     let d = cfg.d_model;
     map_params(model, |name, value| {
         let mut v = tensor_to_vec(&value);
-        if name == "embed" {
+        if name.component() == Component::Embedding {
             for row in v.chunks_mut(d) {
                 row[0] = 5.0;
             }
-        } else if name.ends_with("router.w_gate") {
+        } else if name.is_router_gate() {
             // [D, N] row-major: row 0 is the weight of feature 0.
             let slots = v.len() / d;
             for (e, w) in v[..slots].iter_mut().enumerate() {
@@ -422,13 +426,13 @@ fn reference(cfg: &ModelConfig, forcing: Forcing) -> Run {
                     .get(&name)
                     .cloned()
                     .unwrap_or_else(|| value.zeros_like());
-                run.grads.insert(name, tensor_to_vec(&g));
+                run.grads.insert(name.to_string(), tensor_to_vec(&g));
             }
         }
         model = adam.step(model, &grads, 1.0, LR);
     }
     for (name, _, value) in named_params(&model) {
-        run.weights.insert(name, tensor_to_vec(&value));
+        run.weights.insert(name.to_string(), tensor_to_vec(&value));
     }
     run
 }
@@ -442,17 +446,24 @@ fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), St
     let device = Device::flex().autodiff();
     let mut mesh =
         Mesh::new(world, case.dp, case.ep, cfg.moe.num_experts).map_err(|e| e.to_string())?;
+    let mut placement =
+        ExpertPlacement::contiguous(cfg.moe.num_experts, case.ep).map_err(|e| e.to_string())?;
     if let Some(owners) = &case.owners {
-        mesh = mesh
-            .with_layer_placements(layer_placements(cfg, owners, case.ep)?)
+        placement = placement
+            .with_layers(layer_placements(cfg, owners, case.ep)?)
             .map_err(|e| e.to_string())?;
     }
     if let Some(overlap) = case.overlap {
         mesh = mesh.with_ep_overlap(overlap);
     }
-    let mut model =
-        parallelize(build(cfg, case.forcing, &device), &mesh).map_err(|e| e.to_string())?;
-    let mut sync = GradSync::new(&mesh).with_bucket_elems(700);
+    let mut model = apply_layout(
+        build(cfg, case.forcing, &device),
+        &mesh,
+        &placement,
+        &CpConfig::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let sync = GradSync::new(&mesh).with_bucket_elems(700);
     let mut adam = NamedAdamW::new(&optim_cfg(), &model);
     let rows = BATCH / n;
     let tokens = batch(cfg.vocab_size);
@@ -465,18 +476,14 @@ fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), St
     };
     for step in 0..STEPS {
         if let Some((_, to)) = case.migrate.as_ref().filter(|(at, _)| *at == step) {
-            let mut state = AdamMigration {
-                optim: &mut adam,
-                device: device.clone().inner(),
-            };
+            let mut state = AdamMigration { optim: &mut adam };
             let new = layer_placements(cfg, to, case.ep)?;
             let moved;
-            (model, mesh, moved) =
-                migrate(model, &mesh, new, &mut state, &device).map_err(|e| e.to_string())?;
+            (model, placement, moved) = migrate(model, &mesh, &placement, new, &mut state, &device)
+                .map_err(|e| e.to_string())?;
             if moved.is_empty() {
                 return Err(format!("{}: the migration moved nothing", case.label));
             }
-            sync.set_mesh(&mesh);
         }
         let (inputs, targets) = tensors(mine, rows, &device);
         let out = model.forward(inputs);
@@ -487,13 +494,13 @@ fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), St
         let grads = sync.sync(&model, &local).map_err(|e| e.to_string())?;
         if step == 0 {
             for (name, g) in &grads {
-                run.grads.insert(name.clone(), tensor_to_vec(g));
+                run.grads.insert(name.to_string(), tensor_to_vec(g));
             }
         }
         model = adam.step(model, &grads, 1.0, LR);
     }
     for (name, _, value) in named_params(&model) {
-        run.weights.insert(name, tensor_to_vec(&value));
+        run.weights.insert(name.to_string(), tensor_to_vec(&value));
     }
     Ok((run, mesh))
 }
@@ -578,7 +585,7 @@ pub fn check_case(case: &Case, world: Box<dyn Communicator>) -> Result<f32, Stri
         .map_err(|_| "all-gather of u8".to_string())?;
     for (i, name) in want.weights.keys().enumerate() {
         let holders: usize = counts.chunks(held.len()).map(|c| c[i] as usize).sum();
-        let expected = if switchyard_parallel::grad_sync::expert_id(name).is_some() {
+        let expected = if ParamKey::parse(name).routed_expert_id().is_some() {
             case.dp
         } else {
             case.world_size()

@@ -55,8 +55,10 @@ use switchyard_comm::{Communicator, LinkModel, LocalWorld};
 use switchyard_moe::config::CapacityConfig;
 use switchyard_moe::{ModelConfig, MoeConfig, RouterConfig, Transformer, cross_entropy};
 use switchyard_parallel::overlap::{AUTO_CANDIDATES, AUTO_TRIALS, BlockTimes};
-use switchyard_parallel::trace::{Event, Recorder, replay, run_ranks};
-use switchyard_parallel::{AllToAllDispatcher, LossScale, Mesh, Overlap, parallelize};
+use switchyard_parallel::{
+    AllToAllDispatcher, CpConfig, ExpertPlacement, LossScale, Mesh, Overlap, apply_layout,
+};
+use switchyard_tools::trace::{Event, Recorder, replay, run_ranks};
 
 #[derive(Clone, Debug)]
 struct Args {
@@ -169,11 +171,23 @@ fn rank_run(
     let rank = world.rank();
     let mesh = Mesh::new(world, 1, a.ranks, cfg.moe.num_experts).expect("mesh");
     let device = Device::flex().autodiff();
-    let mut model = parallelize(Transformer::new(&cfg, 7, &device), &mesh).expect("parallelize");
+    let placement = ExpertPlacement::contiguous(cfg.moe.num_experts, a.ranks).expect("placement");
+    let mut model = apply_layout(
+        Transformer::new(&cfg, 7, &device),
+        &mesh,
+        &placement,
+        &CpConfig::default(),
+    )
+    .expect("parallelize");
     // Our own handles on the dispatchers, to read the block's timers.
     let dispatchers: Vec<Arc<AllToAllDispatcher>> = degrees
         .iter()
-        .map(|&o| Arc::new(AllToAllDispatcher::new(&mesh.clone().with_ep_overlap(o))))
+        .map(|&o| {
+            Arc::new(AllToAllDispatcher::new(
+                &mesh.clone().with_ep_overlap(o),
+                placement.of(0).clone(),
+            ))
+        })
         .collect();
     // Every rank its own tokens (a fixed pseudo-random stream).
     let mut state = 0x9e37_79b9_u64 ^ (rank as u64 * 0x1234_5678_9abc);

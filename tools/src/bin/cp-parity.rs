@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use switchyard_comm::mpi::{MpiEnv, MpiOptions};
 use switchyard_comm::{Buffer, Communicator, ReduceOp};
-use switchyard_parallel::cp::conformance::{cases, check};
+use switchyard_tools::cp_conformance::{cases, check};
 
 const TOL: f32 = 1e-5;
 

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use switchyard_comm::conformance::{Options, run_all};
 use switchyard_comm::{LinkModel, LocalWorld};
+use switchyard_tools::comm_conformance::{Options, run_all};
 
 fn run(n: usize, link: Option<LinkModel>) {
     let opts = Options {

@@ -1,4 +1,4 @@
-//! The layout-parity matrix of `switchyard_trainer::parity` under MPI: run with
+//! The layout-parity matrix of `switchyard_tools::parity` under MPI: run with
 //! `mpirun -np N parity-mpi`; every case whose layout has N ranks runs (each on a duplicate
 //! of the world communicator). Prints one line per case; exits 1 on any mismatch.
 
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use switchyard_comm::Communicator;
 use switchyard_comm::mpi::{MpiEnv, MpiOptions};
-use switchyard_trainer::parity::{TOL, all_cases, check_case};
+use switchyard_tools::parity::{TOL, all_cases, check_case};
 
 fn main() -> ExitCode {
     let (env, world) = match MpiEnv::init(MpiOptions {

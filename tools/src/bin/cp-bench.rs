@@ -62,8 +62,8 @@ use switchyard_comm::{
     BackendKind, Buffer, CommError, Communicator, LinkModel, LocalWorld, PendingOp, ReduceOp,
     Request,
 };
-use switchyard_parallel::bench_clock::{Cpu, thread_cpu_time};
 use switchyard_parallel::cp::{CpAlgorithm, CpAttention, Sharding, context_attention};
+use switchyard_tools::clock::{Cpu, thread_cpu_time};
 
 /// A message: (source, destination, tag, sequence number on that triple).
 type MsgId = (usize, usize, u32, usize);

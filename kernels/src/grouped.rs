@@ -13,12 +13,32 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
+use crate::precision::matmul;
+
 use super::gemm::{MR, Mat, PackedB, assume_init, gemm_packed, gemm_packed_into};
 use super::{
     BackwardFn, FlexTensor, Fused, custom_op, dims, fused, prim, sigmoid, silu, tensor, values,
     wide,
 };
-use crate::experts::SwiGlu;
+
+/// The three weights of one SwiGLU expert, as the grouped op reads them (the model's
+/// expert type implements it; the kernels know no model types).
+pub trait SwiGluWeights {
+    /// [D, F]
+    fn w_gate(&self) -> Tensor<2>;
+    /// [D, F]
+    fn w_up(&self) -> Tensor<2>;
+    /// [F, D]
+    fn w_down(&self) -> Tensor<2>;
+}
+
+/// x: [N, D] -> `down(silu(x @ gate) * (x @ up))` [N, D] in burn ops, GEMMs at the forward
+/// pass's precision (`crate::precision`): one expert, the reference of the grouped op.
+pub fn swiglu<W: SwiGluWeights + ?Sized>(x_nd: Tensor<2>, w: &W) -> Tensor<2> {
+    let gate_nf = burn::tensor::activation::silu(matmul(x_nd.clone(), w.w_gate()));
+    let up_nf = matmul(x_nd, w.w_up());
+    matmul(gate_nf * up_nf, w.w_down())
+}
 
 /// Rows per task: small enough to balance the experts' uneven row counts over the cores,
 /// large enough to keep the GEMM efficient (the weights are packed once per op, so a
@@ -28,7 +48,11 @@ const ROW_BLOCK: usize = 128;
 /// x: [R, D], rows grouped by expert (`rows[i]` rows for `experts[i]`, in order) ->
 /// [R, D] with `y_r = SwiGlu_e(x_r)`. Falls back to [`grouped_swiglu_reference`] off the
 /// flex backend.
-pub fn grouped_swiglu(x_rd: Tensor<2>, experts: &[&SwiGlu], rows: &[usize]) -> Tensor<2> {
+pub fn grouped_swiglu<W: SwiGluWeights>(
+    x_rd: Tensor<2>,
+    experts: &[&W],
+    rows: &[usize],
+) -> Tensor<2> {
     assert_eq!(experts.len(), rows.len(), "one row count per expert");
     let [r, _] = x_rd.dims();
     assert_eq!(
@@ -37,7 +61,7 @@ pub fn grouped_swiglu(x_rd: Tensor<2>, experts: &[&SwiGlu], rows: &[usize]) -> T
         "row counts add up to the rows"
     );
     // Experts with no rows take no part (no gradient), as in the reference.
-    let (experts, rows): (Vec<&SwiGlu>, Vec<usize>) = experts
+    let (experts, rows): (Vec<&W>, Vec<usize>) = experts
         .iter()
         .zip(rows)
         .filter(|(_, n)| **n > 0)
@@ -50,11 +74,10 @@ pub fn grouped_swiglu(x_rd: Tensor<2>, experts: &[&SwiGlu], rows: &[usize]) -> T
     if !fused(Fused::GroupedExperts) || prim(&x_rd).is_none() {
         return grouped_swiglu_reference(x_rd, &experts, &rows);
     }
-    let stack =
-        |w: fn(&SwiGlu) -> Tensor<2>| Tensor::cat(experts.iter().map(|e| w(e)).collect(), 0);
-    let wg = stack(|e| e.w_gate.val());
-    let wu = stack(|e| e.w_up.val());
-    let wd = stack(|e| e.w_down.val());
+    let stack = |w: fn(&W) -> Tensor<2>| Tensor::cat(experts.iter().map(|e| w(e)).collect(), 0);
+    let wg = stack(W::w_gate);
+    let wu = stack(W::w_up);
+    let wd = stack(W::w_down);
     let inputs = [prim(&x_rd), prim(&wg), prim(&wu), prim(&wd)];
     if let [Some(x), Some(g), Some(u), Some(d)] = inputs
         && let Some(y) = custom_op([x, g, u, d], |[x, wg, wu, wd]| {
@@ -66,8 +89,12 @@ pub fn grouped_swiglu(x_rd: Tensor<2>, experts: &[&SwiGlu], rows: &[usize]) -> T
     grouped_swiglu_reference(x_rd, &experts, &rows)
 }
 
-/// The readable reference: one `SwiGlu::forward` per expert on its slice of rows.
-pub fn grouped_swiglu_reference(x_rd: Tensor<2>, experts: &[&SwiGlu], rows: &[usize]) -> Tensor<2> {
+/// The readable reference: one [`swiglu`] per expert on its slice of rows.
+pub fn grouped_swiglu_reference<W: SwiGluWeights>(
+    x_rd: Tensor<2>,
+    experts: &[&W],
+    rows: &[usize],
+) -> Tensor<2> {
     let [_, d] = x_rd.dims();
     let mut outputs = Vec::with_capacity(experts.len());
     let mut offset = 0;
@@ -75,7 +102,10 @@ pub fn grouped_swiglu_reference(x_rd: Tensor<2>, experts: &[&SwiGlu], rows: &[us
         if n == 0 {
             continue;
         }
-        outputs.push(expert.forward(x_rd.clone().slice([offset..offset + n, 0..d])));
+        outputs.push(swiglu(
+            x_rd.clone().slice([offset..offset + n, 0..d]),
+            *expert,
+        ));
         offset += n;
     }
     if outputs.is_empty() {

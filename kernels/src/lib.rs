@@ -1,4 +1,5 @@
-//! Fused CPU operations on raw f32 buffers, as custom autodiff nodes on `Autodiff<Flex>`.
+//! switchyard-kernels: fused CPU operations on raw f32 buffers, as custom autodiff nodes on
+//! `Autodiff<Flex>`, and the compute precision of the model's GEMMs ([`precision`]).
 //!
 //! burn's generic ops allocate a tensor per step and run one pass over memory each; the
 //! hot parts of a training step (grouped experts, dispatch gather, combine, attention
@@ -19,6 +20,7 @@ pub mod grouped;
 pub mod linear;
 pub mod loss;
 pub mod norm;
+pub mod precision;
 pub mod rope;
 
 use std::fmt;
@@ -325,6 +327,29 @@ pub fn sum_squares(xs: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// The sum of squares of a vector (a gradient, for the global norm). On the flex device one
+/// parallel pass over the values (per chunk in f32 with eight partial sums, so it
+/// vectorises; chunks added in f64); elsewhere, or with [`Fused::Optimizer`] off, burn ops.
+pub fn squared_norm(g: &Tensor<1>) -> f64 {
+    use rayon::prelude::*;
+    if fused(Fused::Optimizer) && g.device() == burn::tensor::Device::flex() {
+        let primitive = g
+            .clone()
+            .try_into_primitive::<Flex>()
+            .expect("a tensor on the flex device");
+        return values(&primitive)
+            .par_chunks(1 << 14)
+            .map(|c| {
+                wide(
+                    #[inline(always)]
+                    || sum_squares(c),
+                ) as f64
+            })
+            .sum::<f64>();
+    }
+    g.clone().powi_scalar(2).sum().into_scalar::<f32>() as f64
 }
 
 /// The logistic sigmoid.

@@ -16,8 +16,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use switchyard_comm::Communicator;
 use switchyard_moe::model::causal_attention;
 
-use super::{CpAlgorithm, CpAttention, Sharding, context_attention};
-use crate::error::Result;
+use switchyard_parallel::Result;
+use switchyard_parallel::cp::{CpAlgorithm, CpAttention, Sharding, context_attention};
 
 /// One parity case.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -116,9 +116,9 @@ fn dense(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
 /// The shard of `rank` of a [B, H, S, X] tensor along the sequence -> [B, H, N, X].
 pub fn shard(t: Tensor<4>, attn: &CpAttention, rank: usize) -> Tensor<4> {
     let s = t.dims()[2];
-    let n = s / attn.layout.ranks;
+    let n = s / attn.layout().ranks;
     let index: Vec<i64> = attn
-        .layout
+        .layout()
         .positions(rank, n)
         .into_iter()
         .map(|p| p as i64)
@@ -145,7 +145,7 @@ pub fn check(comm: Arc<dyn Communicator>, case: &Case) -> Result<Errors> {
     if !case.causal {
         attn = attn.non_causal();
     }
-    attn.layout.check_len(s)?;
+    attn.layout().check_len(s)?;
     let device = Device::flex().autodiff();
     let full = |i: u64| {
         Tensor::<4>::from_data(

@@ -1,4 +1,4 @@
-//! Layout parity on the local backend (threads): every case of `switchyard_trainer::parity`
+//! Layout parity on the local backend (threads): every case of `switchyard_tools::parity`
 //! (dp=2, ep=2, ep=4, dp=2 x ep=2 x top-k / null experts / MoE++, zero-token ranks, one
 //! expert for every token, non-contiguous and uneven placements, per-layer placements, live
 //! migration) equals one process within
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use burn::tensor::Device;
 use switchyard_comm::{Communicator, LocalWorld};
-use switchyard_trainer::parity::{
+use switchyard_tools::parity::{
     Case, Forcing, TOL, all_cases, batch, build, check_case, model_cfg, routers, tensors,
 };
 
@@ -88,7 +88,7 @@ fn live_migration_matches_single_process() {
 fn the_matrix_is_complete() {
     let cases = all_cases();
     for (name, _) in routers() {
-        for layout in switchyard_trainer::parity::LAYOUTS {
+        for layout in switchyard_tools::parity::LAYOUTS {
             assert!(
                 cases
                     .iter()

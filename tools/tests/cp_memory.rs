@@ -14,22 +14,20 @@
 //! i.e. the average rank's peak if the ranks' peaks coincide (a lower bound otherwise).
 //! This test is alone in its binary, so no other test allocates meanwhile.
 
-mod common;
-
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use common::run_world;
 use switchyard_comm::Communicator;
 use switchyard_moe::config::CapacityConfig;
 use switchyard_moe::{ModelConfig, MoeConfig, RouterConfig, Transformer, cross_entropy};
-use switchyard_parallel::cp::conformance::shard;
 use switchyard_parallel::{
-    CpAlgorithm, CpAttention, CpConfig, LossScale, Mesh, MeshShape, SeqLayout, Sharding,
-    parallelize_with, shard_sequence,
+    CpAlgorithm, CpAttention, CpConfig, ExpertPlacement, LossScale, Mesh, MeshShape, SeqLayout,
+    Sharding, apply_layout, shard_sequence,
 };
+use switchyard_tools::cp_conformance::shard;
+use switchyard_tools::run_world;
 
 struct Counting;
 
@@ -176,8 +174,14 @@ fn model_step(cp: usize, ring_at_one: bool) -> Bytes {
         let device = Device::flex().autodiff();
         let mesh = Mesh::with_shape(comm, MeshShape { dp: 1, cp, ep: 1 }, 4).expect("mesh");
         let cp_config = CpConfig::default();
-        let mut model = parallelize_with(Transformer::new(&cfg, 1, &device), &mesh, &cp_config)
-            .expect("parallelize");
+        let placement = ExpertPlacement::contiguous(4, 1).expect("placement");
+        let mut model = apply_layout(
+            Transformer::new(&cfg, 1, &device),
+            &mesh,
+            &placement,
+            &cp_config,
+        )
+        .expect("parallelize");
         if cp == 1 && ring_at_one {
             model = model.with_attention(Arc::new(CpAttention::for_mesh(&mesh, &cp_config)));
         }
@@ -207,7 +211,7 @@ fn model_step(cp: usize, ring_at_one: bool) -> Bytes {
 /// activations: every expert's three weight matrices, stacked once per MoE layer (all
 /// experts receive tokens at this size). Zero on the burn-op reference path.
 fn stacked_expert_weights(cfg: &ModelConfig) -> usize {
-    if !switchyard_moe::cpu::fused(switchyard_moe::cpu::Fused::GroupedExperts) {
+    if !switchyard_kernels::fused(switchyard_kernels::Fused::GroupedExperts) {
         return 0;
     }
     let moe_layers = cfg.n_layers / cfg.moe.every;
