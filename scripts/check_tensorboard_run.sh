@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Trains a few quickstart steps and loads the event files with TensorBoard's own reader
-# (installed from PyPI into a cached virtualenv).
+# Trains a few quickstart steps and loads the event files with TensorBoard's own reader,
+# from the virtualenv that .ci/run sets up (this script installs nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${SWITCHYARD_TB_VENV:-$HOME/.cache/switchyard/tbvenv}"
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import tensorboard" 2>/dev/null; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check tensorboard
+  echo "check_tensorboard_run.sh: no virtualenv with TensorBoard at $venv;" \
+    "run .ci/run once (it creates it), or: python3 -m venv $venv &&" \
+    "$venv/bin/pip install tensorboard" >&2
+  exit 1
 fi
 run_dir="$(mktemp -d)"
 trap 'rm -rf "$run_dir"' EXIT

@@ -31,14 +31,14 @@ impl Default for CommConfig {
 }
 
 /// Which transport carries the bytes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CommBackendConfig {
     /// `mpi` when the process was started by an MPI launcher (mpirun, srun) with more than
     /// one task, otherwise `local`. What a config should say unless it needs a link model
-    /// or MPI options.
-    #[default]
-    Auto,
+    /// or MPI options. A struct variant, not a unit one: serde ignores unknown keys next to
+    /// the tag of a unit variant (serde issue 2123).
+    Auto {},
     /// Ranks as threads of one process.
     Local {
         /// Emulated interconnect; absent = as fast as memory.
@@ -61,6 +61,12 @@ pub enum CommBackendConfig {
         #[serde(default)]
         device: Option<usize>,
     },
+}
+
+impl Default for CommBackendConfig {
+    fn default() -> Self {
+        CommBackendConfig::Auto {}
+    }
 }
 
 /// Progress of non-blocking MPI operations.

@@ -76,13 +76,13 @@ fn transport(cfg: &Config, launch: &LaunchInfo) -> Result<Transport> {
     let launched = launched_tasks(launch);
     let t = match (&cfg.comm.backend, launched) {
         (CommBackendConfig::Local { .. }, None) => Transport::Threads(cfg.comm.link_model()),
-        (CommBackendConfig::Auto, None) => Transport::Threads(None),
+        (CommBackendConfig::Auto {}, None) => Transport::Threads(None),
         (CommBackendConfig::Local { .. }, Some((n, var))) => bail!(
             "comm.backend.type is `local` (ranks as threads of one process), but the launcher \
              started {n} processes ({var}={n}); use `comm.backend.type: auto` or `mpi`, or \
              start one process"
         ),
-        (CommBackendConfig::Auto, Some(_)) | (CommBackendConfig::Mpi { .. }, _) => Transport::Mpi,
+        (CommBackendConfig::Auto {}, Some(_)) | (CommBackendConfig::Mpi { .. }, _) => Transport::Mpi,
         (CommBackendConfig::Nccl { .. }, _) => bail!(
             "comm.backend.type `nccl` is not wired into training yet (it needs the CUDA \
              device path); use `auto` or `mpi`"
@@ -158,24 +158,10 @@ pub fn train(
             let n = cfg.parallel.world_size();
             tracing::info!(ranks = n, "local backend: one thread per rank");
             let comms = LocalWorld::new(n, cfg.comm.timeout(), link);
-            let results: Vec<_> = std::thread::scope(|scope| {
-                let handles: Vec<_> = comms
-                    .into_iter()
-                    .map(|comm| {
-                        // Deep autodiff graphs recurse in backward: a main-thread-sized stack.
-                        std::thread::Builder::new()
-                            .stack_size(64 << 20)
-                            .spawn_scoped(scope, move || {
-                                let rank = comm.rank();
-                                rank_run(Some(Box::new(comm))).map_err(|e| (rank, e))
-                            })
-                            .expect("spawn a rank thread")
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("a rank thread panicked"))
-                    .collect()
+            // Deep autodiff graphs recurse in backward: a main-thread-sized stack.
+            let results = LocalWorld::spawn(comms, Some(64 << 20), |comm| {
+                let rank = comm.rank();
+                rank_run(Some(Box::new(comm))).map_err(|e| (rank, e))
             });
             let mut first = None;
             for r in results {

@@ -176,15 +176,22 @@ pub enum SlotKind {
 }
 
 /// What happens when more tokens choose an expert than it has room for.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CapacityConfig {
-    /// Every routed token is computed; expert batches have variable size.
-    #[default]
-    Dropless,
+    /// Every routed token is computed; expert batches have variable size. A struct variant,
+    /// not a unit one: serde ignores unknown keys next to the tag of a unit variant (serde
+    /// issue 2123), and `{type: dropless, factor: 1.25}` must be rejected.
+    Dropless {},
     /// Each expert takes at most `ceil(factor * tokens * top_k / num_experts)` assignments;
     /// the rest are dropped (the token keeps its residual path).
     Drop { factor: f64 },
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        CapacityConfig::Dropless {}
+    }
 }
 
 /// Always-on shared experts (DeepSeek-MoE style).

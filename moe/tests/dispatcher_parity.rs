@@ -134,12 +134,12 @@ fn check_layer(cfg: MoeConfig, tokens: usize) {
 
 #[test]
 fn dropless_matches_oracle() {
-    check_layer(moe_cfg(CapacityConfig::Dropless, false, true), 24);
+    check_layer(moe_cfg(CapacityConfig::Dropless {}, false, true), 24);
 }
 
 #[test]
 fn dropless_unnormalized_with_shared_expert_matches_oracle() {
-    check_layer(moe_cfg(CapacityConfig::Dropless, true, false), 24);
+    check_layer(moe_cfg(CapacityConfig::Dropless {}, true, false), 24);
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn capacity_dropping_matches_oracle() {
 #[test]
 fn null_experts_match_oracle_both_normalizations() {
     for normalize in [NullNormalization::TrueExperts, NullNormalization::AllChosen] {
-        let mut cfg = moe_cfg(CapacityConfig::Dropless, false, true);
+        let mut cfg = moe_cfg(CapacityConfig::Dropless {}, false, true);
         cfg.top_k = 3;
         cfg.router = RouterConfig::NullExperts {
             num_null: 4,
@@ -169,7 +169,7 @@ fn null_experts_match_oracle_both_normalizations() {
 #[test]
 fn moe_plus_plus_matches_oracle_with_heterogeneous_capacity() {
     for (capacity, normalize_weights) in [
-        (CapacityConfig::Dropless, false),
+        (CapacityConfig::Dropless {}, false),
         (CapacityConfig::Drop { factor: 1.1 }, true),
     ] {
         let mut cfg = moe_cfg(capacity, true, true);
@@ -187,7 +187,7 @@ fn moe_plus_plus_matches_oracle_with_heterogeneous_capacity() {
 
 #[test]
 fn recurrent_router_matches_oracle() {
-    let mut cfg = moe_cfg(CapacityConfig::Dropless, false, true);
+    let mut cfg = moe_cfg(CapacityConfig::Dropless {}, false, true);
     cfg.router = RouterConfig::Recurrent {
         state_dim: 8,
         detach_state: false,
@@ -249,7 +249,7 @@ fn whole_model_check(router: RouterConfig) {
         moe: MoeConfig {
             every: 2,
             router,
-            ..moe_cfg(CapacityConfig::Dropless, true, true)
+            ..moe_cfg(CapacityConfig::Dropless {}, true, true)
         },
     };
     let model = Transformer::new(&cfg, 11, &device);

@@ -22,7 +22,7 @@ fn cfg(router: RouterConfig, top_k: usize) -> MoeConfig {
         top_k,
         expert_ffn_dim: 16,
         router,
-        capacity: CapacityConfig::Dropless,
+        capacity: CapacityConfig::Dropless {},
         shared_expert: None,
         load_balance_coef: 0.01,
         z_loss_coef: 0.001,

@@ -45,7 +45,7 @@ fn model_cfg(router: RouterConfig) -> ModelConfig {
             top_k: 2,
             expert_ffn_dim: 16,
             router,
-            capacity: CapacityConfig::Dropless,
+            capacity: CapacityConfig::Dropless {},
             shared_expert: None,
             load_balance_coef: 0.01,
             z_loss_coef: 0.001,

@@ -36,7 +36,7 @@ fn model_cfg() -> ModelConfig {
             router: RouterConfig::TopKSoftmax {
                 normalize_weights: true,
             },
-            capacity: CapacityConfig::Dropless,
+            capacity: CapacityConfig::Dropless {},
             shared_expert: None,
             load_balance_coef: 0.01,
             z_loss_coef: 0.001,

@@ -91,7 +91,7 @@ pub fn model_cfg(router: RouterConfig, top_k: usize) -> ModelConfig {
             top_k,
             expert_ffn_dim: 16,
             router,
-            capacity: CapacityConfig::Dropless,
+            capacity: CapacityConfig::Dropless {},
             shared_expert: None,
             load_balance_coef: 0.01,
             z_loss_coef: 0.001,

@@ -94,7 +94,7 @@ fn moe_cfg() -> MoeConfig {
         router: RouterConfig::TopKSoftmax {
             normalize_weights: true,
         },
-        capacity: CapacityConfig::Dropless,
+        capacity: CapacityConfig::Dropless {},
         shared_expert: Some(SharedExpertConfig {
             count: 1,
             ffn_dim: 32,

@@ -1,1 +1,3 @@
 pub mod loader;
+#[cfg(test)]
+mod tagged_enums;
