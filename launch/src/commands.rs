@@ -293,7 +293,7 @@ pub fn eval(cfg: &Config, checkpoint: &str) -> Result<()> {
     setup_threads(cfg.run.threads)?;
     let corpus = load_data(cfg)?;
     let device = cfg.device.resolve(0)?;
-    let mut trainer = train_impl::Trainer::new(cfg, &corpus, &device)?;
+    let mut trainer = switchyard_trainer::Trainer::new(cfg, &corpus, &device)?;
     match resume_target(&checkpoint_root(cfg), checkpoint)? {
         Some(path) => {
             trainer.restore(&path)?;
@@ -392,7 +392,7 @@ pub fn record_routing(
     }
     let corpus = load_data(&cfg)?;
     let device = cfg.device.resolve(0)?;
-    let mut trainer = train_impl::Trainer::new(&cfg, &corpus, &device)?;
+    let mut trainer = switchyard_trainer::Trainer::new(&cfg, &corpus, &device)?;
     let mut stats = RoutingStats::new(decay)?;
     stats.source = format!(
         "switchyard record-routing --config {} --steps {} --decay {decay}",

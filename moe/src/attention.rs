@@ -10,9 +10,10 @@
 
 use std::fmt::Debug;
 
-use burn::tensor::Tensor;
-
-use crate::model::causal_attention;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Tensor};
+use switchyard_kernels as cpu;
+use switchyard_kernels::precision;
 
 /// Attention over the (possibly sharded) sequence.
 pub trait AttentionImpl: Debug + Send + Sync {
@@ -36,4 +37,24 @@ impl AttentionImpl for DenseAttention {
     fn attend(&self, q_bhsd: Tensor<4>, k_bhsd: Tensor<4>, v_bhsd: Tensor<4>) -> Tensor<4> {
         causal_attention(q_bhsd, k_bhsd, v_bhsd)
     }
+}
+
+/// softmax(q k^T / sqrt(Dh) + causal mask) v. q, k, v: [B, H, S, Dh] -> [B, H, S, Dh].
+/// One fused op on the CPU backend (`cpu::attention`).
+pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    match cpu::attention::causal_attention(&q, &k, &v) {
+        Some(out) => out,
+        None => causal_attention_reference(q, k, v),
+    }
+}
+
+/// `causal_attention` with burn ops: the reference of the fused op. The two GEMMs run at the
+/// forward pass's precision, the softmax in f32.
+pub fn causal_attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [_, _, s, dh] = q.dims();
+    let scores_bhss = precision::matmul(q, k.swap_dims(2, 3)) / (dh as f64).sqrt();
+    // true above the diagonal: key position after query position.
+    let future_ss = Tensor::<2, Bool>::tril_mask([s, s], 0, &scores_bhss.device());
+    let scores_bhss = scores_bhss.mask_fill(future_ss.unsqueeze::<4>(), f32::NEG_INFINITY);
+    precision::matmul(softmax(scores_bhss, 3), v)
 }

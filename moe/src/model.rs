@@ -9,8 +9,8 @@
 use std::sync::Arc;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{log_softmax, softmax};
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::attention::{AttentionImpl, DenseAttention};
 use crate::config::{ModelConfig, RouterConfig};
@@ -192,26 +192,6 @@ fn project(x_bsd: Tensor<3>, w_do: Tensor<2>) -> Tensor<3> {
     let [b, s, d] = x_bsd.dims();
     let [_, o] = w_do.dims();
     cpu::linear::linear(x_bsd.reshape([b * s, d]), w_do).reshape([b, s, o])
-}
-
-/// softmax(q k^T / sqrt(Dh) + causal mask) v. q, k, v: [B, H, S, Dh] -> [B, H, S, Dh].
-/// One fused op on the CPU backend (`cpu::attention`).
-pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    match cpu::attention::causal_attention(&q, &k, &v) {
-        Some(out) => out,
-        None => causal_attention_reference(q, k, v),
-    }
-}
-
-/// `causal_attention` with burn ops: the reference of the fused op. The two GEMMs run at the
-/// forward pass's precision, the softmax in f32.
-pub fn causal_attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    let [_, _, s, dh] = q.dims();
-    let scores_bhss = precision::matmul(q, k.swap_dims(2, 3)) / (dh as f64).sqrt();
-    // true above the diagonal: key position after query position.
-    let future_ss = Tensor::<2, Bool>::tril_mask([s, s], 0, &scores_bhss.device());
-    let scores_bhss = scores_bhss.mask_fill(future_ss.unsqueeze::<4>(), f32::NEG_INFINITY);
-    precision::matmul(softmax(scores_bhss, 3), v)
 }
 
 #[derive(Module, Debug)]

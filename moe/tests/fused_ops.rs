@@ -9,9 +9,8 @@ use switchyard_moe::dispatch::DispatchPlan;
 use switchyard_moe::dispatch::{gather_rows_reference, scatter_weighted_reference};
 use switchyard_moe::experts::SwiGlu;
 use switchyard_moe::init::Initializer;
-use switchyard_moe::model::{
-    causal_attention_reference, cross_entropy_reference, split_heads_reference,
-};
+use switchyard_moe::attention::causal_attention_reference;
+use switchyard_moe::model::{cross_entropy_reference, split_heads_reference};
 
 fn device() -> Device {
     Device::flex().autodiff()

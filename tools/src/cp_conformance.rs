@@ -14,7 +14,7 @@ use std::sync::Arc;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use switchyard_comm::Communicator;
-use switchyard_moe::model::causal_attention;
+use switchyard_moe::attention::causal_attention;
 
 use switchyard_parallel::Result;
 use switchyard_parallel::cp::{CpAlgorithm, CpAttention, Sharding, context_attention};

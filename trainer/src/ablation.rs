@@ -12,7 +12,7 @@ use switchyard_moe::cross_entropy;
 use crate::config::Config;
 use crate::data::Corpus;
 use crate::error::TrainError;
-use crate::train::{Trainer, batch_tensors};
+use crate::trainer::{Trainer, batch_tensors};
 
 /// One variant's figures.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ use switchyard_moe::profile;
 use crate::config::Config;
 use crate::data::Corpus;
 use crate::error::TrainError;
-use crate::train::Trainer;
+use crate::trainer::Trainer;
 
 /// Figures of one benchmark run.
 #[derive(Debug, Clone)]

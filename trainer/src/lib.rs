@@ -11,9 +11,13 @@ pub mod error;
 pub mod metrics;
 pub mod optim;
 pub mod rebalance;
+pub mod state;
 pub mod train;
+pub mod trainer;
 
 pub use error::TrainError;
+pub use train::{RunOutcome, Start, run};
+pub use trainer::Trainer;
 
 /// Exit status of a run that stopped on SIGUSR1 or SIGTERM after committing a checkpoint:
 /// 75, `EX_TEMPFAIL` in sysexits.h ("temporary failure; try again"). The script written by

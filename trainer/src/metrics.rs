@@ -370,9 +370,30 @@ fn open_tensorboard(dir: &Path) -> Result<SummaryWriter, MetricsError> {
     Ok(writer)
 }
 
+/// Result of one optimizer step.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub step: u64,
+    pub loss: f64,
+    pub aux_loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub skipped: bool,
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+/// Result of an evaluation.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalReport {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub tokens: u64,
+}
+
 /// The scalars of one optimizer step (`train/...`).
 pub fn step_scalars(
-    report: &crate::train::StepReport,
+    report: &StepReport,
     flops_per_token: f64,
     tokens_seen: u64,
 ) -> Vec<(String, f64)> {

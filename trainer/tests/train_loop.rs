@@ -7,7 +7,7 @@ use switchyard_trainer::config::Config;
 use switchyard_trainer::config::NonFinitePolicy;
 use switchyard_trainer::data::Corpus;
 use switchyard_trainer::optim::tensor_to_vec;
-use switchyard_trainer::train::Trainer;
+use switchyard_trainer::Trainer;
 
 fn config(extra: &str) -> Config {
     let yaml = format!(

@@ -27,6 +27,7 @@
 
 pub mod op;
 pub mod ring;
+pub mod saved;
 pub mod tile;
 pub mod token_ring;
 

@@ -20,19 +20,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::Tensor;
 
+use super::saved::Saved;
 use super::{CpAlgorithm, CpAttention, ring, token_ring};
 use crate::error::{ParallelError, Result};
-
-/// What the forward pass keeps for the backward pass: the local q, k, v [B, H, N, Dh], the
-/// merged output [B, H, N, Dh] and its log-sum-exp [B, H, N, 1].
-#[derive(Debug, Clone)]
-pub struct Saved {
-    pub q: Tensor<4>,
-    pub k: Tensor<4>,
-    pub v: Tensor<4>,
-    pub o: Tensor<4>,
-    pub lse: Tensor<4>,
-}
 
 fn check(attn: &CpAttention, q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Result<()> {
     let what = || format!("context attention on `{}`", attn.comm.name());

@@ -20,7 +20,7 @@ use burn::tensor::{Device, Tensor};
 use switchyard_comm::Request;
 
 use super::CpAttention;
-use super::op::Saved;
+use super::saved::Saved;
 use super::tile::{self, Merged, add_rows, pack, plan, recv_buffer, rows, unpack};
 use crate::error::{ParallelError, Result};
 

@@ -35,7 +35,7 @@ use switchyard_placement::{Plan, RoutingStats, Strategy, Topology, plan};
 use switchyard_tools::trace::{Event, replay, run_ranks};
 use switchyard_trainer::config::Config;
 use switchyard_trainer::data::{Corpus, build_tokenizer};
-use switchyard_trainer::train::Trainer;
+use switchyard_trainer::Trainer;
 
 struct Args {
     config: PathBuf,

@@ -23,6 +23,7 @@
 //! leaves only a temp directory, which the next save removes.
 
 mod checkpointer;
+mod convert;
 mod error;
 mod inspect;
 mod manifest;
@@ -39,6 +40,7 @@ pub use checkpointer::{
     Checkpointed, Checkpointer, SaveMeta, Snapshot, f32_values, load_weights, read_any_snapshot,
     read_snapshot, tensor_values,
 };
+pub use convert::init_weights;
 pub use error::{CheckpointError, Result};
 pub use inspect::{FileReport, FileStatus, InspectReport, TensorStats, inspect};
 pub use manifest::{

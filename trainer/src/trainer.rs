@@ -1,0 +1,305 @@
+//! [`Trainer`]: one rank's model, optimizer and data position, and one optimizer step over
+//! them (batches -> forward -> backward -> accumulate -> sync -> check -> clip -> update),
+//! plus evaluation. What it saves and how its experts move is in `state.rs`; the loop that
+//! drives it is `train.rs`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use switchyard_moe::model::forward_flops_per_token;
+use switchyard_moe::params::{named_grads, signature};
+use switchyard_moe::{MoeStats, ParamKey, Transformer, cross_entropy};
+use switchyard_parallel::{Communicator, Layout, parallelize};
+
+use crate::config::{Config, NonFinitePolicy};
+use crate::data::{Batch, Corpus, Sampler};
+use crate::error::TrainError;
+use crate::metrics::{EvalReport, StepReport};
+use crate::optim::{NamedAdamW, clip_scale, global_norm};
+use crate::rebalance::Rebalancer;
+
+/// The pool a trainer's steps run on: as many threads as the global pool (`run.threads`),
+/// with a main-thread-sized stack (deep autodiff graphs recurse in the backward pass).
+fn step_pool() -> Result<rayon::ThreadPool, TrainError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .stack_size(64 << 20)
+        .thread_name(|i| format!("switchyard-step-{i}"))
+        .build()
+        .map_err(|e| TrainError::Io(format!("starting the step's thread pool: {e}")))
+}
+
+/// The step counters, saved in the trainer state (`step`, `tokens_seen`, `skipped_steps`)
+/// so a resumed run continues exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Optimizer steps taken (skipped ones included).
+    pub step: u64,
+    pub tokens_seen: u64,
+    /// Steps whose update was skipped (non-finite loss or gradient).
+    pub skipped_steps: u64,
+}
+
+/// A model, its optimizer and its data position.
+pub struct Trainer {
+    pub cfg: Config,
+    pub model: Transformer,
+    pub optim: NamedAdamW,
+    pub sampler: Sampler,
+    pub valid: Vec<Batch>,
+    pub device: Device,
+    pub counters: Counters,
+    /// Per-step MoE statistics of the last step (this rank's tokens), for metrics.
+    pub last_moe_stats: Vec<(usize, MoeStats)>,
+    /// The other ranks, when the layout has more than one.
+    pub layout: Option<Layout>,
+    /// Routing statistics and the planner (`placement:`); `None` without MoE layers.
+    pub rebalancer: Option<Rebalancer>,
+    /// Signature of the whole (unsharded) model: the same at every layout.
+    pub(crate) signature: String,
+    /// The threads a step runs on (see [`Self::step`]).
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl Trainer {
+    /// Builds model, optimizer and data from the config (fresh weights from `run.seed`),
+    /// in one process.
+    pub fn new(cfg: &Config, corpus: &Corpus, device: &Device) -> Result<Self, TrainError> {
+        Self::new_on(cfg, corpus, device, None)
+    }
+
+    /// As [`Self::new`], as one rank of `world` (a collective: every rank calls it) laid out
+    /// by `parallel:` (`parallel::parallelize`; this rank keeps only its experts).
+    pub fn new_on(
+        cfg: &Config,
+        corpus: &Corpus,
+        device: &Device,
+        world: Option<Box<dyn Communicator>>,
+    ) -> Result<Self, TrainError> {
+        let mut model =
+            Transformer::new(&cfg.model, cfg.run.seed, device).with_precision(cfg.precision);
+        let signature = signature(&model);
+        let layout = match world {
+            Some(world) => {
+                let parallel = parallelize(model, &cfg.parallel, cfg.model.moe.num_experts, world)?;
+                model = parallel.model;
+                Some(parallel.layout)
+            }
+            None => None,
+        };
+        let sampler = corpus.train_sampler(cfg.data.shuffle_seed_or(cfg.run.seed))?;
+        let mut valid = corpus.valid_batches(cfg.train.eval_batches);
+        if let Some(l) = &layout {
+            // Ranks take equal shares: a last, partial batch keeps a multiple of the world
+            // size of its rows (the same rows on every rank).
+            let w = l.row_shards();
+            for b in &mut valid {
+                if !b.batch_size.is_multiple_of(w) {
+                    *b = b.rows(0..b.batch_size - b.batch_size % w);
+                }
+            }
+            valid.retain(|b| b.batch_size > 0);
+        }
+        let optim = NamedAdamW::new(&cfg.optim, &model);
+        let has_moe = (0..cfg.model.n_layers).any(|l| cfg.model.is_moe_layer(l));
+        let rebalancer = if has_moe {
+            Some(Rebalancer::new(&cfg.placement)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            model,
+            optim,
+            sampler,
+            valid,
+            device: device.clone(),
+            counters: Counters::default(),
+            last_moe_stats: Vec::new(),
+            layout,
+            rebalancer,
+            signature,
+            pool: Arc::new(step_pool()?),
+        })
+    }
+
+    /// Inputs and targets of this rank's rows, cut to its sequence chunks under cp.
+    fn local_tensors(&self, batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+        let (inputs, targets) = batch_tensors(batch, device);
+        match &self.layout {
+            Some(l) => (l.shard_sequence(inputs), l.shard_sequence(targets)),
+            None => (inputs, targets),
+        }
+    }
+
+    /// Whether this rank logs, prints and writes run-level files (rank 0).
+    pub fn is_logger(&self) -> bool {
+        self.layout.as_ref().is_none_or(|l| l.rank() == 0)
+    }
+
+    /// One optimizer step over `grad_accum_steps` micro-batches.
+    pub fn step(&mut self) -> Result<StepReport, TrainError> {
+        // On a thread of a pool: every parallel op inside is then a join among workers,
+        // not a job injected from outside, which per op wakes a sleeping worker and, at its
+        // end, the blocked caller (two futex wake-ups on the critical path, ~20% of a
+        // two-thread step). The trainer's own pool, not the global one: ranks that are
+        // threads of one process block in collectives, and blocked workers of a shared pool
+        // would starve the other ranks. Already on a pool (a benchmark's per-rank pool),
+        // the step stays there.
+        if rayon::current_thread_index().is_some() {
+            return self.step_on_pool();
+        }
+        let pool = Arc::clone(&self.pool);
+        pool.install(|| self.step_on_pool())
+    }
+
+    fn step_on_pool(&mut self) -> Result<StepReport, TrainError> {
+        let started = Instant::now();
+        let step = self.counters.step;
+        let accum = self.cfg.train.grad_accum_steps;
+        let lr = self.cfg.optim.lr_at(step, self.cfg.train.steps);
+        let mut grads: BTreeMap<ParamKey, Tensor<1>> = BTreeMap::new();
+        let (mut loss_sum, mut aux_sum, mut tokens) = (0f64, 0f64, 0u64);
+        let mut moe_stats = Vec::new();
+        for _ in 0..accum {
+            let global = self.sampler.next_batch();
+            tokens += (global.batch_size * global.seq_len) as u64;
+            // This rank's share; its mean cross-entropy weighs T_r / T_g of the global mean.
+            let (batch, ce_weight) = match &self.layout {
+                Some(l) => (
+                    global.rows(l.rows(global.batch_size)),
+                    l.loss_scale(global.batch_size, global.seq_len).ce_weight(),
+                ),
+                None => (global, 1.0),
+            };
+            let (inputs, targets) = self.local_tensors(&batch, &self.device);
+            let output = self.model.forward(inputs);
+            let aux_loss = output.aux_loss(&self.cfg.model, step);
+            let ce = cross_entropy(output.logits, targets) * ce_weight;
+            loss_sum += scalar(&ce);
+            aux_sum += scalar(&aux_loss);
+            let loss = (ce + aux_loss) / accum as f32;
+            let micro = named_grads(&self.model, &loss.backward());
+            for (name, g) in micro {
+                match grads.remove(&name) {
+                    Some(acc) => grads.insert(name, acc + g),
+                    None => grads.insert(name, g),
+                };
+            }
+            moe_stats = output.moe_stats;
+        }
+        let (loss, aux_loss, grad_norm) = match &self.layout {
+            Some(l) => {
+                grads = l.sync_grads(&self.model, &grads)?;
+                let sums = l.sum_agreed(vec![loss_sum, aux_sum], "step loss")?;
+                (
+                    sums[0] / accum as f64,
+                    sums[1] / accum as f64,
+                    l.grad_norm(&grads)?,
+                )
+            }
+            None => (
+                loss_sum / accum as f64,
+                aux_sum / accum as f64,
+                global_norm(&grads),
+            ),
+        };
+        if let Some(r) = &mut self.rebalancer {
+            r.record(&moe_stats, self.layout.as_ref())?;
+        }
+        let finite = loss.is_finite() && grad_norm.is_finite();
+        if !finite {
+            if self.cfg.train.nonfinite == NonFinitePolicy::Stop {
+                let (what, value) = if loss.is_finite() {
+                    ("gradient norm", grad_norm)
+                } else {
+                    ("loss", loss)
+                };
+                return Err(TrainError::NonFinite { step, what, value });
+            }
+            self.counters.skipped_steps += 1;
+            tracing::warn!(
+                step,
+                loss,
+                grad_norm,
+                "non-finite loss or gradient: update skipped"
+            );
+        } else {
+            let scale = clip_scale(grad_norm, self.cfg.optim.grad_clip);
+            // Cloning a module clones tensor handles, not data.
+            self.model = self.optim.step(self.model.clone(), &grads, scale, lr);
+        }
+        self.counters.step += 1;
+        self.counters.tokens_seen += tokens;
+        self.last_moe_stats = moe_stats;
+        Ok(StepReport {
+            step: self.counters.step,
+            loss,
+            aux_loss,
+            grad_norm,
+            lr,
+            skipped: !finite,
+            tokens,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Mean validation cross-entropy over the fixed validation batches (each rank
+    /// evaluates its rows of every batch; a collective when distributed).
+    pub fn evaluate(&self) -> Result<EvalReport, TrainError> {
+        let model = self.model.valid();
+        let inner = self.device.clone().inner();
+        let (mut sum, mut tokens) = (0f64, 0f64);
+        for global in &self.valid {
+            let batch = match &self.layout {
+                Some(l) => global.rows(l.rows(global.batch_size)),
+                None => global.clone(),
+            };
+            let (inputs, targets) = self.local_tensors(&batch, &inner);
+            let n = targets.dims().iter().product::<usize>() as f64;
+            let out = model.forward(inputs);
+            sum += scalar(&cross_entropy(out.logits, targets)) * n;
+            tokens += n;
+        }
+        if let Some(l) = &self.layout {
+            let sums = l.sum_agreed(vec![sum, tokens], "evaluation")?;
+            (sum, tokens) = (sums[0], sums[1]);
+        }
+        let loss = sum / tokens.max(1.0);
+        Ok(EvalReport {
+            loss,
+            perplexity: loss.exp(),
+            tokens: tokens as u64,
+        })
+    }
+
+    /// The model's matmul FLOPs per trained token, forward + backward (3x forward).
+    pub fn train_flops_per_token(&self) -> f64 {
+        3.0 * forward_flops_per_token(&self.cfg.model, self.cfg.data.seq_len)
+    }
+
+    /// Model layer indices of the MoE layers.
+    pub(crate) fn moe_layers(&self) -> Vec<usize> {
+        (0..self.cfg.model.n_layers)
+            .filter(|&l| self.cfg.model.is_moe_layer(l))
+            .collect()
+    }
+}
+
+/// Inputs and next-token targets of a batch: [B, S] each.
+pub fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let shape = [batch.batch_size, batch.seq_len];
+    (
+        Tensor::from_data(TensorData::new(batch.inputs(), shape), device),
+        Tensor::from_data(TensorData::new(batch.targets(), shape), device),
+    )
+}
+
+fn scalar(t: &Tensor<1>) -> f64 {
+    t.clone().inner().into_scalar::<f32>() as f64
+}
+
