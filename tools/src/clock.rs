@@ -1,4 +1,4 @@
-//! Shared by the benchmarks that record and replay (`cp-bench`, `ep-overlap-bench`): with
+//! Shared by the benchmarks that record and replay (through [`crate::trace`]): with
 //! more emulated ranks than cores, each rank computes only while holding the process's one
 //! CPU token and is charged its thread's CPU time, so ranks never compete for the cores.
 

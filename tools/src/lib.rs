@@ -10,9 +10,11 @@
 //! - [`trace`] and [`clock`]: record each emulated rank's compute and communication, then
 //!   replay the traces on virtual clocks with a link model (benchmarks that emulate more
 //!   ranks than the machine has cores).
+//! - [`cli`]: command-line values the binaries share.
 //!
 //! Nothing here is a dependency of the trainer or the `switchyard` binary.
 
+pub mod cli;
 pub mod clock;
 pub mod comm_conformance;
 pub mod cp_conformance;

@@ -2,11 +2,11 @@
 //!
 //! ```sh
 //! # all-to-all(v) bandwidth/latency, Switchyard vs a direct rsmpi MPI_Alltoallv, same run
-//! cargo build --release -p switchyard-comm --features mpi --bin comm-bench
+//! cargo build --release -p switchyard-tools --features mpi --bin comm-bench
 //! mpirun -np 2 --oversubscribe target/release/comm-bench a2a
 //! mpirun -np 4 --oversubscribe target/release/comm-bench a2a
 //! # non-blocking all-to-all overlapping compute on the local backend with a link model
-//! cargo run --release -p switchyard-comm --bin comm-bench -- overlap
+//! cargo run --release -p switchyard-tools --bin comm-bench -- overlap
 //! # the same on real MPI, progress thread vs polling (decides the default progress mode)
 //! mpirun -np 2 target/release/comm-bench overlap-mpi --progress thread
 //! mpirun -np 2 target/release/comm-bench overlap-mpi --progress poll
@@ -14,12 +14,68 @@
 
 use std::time::{Duration, Instant};
 
+use clap::{Parser, Subcommand};
 use switchyard_comm::{Buffer, Communicator, DType, LinkModel, LocalWorld};
+use switchyard_tools::cli::Progress;
 
-fn arg(args: &[String], k: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == k)
-        .map(|i| args[i + 1].clone())
+/// Communication benchmarks: all-to-all(v) against a direct MPI_Alltoallv, and a
+/// non-blocking all-to-all overlapping compute. Each prints a table.
+#[derive(Parser)]
+#[command(name = "comm-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Non-blocking all-to-all overlapping compute on the local backend, without a link model
+    /// and with one per bandwidth (rank 0 of a world of threads).
+    Overlap(OverlapArgs),
+    /// All-to-all(v) latency and bandwidth, 4 KiB to 64 MiB, Switchyard vs a direct rsmpi
+    /// MPI_Alltoallv in the same run; under mpirun (`mpi` feature).
+    A2a(A2aArgs),
+    /// Non-blocking all-to-all overlapping compute on MPI, no MPI calls during the compute;
+    /// under mpirun (`mpi` feature).
+    OverlapMpi(OverlapMpiArgs),
+}
+
+#[derive(clap::Args)]
+struct OverlapArgs {
+    /// Ranks (threads, one single-threaded compute loop each).
+    #[arg(long, default_value_t = 2)]
+    ranks: usize,
+    /// MiB each rank sends per all-to-all (split evenly over the ranks).
+    #[arg(long, default_value_t = 8)]
+    mib: usize,
+    /// Link latency per message, microseconds.
+    #[arg(long, default_value_t = 5.0)]
+    latency_us: f64,
+    /// Link bandwidths, Gbit/s, comma-separated: one row each.
+    #[arg(long, value_delimiter = ',', default_value = "10,25,50,100,200")]
+    bandwidth_gbps: Vec<f64>,
+}
+
+#[derive(clap::Args)]
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+struct A2aArgs {
+    /// Progress of non-blocking MPI operations.
+    #[arg(long, value_enum, default_value_t)]
+    progress: Progress,
+    /// Rounds of paired timed blocks (Switchyard, direct) per size.
+    #[arg(long, default_value_t = 101)]
+    rounds: usize,
+}
+
+#[derive(clap::Args)]
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+struct OverlapMpiArgs {
+    /// Progress of non-blocking MPI operations.
+    #[arg(long, value_enum, default_value_t)]
+    progress: Progress,
+    /// MiB each rank sends per all-to-all (split evenly over the ranks).
+    #[arg(long, default_value_t = 64)]
+    mib: usize,
 }
 
 /// Busy work that cannot be optimised away; `iters` scales the time linearly.
@@ -134,16 +190,10 @@ fn overlap_local_row(ranks: usize, bytes: usize, link: Option<LinkModel>) -> Vec
     .swap_remove(0)
 }
 
-fn overlap_local(args: &[String]) {
-    let ranks: usize = arg(args, "--ranks").map_or(2, |s| s.parse().unwrap());
-    // 8 MiB stays below glibc's largest mmap threshold, so buffers are reused, not faulted
-    // in afresh each time.
-    let mib: usize = arg(args, "--mib").map_or(8, |s| s.parse().unwrap());
-    let lat: f64 = arg(args, "--latency-us").map_or(5.0, |s| s.parse().unwrap());
-    let bandwidths: Vec<f64> = arg(args, "--bandwidth-gbps")
-        .map_or(vec![10.0, 25.0, 50.0, 100.0, 200.0], |s| {
-            s.split(',').map(|x| x.parse().unwrap()).collect()
-        });
+fn overlap_local(args: &OverlapArgs) {
+    // 8 MiB (the default) stays below glibc's largest mmap threshold, so buffers are reused,
+    // not faulted in afresh each time.
+    let (ranks, mib, lat) = (args.ranks, args.mib, args.latency_us);
     println!(
         "local backend, {ranks} ranks (threads; one single-threaded compute loop each), \
          all-to-all of {mib} MiB per rank, compute sized to the transfer; medians of 21"
@@ -155,7 +205,7 @@ fn overlap_local(args: &[String]) {
         "none (memory copies only)",
         &overlap_local_row(ranks, mib << 20, None),
     );
-    for gbps in bandwidths {
+    for &gbps in &args.bandwidth_gbps {
         let link = LinkModel::new(lat, gbps);
         overlap_row(
             &format!("{lat} us + {gbps} Gbit/s"),
@@ -169,27 +219,22 @@ mod with_mpi {
     use super::*;
     use mpi::collective::CommunicatorCollectives;
     use mpi::datatype::{Partition, PartitionMut};
-    use switchyard_comm::MpiProgress;
     use switchyard_comm::ReduceOp;
     use switchyard_comm::mpi::{MpiEnv, MpiOptions};
 
-    fn init(args: &[String]) -> (MpiEnv, Box<dyn Communicator>) {
-        let progress = match arg(args, "--progress").as_deref() {
-            Some("poll") => MpiProgress::Poll,
-            _ => MpiProgress::Thread,
-        };
+    fn init(progress: Progress) -> (MpiEnv, Box<dyn Communicator>) {
         let (env, c) = MpiEnv::init(MpiOptions {
-            progress,
+            progress: progress.mpi(),
             ..MpiOptions::default()
         })
         .expect("MPI init");
         (env, Box::new(c))
     }
 
-    pub fn a2a(args: &[String]) {
-        let (env, c) = init(args);
+    pub fn a2a(args: &A2aArgs) {
+        let (env, c) = init(args.progress);
         let raw = env.rsmpi_world();
-        let rounds: usize = arg(args, "--rounds").map_or(101, |s| s.parse().unwrap());
+        let rounds = args.rounds;
         let (r, n) = (c.rank(), c.size());
         if r == 0 {
             println!(
@@ -197,7 +242,7 @@ mod with_mpi {
                  (split evenly over all ranks); {rounds} rounds of alternating timed blocks \
                  (Switchyard, direct), each block ~16 MiB of calls between barriers; \
                  latency = median block / calls; ratio = Switchyard GB/s / direct GB/s; slowest rank",
-                arg(args, "--progress").unwrap_or_else(|| "thread".into())
+                args.progress.name()
             );
             println!(
                 "| size | Switchyard latency (us) | direct rsmpi latency (us) | Switchyard GB/s | direct GB/s | ratio (median of paired blocks) | ratio (best blocks) |"
@@ -279,9 +324,9 @@ mod with_mpi {
         }
     }
 
-    pub fn overlap(args: &[String]) {
-        let (_env, c) = init(args);
-        let mib: usize = arg(args, "--mib").map_or(64, |s| s.parse().unwrap());
+    pub fn overlap(args: &OverlapMpiArgs) {
+        let (_env, c) = init(args.progress);
+        let mib = args.mib;
         let probe = median(
             overlap_round(c.as_ref(), mib << 20, 0, 5)
                 .iter()
@@ -296,7 +341,7 @@ mod with_mpi {
             println!(
                 "MPI, {} ranks, progress {:?}, all-to-all of {mib} MiB per rank, compute sized to the transfer, no MPI calls during compute",
                 c.size(),
-                arg(args, "--progress").unwrap_or_else(|| "thread".into())
+                args.progress.name()
             );
             overlap_header();
             overlap_row("shared memory (rank 0)", &res);
@@ -305,21 +350,18 @@ mod with_mpi {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("overlap") => overlap_local(&args),
+    match Cli::parse().command {
+        Command::Overlap(args) => overlap_local(&args),
         #[cfg(feature = "mpi")]
-        Some("a2a") => with_mpi::a2a(&args),
+        Command::A2a(args) => with_mpi::a2a(&args),
         #[cfg(feature = "mpi")]
-        Some("overlap-mpi") => with_mpi::overlap(&args),
-        _ => {
+        Command::OverlapMpi(args) => with_mpi::overlap(&args),
+        #[cfg(not(feature = "mpi"))]
+        Command::A2a(_) | Command::OverlapMpi(_) => {
             eprintln!(
-                "usage: comm-bench overlap [--ranks 2 --mib 8 --latency-us 5 --bandwidth-gbps 10,25,50,100,200]"
+                "comm-bench: a2a and overlap-mpi need the `mpi` feature (cargo build --features mpi)"
             );
-            eprintln!(
-                "       mpirun -np N comm-bench a2a | overlap-mpi [--progress thread|poll --mib 64]   (--features mpi)"
-            );
-            std::process::exit(1)
+            std::process::exit(2)
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Runs the conformance suite on the MPI (or NCCL) backend; launch under mpirun:
 //!
 //! ```sh
-//! cargo build --release -p switchyard-comm --features mpi --bin comm-conformance
+//! cargo build --release -p switchyard-tools --features mpi --bin comm-conformance
 //! mpirun -np 3 --oversubscribe target/release/comm-conformance [--backend mpi|nccl]
 //!        [--progress thread|poll] [--max-count N] [--no-verify]
 //! ```
@@ -10,26 +10,50 @@
 
 use std::time::Duration;
 
+use clap::{Parser, ValueEnum};
+use switchyard_comm::Communicator;
 use switchyard_comm::mpi::{MpiEnv, MpiOptions};
-use switchyard_comm::{Communicator, MpiProgress};
+use switchyard_tools::cli::Progress;
 use switchyard_tools::comm_conformance::{Options, run_all};
 
+/// The communicator conformance suite on the MPI (or NCCL) backend, under mpirun: exit status
+/// 0 when every case passed on every rank, 2 when a check failed, 3 when the backend is
+/// unavailable.
+#[derive(Parser)]
+#[command(name = "comm-conformance")]
+struct Args {
+    /// Backend under test.
+    #[arg(long, value_enum, default_value_t = Backend::Mpi)]
+    backend: Backend,
+    /// Progress of non-blocking MPI operations.
+    #[arg(long, value_enum, default_value_t)]
+    progress: Progress,
+    /// Largest element count of one MPI call; lower it to exercise the chunked paths.
+    #[arg(long, default_value_t = i32::MAX as usize)]
+    max_count: usize,
+    /// Without the collective signature check (the mismatch case is skipped).
+    #[arg(long)]
+    no_verify: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// MPI.
+    Mpi,
+    /// NCCL over MPI's bootstrap (built with the `nccl` feature; needs CUDA).
+    Nccl,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .map(|i| args[i + 1].clone())
+    let args = Args::parse();
+    let backend = match args.backend {
+        Backend::Mpi => "mpi",
+        Backend::Nccl => "nccl",
     };
-    let backend = get("--backend").unwrap_or_else(|| "mpi".into());
-    let progress = match get("--progress").as_deref() {
-        Some("poll") => MpiProgress::Poll,
-        _ => MpiProgress::Thread,
-    };
-    let max_count =
-        get("--max-count").map_or(i32::MAX as usize, |s| s.parse().expect("--max-count N"));
+    let progress = args.progress.mpi();
+    let max_count = args.max_count;
     // Without the signature check (the default of `CommConfig`) the mismatch case is skipped.
-    let verify_collectives = !args.iter().any(|a| a == "--no-verify");
+    let verify_collectives = !args.no_verify;
     let (_env, world) = MpiEnv::init(MpiOptions {
         progress,
         verify_collectives,
@@ -40,10 +64,10 @@ fn main() {
         eprintln!("{e}");
         std::process::exit(1)
     });
-    let comm: Box<dyn Communicator> = match backend.as_str() {
-        "mpi" => Box::new(world),
+    let comm: Box<dyn Communicator> = match args.backend {
+        Backend::Mpi => Box::new(world),
         #[cfg(feature = "nccl")]
-        "nccl" => {
+        Backend::Nccl => {
             let rank0 = world.rank() == 0;
             match switchyard_comm::nccl::NcclComm::new(Box::new(world), None) {
                 Ok(c) => Box::new(c),
@@ -55,8 +79,9 @@ fn main() {
                 }
             }
         }
-        other => {
-            eprintln!("unknown --backend {other} (mpi, or nccl with --features nccl)");
+        #[cfg(not(feature = "nccl"))]
+        Backend::Nccl => {
+            eprintln!("--backend nccl needs the `nccl` feature (cargo build --features nccl)");
             std::process::exit(1)
         }
     };

@@ -5,20 +5,20 @@
 //!
 //! ```sh
 //! # ranks as threads over the local backend, with the link model (and with free links):
-//! cargo run --release -p switchyard-parallel --bin ep-overlap-bench -- \
+//! cargo run --release -p switchyard-tools --bin ep-overlap-bench -- \
 //!     [--ranks 4] [--gbps 1] [--latency-us 5] [--steps 10] [--warmup 2] \
 //!     [--batch 4] [--seq 128] [--d-model 256] [--experts 8] [--expert-ffn 512] [--layers 2]
 //! # the same under MPI (real transport, no link model):
-//! cargo build --release -p switchyard-parallel --features mpi --bin ep-overlap-bench
+//! cargo build --release -p switchyard-tools --features mpi --bin ep-overlap-bench
 //! mpirun -np 4 target/release/ep-overlap-bench --mpi
 //! ```
 //!
-//! Threads mode (the default) records and replays, as `cp-bench` and `placement-bench` do
-//! (details at `Cpu` below): with 4 ranks on 2 shared cores a wall-clock step measures the
-//! oversubscribed machine, not the schedule. Each rank computes on one core (one-thread pool,
-//! one rank at a time, charged its thread's CPU time); its trace of compute, collective
-//! posts and waits is replayed on virtual clocks with the link model, and again with free
-//! links. The degrees run interleaved in one world (every round one step of each, one
+//! Threads mode (the default) records and replays, as `cp-bench` and `placement-step-bench`
+//! do (details in `switchyard_tools::trace`): with 4 ranks on 2 shared cores a wall-clock
+//! step measures the oversubscribed machine, not the schedule. Each rank computes on one core
+//! (one-thread pool, one rank at a time, charged its thread's CPU time); its trace of
+//! compute, collective posts and waits is replayed on virtual clocks with the link model, and
+//! again with free links. The degrees run interleaved in one world (every round one step of each, one
 //! dispatcher per degree swapped into the model), so load on the machine hits them alike.
 //! `auto`'s wall-clock trials would time the oversubscribed machine here, so its rule is
 //! applied to replayed times: the first two recorded rounds are its trials (each candidate's
@@ -51,6 +51,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use clap::Parser;
 use switchyard_comm::{Communicator, LinkModel, LocalWorld};
 use switchyard_moe::config::CapacityConfig;
 use switchyard_moe::{ModelConfig, MoeConfig, RouterConfig, Transformer, cross_entropy};
@@ -60,68 +61,51 @@ use switchyard_parallel::{
 };
 use switchyard_tools::trace::{Event, Recorder, replay, run_ranks};
 
-#[derive(Clone, Debug)]
+/// One MoE training step (forward + backward) under expert parallelism at overlap degrees
+/// d = 1, 2, 4, 8, 16 and `auto`: step time, communication, expert compute and overlap
+/// efficiency. By default the ranks are threads, each computing on one core, and their traces
+/// are replayed with the link model (and with free links); `--mpi` runs under mpirun on the
+/// wall clock.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "ep-overlap-bench")]
 struct Args {
+    /// Expert-parallel ranks (threads mode; under `--mpi` the world size counts).
+    #[arg(long, default_value_t = 4)]
     ranks: usize,
+    /// Link bandwidth, Gbit/s (threads mode).
+    #[arg(long, default_value_t = 1.0)]
     gbps: f64,
+    /// Link latency per message, microseconds (threads mode).
+    #[arg(long, default_value_t = 5.0)]
     latency_us: f64,
+    /// Measured steps of every degree (threads mode: after `auto`'s trial rounds).
+    #[arg(long, default_value_t = 10)]
     steps: usize,
+    /// Unmeasured warm-up rounds (under `--mpi` at least enough for `auto`'s trials).
+    #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Sequences per rank (B).
+    #[arg(long, default_value_t = 4)]
     batch: usize,
+    /// Tokens per sequence (S).
+    #[arg(long, default_value_t = 128)]
     seq: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 256)]
     d_model: usize,
+    /// Experts per MoE layer (top-2 routing).
+    #[arg(long, default_value_t = 8)]
     experts: usize,
+    /// Hidden width of each expert's SwiGLU.
+    #[arg(long, default_value_t = 512)]
     expert_ffn: usize,
+    /// Transformer layers (every one MoE).
+    #[arg(long, default_value_t = 2)]
     layers: usize,
+    /// Run under mpirun (real transport, wall clock, the runtime's own `auto`); needs the
+    /// `mpi` feature.
+    #[arg(long)]
     mpi: bool,
-}
-
-impl Default for Args {
-    fn default() -> Self {
-        Args {
-            ranks: 4,
-            gbps: 1.0,
-            latency_us: 5.0,
-            steps: 10,
-            warmup: 2,
-            batch: 4,
-            seq: 128,
-            d_model: 256,
-            experts: 8,
-            expert_ffn: 512,
-            layers: 2,
-            mpi: false,
-        }
-    }
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args::default();
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "--mpi" {
-            a.mpi = true;
-            continue;
-        }
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let num = |v: &str| v.parse::<f64>().map_err(|e| format!("{flag} {v}: {e}"));
-        let int = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
-        match flag.as_str() {
-            "--ranks" => a.ranks = int(&value)?,
-            "--gbps" => a.gbps = num(&value)?,
-            "--latency-us" => a.latency_us = num(&value)?,
-            "--steps" => a.steps = int(&value)?,
-            "--warmup" => a.warmup = int(&value)?,
-            "--batch" => a.batch = int(&value)?,
-            "--seq" => a.seq = int(&value)?,
-            "--d-model" => a.d_model = int(&value)?,
-            "--experts" => a.experts = int(&value)?,
-            "--expert-ffn" => a.expert_ffn = int(&value)?,
-            "--layers" => a.layers = int(&value)?,
-            other => return Err(format!("unknown flag {other}")),
-        }
-    }
-    Ok(a)
 }
 
 fn model_cfg(a: &Args) -> ModelConfig {
@@ -255,7 +239,7 @@ fn threads(a: &Args, rounds: usize) -> Vec<Vec<Measured>> {
 }
 
 /// Replayed step times (ms, from the combined traces) with the link and with free links, the
-/// slowest rank's link cost and the block's expert compute per step (ms, slowest rank).
+/// largest link cost of any rank and the block's expert compute per step (ms, slowest rank).
 #[derive(Clone, Copy, Debug)]
 struct Replayed {
     step: f64,
@@ -275,10 +259,19 @@ fn replay_all(per_rank: &[Measured], link: LinkModel) -> Replayed {
     };
     let traces =
         |i: usize| -> Vec<Vec<Event>> { per_rank.iter().map(|r| r[i].2.clone()).collect() };
-    let linked: Vec<(f64, f64)> = (0..steps).map(|i| replay(&traces(i), Some(link))).collect();
+    let linked: Vec<(f64, f64)> = (0..steps)
+        .map(|i| {
+            let r = replay(&traces(i), Some(link));
+            (r.step(), r.max_comm())
+        })
+        .collect();
     Replayed {
         step: median(linked.iter().map(|l| l.0).collect()),
-        free: median((0..steps).map(|i| replay(&traces(i), None).0).collect()),
+        free: median(
+            (0..steps)
+                .map(|i| replay(&traces(i), None).step())
+                .collect(),
+        ),
         link_cost: median(linked.iter().map(|l| l.1).collect()),
         // The block's expert compute: the slowest rank's, per step.
         compute: median(
@@ -389,13 +382,7 @@ fn print_table(rows: &[(Overlap, Summary, Option<Summary>)], comm: f64, compute:
 }
 
 fn main() {
-    let a = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("ep-overlap-bench: {e}");
-            std::process::exit(2);
-        }
-    };
+    let a = Args::parse();
     if a.mpi {
         mpi_main(&a);
         return;
@@ -440,7 +427,7 @@ fn main() {
             (0..AUTO_TRIALS)
                 .map(|i| {
                     let traces: Vec<Vec<Event>> = per_rank.iter().map(|r| r[i].2.clone()).collect();
-                    replay(&traces, Some(link)).0
+                    replay(&traces, Some(link)).step()
                 })
                 .fold(f64::INFINITY, f64::min)
         })

@@ -5,11 +5,20 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::Parser;
 use switchyard_comm::Communicator;
 use switchyard_comm::mpi::{MpiEnv, MpiOptions};
 use switchyard_tools::parity::{TOL, all_cases, check_case};
 
+/// The layout-parity matrix under mpirun: every case whose layout has as many ranks as the
+/// world runs against one process (loss, gradients, weights); exit status 1 on any mismatch.
+/// No options.
+#[derive(Parser)]
+#[command(name = "parity-mpi")]
+struct Args {}
+
 fn main() -> ExitCode {
+    Args::parse();
     let (env, world) = match MpiEnv::init(MpiOptions {
         timeout: Duration::from_secs(120),
         ..MpiOptions::default()

@@ -2,7 +2,7 @@
 //! on routing statistics recorded from a real run (`switchyard record-routing`).
 //!
 //! ```sh
-//! cargo run --release -p switchyard-trainer --bin placement-bench -- \
+//! cargo run --release -p switchyard-tools --bin placement-bench -- \
 //!     --stats runs/placement/e64-l4-mild.json [--ranks 4,8] [--tokens 1024] \
 //!     [--d-model 256] [--ffn 512] [--top-k 2] [--latency-us 5] [--bandwidth-gbps 100] \
 //!     [--reps 3] [--time-limit 1]
@@ -36,70 +36,50 @@
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
+use clap::Parser;
 use switchyard_comm::LinkModel;
 use switchyard_kernels::grouped::grouped_swiglu;
 use switchyard_moe::experts::SwiGlu;
 use switchyard_moe::init::Initializer;
 use switchyard_placement::{RoutingStats, Strategy, Topology, plan};
 
+/// Expert-parallel MoE step time under contiguous, heuristic and ILP placements, side by
+/// side, on recorded routing statistics: expert compute measured per rank (one core, CPU
+/// time), all-to-alls modelled with the link model.
+#[derive(Parser)]
+#[command(name = "placement-bench")]
 struct Args {
+    /// Routing statistics (JSON, from `switchyard record-routing`).
+    #[arg(long)]
     stats: String,
+    /// Expert-parallel rank counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4,8")]
     ranks: Vec<usize>,
+    /// Tokens per rank (the global batch is ranks x tokens).
+    #[arg(long, default_value_t = 1024)]
     tokens: usize,
+    /// Model width (expert input and output).
+    #[arg(long, default_value_t = 256)]
     d_model: usize,
+    /// Hidden width of each expert's SwiGLU.
+    #[arg(long, default_value_t = 512)]
     ffn: usize,
+    /// Experts per token.
+    #[arg(long, default_value_t = 2)]
     top_k: usize,
+    /// Link latency per message, microseconds.
+    #[arg(long, default_value_t = 5.0)]
     latency_us: f64,
+    /// Link bandwidth per rank, Gbit/s.
+    #[arg(long, default_value_t = 100.0)]
     bandwidth_gbps: f64,
+    /// Repetitions (at least 1), interleaved over the placements; each configuration keeps
+    /// its fastest.
+    #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// ILP wall-clock budget, seconds.
+    #[arg(long, default_value_t = 1.0)]
     time_limit: f64,
-}
-
-fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        stats: String::new(),
-        ranks: vec![4, 8],
-        tokens: 1024,
-        d_model: 256,
-        ffn: 512,
-        top_k: 2,
-        latency_us: 5.0,
-        bandwidth_gbps: 100.0,
-        reps: 3,
-        time_limit: 1.0,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    for pair in argv.chunks(2) {
-        let [flag, value] = pair else {
-            return Err(format!("`{}` needs a value", pair[0]));
-        };
-        let num = |v: &str| {
-            v.parse::<f64>()
-                .map_err(|_| format!("{flag}: not a number: {v}"))
-        };
-        match flag.as_str() {
-            "--stats" => a.stats = value.clone(),
-            "--ranks" => {
-                a.ranks = value
-                    .split(',')
-                    .map(|r| r.parse().map_err(|_| format!("--ranks: {r}")))
-                    .collect::<Result<_, _>>()?
-            }
-            "--tokens" => a.tokens = num(value)? as usize,
-            "--d-model" => a.d_model = num(value)? as usize,
-            "--ffn" => a.ffn = num(value)? as usize,
-            "--top-k" => a.top_k = num(value)? as usize,
-            "--latency-us" => a.latency_us = num(value)?,
-            "--bandwidth-gbps" => a.bandwidth_gbps = num(value)?,
-            "--reps" => a.reps = (num(value)? as usize).max(1),
-            "--time-limit" => a.time_limit = num(value)?,
-            other => return Err(format!("unknown flag `{other}`")),
-        }
-    }
-    if a.stats.is_empty() {
-        return Err("--stats FILE is required (from `switchyard record-routing`)".into());
-    }
-    Ok(a)
 }
 
 /// Seconds of CPU time of the calling thread (Linux), else wall time since `origin`.
@@ -172,10 +152,8 @@ struct Measured {
 }
 
 fn main() {
-    let args = parse().unwrap_or_else(|e| {
-        eprintln!("placement-bench: {e}");
-        std::process::exit(2);
-    });
+    let mut args = Args::parse();
+    args.reps = args.reps.max(1);
     let stats = RoutingStats::load(std::path::Path::new(&args.stats)).unwrap_or_else(|e| {
         eprintln!("placement-bench: {e}");
         std::process::exit(2);

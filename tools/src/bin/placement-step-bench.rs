@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! switchyard train --config configs/placement-step.yaml       # once: checkpoint + statistics
-//! cargo run --release -p switchyard-trainer --bin placement-step-bench -- \
+//! cargo run --release -p switchyard-tools --bin placement-step-bench -- \
 //!     --config configs/placement-step.yaml \
 //!     --checkpoint runs/placement-step/checkpoints/step-00000400 \
 //!     [--stats runs/placement-step/routing-stats.json] [--ranks 4,8] [--batch 64] \
@@ -29,71 +29,55 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::Parser;
 use switchyard_comm::{LinkModel, LocalWorld};
 use switchyard_parallel::Overlap;
 use switchyard_placement::{Plan, RoutingStats, Strategy, Topology, plan};
 use switchyard_tools::trace::{Event, replay, run_ranks};
+use switchyard_trainer::Trainer;
 use switchyard_trainer::config::Config;
 use switchyard_trainer::data::{Corpus, build_tokenizer};
-use switchyard_trainer::Trainer;
 
+/// The measured training step of a trained checkpoint under expert parallelism with
+/// contiguous, heuristic and ILP placements, side by side: ranks as threads (one core each),
+/// traces replayed with the link model at each bandwidth and with free links.
+#[derive(Parser)]
+#[command(name = "placement-step-bench")]
 struct Args {
+    /// The run's YAML config (model, data, output directory).
+    #[arg(long)]
     config: PathBuf,
+    /// Checkpoint directory whose weights every placement starts from.
+    #[arg(long)]
     checkpoint: PathBuf,
+    /// Routing statistics to plan from [default: routing-stats.json in the config's
+    /// run.output_dir].
+    #[arg(long)]
     stats: Option<PathBuf>,
+    /// Expert-parallel rank counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4,8")]
     ranks: Vec<usize>,
+    /// Batch size (data.batch_size) instead of the config's.
+    #[arg(long)]
     batch: Option<usize>,
+    /// Unrecorded steps after loading the checkpoint.
+    #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Recorded rounds (at least 1; the median counts).
+    #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Link bandwidths, Gbit/s, comma-separated: one column each.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
     gbps: Vec<f64>,
+    /// Link latency per message, microseconds.
+    #[arg(long, default_value_t = 5.0)]
     latency_us: f64,
+    /// ILP wall-clock budget, seconds.
+    #[arg(long, default_value_t = 1.0)]
     time_limit: f64,
+    /// ILP relative gap at which a solve may stop.
+    #[arg(long, default_value_t = 0.01)]
     mip_gap: f64,
-}
-
-fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        config: PathBuf::new(),
-        checkpoint: PathBuf::new(),
-        stats: None,
-        ranks: vec![4, 8],
-        batch: None,
-        warmup: 2,
-        steps: 3,
-        gbps: vec![1.0, 10.0, 100.0],
-        latency_us: 5.0,
-        time_limit: 1.0,
-        mip_gap: 0.01,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    for pair in argv.chunks(2) {
-        let [flag, value] = pair else {
-            return Err(format!("`{}` needs a value", pair[0]));
-        };
-        let num = |v: &str| {
-            v.parse::<f64>()
-                .map_err(|_| format!("{flag}: not a number: {v}"))
-        };
-        let list = |v: &str| v.split(',').map(num).collect::<Result<Vec<f64>, String>>();
-        match flag.as_str() {
-            "--config" => a.config = value.into(),
-            "--checkpoint" => a.checkpoint = value.into(),
-            "--stats" => a.stats = Some(value.into()),
-            "--ranks" => a.ranks = list(value)?.into_iter().map(|r| r as usize).collect(),
-            "--batch" => a.batch = Some(num(value)? as usize),
-            "--warmup" => a.warmup = num(value)? as usize,
-            "--steps" => a.steps = (num(value)? as usize).max(1),
-            "--gbps" => a.gbps = list(value)?,
-            "--latency-us" => a.latency_us = num(value)?,
-            "--time-limit" => a.time_limit = num(value)?,
-            "--mip-gap" => a.mip_gap = num(value)?,
-            other => return Err(format!("unknown flag `{other}`")),
-        }
-    }
-    if a.config.as_os_str().is_empty() || a.checkpoint.as_os_str().is_empty() {
-        return Err("--config FILE and --checkpoint DIR are required (see the docs)".into());
-    }
-    Ok(a)
 }
 
 fn load_config(a: &Args) -> Result<Config, String> {
@@ -162,10 +146,8 @@ fn measure(
 }
 
 fn main() {
-    let a = parse().unwrap_or_else(|e| {
-        eprintln!("placement-step-bench: {e}");
-        std::process::exit(2);
-    });
+    let mut a = Args::parse();
+    a.steps = a.steps.max(1);
     let fail = |e: String| -> ! {
         eprintln!("placement-step-bench: {e}");
         std::process::exit(1)
@@ -228,7 +210,10 @@ fn main() {
         // Routing (so the all-to-all sizes) changes from step to step: each measured step is
         // replayed on its own and the median counts.
         let median_ms = |rounds: &[Vec<Vec<Event>>], link: Option<LinkModel>| {
-            let mut t: Vec<f64> = rounds.iter().map(|r| replay(r, link).0 * 1e3).collect();
+            let mut t: Vec<f64> = rounds
+                .iter()
+                .map(|r| replay(r, link).step() * 1e3)
+                .collect();
             t.sort_by(f64::total_cmp);
             t[t.len() / 2]
         };
