@@ -82,7 +82,9 @@ fn transport(cfg: &Config, launch: &LaunchInfo) -> Result<Transport> {
              started {n} processes ({var}={n}); use `comm.backend.type: auto` or `mpi`, or \
              start one process"
         ),
-        (CommBackendConfig::Auto {}, Some(_)) | (CommBackendConfig::Mpi { .. }, _) => Transport::Mpi,
+        (CommBackendConfig::Auto {}, Some(_)) | (CommBackendConfig::Mpi { .. }, _) => {
+            Transport::Mpi
+        }
         (CommBackendConfig::Nccl { .. }, _) => bail!(
             "comm.backend.type `nccl` is not wired into training yet (it needs the CUDA \
              device path); use `auto` or `mpi`"

@@ -5,11 +5,11 @@
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use switchyard_kernels::{attention, combine, grouped, linear, loss, norm, rope};
+use switchyard_moe::attention::causal_attention_reference;
 use switchyard_moe::dispatch::DispatchPlan;
 use switchyard_moe::dispatch::{gather_rows_reference, scatter_weighted_reference};
 use switchyard_moe::experts::SwiGlu;
 use switchyard_moe::init::Initializer;
-use switchyard_moe::attention::causal_attention_reference;
 use switchyard_moe::model::{cross_entropy_reference, split_heads_reference};
 
 fn device() -> Device {

@@ -302,4 +302,3 @@ pub fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<
 fn scalar(t: &Tensor<1>) -> f64 {
     t.clone().inner().into_scalar::<f32>() as f64
 }
-

@@ -9,10 +9,10 @@ use burn::tensor::{DType, Device, Distribution, Tensor};
 use switchyard_moe::Precision;
 use switchyard_moe::params::named_params;
 use switchyard_moe::precision::{matmul, scoped};
+use switchyard_trainer::Trainer;
 use switchyard_trainer::config::Config;
 use switchyard_trainer::data::Corpus;
 use switchyard_trainer::optim::tensor_to_vec;
-use switchyard_trainer::Trainer;
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));

@@ -3,11 +3,11 @@
 use burn::tensor::Device;
 use switchyard_moe::params::{map_params, named_params};
 use switchyard_trainer::TrainError;
+use switchyard_trainer::Trainer;
 use switchyard_trainer::config::Config;
 use switchyard_trainer::config::NonFinitePolicy;
 use switchyard_trainer::data::Corpus;
 use switchyard_trainer::optim::tensor_to_vec;
-use switchyard_trainer::Trainer;
 
 fn config(extra: &str) -> Config {
     let yaml = format!(
