@@ -85,6 +85,8 @@ impl MpiOptions {
 struct Raw(sys::MPI_Comm);
 // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE; handles may be used from any thread.
 unsafe impl Send for Raw {}
+// SAFETY: as above: MPI_THREAD_MULTIPLE makes the communicator handle safe to share between
+// threads.
 unsafe impl Sync for Raw {}
 
 /// Calls one MPI function; a non-success return becomes an error naming the function, the
@@ -222,6 +224,9 @@ struct Parked {
     ints: Vec<Vec<c_int>>,
     out: Option<Buffer>,
 }
+// SAFETY: only the raw MPI_Request handles are not Send; under MPI_THREAD_MULTIPLE they may be used
+// from any thread, and a Parked is only moved into `Env::abandoned` (a Mutex) and never touched
+// again.
 unsafe impl Send for Parked {}
 
 impl Env {
@@ -258,6 +263,9 @@ impl Env {
                 "service",
                 "control",
                 self.world_rank,
+                // SAFETY: `self.control` is the live duplicate of world made in `init` (never
+                // freed), MPI is initialised with MPI_THREAD_MULTIPLE, and `flag`/`st` are valid
+                // locals MPI writes into.
                 || unsafe {
                     sys::MPI_Iprobe(
                         sys::RSMPI_ANY_SOURCE,
@@ -272,6 +280,8 @@ impl Env {
                 return;
             }
             let mut n: c_int = 0;
+            // SAFETY: `st` was filled by the successful MPI_Iprobe above (flag != 0); `n` is a
+            // valid local.
             unsafe { sys::MPI_Get_count(&st, sys::RSMPI_UINT8_T, &mut n) };
             let mut q = vec![0u8; n.max(0) as usize];
             let src = st.MPI_SOURCE;
@@ -280,6 +290,8 @@ impl Env {
                 "service",
                 "control",
                 self.world_rank,
+                // SAFETY: `q` holds `n` bytes and MPI writes at most `n` (a longer message is a
+                // truncation error, not an overflow); `self.control` is live.
                 || unsafe {
                     sys::MPI_Recv(
                         q.as_mut_ptr() as *mut c_void,
@@ -311,6 +323,8 @@ impl Env {
                 "service",
                 "control",
                 self.world_rank,
+                // SAFETY: `reply` is alive and holds `reply.len()` bytes for the whole blocking
+                // send; `self.control` is live.
                 || unsafe {
                     sys::MPI_Send(
                         reply.as_ptr() as *const c_void,
@@ -381,10 +395,16 @@ impl MpiEnv {
         // SAFETY: plain MPI calls on valid handles after initialisation.
         let world = unsafe { sys::RSMPI_COMM_WORLD };
         let mut rank: c_int = 0;
+        // SAFETY: reads rsmpi's immutable `const` C global holding MPI_COMM_NULL; MPI_Comm_dup
+        // overwrites it.
         let mut control: sys::MPI_Comm = unsafe { sys::RSMPI_COMM_NULL };
+        // SAFETY: as above: `world` is MPI_COMM_WORLD of the initialised MPI; `rank` is a valid
+        // local.
         call("MPI_Comm_rank", "init", "world", 0, || unsafe {
             sys::MPI_Comm_rank(world, &mut rank)
         })?;
+        // SAFETY: as above: `world` is a valid handle after initialisation; `control` is a valid
+        // local that receives the new communicator.
         call("MPI_Comm_dup", "init", "world", rank as usize, || unsafe {
             sys::MPI_Comm_dup(world, &mut control)
         })?;
@@ -461,6 +481,8 @@ impl Drop for MpiComm {
                 sys::MPI_Comm_free(&mut self.raw.0);
             }
         }
+        // SAFETY: as above: `p2p` is the duplicate made in `wrap`, always ours, and freed only
+        // here.
         unsafe {
             sys::MPI_Comm_free(&mut self.p2p.0);
         }
@@ -476,36 +498,52 @@ impl MpiComm {
         owned: bool,
     ) -> Result<MpiComm> {
         let (mut rank, mut size): (c_int, c_int) = (0, 0);
+        // SAFETY: reads rsmpi's immutable `const` C global holding MPI_COMM_NULL; MPI_Comm_dup
+        // overwrites it.
         let mut p2p: sys::MPI_Comm = unsafe { sys::RSMPI_COMM_NULL };
         let c = |f: &'static str, g: &mut dyn FnMut() -> c_int| {
             call(f, "create", &name, env.world_rank, g)
         };
+        // SAFETY: `raw` is a valid communicator of the initialised MPI (world or fresh from
+        // MPI_Comm_split); RSMPI_ERRORS_RETURN is a predefined handle.
         c("MPI_Comm_set_errhandler", &mut || unsafe {
             sys::MPI_Comm_set_errhandler(raw, sys::RSMPI_ERRORS_RETURN)
         })?;
+        // SAFETY: as above: `raw` is valid; `rank` is a valid local out-parameter.
         c("MPI_Comm_rank", &mut || unsafe {
             sys::MPI_Comm_rank(raw, &mut rank)
         })?;
+        // SAFETY: as above: `raw` is valid; `size` is a valid local out-parameter.
         c("MPI_Comm_size", &mut || unsafe {
             sys::MPI_Comm_size(raw, &mut size)
         })?;
+        // SAFETY: as above: `raw` is valid; `p2p` receives the duplicate, which Drop frees.
         c("MPI_Comm_dup", &mut || unsafe {
             sys::MPI_Comm_dup(raw, &mut p2p)
         })?;
         let world_ranks = {
+            // SAFETY: MPI_Group is a plain handle (a pointer in OpenMPI) for which all-zero is a
+            // valid value; MPI_Comm_group overwrites both before use.
             let (mut g1, mut g2): (sys::MPI_Group, sys::MPI_Group) =
                 unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
             let ranks: Vec<c_int> = (0..size).collect();
             let mut out = vec![0 as c_int; size as usize];
+            // SAFETY: `raw` is valid; `g1` is a valid local out-parameter.
             c("MPI_Comm_group", &mut || unsafe {
                 sys::MPI_Comm_group(raw, &mut g1)
             })?;
+            // SAFETY: MPI_COMM_WORLD is predefined and MPI is initialised; `g2` is a valid local
+            // out-parameter.
             c("MPI_Comm_group", &mut || unsafe {
                 sys::MPI_Comm_group(sys::RSMPI_COMM_WORLD, &mut g2)
             })?;
+            // SAFETY: `ranks` and `out` both hold `size` entries, as many as MPI reads and writes;
+            // `g1`/`g2` were created just above.
             c("MPI_Group_translate_ranks", &mut || unsafe {
                 sys::MPI_Group_translate_ranks(g1, size, ranks.as_ptr(), g2, out.as_mut_ptr())
             })?;
+            // SAFETY: `g1` and `g2` are the groups created above, freed once here and not used
+            // afterwards.
             unsafe {
                 sys::MPI_Group_free(&mut g1);
                 sys::MPI_Group_free(&mut g2);
@@ -613,6 +651,8 @@ impl MpiComm {
         for k in 0..chunks {
             let start = k * self.env.max_count;
             let count = self.env.max_count.min(n - start);
+            // SAFETY: reads rsmpi's immutable `const` C global holding MPI_REQUEST_NULL; MPI
+            // overwrites it.
             let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
             // SAFETY: `start + count <= n` elements of `dt` lie inside the buffer at `base`.
             let ptr = unsafe { base.add(start * dt.size_bytes()) } as *const c_void;
@@ -650,7 +690,11 @@ impl MpiComm {
         let mut p = self.begin(&format!("{op} (signature check)"), true, None, false)?;
         let mut out = Buffer::zeros(DType::I64, w * n);
         let send = Buffer::I64(sig);
+        // SAFETY: reads rsmpi's immutable `const` C global holding MPI_REQUEST_NULL; MPI overwrites
+        // it.
         let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+        // SAFETY: `send` holds `w` i64s and `out` `w * n`, as the counts say; both move into `p`
+        // (heap data unmoved) and live until the request completes or is parked.
         self.ffi(&p, "MPI_Iallgather", || unsafe {
             sys::MPI_Iallgather(
                 sptr(&send) as *const c_void,
@@ -756,7 +800,12 @@ impl MpiComm {
         for &(peer, off, cnt) in recvs {
             for start in (0..cnt).step_by(m) {
                 let c = m.min(cnt - start);
+                // SAFETY: reads rsmpi's immutable `const` C global holding MPI_REQUEST_NULL; MPI
+                // overwrites it.
                 let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+                // SAFETY: `recv` points at the receive buffer the caller moves into `p.out`; each
+                // (off, cnt) comes from the checked counts, so `off + start + c` elements lie
+                // inside it.
                 self.ffi(p, "MPI_Irecv", || unsafe {
                     sys::MPI_Irecv(
                         recv.add((off + start) * es) as *mut c_void,
@@ -774,7 +823,11 @@ impl MpiComm {
         for &(peer, off, cnt) in sends {
             for start in (0..cnt).step_by(m) {
                 let c = m.min(cnt - start);
+                // SAFETY: reads rsmpi's immutable `const` C global holding MPI_REQUEST_NULL; MPI
+                // overwrites it.
                 let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+                // SAFETY: as above for the send buffer, which the caller keeps alive (`p.keep`, or
+                // the borrow of the blocking all_to_all_v).
                 self.ffi(p, "MPI_Isend", || unsafe {
                     sys::MPI_Isend(
                         send.add((off + start) * es) as *const c_void,
@@ -878,7 +931,11 @@ impl MpiComm {
             return Ok(Request::ready(Buffer::default()));
         }
         let mut p = self.begin("barrier", true, None, bg)?;
+        // SAFETY: reads rsmpi's immutable `const` C global holding MPI_REQUEST_NULL; MPI overwrites
+        // it.
         let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+        // SAFETY: `self.raw` is a live communicator (freed only on drop of `self`); `req` is a
+        // valid local out-parameter.
         self.ffi(&p, "MPI_Ibarrier", || unsafe {
             sys::MPI_Ibarrier(self.raw.0, &mut req)
         })?;
@@ -903,7 +960,11 @@ impl MpiComm {
         let ptr = rptr(&mut buf);
         for start in (0..n).step_by(self.env.max_count) {
             let c = self.env.max_count.min(n - start);
+            // SAFETY: reads rsmpi's immutable `const` C global holding MPI_REQUEST_NULL; MPI
+            // overwrites it.
             let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            // SAFETY: `ptr` is `buf`'s data of `n` elements and `start + c <= n`; `buf` moves into
+            // `p.out` (heap data unmoved) and lives until the requests complete or are parked.
             self.ffi(&p, "MPI_Ibcast", || unsafe {
                 sys::MPI_Ibcast(
                     ptr.add(start * es) as *mut c_void,
@@ -938,7 +999,11 @@ impl MpiComm {
         let (sp, rp) = (sptr(&send), rptr(&mut out));
         for start in (0..n).step_by(self.env.max_count) {
             let c = self.env.max_count.min(n - start);
+            // SAFETY: reads rsmpi's immutable `const` C global holding MPI_REQUEST_NULL; MPI
+            // overwrites it.
             let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
+            // SAFETY: `send` and `out` are distinct buffers of `n` elements of `dt`, and each
+            // chunk ends by `start + c <= n`; both stay in `p` until completion or parking.
             self.ffi(&p, "MPI_Iallreduce", || unsafe {
                 sys::MPI_Iallreduce(
                     sp.add(start * es) as *const c_void,
@@ -1002,8 +1067,13 @@ impl MpiComm {
                 recv_counts.iter().map(|&x| x as c_int).collect(),
                 displs.iter().map(|&x| x as c_int).collect(),
             ];
+            // SAFETY: reads rsmpi's immutable `const` C global holding MPI_REQUEST_NULL; MPI
+            // overwrites it.
             let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
             let rp = rptr(&mut out);
+            // SAFETY: `send` holds recv_counts[rank] elements (checked), `out` their sum, which
+            // is at most max_count, so the int counts and displacements are exact; send, out and
+            // ints stay in `p` until the request completes or is parked.
             self.ffi(&p, "MPI_Iallgatherv", || unsafe {
                 sys::MPI_Iallgatherv(
                     sptr(&send) as *const c_void,
@@ -1058,8 +1128,13 @@ impl MpiComm {
         let dt = send.dtype();
         let mut out = Buffer::zeros(dt, recv_counts[self.rank]);
         let ints = vec![recv_counts.iter().map(|&x| x as c_int).collect::<Vec<_>>()];
+        // SAFETY: reads rsmpi's immutable `const` C global holding MPI_REQUEST_NULL; MPI overwrites
+        // it.
         let mut req = unsafe { sys::RSMPI_REQUEST_NULL };
         let rp = rptr(&mut out);
+        // SAFETY: `send` holds sum(recv_counts) elements (checked; at most max_count, so the int
+        // counts are exact), `out` recv_counts[rank]; send, out and ints stay in `p` until the
+        // request completes or is parked.
         self.ffi(&p, "MPI_Ireduce_scatter", || unsafe {
             sys::MPI_Ireduce_scatter(
                 sptr(&send) as *const c_void,
@@ -1131,6 +1206,8 @@ impl MpiComm {
             sptr(&buf),
             dt,
             n,
+            // SAFETY: `post_chunked` passes chunks inside `buf` (sptr, `n` elements), which moves
+            // into `p.out` and lives until the requests complete or are parked; `req` is valid.
             |ptr, count, req| unsafe {
                 sys::MPI_Isend(
                     ptr,
@@ -1157,6 +1234,8 @@ impl MpiComm {
         )?;
         let (dt, n) = (buf.dtype(), buf.len());
         let base = rptr(&mut buf) as *const u8;
+        // SAFETY: `post_chunked` passes chunks inside `buf` (rptr, `n` elements), which moves into
+        // `p.out` and lives until the requests complete or are parked; `req` is valid.
         self.post_chunked(&mut p, "MPI_Irecv", base, dt, n, |ptr, count, req| unsafe {
             sys::MPI_Irecv(
                 ptr as *mut c_void,
@@ -1230,6 +1309,8 @@ impl MpiPending {
         }
         let mut flag: c_int = 0;
         let n = self.reqs.len() as c_int;
+        // SAFETY: `self.reqs` holds exactly `n` requests of this operation (MPI may null them in
+        // place); `flag` is a valid local; no status array is needed.
         call("MPI_Testall", &self.op, &self.comm, self.rank, || unsafe {
             sys::MPI_Testall(
                 n,
@@ -1266,6 +1347,8 @@ impl MpiPending {
                 "diagnose",
                 "control",
                 env.world_rank,
+                // SAFETY: `query` is alive and holds `query.len()` bytes for the whole blocking
+                // send; `env.control` is live and `w` a world rank.
                 || unsafe {
                     sys::MPI_Send(
                         query.as_ptr() as *const c_void,
@@ -1284,7 +1367,9 @@ impl MpiPending {
         while Instant::now() < end && replies.len() < others.len() {
             env.service();
             let mut flag: c_int = 0;
+            // SAFETY: MPI_Status is a plain C struct of integers, valid all-zero; MPI fills it.
             let mut st: sys::MPI_Status = unsafe { std::mem::zeroed() };
+            // SAFETY: `env.control` is live; `flag` and `st` are valid locals MPI writes into.
             unsafe {
                 sys::MPI_Iprobe(
                     sys::RSMPI_ANY_SOURCE,
@@ -1299,8 +1384,12 @@ impl MpiPending {
                 continue;
             }
             let mut n: c_int = 0;
+            // SAFETY: `st` was filled by the successful MPI_Iprobe above (flag != 0); `n` is a
+            // valid local.
             unsafe { sys::MPI_Get_count(&st, sys::RSMPI_UINT8_T, &mut n) };
             let mut b = vec![0u8; n.max(0) as usize];
+            // SAFETY: `b` holds `n` bytes and MPI writes at most `n` (a longer message is a
+            // truncation error, not an overflow); `env.control` is live.
             unsafe {
                 sys::MPI_Recv(
                     b.as_mut_ptr() as *mut c_void,
@@ -1536,12 +1625,16 @@ impl Communicator for MpiComm {
         // A barrier with the timeout first, so a missing rank is named instead of a hang.
         let seq = self.entered.load(Ordering::SeqCst);
         self.barrier()?;
+        // SAFETY: reads rsmpi's immutable `const` C global holding MPI_COMM_NULL; MPI_Comm_split
+        // overwrites it.
         let mut new: sys::MPI_Comm = unsafe { sys::RSMPI_COMM_NULL };
         call(
             "MPI_Comm_split",
             "split",
             &self.name,
             self.rank,
+            // SAFETY: `self.raw` is live; `new` is a valid local that receives the new
+            // communicator, which `wrap` owns (freed on drop).
             || unsafe { sys::MPI_Comm_split(self.raw.0, color as c_int, key as c_int, &mut new) },
         )?;
         let name = format!("{}/split{seq}:{color}", self.name);

@@ -103,6 +103,8 @@ impl NcclComm {
                 "the CUDA driver library (libcuda.so) was not found",
             ));
         }
+        // SAFETY: as above: only tries to dlopen the NCCL library names (running a system library's
+        // initialisers) and drops the handle; a panic is caught.
         let nccl = std::panic::catch_unwind(|| unsafe { cudarc::nccl::sys::is_culib_present() })
             .unwrap_or(false);
         if !nccl {

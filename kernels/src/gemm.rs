@@ -454,11 +454,15 @@ unsafe fn macro_kernel(a: Mat, b: &[f32], n: usize, c: *mut f32, ldc: usize, add
                     // contract).
                     let tile = unsafe { c.add((i0 + r0) * ldc + j0) };
                     if mr == MR && nr == NR {
+                        // SAFETY: as above: a full MR x NR tile of C at stride `ldc`; `rows` has MR
+                        // rows, `sliver` kc x NR values; `avx2` was detected at runtime.
                         unsafe { tile_kernel(avx2, rows, sliver, tile, ldc, add) };
                         continue;
                     }
                     // An edge: the whole register tile goes to scratch, its valid part to C.
                     let mut scratch = [0f32; MR * NR];
+                    // SAFETY: `scratch` is a local MR x NR array, valid at stride NR; `rows` has MR
+                    // rows, `sliver` kc x NR values; `avx2` comes from runtime detection.
                     unsafe { tile_kernel(avx2, rows, sliver, scratch.as_mut_ptr(), NR, false) };
                     for r in 0..mr {
                         for q in 0..nr {
