@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
+echo "== no import circles between crates or between the files of a crate"
+python3 scripts/import_cycles.py
+
 echo "== cargo clippy -D warnings"
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo clippy --release -p switchyard-comm -p switchyard-trainer -p switchyard-launch \
