@@ -197,12 +197,9 @@ impl Layout {
     /// a max, which is exact, so a reduction whose rounding depends on the rank cannot make
     /// ranks disagree).
     pub fn sum_agreed(&self, values: Vec<f64>, what: &str) -> Result<Vec<f64>> {
-        let mut buf = Buffer::F64(values);
-        let world = self.mesh.world();
-        world
-            .all_reduce(&mut buf, ReduceOp::Sum)
-            .map_err(ParallelError::comm(what))?;
-        world
+        let mut buf = Buffer::F64(self.sum(values, what)?);
+        self.mesh
+            .world()
             .all_reduce(&mut buf, ReduceOp::Max)
             .map_err(ParallelError::comm(what))?;
         f64s(buf, what)

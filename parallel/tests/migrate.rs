@@ -83,6 +83,23 @@ fn placements(owners: [[usize; 8]; 2], ep: usize) -> BTreeMap<usize, Placement> 
         .collect()
 }
 
+/// The model laid out over `mesh` with the contiguous placement (ep = 2).
+fn contiguous_model(
+    cfg: &ModelConfig,
+    mesh: &Mesh,
+    device: &Device,
+) -> (Transformer, ExpertPlacement) {
+    let contiguous = ExpertPlacement::contiguous(8, 2).unwrap();
+    let model = apply_layout(
+        Transformer::new(cfg, 3, device),
+        mesh,
+        &contiguous,
+        &CpConfig::default(),
+    )
+    .unwrap();
+    (model, contiguous)
+}
+
 #[test]
 fn experts_and_their_state_move_to_the_new_owners_and_back() {
     let cfg = model_cfg();
@@ -92,14 +109,7 @@ fn experts_and_their_state_move_to_the_new_owners_and_back() {
     let new = [[1, 1, 0, 0, 1, 0, 1, 0], [0, 1, 0, 1, 1, 1, 0, 0]];
     let results = run_world(4, |world| {
         let mesh = Mesh::new(world, 2, 2, 8).unwrap();
-        let contiguous = ExpertPlacement::contiguous(8, 2).unwrap();
-        let model = apply_layout(
-            Transformer::new(&cfg, 3, &device),
-            &mesh,
-            &contiguous,
-            &CpConfig::default(),
-        )
-        .unwrap();
+        let (model, contiguous) = contiguous_model(&cfg, &mesh, &device);
         let start = expert_weights(&model);
         let moves = planned_moves(&contiguous, &placements(new, 2));
         let mut state = NameState::default();
@@ -167,14 +177,7 @@ fn a_placement_for_a_dense_layer_is_rejected() {
     let device = Device::flex().autodiff();
     let errors = run_world(2, |world| {
         let mesh = Mesh::new(world, 1, 2, 8).unwrap();
-        let contiguous = ExpertPlacement::contiguous(8, 2).unwrap();
-        let model = apply_layout(
-            Transformer::new(&cfg, 3, &device),
-            &mesh,
-            &contiguous,
-            &CpConfig::default(),
-        )
-        .unwrap();
+        let (model, contiguous) = contiguous_model(&cfg, &mesh, &device);
         let bad = placements([[0, 0, 0, 0, 1, 1, 1, 1]; 2], 2);
         migrate(model, &mesh, &contiguous, bad, &mut WeightsOnly, &device)
             .err()

@@ -28,7 +28,8 @@ use switchyard_parallel::{
     CpConfig, ExpertPlacement, GradSync, LossScale, Mesh, Overlap, Placement, apply_layout, migrate,
 };
 
-use switchyard_trainer::optim::{AdamMigration, NamedAdamW, OptimConfig, tensor_to_vec};
+use switchyard_trainer::checkpoint::tensor_values;
+use switchyard_trainer::optim::{AdamMigration, NamedAdamW, OptimConfig};
 
 const SEQ: usize = 6;
 const BATCH: usize = 8;
@@ -322,7 +323,7 @@ pub fn build(cfg: &ModelConfig, forcing: Forcing, device: &Device) -> Transforme
     };
     let d = cfg.d_model;
     map_params(model, |name, value| {
-        let mut v = tensor_to_vec(&value);
+        let mut v = tensor_values(&value);
         if name.component() == Component::Embedding {
             for row in v.chunks_mut(d) {
                 row[0] = 5.0;
@@ -401,7 +402,7 @@ struct Run {
 }
 
 fn scalar(t: &Tensor<1>) -> f64 {
-    tensor_to_vec(t)[0] as f64
+    tensor_values(t)[0] as f64
 }
 
 fn reference(cfg: &ModelConfig, forcing: Forcing) -> Run {
@@ -426,13 +427,13 @@ fn reference(cfg: &ModelConfig, forcing: Forcing) -> Run {
                     .get(&name)
                     .cloned()
                     .unwrap_or_else(|| value.zeros_like());
-                run.grads.insert(name.to_string(), tensor_to_vec(&g));
+                run.grads.insert(name.to_string(), tensor_values(&g));
             }
         }
         model = adam.step(model, &grads, 1.0, LR);
     }
     for (name, _, value) in named_params(&model) {
-        run.weights.insert(name.to_string(), tensor_to_vec(&value));
+        run.weights.insert(name.to_string(), tensor_values(&value));
     }
     run
 }
@@ -494,13 +495,13 @@ fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), St
         let grads = sync.sync(&model, &local).map_err(|e| e.to_string())?;
         if step == 0 {
             for (name, g) in &grads {
-                run.grads.insert(name.to_string(), tensor_to_vec(g));
+                run.grads.insert(name.to_string(), tensor_values(g));
             }
         }
         model = adam.step(model, &grads, 1.0, LR);
     }
     for (name, _, value) in named_params(&model) {
-        run.weights.insert(name.to_string(), tensor_to_vec(&value));
+        run.weights.insert(name.to_string(), tensor_values(&value));
     }
     Ok((run, mesh))
 }

@@ -383,6 +383,13 @@ pub struct StepReport {
     pub seconds: f64,
 }
 
+impl StepReport {
+    /// Tokens trained per second of this step.
+    pub fn tokens_per_sec(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
+}
+
 /// Result of an evaluation.
 #[derive(Debug, Clone, Copy)]
 pub struct EvalReport {
@@ -397,7 +404,7 @@ pub fn step_scalars(
     flops_per_token: f64,
     tokens_seen: u64,
 ) -> Vec<(String, f64)> {
-    let tokens_per_sec = report.tokens as f64 / report.seconds.max(1e-9);
+    let tokens_per_sec = report.tokens_per_sec();
     vec![
         ("train/loss".into(), report.loss),
         ("train/aux_loss".into(), report.aux_loss),

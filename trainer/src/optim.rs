@@ -19,7 +19,7 @@ use switchyard_moe::params::{map_params, named_params};
 use switchyard_moe::profile::{self, Part};
 use switchyard_parallel::migrate::ExpertState;
 
-use crate::checkpoint::{Checkpointed, NamedTensor, Snapshot};
+use crate::checkpoint::{Checkpointed, NamedTensor, Snapshot, tensor_values};
 
 /// The `optim:` node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -281,7 +281,7 @@ impl NamedAdamW {
                 out.push(NamedTensor::f32(
                     format!("{key}.{suffix}"),
                     vec![tensor.dims()[0]],
-                    tensor_to_vec(tensor),
+                    tensor_values(tensor),
                 ));
             }
         }
@@ -353,7 +353,7 @@ impl ExpertState for AdamMigration<'_> {
         let m = &state.momentum;
         let mut out = (m.time as u64).to_le_bytes().to_vec();
         for moment in [&m.moment_1, &m.moment_2] {
-            out.extend(tensor_to_vec(moment).iter().flat_map(|v| v.to_le_bytes()));
+            out.extend(tensor_values(moment).iter().flat_map(|v| v.to_le_bytes()));
         }
         out
     }
@@ -546,13 +546,6 @@ pub fn clip_scale(norm: f64, max_norm: Option<f64>) -> f32 {
     }
 }
 
-pub fn tensor_to_vec(t: &Tensor<1>) -> Vec<f32> {
-    t.clone()
-        .into_data()
-        .try_to_vec::<f32>()
-        .expect("parameters are f32")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -653,7 +646,7 @@ mod tests {
                     let updated = fused_adamw(opt.hyper, 1e-2, scale, entries);
                     for ((name, p), (u, state)) in params.iter_mut().zip(updated) {
                         opt.state.insert(name.clone(), state);
-                        *p = tensor_to_vec(&u);
+                        *p = tensor_values(&u);
                     }
                     continue;
                 }
@@ -667,7 +660,7 @@ mod tests {
                     let state = opt.state.remove(name);
                     let (updated, state) = o.step(1e-2, value, grad(p.len()) * scale, state);
                     opt.state.insert(name.clone(), state.unwrap());
-                    *p = tensor_to_vec(&updated);
+                    *p = tensor_values(&updated);
                 }
             }
             (params, opt.export())
@@ -715,7 +708,7 @@ mod tests {
             .map(|(name, g)| (name.clone(), g.clone() * scale))
             .collect();
         assert!((global_norm(&clipped) - 1.0).abs() < 1e-5);
-        assert!((tensor_to_vec(&clipped["a"])[0] - 0.6).abs() < 1e-5);
+        assert!((tensor_values(&clipped["a"])[0] - 0.6).abs() < 1e-5);
         assert_eq!(clip_scale(norm, Some(6.0)), 1.0, "below the limit");
         assert_eq!(clip_scale(norm, None), 1.0, "no clipping");
     }

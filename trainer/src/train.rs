@@ -88,7 +88,6 @@ pub fn run(
     let mut last_eval = None;
     while trainer.counters.step < cfg.train.steps {
         let report = trainer.step()?;
-        let tokens_per_sec = report.tokens as f64 / report.seconds.max(1e-9);
         let mut scalars = step_scalars(&report, flops_per_token, trainer.counters.tokens_seen);
         if trainer.is_logger() {
             scalars.extend(trainer.placement_scalars());
@@ -116,7 +115,7 @@ pub fn run(
             metrics
                 .log(step, &borrowed)
                 .map_err(|e| TrainError::Metrics(e.to_string()))?;
-            metrics.progress(step, report.loss, tokens_per_sec);
+            metrics.progress(step, report.loss, report.tokens_per_sec());
         }
         let due = cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0;
         let mut saved = None;

@@ -10,9 +10,9 @@ use switchyard_moe::Precision;
 use switchyard_moe::params::named_params;
 use switchyard_moe::precision::{matmul, scoped};
 use switchyard_trainer::Trainer;
+use switchyard_trainer::checkpoint::tensor_values;
 use switchyard_trainer::config::Config;
 use switchyard_trainer::data::Corpus;
-use switchyard_trainer::optim::tensor_to_vec;
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -26,16 +26,16 @@ fn bf16_matmul_rounds_to_bf16_and_returns_f32_gradients() {
     let device = Device::flex().autodiff();
     let a = Tensor::<2>::random([48, 64], Distribution::Normal(0.0, 1.0), &device).require_grad();
     let b = Tensor::<2>::random([64, 40], Distribution::Normal(0.0, 1.0), &device);
-    let exact = tensor_to_vec(&a.clone().matmul(b.clone()).reshape([-1]));
+    let exact = tensor_values(&a.clone().matmul(b.clone()).reshape([-1]));
     let fp32 = scoped(Precision::Fp32, || matmul(a.clone(), b.clone()));
     assert_eq!(
-        tensor_to_vec(&fp32.reshape([-1])),
+        tensor_values(&fp32.reshape([-1])),
         exact,
         "fp32 is the plain matmul"
     );
     let bf16 = scoped(Precision::Bf16, || matmul(a.clone(), b.clone()));
     assert_eq!(bf16.dtype(), DType::F32, "results come back as f32");
-    let got = tensor_to_vec(&bf16.clone().reshape([-1]));
+    let got = tensor_values(&bf16.clone().reshape([-1]));
     // bf16 keeps 8 significant bits: operand rounding (2^-9 relative each) over 64 terms
     // and the rounded output give errors of order 1e-3 of the largest entry; an f32 GEMM
     // would be within 1e-6.

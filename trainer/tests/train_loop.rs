@@ -4,10 +4,10 @@ use burn::tensor::Device;
 use switchyard_moe::params::{map_params, named_params};
 use switchyard_trainer::TrainError;
 use switchyard_trainer::Trainer;
+use switchyard_trainer::checkpoint::tensor_values;
 use switchyard_trainer::config::Config;
 use switchyard_trainer::config::NonFinitePolicy;
 use switchyard_trainer::data::Corpus;
-use switchyard_trainer::optim::tensor_to_vec;
 
 fn config(extra: &str) -> Config {
     let yaml = format!(
@@ -50,7 +50,7 @@ fn corpus(cfg: &Config) -> Corpus {
 fn weights(trainer: &Trainer) -> Vec<(String, Vec<f32>)> {
     named_params(&trainer.model)
         .into_iter()
-        .map(|(key, _, value)| (key.to_string(), tensor_to_vec(&value)))
+        .map(|(key, _, value)| (key.to_string(), tensor_values(&value)))
         .collect()
 }
 
