@@ -68,6 +68,19 @@ pub enum CommError {
         reason: String,
         hint: String,
     },
+    /// A rank this operation needs left without taking part (threads of one process: its
+    /// thread returned or failed). Its own error, if any, is the cause.
+    #[error(
+        "{op} on communicator `{comm}` (rank {rank} of {size}): rank(s) {exited:?} stopped \
+         without taking part (finished, or failed with their own error); this rank stops too"
+    )]
+    PeerExited {
+        op: String,
+        comm: String,
+        rank: usize,
+        size: usize,
+        exited: Vec<usize>,
+    },
     /// The communicator is unusable because an earlier operation on it failed.
     #[error(
         "communicator `{comm}` (rank {rank}) is unusable after an earlier failure ({first}); \
@@ -81,6 +94,15 @@ pub enum CommError {
 }
 
 impl CommError {
+    /// Whether this error only reports another rank's failure (that rank's own error is the
+    /// one to show the user).
+    pub fn is_consequence(&self) -> bool {
+        matches!(
+            self,
+            CommError::PeerExited { .. } | CommError::Poisoned { .. }
+        )
+    }
+
     /// The ranks that did not arrive, for a timeout; empty otherwise.
     pub fn missing_ranks(&self) -> &[usize] {
         match self {

@@ -187,6 +187,9 @@ struct State {
     /// share the rank's link (one after the other, in the order they completed arrival)
     /// instead of each getting the full bandwidth.
     link_free: Vec<Option<Instant>>,
+    /// Ranks whose handle was dropped (their thread returned or failed): a collective still
+    /// missing one of them can never complete, so it fails at once on the ranks waiting.
+    exited: Vec<bool>,
 }
 
 struct Group {
@@ -206,6 +209,7 @@ impl Group {
             state: Mutex::new(State {
                 last_op: vec!["nothing yet".to_string(); size],
                 link_free: vec![None; size],
+                exited: vec![false; size],
                 ..Default::default()
             }),
             cv: Condvar::new(),
@@ -409,15 +413,27 @@ impl Pending {
     /// Takes the contributions if everyone arrived (`None` if not yet).
     fn try_take(&self, st: &mut State) -> Option<Taken> {
         let n = self.group.size;
-        let slot = st
-            .slots
-            .get_mut(&self.seq)
-            .expect("slot exists while pending");
+        let State { slots, exited, .. } = st;
+        let slot = slots.get_mut(&self.seq).expect("slot exists while pending");
+        if slot.error.is_none() {
+            let gone: Vec<usize> = (0..n)
+                .filter(|&q| slot.contribs[q].is_none() && exited[q])
+                .collect();
+            if !gone.is_empty() {
+                slot.error = Some(CommError::PeerExited {
+                    op: self.op_name(),
+                    comm: self.group.name.clone(),
+                    rank: self.rank,
+                    size: n,
+                    exited: gone,
+                });
+            }
+        }
         if let Some(e) = &slot.error {
             let e = e.clone();
             slot.done += 1;
             if slot.done == n {
-                st.slots.remove(&self.seq);
+                slots.remove(&self.seq);
             }
             return Some(Taken::Err(e));
         }
@@ -437,7 +453,7 @@ impl Pending {
         let t = Taken::Data(contribs, slot.ready[self.rank], slot.children.clone());
         slot.done += 1;
         if slot.done == n {
-            st.slots.remove(&self.seq);
+            slots.remove(&self.seq);
         }
         Some(t)
     }
@@ -476,15 +492,20 @@ impl PendingOp for Pending {
         {
             let slot = &st.slots[&self.seq];
             if slot.error.is_none() {
+                let waits_for_exited =
+                    (0..self.group.size).any(|q| slot.contribs[q].is_none() && st.exited[q]);
                 if slot.arrived < self.group.size {
-                    return Ok(false);
-                }
-                if Instant::now() < slot.ready[self.rank] {
+                    if !waits_for_exited {
+                        return Ok(false);
+                    }
+                } else if Instant::now() < slot.ready[self.rank] {
                     return Ok(false);
                 }
             }
         }
-        let taken = self.try_take(&mut st).expect("everyone arrived");
+        let taken = self
+            .try_take(&mut st)
+            .expect("everyone arrived, or a missing rank exited");
         drop(st);
         let out = self.finish(taken, false)?;
         self.result = Some(out);
@@ -687,6 +708,22 @@ impl RecvPending {
         st: &mut State,
         honour_ready: bool,
     ) -> Option<Result<(Arc<Buffer>, Instant)>> {
+        let queued = st
+            .mail
+            .get(&(self.src, self.rank, self.tag))
+            .is_some_and(|q| !q.is_empty());
+        if !queued && st.exited[self.src] {
+            let e = CommError::PeerExited {
+                op: format!("recv(from {}, tag {})", self.src, self.tag),
+                comm: self.group.name.clone(),
+                rank: self.rank,
+                size: self.group.size,
+                exited: vec![self.src],
+            };
+            let mut p = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
+            p.get_or_insert_with(|| e.to_string());
+            return Some(Err(e));
+        }
         let q = st.mail.get_mut(&(self.src, self.rank, self.tag))?;
         let front = q.front()?;
         if honour_ready && Instant::now() < front.ready {
@@ -772,6 +809,15 @@ impl PendingOp for RecvPending {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+}
+
+/// A rank's handle going away means the rank is gone (finished, failed or panicked): the
+/// ranks still waiting for it learn so at once instead of at their timeout.
+impl Drop for LocalComm {
+    fn drop(&mut self) {
+        self.group.lock().exited[self.rank] = true;
+        self.group.cv.notify_all();
     }
 }
 
@@ -958,6 +1004,46 @@ mod tests {
     /// The link model's deadline runs from the post, not from `wait`: an operation left alone
     /// for longer than its modelled time is complete when first tested (so compute issued
     /// meanwhile overlaps it), and not before.
+    /// A rank that leaves (its thread returns or fails) ends the others' waits for it at
+    /// once, blocking or polled, collective or point-to-point, instead of at the timeout;
+    /// a collective it took part in still completes.
+    #[test]
+    fn a_rank_that_leaves_fails_the_waits_for_it_at_once() {
+        let timeout = Duration::from_secs(600);
+        let started = Instant::now();
+        let results = LocalWorld::spawn(LocalWorld::new(3, timeout, None), None, |c| {
+            let mut one = Buffer::I64(vec![1]);
+            c.all_reduce(&mut one, ReduceOp::Sum).unwrap();
+            if c.rank() == 2 {
+                return Ok(Vec::new()); // leaves: drops its handle
+            }
+            let mut errors = Vec::new();
+            let mut polled = c.i_all_reduce(Buffer::I64(vec![1]), ReduceOp::Max).unwrap();
+            while !polled.test().map_err(|e| errors.push(e)).unwrap_or(true) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if errors.is_empty() {
+                return Err("the polled all-reduce completed without rank 2".to_string());
+            }
+            let recv = c.recv(&mut Buffer::I64(vec![0]), 2, 7).unwrap_err();
+            errors.push(recv);
+            Ok(errors)
+        });
+        assert!(
+            started.elapsed() < timeout / 2,
+            "the waits ended by the timeout"
+        );
+        for (rank, r) in results.into_iter().enumerate().take(2) {
+            let errors = r.unwrap();
+            match &errors[0] {
+                CommError::PeerExited { exited, .. } => assert_eq!(exited, &[2]),
+                other => panic!("rank {rank}: {other:?}"),
+            }
+            assert!(errors.iter().all(CommError::is_consequence), "{errors:?}");
+            assert!(errors[0].to_string().contains("[2]"), "{}", errors[0]);
+        }
+    }
+
     #[test]
     fn link_deadline_runs_from_the_post() {
         let latency = Duration::from_millis(400);

@@ -13,6 +13,8 @@ use switchyard_comm::{CommBackendConfig, Communicator, LinkModel, LocalWorld};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use switchyard_trainer::StopSignal;
+
 use switchyard_trainer::EXIT_PREEMPTED;
 use switchyard_trainer::train::RunOutcome;
 
@@ -101,6 +103,7 @@ pub fn train(
     launch: &LaunchInfo,
     resume: Option<&str>,
     init_from: Option<&Path>,
+    stop: Arc<StopSignal>,
 ) -> Result<()> {
     setup_threads(cfg.run.threads)?;
     let transport = transport(cfg, launch)?;
@@ -130,7 +133,6 @@ pub fn train(
         }
         Ok(())
     };
-    let preempt = preemption_flag()?;
     let threads = matches!(transport, Transport::Threads(_));
     let rank_run = |world: Option<Box<dyn Communicator>>| {
         // The GPU of `device: cuda`: rank threads share this node; MPI ranks have the
@@ -147,7 +149,7 @@ pub fn train(
             &cfg.device.resolve(local_rank)?,
             serde_json::to_value(cfg).expect("config serialises"),
             world,
-            Some(&preempt),
+            Some(stop.clone()),
         )
     };
     let outcome = match transport {
@@ -165,16 +167,21 @@ pub fn train(
                 let rank = comm.rank();
                 rank_run(Some(Box::new(comm))).map_err(|e| (rank, e))
             });
-            let mut first = None;
+            let mut outcomes = Vec::new();
+            let mut errors = Vec::new();
             for r in results {
                 match r {
-                    Ok(outcome) => first = first.or(Some(outcome)),
-                    Err((rank, e)) => {
-                        return Err(anyhow::Error::new(e).context(format!("rank {rank}")));
-                    }
+                    Ok(outcome) => outcomes.push(outcome),
+                    Err(e) => errors.push(e),
                 }
             }
-            (first.expect("at least one rank"), true)
+            // One error: the first rank's own, not another's report of it (a rank that
+            // waited for a failed rank only says so).
+            let cause = errors.iter().position(|(_, e)| !e.is_consequence());
+            if let Some((rank, e)) = errors.into_iter().nth(cause.unwrap_or(0)) {
+                return Err(anyhow::Error::new(e).context(format!("rank {rank}")));
+            }
+            (outcomes.swap_remove(0), true)
         }
         Transport::Mpi => mpi_train(cfg, launch, &write_config, &rank_run)?,
     };
@@ -214,20 +221,42 @@ impl std::fmt::Display for Preempted {
 
 impl std::error::Error for Preempted {}
 
-/// Set by SIGUSR1, SIGTERM or SIGINT: the trainer checkpoints at the next step boundary and
-/// stops. Further signals change nothing (a save in progress finishes), except a second
-/// SIGINT, which exits at once (130) for an impatient Ctrl-C.
-fn preemption_flag() -> Result<Arc<AtomicBool>> {
+/// Installs the stop handlers of `train`, first thing (before the config is read): SIGUSR1,
+/// SIGTERM or SIGINT before the first step end the process at once with `EXIT_PREEMPTED`
+/// (there is nothing to save yet; a job script requeues on it); from the first step on they
+/// stop the run at the next step boundary with a checkpoint (see `StopSignal`). Further
+/// signals change nothing (a save in progress finishes), except a second SIGINT, which exits
+/// at once (130) for an impatient Ctrl-C.
+pub fn install_stop_handlers() -> Result<Arc<StopSignal>> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
-    let flag = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(StopSignal::new());
+    let interrupted = Arc::new(AtomicBool::new(false));
     // Conditional shutdown first: it sees the flag set by an earlier SIGINT.
-    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flag.clone())
+    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, interrupted.clone())
         .context("installing the SIGINT handler")?;
+    signal_hook::flag::register(SIGINT, interrupted).context("installing the SIGINT handler")?;
     for signal in [SIGUSR1, SIGTERM, SIGINT] {
-        signal_hook::flag::register(signal, flag.clone())
+        let stop = stop.clone();
+        let action = move || {
+            if !stop.request() {
+                exit_before_first_step();
+            }
+        };
+        // SAFETY: the action is async-signal-safe: atomics, write(2) and _exit(2) only (no
+        // allocation, no locks).
+        unsafe { signal_hook::low_level::register(signal, action) }
             .with_context(|| format!("installing the handler of signal {signal}"))?;
     }
-    Ok(flag)
+    Ok(stop)
+}
+
+/// A stop signal before the first step: say so on stderr and exit `EXIT_PREEMPTED`.
+fn exit_before_first_step() {
+    const MESSAGE: &[u8] = b"switchyard: stop signal before the first step: nothing to save; \
+        exiting with 75 (requeue; `--resume auto` continues from the last checkpoint)\n";
+    // SAFETY: write(2) on stderr from a valid buffer; async-signal-safe.
+    unsafe { libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len()) };
+    signal_hook::low_level::exit(i32::from(EXIT_PREEMPTED));
 }
 
 type RankRun<'a> = dyn Fn(

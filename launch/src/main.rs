@@ -181,6 +181,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    switchyard_trainer::quiet_seam_failures();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -192,10 +193,25 @@ fn main() -> ExitCode {
                 eprintln!("{preempted}");
                 return ExitCode::from(switchyard_trainer::EXIT_PREEMPTED);
             }
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: a cause whose text its parent already shows
+/// (errors that format their source) is not repeated.
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let line = cause.to_string();
+        if text.is_empty() {
+            text = line;
+        } else if !text.contains(&line) {
+            text = format!("{text}: {line}");
+        }
+    }
+    text
 }
 
 /// Loads, deserializes and validates the config; any problem is a `ConfigError` (exit 2).
@@ -220,10 +236,12 @@ fn run(command: Command) -> Result<()> {
             resume,
             init_from,
         } => {
+            // First: a stop signal from now on is handled (see `install_stop_handlers`).
+            let stop = commands::install_stop_handlers()?;
             let cfg = load(&config)?;
             let launch = launcher_env::LaunchInfo::from_process_env()?;
             tracing::info!("launch: {launch}");
-            commands::train(&cfg, &launch, resume.as_deref(), init_from.as_deref())
+            commands::train(&cfg, &launch, resume.as_deref(), init_from.as_deref(), stop)
         }
         Command::Eval { config, checkpoint } => {
             let cfg = load(&config)?;

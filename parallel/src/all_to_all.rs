@@ -174,7 +174,7 @@ impl Backward<Flex, 1> for AllToAllBackward {
         let grad_in = ops
             .state
             .exchange(grad_rd, &device)
-            .unwrap_or_else(|e| panic!("backward of all_to_all_rows: {e}"));
+            .unwrap_or_else(crate::seam::fail);
         let [parent] = ops.parents;
         if let Some(parent) = parent {
             let grad_in = grad_in

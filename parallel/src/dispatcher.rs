@@ -327,14 +327,14 @@ impl TokenDispatcher for AllToAllDispatcher {
         }
         Some(
             self.try_pipelined(overlap, x_td, plan, weights_tk, experts)
-                .unwrap_or_else(|e| panic!("expert-parallel block: {e}")),
+                .unwrap_or_else(crate::seam::fail),
         )
     }
 
     fn dispatch(&self, x_td: Tensor<2>, plan: DispatchPlan) -> Dispatched {
-        // The seam has no error channel; a failed collective (timeout, mismatch) is fatal.
+        // The seam has no error channel: a failed collective unwinds to the step (`seam`).
         self.try_dispatch(x_td, plan)
-            .unwrap_or_else(|e| panic!("expert-parallel dispatch: {e}"))
+            .unwrap_or_else(crate::seam::fail)
     }
 }
 
@@ -366,8 +366,8 @@ impl Exchanged {
 
 impl Combine for Exchanged {
     fn combine(self: Box<Self>, out_nd: Tensor<2>, weights_tk: Tensor<2>) -> Tensor<2> {
-        // The seam has no error channel; a failed collective (timeout, mismatch) is fatal.
+        // The seam has no error channel: a failed collective unwinds to the step (`seam`).
         self.try_combine(out_nd, weights_tk)
-            .unwrap_or_else(|e| panic!("expert-parallel combine: {e}"))
+            .unwrap_or_else(crate::seam::fail)
     }
 }

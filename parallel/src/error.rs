@@ -52,6 +52,12 @@ pub enum ParallelError {
 }
 
 impl ParallelError {
+    /// Whether this error only reports another rank's failure (see
+    /// `CommError::is_consequence`).
+    pub fn is_consequence(&self) -> bool {
+        matches!(self, ParallelError::Comm { source, .. } if source.is_consequence())
+    }
+
     pub(crate) fn comm(op: impl Into<String>) -> impl FnOnce(CommError) -> ParallelError {
         let op = op.into();
         move |source| ParallelError::Comm {

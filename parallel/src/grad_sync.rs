@@ -77,10 +77,10 @@ impl WorldReducer {
 impl BatchReducer for WorldReducer {
     fn sum(&self, values: Vec<f64>) -> Vec<f64> {
         let mut buf = Buffer::F64(values);
-        // The seam has no error channel; a failed collective is fatal for the step.
+        // The seam has no error channel: a failed collective unwinds to the step (`seam`).
         self.world
             .all_reduce(&mut buf, ReduceOp::Sum)
-            .unwrap_or_else(|e| panic!("MoE batch statistics all-reduce: {e}"));
+            .unwrap_or_else(|e| crate::seam::fail_comm("MoE batch statistics all-reduce", e));
         buf.into_vec::<f64>()
             .unwrap_or_else(|b| panic!("all-reduce of f64 returned {}", b.dtype()))
     }

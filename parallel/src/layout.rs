@@ -228,20 +228,49 @@ impl Layout {
     }
 
     /// [`Self::all_ok`] for phases where a rank may legitimately be busy for longer than the
-    /// communication timeout (writing its checkpoint shard): waits up to `patience`.
-    pub fn all_ok_within(&self, ok: bool, what: &str, patience: Duration) -> Result<bool> {
-        let mut request = self
-            .mesh
-            .world()
+    /// communication timeout (writing its checkpoint shard): waits up to `patience`. Once
+    /// `interrupted()` (a stop signal arrived while this rank waits) the wait goes on for at
+    /// most the communication timeout: a healthy rank still finishes its part of the save,
+    /// a stuck one does not hold the job until `patience` runs out.
+    pub fn all_ok_within(
+        &self,
+        ok: bool,
+        what: &str,
+        patience: Duration,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<bool> {
+        let world = self.mesh.world();
+        let mut request = world
             .i_all_reduce(Buffer::I64(vec![!ok as i64]), ReduceOp::Max)
             .map_err(ParallelError::comm(what))?;
-        let deadline = Instant::now() + patience;
+        let started = Instant::now();
+        let mut deadline = started.checked_add(patience);
+        let mut signalled = false;
         while !request.test().map_err(ParallelError::comm(what))? {
-            if Instant::now() > deadline {
+            let now = Instant::now();
+            if !signalled && interrupted() {
+                signalled = true;
+                let cap = now.checked_add(world.timeout());
+                deadline = match (deadline, cap) {
+                    (Some(d), Some(c)) => Some(d.min(c)),
+                    (d, c) => d.or(c),
+                };
+                tracing::warn!(
+                    "{what}: a stop signal arrived while waiting for the other ranks; waiting \
+                     at most {:.0} s more (comm.timeout_s)",
+                    world.timeout().as_secs_f64()
+                );
+            }
+            if deadline.is_some_and(|d| now > d) {
+                let bound = if signalled {
+                    "the stop signal's grace of comm.timeout_s"
+                } else {
+                    "checkpoint.save_timeout_s"
+                };
                 return Err(ParallelError::Agreement(format!(
-                    "{what}: not every rank arrived within {:.0} s (checkpoint.save_timeout_s); \
-                     a rank is stuck writing its shard or has died",
-                    patience.as_secs_f64()
+                    "{what}: not every rank arrived within {:.0} s ({bound}); a rank is stuck \
+                     writing its shard or has died",
+                    (now - started).as_secs_f64()
                 )));
             }
             std::thread::sleep(Duration::from_millis(2));

@@ -17,6 +17,8 @@
 //! - [`apply_layout`] and [`GradSync`]: apply EP + DP + CP to a model; synchronise
 //!   gradients so the trained weights do not depend on the layout ([`grad_sync`] documents
 //!   the loss scaling).
+//! - [`seam`]: a failed collective inside the model (whose seams have no error channel)
+//!   unwinds to the step, which reports it as one error.
 //! - [`migrate()`]: live expert migration (weights and optimizer state move to the new
 //!   owners of per-layer placements at a step boundary).
 
@@ -31,6 +33,7 @@ pub mod layout;
 pub mod mesh;
 pub mod migrate;
 pub mod overlap;
+pub mod seam;
 
 pub use config::ParallelConfig;
 pub use cp::{CpAlgorithm, CpAttention, CpConfig, SeqLayout, Sharding, shard_sequence};

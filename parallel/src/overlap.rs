@@ -639,8 +639,8 @@ fn forward(
                     }
                 },
             )
-            // The backward pass has no error channel: a failed exchange ends the rank here.
-            .unwrap_or_else(|e| panic!("backward of the expert-parallel block: {e}"));
+            // The backward pass has no error channel: a failed exchange unwinds to the step.
+            .unwrap_or_else(crate::seam::fail);
         *totals.lock().unwrap_or_else(|p| p.into_inner()) += t;
         // Without local experts (or rows) the weight gradients are zeros.
         let [dwg, dwu, dwd] = dw.unwrap_or_else(|| {

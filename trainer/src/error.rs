@@ -20,8 +20,9 @@ pub enum TrainError {
         what: &'static str,
         value: f64,
     },
-    #[error("communication: {0}")]
-    Comm(String),
+    /// Another rank failed; its own error is the cause.
+    #[error("{0}")]
+    OtherRank(String),
     #[error("parallel: {0}")]
     Parallel(#[from] switchyard_parallel::ParallelError),
     #[error("placement: {0}")]
@@ -32,4 +33,16 @@ pub enum TrainError {
     Io(String),
     #[error("{0}")]
     Device(#[from] crate::device::DeviceError),
+}
+
+impl TrainError {
+    /// Whether this error only reports another rank's failure: when ranks run as threads of
+    /// one process, the launcher shows the others' errors instead.
+    pub fn is_consequence(&self) -> bool {
+        match self {
+            TrainError::OtherRank(_) => true,
+            TrainError::Parallel(e) => e.is_consequence(),
+            _ => false,
+        }
+    }
 }

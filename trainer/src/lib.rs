@@ -12,10 +12,13 @@ pub mod metrics;
 pub mod optim;
 pub mod rebalance;
 pub mod state;
+pub mod stop;
 pub mod train;
 pub mod trainer;
 
 pub use error::TrainError;
+pub use stop::StopSignal;
+pub use switchyard_parallel::seam::quiet_seam_failures;
 pub use train::{RunOutcome, Start, run};
 pub use trainer::Trainer;
 

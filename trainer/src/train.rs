@@ -2,7 +2,7 @@
 //! log -> rebalance -> evaluate -> save -> agree on stopping.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use burn::tensor::Device;
 use switchyard_parallel::Communicator;
@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::data::Corpus;
 use crate::error::TrainError;
 use crate::metrics::{EvalReport, MetricsSink, moe_scalars, step_scalars};
+use crate::stop::StopSignal;
 use crate::trainer::Trainer;
 
 /// Where a run's weights come from.
@@ -36,9 +37,10 @@ pub enum RunOutcome {
 }
 
 /// `world`: this rank's communicator when the layout has more than one rank (every rank
-/// calls `run`); only rank 0 writes metrics and prints progress. `preempt`: set (by a
-/// signal handler) to stop at the next step boundary with a checkpoint; the decision is
-/// collective, so every rank stops at the same step even if only one was signalled.
+/// calls `run`); only rank 0 writes metrics and prints progress. `stop`: set (by a signal
+/// handler) to stop at the next step boundary with a checkpoint; the decision is
+/// collective, so every rank stops at the same step even if only one was signalled. `run`
+/// arms it right before the first step (see [`StopSignal`]).
 pub fn run(
     cfg: &Config,
     corpus: &Corpus,
@@ -46,7 +48,7 @@ pub fn run(
     device: &Device,
     resolved_config: serde_json::Value,
     world: Option<Box<dyn Communicator>>,
-    preempt: Option<&AtomicBool>,
+    stop: Option<Arc<StopSignal>>,
 ) -> Result<RunOutcome, TrainError> {
     let mut trainer = Trainer::new_on(cfg, corpus, device, world)?;
     let ckpt_dir = cfg
@@ -59,6 +61,7 @@ pub fn run(
         cfg.checkpoint.keep_last,
         cfg.checkpoint.save_timeout_s,
         resolved_config,
+        stop.clone(),
     )?;
     match start {
         Start::Fresh => {}
@@ -86,6 +89,9 @@ pub fn run(
     };
     let flops_per_token = trainer.train_flops_per_token();
     let mut last_eval = None;
+    if let Some(stop) = &stop {
+        stop.arm();
+    }
     while trainer.counters.step < cfg.train.steps {
         let report = trainer.step()?;
         let mut scalars = step_scalars(&report, flops_per_token, trainer.counters.tokens_seen);
@@ -123,7 +129,7 @@ pub fn run(
             saved = Some(trainer.save(&checkpointer)?);
         }
         // A signal that arrived during the step, the evaluation or the save is acted on here.
-        let signalled = preempt.is_some_and(|p| p.load(Ordering::SeqCst));
+        let signalled = stop.as_ref().is_some_and(|s| s.requested());
         let stop = match &trainer.layout {
             Some(l) => !l.all_ok(!signalled, "preemption check")?,
             None => signalled,

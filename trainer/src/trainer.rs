@@ -151,10 +151,10 @@ impl Trainer {
         // would starve the other ranks. Already on a pool (a benchmark's per-rank pool),
         // the step stays there.
         if rayon::current_thread_index().is_some() {
-            return self.step_on_pool();
+            return switchyard_parallel::seam::catch_seam_failure(|| self.step_on_pool());
         }
         let pool = Arc::clone(&self.pool);
-        pool.install(|| self.step_on_pool())
+        switchyard_parallel::seam::catch_seam_failure(|| pool.install(|| self.step_on_pool()))
     }
 
     fn step_on_pool(&mut self) -> Result<StepReport, TrainError> {
@@ -251,6 +251,10 @@ impl Trainer {
     /// Mean validation cross-entropy over the fixed validation batches (each rank
     /// evaluates its rows of every batch; a collective when distributed).
     pub fn evaluate(&self) -> Result<EvalReport, TrainError> {
+        switchyard_parallel::seam::catch_seam_failure(|| self.evaluate_here())
+    }
+
+    fn evaluate_here(&self) -> Result<EvalReport, TrainError> {
         let model = self.model.valid();
         let inner = self.device.clone().inner();
         let (mut sum, mut tokens) = (0f64, 0f64);

@@ -149,7 +149,7 @@ fn a_vanilla_checkpoint_initialises_a_null_expert_model() {
     let mut vanilla = Trainer::new(&vanilla_cfg, &corpus, &device).unwrap();
     vanilla.step().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let checkpointer = Checkpointer::new(dir.path(), 1, 60.0, serde_json::json!({})).unwrap();
+    let checkpointer = Checkpointer::new(dir.path(), 1, 60.0, serde_json::json!({}), None).unwrap();
     let saved = vanilla.save(&checkpointer).unwrap();
 
     for null_init in [NullInit::CopyTrueRows, NullInit::Random] {

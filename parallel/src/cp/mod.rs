@@ -214,8 +214,7 @@ impl AttentionImpl for CpAttention {
     }
 
     fn attend(&self, q_bhsd: Tensor<4>, k_bhsd: Tensor<4>, v_bhsd: Tensor<4>) -> Tensor<4> {
-        // The seam has no error channel; a failed transfer (timeout, mismatch) is fatal.
-        context_attention(q_bhsd, k_bhsd, v_bhsd, self)
-            .unwrap_or_else(|e| panic!("context-parallel attention: {e}"))
+        // The seam has no error channel: a failed transfer unwinds to the step (`seam`).
+        context_attention(q_bhsd, k_bhsd, v_bhsd, self).unwrap_or_else(crate::seam::fail)
     }
 }

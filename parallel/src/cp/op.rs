@@ -133,9 +133,8 @@ impl Backward<Flex, 3> for ContextAttentionBackward {
         let grad = grads.consume::<Flex>(&ops.node);
         let d_out = Tensor::<4>::from_primitive::<Flex>(grad);
         let State { attn, saved } = ops.state;
-        // The backward pass has no error channel: a failed transfer ends the rank here.
-        let (dq, dk, dv) = backward(&attn, &saved, d_out)
-            .unwrap_or_else(|e| panic!("backward of context attention: {e}"));
+        // The backward pass has no error channel: a failed transfer unwinds to the step.
+        let (dq, dk, dv) = backward(&attn, &saved, d_out).unwrap_or_else(crate::seam::fail);
         for (parent, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
             if let Some(parent) = parent {
                 let g = g

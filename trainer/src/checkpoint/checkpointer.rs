@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use burn::tensor::Tensor;
@@ -31,6 +32,7 @@ use super::{
     step_dir_name, verify_compatible, write_files,
 };
 use crate::error::TrainError;
+use crate::stop::StopSignal;
 
 /// A checkpoint in memory: tensors by file kind (`model`, `optimizer`) and name, and the
 /// manifest's trainer state (a JSON object, one or more fields per part).
@@ -204,6 +206,8 @@ pub struct Checkpointer {
     save_timeout: Duration,
     /// The run's resolved config, stored in every manifest.
     resolved_config: serde_json::Value,
+    /// A stop signal shortens the wait for the other ranks (see `Layout::all_ok_within`).
+    stop: Option<Arc<StopSignal>>,
 }
 
 impl Checkpointer {
@@ -212,11 +216,18 @@ impl Checkpointer {
         keep_last: usize,
         save_timeout_s: f64,
         resolved_config: serde_json::Value,
+        stop: Option<Arc<StopSignal>>,
     ) -> Result<Checkpointer, TrainError> {
+        let save_timeout = Duration::try_from_secs_f64(save_timeout_s).map_err(|e| {
+            TrainError::Io(format!(
+                "checkpoint.save_timeout_s = {save_timeout_s} is not a usable duration ({e})"
+            ))
+        })?;
         Ok(Checkpointer {
             manager: CheckpointManager::new(dir, keep_last)?,
-            save_timeout: Duration::from_secs_f64(save_timeout_s),
+            save_timeout,
             resolved_config,
+            stop,
         })
     }
 
@@ -322,10 +333,12 @@ impl Checkpointer {
         step: u64,
         phase: &str,
     ) -> Result<(), TrainError> {
+        let interrupted = || self.stop.as_ref().is_some_and(|s| s.requested());
         let ok = layout.all_ok_within(
             outcome.is_ok(),
             &format!("checkpoint of step {step}: {phase}"),
             self.save_timeout,
+            &interrupted,
         )?;
         if ok {
             return Ok(());
@@ -335,7 +348,7 @@ impl Checkpointer {
         }
         match outcome {
             Err(e) => Err(e.into()),
-            Ok(()) => Err(TrainError::Comm(format!(
+            Ok(()) => Err(TrainError::OtherRank(format!(
                 "checkpoint of step {step}: another rank failed to {phase} (its own error is \
                  in its log); nothing was committed"
             ))),
