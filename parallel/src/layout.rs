@@ -235,7 +235,7 @@ impl Layout {
             .world()
             .i_all_reduce(Buffer::I64(vec![!ok as i64]), ReduceOp::Max)
             .map_err(ParallelError::comm(what))?;
-        let deadline = Instant::now() + patience;
+        let deadline = switchyard_comm::deadline_after(patience);
         while !request.test().map_err(ParallelError::comm(what))? {
             if Instant::now() > deadline {
                 return Err(ParallelError::Agreement(format!(

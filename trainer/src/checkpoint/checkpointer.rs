@@ -215,7 +215,7 @@ impl Checkpointer {
     ) -> Result<Checkpointer, TrainError> {
         Ok(Checkpointer {
             manager: CheckpointManager::new(dir, keep_last)?,
-            save_timeout: Duration::from_secs_f64(save_timeout_s),
+            save_timeout: switchyard_parallel::duration_from_secs(save_timeout_s),
             resolved_config,
         })
     }
