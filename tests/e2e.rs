@@ -689,7 +689,10 @@ fn huge_timeouts_are_config_errors_naming_the_key() {
         ("comm.timeout_s=1e20", "comm.timeout_s"),
         ("comm.timeout_s=1e19", "comm.timeout_s"),
         ("comm.timeout_s=.inf", "comm.timeout_s"),
-        ("checkpoint.save_timeout_s=1e20", "checkpoint.save_timeout_s"),
+        (
+            "checkpoint.save_timeout_s=1e20",
+            "checkpoint.save_timeout_s",
+        ),
         (
             "placement.strategy={type: ilp, time_limit_s: 1e20}",
             "placement.strategy.time_limit_s",
@@ -706,6 +709,33 @@ fn huge_timeouts_are_config_errors_naming_the_key() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             stderr.contains(&format!("{key}: must be in")) && stderr.contains("604800]"),
+            "{set}: {}",
+            text(&out)
+        );
+    }
+}
+
+/// Sizes that cannot fit in this machine's memory are config errors stating the estimate
+/// and the available memory, not an allocation abort in `train`.
+#[test]
+fn impossible_sizes_are_config_errors_with_the_estimate() {
+    for set in [
+        "model.d_model=1000000000000",
+        "model.vocab_size=1000000000000",
+        "model.moe.num_experts=1000000000",
+        "data.batch_size=1000000000",
+    ] {
+        let out = switchyard(&[
+            "validate-config",
+            "--config",
+            "configs/quickstart.yaml",
+            "--set",
+            set,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{set}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("needs at least") && stderr.contains("but the machine has"),
             "{set}: {}",
             text(&out)
         );

@@ -244,7 +244,16 @@ mod tests {
     /// Whatever a config says, converting it to a duration and a deadline does not panic.
     #[test]
     fn any_timeout_converts_without_panicking() {
-        for secs in [1e20, 1e19, f64::MAX, f64::INFINITY, f64::NAN, -5.0, 0.0, 300.0] {
+        for secs in [
+            1e20,
+            1e19,
+            f64::MAX,
+            f64::INFINITY,
+            f64::NAN,
+            -5.0,
+            0.0,
+            300.0,
+        ] {
             let c = CommConfig {
                 timeout_s: secs,
                 ..CommConfig::default()
