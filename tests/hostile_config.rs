@@ -174,6 +174,8 @@ fn corpus(dir: &Path) -> Vec<(String, String, bool)> {
 fn run_measured(path: &Path, log: &Path) -> (Option<i32>, Duration, i64) {
     let stderr = std::fs::File::create(log).unwrap();
     let start = Instant::now();
+    // Reaped by wait4 below (std's wait would not report the peak RSS).
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["validate-config", "--config"])
         .arg(path)
