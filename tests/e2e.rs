@@ -680,3 +680,64 @@ fn rebalancing_migrates_experts_and_keeps_the_loss_curve() {
     assert_eq!(resumed.len(), 12);
     same_curve(&fixed, &resumed, "stopped, resumed at ep=4 then ep=2");
 }
+
+/// Timeouts past a week (or not finite) are config errors naming the key, not a panic at
+/// the first collective or the first multi-rank save.
+#[test]
+fn huge_timeouts_are_config_errors_naming_the_key() {
+    for (set, key) in [
+        ("comm.timeout_s=1e20", "comm.timeout_s"),
+        ("comm.timeout_s=1e19", "comm.timeout_s"),
+        ("comm.timeout_s=.inf", "comm.timeout_s"),
+        (
+            "checkpoint.save_timeout_s=1e20",
+            "checkpoint.save_timeout_s",
+        ),
+        (
+            "placement.strategy={type: ilp, time_limit_s: 1e20}",
+            "placement.strategy.time_limit_s",
+        ),
+    ] {
+        let out = switchyard(&[
+            "validate-config",
+            "--config",
+            "configs/quickstart.yaml",
+            "--set",
+            set,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{set}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{key}: must be in")) && stderr.contains("604800]"),
+            "{set}: {}",
+            text(&out)
+        );
+    }
+}
+
+/// Sizes that cannot fit in this machine's memory are config errors stating the estimate
+/// and the available memory, not an allocation abort in `train`.
+#[test]
+fn impossible_sizes_are_config_errors_with_the_estimate() {
+    for set in [
+        "model.d_model=1000000000000",
+        "model.vocab_size=1000000000000",
+        "model.moe.num_experts=1000000000",
+        "data.batch_size=1000000000",
+    ] {
+        let out = switchyard(&[
+            "validate-config",
+            "--config",
+            "configs/quickstart.yaml",
+            "--set",
+            set,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{set}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("needs at least") && stderr.contains("but the machine has"),
+            "{set}: {}",
+            text(&out)
+        );
+    }
+}

@@ -9,6 +9,31 @@ use std::time::Duration;
 /// Issues found by a `validate` call: (key path relative to the node, message).
 pub type ConfigIssues = Vec<(String, String)>;
 
+/// The longest timeout a config may set, seconds (a week): longer is a typo or a unit
+/// mistake, and a deadline must stay representable as an `Instant`.
+pub const MAX_TIMEOUT_S: f64 = 604_800.0;
+
+/// Whether `secs` is a timeout a config may set: finite, > 0 and at most [`MAX_TIMEOUT_S`].
+pub fn valid_timeout_s(secs: f64) -> bool {
+    secs.is_finite() && secs > 0.0 && secs <= MAX_TIMEOUT_S
+}
+
+/// `secs` as a `Duration`, never panicking: NaN and negatives are zero, values past what a
+/// `Duration` holds are `Duration::MAX` (validation keeps configs far below either).
+pub fn duration_from_secs(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX)
+}
+
+/// `timeout` from now as an `Instant`; a timeout past what an `Instant` holds is a deadline
+/// a century away (never reached), not a panic.
+pub fn deadline_after(timeout: Duration) -> std::time::Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let now = std::time::Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(CENTURY))
+        .unwrap_or(now)
+}
+
 /// Communication settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,7 +117,7 @@ pub struct LinkConfig {
 
 impl CommConfig {
     pub fn timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.timeout_s.max(0.0))
+        duration_from_secs(self.timeout_s)
     }
 
     /// The emulated interconnect of the `local` backend (`None`: as fast as memory, or
@@ -108,11 +133,12 @@ impl CommConfig {
 
     pub fn validate(&self) -> ConfigIssues {
         let mut issues = ConfigIssues::new();
-        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
+        if !valid_timeout_s(self.timeout_s) {
             issues.push((
                 "timeout_s".into(),
                 format!(
-                    "must be a positive number of seconds, got {}; the default is {}",
+                    "must be in (0, {MAX_TIMEOUT_S}] seconds (a week at most), got {}; the \
+                     default is {}",
                     self.timeout_s,
                     default_timeout_s()
                 ),
@@ -204,5 +230,39 @@ mod tests {
                 "backend.link.bandwidth_gbps"
             ]
         );
+        for bad in [1e20, 604_801.0, f64::INFINITY, f64::NAN, -1.0] {
+            let c = CommConfig {
+                timeout_s: bad,
+                ..CommConfig::default()
+            };
+            let issues = c.validate();
+            assert_eq!(issues.len(), 1, "{bad}");
+            assert!(issues[0].1.contains("(0, 604800] seconds"), "{issues:?}");
+        }
+    }
+
+    /// Whatever a config says, converting it to a duration and a deadline does not panic.
+    #[test]
+    fn any_timeout_converts_without_panicking() {
+        for secs in [
+            1e20,
+            1e19,
+            f64::MAX,
+            f64::INFINITY,
+            f64::NAN,
+            -5.0,
+            0.0,
+            300.0,
+        ] {
+            let c = CommConfig {
+                timeout_s: secs,
+                ..CommConfig::default()
+            };
+            let d = c.timeout();
+            assert!(deadline_after(d) >= std::time::Instant::now() - Duration::from_secs(1));
+        }
+        assert_eq!(duration_from_secs(1e20), Duration::MAX);
+        assert_eq!(duration_from_secs(f64::NAN), Duration::ZERO);
+        assert_eq!(duration_from_secs(2.5), Duration::from_millis(2500));
     }
 }

@@ -30,7 +30,10 @@ pub mod nccl;
 
 pub(crate) use communicator::Check;
 pub use communicator::{BackendKind, Communicator, PendingOp, Request};
-pub use config::{CommBackendConfig, CommConfig, LinkConfig, MpiProgress};
+pub use config::{
+    CommBackendConfig, CommConfig, LinkConfig, MAX_TIMEOUT_S, MpiProgress, deadline_after,
+    duration_from_secs, valid_timeout_s,
+};
 pub use dtype::{Buffer, DType, Element, ReduceOp};
 pub use error::{CommError, Result};
 pub use half::{bf16, f16};

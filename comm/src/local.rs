@@ -36,14 +36,15 @@ impl LinkModel {
     /// `latency_us` microseconds per message; `bandwidth_gbps` gigabits per second.
     pub fn new(latency_us: f64, bandwidth_gbps: f64) -> LinkModel {
         LinkModel {
-            latency: Duration::from_secs_f64(latency_us * 1e-6),
+            latency: crate::duration_from_secs(latency_us * 1e-6),
             bytes_per_sec: bandwidth_gbps * 1e9 / 8.0,
         }
     }
 
     /// Time of `messages` messages carrying `bytes` bytes in all, one after the other.
     pub fn cost(&self, messages: usize, bytes: usize) -> Duration {
-        self.latency * messages as u32 + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec)
+        self.latency.saturating_mul(messages as u32)
+            + crate::duration_from_secs(bytes as f64 / self.bytes_per_sec)
     }
 }
 
@@ -524,7 +525,7 @@ impl PendingOp for Pending {
 impl Pending {
     /// Blocks until everyone arrived (or the timeout) and takes the contributions.
     fn wait_take(&self) -> Result<Taken> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = crate::deadline_after(self.timeout);
         let mut st = self.group.lock();
         loop {
             if let Some(t) = self.try_take(&mut st) {
@@ -774,7 +775,7 @@ impl PendingOp for RecvPending {
         if let Some(out) = self.result.take() {
             return Ok(out);
         }
-        let deadline = Instant::now() + self.timeout;
+        let deadline = crate::deadline_after(self.timeout);
         let group = self.group.clone();
         let mut st = group.lock();
         loop {

@@ -1448,7 +1448,7 @@ impl PendingOp for MpiPending {
 
     fn wait(mut self: Box<Self>) -> Result<Buffer> {
         self.attend();
-        let deadline = Instant::now() + self.timeout;
+        let deadline = crate::deadline_after(self.timeout);
         self.env.set_activity(State::Waiting, &self.op, &self.comm);
         let mut last_service = Instant::now();
         let mut polls = 0u32;

@@ -98,6 +98,16 @@ fn transport(cfg: &Config, launch: &LaunchInfo) -> Result<Transport> {
     })
 }
 
+/// Ranks that share this process's memory: all of them as threads of the local backend,
+/// one under MPI (see `switchyard_trainer::memory::memory_issue`). Unreadable launcher
+/// variables count as one: `train` reports them.
+pub fn ranks_in_process(cfg: &Config) -> usize {
+    match LaunchInfo::from_process_env().and_then(|launch| transport(cfg, &launch)) {
+        Ok(Transport::Threads(_)) => cfg.parallel.world_size(),
+        Ok(Transport::Single | Transport::Mpi) | Err(_) => 1,
+    }
+}
+
 pub fn train(
     cfg: &Config,
     launch: &LaunchInfo,

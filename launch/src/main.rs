@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use switchyard_trainer::config::Config;
+use switchyard_trainer::memory;
 
 use crate::config::loader::{ConfigError, load_config_checked};
 
@@ -215,6 +216,8 @@ fn error_chain(err: &anyhow::Error) -> String {
 }
 
 /// Loads, deserializes and validates the config; any problem is a `ConfigError` (exit 2).
+/// A config that cannot fit in this machine's memory is one too
+/// (`switchyard_trainer::memory`), checked once the config itself is valid.
 fn load(args: &ConfigArgs) -> Result<Config> {
     let cfg: Config = load_config_checked(&args.config, &args.overrides, |cfg: &Config| {
         let mut issues = cfg.validate();
@@ -224,6 +227,12 @@ fn load(args: &ConfigArgs) -> Result<Config> {
                 .into_iter()
                 .map(|(path, msg)| (format!("data.{path}"), msg)),
         );
+        if issues.is_empty()
+            && let Some((available, source)) = memory::available_memory()
+        {
+            let ranks = commands::ranks_in_process(cfg);
+            issues.extend(memory::memory_issue(cfg, ranks, available, source));
+        }
         issues
     })?;
     Ok(cfg)

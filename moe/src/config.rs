@@ -450,7 +450,18 @@ impl MoeConfig {
 
     /// Routing slots: FFN experts plus the router's extra (null / zero-computation) experts.
     pub fn num_slots(&self) -> usize {
-        self.slot_kinds().len()
+        // Counted, not collected: validation runs this on configs with 10^9 experts.
+        let extra = match &self.router {
+            RouterConfig::TopKSoftmax { .. } | RouterConfig::Recurrent { .. } => 0,
+            RouterConfig::NullExperts { num_null, .. } => *num_null,
+            RouterConfig::MoePlusPlus {
+                zero,
+                copy,
+                constant,
+                ..
+            } => zero.saturating_add(*copy).saturating_add(*constant),
+        };
+        self.num_experts.saturating_add(extra)
     }
 
     /// The load-balancing coefficient in force at optimizer step `step` (AdaMoE's

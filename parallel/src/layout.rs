@@ -244,24 +244,20 @@ impl Layout {
             .i_all_reduce(Buffer::I64(vec![!ok as i64]), ReduceOp::Max)
             .map_err(ParallelError::comm(what))?;
         let started = Instant::now();
-        let mut deadline = started.checked_add(patience);
+        let mut deadline = switchyard_comm::deadline_after(patience);
         let mut signalled = false;
         while !request.test().map_err(ParallelError::comm(what))? {
             let now = Instant::now();
             if !signalled && interrupted() {
                 signalled = true;
-                let cap = now.checked_add(world.timeout());
-                deadline = match (deadline, cap) {
-                    (Some(d), Some(c)) => Some(d.min(c)),
-                    (d, c) => d.or(c),
-                };
+                deadline = deadline.min(switchyard_comm::deadline_after(world.timeout()));
                 tracing::warn!(
                     "{what}: a stop signal arrived while waiting for the other ranks; waiting \
                      at most {:.0} s more (comm.timeout_s)",
                     world.timeout().as_secs_f64()
                 );
             }
-            if deadline.is_some_and(|d| now > d) {
+            if now > deadline {
                 let bound = if signalled {
                     "the stop signal's grace of comm.timeout_s"
                 } else {

@@ -49,4 +49,6 @@ pub use overlap::Overlap;
 // through this crate: the world it passes to `parallelize`, and the `comm:` config node.
 #[cfg(feature = "cuda")]
 pub use switchyard_comm::cuda;
-pub use switchyard_comm::{CommConfig, Communicator};
+pub use switchyard_comm::{
+    CommConfig, Communicator, MAX_TIMEOUT_S, duration_from_secs, valid_timeout_s,
+};

@@ -139,10 +139,13 @@ impl PlacementConfig {
                     format!("must be in [0, 1), got {mip_gap}; 0 proves optimality"),
                 ));
             }
-            if !(time_limit_s.is_finite() && time_limit_s >= 0.0) {
+            if !(time_limit_s.is_finite() && (0.0..=MAX_TIME_LIMIT_S).contains(&time_limit_s)) {
                 issues.push((
                     "strategy.time_limit_s".into(),
-                    format!("must be a finite number of seconds >= 0, got {time_limit_s}"),
+                    format!(
+                        "must be in [0, {MAX_TIME_LIMIT_S}] seconds (a week at most), got \
+                         {time_limit_s}"
+                    ),
                 ));
             }
             if !solver.available() {
@@ -163,6 +166,9 @@ impl PlacementConfig {
 fn default_stats_decay() -> f64 {
     0.99
 }
+
+/// The longest ILP budget a config may set, seconds (a week; the comm timeouts' bound).
+pub const MAX_TIME_LIMIT_S: f64 = 604_800.0;
 
 fn default_time_limit_s() -> f64 {
     1.0

@@ -121,8 +121,15 @@ pub fn plan(instance: &Instance, strategy: &Strategy) -> Result<Plan> {
             mip_gap,
             solver,
         } => {
-            let deadline = started + Duration::from_secs_f64(time_limit_s.max(0.0));
-            let stage1_deadline = started + Duration::from_secs_f64(time_limit_s.max(0.0) / 2.0);
+            // Never panics: an unrepresentable budget (validation refuses them) is unbounded.
+            let after = |secs: f64| {
+                Duration::try_from_secs_f64(secs.max(0.0))
+                    .ok()
+                    .and_then(|d| started.checked_add(d))
+                    .unwrap_or(started + Duration::from_secs(100 * 365 * 24 * 3600))
+            };
+            let deadline = after(time_limit_s);
+            let stage1_deadline = after(time_limit_s / 2.0);
             let (start_groups, start_maps) = heuristic::solve(instance);
 
             let stage1_started = Instant::now();

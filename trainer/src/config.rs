@@ -313,12 +313,14 @@ impl CheckpointConfig {
                 "must be at least 1 (the newest checkpoint is always kept)".into(),
             ));
         }
-        if !(self.save_timeout_s.is_finite() && self.save_timeout_s > 0.0) {
+        if !switchyard_parallel::valid_timeout_s(self.save_timeout_s) {
             issues.push((
                 "save_timeout_s".into(),
                 format!(
-                    "must be a positive number of seconds, got {}",
-                    self.save_timeout_s
+                    "must be in (0, {}] seconds (a week at most), got {}; the default is {}",
+                    switchyard_parallel::MAX_TIMEOUT_S,
+                    self.save_timeout_s,
+                    default_save_timeout_s()
                 ),
             ));
         }

@@ -131,7 +131,7 @@ struct NodePos {
 pub struct ConfigDoc {
     origin: String,
     value: Value,
-    positions: HashMap<String, NodePos>,
+    positions: Positions,
     /// (canonical key path, raw override) in application order.
     overrides: Vec<(String, String)>,
 }
@@ -177,15 +177,37 @@ pub fn resolved_yaml<T: Serialize>(cfg: &T) -> String {
 impl ConfigDoc {
     /// Read and parse a config file and apply overrides.
     pub fn read(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        use std::io::Read;
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let cannot = |e: std::io::Error| {
             ConfigError::one(&origin, At::Nowhere, "", format!("cannot read config: {e}"))
-        })?;
+        };
+        // One byte past the limit is enough to refuse it (the file may be endless).
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .map_err(cannot)?
+            .take(limits::FILE_BYTES as u64 + 1)
+            .read_to_string(&mut text)
+            .map_err(cannot)?;
         Self::parse(&text, &origin, overrides)
     }
 
     /// Parse config text (`origin` names it in messages) and apply overrides.
     pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Self, ConfigError> {
+        if text.len() > limits::FILE_BYTES {
+            return Err(ConfigError::one(
+                origin,
+                At::Nowhere,
+                "",
+                format!(
+                    "config exceeds the loader's limit of {} bytes; configs are a few KiB",
+                    limits::FILE_BYTES
+                ),
+            ));
+        }
+        // Limits first: yaml_serde would build the whole expanded tree.
+        let positions = positions(text)
+            .map_err(|(at, message)| ConfigError::one(origin, At::File(at), "", message))?;
         let mut value: Value = serde_yaml::from_str(text).map_err(|e| syntax_error(origin, &e))?;
         value
             .apply_merge()
@@ -193,7 +215,7 @@ impl ConfigDoc {
         let mut doc = ConfigDoc {
             origin: origin.to_string(),
             value,
-            positions: positions(text),
+            positions,
             overrides: Vec::new(),
         };
         let mut issues = Vec::new();
@@ -807,13 +829,178 @@ fn node_role(
     }
 }
 
-/// Position of every key path in the YAML text. Best effort: on a parse error the
-/// positions found before it are kept (yaml_serde reports the error itself).
-fn positions(text: &str) -> HashMap<String, NodePos> {
-    let mut out: HashMap<String, NodePos> = HashMap::new();
-    let mut anchors: HashMap<usize, String> = HashMap::new();
+/// What a config file may make the loader do. The position scan checks them in one pass
+/// over the YAML events before yaml_serde builds its tree (its own guards, a nesting depth
+/// of 128 and at most 100 alias replays per event, still let a kilobyte of nested anchors
+/// expand to 10^8 nodes). Shipped configs are a few hundred nodes and a few KiB.
+pub mod limits {
+    /// Bytes of the config file.
+    pub const FILE_BYTES: usize = 1 << 20;
+    /// Nesting depth of maps and sequences.
+    pub const DEPTH: usize = 64;
+    /// Nodes (scalars, keys included, maps and sequences) after every alias is expanded:
+    /// the size of the tree yaml_serde builds.
+    pub const NODES: u64 = 100_000;
+    /// Bytes of scalar text after every alias is expanded.
+    pub const SCALAR_BYTES: u64 = 8 << 20;
+    /// Bytes of all key paths (`model.moe.top_k`) written in the file, which the position
+    /// table stores (long keys nested deep multiply).
+    pub const PATH_BYTES: usize = 8 << 20;
+    /// Alias and merge-key redirections followed to locate one key path.
+    pub const REDIRECTS: usize = 64;
+    /// Table lookups spent locating one key path (merge keys with several sources branch).
+    pub const LOOKUPS: usize = 4096;
+}
+
+/// Where every node written in the file is, and where the nodes reached through an alias
+/// or a merge key come from. Alias copies are never materialised: a path below an alias is
+/// looked up below its anchor, a key merged into a map below its merge sources.
+#[derive(Clone, Debug, Default)]
+struct Positions {
+    /// Every node written in the file (alias nodes included), by key path.
+    nodes: HashMap<String, NodePos>,
+    /// Alias node path -> path of the anchored node it repeats.
+    aliases: HashMap<String, String>,
+}
+
+/// A loader limit that a config exceeds: (where, message).
+type LimitHit = (Location, String);
+
+fn limit_hit(here: Location, what: &str, limit: impl fmt::Display) -> LimitHit {
+    (
+        here,
+        format!(
+            "config exceeds the loader's limit of {limit} {what}; configs are small trees: \
+             write the values out instead of repeating anchors (`&a`) and aliases (`*a`), \
+             and nest less"
+        ),
+    )
+}
+
+impl Positions {
+    fn get(&self, path: &str) -> Option<NodePos> {
+        let mut lookups = limits::LOOKUPS;
+        self.resolve(path, limits::REDIRECTS, &mut lookups)
+    }
+
+    /// Walks `path` from the root through the nodes written in the file; where it leaves
+    /// them, follows the alias it passes through or the merge sources of the map it left.
+    fn resolve(&self, path: &str, redirects: usize, lookups: &mut usize) -> Option<NodePos> {
+        if *lookups == 0 {
+            return None;
+        }
+        *lookups -= 1;
+        if let Some(pos) = self.nodes.get(path) {
+            return Some(*pos);
+        }
+        let redirects = redirects.checked_sub(1)?;
+        let mut parent = 0;
+        let cuts = path
+            .char_indices()
+            .filter(|&(i, c)| i > 0 && (c == '.' || c == '['))
+            .map(|(i, _)| i);
+        for cut in cuts.chain([path.len()]) {
+            let prefix = &path[..cut];
+            if let Some(anchor) = self.aliases.get(prefix) {
+                return self.resolve(&rebase(anchor, path, cut), redirects, lookups);
+            }
+            if !self.nodes.contains_key(prefix) {
+                // `path` leaves the file's nodes below `path[..parent]`: a merged key?
+                let merging = &path[..parent];
+                let source = join(merging, "<<");
+                let sources = std::iter::once(source.clone()).chain(
+                    (0..)
+                        .map(|i| format!("{source}[{i}]"))
+                        .take_while(|item| self.nodes.contains_key(item)),
+                );
+                for source in sources {
+                    if self.nodes.contains_key(&source)
+                        && let Some(pos) =
+                            self.resolve(&rebase(&source, path, parent), redirects, lookups)
+                    {
+                        return Some(pos);
+                    }
+                }
+                return None;
+            }
+            parent = cut;
+        }
+        None
+    }
+}
+
+/// `path` with its first `cut` bytes replaced by `prefix`.
+fn rebase(prefix: &str, path: &str, cut: usize) -> String {
+    let rest = &path[cut..];
+    if cut == 0 {
+        join(prefix, rest)
+    } else {
+        format!("{prefix}{rest}")
+    }
+}
+
+/// Running size of the document with every alias expanded.
+#[derive(Clone, Copy, Default)]
+struct Expanded {
+    nodes: u64,
+    scalar_bytes: u64,
+}
+
+impl Expanded {
+    fn add(&mut self, other: Expanded, here: Location) -> Result<(), LimitHit> {
+        self.nodes = self.nodes.saturating_add(other.nodes);
+        self.scalar_bytes = self.scalar_bytes.saturating_add(other.scalar_bytes);
+        if self.nodes > limits::NODES {
+            return Err(limit_hit(
+                here,
+                "nodes after alias expansion",
+                limits::NODES,
+            ));
+        }
+        if self.scalar_bytes > limits::SCALAR_BYTES {
+            return Err(limit_hit(
+                here,
+                "bytes of scalar text after alias expansion",
+                limits::SCALAR_BYTES,
+            ));
+        }
+        Ok(())
+    }
+
+    fn since(self, start: Expanded) -> Expanded {
+        Expanded {
+            nodes: self.nodes - start.nodes,
+            scalar_bytes: self.scalar_bytes - start.scalar_bytes,
+        }
+    }
+}
+
+/// Position of every key path in the YAML text, checking the [`limits`] on the way (one
+/// pass, linear in the text). Best effort otherwise: on a parse error the positions found
+/// before it are kept (yaml_serde reports the error itself).
+fn positions(text: &str) -> Result<Positions, LimitHit> {
+    let mut out = Positions::default();
+    // Anchor id -> (path of the anchored node, None inside a complex key; its size with
+    // aliases expanded).
+    let mut anchors: HashMap<usize, (Option<String>, Expanded)> = HashMap::new();
     let mut stack: Vec<Frame> = Vec::new();
+    // Per open collection: its anchor id (0: none), path and the running size before it.
+    let mut open: Vec<(usize, Option<String>, Expanded)> = Vec::new();
+    let mut size = Expanded::default();
+    let mut path_bytes = 0usize;
     let mut docs = 0;
+    let mut record = |out: &mut Positions, p: String, pos: NodePos| {
+        path_bytes = path_bytes.saturating_add(p.len());
+        if path_bytes > limits::PATH_BYTES {
+            return Err(limit_hit(
+                pos.value,
+                "bytes of key paths",
+                limits::PATH_BYTES,
+            ));
+        }
+        out.nodes.insert(p, pos);
+        Ok(())
+    };
     for ev in Parser::new_from_str(text) {
         let Ok((ev, span)) = ev else { break };
         let here = loc(&span);
@@ -824,68 +1011,73 @@ fn positions(text: &str) -> HashMap<String, NodePos> {
                     break;
                 }
             }
-            Event::Scalar(s, ..) => {
-                if let Some((p, key)) = node_role(&mut stack, Some(&s), here) {
-                    out.insert(p, NodePos { key, value: here });
+            Event::Scalar(s, _, anchor, _) => {
+                let one = Expanded {
+                    nodes: 1,
+                    scalar_bytes: s.len() as u64,
+                };
+                size.add(one, here)?;
+                let role = node_role(&mut stack, Some(&s), here);
+                if anchor > 0 {
+                    anchors.insert(anchor, (role.as_ref().map(|(p, _)| p.clone()), one));
+                }
+                if let Some((p, key)) = role {
+                    record(&mut out, p, NodePos { key, value: here })?;
                 }
             }
             Event::Alias(id) => {
-                if let Some((p, key)) = node_role(&mut stack, None, here) {
-                    if let Some(src) = anchors.get(&id) {
-                        let copies: Vec<(String, NodePos)> = out
-                            .iter()
-                            .filter(|(q, _)| q.as_str() != src && is_under(q, src))
-                            .map(|(q, pos)| (format!("{p}{}", &q[src.len()..]), *pos))
-                            .collect();
-                        out.extend(copies);
+                let role = node_role(&mut stack, None, here);
+                if let Some((src, expanded)) = anchors.get(&id) {
+                    size.add(*expanded, here)?;
+                    if let (Some((p, _)), Some(src)) = (&role, src) {
+                        out.aliases.insert(p.clone(), src.clone());
                     }
-                    out.insert(p, NodePos { key, value: here });
+                }
+                if let Some((p, key)) = role {
+                    record(&mut out, p, NodePos { key, value: here })?;
                 }
             }
             Event::MappingStart(anchor, _) | Event::SequenceStart(anchor, _) => {
                 let is_map = matches!(ev, Event::MappingStart(..));
+                if stack.len() >= limits::DEPTH {
+                    return Err(limit_hit(here, "levels of nesting", limits::DEPTH));
+                }
+                let start = size;
+                size.add(
+                    Expanded {
+                        nodes: 1,
+                        scalar_bytes: 0,
+                    },
+                    here,
+                )?;
                 match node_role(&mut stack, None, here) {
                     Some((p, key)) => {
-                        out.insert(p.clone(), NodePos { key, value: here });
-                        if anchor > 0 {
-                            anchors.insert(anchor, p.clone());
-                        }
+                        record(&mut out, p.clone(), NodePos { key, value: here })?;
+                        open.push((anchor, Some(p.clone()), start));
                         stack.push(if is_map {
                             Frame::Map { path: p, key: None }
                         } else {
                             Frame::Seq { path: p, next: 0 }
                         });
                     }
-                    None => stack.push(Frame::Ignore),
+                    None => {
+                        open.push((anchor, None, start));
+                        stack.push(Frame::Ignore);
+                    }
                 }
             }
             Event::MappingEnd | Event::SequenceEnd => {
                 stack.pop();
+                if let Some((anchor, p, start)) = open.pop()
+                    && anchor > 0
+                {
+                    anchors.insert(anchor, (p, size.since(start)));
+                }
             }
             _ => {}
         }
     }
-    // Merge keys (`<<: *base`): make merged keys findable under the merging map.
-    let merged: Vec<(String, NodePos)> = out
-        .iter()
-        .filter_map(|(p, pos)| {
-            let stripped = strip_merge(p)?;
-            (!stripped.is_empty()).then_some((stripped, *pos))
-        })
-        .collect();
-    for (p, pos) in merged {
-        out.entry(p).or_insert(pos);
-    }
-    out
-}
-
-/// `a.<<.b` / `a.<<[1].b` -> `a.b`; None when the path has no merge segment.
-fn strip_merge(path: &str) -> Option<String> {
-    let parts: Vec<&str> = path
-        .split('.')
-        .filter(|part| !(*part == "<<" || part.starts_with("<<[")))
-        .collect();
-    (parts.len() != path.split('.').count()).then(|| parts.join("."))
+    Ok(out)
 }
 
 #[cfg(test)]

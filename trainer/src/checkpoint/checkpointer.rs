@@ -218,14 +218,9 @@ impl Checkpointer {
         resolved_config: serde_json::Value,
         stop: Option<Arc<StopSignal>>,
     ) -> Result<Checkpointer, TrainError> {
-        let save_timeout = Duration::try_from_secs_f64(save_timeout_s).map_err(|e| {
-            TrainError::Io(format!(
-                "checkpoint.save_timeout_s = {save_timeout_s} is not a usable duration ({e})"
-            ))
-        })?;
         Ok(Checkpointer {
             manager: CheckpointManager::new(dir, keep_last)?,
-            save_timeout,
+            save_timeout: switchyard_parallel::duration_from_secs(save_timeout_s),
             resolved_config,
             stop,
         })

@@ -438,6 +438,66 @@ data: {batch_size: 1, source: {type: synthetic, vocab: 10, seq_len: 4}}
 }
 
 #[test]
+fn keys_through_nested_aliases_and_merge_chains_are_located() {
+    let text = "\
+a: &a {x: 1, inner: &i {y: 2}}
+b: &b {<<: *a, z: 3}
+c: {<<: [*b, {w: 4}], x: 5, deep: *i, list: [*a]}
+";
+    let doc = ConfigDoc::parse(text, "cfg.yaml", &[]).unwrap();
+    let at = |line, column| Some(Location { line, column });
+    // Merged through a chain of two merge keys, then below an alias inside the anchor.
+    assert_eq!(doc.locate("c.inner.y"), at(1, 25));
+    assert_eq!(doc.locate("c.z"), at(2, 16));
+    // The second merge source, and an explicit key that overrides a merged one.
+    assert_eq!(doc.locate("c.w"), at(3, 15));
+    assert_eq!(doc.locate("c.x"), at(3, 23));
+    assert_eq!(doc.locate("c.deep.y"), at(1, 25));
+    assert_eq!(doc.locate("c.list[0].inner"), at(1, 14));
+    assert_eq!(doc.locate("c.nothing"), None);
+}
+
+/// Nested anchors: 100 scalars, aliased 100 times, that aliased 100 times (10^6 nodes
+/// expanded from 1 KiB; yaml_serde's own guard lets it through).
+fn nested_anchors() -> String {
+    let ones = vec!["1"; 100].join(", ");
+    let a0 = vec!["*a0"; 100].join(", ");
+    format!(
+        "a0: &a0 [{ones}]\na1: &a1 [{a0}]\na2: [{}]\n",
+        vec!["*a1"; 100].join(", ")
+    )
+}
+
+#[test]
+fn loads_past_a_limit_are_refused_naming_it() {
+    let e = err(&nested_anchors(), &[]);
+    assert_eq!(
+        e,
+        format!(
+            "cfg.yaml:3:46: config exceeds the loader's limit of {} nodes after alias \
+             expansion; configs are small trees: write the values out instead of repeating \
+             anchors (`&a`) and aliases (`*a`), and nest less",
+            limits::NODES
+        )
+    );
+    let deep = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+    assert!(err(&deep, &[]).contains("limit of 64 levels of nesting"));
+    let big = format!("seed: 1\n#{}\n", "x".repeat(limits::FILE_BYTES));
+    assert!(
+        err(&big, &[]).contains(&format!("limit of {} bytes", limits::FILE_BYTES)),
+        "{}",
+        err(&big, &[])
+    );
+    // 40 keys of 16 KiB nested: 640 KiB of text, 13 MiB of key paths.
+    let key = "k".repeat(1 << 14);
+    let long_paths = format!("{}1{}", format!("{{{key}: ").repeat(40), "}".repeat(40));
+    assert!(err(&long_paths, &[]).contains(&format!(
+        "limit of {} bytes of key paths",
+        limits::PATH_BYTES
+    )));
+}
+
+#[test]
 fn resolved_yaml_includes_defaults_and_round_trips() {
     let cfg = ok(BASE, &["seed=3"]);
     let y = resolved_yaml(&cfg);

@@ -1,0 +1,284 @@
+//! What a run needs in memory, estimated from the config before anything is allocated, and
+//! what the machine has. `switchyard validate-config` and `train` refuse (exit 2) a config
+//! whose estimate exceeds the machine, instead of aborting in an allocation.
+//!
+//! The estimate is a lower bound of the large buffers, not a prediction of the peak: it
+//! counts what a rank cannot do without and leaves out allocator slack, kernel workspaces,
+//! the data set, checkpoints in flight and the binary. A config it refuses cannot run; one
+//! it accepts may still need more (measured peaks of the shipped configs are 2-4x it).
+//!
+//! Shape legend (config names): V `model.vocab_size`, D `model.d_model`, L
+//! `model.n_layers`, F `model.ffn_dim`, E `moe.num_experts`, Fe `moe.expert_ffn_dim`, K
+//! `moe.top_k`, H `model.n_heads`, S `data.seq_len`, B `data.batch_size`; a rank holds
+//! E/ep experts, B/(dp*ep) rows and S/cp tokens of each row. All sizes are f64 bytes, so a
+//! 10^12-wide config gives a huge number instead of an overflow.
+//!
+//! Per rank:
+//! - `weights`: f32 parameters the rank holds: embedding V*D, output head D*V unless tied,
+//!   per layer attention 4*D^2 and two RMSNorm gains 2*D, then a dense SwiGLU 3*D*F or an
+//!   MoE block (router D*slots plus its variant's extras, E/ep experts 3*D*Fe, shared
+//!   experts 3*D*Fs each, MoE++ constant experts 3*D each), the final norm D.
+//! - `grads`: one f32 per weight.
+//! - `optimizer`: AdamW's two moments, two f32 per weight.
+//! - `activations`: one micro-batch's forward values kept for the backward, f32: per layer
+//!   8 per token and model dimension (norms, q, k, v, attention output, residuals), the
+//!   attention scores H*S^2 per row, the FFN's 3*F (dense) or 3*K*Fe (MoE) per token; and
+//!   the logits with their gradient, 2*V per token.
+
+use std::fmt;
+
+use switchyard_moe::{ModelConfig, RouterConfig};
+
+use crate::config::Config;
+
+const F32: f64 = 4.0;
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Bytes one rank needs, by kind (see the module legend).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryEstimate {
+    pub weights: f64,
+    pub grads: f64,
+    pub optimizer: f64,
+    pub activations: f64,
+    pub total: f64,
+}
+
+/// Parameters of the model with expert parallelism `ep`: every expert counted `1/ep` times.
+pub fn parameters(model: &ModelConfig, ep: usize) -> f64 {
+    let d = model.d_model as f64;
+    let v = model.vocab_size as f64;
+    let moe = &model.moe;
+    let swiglu = |ffn: usize| 3.0 * d * ffn as f64;
+    let extra_slots = match &moe.router {
+        RouterConfig::TopKSoftmax { .. } | RouterConfig::Recurrent { .. } => 0.0,
+        RouterConfig::NullExperts { num_null, .. } => *num_null as f64,
+        RouterConfig::MoePlusPlus {
+            zero,
+            copy,
+            constant,
+            ..
+        } => (*zero + *copy + *constant) as f64,
+    };
+    let slots = moe.num_experts as f64 + extra_slots;
+    let (router, router_once) = match &moe.router {
+        RouterConfig::TopKSoftmax { .. } | RouterConfig::NullExperts { .. } => (d * slots, 0.0),
+        RouterConfig::MoePlusPlus {
+            gating_residual,
+            constant,
+            ..
+        } => {
+            let residual = if *gating_residual { slots * slots } else { 0.0 };
+            // Each constant expert: a D x 2 mix and a D vector.
+            (d * slots + residual + 3.0 * d * *constant as f64, 0.0)
+        }
+        RouterConfig::Recurrent { state_dim, .. } => {
+            let s = *state_dim as f64;
+            // Per layer: projection D x s and gate s x slots; one GRU (6 s x s, 3 s) shared.
+            (d * s + s * slots, 6.0 * s * s + 3.0 * s)
+        }
+    };
+    let shared = moe
+        .shared_expert
+        .as_ref()
+        .map_or(0.0, |s| s.count as f64 * swiglu(s.ffn_dim));
+    let experts = moe.num_experts as f64 / ep.max(1) as f64 * swiglu(moe.expert_ffn_dim);
+    let moe_block = router + experts + shared;
+    let (moe_layers, dense_layers) = layer_counts(model);
+    let per_layer = 4.0 * d * d + 2.0 * d;
+    let head = if model.tie_embeddings { 0.0 } else { d * v };
+    let any_moe = if moe_layers > 0.0 { router_once } else { 0.0 };
+    v * d
+        + head
+        + model.n_layers as f64 * per_layer
+        + moe_layers * moe_block
+        + dense_layers * swiglu(model.ffn_dim)
+        + d
+        + any_moe
+}
+
+/// (MoE layers, dense layers): layer `l` is MoE when `l` is a multiple of `moe.every`.
+fn layer_counts(model: &ModelConfig) -> (f64, f64) {
+    let l = model.n_layers;
+    let moe = match model.moe.every {
+        0 => l.min(1),
+        every => l.div_ceil(every),
+    };
+    (moe as f64, (l - moe) as f64)
+}
+
+impl MemoryEstimate {
+    /// The estimate for one rank of `cfg`'s layout.
+    pub fn per_rank(cfg: &Config) -> MemoryEstimate {
+        let p = &cfg.parallel;
+        let m = &cfg.model;
+        let params = parameters(m, p.ep);
+        let weights = params * F32;
+        let rows = (cfg.data.batch_size as f64 / p.batch_shards().max(1) as f64).ceil();
+        let seq = cfg.data.seq_len as f64;
+        let tokens = rows * (seq / p.cp.max(1) as f64).ceil();
+        let (d, layers) = (m.d_model as f64, m.n_layers as f64);
+        let (moe_layers, dense_layers) = layer_counts(m);
+        let ffn = moe_layers * 3.0 * m.moe.top_k as f64 * m.moe.expert_ffn_dim as f64
+            + dense_layers * 3.0 * m.ffn_dim as f64;
+        let per_layer = tokens * 8.0 * d + rows * m.n_heads as f64 * seq * seq;
+        let activations =
+            F32 * (layers * per_layer + tokens * ffn + tokens * 2.0 * m.vocab_size as f64);
+        MemoryEstimate {
+            weights,
+            grads: weights,
+            optimizer: 2.0 * weights,
+            activations,
+            total: 4.0 * weights + activations,
+        }
+    }
+}
+
+impl fmt::Display for MemoryEstimate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (weights {}, gradients {}, AdamW moments {}, activations {})",
+            gib(self.total),
+            gib(self.weights),
+            gib(self.grads),
+            gib(self.optimizer),
+            gib(self.activations)
+        )
+    }
+}
+
+/// `bytes` as GiB for messages (`1.5 GiB`, `3.7e12 GiB`).
+pub fn gib(bytes: f64) -> String {
+    let g = bytes / GIB;
+    if g < 1e6 {
+        format!("{g:.1} GiB")
+    } else {
+        format!("{g:.1e} GiB")
+    }
+}
+
+/// Memory this process may use, bytes, and where that figure comes from: the machine's
+/// `MemTotal` (/proc/meminfo), lowered by a cgroup limit when one is set (v2
+/// `/sys/fs/cgroup/memory.max`, v1 `/sys/fs/cgroup/memory/memory.limit_in_bytes`). None
+/// when neither can be read (not Linux): then nothing is refused.
+pub fn available_memory() -> Option<(f64, &'static str)> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let total = read("/proc/meminfo").and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024.0)
+    });
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .into_iter()
+    // "max" (v2) or a page-rounded i64::MAX (v1) mean no limit: they fail or lose here.
+    .find_map(|path| read(path)?.trim().parse::<f64>().ok());
+    match (total, cgroup) {
+        (Some(t), Some(c)) if c < t => Some((c, "the cgroup's memory limit")),
+        (Some(t), _) => Some((t, "MemTotal")),
+        (None, Some(c)) => Some((c, "the cgroup's memory limit")),
+        (None, None) => None,
+    }
+}
+
+/// An issue `(key path, message)` when `ranks_in_process` ranks of `cfg` (threads of one
+/// process under the local backend; 1 per process under MPI, where the ranks sharing a
+/// node are not known before MPI starts, so each rank is checked alone) need more than
+/// `available` bytes (from [`available_memory`], named by `source`).
+pub fn memory_issue(
+    cfg: &Config,
+    ranks_in_process: usize,
+    available: f64,
+    source: &str,
+) -> Option<(String, String)> {
+    let rank = MemoryEstimate::per_rank(cfg);
+    let need = rank.total * ranks_in_process as f64;
+    if need <= available {
+        return None;
+    }
+    // Point at what dominates: the batch for activations, the model otherwise.
+    let key = if rank.activations > 4.0 * rank.weights {
+        "data.batch_size"
+    } else {
+        "model"
+    };
+    let ranks = if ranks_in_process > 1 {
+        format!(
+            " x {ranks_in_process} ranks in this process = {}",
+            gib(need)
+        )
+    } else {
+        String::new()
+    };
+    Some((
+        key.to_string(),
+        format!(
+            "needs at least {rank} per rank{ranks} (estimated), but the machine has {} \
+             ({source}); shrink the model or the batch, or use more ranks (parallel.ep / dp \
+             under MPI)",
+            gib(available)
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Module;
+    use switchyard_moe::Transformer;
+
+    fn model(yaml: &str) -> ModelConfig {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    const SMALL: &str = "vocab_size: 256
+d_model: 32
+n_heads: 2
+n_layers: 3
+ffn_dim: 64
+max_seq_len: 32
+moe: {every: 2, num_experts: 4, top_k: 2, expert_ffn_dim: 16}
+";
+
+    /// By hand: embedding 256*32 = 8192 (the head is tied by default); per layer
+    /// 4*32^2 + 2*32 = 4160 (x3); layers 0 and 2 are MoE: router 32*4 + experts
+    /// 4*3*32*16 = 6272 (x2); layer 1 dense 3*32*64 = 6144; final norm 32.
+    /// Total 8192 + 12480 + 12544 + 6144 + 32 = 39392.
+    #[test]
+    fn parameters_match_a_hand_count_and_the_model() {
+        let cfg = model(SMALL);
+        assert_eq!(parameters(&cfg, 1), 39_392.0);
+        // Two ep ranks hold half the experts each.
+        assert_eq!(
+            parameters(&cfg, 2),
+            39_392.0 - 2.0 * 2.0 * 3.0 * 32.0 * 16.0
+        );
+        let device = Default::default();
+        for extra in [
+            "",
+            ", router: {type: null_experts, num_null: 2}",
+            ", router: {type: moe_plus_plus}",
+            ", router: {type: recurrent, state_dim: 8}",
+            ", shared_expert: {count: 1, ffn_dim: 24}",
+        ] {
+            let yaml = SMALL.replace(
+                "expert_ffn_dim: 16}",
+                &format!("expert_ffn_dim: 16{extra}}}"),
+            );
+            let cfg = model(&yaml);
+            let real = Transformer::new(&cfg, 0, &device).num_params() as f64;
+            assert_eq!(parameters(&cfg, 1), real, "{extra}");
+        }
+    }
+
+    #[test]
+    fn huge_sizes_give_huge_estimates_not_overflows() {
+        let cfg = model(&SMALL.replace("d_model: 32", "d_model: 1000000000000"));
+        let p = parameters(&cfg, 1);
+        assert!(p.is_finite() && p > 1e24, "{p}");
+        assert_eq!(gib(p * F32), "4.5e16 GiB");
+    }
+}
