@@ -69,12 +69,14 @@ fn bits(ts: &[NamedTensor]) -> Vec<(String, Vec<usize>, Vec<u32>)> {
     v
 }
 
+/// Edits a manifest and seals it again, as a buggy or hostile writer would.
 fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join(MANIFEST_FILE);
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("manifest_sha256");
     f(&mut v);
-    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    std::fs::write(&path, manifest::encode_manifest(&v).unwrap()).unwrap();
 }
 
 fn root_entries(root: &Path) -> Vec<String> {
