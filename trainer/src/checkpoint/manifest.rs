@@ -129,7 +129,10 @@ fn check_seal(bytes: &[u8]) -> std::result::Result<bool, String> {
     };
     let recorded = rest
         .get(..DIGEST_HEX_LEN)
-        .filter(|d| d.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)))
+        .filter(|d| {
+            d.iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        })
         .filter(|_| rest.get(DIGEST_HEX_LEN) == Some(&b'"'))
         .ok_or_else(|| format!("its {SEAL_FIELD} is not 64 lowercase hex digits"))?;
     let recorded = String::from_utf8_lossy(recorded);

@@ -270,7 +270,8 @@ impl CheckpointManager {
 
     /// Deletes the oldest complete checkpoints beyond `keep_last`, never `just_written`.
     fn prune(&self, just_written: &Path) -> Result<Vec<PathBuf>> {
-        let all = list_complete(&self.root)?;
+        // Quiet: what a resume skips was already reported when the run resumed.
+        let all = scan(&self.root, false)?;
         let excess = all.len().saturating_sub(self.keep_last);
         let mut removed = Vec::new();
         for (step, dir) in all
@@ -456,6 +457,11 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 /// skipped in favour of an older checkpoint). A missing root has no checkpoints; the root
 /// itself may be a symbolic link.
 pub fn list_complete(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    scan(root, true)
+}
+
+/// [`list_complete`], with the warnings about skipped directories only when `report`.
+fn scan(root: &Path, report: bool) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match std::fs::read_dir(root) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -474,7 +480,9 @@ pub fn list_complete(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
             .file_type()
             .map_err(io_err("inspect checkpoint directory", &dir))?;
         if kind.is_symlink() {
-            tracing::warn!(dir = %dir.display(), reason = %symlink_description(&dir), "skipping a checkpoint directory that is a symbolic link: checkpoints are loaded only from real step-N directories; copy it here, or pass its target to --resume explicitly");
+            if report {
+                tracing::warn!(dir = %dir.display(), reason = %symlink_description(&dir), "skipping a checkpoint directory that is a symbolic link: checkpoints are loaded only from real step-N directories; copy it here, or pass its target to --resume explicitly");
+            }
             continue;
         }
         if !kind.is_dir() {
@@ -483,7 +491,9 @@ pub fn list_complete(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
         match read_manifest(&dir) {
             Ok(_) => out.push((step, dir)),
             Err(e) if is_incomplete(&e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "skipping incomplete or damaged checkpoint directory: it is never loaded, and a save of this step moves it aside");
+                if report {
+                    tracing::warn!(dir = %dir.display(), error = %e, "skipping incomplete or damaged checkpoint directory: it is never loaded, and a save of this step moves it aside");
+                }
             }
             Err(e) => return Err(e),
         }

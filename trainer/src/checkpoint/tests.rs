@@ -524,7 +524,10 @@ fn expect_not_regular(err: CheckpointError, path: &Path, found: &str) {
             assert_eq!(p, path);
             assert!(f.contains(found), "{f}");
         }
-        other => panic!("expected NotRegularFile for {}, got {other:?}", path.display()),
+        other => panic!(
+            "expected NotRegularFile for {}, got {other:?}",
+            path.display()
+        ),
     }
     assert!(text.contains(&path.display().to_string()), "{text}");
 }
@@ -566,7 +569,10 @@ fn any_changed_byte_of_a_manifest_is_detected() {
         }
         assert!(load(&dir).is_err() && inspect(&dir).is_err(), "{what}");
         // `--resume auto` never loads it; it takes the newest verified checkpoint.
-        assert_eq!(resume_target(tmp.path(), "auto").unwrap(), Some(old.clone()));
+        assert_eq!(
+            resume_target(tmp.path(), "auto").unwrap(),
+            Some(old.clone())
+        );
     }
     std::fs::write(&path, &sealed).unwrap();
     load(&dir).unwrap();
@@ -612,7 +618,11 @@ fn links_fifos_and_devices_in_a_checkpoint_are_refused_unread() {
     std::fs::remove_file(&model).unwrap();
     std::os::unix::fs::symlink(&outside, &model).unwrap();
     let err = load(&dir).unwrap_err();
-    expect_not_regular(err, &model, &format!("symbolic link to {}", outside.display()));
+    expect_not_regular(
+        err,
+        &model,
+        &format!("symbolic link to {}", outside.display()),
+    );
 
     std::fs::remove_file(&model).unwrap();
     std::os::unix::fs::symlink("/dev/zero", &model).unwrap();
@@ -691,7 +701,11 @@ fn symlinked_step_dirs_are_not_resumed_automatically_and_are_moved_aside() {
         .filter(|n| n.starts_with(".step-00000005.incomplete-"))
         .collect();
     assert_eq!(aside.len(), 1, "{:?}", root_entries(&root));
-    assert!(std::fs::symlink_metadata(root.join(&aside[0])).unwrap().is_symlink());
+    assert!(
+        std::fs::symlink_metadata(root.join(&aside[0]))
+            .unwrap()
+            .is_symlink()
+    );
     load(&target).unwrap();
     // The root itself may be a link.
     let root_link = tmp.path().join("ckpt-link");
@@ -727,8 +741,13 @@ fn an_incomplete_step_dir_is_moved_aside_by_the_next_save_of_that_step() {
     let d8 = save_step(&mgr, 8);
     std::fs::write(d8.join(MANIFEST_FILE), b"{\"format_version\": 2}").unwrap();
     let tmp_dir = mgr.begin_shared(8, 77).unwrap();
-    let entries = write_files(&tmp_dir, &[("model.rank-0000.safetensors", model_tensors())]).unwrap();
-    mgr.commit_shared(&tmp_dir, 8, entries, meta("sig-a")).unwrap();
+    let entries = write_files(
+        &tmp_dir,
+        &[("model.rank-0000.safetensors", model_tensors())],
+    )
+    .unwrap();
+    mgr.commit_shared(&tmp_dir, 8, entries, meta("sig-a"))
+        .unwrap();
     load(&d8).unwrap();
     save_step(&mgr, 10);
     save_step(&mgr, 12);
