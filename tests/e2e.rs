@@ -482,7 +482,7 @@ fn inspect_checkpoint_verifies_and_detects_corruption() {
     );
 }
 
-/// Issue #19: one flipped bit in a committed manifest (`tokens_seen` 12288 -> 12289, still
+/// Issue #19: one flipped bit in a committed manifest (`tokens_seen` 384 -> 284, still
 /// valid JSON) is caught: inspect-checkpoint fails naming manifest.json, an explicit resume
 /// refuses it, and `--resume auto` skips it with a warning, resumes from the newest
 /// verified checkpoint and moves the damaged one aside when it saves that step again.
