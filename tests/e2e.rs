@@ -482,6 +482,130 @@ fn inspect_checkpoint_verifies_and_detects_corruption() {
     );
 }
 
+/// Issue #19: one flipped bit in a committed manifest (`tokens_seen` 384 -> 284, still
+/// valid JSON) is caught: inspect-checkpoint fails naming manifest.json, an explicit resume
+/// refuses it, and `--resume auto` skips it with a warning, resumes from the newest
+/// verified checkpoint and moves the damaged one aside when it saves that step again.
+#[test]
+fn a_flipped_manifest_byte_is_detected_and_never_resumed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+    let cfg = cfg.to_str().unwrap();
+    let out = switchyard(&["train", "--config", cfg, "--set", "train.steps=6"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ckpts = tmp.path().join("run/checkpoints");
+    let step6 = ckpts.join("step-00000006");
+    let manifest = step6.join("manifest.json");
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    let key = b"\"tokens_seen\": ";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    bytes[at] ^= 0x01;
+    std::fs::write(&manifest, &bytes).unwrap();
+
+    let out = switchyard(&["inspect-checkpoint", step6.to_str().unwrap()]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("manifest.json") && stderr.contains("corrupt"),
+        "{}",
+        text(&out)
+    );
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg,
+        "--resume",
+        step6.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("manifest.json"),
+        "{}",
+        text(&out)
+    );
+
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg,
+        "--resume",
+        "auto",
+        "--set",
+        "train.steps=9",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("step-00000006"),
+        "{}",
+        text(&out)
+    );
+    let out = switchyard(&["inspect-checkpoint", step6.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "the step was saved again: {}",
+        text(&out)
+    );
+    let aside = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().into_string().ok())
+        .filter(|n| n.starts_with(".step-00000006.incomplete-"))
+        .count();
+    assert_eq!(aside, 1, "the damaged checkpoint is kept aside");
+}
+
+/// Issue #19: a step directory without its manifest (deleted, or lost by a crash on a
+/// filesystem that reorders writes) never blocks `--resume auto`: the resumed run
+/// recomputes that step and moves the incomplete directory aside instead of failing with
+/// "already exists".
+#[test]
+fn resume_auto_is_not_blocked_by_a_step_dir_without_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+    let cfg = cfg.to_str().unwrap();
+    let every2 = "checkpoint.every=2";
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg,
+        "--set",
+        every2,
+        "--set",
+        "train.steps=6",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ckpts = tmp.path().join("run/checkpoints");
+    std::fs::remove_file(ckpts.join("step-00000006/manifest.json")).unwrap();
+
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg,
+        "--set",
+        every2,
+        "--set",
+        "train.steps=8",
+        "--resume",
+        "auto",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("moved aside"), "{}", text(&out));
+    for step in ["step-00000006", "step-00000008"] {
+        let out = switchyard(&["inspect-checkpoint", ckpts.join(step).to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let names: Vec<String> = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().into_string().ok())
+        .collect();
+    let aside: Vec<_> = names
+        .iter()
+        .filter(|n| n.starts_with(".step-00000006.incomplete-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{names:?}");
+    assert!(ckpts.join(aside[0]).join("model.safetensors").exists());
+}
+
 #[test]
 fn prepare_data_then_train_and_eval_on_the_indexed_dataset() {
     let tmp = tempfile::tempdir().unwrap();

@@ -121,9 +121,46 @@ pub enum CheckpointError {
         reason: String,
     },
 
+    /// The manifest's recorded sha256 does not match its bytes (or is missing or malformed
+    /// in a format that has one): it changed after it was written.
+    #[error(
+        "manifest {path} is corrupt: {reason}; it was modified or damaged after the save, so nothing it says can be trusted: resume from another checkpoint"
+    )]
+    ManifestCorrupt {
+        /// Path of the manifest.
+        path: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+
+    /// The manifest is larger than any manifest this build writes; it is not read.
+    #[error(
+        "manifest {path} is {bytes} bytes, more than the {limit}-byte limit for a manifest; it is not a Switchyard manifest, resume from another checkpoint"
+    )]
+    ManifestTooLarge {
+        /// Path of the manifest.
+        path: PathBuf,
+        /// Its length.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+
+    /// A checkpoint file is a symbolic link, FIFO, device or directory. Checkpoints are
+    /// read only from regular files inside their directory.
+    #[error(
+        "checkpoint file {path} is {found}, not a regular file; a checkpoint is read only from regular files inside its directory (links are not followed): replace it with a copy of the real file, or resume from another checkpoint"
+    )]
+    NotRegularFile {
+        /// Path of the file.
+        path: PathBuf,
+        /// What was found instead ("a symbolic link to /x", "a FIFO (named pipe)", ...).
+        found: String,
+    },
+
     /// The manifest was written by a different (probably newer) format version.
     #[error(
-        "manifest {path} has format_version {found}, this build reads only version {supported}; use the Switchyard version that wrote it"
+        "manifest {path} has format_version {found}, this build reads versions 1 to {supported}; use the Switchyard version that wrote it"
     )]
     UnsupportedFormatVersion {
         /// Path of the manifest.

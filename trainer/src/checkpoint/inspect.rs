@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::error::Result;
-use super::manifest::{Manifest, file_path, read_manifest};
+use super::manifest::{FORMAT_VERSION, Manifest, file_path, read_manifest};
 use super::tensor::{DType, NamedTensor, TensorData, decode};
 
 /// Outcome of verifying one file listed in the manifest.
@@ -69,7 +69,8 @@ impl InspectReport {
 }
 
 /// Reads the manifest of `dir` and verifies every file. Bad files are reported in the
-/// result rather than failing it; only an unreadable manifest is an error.
+/// result rather than failing it; an unreadable or corrupt manifest is an error (nothing
+/// it lists can be checked against it).
 pub fn inspect(dir: &Path) -> Result<InspectReport> {
     let manifest = read_manifest(dir)?;
     let files = manifest
@@ -138,6 +139,15 @@ impl fmt::Display for InspectReport {
             m.format_version, m.step, m.tokens_seen
         )?;
         writeln!(f, "  model_signature {}", m.model_signature)?;
+        if m.format_version < FORMAT_VERSION {
+            writeln!(
+                f,
+                "  manifest.json  UNVERIFIED: format {} carries no digest of its own",
+                m.format_version
+            )?;
+        } else {
+            writeln!(f, "  manifest.json  sha256 OK")?;
+        }
         for file in &self.files {
             let status = match &file.status {
                 FileStatus::Ok => "checksum OK".to_string(),

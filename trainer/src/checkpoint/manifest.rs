@@ -1,13 +1,28 @@
 //! `manifest.json`: what a checkpoint holds, written last so its presence marks completion.
+//!
+//! Format 2 seals the manifest with its own digest: the file begins
+//! `{\n  "manifest_sha256": "<64 hex>",` and that sha256 is taken over the whole file with
+//! those 64 digits read as `0`s, so any changed byte (whitespace included) is detected.
+//! Format 1 (no seal) is still read, with a warning at load that it is unverified.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
-use super::error::{CheckpointError, Result, io_err};
+use super::error::{CheckpointError, Result};
+use super::regular::{open_regular, read_at_most};
 
-/// Manifest format version written by this build; any other version is rejected on read.
-pub const FORMAT_VERSION: u32 = 1;
+/// Manifest format version written by this build. Versions 1 (unsealed) and 2 are read.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// A manifest longer than this is refused unread; real ones are kilobytes.
+pub const MANIFEST_MAX_BYTES: u64 = 64 << 20;
+
+/// How a sealed manifest begins; the digest's 64 hex digits and a `"` follow.
+const SEAL_PREFIX: &[u8] = b"{\n  \"manifest_sha256\": \"";
+const SEAL_FIELD: &str = "manifest_sha256";
+const DIGEST_HEX_LEN: usize = 64;
 
 /// Name of the manifest inside a checkpoint directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -15,7 +30,7 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// Contents of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
-    /// Always [`FORMAT_VERSION`] for manifests this build accepts.
+    /// [`FORMAT_VERSION`] for manifests this build writes; 1 for older, unsealed ones.
     pub format_version: u32,
     /// Optimizer step the checkpoint was taken after.
     pub step: u64,
@@ -81,35 +96,105 @@ pub(crate) fn check_file_name(name: &str, context: &str) -> Result<()> {
     }
 }
 
-/// Reads and validates `dir/manifest.json`: the format version, every file name, and that
-/// the step matches the directory name when it has the `step-N` form.
+/// The bytes of a sealed manifest for `value` (a JSON object with at least one field).
+pub(crate) fn encode_manifest(value: &impl Serialize) -> serde_json::Result<Vec<u8>> {
+    let body = serde_json::to_vec_pretty(value)?;
+    let rest = body
+        .strip_prefix(b"{\n")
+        .expect("a manifest serialises as a non-empty JSON object");
+    let mut out = SEAL_PREFIX.to_vec();
+    out.extend([b'0'; DIGEST_HEX_LEN]);
+    out.extend(b"\",\n");
+    out.extend(rest);
+    let digest = seal_digest(&out);
+    out[SEAL_PREFIX.len()..SEAL_PREFIX.len() + DIGEST_HEX_LEN].copy_from_slice(digest.as_bytes());
+    Ok(out)
+}
+
+/// sha256 of a sealed manifest with its recorded digest read as zeros.
+fn seal_digest(bytes: &[u8]) -> String {
+    let digits = SEAL_PREFIX.len()..SEAL_PREFIX.len() + DIGEST_HEX_LEN;
+    let mut h = Sha256::new();
+    h.update(&bytes[..digits.start]);
+    h.update([b'0'; DIGEST_HEX_LEN]);
+    h.update(&bytes[digits.end..]);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `Ok(true)` for a sealed manifest whose digest matches, `Ok(false)` for one without a
+/// seal, `Err(reason)` for a seal that does not match.
+fn check_seal(bytes: &[u8]) -> std::result::Result<bool, String> {
+    let Some(rest) = bytes.strip_prefix(SEAL_PREFIX) else {
+        return Ok(false);
+    };
+    let recorded = rest
+        .get(..DIGEST_HEX_LEN)
+        .filter(|d| {
+            d.iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        })
+        .filter(|_| rest.get(DIGEST_HEX_LEN) == Some(&b'"'))
+        .ok_or_else(|| format!("its {SEAL_FIELD} is not 64 lowercase hex digits"))?;
+    let recorded = String::from_utf8_lossy(recorded);
+    let actual = seal_digest(bytes);
+    if actual != recorded {
+        return Err(format!(
+            "its bytes hash to sha256 {actual} but it records {SEAL_FIELD} {recorded}"
+        ));
+    }
+    Ok(true)
+}
+
+/// Reads and validates `dir/manifest.json`: only a regular file (no link, FIFO or device)
+/// of at most [`MANIFEST_MAX_BYTES`], its seal (format 2), the format version, every file
+/// name, and that the step matches the directory name when it has the `step-N` form.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CheckpointError::ManifestMissing { path });
-        }
-        Err(e) => return Err(io_err("read", &path)(e)),
+    let Some((file, len)) = open_regular(&path)? else {
+        return Err(CheckpointError::ManifestMissing { path });
     };
+    if len > MANIFEST_MAX_BYTES {
+        return Err(CheckpointError::ManifestTooLarge {
+            path,
+            bytes: len,
+            limit: MANIFEST_MAX_BYTES,
+        });
+    }
+    let bytes = read_at_most(file, len, &path)?;
+    let sealed = check_seal(&bytes).map_err(|reason| CheckpointError::ManifestCorrupt {
+        path: path.clone(),
+        reason,
+    })?;
     let invalid = |reason: String| CheckpointError::ManifestInvalid {
         path: path.clone(),
         reason,
     };
     // Check the version before the full schema, so a newer format is reported as such
     // rather than as a confusing missing-field error.
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-    match value.get("format_version") {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    match value.get("format_version").map(serde_json::Value::as_u64) {
         None => return Err(invalid("no format_version field".into())),
-        Some(v) if v.as_u64() == Some(u64::from(FORMAT_VERSION)) => {}
-        Some(v) => {
+        Some(Some(v)) if v == u64::from(FORMAT_VERSION) && !sealed => {
+            return Err(CheckpointError::ManifestCorrupt {
+                path,
+                reason: format!(
+                    "format_version {FORMAT_VERSION} manifests begin with their \
+                     {SEAL_FIELD}, and this one does not"
+                ),
+            });
+        }
+        Some(Some(v)) if v == 1 || v == u64::from(FORMAT_VERSION) => {}
+        Some(_) => {
             return Err(CheckpointError::UnsupportedFormatVersion {
                 path,
-                found: v.to_string(),
+                found: value["format_version"].to_string(),
                 supported: FORMAT_VERSION,
             });
         }
+    }
+    if let Some(obj) = value.as_object_mut() {
+        obj.remove(SEAL_FIELD);
     }
     let manifest: Manifest = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
     let context = path.display().to_string();

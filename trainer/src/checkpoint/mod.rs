@@ -6,8 +6,12 @@
 //! ROOT/step-00000100/model.safetensors      tensors (safetensors: no code runs on load)
 //! ROOT/step-00000100/optimizer.safetensors
 //! ROOT/step-00000100/manifest.json          written last: step, tokens, trainer state,
-//!                                           config, model signature, sha256 + length per file
+//!                                           config, model signature, sha256 + length per
+//!                                           file, and a sha256 of the manifest itself
 //! ROOT/.step-00000200.tmp-<pid>/            a save in progress (or crashed); never loaded
+//! ROOT/.step-00000300.incomplete-<unix s>/  a `step-N` that was not a complete checkpoint,
+//!                                           moved aside by a save of that step; never
+//!                                           loaded, pruned or deleted (the user's to judge)
 //! ```
 //!
 //! A save writes into the hidden temp directory, fsyncs every file, writes the manifest
@@ -21,12 +25,34 @@
 //! reports their [`FileEntry`]s, and only after every writer has reported does one rank
 //! write the manifest listing all of them and commit. A crash of any rank before the commit
 //! leaves only a temp directory, which the next save removes.
+//!
+//! Reading trusts nothing on disk. Every byte a resume uses is verified: the data files
+//! against the manifest's length and sha256, the manifest against the digest it carries
+//! (format 2, see `manifest.rs`; any changed byte, whitespace included, is caught). Format-1
+//! manifests (no digest, written before format 2) are still loaded, with a warning that
+//! the manifest itself is unverified. A file is opened only if it is itself a regular file
+//! inside the checkpoint directory (`O_NOFOLLOW`, then `fstat` of the handle: links,
+//! FIFOs, devices are refused with an error naming what was found), a data file only if its
+//! length is the manifest's, and never more than that length is read; a manifest over
+//! [`manifest::MANIFEST_MAX_BYTES`] is refused unread.
+//!
+//! Which directories count: [`list_complete`] (`--resume auto`) takes only real `step-N`
+//! directories with a valid, verified manifest. A `step-N` that is a symbolic link, has no
+//! manifest, or one that is unparsable or fails its digest is skipped with a warning
+//! naming it, so a corrupt newest checkpoint is never loaded but a requeued job still
+//! resumes from the newest verified one; a save of that step later moves the skipped
+//! directory aside (see the layout above), so it neither blocks the run nor is lost. A
+//! manifest of an unknown format version or a manifest that is itself a link or a FIFO is
+//! an error, not skipped. The root itself may be a symbolic link (e.g. to a scratch
+//! filesystem). An explicit resume path that is a symbolic link (e.g. a `latest` link) is
+//! resolved once, and the target it resolved to is logged.
 
 mod checkpointer;
 mod convert;
 mod error;
 mod inspect;
 mod manifest;
+mod regular;
 mod tensor;
 #[cfg(test)]
 mod tests;
@@ -44,13 +70,14 @@ pub use convert::init_weights;
 pub use error::{CheckpointError, Result};
 pub use inspect::{FileReport, FileStatus, InspectReport, TensorStats, inspect};
 pub use manifest::{
-    FORMAT_VERSION, FileEntry, MANIFEST_FILE, Manifest, ManifestMeta, read_manifest, step_dir_name,
-    verify_compatible,
+    FORMAT_VERSION, FileEntry, MANIFEST_FILE, MANIFEST_MAX_BYTES, Manifest, ManifestMeta,
+    read_manifest, step_dir_name, verify_compatible,
 };
 pub use tensor::{DType, NamedTensor, TensorData};
 
 use error::io_err;
-use manifest::{check_file_name, file_path, parse_step_dir};
+use manifest::{check_file_name, encode_manifest, file_path, parse_step_dir};
+use regular::{open_regular, read_at_most};
 
 /// Saves checkpoints under one root and keeps only the newest `keep_last`.
 #[derive(Debug, Clone)]
@@ -99,6 +126,7 @@ impl CheckpointManager {
     /// Writes a checkpoint for `step` holding one safetensors file per `(file name,
     /// tensors)` entry, commits it atomically, then deletes the oldest checkpoints beyond
     /// `keep_last`. Returns the committed directory. Errors leave no `step-N` directory.
+    /// A complete `step-N` is never overwritten; an incomplete one is moved aside.
     pub fn save<N: AsRef<str>>(
         &self,
         step: u64,
@@ -119,9 +147,7 @@ impl CheckpointManager {
         }
         std::fs::create_dir_all(&self.root)
             .map_err(io_err("create checkpoint root", &self.root))?;
-        if final_dir.exists() {
-            return Err(CheckpointError::AlreadyExists { path: final_dir });
-        }
+        make_room(&self.root, &final_dir)?;
         self.remove_stale_temp_dirs()?;
 
         let tmp = self.root.join(format!(
@@ -151,15 +177,14 @@ impl CheckpointManager {
     }
 
     /// Multi-writer save, phase 1 (one rank, before the others write): removes temp
-    /// directories of crashed saves and creates this save's temp directory, named by
+    /// directories of crashed saves, moves an incomplete `step-N` aside (a complete one is
+    /// [`CheckpointError::AlreadyExists`]) and creates this save's temp directory, named by
     /// `tag` (the same on every rank, e.g. the committing rank's pid).
     pub fn begin_shared(&self, step: u64, tag: u64) -> Result<PathBuf> {
         let final_dir = self.root.join(step_dir_name(step));
         std::fs::create_dir_all(&self.root)
             .map_err(io_err("create checkpoint root", &self.root))?;
-        if final_dir.exists() {
-            return Err(CheckpointError::AlreadyExists { path: final_dir });
-        }
+        make_room(&self.root, &final_dir)?;
         self.remove_stale_temp_dirs()?;
         let tmp = self.shared_temp_dir(step, tag);
         std::fs::create_dir(&tmp).map_err(io_err("create temporary checkpoint directory", &tmp))?;
@@ -223,7 +248,8 @@ impl CheckpointManager {
         list_complete(&self.root)
     }
 
-    /// Removes `.step-*.tmp-*` / `.step-*.deleting-*` directories left by a crashed run.
+    /// Removes `.step-*.tmp-*` / `.step-*.deleting-*` directories left by a crashed run
+    /// (never `.step-*.incomplete-*`: those hold what a user may want back).
     fn remove_stale_temp_dirs(&self) -> Result<()> {
         let entries =
             std::fs::read_dir(&self.root).map_err(io_err("list checkpoint root", &self.root))?;
@@ -244,7 +270,8 @@ impl CheckpointManager {
 
     /// Deletes the oldest complete checkpoints beyond `keep_last`, never `just_written`.
     fn prune(&self, just_written: &Path) -> Result<Vec<PathBuf>> {
-        let all = list_complete(&self.root)?;
+        // Quiet: what a resume skips was already reported when the run resumed.
+        let all = scan(&self.root, false)?;
         let excess = all.len().saturating_sub(self.keep_last);
         let mut removed = Vec::new();
         for (step, dir) in all
@@ -320,18 +347,14 @@ fn commit(
         config: meta.config,
         files: entries,
     };
-    let json =
-        serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::ManifestInvalid {
-            path: tmp.join(MANIFEST_FILE),
-            reason: format!("could not serialize: {e}"),
-        })?;
+    let json = encode_manifest(&manifest).map_err(|e| CheckpointError::ManifestInvalid {
+        path: tmp.join(MANIFEST_FILE),
+        reason: format!("could not serialize: {e}"),
+    })?;
     write_durable(&tmp.join(MANIFEST_FILE), &json)?;
     fsync_dir(tmp)?;
-    if final_dir.exists() {
-        return Err(CheckpointError::AlreadyExists {
-            path: final_dir.into(),
-        });
-    }
+    // Again: another process may have created it since the save began.
+    make_room(root, final_dir)?;
     std::fs::rename(tmp, final_dir)
         .map_err(io_err("rename temporary checkpoint into place", final_dir))?;
     fsync_dir(root)
@@ -349,6 +372,77 @@ fn fsync_dir(dir: &Path) -> Result<()> {
         .map_err(io_err("fsync directory", dir))
 }
 
+/// Before a save commits `final_dir` (`step-N`): a complete checkpoint there is never
+/// overwritten ([`CheckpointError::AlreadyExists`]); what [`list_complete`] skips there (no
+/// manifest, a damaged one, a symbolic link, a plain file) would block every later save of
+/// step N, so it is renamed to `.step-N.incomplete-<unix time>` with a warning. Other
+/// manifest errors (an unknown format version, ...) are returned: the directory may be a
+/// complete checkpoint this build cannot judge.
+fn make_room(root: &Path, final_dir: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(final_dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("inspect existing checkpoint", final_dir)(e)),
+    };
+    let reason = if meta.file_type().is_symlink() {
+        symlink_description(final_dir)
+    } else if !meta.is_dir() {
+        "it is not a directory".to_string()
+    } else {
+        match read_manifest(final_dir) {
+            Ok(_) => {
+                return Err(CheckpointError::AlreadyExists {
+                    path: final_dir.into(),
+                });
+            }
+            Err(e) if is_incomplete(&e) => e.to_string(),
+            Err(e) => return Err(e),
+        }
+    };
+    let name = final_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut aside = root.join(format!(".{name}.incomplete-{secs}"));
+    for n in 1.. {
+        if std::fs::symlink_metadata(&aside).is_err() {
+            break;
+        }
+        aside = root.join(format!(".{name}.incomplete-{secs}-{n}"));
+    }
+    std::fs::rename(final_dir, &aside)
+        .map_err(io_err("move incomplete checkpoint aside", final_dir))?;
+    tracing::warn!(
+        dir = %final_dir.display(),
+        moved_to = %aside.display(),
+        reason = %reason,
+        "an incomplete checkpoint directory stood where this save goes; it was moved aside \
+         (never loaded or deleted: inspect it, then delete it yourself)"
+    );
+    Ok(())
+}
+
+/// Manifest errors that mean "not a complete checkpoint" (a crash, a torn or damaged
+/// manifest), as opposed to a checkpoint this build cannot read or a hostile directory.
+fn is_incomplete(e: &CheckpointError) -> bool {
+    matches!(
+        e,
+        CheckpointError::ManifestMissing { .. }
+            | CheckpointError::ManifestInvalid { .. }
+            | CheckpointError::ManifestCorrupt { .. }
+    )
+}
+
+fn symlink_description(path: &Path) -> String {
+    match std::fs::read_link(path) {
+        Ok(target) => format!("it is a symbolic link to {}", target.display()),
+        Err(_) => "it is a symbolic link".into(),
+    }
+}
+
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
@@ -356,11 +450,18 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// All complete checkpoints under `root`, oldest first. Temp directories and `step-N`
-/// directories whose manifest is missing or not valid JSON are skipped with a warning;
-/// a manifest of an unknown format version is an error (it must not be silently skipped
-/// in favour of an older checkpoint). A missing root has no checkpoints.
+/// All complete checkpoints under `root`, oldest first. Temp and quarantined directories
+/// are ignored; `step-N` entries that are symbolic links, or whose manifest is missing,
+/// unparsable or fails its digest, are skipped with a warning; a manifest of an unknown
+/// format version (or one that is a link, FIFO, ...) is an error (it must not be silently
+/// skipped in favour of an older checkpoint). A missing root has no checkpoints; the root
+/// itself may be a symbolic link.
 pub fn list_complete(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    scan(root, true)
+}
+
+/// [`list_complete`], with the warnings about skipped directories only when `report`.
+fn scan(root: &Path, report: bool) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match std::fs::read_dir(root) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -374,16 +475,25 @@ pub fn list_complete(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
             continue;
         };
         let dir = entry.path();
-        if !dir.is_dir() {
+        // The entry's own type: a link to a directory is not followed.
+        let kind = entry
+            .file_type()
+            .map_err(io_err("inspect checkpoint directory", &dir))?;
+        if kind.is_symlink() {
+            if report {
+                tracing::warn!(dir = %dir.display(), reason = %symlink_description(&dir), "skipping a checkpoint directory that is a symbolic link: checkpoints are loaded only from real step-N directories; copy it here, or pass its target to --resume explicitly");
+            }
+            continue;
+        }
+        if !kind.is_dir() {
             continue;
         }
         match read_manifest(&dir) {
             Ok(_) => out.push((step, dir)),
-            Err(
-                e @ (CheckpointError::ManifestMissing { .. }
-                | CheckpointError::ManifestInvalid { .. }),
-            ) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "skipping incomplete checkpoint directory");
+            Err(e) if is_incomplete(&e) => {
+                if report {
+                    tracing::warn!(dir = %dir.display(), error = %e, "skipping incomplete or damaged checkpoint directory: it is never loaded, and a save of this step moves it aside");
+                }
             }
             Err(e) => return Err(e),
         }
@@ -399,7 +509,8 @@ pub fn latest_complete(root: &Path) -> Result<Option<PathBuf>> {
 
 /// Resolves a resume spec: `"auto"` gives the newest complete checkpoint under `root`
 /// (or `None` to start fresh); anything else is a checkpoint directory path (relative
-/// paths are relative to the working directory) that must hold a valid manifest.
+/// paths are relative to the working directory) that must hold a valid manifest; a path
+/// that is a symbolic link is resolved (and the target logged).
 pub fn resume_target(root: &Path, spec: &str) -> Result<Option<PathBuf>> {
     if spec == "auto" {
         return latest_complete(root);
@@ -413,7 +524,17 @@ pub fn resume_target(root: &Path, spec: &str) -> Result<Option<PathBuf>> {
             "it is empty; use \"auto\" or a checkpoint directory path".into(),
         ));
     }
-    let dir = PathBuf::from(spec);
+    let mut dir = PathBuf::from(spec);
+    if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        let target = std::fs::canonicalize(&dir).map_err(|e| {
+            not(format!(
+                "{} is a symbolic link that does not resolve ({e}); use \"auto\" or an existing step-N directory",
+                dir.display()
+            ))
+        })?;
+        tracing::info!(link = %dir.display(), target = %target.display(), "the resume path is a symbolic link; resuming from its target");
+        dir = target;
+    }
     if !dir.is_dir() {
         return Err(not(format!(
             "{} is not a directory; use \"auto\" or an existing step-N directory",
@@ -428,6 +549,15 @@ pub fn resume_target(root: &Path, spec: &str) -> Result<Option<PathBuf>> {
 /// decoding it, before returning anything.
 pub fn load(dir: &Path) -> Result<LoadedCheckpoint> {
     let manifest = read_manifest(dir)?;
+    if manifest.format_version < FORMAT_VERSION {
+        tracing::warn!(
+            manifest = %dir.join(MANIFEST_FILE).display(),
+            "this checkpoint's manifest is format {}, which carries no digest of its own: its \
+             step, trainer state and config are unverified (its data files are still checked \
+             against it); checkpoints saved from now on are format {FORMAT_VERSION}",
+            manifest.format_version
+        );
+    }
     let mut files = Vec::with_capacity(manifest.files.len());
     for entry in &manifest.files {
         let bytes = read_verified(dir, entry)?;
@@ -441,16 +571,22 @@ pub fn load(dir: &Path) -> Result<LoadedCheckpoint> {
     })
 }
 
-/// Reads one manifest-listed file and checks its length and digest.
+/// Reads one manifest-listed file and checks its length and digest: only a regular file
+/// (see [`open_regular`]), only if its length is the manifest's, and no more than that.
 pub(crate) fn read_verified(dir: &Path, entry: &FileEntry) -> Result<Vec<u8>> {
     let path = file_path(dir, entry);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CheckpointError::MissingFile { path });
-        }
-        Err(e) => return Err(io_err("read", &path)(e)),
+    let Some((file, len)) = open_regular(&path)? else {
+        return Err(CheckpointError::MissingFile { path });
     };
+    if len != entry.bytes {
+        return Err(CheckpointError::LengthMismatch {
+            path,
+            expected: entry.bytes,
+            actual: len,
+        });
+    }
+    let bytes = read_at_most(file, len, &path)?;
+    // Shorter than its fstat length: truncated while it was read.
     if bytes.len() as u64 != entry.bytes {
         return Err(CheckpointError::LengthMismatch {
             path,

@@ -69,12 +69,14 @@ fn bits(ts: &[NamedTensor]) -> Vec<(String, Vec<usize>, Vec<u32>)> {
     v
 }
 
+/// Edits a manifest and seals it again, as a buggy or hostile writer would.
 fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join(MANIFEST_FILE);
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("manifest_sha256");
     f(&mut v);
-    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    std::fs::write(&path, manifest::encode_manifest(&v).unwrap()).unwrap();
 }
 
 fn root_entries(root: &Path) -> Vec<String> {
@@ -496,4 +498,274 @@ fn inspect_reports_stats_and_checksum_status() {
     assert!(!report.all_ok());
     assert!(matches!(&report.files[1].status, FileStatus::Bad(m) if m.contains("missing")));
     assert!(report.to_string().contains("BAD"));
+}
+
+/// Runs `f` on a thread and fails the test if it has not returned within 10 s (a read that
+/// blocks on a FIFO would otherwise hang the suite).
+fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(f()));
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("blocked: the checkpoint reader waited on something that is not a regular file")
+}
+
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn expect_not_regular(err: CheckpointError, path: &Path, found: &str) {
+    let text = err.to_string();
+    match &err {
+        CheckpointError::NotRegularFile { path: p, found: f } => {
+            assert_eq!(p, path);
+            assert!(f.contains(found), "{f}");
+        }
+        other => panic!(
+            "expected NotRegularFile for {}, got {other:?}",
+            path.display()
+        ),
+    }
+    assert!(text.contains(&path.display().to_string()), "{text}");
+}
+
+#[test]
+fn any_changed_byte_of_a_manifest_is_detected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mgr = CheckpointManager::new(tmp.path(), 3).unwrap();
+    let old = save_step(&mgr, 1);
+    let dir = save_step(&mgr, 2);
+    let path = dir.join(MANIFEST_FILE);
+    let sealed = std::fs::read(&path).unwrap();
+    let at = |needle: &str| {
+        sealed
+            .windows(needle.len())
+            .position(|w| w == needle.as_bytes())
+            .unwrap()
+    };
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut flipped = sealed.clone();
+    flipped[at("12800") + 4] ^= 0x01; // tokens_seen 12800 -> 12801: still valid JSON
+    cases.push(("a bit of a value", flipped));
+    let mut spaced = sealed.clone();
+    spaced.insert(at("\"tokens_seen\""), b' ');
+    cases.push(("whitespace", spaced));
+    let mut digest = sealed.clone();
+    digest[at("manifest_sha256") + 20] ^= 0x01;
+    cases.push(("the recorded digest", digest));
+    let mut key = sealed.clone();
+    key[at("manifest_sha256") + 14] ^= 0x01; // manifest_sha257: no seal on a format-2 manifest
+    cases.push(("the seal's key", key));
+    for (what, bytes) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        match read_manifest(&dir) {
+            Err(e @ CheckpointError::ManifestCorrupt { .. }) => {
+                assert!(e.to_string().contains(&path.display().to_string()), "{e}")
+            }
+            other => panic!("{what}: expected ManifestCorrupt, got {other:?}"),
+        }
+        assert!(load(&dir).is_err() && inspect(&dir).is_err(), "{what}");
+        // `--resume auto` never loads it; it takes the newest verified checkpoint.
+        assert_eq!(
+            resume_target(tmp.path(), "auto").unwrap(),
+            Some(old.clone())
+        );
+    }
+    std::fs::write(&path, &sealed).unwrap();
+    load(&dir).unwrap();
+}
+
+#[test]
+fn format_1_manifests_load_but_are_reported_unverified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = save_step(&CheckpointManager::new(tmp.path(), 3).unwrap(), 1);
+    let path = dir.join(MANIFEST_FILE);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("manifest_sha256");
+    v["format_version"] = json!(1);
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let loaded = load(&dir).unwrap();
+    assert_eq!(loaded.manifest.format_version, 1);
+    assert_eq!(latest_complete(tmp.path()).unwrap(), Some(dir.clone()));
+    let report = inspect(&dir).unwrap();
+    assert!(report.all_ok());
+    assert!(report.to_string().contains("UNVERIFIED"), "{report}");
+    // Its data files are still verified against it.
+    let model = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    bytes[0] ^= 0x01;
+    std::fs::write(&model, bytes).unwrap();
+    assert!(matches!(
+        load(&dir),
+        Err(CheckpointError::ChecksumMismatch { .. })
+    ));
+}
+
+#[test]
+fn links_fifos_and_devices_in_a_checkpoint_are_refused_unread() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = save_step(&CheckpointManager::new(tmp.path(), 3).unwrap(), 1);
+    let model = dir.join("model.safetensors");
+    let original = std::fs::read(&model).unwrap();
+
+    // A link to an identical copy outside the checkpoint: length and digest would match.
+    let outside = tmp.path().join("outside.safetensors");
+    std::fs::write(&outside, &original).unwrap();
+    std::fs::remove_file(&model).unwrap();
+    std::os::unix::fs::symlink(&outside, &model).unwrap();
+    let err = load(&dir).unwrap_err();
+    expect_not_regular(
+        err,
+        &model,
+        &format!("symbolic link to {}", outside.display()),
+    );
+
+    std::fs::remove_file(&model).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &model).unwrap();
+    let d = dir.clone();
+    let err = within_10s(move || load(&d).unwrap_err());
+    expect_not_regular(err, &model, "symbolic link to /dev/zero");
+
+    std::fs::remove_file(&model).unwrap();
+    mkfifo(&model);
+    let d = dir.clone();
+    let err = within_10s(move || load(&d).unwrap_err());
+    expect_not_regular(err, &model, "FIFO");
+    let d = dir.clone();
+    let report = within_10s(move || inspect(&d).unwrap());
+    assert!(matches!(&report.files[0].status, FileStatus::Bad(m) if m.contains("FIFO")));
+
+    // A longer file is refused by its length before anything is read.
+    std::fs::remove_file(&model).unwrap();
+    let mut longer = original.clone();
+    longer.push(0);
+    std::fs::write(&model, &longer).unwrap();
+    assert!(matches!(
+        load(&dir),
+        Err(CheckpointError::LengthMismatch { actual, .. }) if actual == longer.len() as u64
+    ));
+    std::fs::write(&model, &original).unwrap();
+    load(&dir).unwrap();
+
+    // The manifest: a link (to a valid copy), a FIFO, a huge (sparse) file.
+    let manifest = dir.join(MANIFEST_FILE);
+    let copy = tmp.path().join("manifest-copy.json");
+    std::fs::rename(&manifest, &copy).unwrap();
+    std::os::unix::fs::symlink(&copy, &manifest).unwrap();
+    expect_not_regular(read_manifest(&dir).unwrap_err(), &manifest, "symbolic link");
+    std::fs::remove_file(&manifest).unwrap();
+    mkfifo(&manifest);
+    let d = dir.clone();
+    let err = within_10s(move || read_manifest(&d).unwrap_err());
+    expect_not_regular(err, &manifest, "FIFO");
+    // Not skipped in favour of an older checkpoint: someone has to look at it.
+    let root = tmp.path().to_path_buf();
+    assert!(within_10s(move || latest_complete(&root)).is_err());
+    std::fs::remove_file(&manifest).unwrap();
+    std::fs::File::create(&manifest)
+        .unwrap()
+        .set_len(MANIFEST_MAX_BYTES + 1)
+        .unwrap();
+    assert!(matches!(
+        read_manifest(&dir),
+        Err(CheckpointError::ManifestTooLarge { bytes, .. }) if bytes == MANIFEST_MAX_BYTES + 1
+    ));
+}
+
+#[test]
+fn symlinked_step_dirs_are_not_resumed_automatically_and_are_moved_aside() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ckpt");
+    let elsewhere = tmp.path().join("elsewhere");
+    let mgr = CheckpointManager::new(&root, 10).unwrap();
+    let d1 = save_step(&mgr, 1);
+    let target = save_step(&CheckpointManager::new(&elsewhere, 10).unwrap(), 5);
+    let link = root.join("step-00000005");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert_eq!(list_complete(&root).unwrap(), vec![(1, d1.clone())]);
+    assert_eq!(resume_target(&root, "auto").unwrap(), Some(d1));
+    // Named explicitly, a link is resolved to its target.
+    assert_eq!(
+        resume_target(&root, link.to_str().unwrap()).unwrap(),
+        Some(target.canonicalize().unwrap())
+    );
+    // A save of that step moves the link (not its target) aside.
+    let d5 = save_step(&mgr, 5);
+    assert!(std::fs::symlink_metadata(&d5).unwrap().is_dir());
+    let aside: Vec<_> = root_entries(&root)
+        .into_iter()
+        .filter(|n| n.starts_with(".step-00000005.incomplete-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{:?}", root_entries(&root));
+    assert!(
+        std::fs::symlink_metadata(root.join(&aside[0]))
+            .unwrap()
+            .is_symlink()
+    );
+    load(&target).unwrap();
+    // The root itself may be a link.
+    let root_link = tmp.path().join("ckpt-link");
+    std::os::unix::fs::symlink(&root, &root_link).unwrap();
+    assert_eq!(list_complete(&root_link).unwrap().len(), 2);
+}
+
+#[test]
+fn an_incomplete_step_dir_is_moved_aside_by_the_next_save_of_that_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mgr = CheckpointManager::new(root, 2).unwrap();
+    let d4 = save_step(&mgr, 4);
+    let d6 = save_step(&mgr, 6);
+    std::fs::remove_file(d6.join(MANIFEST_FILE)).unwrap();
+    let old_model = std::fs::read(d6.join("model.safetensors")).unwrap();
+    assert_eq!(resume_target(root, "auto").unwrap(), Some(d4));
+
+    // The resumed run reaches step 6 again: the save succeeds.
+    assert_eq!(save_step(&mgr, 6), d6);
+    load(&d6).unwrap();
+    let aside = root_entries(root)
+        .into_iter()
+        .find(|n| n.starts_with(".step-00000006.incomplete-"))
+        .expect("the incomplete directory is kept");
+    assert_eq!(
+        std::fs::read(root.join(&aside).join("model.safetensors")).unwrap(),
+        old_model
+    );
+
+    // A corrupt manifest is moved aside the same way, here by a multi-writer save; later
+    // saves and pruning leave the moved directories alone.
+    let d8 = save_step(&mgr, 8);
+    std::fs::write(d8.join(MANIFEST_FILE), b"{\"format_version\": 2}").unwrap();
+    let tmp_dir = mgr.begin_shared(8, 77).unwrap();
+    let entries = write_files(
+        &tmp_dir,
+        &[("model.rank-0000.safetensors", model_tensors())],
+    )
+    .unwrap();
+    mgr.commit_shared(&tmp_dir, 8, entries, meta("sig-a"))
+        .unwrap();
+    load(&d8).unwrap();
+    save_step(&mgr, 10);
+    save_step(&mgr, 12);
+    let names = root_entries(root);
+    assert_eq!(
+        names.iter().filter(|n| n.contains(".incomplete-")).count(),
+        2,
+        "{names:?}"
+    );
+    assert_eq!(
+        list_complete(root).unwrap().len(),
+        2,
+        "keep_last counts only complete checkpoints: {names:?}"
+    );
+
+    // A complete checkpoint is still never replaced.
+    assert!(matches!(
+        mgr.begin_shared(12, 78),
+        Err(CheckpointError::AlreadyExists { .. })
+    ));
 }
