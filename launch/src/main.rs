@@ -5,6 +5,7 @@
 mod commands;
 mod config;
 mod launcher_env;
+mod run_dir;
 mod slurm_script;
 
 use std::path::PathBuf;
@@ -55,6 +56,10 @@ enum Command {
         /// router fills a null-expert router (AdaMoE conversion).
         #[arg(long)]
         init_from: Option<PathBuf>,
+        /// When run.output_dir (or checkpoint.dir) holds a previous run: rename it to
+        /// `<dir>.previous-<time>` (nothing is deleted) and start fresh.
+        #[arg(long, conflicts_with = "resume")]
+        start_over: bool,
     },
     /// Validation loss and perplexity of a checkpoint (or of fresh weights).
     Eval {
@@ -219,11 +224,18 @@ fn run(command: Command) -> Result<()> {
             config,
             resume,
             init_from,
+            start_over,
         } => {
             let cfg = load(&config)?;
             let launch = launcher_env::LaunchInfo::from_process_env()?;
             tracing::info!("launch: {launch}");
-            commands::train(&cfg, &launch, resume.as_deref(), init_from.as_deref())
+            commands::train(
+                &cfg,
+                &launch,
+                resume.as_deref(),
+                init_from.as_deref(),
+                start_over,
+            )
         }
         Command::Eval { config, checkpoint } => {
             let cfg = load(&config)?;
