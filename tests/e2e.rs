@@ -880,10 +880,18 @@ fn a_second_fresh_run_on_a_finished_directory_is_refused_with_the_choices() {
         assert_eq!(out.status.code(), Some(1), "{extra:?}: {}", text(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
         for choice in ["--resume auto", "--set run.output_dir="] {
-            assert!(stderr.contains(choice), "{extra:?}: {choice}: {}", text(&out));
+            assert!(
+                stderr.contains(choice),
+                "{extra:?}: {choice}: {}",
+                text(&out)
+            );
         }
         assert!(
-            stderr.contains(if extra.is_empty() { "--start-over" } else { "step 6" }),
+            stderr.contains(if extra.is_empty() {
+                "--start-over"
+            } else {
+                "step 6"
+            }),
             "{extra:?}: {}",
             text(&out)
         );

@@ -208,7 +208,12 @@ fn previous_run(out: &Path, ckpt: &Path) -> Result<Option<String>> {
             })
         })
     });
-    Ok(events.then(|| format!("TensorBoard events in {}", out.join(TENSORBOARD_DIR).display())))
+    Ok(events.then(|| {
+        format!(
+            "TensorBoard events in {}",
+            out.join(TENSORBOARD_DIR).display()
+        )
+    }))
 }
 
 /// `--start-over`: renames `out` (and an outside `ckpt`) to `<dir>.previous-<time>` and

@@ -343,7 +343,9 @@ fn truncate_jsonl(path: &Path, last_step: u64) -> Result<(), MetricsError> {
 
 /// Writes `bytes` to a temp file next to `path`, fsyncs it and renames it over `path`.
 fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), MetricsError> {
-    let name = path.file_name().map_or_else(Default::default, |n| n.to_string_lossy());
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy());
     // A dot name: TensorBoard reads only `events.out.tfevents.*`, so it never sees the temp.
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let mut file = File::create(&tmp).map_err(io_err("create", &tmp))?;
@@ -368,7 +370,9 @@ fn truncate_event_files(dir: &Path, last_step: u64) -> Result<(), MetricsError> 
         Err(e) => return Err(io_err("list TensorBoard directory", dir)(e)),
     };
     for entry in entries {
-        let path = entry.map_err(io_err("list TensorBoard directory", dir))?.path();
+        let path = entry
+            .map_err(io_err("list TensorBoard directory", dir))?
+            .path();
         let is_events = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -905,7 +909,10 @@ mod tests {
         for entry in std::fs::read_dir(dir.join(TENSORBOARD_DIR)).unwrap() {
             let path = entry.unwrap().path();
             let name = path.file_name().unwrap().to_str().unwrap().to_string();
-            assert!(name.starts_with("events.out.tfevents."), "stray file {name}");
+            assert!(
+                name.starts_with("events.out.tfevents."),
+                "stray file {name}"
+            );
             all.extend(parse_events(&std::fs::read(&path).unwrap()).1);
         }
         all.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
