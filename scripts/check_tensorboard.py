@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Load a Switchyard run's TensorBoard event files with TensorBoard's own reader.
 
-Usage: check_tensorboard.py RUN_DIR_OR_LOGDIR [--require TAG ...]
+Usage: check_tensorboard.py RUN_DIR_OR_LOGDIR [--require TAG ...] [--steps N]
 
 Prints every scalar tag with its (step, value) pairs. Exits 1 if a required tag is
-missing, 2 if no event file could be loaded.
+missing or, with --steps N, if a required tag does not show exactly one curve of steps
+1..N (each step once, in order: a resumed run must not leave the steps it recomputed
+twice), 2 if no event file could be loaded.
 """
 import argparse
 import os
@@ -17,6 +19,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("path", help="run directory (uses its tensorboard/ subfolder) or a TensorBoard log directory")
     ap.add_argument("--require", action="append", default=[], metavar="TAG", help="scalar tag that must be present")
+    ap.add_argument("--steps", type=int, metavar="N", help="each required tag must have exactly the steps 1..N, once each, in order")
     args = ap.parse_args()
 
     logdir = args.path
@@ -40,6 +43,12 @@ def main() -> int:
     if missing:
         print(f"error: missing scalar tag(s) {missing} in {logdir}; present: {sorted(tags)}", file=sys.stderr)
         return 1
+    if args.steps is not None:
+        for tag in args.require:
+            steps = [e.step for e in acc.Scalars(tag)]
+            if steps != list(range(1, args.steps + 1)):
+                print(f"error: {tag}: steps {steps}, expected one curve 1..{args.steps}", file=sys.stderr)
+                return 1
     return 0
 
 

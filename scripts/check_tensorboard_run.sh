@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Trains a few quickstart steps and loads the event files with TensorBoard's own reader,
-# from the virtualenv that .ci/run sets up (this script installs nothing).
+# Trains a few quickstart steps, stops and resumes, and loads the event files with TensorBoard's
+# own reader, from the virtualenv that .ci/run sets up (this script installs nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${SWITCHYARD_TB_VENV:-$HOME/.cache/switchyard/tbvenv}"
@@ -12,9 +12,13 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import tensorboard" 2
 fi
 run_dir="$(mktemp -d)"
 trap 'rm -rf "$run_dir"' EXIT
-cargo run --release --quiet -- train --config configs/quickstart.yaml \
-  --set "run.output_dir=$run_dir" --set train.steps=3 --set train.eval_every=3 \
-  --set checkpoint.every=0 --set checkpoint.save_final=false --set metrics.progress=false \
-  >/dev/null
-"$venv/bin/python" scripts/check_tensorboard.py "$run_dir" \
-  --require train/loss --require valid/loss --require moe/layer0/max_over_mean_load
+# 6 steps with a checkpoint at step 4, then a resume to 8 that recomputes steps 5 and 6:
+# TensorBoard must show one curve 1..8, not steps 5 and 6 twice.
+common=(--config configs/quickstart.yaml --set "run.output_dir=$run_dir" --set train.eval_every=2
+  --set checkpoint.every=4 --set metrics.progress=false)
+cargo run --release --quiet -- train "${common[@]}" --set train.steps=6 \
+  --set checkpoint.save_final=false >/dev/null
+cargo run --release --quiet -- train "${common[@]}" --set train.steps=8 --resume auto >/dev/null
+"$venv/bin/python" scripts/check_tensorboard.py "$run_dir" --steps 8 \
+  --require train/loss --require moe/layer0/max_over_mean_load
+"$venv/bin/python" scripts/check_tensorboard.py "$run_dir" --require valid/loss >/dev/null

@@ -865,3 +865,246 @@ fn impossible_sizes_are_config_errors_with_the_estimate() {
         );
     }
 }
+
+/// Every file under `dir` but the lock file, with its bytes: what a refused run must leave
+/// as it was.
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().unwrap() != ".switchyard.lock" {
+                out.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The steps of a run's metrics.jsonl, in file order.
+fn steps(run_dir: &Path) -> Vec<u64> {
+    losses(run_dir).into_iter().map(|(s, _)| s).collect()
+}
+
+/// A second run on a live run directory is refused at once, naming the first run's pid; the
+/// lock dies with its holder, so after a kill -9 the next run starts.
+#[test]
+fn a_second_run_on_a_live_directory_is_refused_and_the_lock_dies_with_its_holder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+    let cfg = cfg.to_str().unwrap();
+    let long = [
+        "--set",
+        "train.steps=100000",
+        "--set",
+        "optim.decay_steps=100000",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        "checkpoint.save_final=false",
+        "--set",
+        "train.eval_every=0",
+    ];
+    let mut args = vec!["train", "--config", cfg];
+    args.extend(long);
+    let mut first = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(&args)
+        .current_dir(repo_root())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = first.id().to_string();
+    // Training has begun once a metric line is written: the lock is held by then.
+    let metrics = tmp.path().join("run/metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 1 {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let lock = std::fs::read_to_string(tmp.path().join("run/.switchyard.lock")).unwrap();
+    assert!(lock.contains(&format!("pid {pid},")), "{lock}");
+
+    for extra in [&[][..], &["--resume", "auto"], &["--start-over"]] {
+        let mut args = vec!["train", "--config", cfg, "--set", "train.steps=2"];
+        args.extend(extra);
+        let started = std::time::Instant::now();
+        let out = switchyard(&args);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("in use by another switchyard run")
+                && stderr.contains(&format!("pid {pid}")),
+            "{extra:?}: {}",
+            text(&out)
+        );
+        assert!(started.elapsed().as_secs() < 30, "refused at once");
+    }
+    assert!(first.try_wait().unwrap().is_none(), "the first run goes on");
+    assert!(!tmp.path().join("run.previous").exists());
+
+    first.kill().unwrap(); // SIGKILL: no clean-up of any kind
+    first.wait().unwrap();
+    // No checkpoint was committed: `--resume auto` starts fresh and the killed run's metric
+    // lines are dropped.
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg,
+        "--set",
+        "train.steps=2",
+        "--resume",
+        "auto",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(steps(&tmp.path().join("run")), [1, 2]);
+}
+
+/// A directory that cannot be written is found at start, not at the first save. The
+/// checkpoint directory lies under a regular file, which stops root too; a read-only
+/// directory (mode 0555) is tried as well where permissions apply (not as root).
+#[test]
+fn an_unwritable_checkpoint_directory_is_an_error_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+    let blocker = write(tmp.path(), "blocker", "a file, not a directory");
+    let read_only = tmp.path().join("read-only");
+    std::fs::create_dir(&read_only).unwrap();
+    let mut perms = std::fs::metadata(&read_only).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o555);
+    std::fs::set_permissions(&read_only, perms).unwrap();
+    let mut dirs = vec![blocker.join("ckpt")];
+    if std::fs::write(read_only.join("probe"), "").is_ok() {
+        println!("running as root: mode 0555 does not stop writes; that case is skipped");
+    } else {
+        dirs.push(read_only.clone());
+    }
+    for dir in dirs {
+        let set = format!("checkpoint.dir={}", dir.display());
+        let out = switchyard(&["train", "--config", cfg.to_str().unwrap(), "--set", &set]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&dir.display().to_string()) && stderr.contains("checkpoint.dir"),
+            "{}",
+            text(&out)
+        );
+        assert!(
+            !tmp.path().join("run/metrics.jsonl").exists(),
+            "no step may run: {}",
+            text(&out)
+        );
+    }
+}
+
+/// A resume recomputes the steps after its checkpoint: metrics.jsonl holds each step once.
+#[test]
+fn a_resume_leaves_each_step_once_in_metrics_jsonl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+    let cfg = cfg.to_str().unwrap();
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg,
+        "--set",
+        "train.steps=6",
+        "--set",
+        "checkpoint.every=4",
+        "--set",
+        "checkpoint.save_final=false",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let run = tmp.path().join("run");
+    assert_eq!(steps(&run), [1, 2, 3, 4, 5, 6]);
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg,
+        "--set",
+        "train.steps=8",
+        "--set",
+        "checkpoint.every=4",
+        "--resume",
+        "auto",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(steps(&run), [1, 2, 3, 4, 5, 6, 7, 8]);
+}
+
+/// Training again into a directory that holds a run is refused before anything is touched,
+/// with the choices; `--start-over` moves the old run aside. `--resume` of an older
+/// checkpoint than committed ones is refused too.
+#[test]
+fn a_second_fresh_run_on_a_finished_directory_is_refused_with_the_choices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+    let cfg = cfg.to_str().unwrap();
+    let run = tmp.path().join("run");
+    let six = ["--set", "train.steps=6"];
+    let mut args = vec!["train", "--config", cfg];
+    args.extend(six);
+    let out = switchyard(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    let before = tree(&run);
+    assert!(run.join("checkpoints/step-00000006").is_dir());
+
+    let step3 = run.join("checkpoints/step-00000003");
+    let step3 = step3.to_str().unwrap();
+    for extra in [&[][..], &["--resume", step3]] {
+        let mut args = vec!["train", "--config", cfg];
+        args.extend(six);
+        args.extend(extra);
+        let started = std::time::Instant::now();
+        let out = switchyard(&args);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for choice in ["--resume auto", "--set run.output_dir="] {
+            assert!(
+                stderr.contains(choice),
+                "{extra:?}: {choice}: {}",
+                text(&out)
+            );
+        }
+        assert!(
+            stderr.contains(if extra.is_empty() {
+                "--start-over"
+            } else {
+                "step 6"
+            }),
+            "{extra:?}: {}",
+            text(&out)
+        );
+        assert!(started.elapsed().as_secs() < 30, "refused at once");
+        assert!(tree(&run) == before, "{extra:?}: the first run was touched");
+    }
+
+    let mut args = vec!["train", "--config", cfg, "--start-over"];
+    args.extend(["--set", "train.steps=3"]);
+    let out = switchyard(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    let moved: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("run.previous-")
+        })
+        .collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    let old: Vec<_> = before
+        .iter()
+        .map(|(p, b)| (moved[0].join(p.strip_prefix(&run).unwrap()), b.clone()))
+        .collect();
+    assert!(tree(&moved[0]) == old, "the old run is kept whole");
+    assert_eq!(steps(&run), [1, 2, 3]);
+    assert!(!run.join("checkpoints/step-00000006").exists());
+}

@@ -113,6 +113,7 @@ pub fn train(
     launch: &LaunchInfo,
     resume: Option<&str>,
     init_from: Option<&Path>,
+    start_over: bool,
     stop: Arc<StopSignal>,
 ) -> Result<()> {
     setup_threads(cfg.run.threads)?;
@@ -122,6 +123,10 @@ pub fn train(
         // (srun -n4 of a local-backend run would run four copies writing one checkpoint).
         launch.check_against(0, 1)?;
     }
+    // Before anything in the run directory is touched; one process per run does it.
+    let _lock = (launch.rank.value == 0)
+        .then(|| crate::run_dir::prepare(cfg, resume, start_over))
+        .transpose()?;
     let out = &cfg.run.output_dir;
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating run.output_dir {}", out.display()))?;

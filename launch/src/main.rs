@@ -5,6 +5,7 @@
 mod commands;
 mod config;
 mod launcher_env;
+mod run_dir;
 mod slurm_script;
 
 use std::path::PathBuf;
@@ -56,6 +57,10 @@ enum Command {
         /// router fills a null-expert router (AdaMoE conversion).
         #[arg(long)]
         init_from: Option<PathBuf>,
+        /// When run.output_dir (or checkpoint.dir) holds a previous run: rename it to
+        /// `<dir>.previous-<time>` (nothing is deleted) and start fresh.
+        #[arg(long, conflicts_with = "resume")]
+        start_over: bool,
     },
     /// Validation loss and perplexity of a checkpoint (or of fresh weights).
     Eval {
@@ -244,13 +249,21 @@ fn run(command: Command) -> Result<()> {
             config,
             resume,
             init_from,
+            start_over,
         } => {
             // First: a stop signal from now on is handled (see `install_stop_handlers`).
             let stop = commands::install_stop_handlers()?;
             let cfg = load(&config)?;
             let launch = launcher_env::LaunchInfo::from_process_env()?;
             tracing::info!("launch: {launch}");
-            commands::train(&cfg, &launch, resume.as_deref(), init_from.as_deref(), stop)
+            commands::train(
+                &cfg,
+                &launch,
+                resume.as_deref(),
+                init_from.as_deref(),
+                start_over,
+                stop,
+            )
         }
         Command::Eval { config, checkpoint } => {
             let cfg = load(&config)?;

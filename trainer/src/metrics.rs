@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -117,9 +117,11 @@ impl std::fmt::Debug for MetricsSink {
 }
 
 impl MetricsSink {
-    /// Opens the sinks enabled in `cfg` under `run_dir` (created if missing). When resuming
-    /// (`start_step > 0`) the JSONL file is appended to, and a partial last line left by a
-    /// crash is cut off first; TensorBoard gets a new event file next to the old ones.
+    /// Opens the sinks enabled in `cfg` under `run_dir` (created if missing). The run
+    /// continues from `start_step` (0: fresh): whatever an earlier run logged after it (steps
+    /// a resumed run recomputes, a partial line or record left by a crash) is dropped from
+    /// `metrics.jsonl` and the old TensorBoard event files first, so each holds one curve;
+    /// TensorBoard gets a new event file next to the old ones.
     pub fn new(
         cfg: MetricsConfig,
         run_dir: &Path,
@@ -149,12 +151,15 @@ impl MetricsSink {
         std::fs::create_dir_all(run_dir).map_err(io_err("create run directory", run_dir))?;
         let jsonl = if cfg.jsonl {
             let path = run_dir.join(JSONL_FILE);
+            truncate_jsonl(&path, start_step)?;
             Some((open_jsonl(&path)?, path))
         } else {
             None
         };
         let tensorboard = if cfg.tensorboard {
-            Some(open_tensorboard(&run_dir.join(TENSORBOARD_DIR))?)
+            let dir = run_dir.join(TENSORBOARD_DIR);
+            truncate_event_files(&dir, start_step)?;
+            Some(open_tensorboard(&dir)?)
         } else {
             None
         };
@@ -298,43 +303,148 @@ fn jsonl_line(step: u64, scalars: &[(&str, f64)]) -> String {
     line
 }
 
-/// Opens `path` for appending. A last line without a newline (a crash mid-write by a
-/// writer that did not use a single write) is cut off with a warning, so new lines stay
-/// parseable.
+/// Opens `path` for appending (after [`truncate_jsonl`]).
 fn open_jsonl(path: &Path) -> Result<File, MetricsError> {
-    let mut file = OpenOptions::new()
+    OpenOptions::new()
         .create(true)
-        .read(true)
         .append(true)
         .open(path)
-        .map_err(io_err("open", path))?;
-    let len = file.metadata().map_err(io_err("stat", path))?.len();
-    if len > 0 {
-        let keep = last_newline_end(&mut file, len).map_err(io_err("read", path))?;
-        if keep != len {
-            tracing::warn!(file = %path.display(), bytes = len - keep, "cutting off a partial last line left by an interrupted run");
-            file.set_len(keep).map_err(io_err("truncate", path))?;
-        }
-    }
-    Ok(file)
+        .map_err(io_err("open", path))
 }
 
-/// Offset just past the last `\n` in the first `len` bytes of `file` (0 if none).
-fn last_newline_end(file: &mut File, len: u64) -> std::io::Result<u64> {
-    const CHUNK: u64 = 64 * 1024;
-    let mut end = len;
-    let mut buf = vec![0u8; CHUNK as usize];
-    while end > 0 {
-        let start = end.saturating_sub(CHUNK);
-        let n = (end - start) as usize;
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut buf[..n])?;
-        if let Some(i) = buf[..n].iter().rposition(|&b| b == b'\n') {
-            return Ok(start + i as u64 + 1);
-        }
-        end = start;
+/// Keeps only the complete lines of `path` whose step is at most `last_step`: a resumed
+/// run logs the later steps again, and readers should not have to de-duplicate. A partial
+/// last line (a crash mid-write) and unparseable lines go too. The file is replaced
+/// atomically (temp file, fsync, rename) and only when something is dropped.
+fn truncate_jsonl(path: &Path, last_step: u64) -> Result<(), MetricsError> {
+    #[derive(Deserialize)]
+    struct Step {
+        step: u64,
     }
-    Ok(0)
+    let text = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("read", path)(e)),
+    };
+    let mut kept = Vec::with_capacity(text.len());
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        let keep = line.ends_with(b"\n")
+            && serde_json::from_slice::<Step>(line).is_ok_and(|l| l.step <= last_step);
+        if keep {
+            kept.extend_from_slice(line);
+        }
+    }
+    if kept.len() == text.len() {
+        return Ok(());
+    }
+    tracing::warn!(file = %path.display(), last_step, bytes = text.len() - kept.len(), "dropping metric lines after the step this run continues from");
+    replace_file(path, &kept)
+}
+
+/// Writes `bytes` to a temp file next to `path`, fsyncs it and renames it over `path`.
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), MetricsError> {
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy());
+    // A dot name: TensorBoard reads only `events.out.tfevents.*`, so it never sees the temp.
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let mut file = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    file.write_all(bytes).map_err(io_err("write", &tmp))?;
+    file.sync_all().map_err(io_err("fsync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err("rename a temp file over", path))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("fsync", dir))?;
+    }
+    Ok(())
+}
+
+/// Drops, from every event file in the TensorBoard directory `dir`, the events after
+/// `last_step` and a partial last record (a crash mid-write), so that TensorBoard shows
+/// one curve after a resume. Records are copied byte for byte (their checksums stay valid).
+fn truncate_event_files(dir: &Path, last_step: u64) -> Result<(), MetricsError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("list TensorBoard directory", dir)(e)),
+    };
+    for entry in entries {
+        let path = entry
+            .map_err(io_err("list TensorBoard directory", dir))?
+            .path();
+        let is_events = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("events.out.tfevents."));
+        if !is_events {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
+        let kept = events_up_to(&bytes, last_step);
+        if kept.len() != bytes.len() {
+            tracing::warn!(file = %path.display(), last_step, "dropping TensorBoard events after the step this run continues from");
+            replace_file(&path, &kept)?;
+        }
+    }
+    Ok(())
+}
+
+/// The TFRecords of `bytes` (u64 length, u32 length crc, data, u32 data crc; little-endian)
+/// whose `Event.step` is at most `last_step`, up to the first incomplete record.
+fn events_up_to(bytes: &[u8], last_step: u64) -> Vec<u8> {
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while let Some(len_bytes) = bytes.get(at..at + 8) {
+        let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes")) as usize;
+        let Some(end) = len.checked_add(at + 16).filter(|&e| e <= bytes.len()) else {
+            break;
+        };
+        if event_step(&bytes[at + 12..end - 4]) <= last_step {
+            kept.extend_from_slice(&bytes[at..end]);
+        }
+        at = end;
+    }
+    kept
+}
+
+/// `Event.step` (field 2, a varint; 0 when absent, as in the file-version event) of a
+/// serialized `tensorboard.Event`; an undecodable event counts as step 0 and is kept.
+fn event_step(event: &[u8]) -> u64 {
+    fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*at)?;
+            *at += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    let mut at = 0;
+    while at < event.len() {
+        let Some(key) = varint(event, &mut at) else {
+            return 0;
+        };
+        let skip = match key & 7 {
+            0 => match varint(event, &mut at) {
+                Some(v) if key >> 3 == 2 => return v,
+                Some(_) => 0,
+                None => return 0,
+            },
+            1 => 8,
+            2 => match varint(event, &mut at) {
+                Some(n) => n as usize,
+                None => return 0,
+            },
+            5 => 4,
+            _ => return 0,
+        };
+        at = at.saturating_add(skip);
+    }
+    0
 }
 
 /// Last second used for an event-file name per directory in this process. tensorboard-rs
@@ -497,7 +607,7 @@ mod tests {
     }
 
     #[test]
-    fn jsonl_lines_are_written_immediately_and_appended_on_resume() {
+    fn jsonl_lines_are_written_immediately_and_truncated_to_the_resumed_step() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join(JSONL_FILE);
         let mut sink =
@@ -531,12 +641,13 @@ mod tests {
         );
         drop(sink); // simulated crash: no finish()
 
-        // A crash mid-line by some other writer leaves a partial line; resume cuts it off.
+        // A line of a step the resumed run recomputes, and a partial line (a crash
+        // mid-write): the resume from step 2 drops both.
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .unwrap()
-            .write_all(b"{\"step\":3,\"lo")
+            .write_all(b"{\"step\":3,\"loss\":9.0}\n{\"step\":4,\"lo")
             .unwrap();
         let mut sink =
             MetricsSink::with_terminal(cfg(false, true), tmp.path(), 10, 2, false).unwrap();
@@ -790,5 +901,61 @@ mod tests {
         ];
         let got: Vec<_> = all.iter().map(|(s, t, v)| (*s, t.as_str(), *v)).collect();
         assert_eq!(got, expected);
+    }
+
+    /// Event files of all (scalar step, tag) pairs in `dir`, every record checked.
+    fn tensorboard_scalars(dir: &Path) -> Vec<(i64, String, f32)> {
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(dir.join(TENSORBOARD_DIR)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            assert!(
+                name.starts_with("events.out.tfevents."),
+                "stray file {name}"
+            );
+            all.extend(parse_events(&std::fs::read(&path).unwrap()).1);
+        }
+        all.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        all
+    }
+
+    #[test]
+    fn a_resume_drops_later_tensorboard_events_and_a_torn_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut sink =
+            MetricsSink::with_terminal(cfg(true, false), tmp.path(), 10, 0, false).unwrap();
+        for step in 1..=4u64 {
+            sink.log(step, &[("loss", step as f64)]).unwrap();
+        }
+        sink.finish().unwrap();
+        // A crash mid-record: a length prefix with half its record.
+        let file = std::fs::read_dir(tmp.path().join(TENSORBOARD_DIR))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap()
+            .write_all(&[40, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3])
+            .unwrap();
+        // Resumed from the step-2 checkpoint: steps 3 and 4 are logged again.
+        let mut sink =
+            MetricsSink::with_terminal(cfg(true, false), tmp.path(), 10, 2, false).unwrap();
+        for step in 3..=4u64 {
+            sink.log(step, &[("loss", 10.0 * step as f64)]).unwrap();
+        }
+        sink.finish().unwrap();
+        let got: Vec<_> = tensorboard_scalars(tmp.path())
+            .into_iter()
+            .map(|(s, _, v)| (s, v))
+            .collect();
+        assert_eq!(got, [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]);
+        // Starting over at step 0 (`--resume auto` without a checkpoint) leaves no scalars.
+        let sink = MetricsSink::with_terminal(cfg(true, false), tmp.path(), 10, 0, false).unwrap();
+        sink.finish().unwrap();
+        assert_eq!(tensorboard_scalars(tmp.path()), []);
     }
 }
