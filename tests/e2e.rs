@@ -1108,3 +1108,107 @@ fn a_second_fresh_run_on_a_finished_directory_is_refused_with_the_choices() {
     assert_eq!(steps(&run), [1, 2, 3]);
     assert!(!run.join("checkpoints/step-00000006").exists());
 }
+
+/// Whether process `pid` has a handler installed for signal number `signal` (the `SigCgt`
+/// mask of /proc/PID/status).
+fn catches(pid: u32, signal: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
+/// A stop signal during start-up (here: generating 100 MB of data), before any step, ends
+/// the process at once with 75 — what the generated sbatch script requeues on — and
+/// leaves nothing behind to resume: no step ran and no checkpoint exists.
+#[test]
+fn a_stop_signal_during_start_up_exits_75_at_once() {
+    const SIGUSR1: u32 = 10;
+    for signal in ["-USR1", "-TERM", "-INT"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["train", "--config", cfg.to_str().unwrap()])
+            .args(["--set", "data.source.bytes=100000000"])
+            .current_dir(repo_root())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !catches(child.id(), SIGUSR1) {
+            assert!(std::time::Instant::now() < deadline, "no handler installed");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Into the data generation (~2 s for 100 MB), past the config and the lock.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let metrics = tmp.path().join("run/metrics.jsonl");
+        assert!(!metrics.exists(), "start-up was over before the signal");
+        let signalled = std::time::Instant::now();
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = child.wait().unwrap();
+        let took = signalled.elapsed();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(75), "{signal}: {stderr}");
+        assert!(
+            stderr.contains("stop signal before the first step"),
+            "{signal}: {stderr}"
+        );
+        assert!(!metrics.exists(), "{signal}: a step ran");
+        assert!(!tmp.path().join("run/checkpoints/step-00000001").exists());
+        println!("{signal} during start-up: exit 75 after {took:?}");
+    }
+}
+
+/// A failure is reported once: a cause that its parent's message already shows is not
+/// repeated, and nothing panics.
+#[test]
+fn an_error_is_said_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+    let cfg = cfg.to_str().unwrap();
+    let out = switchyard(&["train", "--config", cfg, "--set", "train.steps=3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let step = tmp.path().join("run/checkpoints/step-00000003");
+    let shard = std::fs::read_dir(&step)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    let other = tmp.path().join("other");
+    let set = format!("run.output_dir={}", other.display());
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg,
+        "--set",
+        &set,
+        "--init-from",
+        step.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("checksum mismatch").count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    assert_eq!(stderr.matches("error:").count(), 1, "{}", text(&out));
+    assert!(!stderr.contains("panicked"), "{}", text(&out));
+}
