@@ -63,9 +63,13 @@ echo "== training under mpirun follows the single-process curve; checkpoints mov
 scripts/mpi_train_test.sh
 mpi_runs=$((mpi_runs + 1))
 
-echo "== faults under mpirun: kill -9 during a save (3 seeds), SIGUSR1 to one rank, a hung rank"
+echo "== faults under mpirun at np 2 and 4: kill -9 during a save (3 seeds), SIGUSR1 to one rank, SIGTERM to mpirun, a hung rank"
 scripts/fault_test.sh
-mpi_runs=$((mpi_runs + 5))
+mpi_runs=$((mpi_runs + 2 * 6)) # cases, not runs
+
+echo "== the ending of short ep=2 and dp=2 x ep=2 runs, 340 times (threads, mpirun, signals, tight timeouts): no hang"
+scripts/stress_ending.sh 50
+mpi_runs=$((mpi_runs + 1))
 
 echo "== TensorBoard reads Switchyard's event files"
 scripts/check_tensorboard_run.sh

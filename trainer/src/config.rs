@@ -255,9 +255,10 @@ pub struct CheckpointConfig {
     #[serde(default = "default_true")]
     pub save_final: bool,
     /// Seconds the ranks of a multi-rank save wait for each other (writing a large shard
-    /// can take longer than `comm.timeout_s`).
-    #[serde(default = "default_save_timeout_s")]
-    pub save_timeout_s: f64,
+    /// can take longer than `comm.timeout_s`). Unset: derived from the size of a rank's
+    /// shard and a minimum write bandwidth (`memory::save_timeout_s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_timeout_s: Option<f64>,
 }
 
 impl Default for CheckpointConfig {
@@ -267,7 +268,7 @@ impl Default for CheckpointConfig {
             keep_last: default_keep_last(),
             dir: None,
             save_final: true,
-            save_timeout_s: default_save_timeout_s(),
+            save_timeout_s: None,
         }
     }
 }
@@ -280,9 +281,6 @@ fn default_eval_batches() -> usize {
 }
 fn default_keep_last() -> usize {
     3
-}
-fn default_save_timeout_s() -> f64 {
-    1800.0
 }
 fn default_true() -> bool {
     true
@@ -313,14 +311,15 @@ impl CheckpointConfig {
                 "must be at least 1 (the newest checkpoint is always kept)".into(),
             ));
         }
-        if !switchyard_parallel::valid_timeout_s(self.save_timeout_s) {
+        if let Some(secs) = self.save_timeout_s
+            && !switchyard_parallel::valid_timeout_s(secs)
+        {
             issues.push((
                 "save_timeout_s".into(),
                 format!(
-                    "must be in (0, {}] seconds (a week at most), got {}; the default is {}",
+                    "must be in (0, {}] seconds (a week at most), got {secs}; leave it out to \
+                     derive it from the checkpoint's size",
                     switchyard_parallel::MAX_TIMEOUT_S,
-                    self.save_timeout_s,
-                    default_save_timeout_s()
                 ),
             ));
         }

@@ -5,7 +5,9 @@
 //! The estimate is a lower bound of the large buffers, not a prediction of the peak: it
 //! counts what a rank cannot do without and leaves out allocator slack, kernel workspaces,
 //! the data set, checkpoints in flight and the binary. A config it refuses cannot run; one
-//! it accepts may still need more (measured peaks of the shipped configs are 2-4x it).
+//! it accepts may still need more.
+//!
+//! The same sizes give the default of `checkpoint.save_timeout_s` ([`save_timeout_s`]).
 //!
 //! Shape legend (config names): V `model.vocab_size`, D `model.d_model`, L
 //! `model.n_layers`, F `model.ffn_dim`, E `moe.num_experts`, Fe `moe.expert_ffn_dim`, K
@@ -132,6 +134,31 @@ impl MemoryEstimate {
             total: 4.0 * weights + activations,
         }
     }
+}
+
+/// The write bandwidth a rank is assumed to have at least when saving its checkpoint shard
+/// (a slow network filesystem shared by many writers): 25 MB/s.
+pub const MIN_WRITE_BYTES_PER_S: f64 = 25e6;
+
+/// What every save gets on top of its writing time (directory creation, fsyncs, renames,
+/// the manifest, a busy metadata server): two minutes.
+pub const SAVE_OVERHEAD_S: f64 = 120.0;
+
+/// Bytes the largest shard of a checkpoint holds: rank 0's f32 weights and AdamW moments
+/// (the dense tensors and its experts; other ranks write only their experts).
+pub fn checkpoint_shard_bytes(cfg: &Config) -> f64 {
+    let e = MemoryEstimate::per_rank(cfg);
+    e.weights + e.optimizer
+}
+
+/// How long the ranks of a save wait for each other: `checkpoint.save_timeout_s` when set,
+/// else [`SAVE_OVERHEAD_S`] plus the time to write the largest shard at
+/// [`MIN_WRITE_BYTES_PER_S`] (a week at most).
+pub fn save_timeout_s(cfg: &Config) -> f64 {
+    cfg.checkpoint.save_timeout_s.unwrap_or_else(|| {
+        let writing = checkpoint_shard_bytes(cfg) / MIN_WRITE_BYTES_PER_S;
+        (SAVE_OVERHEAD_S + writing.ceil()).min(switchyard_parallel::MAX_TIMEOUT_S)
+    })
 }
 
 impl fmt::Display for MemoryEstimate {
@@ -272,6 +299,51 @@ moe: {every: 2, num_experts: 4, top_k: 2, expert_ffn_dim: 16}
             let real = Transformer::new(&cfg, 0, &device).num_params() as f64;
             assert_eq!(parameters(&cfg, 1), real, "{extra}");
         }
+    }
+
+    fn config(model_yaml: &str, extra: &str) -> Config {
+        let model = model_yaml.replace('\n', "\n  ");
+        serde_yaml::from_str(&format!(
+            "run: {{name: t, output_dir: /nonexistent}}
+model:
+  {model}
+data: {{tokenizer: {{type: byte}}, source: {{type: synthetic}}, seq_len: 8, batch_size: 4}}
+optim: {{lr: 1.0e-3}}
+train: {{steps: 1}}
+{extra}"
+        ))
+        .unwrap()
+    }
+
+    /// The default save timeout: two minutes plus rank 0's shard (weights and both AdamW
+    /// moments, f32) at 25 MB/s; an explicit value wins.
+    #[test]
+    fn the_save_timeout_follows_the_shard_size_unless_set() {
+        let small = config(SMALL, "");
+        let shard = 3.0 * F32 * parameters(&small.model, 1);
+        assert_eq!(checkpoint_shard_bytes(&small), shard);
+        assert_eq!(save_timeout_s(&small), 120.0 + (shard / 25e6).ceil());
+        assert_eq!(save_timeout_s(&small), 121.0);
+        // ~4.5e8 parameters: a 5.4 GB shard takes 3.6 minutes at 25 MB/s.
+        let big = config(
+            &SMALL
+                .replace("d_model: 32", "d_model: 2048")
+                .replace("expert_ffn_dim: 16", "expert_ffn_dim: 8192"),
+            "",
+        );
+        let shard = checkpoint_shard_bytes(&big);
+        assert!(shard > 5e9, "{shard}");
+        assert_eq!(save_timeout_s(&big), 120.0 + (shard / 25e6).ceil());
+        // Expert parallelism splits the experts: a smaller shard, a shorter wait.
+        let sharded = config(
+            &SMALL
+                .replace("d_model: 32", "d_model: 2048")
+                .replace("expert_ffn_dim: 16", "expert_ffn_dim: 8192"),
+            "parallel: {ep: 2}",
+        );
+        assert!(save_timeout_s(&sharded) < save_timeout_s(&big));
+        let set = config(SMALL, "checkpoint: {save_timeout_s: 30}");
+        assert_eq!(save_timeout_s(&set), 30.0);
     }
 
     #[test]

@@ -56,10 +56,20 @@ pub fn run(
         .dir
         .clone()
         .unwrap_or_else(|| cfg.run.output_dir.join("checkpoints"));
+    let save_timeout_s = crate::memory::save_timeout_s(cfg);
+    if cfg.checkpoint.save_timeout_s.is_none() && trainer.layout.is_some() {
+        tracing::info!(
+            "checkpoint.save_timeout_s: {save_timeout_s:.0} s (derived: {:.0} MB shard at {} MB/s \
+             plus {} s)",
+            crate::memory::checkpoint_shard_bytes(cfg) / 1e6,
+            crate::memory::MIN_WRITE_BYTES_PER_S / 1e6,
+            crate::memory::SAVE_OVERHEAD_S
+        );
+    }
     let checkpointer = Checkpointer::new(
         &ckpt_dir,
         cfg.checkpoint.keep_last,
-        cfg.checkpoint.save_timeout_s,
+        save_timeout_s,
         resolved_config,
         stop.clone(),
     )?;
