@@ -50,7 +50,9 @@ fn layout(world: Box<dyn Communicator>) -> Layout {
     parallelize(model, &parallel, 4, world).unwrap().layout
 }
 
-const PATIENCE: Duration = Duration::from_secs(600);
+/// The save agreements' patience (`checkpoint.save_timeout_s`): long enough that a test
+/// which ends within half of it did not wait it out.
+const PATIENCE: Duration = Duration::from_secs(60);
 
 #[test]
 fn a_stop_signal_caps_the_wait_for_a_stuck_rank_at_the_comm_timeout() {
@@ -81,7 +83,7 @@ fn a_stop_signal_caps_the_wait_for_a_stuck_rank_at_the_comm_timeout() {
 
 #[test]
 fn a_rank_that_returns_early_fails_the_agreement_on_the_others_at_once() {
-    let comms = LocalWorld::new(2, Duration::from_secs(600), None);
+    let comms = LocalWorld::new(2, PATIENCE, None);
     let started = Instant::now();
     let results = LocalWorld::spawn(comms, Some(64 << 20), |c| {
         let layout = layout(Box::new(c));
@@ -99,5 +101,45 @@ fn a_rank_that_returns_early_fails_the_agreement_on_the_others_at_once() {
     let e = results.into_iter().next().unwrap().unwrap().unwrap_err();
     assert!(e.is_consequence(), "{e}");
     assert!(e.to_string().contains("stopped without taking part"), "{e}");
-    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(started.elapsed() < PATIENCE / 2);
+}
+
+/// The hang of #19: a collective times out on one rank and completes on another (the late
+/// rank finds the early one's contribution), so the late rank goes on alone into the next
+/// agreement, a save's, whose patience is long. It must fail at once there, not wait it out.
+#[test]
+fn a_rank_left_alone_by_a_one_sided_timeout_fails_its_next_agreement_at_once() {
+    let comms = LocalWorld::new(2, Duration::from_millis(200), None);
+    let started = Instant::now();
+    let results = LocalWorld::spawn(comms, Some(64 << 20), |c| {
+        let layout = layout(Box::new(c));
+        if layout.rank() == 1 {
+            // Late for the preemption check: rank 0 has given up on it by now.
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        let check = layout.all_ok(true, "preemption check");
+        if layout.rank() == 0 {
+            return (check.map(|_| ()), None);
+        }
+        let not_signalled = || false;
+        let waited = Instant::now();
+        let save = layout.all_ok_within(
+            true,
+            "checkpoint of step 4: create the temp directory",
+            PATIENCE,
+            &not_signalled,
+        );
+        (check.map(|_| ()), Some((save, waited.elapsed())))
+    });
+    let mut results = results.into_iter();
+    let (early, _) = results.next().unwrap();
+    let early = early.unwrap_err();
+    assert!(early.to_string().contains("timed out"), "{early}");
+    let (late, save) = results.next().unwrap();
+    late.expect("the late rank completes the check with the early one's contribution");
+    let (save, waited) = save.unwrap();
+    let e = save.unwrap_err();
+    assert!(e.is_consequence(), "{e}");
+    assert!(waited < Duration::from_secs(5), "waited {waited:?}: {e}");
+    assert!(started.elapsed() < PATIENCE / 2);
 }
