@@ -174,7 +174,10 @@ impl CommConfig {
         {
             issues.push((
                 "backend.type".into(),
-                "`nccl` needs a build with `--features nccl`; or use `type: mpi`".into(),
+                "`nccl` is not available in this build: the `switchyard` binary has no NCCL \
+                 feature yet (NCCL is not wired into training; issue #20); use `type: mpi` or \
+                 `type: auto`"
+                    .into(),
             ));
         }
         issues

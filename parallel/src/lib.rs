@@ -50,5 +50,5 @@ pub use overlap::Overlap;
 #[cfg(feature = "cuda")]
 pub use switchyard_comm::cuda;
 pub use switchyard_comm::{
-    CommConfig, Communicator, MAX_TIMEOUT_S, duration_from_secs, valid_timeout_s,
+    CommBackendConfig, CommConfig, Communicator, MAX_TIMEOUT_S, duration_from_secs, valid_timeout_s,
 };

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use switchyard_moe::{ModelConfig, Precision};
-use switchyard_parallel::{CommConfig, ParallelConfig};
+use switchyard_parallel::{CommBackendConfig, CommConfig, ParallelConfig};
 use switchyard_placement::{PlacementConfig, Strategy};
 
 use crate::data::{DataConfig, TokenizerConfig};
@@ -179,6 +179,16 @@ impl Config {
         let mut issues = Vec::new();
         let device = self.device;
         if !device.is_cuda() {
+            if matches!(self.comm.backend, CommBackendConfig::Nccl { .. }) {
+                issues.push((
+                    "comm.backend.type".to_string(),
+                    format!(
+                        "is `nccl`, which runs collectives on GPU memory, but device is \
+                         `{device}`; use `device: cuda`, or `comm.backend.type: auto` (MPI \
+                         under mpirun/srun, threads otherwise) for CPU training"
+                    ),
+                ));
+            }
             return issues;
         }
         let mut add = |msg: String| issues.push(("device".to_string(), msg));

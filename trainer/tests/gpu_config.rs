@@ -97,3 +97,21 @@ fn device_and_precision_parse_strictly() {
     assert!(err.contains("expected `cpu`, `cuda`"), "{err}");
     assert!(with("precision: fp16").is_err());
 }
+
+/// `nccl` moves GPU memory: with a CPU device it is a config error naming the backend key
+/// and both ways out, never a failure at the first collective.
+#[test]
+fn nccl_with_a_cpu_device_is_refused_naming_the_fix() {
+    let mut cfg = load("configs/quickstart.yaml");
+    cfg.comm.backend = serde_yaml::from_str("{type: nccl}").unwrap();
+    let found = issues_at(&cfg, "comm.backend.type");
+    assert!(
+        found
+            .iter()
+            .any(|m| m.contains("device is `cpu`") && m.contains("device: cuda")),
+        "{found:?}"
+    );
+    cfg.device = DeviceConfig::Cuda(None);
+    let found = issues_at(&cfg, "comm.backend.type");
+    assert!(!found.iter().any(|m| m.contains("device is")), "{found:?}");
+}
