@@ -11,7 +11,8 @@
 #   mpi        mpirun -np 2 / -np 4 (feature mpi; $SWITCHYARD_BIN): exit 0
 #   mpi-signal mpirun, SIGUSR1 to mpirun at a random instant: exit 0 or 75 (or, when the
 #              signal reached the ranks during start-up and mpirun reports each rank's 75,
-#              whatever mpirun itself exits with)
+#              whatever mpirun itself exits with; when it reaches mpirun after the final
+#              checkpoint committed and the ranks ended, mpirun dies of it: 138)
 # Usage: scripts/stress_ending.sh [ROUNDS]   (default 10 rounds; scripts/test.sh runs 10)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -105,6 +106,14 @@ run() {
     && grep -q "Exit code: *75" "$log" && ! grep "Exit code:" "$log" | grep -vq "Exit code: *75$"; then
     outcomes["$name exit $status"]=$((${outcomes["$name exit $status"]} - 1))
     outcomes["$name exit $status (every rank 75 at start-up)"]=$((${outcomes["$name exit $status (every rank 75 at start-up)"]:-0} + 1))
+    allowed="$allowed $status"
+  fi
+  # A SIGUSR1 that reaches mpirun after every rank has ended (the final checkpoint
+  # committed, mpirun tearing down with its handlers gone) kills mpirun itself: 138.
+  if [[ $signal == mpirun && " $allowed " != *" $status "* ]] && ((status == 138)) \
+    && [[ -f $dir/checkpoints/step-00000004/manifest.json ]] && grep -q "^final:" "$log"; then
+    outcomes["$name exit $status"]=$((${outcomes["$name exit $status"]} - 1))
+    outcomes["$name exit $status (mpirun killed after the run ended)"]=$((${outcomes["$name exit $status (mpirun killed after the run ended)"]:-0} + 1))
     allowed="$allowed $status"
   fi
   if [[ " $allowed " != *" $status "* ]]; then
