@@ -11,23 +11,19 @@
 //! graph, every rank builds the same graph around the collectives, and a rank that sends
 //! or receives zero rows still takes part (with `[0, D]` tensors), forward and backward.
 //!
-//! Implemented with burn-autodiff's `Backward` / `OpsKind` API on `Autodiff<Flex>` (the
-//! CPU backend); the data itself travels through host buffers (`comm` moves host memory
-//! on every backend today). Another autodiff backend gets `UnsupportedBackend`.
+//! Written against burn's backend-generic tensor API and made one autodiff node by
+//! [`crate::autodiff::differentiable`], so it runs on every backend of the build; the data
+//! itself travels through host buffers (`comm` moves host memory).
 //!
 //! Shape legend: R_s rows sent, R_r rows received, D row width.
 
 use std::fmt;
 use std::sync::Arc;
 
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Flex};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use switchyard_comm::Communicator;
 
+use crate::autodiff::{GradFn, differentiable};
 use crate::error::{ParallelError, Result};
 use crate::glue::{buffer_to_tensor, tensor_to_buffer};
 
@@ -94,8 +90,9 @@ impl RowExchange {
         self.recv_rows.iter().sum()
     }
 
-    /// The data movement on a non-autodiff tensor: [R_s, D] -> [R_r, D] on `device`.
-    fn exchange(&self, x_rd: Tensor<2>, device: &Device) -> Result<Tensor<2>> {
+    /// The data movement on a non-autodiff tensor: [R_s, D] -> [R_r, D] on its device.
+    fn exchange(&self, x_rd: Tensor<2>) -> Result<Tensor<2>> {
+        let device = x_rd.device();
         let [rows, d] = x_rd.dims();
         let what = || format!("all_to_all_rows on `{}`", self.comm.name());
         if rows != self.rows_sent() {
@@ -116,71 +113,30 @@ impl RowExchange {
             .i_all_to_all_v(send, send_counts, recv_counts)
             .map_err(ParallelError::comm(what()))?;
         let received = request.wait().map_err(ParallelError::comm(what()))?;
-        buffer_to_tensor(received, self.rows_received(), d, device)
+        buffer_to_tensor(received, self.rows_received(), d, &device)
     }
 }
 
 /// Exchanges rows: x [R_s, D] (blocks for ranks `0..size` in order) -> [R_r, D] (blocks from
-/// ranks `0..size` in order). Differentiable on `Autodiff<Flex>`; plain on any inner device.
-/// Every rank of the communicator must call it, in the same order, with matching counts.
+/// ranks `0..size` in order). Differentiable on every autodiff backend of this build
+/// ([`crate::autodiff`]); plain on any inner device. Every rank of the communicator must
+/// call it, in the same order, with matching counts.
 pub fn all_to_all_rows(x_rd: Tensor<2>, exchange: &RowExchange) -> Result<Tensor<2>> {
-    let device = x_rd.device();
-    if !device.is_autodiff() {
-        return exchange.exchange(x_rd, &device);
-    }
-    let primitive = x_rd.try_into_primitive::<Autodiff<Flex>>().map_err(|e| {
-        ParallelError::UnsupportedBackend {
-            op: format!("all_to_all_rows on `{}`", exchange.comm.name()),
-            detail: format!("{e:?}"),
-        }
-    })?;
-    let (inner, guard) = primitive.into_parts();
-    let inner_rd = Tensor::<2>::from_primitive::<Flex>(inner);
-    let inner_device = inner_rd.device();
-    let out_rd = exchange.exchange(inner_rd, &inner_device)?;
-    let out =
-        out_rd
-            .try_into_primitive::<Flex>()
-            .map_err(|e| ParallelError::UnsupportedBackend {
-                op: "all_to_all_rows".into(),
-                detail: format!("{e:?}"),
-            })?;
-    let tracked = match AllToAllBackward
-        .prepare::<NoCheckpointing>([guard])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(exchange.transposed(), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Ok(Tensor::<2>::from_primitive::<Autodiff<Flex>>(tracked))
-}
-
-/// Backward of `all_to_all_rows`: the transposed exchange of the output gradient.
-#[derive(Debug)]
-struct AllToAllBackward;
-
-impl Backward<Flex, 1> for AllToAllBackward {
-    /// The transposed exchange.
-    type State = RowExchange;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<Flex>(&ops.node);
-        let grad_rd = Tensor::<2>::from_primitive::<Flex>(grad);
-        let device = grad_rd.device();
-        // Every rank runs the exchange, whether or not its input needs a gradient, so the
-        // collective is never skipped on one rank only. The backward pass has no error
-        // channel: a failed collective (timeout, poisoned communicator) ends the rank here.
-        let grad_in = ops
-            .state
-            .exchange(grad_rd, &device)
-            .unwrap_or_else(crate::seam::fail);
-        let [parent] = ops.parents;
-        if let Some(parent) = parent {
-            let grad_in = grad_in
-                .try_into_primitive::<Flex>()
-                .unwrap_or_else(|e| panic!("backward of all_to_all_rows: {e:?}"));
-            grads.register::<Flex>(parent.id, grad_in);
-        }
-    }
+    let op = format!("all_to_all_rows on `{}`", exchange.comm.name());
+    differentiable(&op, [x_rd], |[x_rd]| {
+        let out_rd = exchange.exchange(x_rd)?;
+        let transposed = exchange.transposed();
+        let grad_fn: GradFn<1, 2, 2> = Box::new(move |grad_rd, _needed| {
+            // Every rank runs the exchange, whether or not its input needs a gradient, so
+            // the collective is never skipped on one rank only. The backward pass has no
+            // error channel: a failed collective (timeout, poisoned communicator) ends the
+            // rank here.
+            [Some(
+                transposed
+                    .exchange(grad_rd)
+                    .unwrap_or_else(crate::seam::fail),
+            )]
+        });
+        Ok((out_rd, grad_fn))
+    })
 }

@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use switchyard_comm::{Buffer, Communicator};
+use switchyard_kernels::grouped::grouped_swiglu;
 use switchyard_moe::dispatch::{
     Combine, DispatchPlan, Dispatched, Pipelined, TokenDispatcher, scatter_weighted,
 };
@@ -245,6 +246,126 @@ impl AllToAllDispatcher {
         })
     }
 
+    /// The pipelined block on any backend: the three steps per chunk (every (rank, expert)
+    /// block of rows cut into `chunks` pieces), written with burn's generic ops and the
+    /// generic all-to-all. The chunks run one after another: each chunk's first exchange
+    /// depends on the previous chunk's result (through a zero-valued term), so the
+    /// backward runs the chunks' collectives in one order on every rank. Transfers do not
+    /// overlap the experts here (the flex block's overlap needs its own schedule).
+    fn try_chunked(
+        &self,
+        chunks: usize,
+        x_td: &Tensor<2>,
+        plan: &DispatchPlan,
+        weights_tk: &Tensor<2>,
+        experts: &[Option<SwiGlu>],
+    ) -> Result<Pipelined> {
+        let Counts {
+            experts_of,
+            counts,
+            mine,
+            send_plan,
+            ..
+        } = self.exchange_counts(plan)?;
+        let (me, size) = (self.ep.rank(), self.ep.size());
+        let device = x_td.device();
+        let local: Vec<&SwiGlu> = experts_of[me]
+            .iter()
+            .map(|&e| {
+                experts[e].as_ref().unwrap_or_else(|| {
+                    panic!(
+                        "expert {e} is placed on this rank but the layer does not hold it; the \
+                         placement and the layer's experts must change together"
+                    )
+                })
+            })
+            .collect();
+        // Rows sent per (rank, expert) block, in send order.
+        let send_blocks: Vec<usize> = experts_of
+            .iter()
+            .flat_map(|es| es.iter().map(|&e| plan.rows_per_expert[e]))
+            .collect();
+        let piece = |n: usize, c: usize| n * c / chunks..n * (c + 1) / chunks;
+        let x_send = Self::rows_to_send(x_td.clone(), &send_plan);
+        let mut sent_order: Vec<i64> = Vec::with_capacity(send_plan.num_rows());
+        let mut home_pieces = Vec::with_capacity(chunks);
+        let mut after: Option<Tensor<2>> = None;
+        for c in 0..chunks {
+            // This chunk's rows of every block, in send order.
+            let mut index = Vec::new();
+            let mut send_rows = vec![0usize; size];
+            let mut start = 0;
+            let mut block = 0;
+            for (rank, es) in experts_of.iter().enumerate() {
+                for _ in es {
+                    let r = piece(send_blocks[block], c);
+                    send_rows[rank] += r.len();
+                    index.extend(r.map(|i| (start + i) as i64));
+                    start += send_blocks[block];
+                    block += 1;
+                }
+            }
+            let recv_counts: Vec<usize> = counts.iter().map(|&n| piece(n, c).len()).collect();
+            let recv_rows: Vec<usize> = (0..size)
+                .map(|src| recv_counts[src * mine..(src + 1) * mine].iter().sum())
+                .collect();
+            let n = index.len();
+            sent_order.extend_from_slice(&index);
+            let mut xs = x_send.clone().select(
+                0,
+                Tensor::<1, Int>::from_data(TensorData::new(index, [n]), &device),
+            );
+            if let Some(previous) = after.take() {
+                xs = xs + previous.sum().reshape([1, 1]) * 0.0;
+            }
+            let exchange = RowExchange::new(self.ep.clone(), send_rows, recv_rows)?;
+            let x_recv = all_to_all_rows(xs, &exchange)?;
+            let (rows_nd, inverse, rows_of) = expert_major(x_recv, &recv_counts, size, mine);
+            let out_nd = grouped_swiglu(rows_nd, &local, &rows_of);
+            let out_recv = match inverse {
+                None => out_nd,
+                Some(inverse) => {
+                    let n = inverse.len();
+                    out_nd.select(
+                        0,
+                        Tensor::<1, Int>::from_data(TensorData::new(inverse, [n]), &device),
+                    )
+                }
+            };
+            let home = all_to_all_rows(out_recv, &exchange.transposed())?;
+            after = Some(home.clone());
+            home_pieces.push(home);
+        }
+        // Back to send order.
+        let home = Tensor::cat(home_pieces, 0);
+        let n = sent_order.len();
+        let mut position = vec![0i64; n];
+        for (at, &row) in sent_order.iter().enumerate() {
+            position[row as usize] = at as i64;
+        }
+        let home_rd = home.select(
+            0,
+            Tensor::<1, Int>::from_data(TensorData::new(position, [n]), &device),
+        );
+        let local_experts = experts_of[me]
+            .iter()
+            .enumerate()
+            .map(|(l, &e)| (e, (0..size).map(|src| counts[src * mine + l]).sum()))
+            .collect();
+        let y_td = if send_plan.num_rows() == 0 {
+            // Keep the chunks in the graph so this rank runs their backward (the others
+            // wait for it there).
+            scatter_weighted(home_rd.clone(), weights_tk.clone(), &send_plan)
+                + home_rd.sum().reshape([1, 1]) * 0.0
+        } else {
+            scatter_weighted(home_rd, weights_tk.clone(), &send_plan)
+        };
+        Ok(Pipelined {
+            y_td,
+            local_experts,
+        })
+    }
+
     fn try_dispatch(&self, x_td: Tensor<2>, plan: DispatchPlan) -> Result<Dispatched> {
         let Counts {
             experts_of,
@@ -255,7 +376,6 @@ impl AllToAllDispatcher {
             ..
         } = self.exchange_counts(&plan)?;
         let (me, size) = (self.ep.rank(), self.ep.size());
-        let device = x_td.device();
         let [_, d] = x_td.dims();
         // counts[src * mine + l]: rows from rank src for my l-th expert.
         let recv_rows: Vec<usize> = (0..size)
@@ -266,37 +386,13 @@ impl AllToAllDispatcher {
         let exchange = RowExchange::new(self.ep.clone(), send_rows, recv_rows)?;
         let x_recv = all_to_all_rows(x_send, &exchange)?;
         // (4) regroup (source, expert) -> (expert, source).
-        let mut block_start = vec![0usize; size * mine];
-        let mut at = 0;
-        for (b, start) in block_start.iter_mut().enumerate() {
-            *start = at;
-            at += counts[b];
-        }
-        let mut grouped = Vec::with_capacity(at);
-        let mut local_experts = Vec::with_capacity(mine);
-        for (l, &e) in experts_of[me].iter().enumerate() {
-            let mut rows = 0;
-            for src in 0..size {
-                let b = src * mine + l;
-                let n = counts[b];
-                grouped.extend((block_start[b]..block_start[b] + n).map(|r| r as i64));
-                rows += n;
-            }
-            local_experts.push((e, rows));
-        }
-        let identity = grouped.iter().enumerate().all(|(i, &r)| i as i64 == r);
-        let (rows_nd, inverse) = if identity {
-            (x_recv, None)
-        } else {
-            let mut inverse = vec![0i64; grouped.len()];
-            for (q, &r) in grouped.iter().enumerate() {
-                inverse[r as usize] = q as i64;
-            }
-            let n = grouped.len();
-            let index = Tensor::<1, Int>::from_data(TensorData::new(grouped, [n]), &device);
-            (x_recv.select(0, index), Some(inverse))
-        };
-        debug_assert_eq!(rows_nd.dims(), [at, d]);
+        let (rows_nd, inverse, rows_of) = expert_major(x_recv, &counts, size, mine);
+        let local_experts: Vec<(usize, usize)> =
+            experts_of[me].iter().copied().zip(rows_of).collect();
+        debug_assert_eq!(
+            rows_nd.dims(),
+            [local_experts.iter().map(|(_, n)| n).sum::<usize>(), d]
+        );
         Ok(Dispatched {
             rows_nd,
             local_experts,
@@ -318,17 +414,22 @@ impl TokenDispatcher for AllToAllDispatcher {
         experts: &[Option<SwiGlu>],
     ) -> Option<Pipelined> {
         let overlap = self.overlap?;
-        // The block runs its expert GEMMs in f32 on the flex backend; elsewhere, under a bf16
-        // forward pass, or with the grouped GEMM switched off, the three-step path does the
-        // work.
-        switchyard_kernels::prim(x_td)?;
-        if !switchyard_kernels::fused(switchyard_kernels::Fused::GroupedExperts) {
-            return None;
-        }
-        Some(
+        // The fused block runs its expert GEMMs in f32 on the flex backend; elsewhere, under
+        // a bf16 forward pass, or with the grouped GEMM switched off, the generic chunked
+        // path does the work (`auto` takes 2 chunks there: nothing overlaps to measure).
+        let fused = switchyard_kernels::prim(x_td).is_some()
+            && switchyard_kernels::fused(switchyard_kernels::Fused::GroupedExperts);
+        let done = if fused {
             self.try_pipelined(overlap, x_td, plan, weights_tk, experts)
-                .unwrap_or_else(crate::seam::fail),
-        )
+        } else {
+            let chunks = match overlap {
+                Overlap::Chunks(d) => d,
+                Overlap::Auto => 2,
+            };
+            self.try_chunked(chunks, x_td, plan, weights_tk, experts)
+        };
+        // The seam has no error channel: a failed collective unwinds to the step (`seam`).
+        Some(done.unwrap_or_else(crate::seam::fail))
     }
 
     fn dispatch(&self, x_td: Tensor<2>, plan: DispatchPlan) -> Dispatched {
@@ -336,6 +437,47 @@ impl TokenDispatcher for AllToAllDispatcher {
         self.try_dispatch(x_td, plan)
             .unwrap_or_else(crate::seam::fail)
     }
+}
+
+/// Rows received in (source rank, local expert) blocks (`counts[src * mine + l]` rows
+/// each) -> the same rows grouped by local expert, [R_r, D]; the position in the received
+/// order of each grouped row's inverse (`None` when the orders coincide); rows per local
+/// expert.
+fn expert_major(
+    x_recv: Tensor<2>,
+    counts: &[usize],
+    size: usize,
+    mine: usize,
+) -> (Tensor<2>, Option<Vec<i64>>, Vec<usize>) {
+    let mut block_start = vec![0usize; size * mine];
+    let mut at = 0;
+    for (b, start) in block_start.iter_mut().enumerate() {
+        *start = at;
+        at += counts[b];
+    }
+    let mut grouped = Vec::with_capacity(at);
+    let mut rows_of = Vec::with_capacity(mine);
+    for l in 0..mine {
+        let mut rows = 0;
+        for src in 0..size {
+            let b = src * mine + l;
+            let n = counts[b];
+            grouped.extend((block_start[b]..block_start[b] + n).map(|r| r as i64));
+            rows += n;
+        }
+        rows_of.push(rows);
+    }
+    if grouped.iter().enumerate().all(|(i, &r)| i as i64 == r) {
+        return (x_recv, None, rows_of);
+    }
+    let mut inverse = vec![0i64; grouped.len()];
+    for (q, &r) in grouped.iter().enumerate() {
+        inverse[r as usize] = q as i64;
+    }
+    let n = grouped.len();
+    let device = x_recv.device();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(grouped, [n]), &device);
+    (x_recv.select(0, index), Some(inverse), rows_of)
 }
 
 impl Exchanged {

@@ -45,8 +45,8 @@ pub enum ParallelError {
         source: Box<CommError>,
     },
     #[error(
-        "{op}: the tensor is on an autodiff device whose backend has no all-to-all autodiff \
-         operation ({detail}); run on the flex backend, or add the backend to `all_to_all.rs`"
+        "{op}: {detail}; build with the feature of that backend (`cuda`, `wgpu`), or add the \
+         backend to `parallel/src/autodiff.rs`"
     )]
     UnsupportedBackend { op: String, detail: String },
 }

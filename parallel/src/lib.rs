@@ -7,6 +7,8 @@
 //! - [`Mesh`]: world = dp x cp x ep, one sub-communicator per axis (fixed topology);
 //!   [`ExpertPlacement`]: which ep rank owns which expert, per MoE layer (run-time state).
 //! - [`glue`]: burn tensors <-> `comm::Buffer`.
+//! - [`autodiff`]: a distributed operation written against burn's generic tensor API as one
+//!   autodiff node on any backend of the build (flex, CubeCL: CUDA and wgpu).
 //! - [`all_to_all`]: the row all-to-all as a custom autodiff operation (backward = the
 //!   transposed all-to-all).
 //! - [`AllToAllDispatcher`]: `moe`'s `TokenDispatcher` for expert parallelism.
@@ -23,6 +25,7 @@
 //!   owners of per-layer placements at a step boundary).
 
 pub mod all_to_all;
+pub mod autodiff;
 pub mod config;
 pub mod cp;
 pub mod dispatcher;

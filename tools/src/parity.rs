@@ -1,14 +1,17 @@
-//! Layout parity, the core promise: N ranks with expert / data parallelism equal one
+//! Layout parity, the core promise: N ranks with expert / data / context parallelism equal one
 //! process on the same global batch — the loss of every step, every parameter's gradient
 //! (first step) and every weight after 3 AdamW steps (`NamedAdamW`, the trainer's own
 //! optimizer), within 1e-5 relative (fp32; per tensor, max |a - b| <= 1e-5 * max |b|).
 //!
-//! Backend-agnostic: every rank computes the single-process reference itself, runs its
-//! share of the parallel run, and compares what it holds; the worst error is agreed over
-//! the world. So the same cases run on the local backend inside `cargo test`
-//! (`trainer/tests/parity.rs`) and under `mpirun` (`parity-mpi`, feature `mpi`).
+//! Transport- and backend-agnostic: every rank computes the single-process reference itself
+//! on the same burn device, runs its share of the parallel run, and compares what it holds;
+//! the worst error is agreed over the world. So the same cases run on the local transport
+//! inside `cargo test` (`tools/tests/parity.rs` on flex with its fused CPU kernels,
+//! `tools/tests/parity_wgpu.rs` on burn's wgpu backend through the generic paths) and
+//! under `mpirun` (`parity-mpi`, feature `mpi`).
 //!
-//! Cases: layouts dp=2, ep=2, ep=4, dp=2 x ep=2; routers top-k, null experts (AdaMoE), MoE++
+//! Cases: layouts dp=2, ep=2, ep=4, dp=2 x ep=2; cp=2, cp=4, dp=2 x cp=2, cp=2 x ep=2,
+//! dp=2 x cp=2 x ep=2 with ring attention and TokenRing; routers top-k, null experts (AdaMoE), MoE++
 //! (zero / copy / constant experts); a batch where some ranks receive zero tokens (every
 //! token picks experts 0 and 1), one where every token goes to one expert, placements
 //! that are not contiguous blocks, a different placement per MoE layer, and a live
@@ -25,13 +28,15 @@ use switchyard_moe::{
     Component, ModelConfig, MoeConfig, ParamKey, RouterConfig, Transformer, cross_entropy,
 };
 use switchyard_parallel::{
-    CpConfig, ExpertPlacement, GradSync, LossScale, Mesh, Overlap, Placement, apply_layout, migrate,
+    CpAlgorithm, CpConfig, ExpertPlacement, GradSync, LossScale, Mesh, MeshShape, Overlap,
+    Placement, SeqLayout, apply_layout, migrate, shard_sequence,
 };
 
 use switchyard_trainer::checkpoint::tensor_values;
 use switchyard_trainer::optim::{AdamMigration, NamedAdamW, OptimConfig};
 
-const SEQ: usize = 6;
+/// A multiple of 2 x cp for cp = 2 and 4 (zigzag chunks of 2 and 1 tokens).
+const SEQ: usize = 8;
 const BATCH: usize = 8;
 const STEPS: usize = 3;
 const LR: f64 = 1e-3;
@@ -57,6 +62,9 @@ pub struct Case {
     pub forcing: Forcing,
     pub dp: usize,
     pub ep: usize,
+    /// Context-parallel ranks (1: none) and how their attention moves blocks.
+    pub cp: usize,
+    pub cp_algorithm: CpAlgorithm,
     /// Expert -> ep rank, one vector per MoE layer (model order; a single vector is used
     /// for every layer); `None` = contiguous blocks.
     pub owners: Option<Vec<Vec<usize>>>,
@@ -69,7 +77,16 @@ pub struct Case {
 
 impl Case {
     pub fn world_size(&self) -> usize {
-        self.dp * self.ep
+        self.dp * self.cp * self.ep
+    }
+
+    /// `dp=2 cp=2 ep=1 (Ring)`: the layout, for messages.
+    pub fn layout(&self) -> String {
+        let mut s = format!("dp={} ep={}", self.dp, self.ep);
+        if self.cp > 1 {
+            s += &format!(" cp={} ({:?})", self.cp, self.cp_algorithm);
+        }
+        s
     }
 }
 
@@ -146,6 +163,8 @@ pub fn all_cases() -> Vec<Case> {
         owners,
         overlap: None,
         migrate: None,
+        cp: 1,
+        cp_algorithm: CpAlgorithm::Ring,
     };
     let mut cases = Vec::new();
     for (name, router) in routers() {
@@ -275,6 +294,8 @@ pub fn all_cases() -> Vec<Case> {
             owners,
             overlap: Some(overlap),
             migrate: None,
+            cp: 1,
+            cp_algorithm: CpAlgorithm::Ring,
         });
     }
     // Migration under the pipelined block: the new dispatchers keep the chunking.
@@ -288,9 +309,38 @@ pub fn all_cases() -> Vec<Case> {
         owners: None,
         overlap: Some(Overlap::Chunks(2)),
         migrate: Some((1, vec![vec![3, 2, 1, 0], vec![1, 0, 3, 2]])),
+        cp: 1,
+        cp_algorithm: CpAlgorithm::Ring,
     });
+    // Context parallelism, alone and with data and expert parallelism, both algorithms;
+    // the null-expert router where cp meets ep.
+    for algorithm in [CpAlgorithm::Ring, CpAlgorithm::TokenRing] {
+        for (name, router) in [routers().remove(0), routers().remove(1)] {
+            for (dp, cp, ep) in CP_LAYOUTS {
+                if name != "top-k" && ep == 1 {
+                    continue;
+                }
+                cases.push(Case {
+                    label: format!("{name}, context parallel"),
+                    model: model_cfg(router.clone(), 2),
+                    forcing: Forcing::None,
+                    dp,
+                    ep,
+                    owners: None,
+                    overlap: None,
+                    migrate: None,
+                    cp,
+                    cp_algorithm: algorithm,
+                });
+            }
+        }
+    }
     cases
 }
+
+/// The context-parallel layouts of the matrix: (dp, cp, ep).
+pub const CP_LAYOUTS: [(usize, usize, usize); 5] =
+    [(1, 2, 1), (1, 4, 1), (2, 2, 1), (1, 2, 2), (2, 2, 2)];
 
 /// Per-layer owner vectors -> placements keyed by model layer index (a single vector
 /// applies to every MoE layer).
@@ -405,8 +455,8 @@ fn scalar(t: &Tensor<1>) -> f64 {
     tensor_values(t)[0] as f64
 }
 
-fn reference(cfg: &ModelConfig, forcing: Forcing) -> Run {
-    let device = Device::flex().autodiff();
+fn reference(cfg: &ModelConfig, forcing: Forcing, device: &Device) -> Run {
+    let device = device.clone();
     let mut model = build(cfg, forcing, &device);
     let mut adam = NamedAdamW::new(&optim_cfg(), &model);
     let tokens = batch(cfg.vocab_size);
@@ -440,13 +490,20 @@ fn reference(cfg: &ModelConfig, forcing: Forcing) -> Run {
 
 /// This rank's loss shares, synced first-step gradients and final weights of the
 /// parameters it holds.
-fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), String> {
+fn parallel(
+    case: &Case,
+    world: Box<dyn Communicator>,
+    device: &Device,
+) -> Result<(Run, Mesh), String> {
     let cfg = &case.model;
-    let rank = world.rank();
-    let n = case.world_size();
-    let device = Device::flex().autodiff();
+    let device = device.clone();
+    let shape = MeshShape {
+        dp: case.dp,
+        cp: case.cp,
+        ep: case.ep,
+    };
     let mut mesh =
-        Mesh::new(world, case.dp, case.ep, cfg.moe.num_experts).map_err(|e| e.to_string())?;
+        Mesh::with_shape(world, shape, cfg.moe.num_experts).map_err(|e| e.to_string())?;
     let mut placement =
         ExpertPlacement::contiguous(cfg.moe.num_experts, case.ep).map_err(|e| e.to_string())?;
     if let Some(owners) = &case.owners {
@@ -461,15 +518,20 @@ fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), St
         build(cfg, case.forcing, &device),
         &mesh,
         &placement,
-        &CpConfig::default(),
+        &CpConfig {
+            algorithm: case.cp_algorithm,
+        },
     )
     .map_err(|e| e.to_string())?;
     let sync = GradSync::new(&mesh).with_bucket_elems(700);
     let mut adam = NamedAdamW::new(&optim_cfg(), &model);
-    let rows = BATCH / n;
+    // Batch rows per dp x ep shard; each cp rank of a shard takes its zigzag columns.
+    let (shard, shards) = mesh.batch_shard();
+    let rows = BATCH / shards;
     let tokens = batch(cfg.vocab_size);
-    let mine = &tokens[rank * rows * (SEQ + 1)..(rank + 1) * rows * (SEQ + 1)];
-    let scale = LossScale::new(&mesh, rows * SEQ).map_err(|e| e.to_string())?;
+    let mine = &tokens[shard * rows * (SEQ + 1)..(shard + 1) * rows * (SEQ + 1)];
+    let seq_layout = SeqLayout::zigzag(mesh.cp());
+    let scale = LossScale::new(&mesh, rows * SEQ / mesh.cp()).map_err(|e| e.to_string())?;
     let mut run = Run {
         losses: vec![],
         grads: Named::new(),
@@ -487,6 +549,15 @@ fn parallel(case: &Case, world: Box<dyn Communicator>) -> Result<(Run, Mesh), St
             }
         }
         let (inputs, targets) = tensors(mine, rows, &device);
+        let (inputs, targets) = if mesh.cp() > 1 {
+            let cp_rank = mesh.cp_rank();
+            (
+                shard_sequence(inputs, &seq_layout, cp_rank).map_err(|e| e.to_string())?,
+                shard_sequence(targets, &seq_layout, cp_rank).map_err(|e| e.to_string())?,
+            )
+        } else {
+            (inputs, targets)
+        };
         let out = model.forward(inputs);
         let loss = cross_entropy(out.logits.clone(), targets) * scale.ce_weight()
             + out.aux_loss(cfg, step as u64);
@@ -516,9 +587,19 @@ fn max_rel(got: &[f32], want: &[f32]) -> f32 {
 }
 
 /// Runs `case` as this rank of `world` (every rank of a world of `case.world_size()`
-/// calls it). Returns the worst relative error over every rank's comparisons (agreed over
-/// the world), or the first mismatch this rank saw.
+/// calls it) on the flex device. Returns the worst relative error over every rank's
+/// comparisons (agreed over the world), or the first mismatch this rank saw.
 pub fn check_case(case: &Case, world: Box<dyn Communicator>) -> Result<f32, String> {
+    check_case_on(case, world, &Device::flex().autodiff())
+}
+
+/// [`check_case`] on `device` (an autodiff device): the reference and the parallel run
+/// both run there.
+pub fn check_case_on(
+    case: &Case,
+    world: Box<dyn Communicator>,
+    device: &Device,
+) -> Result<f32, String> {
     if world.size() != case.world_size() {
         return Err(format!(
             "{}: the case needs {} ranks, the world has {}",
@@ -527,8 +608,8 @@ pub fn check_case(case: &Case, world: Box<dyn Communicator>) -> Result<f32, Stri
             world.size()
         ));
     }
-    let want = reference(&case.model, case.forcing);
-    let (got, mesh) = parallel(case, world)?;
+    let want = reference(&case.model, case.forcing, device);
+    let (got, mesh) = parallel(case, world, device)?;
     let mut worst = 0f32;
     let mut problems = Vec::new();
     // Loss: the shares sum to the global loss.
@@ -587,7 +668,7 @@ pub fn check_case(case: &Case, world: Box<dyn Communicator>) -> Result<f32, Stri
     for (i, name) in want.weights.keys().enumerate() {
         let holders: usize = counts.chunks(held.len()).map(|c| c[i] as usize).sum();
         let expected = if ParamKey::parse(name).routed_expert_id().is_some() {
-            case.dp
+            case.dp * case.cp
         } else {
             case.world_size()
         };
@@ -603,10 +684,9 @@ pub fn check_case(case: &Case, world: Box<dyn Communicator>) -> Result<f32, Stri
         .map_err(|e| e.to_string())?;
     if !problems.is_empty() {
         return Err(format!(
-            "{} (dp={} ep={}), rank {}: {}",
+            "{} ({}), rank {}: {}",
             case.label,
-            case.dp,
-            case.ep,
+            case.layout(),
             mesh.rank(),
             problems.join("; ")
         ));

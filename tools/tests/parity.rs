@@ -1,7 +1,8 @@
 //! Layout parity on the local backend (threads): every case of `switchyard_tools::parity`
 //! (dp=2, ep=2, ep=4, dp=2 x ep=2 x top-k / null experts / MoE++, zero-token ranks, one
 //! expert for every token, non-contiguous and uneven placements, per-layer placements, live
-//! migration) equals one process within
+//! migration, context parallelism with ring attention and TokenRing alone and with dp and ep)
+//! equals one process within
 //! 1e-5 relative. The same cases run under mpirun through the `parity-mpi` binary.
 
 use std::time::Duration;
@@ -28,8 +29,9 @@ fn run(case: &Case) -> f32 {
         case.label
     );
     eprintln!(
-        "{} dp={} ep={}: max relative error {worst:e}",
-        case.label, case.dp, case.ep
+        "{} {}: max relative error {worst:e}",
+        case.label,
+        case.layout()
     );
     worst
 }
@@ -127,4 +129,10 @@ fn a_wrong_world_size_is_reported() {
 #[test]
 fn pipelined_expert_block_matches_single_process() {
     run_matching(|c| c.overlap.is_some());
+}
+
+/// Ring attention and TokenRing at cp=2, cp=4, dp=2 x cp=2, cp=2 x ep=2, dp=2 x cp=2 x ep=2.
+#[test]
+fn context_parallel_layouts_match_single_process() {
+    run_matching(|c| c.cp > 1);
 }

@@ -198,15 +198,6 @@ impl Config {
                  rebuild with `cargo build --release --features cuda` or use `device: cpu`"
             ));
         }
-        if self.parallel.ep > 1 || self.parallel.cp > 1 {
-            add(format!(
-                "is `{device}` with parallel.ep = {} and parallel.cp = {}: the expert-parallel \
-                 all-to-all and context-parallel attention are autodiff ops of the CPU \
-                 backend only so far; use ep: 1 and cp: 1 (data parallelism works) or \
-                 `device: cpu`",
-                self.parallel.ep, self.parallel.cp
-            ));
-        }
         if matches!(device, DeviceConfig::Cuda(Some(_))) && self.parallel.world_size() > 1 {
             add(format!(
                 "is `{device}` for {} ranks, which would all share that GPU; use `device: \

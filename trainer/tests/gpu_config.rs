@@ -58,14 +58,19 @@ fn cuda_rules_name_the_device_key() {
     assert!(issues_at(&cfg, "device").is_empty());
     cfg.device = DeviceConfig::Cuda(None);
     assert_eq!(issues_at(&cfg, "device").len(), usize::from(!CUDA_BUILT));
-    cfg.parallel.ep = 2;
-    cfg.data.batch_size = cfg.data.batch_size.max(2);
-    let found = issues_at(&cfg, "device");
-    assert!(
-        found.iter().any(|m| m.contains("parallel.ep = 2")),
-        "{found:?}"
-    );
+    // Every layout runs on CUDA: the distributed paths are backend-generic.
+    for (ep, cp) in [(2, 1), (1, 2), (2, 2)] {
+        cfg.parallel.ep = ep;
+        cfg.parallel.cp = cp;
+        cfg.data.batch_size = cfg.data.batch_size.max(2);
+        assert_eq!(
+            issues_at(&cfg, "device").len(),
+            usize::from(!CUDA_BUILT),
+            "ep = {ep}, cp = {cp} on CUDA is allowed"
+        );
+    }
     cfg.parallel.ep = 1;
+    cfg.parallel.cp = 1;
     cfg.parallel.dp = 2;
     cfg.device = DeviceConfig::Cuda(Some(1));
     let found = issues_at(&cfg, "device");

@@ -43,18 +43,16 @@ fn main() -> ExitCode {
             Ok(worst) if worst <= TOL => {
                 if rank == 0 {
                     println!(
-                        "ok   {} dp={} ep={}: max relative error {worst:e}",
-                        case.label, case.dp, case.ep
+                        "ok   {} {}: max relative error {worst:e}",
+                        case.label,
+                        case.layout()
                     );
                 }
             }
             Ok(worst) => {
                 failed += 1;
                 if rank == 0 {
-                    println!(
-                        "FAIL {} dp={} ep={}: {worst:e}",
-                        case.label, case.dp, case.ep
-                    );
+                    println!("FAIL {} {}: {worst:e}", case.label, case.layout());
                 }
             }
             Err(e) => {
