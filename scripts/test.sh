@@ -23,11 +23,19 @@ cargo clippy --release -p switchyard-comm -p switchyard-trainer -p switchyard-la
 # build of `--features cuda` is ~37 min cold; README, "GPU").
 cargo clippy --release -p switchyard-comm -p switchyard-parallel -p switchyard-trainer \
   -p switchyard-launch -p switchyard-tools --all-targets --features cuda,nccl -- -D warnings
+# The second backend's suite (wgpu on Vulkan), built and run below.
+cargo clippy --release -p switchyard-tools --all-targets --features wgpu -- -D warnings
 
 echo "== cargo test (release: burn is unusably slow unoptimised)"
 test_log="$(mktemp)"
 trap 'rm -f "$test_log"' EXIT
 cargo test --release --workspace 2>&1 | tee "$test_log"
+
+echo "== the parity matrix on a second backend: burn's wgpu on Mesa's lavapipe (software Vulkan), through the generic paths"
+# A build of its own (burn with the wgpu backend; ~14 min cold on the 2-core machine, kept
+# in the target directory) and ~7 min of tests, one at a time (lavapipe uses both cores:
+# two tests at once took 13 min).
+cargo test --release -p switchyard-tools --features wgpu --test parity_wgpu -- --test-threads 1 2>&1 | tee -a "$test_log"
 cargo_passed=$(grep -o 'test result: ok\. [0-9]* passed' "$test_log" | awk '{s += $4} END {print s + 0}')
 
 echo "== MPI builds: switchyard, comm-conformance, parity-mpi, cp-parity (feature mpi)"

@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use switchyard_trainer::checkpoint::{self, resume_target};
 use switchyard_trainer::config::Config;
 use switchyard_trainer::data::{Corpus, InputFormat, Tokenizer, build_tokenizer, prepare_data};
+use switchyard_trainer::device::DeviceConfig;
 use switchyard_trainer::{ablation, bench as bench_impl, train as train_impl};
 
 use switchyard_comm::{CommBackendConfig, Communicator, LinkModel, LocalWorld};
@@ -149,6 +150,15 @@ pub fn train(
         Ok(())
     };
     let threads = matches!(transport, Transport::Threads(_));
+    if let DeviceConfig::Cuda(Some(gpu)) = cfg.device
+        && cfg.parallel.world_size() > 1
+    {
+        tracing::warn!(
+            "device `cuda:{gpu}`: all {} ranks share GPU {gpu} (for one GPU per rank, use \
+             `device: cuda`: each rank takes the GPU of its local rank)",
+            cfg.parallel.world_size()
+        );
+    }
     let rank_run = |world: Option<Box<dyn Communicator>>| {
         // The GPU of `device: cuda`: rank threads share this node; MPI ranks have the
         // launcher's local rank (else their rank).

@@ -1,5 +1,7 @@
 //! The layout-parity matrix on a second burn backend: wgpu (feature `wgpu`; in CI Mesa's
-//! lavapipe, a software Vulkan device that runs the same CubeCL kernels a GPU would). Off
+//! lavapipe, a software Vulkan device that runs the same CubeCL kernels a GPU would, as
+//! WGSL compiled by naga; cubecl takes Vulkan first and OpenGL only without a Vulkan
+//! device). Off
 //! the flex backend the fused CPU kernels stand aside, so every case runs the generic
 //! paths: the all-to-all, ring attention and TokenRing as backend-generic autodiff nodes
 //! (`switchyard_parallel::autodiff`), gradient sync and migration through host buffers.
@@ -16,7 +18,7 @@ use switchyard_comm::{Communicator, LocalWorld};
 use switchyard_tools::parity::{Case, TOL, all_cases, check_case_on};
 
 /// The wgpu device (autodiff), after checking that an adapter exists: without one (no
-/// Vulkan driver) cubecl panics deep inside; say what to install instead.
+/// Vulkan or OpenGL driver) cubecl panics deep inside; say what to install instead.
 fn device() -> Device {
     let device = Device::wgpu(DeviceKind::DefaultDevice);
     let probe = std::panic::catch_unwind(|| {
@@ -26,8 +28,8 @@ fn device() -> Device {
     match probe {
         Ok(sum) => assert_eq!(sum, 3.0, "the wgpu device adds 1 + 2 wrong"),
         Err(_) => panic!(
-            "no usable wgpu adapter: this suite needs a Vulkan (or Metal / DX12) device; on \
-             Debian install `mesa-vulkan-drivers` (lavapipe, a CPU Vulkan driver)"
+            "no usable wgpu adapter: on Debian install `mesa-vulkan-drivers` (lavapipe, a \
+             CPU Vulkan driver)"
         ),
     }
     device.autodiff()

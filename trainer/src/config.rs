@@ -198,13 +198,6 @@ impl Config {
                  rebuild with `cargo build --release --features cuda` or use `device: cpu`"
             ));
         }
-        if matches!(device, DeviceConfig::Cuda(Some(_))) && self.parallel.world_size() > 1 {
-            add(format!(
-                "is `{device}` for {} ranks, which would all share that GPU; use `device: \
-                 cuda` (each rank takes the GPU of its local rank)",
-                self.parallel.world_size()
-            ));
-        }
         issues
     }
 }

@@ -7,9 +7,8 @@
 //! fp32 (CubeCL may take TF32 tensor-core paths for f32 GEMMs, 10-bit mantissas) and 5e-2
 //! in bf16 (two differently ordered bf16 computations).
 //!
-//! Ring attention is not compared here: its autodiff op (`parallel::cp`) and the expert
-//! all-to-all are implemented on the CPU backend only, so `device: cuda` rejects
-//! `parallel.cp > 1` and `parallel.ep > 1`.
+//! The parallel layouts (expert-parallel all-to-all, the pipelined block, ring attention,
+//! TokenRing) on a GPU are `tools/tests/gpu_parallel.rs`.
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (#20): everything that needs a GPU, in one script that finishes in
+# under 10 minutes on one GPU, from binaries built on a CPU machine (GPU time is scarce).
+#
+#   scripts/gpu_check.sh build [DIR]   on a CPU machine (no GPU or CUDA toolkit needed):
+#                                      builds `--features cuda` (+ mpi), strips, and puts the
+#                                      binaries into DIR (default gpu-bin/, git-ignored)
+#   scripts/gpu_check.sh run [DIR]     on the GPU machine, from the repository root: runs the
+#                                      checks below and prints one summary table
+#
+# The checks (each bounded by `timeout`; a failed one is a FAIL row, the rest still run):
+#   - GPU parity: the MoE layer and a transformer step, CUDA against the CPU backend (fp32
+#     2e-3, bf16 5e-2; trainer/tests/gpu_parity.rs); expert-parallel (plain, chunked
+#     pipelined, migration), ring attention and TokenRing layouts on the GPU against one
+#     process on the GPU (tools/tests/gpu_parallel.rs, 2e-3)
+#   - an ep=2 and a cp=2 training run of two ranks sharing the one GPU (`device: cuda:0`),
+#     over MPI when this machine has mpirun and the MPI binary loads, else as rank threads
+#     (the table says which)
+#   - the quickstart on cuda in fp32 and in bf16
+#   - `switchyard bench` on bench-small and configs/gpu/bench-gpu.yaml: tokens/s, MFU against
+#     the bf16 matmul measured in the same run, device memory
+#   - scripts/torch_reference.py on bench-gpu on the same GPU (when python3 has torch with
+#     CUDA), for the tokens/s ratio
+# NCCL needs one GPU per rank: on one GPU no multi-rank NCCL job can run (and NCCL is not
+# wired into training yet); the table says so.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-}
+dir=${2:-gpu-bin}
+
+build() {
+  set -e
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+  local out="$CARGO_TARGET_DIR/release"
+  mkdir -p "$dir"
+  cargo build --release -p switchyard-launch --features cuda
+  cp "$out/switchyard" "$dir/switchyard"
+  cargo build --release -p switchyard-launch --features cuda,mpi
+  cp "$out/switchyard" "$dir/switchyard-mpi"
+  # Test binaries: `--no-run` prints where each went.
+  local t
+  t=$(cargo test --release -p switchyard-trainer --features cuda --test gpu_parity --no-run \
+    --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu_parity":
+        print(m["executable"])')
+  cp "$t" "$dir/gpu_parity"
+  t=$(cargo test --release -p switchyard-tools --features cuda --test gpu_parallel --no-run \
+    --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu_parallel":
+        print(m["executable"])')
+  cp "$t" "$dir/gpu_parallel"
+  strip "$dir"/*
+  ls -l "$dir"
+  du -sh "$dir"
+  echo "carry $dir to the GPU machine, then: scripts/gpu_check.sh run $dir"
+}
+
+rows=()
+row() { rows+=("$(printf '| %s | %s | %s |' "$1" "$2" "$3")"); }
+# step NAME SECONDS LOG COMMAND...: runs with a time limit; the status is the return value.
+step() {
+  local name=$1 limit=$2 log=$3; shift 3
+  echo "== $name" >&2
+  timeout "$limit" "$@" > "$log" 2>&1
+  local status=$?
+  tail -n 5 "$log" >&2
+  return $status
+}
+field() { grep -m1 "^$1" "$2" | sed "s/^$1 *//"; }
+
+run() {
+  local logs
+  logs="$(mktemp -d)"
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 RUST_LOG=warn
+  for b in switchyard gpu_parity gpu_parallel; do
+    [[ -x $dir/$b ]] || { echo "gpu_check: $dir/$b is missing; run \`scripts/gpu_check.sh build $dir\` on a CPU machine and carry $dir here" >&2; exit 2; }
+  done
+  if ! command -v nvidia-smi > /dev/null || ! nvidia-smi -L > "$logs/gpus" 2>&1; then
+    echo "gpu_check: no GPU here (nvidia-smi -L failed); nothing to check" >&2
+    exit 2
+  fi
+  local gpu
+  gpu=$(head -n1 "$logs/gpus")
+  echo "gpu_check on: $gpu" >&2
+  local started=$SECONDS
+
+  # GPU parity (each test prints its worst difference).
+  if step "GPU parity: MoE layer and transformer step, CUDA vs CPU" 240 "$logs/parity" \
+    "$dir/gpu_parity" --nocapture --test-threads 1; then
+    row "MoE layer + transformer step, CUDA vs CPU (fp32 2e-3, bf16 5e-2)" ok \
+      "$(grep -E 'worst relative' "$logs/parity" | sed 's/|/\//g' | paste -sd ';' -)"
+  else
+    row "MoE layer + transformer step, CUDA vs CPU" FAIL "$(tail -n 3 "$logs/parity" | paste -sd ' ' -)"
+  fi
+  if step "GPU layouts: ep (plain, pipelined, migration), ring attention, TokenRing" 240 "$logs/layouts" \
+    "$dir/gpu_parallel" --nocapture --test-threads 1; then
+    row "ep=2 / cp=2 layouts on the GPU vs one process (2e-3)" ok \
+      "$(grep -c '^cuda:' "$logs/layouts") cases, worst $(grep -o 'error [0-9.e-]*' "$logs/layouts" | awk '{print $2}' | sort -g | tail -n1)"
+  else
+    row "ep=2 / cp=2 layouts on the GPU" FAIL "$(grep -m1 panicked "$logs/layouts" | cut -c1-200)"
+  fi
+
+  # Two ranks on the one GPU: MPI when it runs here, else rank threads.
+  local launcher=("$dir/switchyard") how="rank threads (no usable mpirun)"
+  if command -v mpirun > /dev/null && [[ -x $dir/switchyard-mpi ]] && "$dir/switchyard-mpi" --version > /dev/null 2>&1; then
+    launcher=(mpirun -np 2 --oversubscribe "$dir/switchyard-mpi") how="mpirun -np 2"
+  fi
+  for layout in "parallel.ep=2" "parallel.cp=2"; do
+    local out="$logs/run-${layout#parallel.}"
+    if step "quickstart at $layout on cuda:0 ($how)" 150 "$out.log" "${launcher[@]}" train \
+      --config configs/quickstart.yaml --set "$layout" --set device=cuda:0 --set train.steps=30 \
+      --set checkpoint.every=0 --set "run.output_dir=$out"; then
+      row "$layout, two ranks on one GPU ($how), 30 steps" ok "$(grep -m1 '^final:' "$out.log")"
+    else
+      row "$layout, two ranks on one GPU ($how)" FAIL "$(tail -n 2 "$out.log" | paste -sd ' ' -)"
+    fi
+  done
+
+  for precision in fp32 bf16; do
+    local out="$logs/quickstart-$precision"
+    if step "quickstart on cuda, $precision" 150 "$out.log" "$dir/switchyard" train \
+      --config configs/quickstart.yaml --set device=cuda --set "precision=$precision" \
+      --set "run.output_dir=$out"; then
+      row "quickstart on cuda, $precision (150 steps)" ok "$(grep -m1 '^final:' "$out.log")"
+    else
+      row "quickstart on cuda, $precision" FAIL "$(tail -n 2 "$out.log" | paste -sd ' ' -)"
+    fi
+  done
+
+  local sw_tps="" torch_tps=""
+  for config in configs/bench-small.yaml configs/gpu/bench-gpu.yaml; do
+    local name out
+    name=$(basename "$config" .yaml)
+    out="$logs/bench-$name.log"
+    if step "bench $name on cuda, bf16" 180 "$out" "$dir/switchyard" bench --config "$config" \
+      --set device=cuda --set precision=bf16 --steps 5 --warmup 2; then
+      row "bench $name (cuda, bf16)" ok \
+        "tokens/s $(field 'tokens/s' "$out"); MFU $(field 'MFU (achieved / device GEMM)' "$out"); device GEMM $(grep -m1 '^device GEMM' "$out" | awk '{print $NF}') GFLOP/s; memory $(field 'device memory' "$out")"
+      [[ $name == bench-gpu ]] && sw_tps=$(field 'tokens/s' "$out")
+    else
+      row "bench $name (cuda, bf16)" FAIL "$(tail -n 2 "$out" | paste -sd ' ' -)"
+    fi
+  done
+  if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2> /dev/null; then
+    local out="$logs/torch.log"
+    if step "PyTorch eager reference on bench-gpu" 180 "$out" python3 scripts/torch_reference.py \
+      --config configs/gpu/bench-gpu.yaml --device cuda --steps 5 --warmup 2; then
+      torch_tps=$(field 'tokens/s' "$out")
+      row "PyTorch eager, bench-gpu (bf16 autocast)" ok \
+        "tokens/s $torch_tps; MFU $(field 'MFU (achieved / matmul peak)' "$out"); $(field 'peak memory' "$out")"
+    else
+      row "PyTorch eager, bench-gpu" FAIL "$(tail -n 2 "$out" | paste -sd ' ' -)"
+    fi
+  else
+    row "PyTorch eager, bench-gpu" "not run" "python3 has no torch with CUDA on this machine"
+  fi
+  if [[ -n $sw_tps && -n $torch_tps ]]; then
+    row "Switchyard / PyTorch tokens/s (bench-gpu)" ok "$(python3 -c "print(f'{$sw_tps / $torch_tps:.2f}x')")"
+  fi
+  row "NCCL (comm conformance, training)" "not run" \
+    "one GPU: a multi-rank NCCL job needs a GPU per rank; NCCL is not wired into training yet"
+
+  echo
+  echo "gpu_check on $gpu, $((SECONDS - started)) s"
+  echo "| check | result | figures |"
+  echo "| --- | --- | --- |"
+  printf '%s\n' "${rows[@]}"
+  ! printf '%s\n' "${rows[@]}" | grep -q '| FAIL |'
+}
+
+case $mode in
+  build) build ;;
+  run) run ;;
+  *)
+    echo "usage: scripts/gpu_check.sh build [DIR] | run [DIR]  (see the top of this file)" >&2
+    exit 2
+    ;;
+esac
