@@ -35,7 +35,9 @@ echo "== the parity matrix on a second backend: burn's wgpu on Mesa's lavapipe (
 # A build of its own (burn with the wgpu backend; ~14 min cold on the 2-core machine, kept
 # in the target directory) and ~7 min of tests, one at a time (lavapipe uses both cores:
 # two tests at once took 13 min).
-cargo test --release -p switchyard-tools --features wgpu --test parity_wgpu -- --test-threads 1 2>&1 | tee -a "$test_log"
+# Mesa's Vulkan loader wants a runtime directory (it prints an error per device without one).
+XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}" \
+  cargo test --release -p switchyard-tools --features wgpu --test parity_wgpu -- --test-threads 1 2>&1 | tee -a "$test_log"
 cargo_passed=$(grep -o 'test result: ok\. [0-9]* passed' "$test_log" | awk '{s += $4} END {print s + 0}')
 
 echo "== MPI builds: switchyard, comm-conformance, parity-mpi, cp-parity (feature mpi)"
@@ -64,7 +66,7 @@ for np in 2 4; do
   mpi_runs=$((mpi_runs + 1))
 done
 
-echo "== layout parity under MPI (dp x ep = 2 and 4 ranks; loss, gradients, weights after 3 steps)"
+echo "== layout parity under MPI (dp x cp x ep = 2 and 4 ranks; loss, gradients, weights after 3 steps)"
 for np in 2 4; do
   timeout 600 mpirun -np "$np" --oversubscribe "${CARGO_TARGET_DIR:-target}/release/parity-mpi"
   mpi_runs=$((mpi_runs + 1))
