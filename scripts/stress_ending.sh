@@ -58,6 +58,11 @@ handlers_in() {
   ((n >= $3))
 }
 declare -A outcomes=()
+# Takes one run back from an outcome's count (it is counted under a more exact name).
+uncount() {
+  outcomes["$1"]=$((${outcomes["$1"]} - 1))
+  ((outcomes["$1"] > 0)) || unset 'outcomes["$1"]'
+}
 # run NAME ALLOWED_EXITS SIGNAL_TARGET(none|self|mpirun) COMMAND...
 run() {
   local name=$1 allowed=$2 signal=$3; shift 3
@@ -104,7 +109,7 @@ run() {
   # mpirun then reports the ranks' 75 but may exit with a code of its own (seen: 141).
   if [[ $signal == mpirun && " $allowed " != *" $status "* ]] \
     && grep -q "Exit code: *75" "$log" && ! grep "Exit code:" "$log" | grep -vq "Exit code: *75$"; then
-    outcomes["$name exit $status"]=$((${outcomes["$name exit $status"]} - 1))
+    uncount "$name exit $status"
     outcomes["$name exit $status (every rank 75 at start-up)"]=$((${outcomes["$name exit $status (every rank 75 at start-up)"]:-0} + 1))
     allowed="$allowed $status"
   fi
@@ -112,7 +117,7 @@ run() {
   # committed, mpirun tearing down with its handlers gone) kills mpirun itself: 138.
   if [[ $signal == mpirun && " $allowed " != *" $status "* ]] && ((status == 138)) \
     && [[ -f $dir/checkpoints/step-00000004/manifest.json ]] && grep -q "^final:" "$log"; then
-    outcomes["$name exit $status"]=$((${outcomes["$name exit $status"]} - 1))
+    uncount "$name exit $status"
     outcomes["$name exit $status (mpirun killed after the run ended)"]=$((${outcomes["$name exit $status (mpirun killed after the run ended)"]:-0} + 1))
     allowed="$allowed $status"
   fi
