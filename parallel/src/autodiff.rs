@@ -4,8 +4,8 @@
 //! against burn's backend-generic tensor API plus the `Communicator`: their forward and
 //! backward take and return tensors on the inner (non-autodiff) device, whatever backend
 //! that is. [`differentiable`] makes such a pair one node of burn's autodiff graph: it
-//! finds the autodiff backend the inputs live on (flex, the CubeCL backend of CUDA and
-//! wgpu, ndarray: whichever this build has), runs the forward on the inner tensors and
+//! finds the autodiff backend the inputs live on (flex, or the CubeCL backend of CUDA and
+//! wgpu when this build has it), runs the forward on the inner tensors and
 //! records a node whose `Backward` step calls the returned gradient function.
 //!
 //! The backward runs whether or not an input needs a gradient (`needed` says which do), so
