@@ -30,6 +30,21 @@ cd "$(dirname "$0")/.."
 mode=${1:-}
 dir=${2:-gpu-bin}
 
+# test_binary PACKAGE TEST: builds the test with `--features cuda` and writes the binary
+# to stdout (`--no-run` reports where it went).
+test_binary() {
+  local path
+  path=$(cargo test --release -p "$1" --features cuda --test "$2" --no-run \
+    --message-format=json 2> /dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$2")
+  [[ -n $path ]] || { echo "gpu_check: building the test $2 of $1 failed" >&2; return 1; }
+  cat "$path"
+}
+
 build() {
   set -e
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
@@ -39,25 +54,10 @@ build() {
   cp "$out/switchyard" "$dir/switchyard"
   cargo build --release -p switchyard-launch --features cuda,mpi
   cp "$out/switchyard" "$dir/switchyard-mpi"
-  # Test binaries: `--no-run` prints where each went.
-  local t
-  t=$(cargo test --release -p switchyard-trainer --features cuda --test gpu_parity --no-run \
-    --message-format=json 2>/dev/null | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu_parity":
-        print(m["executable"])')
-  cp "$t" "$dir/gpu_parity"
-  t=$(cargo test --release -p switchyard-tools --features cuda --test gpu_parallel --no-run \
-    --message-format=json 2>/dev/null | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu_parallel":
-        print(m["executable"])')
-  cp "$t" "$dir/gpu_parallel"
-  strip "$dir"/*
+  test_binary switchyard-trainer gpu_parity > "$dir/gpu_parity"
+  test_binary switchyard-tools gpu_parallel > "$dir/gpu_parallel"
+  chmod +x "$dir/gpu_parity" "$dir/gpu_parallel"
+  strip "$dir"/switchyard "$dir"/switchyard-mpi "$dir"/gpu_parity "$dir"/gpu_parallel
   # ~230 MB stripped, ~35 MB as xz -9: under the device tool's 64 MiB carry limit.
   xz -T0 -9 -f "$dir"/switchyard "$dir"/switchyard-mpi "$dir"/gpu_parity "$dir"/gpu_parallel
   ls -l "$dir"

@@ -199,17 +199,7 @@ impl AllToAllDispatcher {
         let recv: Vec<Vec<usize>> = (0..size)
             .map(|src| counts[src * mine..(src + 1) * mine].to_vec())
             .collect();
-        let local: Vec<&SwiGlu> = experts_of[me]
-            .iter()
-            .map(|&e| {
-                experts[e].as_ref().unwrap_or_else(|| {
-                    panic!(
-                        "expert {e} is placed on this rank but the layer does not hold it; the \
-                         placement and the layer's experts must change together"
-                    )
-                })
-            })
-            .collect();
+        let local = held(&experts_of[me], experts);
         let local_experts = experts_of[me]
             .iter()
             .enumerate()
@@ -232,14 +222,7 @@ impl AllToAllDispatcher {
                 .unwrap_or_else(|p| p.into_inner())
                 .record(chunks, seconds);
         }
-        let y_td = if send_plan.num_rows() == 0 {
-            // Keep the block in the graph so this rank runs its backward (the others wait
-            // for it there).
-            scatter_weighted(home_rd.clone(), weights_tk.clone(), &send_plan)
-                + home_rd.sum().reshape([1, 1]) * 0.0
-        } else {
-            scatter_weighted(home_rd, weights_tk.clone(), &send_plan)
-        };
+        let y_td = combine_at_home(home_rd, weights_tk.clone(), &send_plan);
         Ok(Pipelined {
             y_td,
             local_experts,
@@ -269,17 +252,7 @@ impl AllToAllDispatcher {
         } = self.exchange_counts(plan)?;
         let (me, size) = (self.ep.rank(), self.ep.size());
         let device = x_td.device();
-        let local: Vec<&SwiGlu> = experts_of[me]
-            .iter()
-            .map(|&e| {
-                experts[e].as_ref().unwrap_or_else(|| {
-                    panic!(
-                        "expert {e} is placed on this rank but the layer does not hold it; the \
-                         placement and the layer's experts must change together"
-                    )
-                })
-            })
-            .collect();
+        let local = held(&experts_of[me], experts);
         // Rows sent per (rank, expert) block, in send order.
         let send_blocks: Vec<usize> = experts_of
             .iter()
@@ -352,14 +325,7 @@ impl AllToAllDispatcher {
             .enumerate()
             .map(|(l, &e)| (e, (0..size).map(|src| counts[src * mine + l]).sum()))
             .collect();
-        let y_td = if send_plan.num_rows() == 0 {
-            // Keep the chunks in the graph so this rank runs their backward (the others
-            // wait for it there).
-            scatter_weighted(home_rd.clone(), weights_tk.clone(), &send_plan)
-                + home_rd.sum().reshape([1, 1]) * 0.0
-        } else {
-            scatter_weighted(home_rd, weights_tk.clone(), &send_plan)
-        };
+        let y_td = combine_at_home(home_rd, weights_tk.clone(), &send_plan);
         Ok(Pipelined {
             y_td,
             local_experts,
@@ -439,6 +405,37 @@ impl TokenDispatcher for AllToAllDispatcher {
     }
 }
 
+/// The experts' outputs back home [R_s, D] (send order) -> the weighted sum per token
+/// [T, D]. With no rows sent, the exchange's output is still kept in the graph (a zero
+/// term), so this rank runs its backward: the other ranks wait for it there.
+fn combine_at_home(
+    home_rd: Tensor<2>,
+    weights_tk: Tensor<2>,
+    send_plan: &DispatchPlan,
+) -> Tensor<2> {
+    if send_plan.num_rows() == 0 {
+        let ([t, _], [_, d]) = (weights_tk.dims(), home_rd.dims());
+        let y_td = scatter_weighted(home_rd.clone(), weights_tk, send_plan);
+        debug_assert_eq!(y_td.dims(), [t, d]);
+        return y_td + home_rd.sum().reshape([1, 1]) * 0.0;
+    }
+    scatter_weighted(home_rd, weights_tk, send_plan)
+}
+
+/// The layer's experts with the global ids `mine` (this rank's, in local order).
+fn held<'a>(mine: &[usize], experts: &'a [Option<SwiGlu>]) -> Vec<&'a SwiGlu> {
+    mine.iter()
+        .map(|&e| {
+            experts[e].as_ref().unwrap_or_else(|| {
+                panic!(
+                    "expert {e} is placed on this rank but the layer does not hold it; the \
+                     placement and the layer's experts must change together"
+                )
+            })
+        })
+        .collect()
+}
+
 /// Rows received in (source rank, local expert) blocks (`counts[src * mine + l]` rows
 /// each) -> the same rows grouped by local expert, [R_r, D]; the position in the received
 /// order of each grouped row's inverse (`None` when the orders coincide); rows per local
@@ -493,16 +490,7 @@ impl Exchanged {
             }
         };
         let home_rd = all_to_all_rows(out_recv, &self.exchange.transposed())?;
-        if self.send_plan.num_rows() == 0 {
-            // No rows came home: keep the exchange's output in the graph anyway, so this
-            // rank runs its backward (the other ranks are waiting for it there).
-            let [t, _] = weights_tk.dims();
-            let [_, d] = home_rd.dims();
-            let y_td = scatter_weighted(home_rd.clone(), weights_tk, &self.send_plan);
-            debug_assert_eq!(y_td.dims(), [t, d]);
-            return Ok(y_td + home_rd.sum().reshape([1, 1]) * 0.0);
-        }
-        Ok(scatter_weighted(home_rd, weights_tk, &self.send_plan))
+        Ok(combine_at_home(home_rd, weights_tk, &self.send_plan))
     }
 }
 

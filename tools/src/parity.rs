@@ -19,9 +19,10 @@
 //! steps must still equal one process).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use switchyard_comm::{Buffer, Communicator, ReduceOp};
+use switchyard_comm::{Buffer, Communicator, LocalWorld, ReduceOp};
 use switchyard_moe::config::{CapacityConfig, NullInit, NullNormalization};
 use switchyard_moe::params::{map_params, named_grads, named_params};
 use switchyard_moe::{
@@ -706,4 +707,25 @@ pub fn check_case_within(
         return Err(format!("{}: another rank saw a mismatch", case.label));
     }
     Ok(agreed.get_f64(0) as f32)
+}
+
+/// Runs `case` on one thread per rank (a local world whose collectives time out after
+/// `timeout`) on `device`, compared at `tol`. Returns the agreed worst relative error;
+/// panics with the first rank's mismatch.
+pub fn run_case(case: &Case, device: &Device, tol: f32, timeout: Duration) -> f32 {
+    let comms = LocalWorld::new(case.world_size(), timeout, None);
+    let results: Vec<Result<f32, String>> = LocalWorld::spawn(comms, Some(64 << 20), |c| {
+        check_case_within(case, Box::new(c) as Box<dyn Communicator>, device, tol)
+    });
+    let mut worst = 0f32;
+    for r in results {
+        worst = worst.max(r.unwrap_or_else(|e| panic!("{e}")));
+    }
+    assert!(
+        worst <= tol,
+        "{} {}: worst relative error {worst:e}",
+        case.label,
+        case.layout()
+    );
+    worst
 }

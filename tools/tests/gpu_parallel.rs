@@ -10,8 +10,7 @@
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use switchyard_comm::{Communicator, LocalWorld};
-use switchyard_tools::parity::{Case, all_cases, check_case_within};
+use switchyard_tools::parity::{Case, all_cases, run_case};
 use switchyard_trainer::device::DeviceConfig;
 
 const GPU_TOL: f32 = 2e-3;
@@ -33,14 +32,7 @@ fn run_matching(filter: impl Fn(&Case) -> bool) {
     assert!(!cases.is_empty());
     for case in &cases {
         let started = Instant::now();
-        let comms = LocalWorld::new(case.world_size(), Duration::from_secs(300), None);
-        let results: Vec<Result<f32, String>> = LocalWorld::spawn(comms, Some(64 << 20), |c| {
-            check_case_within(case, Box::new(c) as Box<dyn Communicator>, &gpu, GPU_TOL)
-        });
-        let mut worst = 0f32;
-        for r in results {
-            worst = worst.max(r.unwrap_or_else(|e| panic!("{e}")));
-        }
+        let worst = run_case(case, &gpu, GPU_TOL, Duration::from_secs(300));
         println!(
             "cuda: {} {}: max relative error {worst:e} ({:.1} s)",
             case.label,

@@ -8,25 +8,18 @@
 use std::time::Duration;
 
 use burn::tensor::Device;
-use switchyard_comm::{Communicator, LocalWorld};
+use switchyard_comm::LocalWorld;
 use switchyard_tools::parity::{
-    Case, Forcing, TOL, all_cases, batch, build, check_case, model_cfg, routers, tensors,
+    Case, Forcing, TOL, all_cases, batch, build, check_case, model_cfg, routers, run_case, tensors,
 };
 
-/// Runs the case on one thread per rank; returns the agreed worst error.
+/// Runs the case on one thread per rank on flex; returns the agreed worst error.
 fn run(case: &Case) -> f32 {
-    let comms = LocalWorld::new(case.world_size(), Duration::from_secs(120), None);
-    let results: Vec<Result<f32, String>> = LocalWorld::spawn(comms, Some(64 << 20), |c| {
-        check_case(case, Box::new(c) as Box<dyn Communicator>)
-    });
-    let mut worst = 0f32;
-    for r in results {
-        worst = worst.max(r.unwrap_or_else(|e| panic!("{e}")));
-    }
-    assert!(
-        worst <= TOL,
-        "{}: worst relative error {worst:e}",
-        case.label
+    let worst = run_case(
+        case,
+        &Device::flex().autodiff(),
+        TOL,
+        Duration::from_secs(120),
     );
     eprintln!(
         "{} {}: max relative error {worst:e}",

@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
-use switchyard_comm::{Communicator, LocalWorld};
+use burn::tensor::Device;
 use switchyard_kernels::{Fused, set_fused};
-use switchyard_tools::parity::{Case, TOL, all_cases, check_case};
+use switchyard_tools::parity::{Case, TOL, all_cases, run_case};
 
 fn generic_only() {
     for op in Fused::ALL {
@@ -21,21 +21,9 @@ fn run_matching(filter: impl Fn(&Case) -> bool) {
     generic_only();
     let cases: Vec<Case> = all_cases().into_iter().filter(|c| filter(c)).collect();
     assert!(!cases.is_empty());
+    let flex = Device::flex().autodiff();
     for case in &cases {
-        let comms = LocalWorld::new(case.world_size(), Duration::from_secs(120), None);
-        let results: Vec<Result<f32, String>> = LocalWorld::spawn(comms, Some(64 << 20), |c| {
-            check_case(case, Box::new(c) as Box<dyn Communicator>)
-        });
-        let mut worst = 0f32;
-        for r in results {
-            worst = worst.max(r.unwrap_or_else(|e| panic!("{e}")));
-        }
-        assert!(
-            worst <= TOL,
-            "{} {}: worst relative error {worst:e}",
-            case.label,
-            case.layout()
-        );
+        let worst = run_case(case, &flex, TOL, Duration::from_secs(120));
         eprintln!(
             "generic: {} {}: max relative error {worst:e}",
             case.label,

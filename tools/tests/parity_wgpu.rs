@@ -14,8 +14,7 @@
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, DeviceKind, Tensor};
-use switchyard_comm::{Communicator, LocalWorld};
-use switchyard_tools::parity::{Case, TOL, all_cases, check_case_on};
+use switchyard_tools::parity::{Case, TOL, all_cases, run_case};
 
 /// The wgpu device (autodiff), after checking that an adapter exists: without one (no
 /// Vulkan or OpenGL driver) cubecl panics deep inside; say what to install instead.
@@ -35,31 +34,13 @@ fn device() -> Device {
     device.autodiff()
 }
 
-fn run(case: &Case, device: &Device) -> f32 {
-    let comms = LocalWorld::new(case.world_size(), Duration::from_secs(300), None);
-    let results: Vec<Result<f32, String>> = LocalWorld::spawn(comms, Some(64 << 20), |c| {
-        check_case_on(case, Box::new(c) as Box<dyn Communicator>, device)
-    });
-    let mut worst = 0f32;
-    for r in results {
-        worst = worst.max(r.unwrap_or_else(|e| panic!("{e}")));
-    }
-    assert!(
-        worst <= TOL,
-        "{} {}: worst relative error {worst:e}",
-        case.label,
-        case.layout()
-    );
-    worst
-}
-
 fn run_matching(filter: impl Fn(&Case) -> bool) {
     let device = device();
     let cases: Vec<Case> = all_cases().into_iter().filter(|c| filter(c)).collect();
     assert!(!cases.is_empty());
     for case in &cases {
         let started = Instant::now();
-        let worst = run(case, &device);
+        let worst = run_case(case, &device, TOL, Duration::from_secs(300));
         eprintln!(
             "wgpu: {} {}: max relative error {worst:e} ({:.1} s)",
             case.label,
