@@ -133,6 +133,12 @@ pub trait Communicator: Send + Sync {
     /// Brings the whole job down (MPI_Abort on MPI; the process on local). Prints `reason`.
     fn abort(&self, reason: &str, code: i32) -> !;
 
+    /// The collectives on device memory of a backend that has them (NCCL), for data that
+    /// already lives on the communicator's GPU; `None` (the default): host buffers only.
+    fn device_collectives(&self) -> Option<&dyn DeviceCollectives> {
+        None
+    }
+
     // ----- blocking operations: defaults built on the non-blocking ones -----
 
     fn barrier(&self) -> Result<()> {
@@ -204,6 +210,63 @@ pub trait Communicator: Send + Sync {
         s.wait()?;
         Ok(())
     }
+}
+
+/// Collectives on raw device memory (the `nccl` backend): what `parallel` uses when a tensor
+/// already lives on the communicator's GPU, so it never makes a round trip through the host.
+/// Same ordering and timeout contract as [`Communicator`]; each call returns when the
+/// operation has completed on the device.
+///
+/// # Safety (every method)
+/// Each pointer is device memory of GPU [`DeviceCollectives::device_ordinal`] holding the
+/// given number of elements of `dtype`; the memory a call reads is completely written (its
+/// producer's stream synchronised) and no other work touches these buffers until the call
+/// returns.
+pub trait DeviceCollectives: Send + Sync {
+    /// The CUDA device ordinal the communicator runs on.
+    fn device_ordinal(&self) -> usize;
+
+    /// All-reduce of `count` elements in place at `ptr`.
+    ///
+    /// # Safety
+    /// See the trait.
+    unsafe fn all_reduce_in_place(
+        &self,
+        ptr: u64,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()>;
+
+    /// All-to-all with per-peer counts (elements) from `send` into `recv` (the layouts of
+    /// [`Communicator::i_all_to_all_v`]).
+    ///
+    /// # Safety
+    /// See the trait.
+    unsafe fn all_to_all_v(
+        &self,
+        send: u64,
+        send_counts: &[usize],
+        recv: u64,
+        recv_counts: &[usize],
+        dtype: DType,
+    ) -> Result<()>;
+
+    /// Sends `send_count` elements to `dest` while receiving `recv_count` from `src`.
+    ///
+    /// # Safety
+    /// See the trait.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn send_recv(
+        &self,
+        send: u64,
+        send_count: usize,
+        dest: usize,
+        recv: u64,
+        recv_count: usize,
+        src: usize,
+        dtype: DType,
+    ) -> Result<()>;
 }
 
 /// Checks shared by the backends: argument validation with errors naming the operation.

@@ -16,6 +16,7 @@
 // failure path, so their size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod census;
 mod communicator;
 pub mod config;
 #[cfg(feature = "cuda")]
@@ -29,7 +30,7 @@ pub mod mpi;
 pub mod nccl;
 
 pub(crate) use communicator::Check;
-pub use communicator::{BackendKind, Communicator, PendingOp, Request};
+pub use communicator::{BackendKind, Communicator, DeviceCollectives, PendingOp, Request};
 pub use config::{
     CommBackendConfig, CommConfig, LinkConfig, MAX_TIMEOUT_S, MpiProgress, deadline_after,
     duration_from_secs, valid_timeout_s,
