@@ -23,18 +23,23 @@
 #     the bf16 matmul measured in the same run, device memory
 #   - scripts/torch_reference.py on bench-gpu on the same GPU (when python3 has torch with
 #     CUDA), for the tokens/s ratio
-# NCCL needs one GPU per rank: on one GPU no multi-rank NCCL job can run (and NCCL is not
-# wired into training yet); the table says so.
+#   - NCCL on the one GPU (one rank; needs mpirun): the device path of `parallel` and the
+#     host-staged operations against the values they must reproduce, the two paths' speed
+#     side by side, the watchdog (tools/tests/gpu_nccl.rs); the communicator conformance
+#     suite over NCCL (`comm-conformance --backend nccl`, mpirun -np 1); the quickstart
+#     trained with `comm.backend.type: nccl` (mpirun -np 1)
+# NCCL needs one GPU per rank: on one GPU no multi-rank NCCL job can run; the table says
+# which NCCL paths ran and which did not.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
 dir=${2:-gpu-bin}
 
-# test_binary PACKAGE TEST: builds the test with `--features cuda` and writes the binary
-# to stdout (`--no-run` reports where it went).
+# test_binary PACKAGE TEST [FEATURES]: builds the test with `--features cuda` (or FEATURES)
+# and writes the binary to stdout (`--no-run` reports where it went).
 test_binary() {
   local path
-  path=$(cargo test --release -p "$1" --features cuda --test "$2" --no-run \
+  path=$(cargo test --release -p "$1" --features "${3:-cuda}" --test "$2" --no-run \
     --message-format=json 2> /dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -52,14 +57,19 @@ build() {
   mkdir -p "$dir"
   cargo build --release -p switchyard-launch --features cuda
   cp "$out/switchyard" "$dir/switchyard"
-  cargo build --release -p switchyard-launch --features cuda,mpi
+  # MPI and NCCL (nccl implies mpi).
+  cargo build --release -p switchyard-launch --features cuda,nccl
   cp "$out/switchyard" "$dir/switchyard-mpi"
+  cargo build --release -p switchyard-tools --features nccl --bin comm-conformance
+  cp "$out/comm-conformance" "$dir/comm-conformance"
   test_binary switchyard-trainer gpu_parity > "$dir/gpu_parity"
   test_binary switchyard-tools gpu_parallel > "$dir/gpu_parallel"
-  chmod +x "$dir/gpu_parity" "$dir/gpu_parallel"
-  strip "$dir"/switchyard "$dir"/switchyard-mpi "$dir"/gpu_parity "$dir"/gpu_parallel
-  # ~230 MB stripped, ~35 MB as xz -9: under the device tool's 64 MiB carry limit.
-  xz -T0 -9 -f "$dir"/switchyard "$dir"/switchyard-mpi "$dir"/gpu_parity "$dir"/gpu_parallel
+  test_binary switchyard-tools gpu_nccl cuda,nccl > "$dir/gpu_nccl"
+  local bins=(switchyard switchyard-mpi comm-conformance gpu_parity gpu_parallel gpu_nccl)
+  chmod +x "${bins[@]/#/$dir/}"
+  strip "${bins[@]/#/$dir/}"
+  # ~300 MB stripped, under 50 MB as xz -9: under the device tool's 64 MiB carry limit.
+  xz -T0 -9 -f "${bins[@]/#/$dir/}"
   ls -l "$dir"
   du -sh "$dir"
   echo "carry $dir to the GPU machine, then: scripts/gpu_check.sh run $dir"
@@ -85,7 +95,7 @@ run() {
   # The binaries arrive compressed (build): unpacked next to the logs (xz, or Python's lzma
   # where xz is not installed).
   mkdir -p "$logs/bin"
-  for b in switchyard switchyard-mpi gpu_parity gpu_parallel; do
+  for b in switchyard switchyard-mpi comm-conformance gpu_parity gpu_parallel gpu_nccl; do
     if [[ -f $dir/$b.xz ]]; then
       if command -v xz > /dev/null; then
         xz -dc "$dir/$b.xz" > "$logs/bin/$b"
@@ -141,6 +151,7 @@ run() {
     local out="$logs/run-${layout#parallel.}"
     if step "quickstart at $layout on cuda:0 ($how)" 150 "$out.log" "${launcher[@]}" train \
       --config configs/quickstart.yaml --set "$layout" --set device=cuda:0 --set train.steps=30 \
+      --set comm.backend.type=auto \
       --set checkpoint.every=0 --set "run.output_dir=$out"; then
       row "$layout, two ranks on one GPU ($how), 30 steps" ok "$(grep -m1 '^final:' "$out.log")"
     else
@@ -189,8 +200,35 @@ run() {
   if [[ -n $sw_tps && -n $torch_tps ]]; then
     row "Switchyard / PyTorch tokens/s (bench-gpu)" ok "$(python3 -c "print(f'{$sw_tps / $torch_tps:.2f}x')")"
   fi
-  row "NCCL (comm conformance, training)" "not run" \
-    "one GPU: a multi-rank NCCL job needs a GPU per rank; NCCL is not wired into training yet"
+  # NCCL on the one GPU, one rank (a multi-rank NCCL job needs a GPU per rank).
+  if command -v mpirun > /dev/null && [[ -x $dir/switchyard-mpi ]] && "$dir/switchyard-mpi" --version > /dev/null 2>&1; then
+    if step "NCCL: device path, host staging, watchdog (one rank)" 180 "$logs/nccl" \
+      "$dir/gpu_nccl" --nocapture --test-threads 1; then
+      row "NCCL device path and host staging, one rank (exact)" ok \
+        "$(grep -m1 '^all-reduce of 64 MiB' "$logs/nccl"); $(grep -m1 '^watchdog' "$logs/nccl" | cut -c1-120)"
+    else
+      row "NCCL device path and host staging, one rank" FAIL "$(grep -m1 panicked "$logs/nccl" | cut -c1-200)"
+    fi
+    if step "NCCL: communicator conformance (mpirun -np 1)" 120 "$logs/nccl-conformance" \
+      mpirun -np 1 "$dir/comm-conformance" --backend nccl; then
+      row "comm-conformance --backend nccl, mpirun -np 1" ok "$(tail -n 1 "$logs/nccl-conformance")"
+    else
+      row "comm-conformance --backend nccl, mpirun -np 1" FAIL "$(tail -n 2 "$logs/nccl-conformance" | paste -sd ' ' -)"
+    fi
+    local out="$logs/quickstart-nccl"
+    if step "quickstart with comm.backend.type=nccl (mpirun -np 1)" 150 "$out.log" \
+      mpirun -np 1 "$dir/switchyard-mpi" train --config configs/quickstart.yaml --set device=cuda \
+      --set comm.backend.type=nccl --set train.steps=30 --set checkpoint.every=0 \
+      --set "run.output_dir=$out"; then
+      row "quickstart, comm nccl, mpirun -np 1, 30 steps" ok "$(grep -m1 '^final:' "$out.log")"
+    else
+      row "quickstart, comm nccl, mpirun -np 1" FAIL "$(tail -n 2 "$out.log" | paste -sd ' ' -)"
+    fi
+  else
+    row "NCCL (device path, conformance, training)" "not run" "no usable mpirun on this machine (NCCL is bootstrapped over MPI)"
+  fi
+  row "NCCL across ranks (ep/cp/dp > 1 over NCCL)" "not run" \
+    "one GPU: NCCL needs a GPU per rank; the two-rank runs above use MPI on shared cuda:0"
 
   echo
   echo "gpu_check on $gpu, $((SECONDS - started)) s"

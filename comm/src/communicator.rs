@@ -226,13 +226,14 @@ pub trait DeviceCollectives: Send + Sync {
     /// The CUDA device ordinal the communicator runs on.
     fn device_ordinal(&self) -> usize;
 
-    /// All-reduce of `count` elements in place at `ptr`.
+    /// All-reduce of `count` elements from `send` into `recv` (the same address: in place).
     ///
     /// # Safety
     /// See the trait.
-    unsafe fn all_reduce_in_place(
+    unsafe fn all_reduce(
         &self,
-        ptr: u64,
+        send: u64,
+        recv: u64,
         count: usize,
         dtype: DType,
         op: ReduceOp,

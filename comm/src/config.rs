@@ -80,12 +80,10 @@ pub enum CommBackendConfig {
         #[serde(default)]
         verify_collectives: bool,
     },
-    /// NCCL over CUDA devices (build with `--features nccl`; launch with `mpirun`).
-    Nccl {
-        /// CUDA device of each rank: `local_rank % device_count` when absent.
-        #[serde(default)]
-        device: Option<usize>,
-    },
+    /// NCCL on the GPUs of the root `device:` (one per rank), bootstrapped over MPI: build
+    /// with `--features nccl`, launch with `mpirun` or `srun`. `auto` picks it under a
+    /// launcher when the device is CUDA and the build has NCCL.
+    Nccl {},
 }
 
 impl Default for CommBackendConfig {
@@ -174,9 +172,9 @@ impl CommConfig {
         {
             issues.push((
                 "backend.type".into(),
-                "`nccl` is not available in this build: the `switchyard` binary has no NCCL \
-                 feature yet (NCCL is not wired into training; issue #20); use `type: mpi` or \
-                 `type: auto`"
+                "`nccl` is not available in this build; rebuild with `cargo build --release \
+                 -p switchyard-launch --features nccl` (it needs no CUDA to build; NCCL and the \
+                 driver are loaded at run time), or use `type: mpi` or `type: auto`"
                     .into(),
             ));
         }
@@ -267,5 +265,22 @@ mod tests {
         assert_eq!(duration_from_secs(1e20), Duration::MAX);
         assert_eq!(duration_from_secs(f64::NAN), Duration::ZERO);
         assert_eq!(duration_from_secs(2.5), Duration::from_millis(2500));
+    }
+
+    /// `nccl` parses everywhere; a build without the feature refuses it naming the rebuild,
+    /// and the old per-backend `device` key (the root `device:` decides) is unknown.
+    #[test]
+    fn nccl_names_the_feature_that_enables_it() {
+        let c: CommConfig = serde_yaml::from_str("backend: {type: nccl}").unwrap();
+        assert_eq!(c.backend, CommBackendConfig::Nccl {});
+        let issues = c.validate();
+        if cfg!(feature = "nccl") {
+            assert!(issues.is_empty(), "{issues:?}");
+        } else {
+            assert_eq!(issues.len(), 1, "{issues:?}");
+            assert_eq!(issues[0].0, "backend.type");
+            assert!(issues[0].1.contains("--features nccl"), "{issues:?}");
+        }
+        assert!(serde_yaml::from_str::<CommConfig>("backend: {type: nccl, device: 1}").is_err());
     }
 }

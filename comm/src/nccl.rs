@@ -781,9 +781,10 @@ impl DeviceCollectives for NcclComm {
         self.device
     }
 
-    unsafe fn all_reduce_in_place(
+    unsafe fn all_reduce(
         &self,
-        ptr: u64,
+        send: u64,
+        recv: u64,
         count: usize,
         dtype: DType,
         op: ReduceOp,
@@ -798,8 +799,8 @@ impl DeviceCollectives for NcclComm {
             // SAFETY: the caller's device buffer of `count` elements (trait contract).
             unsafe {
                 nccl::all_reduce(
-                    ptr as *const _,
-                    ptr as *mut _,
+                    send as *const _,
+                    recv as *mut _,
                     count,
                     nccl_type(dtype),
                     nccl_op(op),

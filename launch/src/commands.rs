@@ -60,9 +60,13 @@ enum Transport {
     Single,
     /// Ranks as threads of this process.
     Threads(Option<LinkModel>),
-    /// One MPI process per rank (started by mpirun / srun).
-    Mpi,
+    /// One MPI process per rank (started by mpirun / srun); `nccl`: the collectives run on
+    /// NCCL (bootstrapped over MPI), on each rank's GPU.
+    Mpi { nccl: bool },
 }
+
+/// Whether this binary can run NCCL (cargo feature `nccl`).
+const NCCL_BUILT: bool = cfg!(feature = "nccl");
 
 /// Tasks the launcher started and the variable that says so, when more than one (a bare
 /// PMIx launcher exports no size: then its presence counts).
@@ -85,12 +89,24 @@ fn transport(cfg: &Config, launch: &LaunchInfo) -> Result<Transport> {
              started {n} processes ({var}={n}); use `comm.backend.type: auto` or `mpi`, or \
              start one process"
         ),
-        (CommBackendConfig::Auto {}, Some(_)) | (CommBackendConfig::Mpi { .. }, _) => {
-            Transport::Mpi
-        }
-        (CommBackendConfig::Nccl { .. }, _) => bail!(
-            "comm.backend.type `nccl` is not wired into training yet (it needs the CUDA \
-             device path); use `auto` or `mpi`"
+        // NCCL when each rank has a GPU of its own (`device: cuda`); ranks that share one
+        // (`cuda:N`) stay on MPI, which NCCL cannot replace there.
+        (CommBackendConfig::Auto {}, Some(_)) => Transport::Mpi {
+            nccl: NCCL_BUILT
+                && match cfg.device {
+                    DeviceConfig::Cuda(None) => true,
+                    DeviceConfig::Cuda(Some(_)) => world == 1,
+                    DeviceConfig::Cpu => false,
+                },
+        },
+        (CommBackendConfig::Mpi { .. }, _) => Transport::Mpi { nccl: false },
+        (CommBackendConfig::Nccl {}, Some(_)) => Transport::Mpi { nccl: true },
+        (CommBackendConfig::Nccl {}, None) if world == 1 => Transport::Single,
+        (CommBackendConfig::Nccl {}, None) => bail!(
+            "comm.backend.type is `nccl`, which runs one process per GPU, but this process was \
+             not started by a launcher and the layout has {world} ranks; start it with \
+             `mpirun -np {world}` (or `srun`), or use `comm.backend.type: auto` to run the \
+             ranks as threads of this process"
         ),
     };
     Ok(match t {
@@ -105,7 +121,7 @@ fn transport(cfg: &Config, launch: &LaunchInfo) -> Result<Transport> {
 pub fn ranks_in_process(cfg: &Config) -> usize {
     match LaunchInfo::from_process_env().and_then(|launch| transport(cfg, &launch)) {
         Ok(Transport::Threads(_)) => cfg.parallel.world_size(),
-        Ok(Transport::Single | Transport::Mpi) | Err(_) => 1,
+        Ok(Transport::Single | Transport::Mpi { .. }) | Err(_) => 1,
     }
 }
 
@@ -119,7 +135,7 @@ pub fn train(
 ) -> Result<()> {
     setup_threads(cfg.run.threads)?;
     let transport = transport(cfg, launch)?;
-    if !matches!(transport, Transport::Mpi) {
+    if !matches!(transport, Transport::Mpi { .. }) {
         // One process (with or without rank threads): rank 0 of 1, whatever started it
         // (srun -n4 of a local-backend run would run four copies writing one checkpoint).
         launch.check_against(0, 1)?;
@@ -208,7 +224,7 @@ pub fn train(
             }
             (outcomes.swap_remove(0), true)
         }
-        Transport::Mpi => mpi_train(cfg, launch, &write_config, &rank_run)?,
+        Transport::Mpi { nccl } => mpi_train(cfg, launch, nccl, &write_config, &rank_run)?,
     };
     let (outcome, is_rank0) = outcome;
     match outcome {
@@ -295,6 +311,7 @@ type RankRun<'a> = dyn Fn(
 fn mpi_train(
     cfg: &Config,
     launch: &LaunchInfo,
+    nccl: bool,
     write_config: &dyn Fn() -> Result<()>,
     rank_run: &RankRun<'_>,
 ) -> Result<(RunOutcome, bool)> {
@@ -317,6 +334,16 @@ fn mpi_train(
     }
     // The trainer gets a duplicate; this handle stays here to abort the job.
     let trainer_world = world.split(0, rank as i32)?;
+    tracing::info!(
+        backend = if nccl { "nccl" } else { "mpi" },
+        ranks = world.size(),
+        "collectives"
+    );
+    let trainer_world = if nccl {
+        nccl_world(cfg, launch, trainer_world)?
+    } else {
+        trainer_world
+    };
     let outcome = match rank_run(Some(trainer_world)) {
         Ok(s) => s,
         Err(e) => world.abort(&format!("rank {rank}: {e}"), 1),
@@ -331,10 +358,43 @@ fn mpi_train(
     Ok((outcome, rank == 0))
 }
 
+/// The NCCL communicator of the trainer's world, on this rank's GPU (`device: cuda`: the
+/// GPU of its local rank; `cuda:N`: GPU N). Collective over `world`.
+#[cfg(feature = "nccl")]
+fn nccl_world(
+    cfg: &Config,
+    launch: &LaunchInfo,
+    world: Box<dyn Communicator>,
+) -> Result<Box<dyn Communicator>> {
+    let local_rank = launch.local_rank.map_or(world.rank(), |v| v.value);
+    let gpu = match cfg.device {
+        DeviceConfig::Cuda(Some(gpu)) => gpu,
+        _ => local_rank,
+    };
+    // The device checks of `train` (driver present, GPU index exists) before NCCL's.
+    cfg.device.resolve(local_rank)?;
+    let comm = switchyard_comm::nccl::NcclComm::new(world, Some(gpu))?;
+    tracing::info!(gpu, comm = comm.name(), "NCCL communicator ready");
+    Ok(Box::new(comm))
+}
+
+#[cfg(all(feature = "mpi", not(feature = "nccl")))]
+fn nccl_world(
+    _: &Config,
+    _: &LaunchInfo,
+    _: Box<dyn Communicator>,
+) -> Result<Box<dyn Communicator>> {
+    bail!(
+        "comm.backend.type `nccl` needs a switchyard built with `--features nccl` (`cargo \
+         build --release -p switchyard-launch --features nccl`)"
+    )
+}
+
 #[cfg(not(feature = "mpi"))]
 fn mpi_train(
     _: &Config,
     launch: &LaunchInfo,
+    _: bool,
     _: &dyn Fn() -> Result<()>,
     _: &RankRun<'_>,
 ) -> Result<(RunOutcome, bool)> {
@@ -626,4 +686,86 @@ pub fn plan_placement(opts: &PlanPlacementOptions) -> Result<()> {
         println!("plans written to {}", out.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launcher_env::{FromVar, Launcher};
+
+    fn config(yaml: &str) -> Config {
+        let base = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/quickstart.yaml"),
+        )
+        .unwrap();
+        let mut value: serde_yaml::Value = serde_yaml::from_str(&base).unwrap();
+        let over: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+        for (k, v) in over.as_mapping().unwrap() {
+            value[k.as_str().unwrap()] = v.clone();
+        }
+        serde_yaml::from_value(value).unwrap()
+    }
+
+    fn launched(n: usize) -> LaunchInfo {
+        LaunchInfo {
+            launcher: Launcher::OpenMpi,
+            rank: FromVar {
+                value: 0,
+                var: "OMPI_COMM_WORLD_RANK",
+            },
+            world_size: Some(FromVar {
+                value: n,
+                var: "OMPI_COMM_WORLD_SIZE",
+            }),
+            local_rank: None,
+        }
+    }
+
+    fn alone() -> LaunchInfo {
+        LaunchInfo {
+            launcher: Launcher::Single,
+            rank: FromVar { value: 0, var: "" },
+            world_size: None,
+            local_rank: None,
+        }
+    }
+
+    #[test]
+    fn nccl_is_chosen_only_where_it_can_run() {
+        let t = |yaml: &str, launch: LaunchInfo| match transport(&config(yaml), &launch) {
+            Ok(Transport::Mpi { nccl }) => format!("mpi nccl={nccl}"),
+            Ok(Transport::Threads(_)) => "threads".into(),
+            Ok(Transport::Single) => "single".into(),
+            Err(e) => format!("error: {e}"),
+        };
+        let nccl = |on: bool| format!("mpi nccl={}", on && NCCL_BUILT);
+        let ep2 = "parallel: {ep: 2}";
+        // auto under a launcher: NCCL with one GPU per rank (and the feature), else MPI.
+        assert_eq!(
+            t(&format!("{{device: cuda, {ep2}}}"), launched(2)),
+            nccl(true)
+        );
+        assert_eq!(
+            t(&format!("{{device: 'cuda:0', {ep2}}}"), launched(2)),
+            nccl(false)
+        );
+        assert_eq!(
+            t(&format!("{{device: cpu, {ep2}}}"), launched(2)),
+            nccl(false)
+        );
+        assert_eq!(t(&format!("{{device: cuda, {ep2}}}"), alone()), "threads");
+        // nccl named: under a launcher always; alone only with one rank.
+        let named = format!("{{device: cuda, comm: {{backend: {{type: nccl}}}}, {ep2}}}");
+        assert_eq!(t(&named, launched(2)), "mpi nccl=true");
+        let err = t(&named, alone());
+        assert!(
+            err.contains("not started by a launcher") && err.contains("mpirun -np 2"),
+            "{err}"
+        );
+        let one = "{device: cuda, comm: {backend: {type: nccl}}}";
+        assert_eq!(t(one, alone()), "single");
+        // mpi named stays MPI whatever the device.
+        let mpi = format!("{{device: cuda, comm: {{backend: {{type: mpi}}}}, {ep2}}}");
+        assert_eq!(t(&mpi, launched(2)), "mpi nccl=false");
+    }
 }

@@ -105,6 +105,15 @@ impl RowExchange {
                 ),
             });
         }
+        if let Some(out) = crate::device_path::all_to_all_rows(
+            &x_rd,
+            self.comm.as_ref(),
+            &self.send_rows,
+            &self.recv_rows,
+            &what,
+        ) {
+            return out;
+        }
         let send = tensor_to_buffer(x_rd)?;
         let send_counts = self.send_rows.iter().map(|r| r * d).collect();
         let recv_counts = self.recv_rows.iter().map(|r| r * d).collect();

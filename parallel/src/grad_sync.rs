@@ -275,6 +275,33 @@ impl GradSync {
         }
         let mut requests: Vec<(Vec<usize>, Request)> = Vec::with_capacity(buckets.len());
         for bucket in buckets {
+            if comm.device_collectives().is_some() {
+                // Gradients on the communicator's GPU: summed in device memory (NCCL).
+                let parts: Vec<Tensor<1>> = bucket
+                    .iter()
+                    .map(|&i| {
+                        let (name, value) = members[i];
+                        grads.get(name).map_or_else(
+                            || Tensor::zeros([value.dims()[0]], &value.device()),
+                            |g| g.clone().inner(),
+                        )
+                    })
+                    .collect();
+                let what = || format!("gradient sync over `{}`", comm.name());
+                if let Some(summed) =
+                    crate::device_path::all_reduce_sum(&Tensor::cat(parts, 0), comm, &what)
+                {
+                    let summed = summed?;
+                    let mut at = 0;
+                    for &i in &bucket {
+                        let (name, value) = members[i];
+                        let n = value.dims()[0];
+                        out.insert(name.clone(), summed.clone().slice(at..at + n));
+                        at += n;
+                    }
+                    continue;
+                }
+            }
             let mut flat: Vec<f32> = Vec::new();
             for &i in &bucket {
                 let (name, value) = members[i];

@@ -28,6 +28,7 @@ pub mod all_to_all;
 pub mod autodiff;
 pub mod config;
 pub mod cp;
+pub mod device_path;
 pub mod dispatcher;
 mod error;
 pub mod glue;
