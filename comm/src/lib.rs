@@ -28,6 +28,7 @@ pub mod local;
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod rendezvous;
 
 pub(crate) use communicator::Check;
 pub use communicator::{BackendKind, Communicator, DeviceCollectives, PendingOp, Request};

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use switchyard_comm::local::LocalComm;
 use switchyard_comm::{Buffer, Communicator, LocalWorld, ReduceOp};
 use switchyard_moe::config::{CapacityConfig, NullInit, NullNormalization};
 use switchyard_moe::params::{map_params, named_grads, named_params};
@@ -713,9 +714,21 @@ pub fn check_case_within(
 /// `timeout`) on `device`, compared at `tol`. Returns the agreed worst relative error;
 /// panics with the first rank's mismatch.
 pub fn run_case(case: &Case, device: &Device, tol: f32, timeout: Duration) -> f32 {
+    run_case_wrapped(case, device, tol, timeout, |c| Box::new(c))
+}
+
+/// [`run_case`] with each rank's communicator wrapped by `wrap` first (e.g. in
+/// [`switchyard_comm::rendezvous::Rendezvous`], NCCL's point-to-point semantics).
+pub fn run_case_wrapped(
+    case: &Case,
+    device: &Device,
+    tol: f32,
+    timeout: Duration,
+    wrap: impl Fn(LocalComm) -> Box<dyn Communicator> + Sync,
+) -> f32 {
     let comms = LocalWorld::new(case.world_size(), timeout, None);
     let results: Vec<Result<f32, String>> = LocalWorld::spawn(comms, Some(64 << 20), |c| {
-        check_case_within(case, Box::new(c) as Box<dyn Communicator>, device, tol)
+        check_case_within(case, wrap(c), device, tol)
     });
     let mut worst = 0f32;
     for r in results {

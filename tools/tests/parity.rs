@@ -10,7 +10,8 @@ use std::time::Duration;
 use burn::tensor::Device;
 use switchyard_comm::LocalWorld;
 use switchyard_tools::parity::{
-    Case, Forcing, TOL, all_cases, batch, build, check_case, model_cfg, routers, run_case, tensors,
+    Case, Forcing, TOL, all_cases, batch, build, check_case, model_cfg, routers, run_case,
+    run_case_wrapped, tensors,
 };
 
 /// Runs the case on one thread per rank on flex; returns the agreed worst error.
@@ -128,4 +129,31 @@ fn pipelined_expert_block_matches_single_process() {
 #[test]
 fn context_parallel_layouts_match_single_process() {
     run_matching(|c| c.cp > 1);
+}
+
+/// The same layouts with NCCL's point-to-point semantics (`Rendezvous`: sends and receives
+/// issued in groups at the first wait, a send complete only once its peer issued the
+/// receive): an order of sends, receives and waits that would hang NCCL times out here. Also
+/// the pipelined block and migration, whose collectives flush the deferred operations.
+#[test]
+fn every_layout_completes_under_nccl_point_to_point_semantics() {
+    use switchyard_comm::rendezvous::Rendezvous;
+    let cases: Vec<Case> = all_cases()
+        .into_iter()
+        .filter(|c| c.cp > 1 || c.overlap.is_some() || c.migrate.is_some())
+        .collect();
+    for case in &cases {
+        let worst = run_case_wrapped(
+            case,
+            &Device::flex().autodiff(),
+            TOL,
+            Duration::from_secs(60),
+            |c| Box::new(Rendezvous::new(Box::new(c))),
+        );
+        eprintln!(
+            "rendezvous: {} {}: max relative error {worst:e}",
+            case.label,
+            case.layout()
+        );
+    }
 }

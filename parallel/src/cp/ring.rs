@@ -177,6 +177,13 @@ pub fn backward(
             dk_acc = add_rows(dk_acc, cols.clone(), dk_t);
             dv_acc = add_rows(dv_acc, cols, dv_t);
         }
+        // The accumulator is sent after this step's K/V exchange is waited, so that on every
+        // rank it goes out with the next step's exchange and the receive it matches: NCCL
+        // issues the sends and receives posted before a wait as one group, and a send
+        // completes only once its peer issued the receive (see `comm::rendezvous`).
+        if let Some(exchange) = exchange {
+            (k_cur, v_cur) = exchange.finish(attn, shape, &device)?;
+        }
         if w == 1 {
             own = Some((dk_acc, dv_acc));
         } else {
@@ -189,9 +196,6 @@ pub fn backward(
                     .i_send(pack(&[dk_acc, dv_acc])?, next, TAG_DKV)
                     .map_err(comm_err(attn, "send of a dK/dV accumulator"))?,
             );
-        }
-        if let Some(exchange) = exchange {
-            (k_cur, v_cur) = exchange.finish(attn, shape, &device)?;
         }
     }
     let (dk, dv) = match own {
