@@ -1052,6 +1052,7 @@ impl Communicator for NcclComm {
     }
 
     fn split(&self, color: u32, key: i32) -> Result<Box<dyn Communicator>> {
+        self.shared.flush_p2p()?;
         let mut sub = lock(&self.shared.twin).split(color, key)?;
         sub.set_timeout(self.timeout());
         Ok(Box::new(NcclComm::new(sub, Some(self.device))?))
