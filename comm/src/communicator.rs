@@ -253,6 +253,20 @@ pub trait DeviceCollectives: Send + Sync {
         dtype: DType,
     ) -> Result<()>;
 
+    /// Posts the send of `bytes` bytes at `ptr` to `dest`, deferred like
+    /// [`Communicator::i_send`] (issued with the point-to-point operations posted before the
+    /// first test or wait of one of them) and matched in order with the peer's receives.
+    ///
+    /// # Safety
+    /// See the trait; the memory stays valid and unchanged until the request completes.
+    unsafe fn i_send(&self, ptr: u64, bytes: usize, dest: usize) -> Result<Request>;
+
+    /// Posts the receive of `bytes` bytes from `src` into `ptr` (see [`Self::i_send`]).
+    ///
+    /// # Safety
+    /// See the trait; the memory stays valid and untouched until the request completes.
+    unsafe fn i_recv(&self, ptr: u64, bytes: usize, src: usize) -> Result<Request>;
+
     /// Sends `send_count` elements to `dest` while receiving `recv_count` from `src`.
     ///
     /// # Safety

@@ -126,8 +126,19 @@ struct DeferredP2p {
 }
 
 enum P2pKind {
+    /// Host bytes, staged at issue.
     Send(Vec<u8>),
+    /// Bytes received into a staging buffer, copied back by `wait`.
     Recv(usize),
+    /// Bytes at a caller's device address (`DeviceCollectives::i_send` / `i_recv`).
+    DeviceSend {
+        ptr: u64,
+        bytes: usize,
+    },
+    DeviceRecv {
+        ptr: u64,
+        bytes: usize,
+    },
 }
 
 impl Shared {
@@ -313,13 +324,22 @@ impl Shared {
                     launches.push((false, ptr(&d, &self.stream), *len, p.peer));
                     recv.push(Some(d));
                 }
+                &P2pKind::DeviceSend { ptr, bytes } => {
+                    launches.push((true, ptr, bytes, p.peer));
+                    recv.push(None);
+                }
+                &P2pKind::DeviceRecv { ptr, bytes } => {
+                    launches.push((false, ptr, bytes, p.peer));
+                    recv.push(None);
+                }
             }
         }
         let (seq, event) = self.enqueue(op, |comm, stream| {
             self.grouped(op, || {
                 for &(is_send, p, bytes, peer) in &launches {
-                    // SAFETY: staging buffers of `bytes` bytes on this communicator's device,
-                    // kept alive by the in-flight record until the event completes.
+                    // SAFETY: `bytes` bytes on this communicator's device: staging buffers
+                    // kept alive by the in-flight record, or a caller's memory that stays
+                    // valid until its request completes (`DeviceCollectives` contract).
                     let r = unsafe {
                         if is_send {
                             nccl::send(
@@ -844,6 +864,20 @@ impl DeviceCollectives for NcclComm {
             &blocks(recv, recv_counts),
         )?;
         self.shared.await_done("all_to_all_v", seq, &event)
+    }
+
+    unsafe fn i_send(&self, ptr: u64, bytes: usize, dest: usize) -> Result<Request> {
+        self.check("send").peer("dest", dest)?;
+        self.shared.check_usable()?;
+        let kind = P2pKind::DeviceSend { ptr, bytes };
+        Ok(self.defer("send", kind, dest, DType::U8, Some(Buffer::default())))
+    }
+
+    unsafe fn i_recv(&self, ptr: u64, bytes: usize, src: usize) -> Result<Request> {
+        self.check("recv").peer("src", src)?;
+        self.shared.check_usable()?;
+        let kind = P2pKind::DeviceRecv { ptr, bytes };
+        Ok(self.defer("recv", kind, src, DType::U8, None))
     }
 
     unsafe fn send_recv(

@@ -7,10 +7,12 @@
 //!
 //! Shape legend: R rows, D columns, N elements.
 
-use burn::tensor::Tensor;
-use switchyard_comm::Communicator;
+use std::any::Any;
 
-use crate::error::Result;
+use burn::tensor::Tensor;
+use switchyard_comm::{Communicator, Request};
+
+use crate::error::{ParallelError, Result};
 
 /// `x_rd` [R_s, D] exchanged all-to-all (rows `send_rows[j]` to rank j, `recv_rows[j]`
 /// from rank j) on the device: [R_r, D]. `None`: not a case for the device path.
@@ -47,8 +49,66 @@ pub fn send_recv(
     imp::send_recv(x_n, comm, dest, recv_len, src, what)
 }
 
+/// A send posted from device memory: the request, and the device memory it reads (kept
+/// alive and in place until the send completes).
+pub struct DeviceSend {
+    request: Request,
+    _keep: Box<dyn Any + Send>,
+}
+
+/// A receive posted into device memory: [N] f32 on the device once complete.
+pub struct DeviceRecv {
+    request: Request,
+    buffer_n: Tensor<1>,
+    _keep: Box<dyn Any + Send>,
+}
+
+impl DeviceSend {
+    /// Waits for the send; `what` names it in errors.
+    pub fn wait(self, what: String) -> Result<()> {
+        self.request
+            .wait()
+            .map(|_| ())
+            .map_err(ParallelError::comm(what))
+    }
+}
+
+impl DeviceRecv {
+    /// Waits for the receive; `what` names it in errors.
+    pub fn wait(self, what: String) -> Result<Tensor<1>> {
+        self.request.wait().map_err(ParallelError::comm(what))?;
+        Ok(self.buffer_n)
+    }
+}
+
+/// Posts the send of `parts` (each [B, H, M, X], flattened and concatenated) to `dest`
+/// from device memory (deferred like `Communicator::i_send`). `None`: not a case for the
+/// device path.
+pub fn post_send(
+    parts: &[Tensor<4>],
+    comm: &dyn Communicator,
+    dest: usize,
+    what: &dyn Fn() -> String,
+) -> Option<Result<DeviceSend>> {
+    imp::post_send(parts, comm, dest, what)
+}
+
+/// Posts the receive of `len` f32 from `src` into device memory on `like`'s device.
+/// `None`: not a case for the device path.
+pub fn post_recv<const D: usize>(
+    len: usize,
+    like: &Tensor<D>,
+    comm: &dyn Communicator,
+    src: usize,
+    what: &dyn Fn() -> String,
+) -> Option<Result<DeviceRecv>> {
+    imp::post_recv(len, like, comm, src, what)
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
+    use std::any::Any;
+
     use burn::backend::Cube;
     use burn::tensor::{DType, Tensor};
     use burn_cubecl::CubeDevice;
@@ -83,14 +143,13 @@ mod imp {
         }
     }
 
-    /// Runs `f` with the device addresses of `tensors` (0 for an empty one), after the
-    /// device has finished the work that produces them. The allocations stay pinned until
-    /// `f` returns.
-    fn with_addresses<R>(
+    /// The device addresses of `tensors` (0 for an empty one) and the guards that keep
+    /// their allocations in place, after the device has finished the work that produces
+    /// them (NCCL runs on a stream of its own).
+    fn pin(
         tensors: &[&CubeTensor],
         what: &dyn Fn() -> String,
-        f: impl FnOnce(&[u64]) -> Result<R>,
-    ) -> Result<R> {
+    ) -> Result<(Vec<u64>, Box<dyn Any + Send>)> {
         let mut pinned = Vec::with_capacity(tensors.len());
         let mut addresses = Vec::with_capacity(tensors.len());
         for t in tensors {
@@ -105,11 +164,20 @@ mod imp {
             addresses.push(resource.resource().ptr);
             pinned.push(resource);
         }
-        // NCCL runs on its own stream: the kernels that wrote these tensors must be done.
         if let Some(t) = tensors.first() {
             burn_cubecl::cubecl::future::block_on(t.client.sync())
                 .map_err(|e| device_err(what, format!("synchronising the device: {e:?}")))?;
         }
+        Ok((addresses, Box::new(pinned)))
+    }
+
+    /// Runs `f` with the device addresses of `tensors`, pinned until it returns (see [`pin`]).
+    fn with_addresses<R>(
+        tensors: &[&CubeTensor],
+        what: &dyn Fn() -> String,
+        f: impl FnOnce(&[u64]) -> Result<R>,
+    ) -> Result<R> {
+        let (addresses, pinned) = pin(tensors, what)?;
         let out = f(&addresses);
         drop(pinned);
         out
@@ -198,6 +266,54 @@ mod imp {
             .map(|()| Tensor::<1>::from_primitive::<Cube>(got)),
         )
     }
+
+    pub fn post_send(
+        parts: &[Tensor<4>],
+        comm: &dyn Communicator,
+        dest: usize,
+        what: &dyn Fn() -> String,
+    ) -> Option<Result<super::DeviceSend>> {
+        let first = parts.first()?;
+        eligible(first, comm)?;
+        let flat_n = Tensor::cat(
+            parts.iter().map(|t| t.clone().flatten::<1>(0, 3)).collect(),
+            0,
+        );
+        let (x, dc) = eligible(&flat_n, comm)?;
+        let bytes = flat_n.dims()[0] * 4;
+        Some(pin(&[&x], what).and_then(|(a, pinned)| {
+            // SAFETY: a contiguous f32 buffer of `bytes` bytes on this GPU, its producer
+            // synchronised, pinned (with the tensor) until the send completes.
+            let request =
+                unsafe { dc.i_send(a[0], bytes, dest) }.map_err(ParallelError::comm(what()))?;
+            Ok(super::DeviceSend {
+                request,
+                _keep: Box::new((pinned, x)),
+            })
+        }))
+    }
+
+    pub fn post_recv<const D: usize>(
+        len: usize,
+        like: &Tensor<D>,
+        comm: &dyn Communicator,
+        src: usize,
+        what: &dyn Fn() -> String,
+    ) -> Option<Result<super::DeviceRecv>> {
+        let (like, dc) = eligible(like, comm)?;
+        let got = zeros([len], &like);
+        Some(pin(&[&got], what).and_then(|(a, pinned)| {
+            // SAFETY: a contiguous f32 buffer of `len` elements on this GPU, written by its
+            // fill before, pinned until the receive completes.
+            let request =
+                unsafe { dc.i_recv(a[0], len * 4, src) }.map_err(ParallelError::comm(what()))?;
+            Ok(super::DeviceRecv {
+                request,
+                buffer_n: Tensor::<1>::from_primitive::<Cube>(got.clone()),
+                _keep: Box::new(pinned),
+            })
+        }))
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -233,6 +349,25 @@ mod imp {
         _: usize,
         _: &dyn Fn() -> String,
     ) -> Option<Result<Tensor<1>>> {
+        None
+    }
+
+    pub fn post_send(
+        _: &[Tensor<4>],
+        _: &dyn Communicator,
+        _: usize,
+        _: &dyn Fn() -> String,
+    ) -> Option<Result<super::DeviceSend>> {
+        None
+    }
+
+    pub fn post_recv<const D: usize>(
+        _: usize,
+        _: &Tensor<D>,
+        _: &dyn Communicator,
+        _: usize,
+        _: &dyn Fn() -> String,
+    ) -> Option<Result<super::DeviceRecv>> {
         None
     }
 }

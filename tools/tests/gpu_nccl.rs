@@ -1,12 +1,13 @@
-//! NCCL on one GPU (features `cuda` and `nccl`): a one-rank NCCL communicator (MPI singleton
-//! bootstrap) under the device path of `parallel` (tensors exchanged straight from CUDA
-//! memory) and the host-staged path, their results against the tensor they must reproduce,
-//! the two paths' speed side by side, and the watchdog: a receive nobody sends times out,
-//! the communicator is aborted and reports itself unusable. One GPU cannot hold a multi-rank
-//! NCCL job (NCCL needs a GPU per rank), so the data only travels from a rank to itself
-//! here; what that pins is the plumbing (device addresses, offsets inside the memory pool,
-//! stream order, element types). Without a GPU, NCCL or MPI every test prints
-//! `skipped: <reason>` and passes; `scripts/gpu_check.sh` runs it on a GPU machine.
+//! NCCL on one GPU (features `cuda` and `nccl`): a one-rank NCCL communicator (MPI
+//! singleton bootstrap) under the device path of `parallel` (tensors exchanged straight
+//! from CUDA memory: all-to-all, all-reduce, grouped and deferred point-to-point) and the
+//! host-staged path, their results against the tensor they must reproduce, the two paths'
+//! speed side by side, and the watchdog: a receive nobody sends times out, the communicator
+//! is aborted and reports itself unusable. One GPU cannot hold a multi-rank NCCL job (NCCL
+//! needs a GPU per rank), so the data only travels from a rank to itself here; what that
+//! pins is the plumbing (device addresses, offsets inside the memory pool, stream order,
+//! element types). Without a GPU, NCCL or MPI every test prints `skipped: <reason>` and
+//! passes; `scripts/gpu_check.sh` runs it on a GPU machine.
 #![cfg(all(feature = "cuda", feature = "nccl"))]
 
 use std::sync::OnceLock;
@@ -91,10 +92,28 @@ fn device_path_moves_cuda_tensors_through_nccl_unchanged() {
         .unwrap();
     assert_eq!(values(got), want, "send_recv to itself");
 
+    // Deferred point-to-point from device memory (ring attention's path): a receive and a
+    // send of two parts posted, then waited: one NCCL group.
+    let x4 = x.clone().reshape([1, 1, 37, 24]);
+    let incoming = device_path::post_recv(2 * want.len(), &x4, comm, 0, &what)
+        .unwrap()
+        .unwrap();
+    let sent = device_path::post_send(&[x4.clone(), x4 * 2.0], comm, 0, &what)
+        .unwrap()
+        .unwrap();
+    let got = values(incoming.wait("recv".into()).unwrap());
+    sent.wait("send".into()).unwrap();
+    let doubled: Vec<f32> = want.iter().map(|v| v * 2.0).collect();
+    assert_eq!(
+        got,
+        [want.clone(), doubled].concat(),
+        "post_send / post_recv"
+    );
+
     // The same tensor on the CPU never takes the device path.
     let cpu = Tensor::<2>::from_data(TensorData::new(want.clone(), [37, 24]), &Device::flex());
     assert!(device_path::all_to_all_rows(&cpu, comm, &[37], &[37], &what).is_none());
-    println!("device path: all_to_all_rows, all_reduce_sum, send_recv exact");
+    println!("device path: all_to_all_rows, all_reduce_sum, send_recv, post_send/post_recv exact");
 }
 
 #[test]

@@ -30,6 +30,7 @@ pub mod ring;
 pub mod saved;
 pub mod tile;
 pub mod token_ring;
+pub mod transfer;
 
 use std::fmt;
 use std::sync::Arc;

@@ -16,59 +16,53 @@
 //!
 //! Shape legend: B batch, H heads, N local tokens, Dh head dim.
 
-use burn::tensor::{Device, Tensor};
-use switchyard_comm::Request;
+use burn::tensor::Tensor;
 
 use super::CpAttention;
 use super::saved::Saved;
-use super::tile::{self, Merged, add_rows, pack, plan, recv_buffer, rows, unpack};
-use crate::error::{ParallelError, Result};
+use super::tile::{self, Merged, add_rows, plan, rows};
+use super::transfer::{self, Incoming, Outgoing};
+use crate::error::Result;
 
 const TAG_KV: u32 = 0x4b56;
 const TAG_DKV: u32 = 0x644b;
 
-fn comm_err(
-    attn: &CpAttention,
-    what: &str,
-) -> impl FnOnce(switchyard_comm::CommError) -> ParallelError {
-    ParallelError::comm(format!("ring attention on `{}`: {what}", attn.comm.name()))
+/// Names a message in errors.
+fn what(attn: &CpAttention, message: &str) -> String {
+    format!("ring attention on `{}`: {message}", attn.comm.name())
 }
 
 /// The key/value exchange of one step: receive from `r - 1`, send to `r + 1`.
 struct KvExchange {
-    recv: Request,
-    send: Request,
+    recv: Incoming,
+    send: Outgoing,
 }
 
 impl KvExchange {
     fn post(attn: &CpAttention, k: &Tensor<4>, v: &Tensor<4>) -> Result<KvExchange> {
         let (w, r) = (attn.comm.size(), attn.comm.rank());
         let shape = k.dims();
-        let recv = attn
-            .comm
-            .i_recv(recv_buffer(&[shape, shape]), (r + w - 1) % w, TAG_KV)
-            .map_err(comm_err(attn, "receive of a key/value block"))?;
-        let send = attn
-            .comm
-            .i_send(pack(&[k.clone(), v.clone()])?, (r + 1) % w, TAG_KV)
-            .map_err(comm_err(attn, "send of a key/value block"))?;
+        let recv = transfer::recv(
+            attn,
+            vec![shape, shape],
+            (r + w - 1) % w,
+            TAG_KV,
+            k,
+            what(attn, "receive of a key/value block"),
+        )?;
+        let send = transfer::send(
+            attn,
+            &[k.clone(), v.clone()],
+            (r + 1) % w,
+            TAG_KV,
+            what(attn, "send of a key/value block"),
+        )?;
         Ok(KvExchange { recv, send })
     }
 
-    fn finish(
-        self,
-        attn: &CpAttention,
-        shape: [usize; 4],
-        device: &Device,
-    ) -> Result<(Tensor<4>, Tensor<4>)> {
-        let buf = self
-            .recv
-            .wait()
-            .map_err(comm_err(attn, "receive of a key/value block"))?;
-        self.send
-            .wait()
-            .map_err(comm_err(attn, "send of a key/value block"))?;
-        let mut kv = unpack(buf, &[shape, shape], device)?.into_iter();
+    fn finish(self) -> Result<(Tensor<4>, Tensor<4>)> {
+        let mut kv = self.recv.wait()?.into_iter();
+        self.send.wait()?;
         Ok((kv.next().expect("k"), kv.next().expect("v")))
     }
 }
@@ -77,7 +71,6 @@ impl KvExchange {
 pub fn forward(attn: &CpAttention, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Result<Saved> {
     let (w, r) = (attn.comm.size(), attn.comm.rank());
     let [_, _, n, dh] = q.dims();
-    let shape = k.dims();
     let scale = 1.0 / (dh as f64).sqrt();
     let device = q.device();
     let q_pos = attn.layout.positions(r, n);
@@ -108,7 +101,7 @@ pub fn forward(attn: &CpAttention, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> 
             }
         }
         if let Some(exchange) = exchange {
-            (k_cur, v_cur) = exchange.finish(attn, shape, &device)?;
+            (k_cur, v_cur) = exchange.finish()?;
         }
     }
     let Merged { o, lse } = merged.expect("the own block is always attended");
@@ -132,7 +125,7 @@ pub fn backward(
     let mut dq = q.zeros_like();
     let (mut k_cur, mut v_cur) = (k.clone(), v.clone());
     let (prev, next) = ((r + w - 1) % w, (r + 1) % w);
-    let mut acc_send: Option<Request> = None;
+    let mut acc_send: Option<Outgoing> = None;
     let mut own = None;
     for s in 0..w {
         let src = (r + w - s) % w;
@@ -142,9 +135,14 @@ pub fn backward(
         // The accumulator of the block held now, from the rank that held it one step ago.
         let acc_recv = (s > 0)
             .then(|| {
-                attn.comm
-                    .i_recv(recv_buffer(&[shape, shape]), prev, TAG_DKV)
-                    .map_err(comm_err(attn, "receive of a dK/dV accumulator"))
+                transfer::recv(
+                    attn,
+                    vec![shape, shape],
+                    prev,
+                    TAG_DKV,
+                    k,
+                    what(attn, "receive of a dK/dV accumulator"),
+                )
             })
             .transpose()?;
         let k_pos = attn.layout.positions(src, n);
@@ -165,11 +163,8 @@ pub fn backward(
         });
         let (mut dk_acc, mut dv_acc) = match acc_recv {
             None => (k.zeros_like(), v.zeros_like()),
-            Some(req) => {
-                let buf = req
-                    .wait()
-                    .map_err(comm_err(attn, "receive of a dK/dV accumulator"))?;
-                let mut acc = unpack(buf, &[shape, shape], &device)?.into_iter();
+            Some(incoming) => {
+                let mut acc = incoming.wait()?.into_iter();
                 (acc.next().expect("dk"), acc.next().expect("dv"))
             }
         };
@@ -182,36 +177,40 @@ pub fn backward(
         // issues the sends and receives posted before a wait as one group, and a send
         // completes only once its peer issued the receive (see `comm::rendezvous`).
         if let Some(exchange) = exchange {
-            (k_cur, v_cur) = exchange.finish(attn, shape, &device)?;
+            (k_cur, v_cur) = exchange.finish()?;
         }
         if w == 1 {
             own = Some((dk_acc, dv_acc));
         } else {
             if let Some(sent) = acc_send.take() {
-                sent.wait()
-                    .map_err(comm_err(attn, "send of a dK/dV accumulator"))?;
+                sent.wait()?;
             }
-            acc_send = Some(
-                attn.comm
-                    .i_send(pack(&[dk_acc, dv_acc])?, next, TAG_DKV)
-                    .map_err(comm_err(attn, "send of a dK/dV accumulator"))?,
-            );
+            acc_send = Some(transfer::send(
+                attn,
+                &[dk_acc, dv_acc],
+                next,
+                TAG_DKV,
+                what(attn, "send of a dK/dV accumulator"),
+            )?);
         }
     }
     let (dk, dv) = match own {
         Some(own) => own,
         None => {
             // The accumulator of the own block, complete, from r - 1.
-            let buf = attn
-                .comm
-                .i_recv(recv_buffer(&[shape, shape]), prev, TAG_DKV)
-                .and_then(Request::wait)
-                .map_err(comm_err(attn, "receive of the own dK/dV"))?;
+            let own = transfer::recv(
+                attn,
+                vec![shape, shape],
+                prev,
+                TAG_DKV,
+                k,
+                what(attn, "receive of the own dK/dV"),
+            )?
+            .wait()?;
             if let Some(sent) = acc_send.take() {
-                sent.wait()
-                    .map_err(comm_err(attn, "send of a dK/dV accumulator"))?;
+                sent.wait()?;
             }
-            let mut acc = unpack(buf, &[shape, shape], &device)?.into_iter();
+            let mut acc = own.into_iter();
             (acc.next().expect("dk"), acc.next().expect("dv"))
         }
     };

@@ -26,24 +26,22 @@
 
 use std::ops::Range;
 
-use burn::tensor::{Device, Tensor};
-use switchyard_comm::Request;
+use burn::tensor::Tensor;
 
 use super::CpAttention;
 use super::saved::Saved;
-use super::tile::{self, Merged, add_rows, pack, plan, recv_buffer, rows, unpack};
-use crate::error::{ParallelError, Result};
+use super::tile::{self, Merged, add_rows, plan, rows};
+use super::transfer::{self, Incoming, Outgoing};
+use crate::error::Result;
 
 const TAG_Q: u32 = 0x5130;
 const TAG_OUT: u32 = 0x4f30;
 const TAG_QB: u32 = 0x5131;
 const TAG_DQ: u32 = 0x6451;
 
-fn comm_err(
-    attn: &CpAttention,
-    what: &'static str,
-) -> impl FnOnce(switchyard_comm::CommError) -> ParallelError {
-    ParallelError::comm(format!("TokenRing on `{}`: {what}", attn.comm.name()))
+/// Names a message in errors.
+fn what(attn: &CpAttention, message: &str) -> String {
+    format!("TokenRing on `{}`: {message}", attn.comm.name())
 }
 
 /// Which rank holds which query block when, and which rows of it are needed.
@@ -104,12 +102,13 @@ impl Held {
 /// The query exchange of one step: rows of the held block to `r - 1`, the next block from
 /// `r + 1`.
 struct QueryExchange {
-    recv: Option<(usize, Request)>,
-    send: Option<Request>,
+    recv: Option<(usize, Incoming)>,
+    send: Option<Outgoing>,
 }
 
 impl QueryExchange {
-    /// `widths`: the last dimension of each part; `tag`: the stream.
+    /// `widths`: the last dimension of each part; `tag`: the stream; `like`: a tensor on
+    /// the device the block lands on.
     fn post(
         route: &Route,
         s: usize,
@@ -117,6 +116,7 @@ impl QueryExchange {
         shape_bh: [usize; 2],
         widths: &[usize],
         tag: u32,
+        like: &Tensor<4>,
     ) -> Result<QueryExchange> {
         let Route { attn, w, r, n } = *route;
         let [b, h] = shape_bh;
@@ -125,60 +125,50 @@ impl QueryExchange {
         let recv = match route.needed_from((r + s + 1) % w, s + 1) {
             None => None,
             Some(start) => {
-                let req = attn
-                    .comm
-                    .i_recv(recv_buffer(&shapes(n - start)), (r + 1) % w, tag)
-                    .map_err(comm_err(attn, "receive of a query block"))?;
-                Some((start, req))
+                let incoming = transfer::recv(
+                    attn,
+                    shapes(n - start),
+                    (r + 1) % w,
+                    tag,
+                    like,
+                    what(attn, "receive of a query block"),
+                )?;
+                Some((start, incoming))
             }
         };
         let send = match route.needed_from((r + s) % w, s + 1) {
             None => None,
             Some(start) => {
                 let held = held.expect("a block someone still needs was received");
-                let req = attn
-                    .comm
-                    .i_send(pack(&held.rows(start..n))?, (r + w - 1) % w, tag)
-                    .map_err(comm_err(attn, "send of a query block"))?;
-                Some(req)
+                Some(transfer::send(
+                    attn,
+                    &held.rows(start..n),
+                    (r + w - 1) % w,
+                    tag,
+                    what(attn, "send of a query block"),
+                )?)
             }
         };
         Ok(QueryExchange { recv, send })
     }
 
-    fn finish(
-        self,
-        attn: &CpAttention,
-        n: usize,
-        shape_bh: [usize; 2],
-        widths: &[usize],
-        device: &Device,
-    ) -> Result<Option<Held>> {
+    fn finish(self) -> Result<Option<Held>> {
         if let Some(send) = self.send {
-            send.wait()
-                .map_err(comm_err(attn, "send of a query block"))?;
+            send.wait()?;
         }
         let Some((start, recv)) = self.recv else {
             return Ok(None);
         };
-        let buf = recv
-            .wait()
-            .map_err(comm_err(attn, "receive of a query block"))?;
-        let [b, h] = shape_bh;
-        let shapes: Vec<[usize; 4]> = widths.iter().map(|&x| [b, h, n - start, x]).collect();
         Ok(Some(Held {
             start,
-            parts: unpack(buf, &shapes, device)?,
+            parts: recv.wait()?,
         }))
     }
 }
 
 /// Waits for a send, if any.
-fn wait_send(attn: &CpAttention, send: Option<Request>, what: &'static str) -> Result<()> {
-    if let Some(send) = send {
-        send.wait().map_err(comm_err(attn, what))?;
-    }
-    Ok(())
+fn wait_send(send: Option<Outgoing>) -> Result<()> {
+    send.map_or(Ok(()), Outgoing::wait)
 }
 
 /// q, k, v [B, H, N, Dh] of this rank -> its output and everything the backward needs.
@@ -196,26 +186,26 @@ pub fn forward(attn: &CpAttention, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> 
     });
     let mut merged: Option<Merged> = None;
     // The receive of the partial of the previous step, merged after this step's compute.
-    let mut pending: Option<(Range<usize>, Request)> = None;
-    let mut out_send: Option<Request> = None;
+    let mut pending: Option<(Range<usize>, Incoming)> = None;
+    let mut out_send: Option<Outgoing> = None;
     for s in 0..w {
         let owner = (r + s) % w;
         let exchange = (s + 1 < w)
-            .then(|| QueryExchange::post(&route, s, held.as_ref(), [b, h], &widths, TAG_Q))
+            .then(|| QueryExchange::post(&route, s, held.as_ref(), [b, h], &widths, TAG_Q, &q))
             .transpose()?;
         let incoming = match (s > 0).then(|| route.own_partial_rows(s)).flatten() {
             None => None,
             Some(rows) => {
                 let m = rows.len();
-                let req = attn
-                    .comm
-                    .i_recv(
-                        recv_buffer(&[[b, h, m, dh], [b, h, m, 1]]),
-                        (r + w - s) % w,
-                        TAG_OUT,
-                    )
-                    .map_err(comm_err(attn, "receive of a partial output"))?;
-                Some((rows, req))
+                let incoming = transfer::recv(
+                    attn,
+                    vec![[b, h, m, dh], [b, h, m, 1]],
+                    (r + w - s) % w,
+                    TAG_OUT,
+                    &q,
+                    what(attn, "receive of a partial output"),
+                )?;
+                Some((rows, incoming))
             }
         };
         let q_pos = route.q_pos(owner);
@@ -235,45 +225,36 @@ pub fn forward(attn: &CpAttention, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> 
                 debug_assert_eq!(t.rows, 0..n);
                 merged = Some(Merged { o: o_b, lse: lse_b });
             } else {
-                wait_send(attn, out_send.take(), "send of a partial output")?;
-                out_send = Some(
-                    attn.comm
-                        .i_send(pack(&[o_b, lse_b])?, owner, TAG_OUT)
-                        .map_err(comm_err(attn, "send of a partial output"))?,
-                );
+                wait_send(out_send.take())?;
+                out_send = Some(transfer::send(
+                    attn,
+                    &[o_b, lse_b],
+                    owner,
+                    TAG_OUT,
+                    what(attn, "send of a partial output"),
+                )?);
             }
         }
         let merged = merged.as_mut().expect("step 0 attends the own block");
-        if let Some((rows, req)) = pending.take() {
-            merge_partial(attn, merged, rows, req, [b, h, dh], &device)?;
+        if let Some((rows, incoming)) = pending.take() {
+            merge_partial(merged, rows, incoming)?;
         }
         pending = incoming;
         if let Some(exchange) = exchange {
-            held = exchange.finish(attn, n, [b, h], &widths, &device)?;
+            held = exchange.finish()?;
         }
     }
     let mut merged = merged.expect("step 0 attends the own block");
-    if let Some((rows, req)) = pending.take() {
-        merge_partial(attn, &mut merged, rows, req, [b, h, dh], &device)?;
+    if let Some((rows, incoming)) = pending.take() {
+        merge_partial(&mut merged, rows, incoming)?;
     }
-    wait_send(attn, out_send, "send of a partial output")?;
+    wait_send(out_send)?;
     let Merged { o, lse } = merged;
     Ok(Saved { q, k, v, o, lse })
 }
 
-fn merge_partial(
-    attn: &CpAttention,
-    merged: &mut Merged,
-    rows: Range<usize>,
-    req: Request,
-    [b, h, dh]: [usize; 3],
-    device: &Device,
-) -> Result<()> {
-    let m = rows.len();
-    let buf = req
-        .wait()
-        .map_err(comm_err(attn, "receive of a partial output"))?;
-    let mut parts = unpack(buf, &[[b, h, m, dh], [b, h, m, 1]], device)?.into_iter();
+fn merge_partial(merged: &mut Merged, rows: Range<usize>, incoming: Incoming) -> Result<()> {
+    let mut parts = incoming.wait()?.into_iter();
     merged.merge(rows, parts.next().expect("o"), parts.next().expect("lse"));
     Ok(())
 }
@@ -299,25 +280,25 @@ pub fn backward(
         parts: vec![q.clone(), d_out, lse.clone(), delta],
     });
     let (mut dq, mut dk, mut dv) = (q.zeros_like(), k.zeros_like(), v.zeros_like());
-    let mut pending: Option<(Range<usize>, Request)> = None;
-    let mut dq_send: Option<Request> = None;
+    let mut pending: Option<(Range<usize>, Incoming)> = None;
+    let mut dq_send: Option<Outgoing> = None;
     for s in 0..w {
         let owner = (r + s) % w;
         let exchange = (s + 1 < w)
-            .then(|| QueryExchange::post(&route, s, held.as_ref(), [b, h], &widths, TAG_QB))
+            .then(|| QueryExchange::post(&route, s, held.as_ref(), [b, h], &widths, TAG_QB, q))
             .transpose()?;
         let incoming = match (s > 0).then(|| route.own_partial_rows(s)).flatten() {
             None => None,
             Some(rows) => {
-                let req = attn
-                    .comm
-                    .i_recv(
-                        recv_buffer(&[[b, h, rows.len(), dh]]),
-                        (r + w - s) % w,
-                        TAG_DQ,
-                    )
-                    .map_err(comm_err(attn, "receive of a dQ partial"))?;
-                Some((rows, req))
+                let incoming = transfer::recv(
+                    attn,
+                    vec![[b, h, rows.len(), dh]],
+                    (r + w - s) % w,
+                    TAG_DQ,
+                    q,
+                    what(attn, "receive of a dQ partial"),
+                )?;
+                Some((rows, incoming))
             }
         };
         let q_pos = route.q_pos(owner);
@@ -342,42 +323,32 @@ pub fn backward(
             if s == 0 {
                 dq = add_rows(dq, t.rows, dq_t);
             } else {
-                wait_send(attn, dq_send.take(), "send of a dQ partial")?;
-                dq_send = Some(
-                    attn.comm
-                        .i_send(pack(&[dq_t])?, owner, TAG_DQ)
-                        .map_err(comm_err(attn, "send of a dQ partial"))?,
-                );
+                wait_send(dq_send.take())?;
+                dq_send = Some(transfer::send(
+                    attn,
+                    &[dq_t],
+                    owner,
+                    TAG_DQ,
+                    what(attn, "send of a dQ partial"),
+                )?);
             }
         }
-        if let Some((rows, req)) = pending.take() {
-            dq = add_dq_partial(attn, dq, rows, req, [b, h, dh], &device)?;
+        if let Some((rows, incoming)) = pending.take() {
+            dq = add_dq_partial(dq, rows, incoming)?;
         }
         pending = incoming;
         if let Some(exchange) = exchange {
-            held = exchange.finish(attn, n, [b, h], &widths, &device)?;
+            held = exchange.finish()?;
         }
     }
-    if let Some((rows, req)) = pending.take() {
-        dq = add_dq_partial(attn, dq, rows, req, [b, h, dh], &device)?;
+    if let Some((rows, incoming)) = pending.take() {
+        dq = add_dq_partial(dq, rows, incoming)?;
     }
-    wait_send(attn, dq_send, "send of a dQ partial")?;
+    wait_send(dq_send)?;
     Ok((dq, dk, dv))
 }
 
-fn add_dq_partial(
-    attn: &CpAttention,
-    dq: Tensor<4>,
-    rows: Range<usize>,
-    req: Request,
-    [b, h, dh]: [usize; 3],
-    device: &Device,
-) -> Result<Tensor<4>> {
-    let buf = req
-        .wait()
-        .map_err(comm_err(attn, "receive of a dQ partial"))?;
-    let part = unpack(buf, &[[b, h, rows.len(), dh]], device)?
-        .pop()
-        .expect("one part");
+fn add_dq_partial(dq: Tensor<4>, rows: Range<usize>, incoming: Incoming) -> Result<Tensor<4>> {
+    let part = incoming.wait()?.pop().expect("one part");
     Ok(add_rows(dq, rows, part))
 }
