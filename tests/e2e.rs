@@ -1212,3 +1212,86 @@ fn an_error_is_said_once() {
     assert_eq!(stderr.matches("error:").count(), 1, "{}", text(&out));
     assert!(!stderr.contains("panicked"), "{}", text(&out));
 }
+
+/// `generate` from a checkpoint saved at ep=2 (placement undone): the same seed draws the
+/// same text, another seed other text, greedy decoding is the same with and without the
+/// key/value cache, and bad options are refused naming the flag.
+#[test]
+fn generate_is_deterministic_and_the_cache_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "parallel.ep=2",
+        "--set",
+        "train.steps=6",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let checkpoints = tmp.path().join("run").join("checkpoints");
+    let ckpt = checkpoints.to_str().unwrap();
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            ckpt,
+            "--prompt",
+            "The ",
+            "--max-new-tokens",
+            "24",
+        ];
+        args.extend_from_slice(extra);
+        let out = switchyard(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let a = generate(&["--seed", "1", "--top-k", "20", "--top-p", "0.9"]);
+    assert!(a.starts_with("The "), "{a:?}");
+    assert!(a.len() > "The \n".len(), "{a:?}");
+    assert_eq!(
+        a,
+        generate(&["--seed", "1", "--top-k", "20", "--top-p", "0.9"])
+    );
+    assert_ne!(
+        a,
+        generate(&["--seed", "2", "--top-k", "20", "--top-p", "0.9"])
+    );
+    let greedy = generate(&["--temperature", "0"]);
+    assert_eq!(greedy, generate(&["--temperature", "0", "--no-kv-cache"]));
+    assert_eq!(
+        greedy,
+        generate(&["--temperature", "0", "--seed", "9"]),
+        "greedy ignores the seed"
+    );
+
+    let out = switchyard(&[
+        "generate",
+        "--checkpoint",
+        ckpt,
+        "--prompt",
+        "x",
+        "--top-p",
+        "0",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--top-p"),
+        "{}",
+        text(&out)
+    );
+    let out = switchyard(&[
+        "generate",
+        "--checkpoint",
+        tmp.path().to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("neither a checkpoint"),
+        "{}",
+        text(&out)
+    );
+}

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use switchyard_trainer::checkpoint::{self, resume_target};
 use switchyard_trainer::config::Config;
 use switchyard_trainer::data::{Corpus, InputFormat, Tokenizer, build_tokenizer, prepare_data};
@@ -430,6 +430,137 @@ pub fn eval(cfg: &Config, checkpoint: &str) -> Result<()> {
         report.loss, report.perplexity, report.tokens
     );
     Ok(())
+}
+
+/// `switchyard generate`: the checkpoint's own config builds the model, its weights (saved
+/// at any layout) fill it, the run's tokenizer encodes the prompt; tokens stream to stdout
+/// as they are drawn.
+pub fn generate(
+    checkpoint: &Path,
+    prompt: &str,
+    max_new_tokens: usize,
+    sampling: &switchyard_trainer::generate::Sampling,
+    kv_cache: bool,
+) -> Result<()> {
+    use std::io::Write;
+    let problems = sampling.problems();
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
+    let dir = if checkpoint.join("manifest.json").exists() {
+        checkpoint.to_path_buf()
+    } else {
+        checkpoint::latest_complete(checkpoint)?.with_context(|| {
+            format!(
+                "{} is neither a checkpoint (no manifest.json) nor a directory of complete                  checkpoints; pass `.../checkpoints/step-N` or `.../checkpoints`",
+                checkpoint.display()
+            )
+        })?
+    };
+    let loaded = checkpoint::load(&dir)?;
+    let cfg: Config =
+        serde_json::from_value(loaded.manifest.config.clone()).with_context(|| {
+            format!(
+                "the config stored in {}/manifest.json does not parse as this switchyard's config",
+                dir.display()
+            )
+        })?;
+    setup_threads(cfg.run.threads)?;
+    let tokenizer = run_tokenizer(&cfg, &dir)?;
+    let device = cfg.device.resolve(0)?.inner();
+    let mut model = switchyard_moe::Transformer::new(&cfg.model, cfg.run.seed, &device)
+        .with_precision(cfg.precision);
+    let snapshot = checkpoint::Snapshot::of(&loaded)
+        .map_err(|message| anyhow!("{}: {message}", dir.display()))?;
+    checkpoint::init_weights(&mut model, &snapshot, &cfg.model.moe)
+        .map_err(|message| anyhow!("loading the weights of {}: {message}", dir.display()))?;
+    let prompt_ids = tokenizer.encode(prompt)?;
+    if prompt_ids.is_empty() {
+        bail!("--prompt is empty after tokenization; give at least one character");
+    }
+    if let switchyard_moe::config::CapacityConfig::Drop { .. } = cfg.model.moe.capacity {
+        tracing::info!(
+            "model.moe.capacity is `drop`: capacity is counted over the tokens of each              forward call (the prompt, then one token per step)"
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    write!(out, "{prompt}")?;
+    out.flush()?;
+    // Decoded text grows token by token; a byte token may end inside a UTF-8 character,
+    // so what is printed waits for the character to complete.
+    let mut generated = Vec::new();
+    let mut printed = 0;
+    let mut failure: Option<anyhow::Error> = None;
+    switchyard_trainer::generate::generate(
+        &model,
+        &prompt_ids,
+        max_new_tokens,
+        sampling,
+        kv_cache,
+        tokenizer.vocab_size(),
+        |id| {
+            generated.push(id);
+            let mut show = || -> Result<()> {
+                let text = tokenizer.decode(&generated)?;
+                if !text.ends_with('\u{FFFD}') && text.is_char_boundary(printed) {
+                    write!(out, "{}", &text[printed..])?;
+                    out.flush()?;
+                    printed = text.len();
+                }
+                Ok(())
+            };
+            match show() {
+                Ok(()) => true,
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            }
+        },
+    );
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    // What was held back (a character still incomplete when generation ended).
+    let text = tokenizer.decode(&generated)?;
+    if text.is_char_boundary(printed) {
+        write!(out, "{}", &text[printed..])?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+/// The tokenizer a run trained with: bytes, the configured `tokenizer.json`, or the BPE the
+/// run trained (`<output_dir>/tokenizer.json`, else next to the checkpoints directory).
+fn run_tokenizer(cfg: &Config, checkpoint: &Path) -> Result<Tokenizer> {
+    use switchyard_trainer::data::TokenizerConfig;
+    Ok(match &cfg.data.tokenizer {
+        TokenizerConfig::Byte {} => Tokenizer::Byte,
+        TokenizerConfig::HuggingFace { path, eod_token } => {
+            Tokenizer::from_hf_file(path, eod_token.as_deref())?
+        }
+        TokenizerConfig::Bpe { .. } => {
+            let candidates = [
+                Some(cfg.run.output_dir.join("tokenizer.json")),
+                checkpoint
+                    .parent()
+                    .and_then(Path::parent)
+                    .map(|run| run.join("tokenizer.json")),
+            ];
+            let found = candidates.iter().flatten().find(|p| p.exists()).with_context(|| {
+                format!(
+                    "the run trained a BPE tokenizer, but its tokenizer.json is in neither                      {}; copy it there",
+                    candidates
+                        .iter()
+                        .flatten()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" nor ")
+                )
+            })?;
+            Tokenizer::from_hf_file(found, Some(switchyard_trainer::data::BPE_EOD_TOKEN))?
+        }
+    })
 }
 
 pub fn prepare(

@@ -70,6 +70,34 @@ enum Command {
         #[arg(long, default_value = "auto")]
         checkpoint: String,
     },
+    /// Generate text from a checkpoint (its config and the run's tokenizer come with it),
+    /// streaming tokens to stdout; deterministic at a seed.
+    Generate {
+        /// A checkpoint directory (`.../checkpoints/step-N`), or a checkpoints directory
+        /// (its newest complete checkpoint).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The text to continue.
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0: greedy decoding.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// Sample only among the K most likely tokens.
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Sample only among the most likely tokens whose probability reaches P.
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Recompute the whole sequence at every step instead of keeping a key/value cache
+        /// (the same result, slower: a check of the cache).
+        #[arg(long)]
+        no_kv_cache: bool,
+    },
     /// Tokenize text or JSONL files into a Megatron-LM indexed dataset (PREFIX.bin/.idx).
     PrepareData(PrepareArgs),
     /// Load and validate a config, print the resolved tree.
@@ -269,6 +297,27 @@ fn run(command: Command) -> Result<()> {
             let cfg = load(&config)?;
             commands::eval(&cfg, &checkpoint)
         }
+        Command::Generate {
+            checkpoint,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            no_kv_cache,
+        } => commands::generate(
+            &checkpoint,
+            &prompt,
+            max_new_tokens,
+            &switchyard_trainer::generate::Sampling {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            },
+            !no_kv_cache,
+        ),
         Command::PrepareData(args) => commands::prepare(
             &args.inputs,
             &args.format,

@@ -11,7 +11,7 @@
 use std::fmt::Debug;
 
 use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, Tensor, TensorData};
 use switchyard_kernels as cpu;
 use switchyard_kernels::precision;
 
@@ -57,4 +57,28 @@ pub fn causal_attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> T
     let future_ss = Tensor::<2, Bool>::tril_mask([s, s], 0, &scores_bhss.device());
     let scores_bhss = scores_bhss.mask_fill(future_ss.unsqueeze::<4>(), f32::NEG_INFINITY);
     precision::matmul(softmax(scores_bhss, 3), v)
+}
+
+/// Causal attention of T new queries at positions `offset..offset + T` over every key so
+/// far (positions `0..offset + T`): q [B, H, T, Dh], k, v [B, H, P + T, Dh] with
+/// `P == offset` -> [B, H, T, Dh]. Incremental decoding with a key/value cache; with
+/// `offset == 0` it is `causal_attention_reference`. Burn ops, GEMMs at the forward pass's
+/// precision, softmax in f32.
+pub fn cached_causal_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    offset: usize,
+) -> Tensor<4> {
+    let [_, _, t, dh] = q.dims();
+    let [_, _, keys, _] = k.dims();
+    let scores_bhtk = precision::matmul(q, k.swap_dims(2, 3)) / (dh as f64).sqrt();
+    // true where the key comes after the query.
+    let future: Vec<bool> = (0..t)
+        .flat_map(|i| (0..keys).map(move |j| j > offset + i))
+        .collect();
+    let future_tk =
+        Tensor::<2, Bool>::from_data(TensorData::new(future, [t, keys]), &scores_bhtk.device());
+    let scores_bhtk = scores_bhtk.mask_fill(future_tk.unsqueeze::<4>(), f32::NEG_INFINITY);
+    precision::matmul(softmax(scores_bhtk, 3), v)
 }

@@ -19,6 +19,6 @@ pub use config::{
 };
 pub use dispatch::{BatchReducer, LocalDispatcher, LocalReducer, TokenDispatcher};
 pub use layer::{MoeLayer, MoeStats};
-pub use model::{Transformer, cross_entropy};
+pub use model::{KvCache, Transformer, cross_entropy};
 pub use params::{Component, ParamKey};
 pub use switchyard_kernels::precision::{self, Precision};

@@ -12,7 +12,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 
-use crate::attention::{AttentionImpl, DenseAttention};
+use crate::attention::{AttentionImpl, DenseAttention, cached_causal_attention};
 use crate::config::{ModelConfig, RouterConfig};
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
@@ -184,6 +184,55 @@ impl Attention {
         let v_bhsd = heads(&self.wv, None);
         let out_bhsd = attention.attend(q_bhsd, k_bhsd, v_bhsd);
         project(merge_heads(out_bhsd), self.wo.val())
+    }
+}
+
+impl Attention {
+    /// The T new tokens at positions `P..P + T` (P: what `cache` already holds): q, k, v of
+    /// the new tokens, k and v appended to `cache` ([B, H, P + T, Dh] afterwards), causal
+    /// attention over everything so far. x: [B, T, D] -> [B, T, D].
+    fn forward_cached(&self, x_btd: Tensor<3>, offset: usize, cache: &mut LayerCache) -> Tensor<3> {
+        let [_, t, _] = x_btd.dims();
+        let h = self.n_heads;
+        let positions: Vec<usize> = (offset..offset + t).collect();
+        let tables = self.rope.tables(&positions);
+        let heads =
+            |w: &Param<Tensor<2>>, rope| split_heads(project(x_btd.clone(), w.val()), h, rope);
+        let q_bhtd = heads(&self.wq, Some(&tables));
+        let k_new = heads(&self.wk, Some(&tables));
+        let v_new = heads(&self.wv, None);
+        let (k_bhkd, v_bhkd) = match cache.take() {
+            Some((k, v)) => (
+                Tensor::cat(vec![k, k_new], 2),
+                Tensor::cat(vec![v, v_new], 2),
+            ),
+            None => (k_new, v_new),
+        };
+        *cache = Some((k_bhkd.clone(), v_bhkd.clone()));
+        let out_bhtd = cached_causal_attention(q_bhtd, k_bhkd, v_bhkd, offset);
+        project(merge_heads(out_bhtd), self.wo.val())
+    }
+}
+
+/// One layer's cached keys (after RoPE) and values: [B, H, P, Dh] each.
+type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
+
+/// The keys and values of every token seen so far, per layer: incremental decoding feeds
+/// only the new tokens through [`Transformer::forward_cached`].
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -369,6 +418,55 @@ impl Transformer {
             z_loss,
             moe_stats,
         }
+    }
+}
+
+impl Transformer {
+    /// Incremental decoding: the logits [B, T, V] of T new tokens [B, T] that follow the
+    /// `cache.len()` tokens already in `cache`, which then holds them too. Every MoE layer
+    /// routes the new tokens as `forward` does (the router state of MoE++ and recurrent
+    /// routers travels across the layers of each token, as in `forward`); attention is
+    /// dense over the cached positions (`cached_causal_attention`), whatever attention
+    /// the model was parallelised with. A fresh cache fed the whole sequence gives
+    /// `forward`'s logits.
+    pub fn forward_cached(&self, tokens_bt: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+        precision::scoped(self.precision, || {
+            let [b, t] = tokens_bt.dims();
+            let embed_vd = self.embed.val();
+            let [_, d] = embed_vd.dims();
+            let mut x_btd = embed_vd
+                .clone()
+                .select(0, tokens_bt.reshape([b * t]))
+                .reshape([b, t, d]);
+            cache.layers.resize(self.layers.len(), None);
+            let offset = cache.len;
+            let mut carry = RouterCarry::default();
+            let gru = self.router_gru.as_ref();
+            for (block, layer_cache) in self.layers.iter().zip(&mut cache.layers) {
+                let attn_btd = block.attn.forward_cached(
+                    block.attn_norm.forward(x_btd.clone()),
+                    offset,
+                    layer_cache,
+                );
+                x_btd = x_btd + attn_btd;
+                let h_btd = block.ffn_norm.forward(x_btd.clone());
+                let ffn_btd = match (&block.dense, &block.moe) {
+                    (Some(dense), None) => {
+                        dense.forward(h_btd.reshape([b * t, d])).reshape([b, t, d])
+                    }
+                    (None, Some(moe)) => moe.forward(h_btd, &mut carry, gru).y,
+                    _ => unreachable!("a block has exactly one feed-forward"),
+                };
+                x_btd = x_btd + ffn_btd;
+            }
+            cache.len += t;
+            let h_btd = self.final_norm.forward(x_btd);
+            let head_dv = match &self.lm_head {
+                Some(head) => head.val(),
+                None => embed_vd.transpose(),
+            };
+            project(h_btd, head_dv)
+        })
     }
 }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod generate;
 pub mod memory;
 pub mod metrics;
 pub mod optim;

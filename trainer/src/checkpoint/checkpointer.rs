@@ -85,7 +85,7 @@ impl Snapshot {
 
     /// The snapshot of a checkpoint read from disk: the tensors of every
     /// `{kind}.safetensors` / `{kind}.rank-NNNN.safetensors` file merged by kind.
-    fn of(loaded: &LoadedCheckpoint) -> Result<Snapshot, String> {
+    pub fn of(loaded: &LoadedCheckpoint) -> Result<Snapshot, String> {
         let mut snapshot = Snapshot::default();
         for (file, tensors) in &loaded.files {
             let Some(kind) = tensor_file_kind(file) else {
