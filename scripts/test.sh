@@ -87,6 +87,9 @@ mpi_runs=$((mpi_runs + 1))
 echo "== TensorBoard reads Switchyard's event files"
 scripts/check_tensorboard_run.sh
 
+echo "== Hugging Face: Mixtral exports loaded and run by transformers"
+scripts/check_hf_export_run.sh
+
 echo "== Slurm: a single-node cluster on localhost runs scripts from \`switchyard slurm-script\`"
 scripts/slurm_test.sh --preempt
 slurm_jobs=3 # the quickstart job, the requeue-protocol job, the preempted-and-requeued job

@@ -441,30 +441,14 @@ pub fn generate(
     max_new_tokens: usize,
     sampling: &switchyard_trainer::generate::Sampling,
     kv_cache: bool,
+    logits_out: Option<&Path>,
 ) -> Result<()> {
     use std::io::Write;
     let problems = sampling.problems();
     if !problems.is_empty() {
         bail!("{}", problems.join("; "));
     }
-    let dir = if checkpoint.join("manifest.json").exists() {
-        checkpoint.to_path_buf()
-    } else {
-        checkpoint::latest_complete(checkpoint)?.with_context(|| {
-            format!(
-                "{} is neither a checkpoint (no manifest.json) nor a directory of complete                  checkpoints; pass `.../checkpoints/step-N` or `.../checkpoints`",
-                checkpoint.display()
-            )
-        })?
-    };
-    let loaded = checkpoint::load(&dir)?;
-    let cfg: Config =
-        serde_json::from_value(loaded.manifest.config.clone()).with_context(|| {
-            format!(
-                "the config stored in {}/manifest.json does not parse as this switchyard's config",
-                dir.display()
-            )
-        })?;
+    let (dir, loaded, cfg) = open_checkpoint(checkpoint)?;
     setup_threads(cfg.run.threads)?;
     let tokenizer = run_tokenizer(&cfg, &dir)?;
     let device = cfg.device.resolve(0)?.inner();
@@ -478,9 +462,27 @@ pub fn generate(
     if prompt_ids.is_empty() {
         bail!("--prompt is empty after tokenization; give at least one character");
     }
+    if let Some(path) = logits_out {
+        let ids: Vec<i64> = prompt_ids.iter().map(|&t| i64::from(t)).collect();
+        let n = ids.len();
+        let tokens = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(ids, [1, n]),
+            &device,
+        );
+        let logits = model.forward_cached(tokens, &mut switchyard_moe::KvCache::default());
+        let [_, p, v] = logits.dims();
+        let values = logits
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| anyhow!("reading the logits: {e:?}"))?;
+        write_npy_f32(path, &[p, v], &values)
+            .with_context(|| format!("writing --logits-out {}", path.display()))?;
+    }
     if let switchyard_moe::config::CapacityConfig::Drop { .. } = cfg.model.moe.capacity {
         tracing::info!(
-            "model.moe.capacity is `drop`: capacity is counted over the tokens of each              forward call (the prompt, then one token per step)"
+            "model.moe.capacity is `drop`: capacity is counted over the tokens of each \
+             forward call (the prompt, then one token per step)"
         );
     }
     let mut out = std::io::stdout().lock();
@@ -527,6 +529,102 @@ pub fn generate(
         write!(out, "{}", &text[printed..])?;
     }
     writeln!(out)?;
+    Ok(())
+}
+
+/// A little-endian f32 array as a NumPy `.npy` file (format 1.0).
+fn write_npy_f32(path: &Path, shape: &[usize], values: &[f32]) -> std::io::Result<()> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+        dims.join(", ")
+    );
+    // Magic (6) + version (2) + length (2) + header, padded with spaces to a multiple of 64,
+    // ending in a newline.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = Vec::with_capacity(10 + header.len() + values.len() * 4);
+    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    values
+        .iter()
+        .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    std::fs::write(path, bytes)
+}
+
+/// A checkpoint directory (or the newest complete one under a checkpoints directory), read
+/// and verified, with the config stored in it.
+fn open_checkpoint(checkpoint: &Path) -> Result<(PathBuf, checkpoint::LoadedCheckpoint, Config)> {
+    let dir = if checkpoint.join("manifest.json").exists() {
+        checkpoint.to_path_buf()
+    } else {
+        checkpoint::latest_complete(checkpoint)?.with_context(|| {
+            format!(
+                "{} is neither a checkpoint (no manifest.json) nor a directory of complete \
+                 checkpoints; pass `.../checkpoints/step-N` or `.../checkpoints`",
+                checkpoint.display()
+            )
+        })?
+    };
+    let loaded = checkpoint::load(&dir)?;
+    let cfg: Config =
+        serde_json::from_value(loaded.manifest.config.clone()).with_context(|| {
+            format!(
+                "the config stored in {}/manifest.json does not parse as this switchyard's config",
+                dir.display()
+            )
+        })?;
+    Ok((dir, loaded, cfg))
+}
+
+/// `switchyard export-hf`: the checkpoint's weights in a Hugging Face format.
+pub fn export_hf(
+    checkpoint: &Path,
+    format: switchyard_trainer::hf::HfFormat,
+    dtype: switchyard_trainer::hf::HfDtype,
+    out: &Path,
+    shard_mib: usize,
+) -> Result<()> {
+    use switchyard_trainer::hf;
+    let started = std::time::Instant::now();
+    let (dir, loaded, cfg) = open_checkpoint(checkpoint)?;
+    // Refused before the weights are even gathered.
+    let problems = hf::unsupported(&cfg.model, format);
+    if !problems.is_empty() {
+        return Err(hf::ExportError::Unsupported {
+            format: "mixtral",
+            problems,
+        }
+        .into());
+    }
+    let tokenizer = run_tokenizer(&cfg, &dir)?;
+    let snapshot = checkpoint::Snapshot::of(&loaded)
+        .map_err(|message| anyhow!("{}: {message}", dir.display()))?;
+    drop(loaded);
+    let model = snapshot
+        .tensors("model")
+        .map_err(|message| anyhow!("{}: {message}", dir.display()))?;
+    let report = hf::export(
+        model,
+        &cfg.model,
+        &tokenizer,
+        format,
+        dtype,
+        out,
+        shard_mib << 20,
+    )?;
+    println!(
+        "exported {} to {}: {} tensors, {} shard(s), {:.1} MB of weights, {:.1} s",
+        dir.display(),
+        out.display(),
+        report.tensors,
+        report.shards,
+        report.bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

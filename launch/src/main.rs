@@ -44,6 +44,20 @@ struct ConfigArgs {
     overrides: Vec<String>,
 }
 
+/// `export-hf --format`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum HfFormatArg {
+    /// MixtralForCausalLM.
+    Mixtral,
+}
+
+/// `export-hf --dtype`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum HfDtypeArg {
+    Fp32,
+    Bf16,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train a model.
@@ -97,6 +111,27 @@ enum Command {
         /// (the same result, slower: a check of the cache).
         #[arg(long)]
         no_kv_cache: bool,
+        /// Also write the logits of the prompt's positions, [P, V] f32, as a NumPy `.npy`
+        /// file (for checks against other implementations).
+        #[arg(long)]
+        logits_out: Option<PathBuf>,
+    },
+    /// Write a checkpoint (saved at any layout) as a Hugging Face model directory that
+    /// `transformers` loads: config, sharded safetensors, tokenizer, generation config.
+    ExportHf {
+        /// A checkpoint directory, or a checkpoints directory (its newest).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, value_enum)]
+        format: HfFormatArg,
+        /// A new (absent or empty) directory.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = HfDtypeArg::Fp32)]
+        dtype: HfDtypeArg,
+        /// Largest shard, MiB.
+        #[arg(long, default_value_t = 2048)]
+        shard_size_mib: usize,
     },
     /// Tokenize text or JSONL files into a Megatron-LM indexed dataset (PREFIX.bin/.idx).
     PrepareData(PrepareArgs),
@@ -306,6 +341,7 @@ fn run(command: Command) -> Result<()> {
             top_p,
             seed,
             no_kv_cache,
+            logits_out,
         } => commands::generate(
             &checkpoint,
             &prompt,
@@ -317,6 +353,25 @@ fn run(command: Command) -> Result<()> {
                 seed,
             },
             !no_kv_cache,
+            logits_out.as_deref(),
+        ),
+        Command::ExportHf {
+            checkpoint,
+            format,
+            out,
+            dtype,
+            shard_size_mib,
+        } => commands::export_hf(
+            &checkpoint,
+            match format {
+                HfFormatArg::Mixtral => switchyard_trainer::hf::HfFormat::Mixtral,
+            },
+            match dtype {
+                HfDtypeArg::Fp32 => switchyard_trainer::hf::HfDtype::F32,
+                HfDtypeArg::Bf16 => switchyard_trainer::hf::HfDtype::Bf16,
+            },
+            &out,
+            shard_size_mib,
         ),
         Command::PrepareData(args) => commands::prepare(
             &args.inputs,

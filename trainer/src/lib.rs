@@ -9,6 +9,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod hf;
 pub mod memory;
 pub mod metrics;
 pub mod optim;

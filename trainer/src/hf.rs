@@ -1,0 +1,513 @@
+//! Hugging Face export: a checkpoint's weights (saved at any layout: experts are stored by
+//! global id) as what `transformers.AutoModelForCausalLM.from_pretrained` loads —
+//! `config.json`, sharded `model-0000N-of-0000M.safetensors` with their index, the
+//! tokenizer files and `generation_config.json`, in f32 or bf16. Formats: Mixtral.
+//!
+//! Switchyard stores projections as [in, out] (`x @ W`); Hugging Face's `nn.Linear`
+//! weights are [out, in], so every projection is transposed on the way out. Both use
+//! half-split rotary embeddings (`rotate_half`), so q and k need no permutation.
+//!
+//! The export streams: one tensor is converted at a time and one shard (at most
+//! `shard_bytes`) is held before it is written; the directory appears complete or not at
+//! all (written beside it, then renamed).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::json;
+use switchyard_moe::config::{CapacityConfig, ModelConfig, RouterConfig};
+
+use crate::checkpoint::NamedTensor;
+use crate::data::Tokenizer;
+
+/// The target architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfFormat {
+    Mixtral,
+}
+
+/// The element type of the exported weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfDtype {
+    F32,
+    Bf16,
+}
+
+impl HfDtype {
+    fn torch_name(self) -> &'static str {
+        match self {
+            HfDtype::F32 => "float32",
+            HfDtype::Bf16 => "bfloat16",
+        }
+    }
+    fn width(self) -> usize {
+        match self {
+            HfDtype::F32 => 4,
+            HfDtype::Bf16 => 2,
+        }
+    }
+}
+
+/// Why an export cannot happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(
+        "the {format} format cannot hold this model: {}. Nothing was written",
+        .problems.join("; ")
+    )]
+    Unsupported {
+        format: &'static str,
+        problems: Vec<String>,
+    },
+    #[error("{path} already exists and is not empty; choose a new --out directory")]
+    OutExists { path: PathBuf },
+    #[error("the checkpoint has no tensor `{name}` (or it is not f32 of shape {shape:?})")]
+    MissingTensor { name: String, shape: Vec<usize> },
+    #[error("writing {path}: {message}")]
+    Write { path: PathBuf, message: String },
+}
+
+/// What the model has that `format` cannot express, named with the formats that could
+/// hold it (empty: exportable).
+pub fn unsupported(cfg: &ModelConfig, format: HfFormat) -> Vec<String> {
+    let HfFormat::Mixtral = format;
+    let moe = &cfg.moe;
+    let mut out = Vec::new();
+    match &moe.router {
+        RouterConfig::TopKSoftmax {
+            normalize_weights: true,
+        } => {}
+        RouterConfig::TopKSoftmax {
+            normalize_weights: false,
+        } => out.push(
+            "top-k weights without renormalisation (`normalize_weights: false`; Mixtral \
+             always renormalises; Qwen-MoE's `norm_topk_prob: false` is planned)"
+                .into(),
+        ),
+        RouterConfig::NullExperts { .. } => {
+            out.push("null experts (AdaMoE); no Hugging Face format has them".into())
+        }
+        RouterConfig::MoePlusPlus { .. } => {
+            out.push("MoE++ zero/copy/constant experts; no Hugging Face format has them".into())
+        }
+        RouterConfig::Recurrent { .. } => {
+            out.push("a recurrent (GRU) router (RMoE); no Hugging Face format has one".into())
+        }
+    }
+    if moe.every != 1 {
+        out.push(format!(
+            "dense layers between MoE layers (`model.moe.every: {}`; Mixtral has MoE in every \
+             layer)",
+            moe.every
+        ));
+    }
+    if moe.shared_expert.is_some() {
+        out.push("shared experts (Qwen2-MoE's gated shared expert is planned)".into());
+    }
+    if let CapacityConfig::Drop { factor } = moe.capacity {
+        out.push(format!(
+            "capacity dropping (`capacity: {{type: drop, factor: {factor}}}`): Hugging Face \
+             models route every token, so their logits would differ"
+        ));
+    }
+    if !cfg.d_model.is_multiple_of(cfg.n_heads) {
+        out.push("a model dimension not divisible by the head count".into());
+    }
+    out
+}
+
+/// Hugging Face name, shape, the Switchyard tensor it comes from, and whether it is
+/// transposed.
+struct Mapped {
+    name: String,
+    shape: Vec<usize>,
+    source: String,
+    transpose: bool,
+}
+
+fn mixtral_tensors(cfg: &ModelConfig) -> Vec<Mapped> {
+    let (d, v, f, e) = (
+        cfg.d_model,
+        cfg.vocab_size,
+        cfg.moe.expert_ffn_dim,
+        cfg.moe.num_experts,
+    );
+    let mut out = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, source: String, transpose: bool| {
+        out.push(Mapped {
+            name,
+            shape,
+            source,
+            transpose,
+        })
+    };
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![v, d],
+        "embed".into(),
+        false,
+    );
+    for l in 0..cfg.n_layers {
+        let hf = format!("model.layers.{l}");
+        let sy = format!("layers.{l}");
+        add(
+            format!("{hf}.input_layernorm.weight"),
+            vec![d],
+            format!("{sy}.attn_norm.gamma"),
+            false,
+        );
+        for (h, s) in [
+            ("q_proj", "wq"),
+            ("k_proj", "wk"),
+            ("v_proj", "wv"),
+            ("o_proj", "wo"),
+        ] {
+            add(
+                format!("{hf}.self_attn.{h}.weight"),
+                vec![d, d],
+                format!("{sy}.attn.{s}"),
+                true,
+            );
+        }
+        add(
+            format!("{hf}.post_attention_layernorm.weight"),
+            vec![d],
+            format!("{sy}.ffn_norm.gamma"),
+            false,
+        );
+        add(
+            format!("{hf}.block_sparse_moe.gate.weight"),
+            vec![e, d],
+            format!("{sy}.moe.router.w_gate"),
+            true,
+        );
+        for x in 0..e {
+            let he = format!("{hf}.block_sparse_moe.experts.{x}");
+            let se = format!("{sy}.moe.experts.{x}");
+            add(
+                format!("{he}.w1.weight"),
+                vec![f, d],
+                format!("{se}.w_gate"),
+                true,
+            );
+            add(
+                format!("{he}.w2.weight"),
+                vec![d, f],
+                format!("{se}.w_down"),
+                true,
+            );
+            add(
+                format!("{he}.w3.weight"),
+                vec![f, d],
+                format!("{se}.w_up"),
+                true,
+            );
+        }
+    }
+    add(
+        "model.norm.weight".into(),
+        vec![d],
+        "final_norm.gamma".into(),
+        false,
+    );
+    if !cfg.tie_embeddings {
+        add("lm_head.weight".into(), vec![v, d], "lm_head".into(), true);
+    }
+    out
+}
+
+fn config_json(cfg: &ModelConfig, dtype: HfDtype, eod: Option<u32>) -> serde_json::Value {
+    json!({
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.moe.expert_ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_heads,
+        "head_dim": cfg.d_model / cfg.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "num_local_experts": cfg.moe.num_experts,
+        "num_experts_per_tok": cfg.moe.top_k,
+        "router_aux_loss_coef": cfg.moe.load_balance_coef,
+        "output_router_logits": false,
+        "router_jitter_noise": 0.0,
+        "sliding_window": null,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "use_cache": true,
+        "bos_token_id": null,
+        "eos_token_id": eod,
+        "torch_dtype": dtype.torch_name(),
+    })
+}
+
+/// GPT-2's byte-to-character table: the byte-level BPE alphabet.
+fn byte_chars() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256;
+    (0u32..256)
+        .map(|b| {
+            let c = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            char::from_u32(c).expect("a valid code point")
+        })
+        .collect()
+}
+
+/// A `tokenizer.json` that encodes text to its UTF-8 bytes as ids 0..=255, as Switchyard's
+/// byte tokenizer does: byte-level BPE without merges.
+pub fn byte_tokenizer_json() -> serde_json::Value {
+    let vocab: serde_json::Map<String, serde_json::Value> = byte_chars()
+        .into_iter()
+        .enumerate()
+        .map(|(id, c)| (c.to_string(), json!(id)))
+        .collect();
+    let byte_level = json!({
+        "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false
+    });
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": byte_level,
+        "post_processor": null,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": []
+        }
+    })
+}
+
+/// What an export wrote.
+#[derive(Debug)]
+pub struct ExportReport {
+    pub tensors: usize,
+    pub shards: usize,
+    pub bytes: u64,
+}
+
+fn write_err(path: &Path, e: impl std::fmt::Display) -> ExportError {
+    ExportError::Write {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Writes the export of `model` (the checkpoint's model tensors by Switchyard name) to
+/// `out` (absent or empty). Refuses, before writing anything, what `format` cannot hold.
+pub fn export(
+    model: &BTreeMap<String, NamedTensor>,
+    cfg: &ModelConfig,
+    tokenizer: &Tokenizer,
+    format: HfFormat,
+    dtype: HfDtype,
+    out: &Path,
+    shard_bytes: usize,
+) -> Result<ExportReport, ExportError> {
+    let problems = unsupported(cfg, format);
+    if !problems.is_empty() {
+        return Err(ExportError::Unsupported {
+            format: "mixtral",
+            problems,
+        });
+    }
+    if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
+        return Err(ExportError::OutExists {
+            path: out.to_path_buf(),
+        });
+    }
+    let mapped = mixtral_tensors(cfg);
+    for m in &mapped {
+        let want: Vec<usize> = if m.transpose {
+            m.shape.iter().rev().copied().collect()
+        } else {
+            m.shape.clone()
+        };
+        match model.get(&m.source) {
+            Some(t) if t.shape == want && t.as_f32().is_some() => {}
+            _ => {
+                return Err(ExportError::MissingTensor {
+                    name: m.source.clone(),
+                    shape: want,
+                });
+            }
+        }
+    }
+    // Shards in tensor order, each at most `shard_bytes` (a larger tensor alone).
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut filled = usize::MAX;
+    for (i, m) in mapped.iter().enumerate() {
+        let bytes = m.shape.iter().product::<usize>() * dtype.width();
+        if filled.saturating_add(bytes) > shard_bytes {
+            shards.push(Vec::new());
+            filled = 0;
+        }
+        shards.last_mut().expect("opened").push(i);
+        filled += bytes;
+    }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = parent.join(format!(
+        ".{}.partial-{}",
+        out.file_name()
+            .map_or("export".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| write_err(&tmp, e))?;
+    let result = write_all(model, cfg, tokenizer, dtype, &mapped, &shards, &tmp);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return result;
+    }
+    if out.exists() {
+        std::fs::remove_dir(out).map_err(|e| write_err(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| write_err(out, e))?;
+    result
+}
+
+fn write_all(
+    model: &BTreeMap<String, NamedTensor>,
+    cfg: &ModelConfig,
+    tokenizer: &Tokenizer,
+    dtype: HfDtype,
+    mapped: &[Mapped],
+    shards: &[Vec<usize>],
+    dir: &Path,
+) -> Result<ExportReport, ExportError> {
+    let mut weight_map = serde_json::Map::new();
+    let mut total: u64 = 0;
+    for (s, members) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", s + 1, shards.len());
+        let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(members.len());
+        for &i in members {
+            let m = &mapped[i];
+            let src = model[&m.source].as_f32().expect("checked above");
+            let values: Vec<f32> = if m.transpose {
+                let (rows, cols) = (m.shape[1], m.shape[0]); // source is [rows, cols]
+                let mut t = vec![0f32; src.len()];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        t[c * rows + r] = src[r * cols + c];
+                    }
+                }
+                t
+            } else {
+                src.to_vec()
+            };
+            let bytes: Vec<u8> = match dtype {
+                HfDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                HfDtype::Bf16 => values
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+            };
+            total += bytes.len() as u64;
+            weight_map.insert(m.name.clone(), json!(file));
+            data.push((m.name.clone(), m.shape.clone(), bytes));
+        }
+        let st_dtype = match dtype {
+            HfDtype::F32 => Dtype::F32,
+            HfDtype::Bf16 => Dtype::BF16,
+        };
+        let views = data
+            .iter()
+            .map(|(name, shape, bytes)| {
+                TensorView::new(st_dtype, shape.clone(), bytes).map(|v| (name.clone(), v))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| write_err(&dir.join(&file), format!("{e:?}")))?;
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let path = dir.join(&file);
+        safetensors::serialize_to_file(views, Some(metadata), &path)
+            .map_err(|e| write_err(&path, format!("{e:?}")))?;
+        // Written through a private temporary file: readable like the JSON files.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| write_err(&path, e))?;
+    }
+    let write_json = |name: &str, value: &serde_json::Value| {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(value).expect("json") + "\n",
+        )
+        .map_err(|e| write_err(&path, e))
+    };
+    write_json(
+        "model.safetensors.index.json",
+        &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+    )?;
+    let eod = tokenizer.eod_token();
+    write_json("config.json", &config_json(cfg, dtype, eod))?;
+    write_json(
+        "generation_config.json",
+        &json!({"bos_token_id": null, "eos_token_id": eod}),
+    )?;
+    let tokenizer_json = match tokenizer.path() {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| write_err(path, e))?;
+            serde_json::from_str(&text).map_err(|e| write_err(path, e))?
+        }
+        None => byte_tokenizer_json(),
+    };
+    write_json("tokenizer.json", &tokenizer_json)?;
+    let eos = eod.and_then(|id| tokenizer.decode(&[id]).ok());
+    write_json(
+        "tokenizer_config.json",
+        &json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": cfg.max_seq_len,
+            "eos_token": eos,
+            "clean_up_tokenization_spaces": false,
+        }),
+    )?;
+    Ok(ExportReport {
+        tensors: mapped.len(),
+        shards: shards.len(),
+        bytes: total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exported byte tokenizer encodes text to its UTF-8 bytes, as Switchyard's does.
+    #[test]
+    fn the_byte_tokenizer_json_encodes_bytes() {
+        let json = serde_json::to_string(&byte_tokenizer_json()).unwrap();
+        let tok: tokenizers::Tokenizer = json.parse().unwrap();
+        assert_eq!(tok.get_vocab_size(true), 256);
+        for text in [
+            "ROMEO:\nWhat light",
+            "h\u{e9}llo \t\u{1f600} ~\u{0}\u{7f}",
+            "  two  spaces",
+        ] {
+            let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+            let bytes: Vec<u32> = text.bytes().map(u32::from).collect();
+            assert_eq!(ids, bytes, "{text:?}");
+            assert_eq!(tok.decode(&ids, false).unwrap(), text);
+        }
+    }
+}
