@@ -60,7 +60,10 @@ fn stored(cfg: &ModelConfig) -> BTreeMap<String, NamedTensor> {
                 .convert::<f32>()
                 .try_into_vec::<f32>()
                 .unwrap();
-            (key.name().to_string(), NamedTensor::f32(key.name(), shape, data))
+            (
+                key.name().to_string(),
+                NamedTensor::f32(key.name(), shape, data),
+            )
         })
         .collect()
 }
