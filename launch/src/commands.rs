@@ -628,6 +628,93 @@ pub fn export_hf(
     Ok(())
 }
 
+/// `switchyard import-hf`: a Hugging Face Mixtral model as a Switchyard checkpoint
+/// (`OUT/checkpoints/step-00000000`), the config it implies (`OUT/config.yaml`: the model,
+/// its tokenizer; data and optimizer to adapt) and its tokenizer (`OUT/tokenizer.json`).
+pub fn import_hf(model_dir: &Path, out: &Path) -> Result<()> {
+    use switchyard_trainer::hf;
+    let started = std::time::Instant::now();
+    let config_path = model_dir.join("config.json");
+    let config_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", config_path.display()))?;
+    let model_cfg = hf::model_config_of(&config_json, &config_path)?;
+    if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
+        bail!(
+            "{} already exists and is not empty; choose a new --out directory",
+            out.display()
+        );
+    }
+    let tensors = hf::import_weights(model_dir, &model_cfg)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let out = out
+        .canonicalize()
+        .with_context(|| format!("resolving {}", out.display()))?;
+    let source_tokenizer = model_dir.join("tokenizer.json");
+    let tokenizer = if source_tokenizer.exists() {
+        let dest = out.join("tokenizer.json");
+        std::fs::copy(&source_tokenizer, &dest)
+            .with_context(|| format!("copying {}", source_tokenizer.display()))?;
+        serde_json::json!({"type": "huggingface", "path": dest})
+    } else {
+        bail!(
+            "{} has no tokenizer.json; Switchyard needs the tokenizer the model was trained with",
+            model_dir.display()
+        );
+    };
+    let config = serde_json::json!({
+        "run": {"name": "imported", "output_dir": out.join("run"), "seed": 1},
+        "model": model_cfg,
+        "data": {
+            "tokenizer": tokenizer,
+            "source": {"type": "synthetic", "seed": 1, "bytes": 100000},
+            "seq_len": model_cfg.max_seq_len.min(512),
+            "batch_size": 8,
+        },
+        "optim": {"lr": 1.0e-4},
+        "train": {"steps": 100},
+    });
+    let cfg: Config = serde_json::from_value(config.clone())
+        .context("the config implied by the import does not parse (a bug: please report it)")?;
+    let yaml = format!(
+        "# Written by `switchyard import-hf --model {}`: the model and its tokenizer as imported.\n\
+         # Point data.source at your corpus and adjust optim/train before training with\n\
+         # `switchyard train --config this.yaml --init-from {}`.\n{}",
+        model_dir.display(),
+        out.join("checkpoints").join("step-00000000").display(),
+        resolved_yaml(&cfg)
+    );
+    std::fs::write(out.join("config.yaml"), yaml).context("writing config.yaml")?;
+    let signature = switchyard_moe::params::signature(&switchyard_moe::Transformer::new(
+        &model_cfg,
+        0,
+        &burn::tensor::Device::flex(),
+    ));
+    let count = tensors.len();
+    let root = out.join("checkpoints");
+    let dir = checkpoint::CheckpointManager::new(&root, 1)?.save(
+        0,
+        &[("model.safetensors", tensors)],
+        checkpoint::ManifestMeta {
+            tokens_seen: 0,
+            model_signature: signature,
+            trainer_state: serde_json::json!({}),
+            config: serde_json::to_value(&cfg).expect("config serialises"),
+        },
+    )?;
+    println!(
+        "imported {} ({} tensors) to {} with {}, {:.1} s",
+        model_dir.display(),
+        count,
+        dir.display(),
+        out.join("config.yaml").display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// The tokenizer a run trained with: bytes, the configured `tokenizer.json`, or the BPE the
 /// run trained (`<output_dir>/tokenizer.json`, else next to the checkpoints directory).
 fn run_tokenizer(cfg: &Config, checkpoint: &Path) -> Result<Tokenizer> {

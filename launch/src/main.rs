@@ -133,6 +133,16 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         shard_size_mib: usize,
     },
+    /// Import a Hugging Face Mixtral model (safetensors: sharded or not; f32, bf16 or f16)
+    /// as a Switchyard checkpoint, with the config it implies and its tokenizer.
+    ImportHf {
+        /// The Hugging Face model directory (config.json, safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// A new (absent or empty) directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Tokenize text or JSONL files into a Megatron-LM indexed dataset (PREFIX.bin/.idx).
     PrepareData(PrepareArgs),
     /// Load and validate a config, print the resolved tree.
@@ -373,6 +383,7 @@ fn run(command: Command) -> Result<()> {
             &out,
             shard_size_mib,
         ),
+        Command::ImportHf { model, out } => commands::import_hf(&model, &out),
         Command::PrepareData(args) => commands::prepare(
             &args.inputs,
             &args.format,

@@ -493,6 +493,49 @@ fn write_all(
 mod tests {
     use super::*;
 
+    fn mixtral_json() -> serde_json::Value {
+        json!({
+            "model_type": "mixtral", "vocab_size": 256, "hidden_size": 64,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2,
+            "intermediate_size": 96, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "sliding_window": null,
+            "hidden_act": "silu", "tie_word_embeddings": false,
+            "rope_parameters": {"rope_theta": 12345.0, "rope_type": "default"}
+        })
+    }
+
+    #[test]
+    fn a_mixtral_config_becomes_a_model_config_and_what_differs_is_named() {
+        let path = Path::new("config.json");
+        let cfg = model_config_of(&mixtral_json(), path).unwrap();
+        assert_eq!((cfg.d_model, cfg.n_heads, cfg.n_layers), (64, 4, 2));
+        assert_eq!(
+            (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.expert_ffn_dim),
+            (4, 2, 96)
+        );
+        assert_eq!((cfg.rope_theta, cfg.norm_eps), (12345.0, 1e-6));
+        // Files written before transformers 5 keep rope_theta at the top.
+        let mut old = mixtral_json();
+        old.as_object_mut().unwrap().remove("rope_parameters");
+        old["rope_theta"] = json!(500.0);
+        assert_eq!(model_config_of(&old, path).unwrap().rope_theta, 500.0);
+        for (key, value, needle) in [
+            ("num_key_value_heads", json!(2), "grouped-query attention"),
+            ("sliding_window", json!(4096), "sliding-window"),
+            (
+                "rope_parameters",
+                json!({"rope_theta": 1e4, "rope_type": "yarn"}),
+                "RoPE scaling `yarn`",
+            ),
+            ("model_type", json!("qwen2_moe"), "model_type `qwen2_moe`"),
+        ] {
+            let mut c = mixtral_json();
+            c[key] = value;
+            let err = model_config_of(&c, path).unwrap_err().to_string();
+            assert!(err.contains(needle), "{key}: {err}");
+        }
+    }
+
     /// The exported byte tokenizer encodes text to its UTF-8 bytes, as Switchyard's does.
     #[test]
     fn the_byte_tokenizer_json_encodes_bytes() {
@@ -510,4 +553,244 @@ mod tests {
             assert_eq!(tok.decode(&ids, false).unwrap(), text);
         }
     }
+}
+
+/// Why an import cannot happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error(
+        "{path}: this {model_type} model cannot be a Switchyard model: {}",
+        .problems.join("; ")
+    )]
+    Unsupported {
+        path: PathBuf,
+        model_type: String,
+        problems: Vec<String>,
+    },
+}
+
+fn read_err(path: &Path, e: impl std::fmt::Display) -> ImportError {
+    ImportError::Read {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// The Switchyard model a Hugging Face `config.json` describes (Mixtral), or what in it
+/// Switchyard cannot be.
+pub fn model_config_of(
+    config_json: &serde_json::Value,
+    path: &Path,
+) -> Result<ModelConfig, ImportError> {
+    let model_type = config_json["model_type"].as_str().unwrap_or("").to_string();
+    let unsupported = |problems: Vec<String>| ImportError::Unsupported {
+        path: path.to_path_buf(),
+        model_type: model_type.clone(),
+        problems,
+    };
+    if model_type != "mixtral" {
+        return Err(unsupported(vec![format!(
+            "model_type `{model_type}` is not one Switchyard imports (mixtral)"
+        )]));
+    }
+    let mut problems = Vec::new();
+    let mut int = |key: &str| match config_json[key].as_u64() {
+        Some(v) => v as usize,
+        None => {
+            problems.push(format!("`{key}` is missing or not an integer"));
+            0
+        }
+    };
+    let (v, d, h, l, f, e, k) = (
+        int("vocab_size"),
+        int("hidden_size"),
+        int("num_attention_heads"),
+        int("num_hidden_layers"),
+        int("intermediate_size"),
+        int("num_local_experts"),
+        int("num_experts_per_tok"),
+    );
+    let max_seq_len = config_json["max_position_embeddings"]
+        .as_u64()
+        .unwrap_or(4096) as usize;
+    let kv = config_json["num_key_value_heads"]
+        .as_u64()
+        .map_or(h, |x| x as usize);
+    if kv != h {
+        problems.push(format!(
+            "grouped-query attention ({kv} key/value heads for {h} query heads); Switchyard's \
+             attention has one key/value head per query head"
+        ));
+    }
+    if let Some(hd) = config_json["head_dim"].as_u64()
+        && h > 0
+        && hd as usize != d / h
+    {
+        problems.push(format!(
+            "head_dim {hd} is not hidden_size / num_attention_heads"
+        ));
+    }
+    if let Some(w) = config_json["sliding_window"].as_u64() {
+        problems.push(format!("sliding-window attention ({w} tokens)"));
+    }
+    if config_json["hidden_act"]
+        .as_str()
+        .is_some_and(|a| a != "silu")
+    {
+        problems.push(format!(
+            "hidden_act {} (Switchyard's experts are SwiGLU)",
+            config_json["hidden_act"]
+        ));
+    }
+    // transformers 5 keeps RoPE's settings in `rope_parameters` (older files: `rope_theta`,
+    // `rope_scaling`); only plain RoPE is Switchyard's.
+    let rope = &config_json["rope_parameters"];
+    let rope_theta = rope["rope_theta"]
+        .as_f64()
+        .or_else(|| config_json["rope_theta"].as_f64())
+        .unwrap_or(1e6);
+    let rope_type = rope["rope_type"]
+        .as_str()
+        .or_else(|| config_json["rope_scaling"]["rope_type"].as_str())
+        .or_else(|| config_json["rope_scaling"]["type"].as_str())
+        .unwrap_or("default");
+    if rope_type != "default" {
+        problems.push(format!(
+            "RoPE scaling `{rope_type}` (Switchyard has plain RoPE)"
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(unsupported(problems));
+    }
+    Ok(ModelConfig {
+        vocab_size: v,
+        d_model: d,
+        n_heads: h,
+        n_layers: l,
+        ffn_dim: f,
+        max_seq_len,
+        rope_theta,
+        norm_eps: config_json["rms_norm_eps"].as_f64().unwrap_or(1e-5),
+        tie_embeddings: config_json["tie_word_embeddings"]
+            .as_bool()
+            .unwrap_or(false),
+        init_std: config_json["initializer_range"].as_f64().unwrap_or(0.02),
+        moe: switchyard_moe::config::MoeConfig {
+            every: 1,
+            num_experts: e,
+            top_k: k,
+            expert_ffn_dim: f,
+            router: RouterConfig::TopKSoftmax {
+                normalize_weights: true,
+            },
+            capacity: CapacityConfig::Dropless {},
+            shared_expert: None,
+            load_balance_coef: config_json["router_aux_loss_coef"].as_f64().unwrap_or(0.02),
+            z_loss_coef: 0.001,
+        },
+    })
+}
+
+/// The weights of the Hugging Face model in `dir` (`model.safetensors`, or the shards its
+/// index names; f32, bf16 or f16) as Switchyard tensors of `cfg`, by Switchyard name
+/// (f32, [in, out] projections).
+pub fn import_weights(dir: &Path, cfg: &ModelConfig) -> Result<Vec<NamedTensor>, ImportError> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| read_err(&index, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| read_err(&index, e))?;
+        let mut names: Vec<String> = json["weight_map"]
+            .as_object()
+            .ok_or_else(|| read_err(&index, "no weight_map"))?
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        names.sort();
+        names.dedup();
+        names.into_iter().map(|n| dir.join(n)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let wanted: BTreeMap<String, Mapped> = mixtral_tensors(cfg)
+        .into_iter()
+        .map(|m| (m.name.clone(), m))
+        .collect();
+    let mut out: BTreeMap<String, NamedTensor> = BTreeMap::new();
+    for file in &files {
+        let bytes = std::fs::read(file).map_err(|e| read_err(file, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| read_err(file, format!("{e:?}")))?;
+        for (name, view) in st.tensors() {
+            if cfg.tie_embeddings && name == "lm_head.weight" {
+                continue;
+            }
+            let Some(m) = wanted.get(&name) else {
+                return Err(read_err(
+                    file,
+                    format!(
+                        "tensor `{name}` is not part of a {} model of this config",
+                        "Mixtral"
+                    ),
+                ));
+            };
+            if view.shape() != m.shape.as_slice() {
+                return Err(read_err(
+                    file,
+                    format!(
+                        "tensor `{name}` has shape {:?}; the config says {:?}",
+                        view.shape(),
+                        m.shape
+                    ),
+                ));
+            }
+            let data = view.data();
+            let values: Vec<f32> = match view.dtype() {
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(read_err(
+                        file,
+                        format!("tensor `{name}` is {other:?}; f32, bf16 and f16 are imported"),
+                    ));
+                }
+            };
+            let (shape, values) = if m.transpose {
+                let (rows, cols) = (m.shape[0], m.shape[1]);
+                let mut t = vec![0f32; values.len()];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        t[c * rows + r] = values[r * cols + c];
+                    }
+                }
+                (vec![cols, rows], t)
+            } else {
+                (m.shape.clone(), values)
+            };
+            out.insert(
+                m.source.clone(),
+                NamedTensor::f32(m.source.clone(), shape, values),
+            );
+        }
+    }
+    // The tied head is not in the table; every other tensor must have been found.
+    if let Some(missing) = wanted.values().find(|m| !out.contains_key(&m.source)) {
+        return Err(read_err(
+            dir,
+            format!("the model has no tensor `{}`", missing.name),
+        ));
+    }
+    Ok(out.into_values().collect())
 }
