@@ -6,7 +6,9 @@
 Creates a tiny random Mixtral with `transformers` (`MixtralForCausalLM(config)`), saves it
 sharded in f32 and in bf16, imports each with `switchyard import-hf`, and compares
 Switchyard's logits on a prompt (`generate --logits-out`) with the saved model's, loaded by
-`AutoModelForCausalLM` in f32: relative difference (max |a - b| / max |b|) within 1e-4. The tokenizer is the byte-level one an export writes.
+`AutoModelForCausalLM` in f32: relative difference (max |a - b| / max |b|) within 1e-4.
+Then upcycles a random dense Llama (4 experts copying its MLP, top-2, no noise): the first
+forward equals the dense model's within 1e-4. The tokenizer is the byte-level one an export writes.
 Exit 0 when every check holds; 1 otherwise.
 """
 
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig,
+                          MixtralForCausalLM)
 
 
 def run(cmd):
@@ -67,6 +70,29 @@ def main():
               f"{rel:.2e} (tolerance 1e-4)")
         if rel > 1e-4:
             failures.append(f"{name}: logits differ by {rel:.2e}")
+    # Sparse upcycling: a random dense Llama becomes 4 experts (copies of its MLP), top-2,
+    # without noise: the first forward is the dense model's.
+    lcfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.1)
+    torch.manual_seed(1)
+    llama = LlamaForCausalLM(lcfg).eval()
+    hf_dir, out = work / "hf-llama", work / "upcycled"
+    llama.save_pretrained(hf_dir, safe_serialization=True)
+    shutil.copy(args.tokenizer, hf_dir / "tokenizer.json")
+    print(run([args.switchyard, "import-hf", "--model", str(hf_dir), "--out", str(out),
+               "--upcycle-experts", "4", "--upcycle-top-k", "2"]).strip())
+    logits_file = work / "logits-upcycled.npy"
+    run([args.switchyard, "generate", "--checkpoint", str(out / "checkpoints"), "--prompt", args.prompt,
+         "--max-new-tokens", "0", "--logits-out", str(logits_file)])
+    ours = np.load(logits_file)
+    with torch.no_grad():
+        theirs = llama(torch.tensor([ids])).logits[0].numpy()
+    rel = float(np.abs(theirs - ours).max() / np.abs(theirs).max())
+    print(f"upcycled Llama (4 experts, top-2, no noise): first forward against the dense "
+          f"model's, relative difference {rel:.2e} (tolerance 1e-4)")
+    if rel > 1e-4:
+        failures.append(f"upcycled: logits differ by {rel:.2e}")
     for f in failures:
         print("FAIL:", f)
     sys.exit(1 if failures else 0)

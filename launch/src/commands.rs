@@ -631,7 +631,11 @@ pub fn export_hf(
 /// `switchyard import-hf`: a Hugging Face Mixtral model as a Switchyard checkpoint
 /// (`OUT/checkpoints/step-00000000`), the config it implies (`OUT/config.yaml`: the model,
 /// its tokenizer; data and optimizer to adapt) and its tokenizer (`OUT/tokenizer.json`).
-pub fn import_hf(model_dir: &Path, out: &Path) -> Result<()> {
+pub fn import_hf(
+    model_dir: &Path,
+    out: &Path,
+    upcycle: Option<&switchyard_trainer::hf::Upcycle>,
+) -> Result<()> {
     use switchyard_trainer::hf;
     let started = std::time::Instant::now();
     let config_path = model_dir.join("config.json");
@@ -640,14 +644,20 @@ pub fn import_hf(model_dir: &Path, out: &Path) -> Result<()> {
             .with_context(|| format!("reading {}", config_path.display()))?,
     )
     .with_context(|| format!("parsing {}", config_path.display()))?;
-    let model_cfg = hf::model_config_of(&config_json, &config_path)?;
+    let model_cfg = match upcycle {
+        Some(u) => hf::upcycled_config_of(&config_json, &config_path, u)?,
+        None => hf::model_config_of(&config_json, &config_path)?,
+    };
     if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
         bail!(
             "{} already exists and is not empty; choose a new --out directory",
             out.display()
         );
     }
-    let tensors = hf::import_weights(model_dir, &model_cfg)?;
+    let tensors = match upcycle {
+        Some(u) => hf::upcycle_weights(model_dir, &model_cfg, u)?,
+        None => hf::import_weights(model_dir, &model_cfg)?,
+    };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let out = out
         .canonicalize()

@@ -142,6 +142,19 @@ enum Command {
         /// A new (absent or empty) directory.
         #[arg(long)]
         out: PathBuf,
+        /// Upcycle a dense Llama model into an MoE of N experts, each a copy of the dense
+        /// MLP, behind a freshly drawn router (Sparse Upcycling).
+        #[arg(long, requires = "upcycle_top_k")]
+        upcycle_experts: Option<usize>,
+        /// Experts per token of the upcycled MoE.
+        #[arg(long, requires = "upcycle_experts")]
+        upcycle_top_k: Option<usize>,
+        /// Gaussian noise (std) added to each expert copy; 0 keeps exact copies.
+        #[arg(long, default_value_t = 0.0, requires = "upcycle_experts")]
+        upcycle_noise: f64,
+        /// Seed of the router draw and the noise.
+        #[arg(long, default_value_t = 0, requires = "upcycle_experts")]
+        upcycle_seed: u64,
     },
     /// Tokenize text or JSONL files into a Megatron-LM indexed dataset (PREFIX.bin/.idx).
     PrepareData(PrepareArgs),
@@ -383,7 +396,24 @@ fn run(command: Command) -> Result<()> {
             &out,
             shard_size_mib,
         ),
-        Command::ImportHf { model, out } => commands::import_hf(&model, &out),
+        Command::ImportHf {
+            model,
+            out,
+            upcycle_experts,
+            upcycle_top_k,
+            upcycle_noise,
+            upcycle_seed,
+        } => {
+            let upcycle = upcycle_experts
+                .zip(upcycle_top_k)
+                .map(|(num_experts, top_k)| switchyard_trainer::hf::Upcycle {
+                    num_experts,
+                    top_k,
+                    noise_std: upcycle_noise,
+                    seed: upcycle_seed,
+                });
+            commands::import_hf(&model, &out, upcycle.as_ref())
+        }
         Command::PrepareData(args) => commands::prepare(
             &args.inputs,
             &args.format,

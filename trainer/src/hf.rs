@@ -489,6 +489,189 @@ fn write_all(
     })
 }
 
+/// Every tensor of the Hugging Face model in `dir` (`model.safetensors`, or the shards its
+/// index names; f32, bf16 or f16) as f32, by name.
+/// A tensor read from a Hugging Face file: its shape and f32 values.
+type HfTensor = (Vec<usize>, Vec<f32>);
+
+fn read_hf_tensors(dir: &Path) -> Result<BTreeMap<String, HfTensor>, ImportError> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| read_err(&index, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| read_err(&index, e))?;
+        let mut names: Vec<String> = json["weight_map"]
+            .as_object()
+            .ok_or_else(|| read_err(&index, "no weight_map"))?
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        names.sort();
+        names.dedup();
+        names.into_iter().map(|n| dir.join(n)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let mut out = BTreeMap::new();
+    for file in &files {
+        let bytes = std::fs::read(file).map_err(|e| read_err(file, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| read_err(file, format!("{e:?}")))?;
+        for (name, view) in st.tensors() {
+            let data = view.data();
+            let values: Vec<f32> = match view.dtype() {
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(read_err(
+                        file,
+                        format!("tensor `{name}` is {other:?}; f32, bf16 and f16 are imported"),
+                    ));
+                }
+            };
+            out.insert(name, (view.shape().to_vec(), values));
+        }
+    }
+    Ok(out)
+}
+
+/// [rows, cols] row-major -> [cols, rows].
+fn transposed(shape: &[usize], values: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    let (rows, cols) = (shape[0], shape[1]);
+    let mut t = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = values[r * cols + c];
+        }
+    }
+    (vec![cols, rows], t)
+}
+
+/// The upcycled MoE's weights from the dense Llama model in `dir` (see [`Upcycle`]).
+pub fn upcycle_weights(
+    dir: &Path,
+    cfg: &ModelConfig,
+    upcycle: &Upcycle,
+) -> Result<Vec<NamedTensor>, ImportError> {
+    use rand::{Rng, SeedableRng};
+    let hf = read_hf_tensors(dir)?;
+    let mut used = std::collections::BTreeSet::new();
+    let mut take =
+        |name: &str, shape: Vec<usize>| -> Result<&(Vec<usize>, Vec<f32>), ImportError> {
+            let t = hf
+                .get(name)
+                .ok_or_else(|| read_err(dir, format!("the model has no tensor `{name}`")))?;
+            if t.0 != shape {
+                return Err(read_err(
+                    dir,
+                    format!(
+                        "tensor `{name}` has shape {:?}; the config says {shape:?}",
+                        t.0
+                    ),
+                ));
+            }
+            used.insert(name.to_string());
+            Ok(t)
+        };
+    let (d, v, f, e) = (
+        cfg.d_model,
+        cfg.vocab_size,
+        cfg.ffn_dim,
+        upcycle.num_experts,
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(upcycle.seed);
+    let mut out = Vec::new();
+    let mut put = |name: String, (shape, values): (Vec<usize>, Vec<f32>)| {
+        out.push(NamedTensor::f32(name, shape, values));
+    };
+    let plain = |t: &(Vec<usize>, Vec<f32>)| t.clone();
+    put(
+        "embed".into(),
+        plain(take("model.embed_tokens.weight", vec![v, d])?),
+    );
+    // Box-Muller: a normal draw of standard deviation `std`.
+    let normal = |rng: &mut rand_chacha::ChaCha8Rng, std: f64| -> f32 {
+        let (u1, u2): (f64, f64) = (rng.random::<f64>().max(f64::MIN_POSITIVE), rng.random());
+        (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    };
+    for l in 0..cfg.n_layers {
+        let hf_l = format!("model.layers.{l}");
+        let sy = format!("layers.{l}");
+        put(
+            format!("{sy}.attn_norm.gamma"),
+            plain(take(&format!("{hf_l}.input_layernorm.weight"), vec![d])?),
+        );
+        for (h, w) in [
+            ("q_proj", "wq"),
+            ("k_proj", "wk"),
+            ("v_proj", "wv"),
+            ("o_proj", "wo"),
+        ] {
+            let t = take(&format!("{hf_l}.self_attn.{h}.weight"), vec![d, d])?;
+            put(format!("{sy}.attn.{w}"), transposed(&t.0, &t.1));
+        }
+        put(
+            format!("{sy}.ffn_norm.gamma"),
+            plain(take(
+                &format!("{hf_l}.post_attention_layernorm.weight"),
+                vec![d],
+            )?),
+        );
+        let gate: Vec<f32> = (0..d * e).map(|_| normal(&mut rng, cfg.init_std)).collect();
+        put(format!("{sy}.moe.router.w_gate"), (vec![d, e], gate));
+        let mlp = [
+            ("gate_proj", "w_gate", vec![f, d]),
+            ("up_proj", "w_up", vec![f, d]),
+            ("down_proj", "w_down", vec![d, f]),
+        ];
+        for (h, w, shape) in mlp {
+            let t = take(&format!("{hf_l}.mlp.{h}.weight"), shape)?;
+            let (shape, values) = transposed(&t.0, &t.1);
+            for x in 0..e {
+                let mut copy = values.clone();
+                if upcycle.noise_std > 0.0 {
+                    copy.iter_mut()
+                        .for_each(|c| *c += normal(&mut rng, upcycle.noise_std));
+                }
+                put(format!("{sy}.moe.experts.{x}.{w}"), (shape.clone(), copy));
+            }
+        }
+    }
+    put(
+        "final_norm.gamma".into(),
+        plain(take("model.norm.weight", vec![d])?),
+    );
+    if !cfg.tie_embeddings {
+        let t = take("lm_head.weight", vec![v, d])?;
+        put("lm_head".into(), transposed(&t.0, &t.1));
+    }
+    let unused: Vec<&String> = hf
+        .keys()
+        .filter(|k| {
+            !(used.contains(*k)
+                || k.ends_with("rotary_emb.inv_freq")
+                || cfg.tie_embeddings && *k == "lm_head.weight")
+        })
+        .collect();
+    if let Some(name) = unused.first() {
+        return Err(read_err(
+            dir,
+            format!("tensor `{name}` is not part of a Llama model of this config"),
+        ));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -584,16 +767,63 @@ pub fn model_config_of(
     config_json: &serde_json::Value,
     path: &Path,
 ) -> Result<ModelConfig, ImportError> {
+    model_config_with(config_json, path, None)
+}
+
+/// Sparse upcycling (Komatsuzaki et al. 2023, "Sparse Upcycling: Training Mixture-of-Experts
+/// from Dense Checkpoints"): every MLP of a dense model becomes `num_experts` experts that
+/// start as copies of it (plus optional Gaussian noise of std `noise_std`), behind a new
+/// router drawn like any fresh router (normal, std `initializer_range`). With top-k weights
+/// renormalised to sum to one and no noise, the upcycled model computes exactly the dense
+/// one at the first step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upcycle {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub noise_std: f64,
+    pub seed: u64,
+}
+
+/// The MoE a dense Llama `config.json` upcycles to.
+pub fn upcycled_config_of(
+    config_json: &serde_json::Value,
+    path: &Path,
+    upcycle: &Upcycle,
+) -> Result<ModelConfig, ImportError> {
+    model_config_with(config_json, path, Some(upcycle))
+}
+
+fn model_config_with(
+    config_json: &serde_json::Value,
+    path: &Path,
+    upcycle: Option<&Upcycle>,
+) -> Result<ModelConfig, ImportError> {
     let model_type = config_json["model_type"].as_str().unwrap_or("").to_string();
     let unsupported = |problems: Vec<String>| ImportError::Unsupported {
         path: path.to_path_buf(),
         model_type: model_type.clone(),
         problems,
     };
-    if model_type != "mixtral" {
-        return Err(unsupported(vec![format!(
-            "model_type `{model_type}` is not one Switchyard imports (mixtral)"
-        )]));
+    match (model_type.as_str(), upcycle) {
+        ("mixtral", None) | ("llama", Some(_)) => {}
+        ("llama", None) => {
+            return Err(unsupported(vec![
+                "a dense model; upcycle it into an MoE with `--upcycle-experts N \
+                 --upcycle-top-k K`"
+                    .into(),
+            ]));
+        }
+        (_, Some(_)) => {
+            return Err(unsupported(vec![format!(
+                "model_type `{model_type}` is not a dense model Switchyard upcycles (llama)"
+            )]));
+        }
+        _ => {
+            return Err(unsupported(vec![format!(
+                "model_type `{model_type}` is not one Switchyard imports (mixtral; llama with \
+                 upcycling)"
+            )]));
+        }
     }
     let mut problems = Vec::new();
     let mut int = |key: &str| match config_json[key].as_u64() {
@@ -603,15 +833,29 @@ pub fn model_config_of(
             0
         }
     };
-    let (v, d, h, l, f, e, k) = (
+    let (v, d, h, l, f) = (
         int("vocab_size"),
         int("hidden_size"),
         int("num_attention_heads"),
         int("num_hidden_layers"),
         int("intermediate_size"),
-        int("num_local_experts"),
-        int("num_experts_per_tok"),
     );
+    let (e, k) = match upcycle {
+        Some(u) => (u.num_experts, u.top_k),
+        None => (int("num_local_experts"), int("num_experts_per_tok")),
+    };
+    for key in ["attention_bias", "mlp_bias"] {
+        if config_json[key].as_bool() == Some(true) {
+            problems.push(format!(
+                "`{key}: true` (Switchyard's projections have no bias)"
+            ));
+        }
+    }
+    if upcycle.is_some() && (e == 0 || k == 0 || k > e) {
+        problems.push(format!(
+            "upcycling to {e} experts with top-{k}: need 1 <= k <= experts"
+        ));
+    }
     let max_seq_len = config_json["max_position_embeddings"]
         .as_u64()
         .unwrap_or(4096) as usize;
