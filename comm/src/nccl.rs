@@ -398,22 +398,73 @@ impl Shared {
         recvs: &[(u64, usize)],
     ) -> Result<(u64, CudaEvent)> {
         self.flush_p2p()?;
-        let t = nccl_type(dtype);
         self.enqueue(op, |comm, stream| {
-            self.grouped(op, || {
-                for (j, &(p, n)) in sends.iter().enumerate().filter(|(_, s)| s.1 > 0) {
-                    // SAFETY: the caller's device buffer of `n` elements (see DeviceCollectives).
-                    unsafe { nccl::send(p as *const _, n, t, j as i32, comm, stream) }
-                        .map_err(|e| self.nccl_err("ncclSend", op, e))?;
-                }
-                for (j, &(p, n)) in recvs.iter().enumerate().filter(|(_, r)| r.1 > 0) {
-                    // SAFETY: as above.
-                    unsafe { nccl::recv(p as *mut _, n, t, j as i32, comm, stream) }
-                        .map_err(|e| self.nccl_err("ncclRecv", op, e))?;
-                }
-                Ok(())
-            })
+            // SAFETY: the caller's device buffers of the given counts (DeviceCollectives).
+            unsafe { self.launch_exchange(op, dtype, sends, recvs, comm, stream) }
         })
+    }
+
+    /// Grouped ncclSend / ncclRecv: `sends[j]` (address, elements) to rank j, `recvs[j]` from
+    /// rank j; zero counts skipped.
+    ///
+    /// # Safety
+    /// Every address holds its count of `dtype` elements on this device and stays valid
+    /// until the operation completes.
+    unsafe fn launch_exchange(
+        &self,
+        op: &str,
+        dtype: DType,
+        sends: &[(u64, usize)],
+        recvs: &[(u64, usize)],
+        comm: sys::ncclComm_t,
+        stream: sys::cudaStream_t,
+    ) -> Result<()> {
+        let t = nccl_type(dtype);
+        self.grouped(op, || {
+            for (j, &(p, n)) in sends.iter().enumerate().filter(|(_, s)| s.1 > 0) {
+                // SAFETY: see the function's contract.
+                unsafe { nccl::send(p as *const _, n, t, j as i32, comm, stream) }
+                    .map_err(|e| self.nccl_err("ncclSend", op, e))?;
+            }
+            for (j, &(p, n)) in recvs.iter().enumerate().filter(|(_, r)| r.1 > 0) {
+                // SAFETY: as above.
+                unsafe { nccl::recv(p as *mut _, n, t, j as i32, comm, stream) }
+                    .map_err(|e| self.nccl_err("ncclRecv", op, e))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// ncclAllReduce of `count` elements from `send` into `recv` (the same address: in place).
+    ///
+    /// # Safety
+    /// Both addresses hold `count` elements of `dtype` on this device, valid until the
+    /// operation completes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch_all_reduce(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        comm: sys::ncclComm_t,
+        stream: sys::cudaStream_t,
+    ) -> Result<()> {
+        // SAFETY: see the function's contract.
+        unsafe {
+            nccl::all_reduce(
+                send as *const _,
+                recv as *mut _,
+                count,
+                nccl_type(dtype),
+                nccl_op(op),
+                comm,
+                stream,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| self.nccl_err("ncclAllReduce", "all_reduce", e))
     }
 }
 
@@ -711,7 +762,6 @@ impl NcclComm {
             })
             .collect();
         let (sc, rc) = (send_counts.to_vec(), recv_counts.to_vec());
-        let t = nccl_type(dtype);
         let shared = self.shared.clone();
         self.staged(
             op,
@@ -719,19 +769,10 @@ impl NcclComm {
             &blocks,
             recv_counts,
             move |sp, rp, comm, stream| {
-                shared.grouped(op, || {
-                    for (j, &c) in sc.iter().enumerate().filter(|(_, c)| **c > 0) {
-                        // SAFETY: staging buffers of `c` elements, alive until completion.
-                        unsafe { nccl::send(sp[j] as *const _, c, t, j as i32, comm, stream) }
-                            .map_err(|e| shared.nccl_err("ncclSend", op, e))?;
-                    }
-                    for (j, &c) in rc.iter().enumerate().filter(|(_, c)| **c > 0) {
-                        // SAFETY: as above.
-                        unsafe { nccl::recv(rp[j] as *mut _, c, t, j as i32, comm, stream) }
-                            .map_err(|e| shared.nccl_err("ncclRecv", op, e))?;
-                    }
-                    Ok(())
-                })
+                let sends: Vec<(u64, usize)> = sp.iter().copied().zip(sc).collect();
+                let recvs: Vec<(u64, usize)> = rp.iter().copied().zip(rc).collect();
+                // SAFETY: staging buffers of these counts, alive until completion.
+                unsafe { shared.launch_exchange(op, dtype, &sends, &recvs, comm, stream) }
             },
             move |parts| {
                 let refs: Vec<_> = parts.iter().map(|p| (p, 0..p.len())).collect();
@@ -816,20 +857,8 @@ impl DeviceCollectives for NcclComm {
         }
         s.flush_p2p()?;
         let (seq, event) = s.enqueue("all_reduce", |comm, stream| {
-            // SAFETY: the caller's device buffer of `count` elements (trait contract).
-            unsafe {
-                nccl::all_reduce(
-                    send as *const _,
-                    recv as *mut _,
-                    count,
-                    nccl_type(dtype),
-                    nccl_op(op),
-                    comm,
-                    stream,
-                )
-            }
-            .map(|_| ())
-            .map_err(|e| s.nccl_err("ncclAllReduce", "all_reduce", e))
+            // SAFETY: the caller's device buffers of `count` elements (trait contract).
+            unsafe { s.launch_all_reduce(send, recv, count, dtype, op, comm, stream) }
         })?;
         s.await_done("all_reduce", seq, &event)
     }
@@ -996,19 +1025,7 @@ impl Communicator for NcclComm {
                     return Ok(());
                 }
                 // SAFETY: staging buffers of `n` elements each.
-                unsafe {
-                    nccl::all_reduce(
-                        sp[0] as *const _,
-                        rp[0] as *mut _,
-                        n,
-                        nccl_type(dtype),
-                        nccl_op(op),
-                        comm,
-                        stream,
-                    )
-                }
-                .map(|_| ())
-                .map_err(|e| shared.nccl_err("ncclAllReduce", "all_reduce", e))
+                unsafe { shared.launch_all_reduce(sp[0], rp[0], n, dtype, op, comm, stream) }
             },
             |mut parts| parts.swap_remove(0),
         )

@@ -404,14 +404,8 @@ fn write_all(
             let m = &mapped[i];
             let src = model[&m.source].as_f32().expect("checked above");
             let values: Vec<f32> = if m.transpose {
-                let (rows, cols) = (m.shape[1], m.shape[0]); // source is [rows, cols]
-                let mut t = vec![0f32; src.len()];
-                for r in 0..rows {
-                    for c in 0..cols {
-                        t[c * rows + r] = src[r * cols + c];
-                    }
-                }
-                t
+                // The source is the [in, out] transpose of the exported [out, in].
+                transposed(&[m.shape[1], m.shape[0]], src).1
             } else {
                 src.to_vec()
             };
@@ -937,104 +931,40 @@ fn model_config_with(
     })
 }
 
-/// The weights of the Hugging Face model in `dir` (`model.safetensors`, or the shards its
-/// index names; f32, bf16 or f16) as Switchyard tensors of `cfg`, by Switchyard name
-/// (f32, [in, out] projections).
+/// The weights of the Hugging Face Mixtral in `dir` as Switchyard tensors of `cfg`, by
+/// Switchyard name (f32, [in, out] projections).
 pub fn import_weights(dir: &Path, cfg: &ModelConfig) -> Result<Vec<NamedTensor>, ImportError> {
-    let index = dir.join("model.safetensors.index.json");
-    let files: Vec<PathBuf> = if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| read_err(&index, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| read_err(&index, e))?;
-        let mut names: Vec<String> = json["weight_map"]
-            .as_object()
-            .ok_or_else(|| read_err(&index, "no weight_map"))?
-            .values()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect();
-        names.sort();
-        names.dedup();
-        names.into_iter().map(|n| dir.join(n)).collect()
-    } else {
-        vec![dir.join("model.safetensors")]
-    };
-    let wanted: BTreeMap<String, Mapped> = mixtral_tensors(cfg)
-        .into_iter()
-        .map(|m| (m.name.clone(), m))
-        .collect();
-    let mut out: BTreeMap<String, NamedTensor> = BTreeMap::new();
-    for file in &files {
-        let bytes = std::fs::read(file).map_err(|e| read_err(file, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| read_err(file, format!("{e:?}")))?;
-        for (name, view) in st.tensors() {
-            if cfg.tie_embeddings && name == "lm_head.weight" {
-                continue;
-            }
-            let Some(m) = wanted.get(&name) else {
-                return Err(read_err(
-                    file,
-                    format!(
-                        "tensor `{name}` is not part of a {} model of this config",
-                        "Mixtral"
-                    ),
-                ));
-            };
-            if view.shape() != m.shape.as_slice() {
-                return Err(read_err(
-                    file,
-                    format!(
-                        "tensor `{name}` has shape {:?}; the config says {:?}",
-                        view.shape(),
-                        m.shape
-                    ),
-                ));
-            }
-            let data = view.data();
-            let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                Dtype::BF16 => data
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                Dtype::F16 => data
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                other => {
-                    return Err(read_err(
-                        file,
-                        format!("tensor `{name}` is {other:?}; f32, bf16 and f16 are imported"),
-                    ));
-                }
-            };
-            let (shape, values) = if m.transpose {
-                let (rows, cols) = (m.shape[0], m.shape[1]);
-                let mut t = vec![0f32; values.len()];
-                for r in 0..rows {
-                    for c in 0..cols {
-                        t[c * rows + r] = values[r * cols + c];
-                    }
-                }
-                (vec![cols, rows], t)
-            } else {
-                (m.shape.clone(), values)
-            };
-            out.insert(
-                m.source.clone(),
-                NamedTensor::f32(m.source.clone(), shape, values),
-            );
-        }
+    let mapped = mixtral_tensors(cfg);
+    let mut hf = read_hf_tensors(dir)?;
+    if cfg.tie_embeddings {
+        hf.remove("lm_head.weight");
     }
-    // The tied head is not in the table; every other tensor must have been found.
-    if let Some(missing) = wanted.values().find(|m| !out.contains_key(&m.source)) {
+    let mut out = Vec::with_capacity(mapped.len());
+    for m in &mapped {
+        let (shape, values) = hf
+            .remove(&m.name)
+            .ok_or_else(|| read_err(dir, format!("the model has no tensor `{}`", m.name)))?;
+        if shape != m.shape {
+            return Err(read_err(
+                dir,
+                format!(
+                    "tensor `{}` has shape {shape:?}; the config says {:?}",
+                    m.name, m.shape
+                ),
+            ));
+        }
+        let (shape, values) = if m.transpose {
+            transposed(&shape, &values)
+        } else {
+            (shape, values)
+        };
+        out.push(NamedTensor::f32(m.source.clone(), shape, values));
+    }
+    if let Some(name) = hf.keys().next() {
         return Err(read_err(
             dir,
-            format!("the model has no tensor `{}`", missing.name),
+            format!("tensor `{name}` is not part of a Mixtral model of this config"),
         ));
     }
-    Ok(out.into_values().collect())
+    Ok(out)
 }
