@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Trains the quickstart for 30 steps and checks its Hugging Face export with transformers
-# itself (scripts/check_hf_export.py: logits within 1e-4 in fp32, greedy tokens identical,
-# the tokenizer's ids), then imports a random Mixtral made by transformers (scripts/
-# check_hf_import.py: logits within 1e-4, f32 and bf16 weights), from the virtualenv that .ci/run sets up (this script installs nothing).
+# The Hugging Face checks of #21, with transformers itself, from the virtualenv that .ci/run
+# sets up (this script installs nothing):
+#  - three tiny models trained 10 steps, exported (scripts/check_hf_export.py: logits within
+#    1e-4 in fp32, loss equal to `switchyard eval`'s, greedy tokens identical with and
+#    without the KV cache, the tokenizer's ids): the quickstart as mixtral and qwen2_moe; a
+#    Qwen2-MoE-shaped one (grouped-query attention, q/k/v biases, two ungated shared
+#    experts, a dense layer, no top-k renormalisation) as qwen2_moe; a Qwen3-MoE-shaped one
+#    (one kv head, head_dim 48, q/k norms, all biases, a dense layer) as qwen3_moe;
+#  - a null-expert model refused by export-hf through the CLI: exit 2, the message, nothing
+#    written;
+#  - random Mixtral, Qwen2-MoE and Qwen3-MoE models made by transformers, imported, and a
+#    dense Llama upcycled (scripts/check_hf_import.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${SWITCHYARD_HF_VENV:-$HOME/.cache/switchyard/hfvenv}"
@@ -16,11 +24,46 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cargo build --release --quiet -p switchyard-launch
 bin="${CARGO_TARGET_DIR:-target}/release/switchyard"
-RUST_LOG=warn "$bin" train --config configs/quickstart.yaml --set "run.output_dir=$work/run" \
-  --set train.steps=30 --set metrics.progress=false > /dev/null
-"$venv/bin/python" scripts/check_hf_export.py --switchyard "$bin" \
-  --checkpoint "$work/run/checkpoints" --work "$work/check" 2>&1 \
-  | grep -v -e "Loading weights" -e "deprecated" -e "max_new_tokens" -e "^$"
+quiet() { grep -v -e "Loading weights" -e "deprecated" -e "max_new_tokens" -e "Writing model shards" -e "^$" || true; }
+
+check_export() { # NAME FORMATS [--set K=V ...]
+  local name="$1" formats="$2"
+  shift 2
+  local sets=(--set "run.output_dir=$work/$name" "$@")
+  RUST_LOG=warn "$bin" train --config configs/quickstart.yaml "${sets[@]}" \
+    --set train.steps=10 --set metrics.progress=false > /dev/null
+  echo "== $name, trained 10 steps, exported as $formats"
+  "$venv/bin/python" scripts/check_hf_export.py --switchyard "$bin" --config configs/quickstart.yaml \
+    "${sets[@]/#--set/--set}" --checkpoint "$work/$name/checkpoints" --formats "$formats" \
+    --work "$work/check-$name" 2>&1 | quiet
+  return "${PIPESTATUS[0]}"
+}
+check_export quickstart mixtral,qwen2_moe
+check_export qwen2-shaped qwen2_moe --set model.n_layers=3 --set model.moe.every=2 \
+  --set model.attention.kv_heads=2 --set model.attention.bias=qkv \
+  --set 'model.moe.shared_expert={count: 2, ffn_dim: 32, gate: false}' \
+  --set 'model.moe.router={type: top_k_softmax, normalize_weights: false}'
+check_export qwen3-shaped qwen3_moe --set model.n_layers=3 --set model.moe.every=2 \
+  --set model.attention.kv_heads=1 --set model.attention.head_dim=48 \
+  --set model.attention.bias=all --set model.attention.qk_norm=true
+
+echo "== a null-expert model refused by export-hf"
+RUST_LOG=warn "$bin" train --config configs/quickstart.yaml --set "run.output_dir=$work/null" \
+  --set 'model.moe.router={type: null_experts, num_null: 2}' --set train.steps=2 \
+  --set metrics.progress=false > /dev/null
+status=0
+"$bin" export-hf --checkpoint "$work/null/checkpoints" --format mixtral --out "$work/null-hf" \
+  2> "$work/refusal.txt" || status=$?
+cat "$work/refusal.txt"
+if [ "$status" -ne 2 ] || ! grep -q "null experts" "$work/refusal.txt" || [ -e "$work/null-hf" ] \
+  || compgen -G "$work/.null-hf*" > /dev/null; then
+  echo "FAIL: export-hf of a null-expert model: exit $status (want 2), message above, output" \
+    "$(ls -d "$work"/null-hf "$work"/.null-hf* 2>/dev/null || echo absent)" >&2
+  exit 1
+fi
+echo "refused with exit 2, nothing written"
+
+echo "== imports and upcycling"
 "$venv/bin/python" scripts/check_hf_import.py --switchyard "$bin" \
-  --tokenizer "$work/check/mixtral-fp32/tokenizer.json" --work "$work/import" 2>&1 \
-  | grep -v -e "Writing model shards" -e "Loading weights" -e "deprecated" -e "^$"
+  --tokenizer "$work/check-quickstart/mixtral-fp32/tokenizer.json" --work "$work/import" 2>&1 | quiet
+exit "${PIPESTATUS[0]}"

@@ -405,7 +405,7 @@ fn mpi_train(
     )
 }
 
-pub fn eval(cfg: &Config, checkpoint: &str) -> Result<()> {
+pub fn eval(cfg: &Config, checkpoint: &str, tokens_out: Option<&Path>) -> Result<()> {
     setup_threads(cfg.run.threads)?;
     let corpus = load_data(cfg)?;
     let device = cfg.device.resolve(0)?;
@@ -426,9 +426,21 @@ pub fn eval(cfg: &Config, checkpoint: &str) -> Result<()> {
     }
     let report = trainer.evaluate()?;
     println!(
-        "valid loss {:.4} nats/token, perplexity {:.3} over {} tokens",
+        "valid loss {:.6} nats/token, perplexity {:.4} over {} tokens",
         report.loss, report.perplexity, report.tokens
     );
+    if let Some(path) = tokens_out {
+        // Every evaluated window (inputs and the next-token targets), one row each.
+        let width = cfg.data.seq_len + 1;
+        let tokens: Vec<i64> = trainer
+            .valid
+            .iter()
+            .flat_map(|b| b.tokens.iter().copied())
+            .collect();
+        let data = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        write_npy(path, "<i8", &[tokens.len() / width, width], data)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 
@@ -534,9 +546,15 @@ pub fn generate(
 
 /// A little-endian f32 array as a NumPy `.npy` file (format 1.0).
 fn write_npy_f32(path: &Path, shape: &[usize], values: &[f32]) -> std::io::Result<()> {
+    let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_npy(path, "<f4", shape, data)
+}
+
+/// A little-endian array (`descr`: NumPy's type code) as a `.npy` file (format 1.0).
+fn write_npy(path: &Path, descr: &str, shape: &[usize], data: Vec<u8>) -> std::io::Result<()> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+        "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}",
         dims.join(", ")
     );
     // Magic (6) + version (2) + length (2) + header, padded with spaces to a multiple of 64,
@@ -545,13 +563,11 @@ fn write_npy_f32(path: &Path, shape: &[usize], values: &[f32]) -> std::io::Resul
         header.push(' ');
     }
     header.push('\n');
-    let mut bytes = Vec::with_capacity(10 + header.len() + values.len() * 4);
+    let mut bytes = Vec::with_capacity(10 + header.len() + data.len());
     bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
     bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
     bytes.extend_from_slice(header.as_bytes());
-    values
-        .iter()
-        .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    bytes.extend(data);
     std::fs::write(path, bytes)
 }
 
@@ -595,7 +611,7 @@ pub fn export_hf(
     let problems = hf::unsupported(&cfg.model, format);
     if !problems.is_empty() {
         return Err(hf::ExportError::Unsupported {
-            format: "mixtral",
+            format: format.name(),
             problems,
         }
         .into());
@@ -628,7 +644,7 @@ pub fn export_hf(
     Ok(())
 }
 
-/// `switchyard import-hf`: a Hugging Face Mixtral model as a Switchyard checkpoint
+/// `switchyard import-hf`: a Hugging Face Mixtral / Qwen-MoE model (or an upcycled Llama) as a Switchyard checkpoint
 /// (`OUT/checkpoints/step-00000000`), the config it implies (`OUT/config.yaml`: the model,
 /// its tokenizer; data and optimizer to adapt) and its tokenizer (`OUT/tokenizer.json`).
 pub fn import_hf(
@@ -656,7 +672,12 @@ pub fn import_hf(
     }
     let tensors = match upcycle {
         Some(u) => hf::upcycle_weights(model_dir, &model_cfg, u)?,
-        None => hf::import_weights(model_dir, &model_cfg)?,
+        None => {
+            let format =
+                hf::HfFormat::of_model_type(config_json["model_type"].as_str().unwrap_or(""))
+                    .expect("model_config_of accepted the model type");
+            hf::import_weights(model_dir, &model_cfg, format)?
+        }
     };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let out = out

@@ -49,6 +49,21 @@ struct ConfigArgs {
 enum HfFormatArg {
     /// MixtralForCausalLM.
     Mixtral,
+    /// Qwen2MoeForCausalLM (gated shared expert, q/k/v biases, dense layers).
+    #[value(name = "qwen2_moe")]
+    Qwen2Moe,
+    /// Qwen3MoeForCausalLM (per-head q/k norms, dense layers).
+    #[value(name = "qwen3_moe")]
+    Qwen3Moe,
+}
+
+/// `import-hf --upcycle-split`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum UpcycleSplitArg {
+    /// Every expert a copy of the dense MLP, behind a freshly drawn router.
+    Copy,
+    /// Expert x keeps the x-th 1/N slice of the MLP's hidden units, behind a zero router.
+    Partition,
 }
 
 /// `export-hf --dtype`.
@@ -83,6 +98,10 @@ enum Command {
         /// `auto` (newest complete checkpoint) or a checkpoint directory.
         #[arg(long, default_value = "auto")]
         checkpoint: String,
+        /// Also write the evaluated token windows as an int64 `.npy` array [N, seq_len + 1]
+        /// (inputs, then the next-token targets), to check the loss elsewhere.
+        #[arg(long)]
+        tokens_out: Option<PathBuf>,
     },
     /// Generate text from a checkpoint (its config and the run's tokenizer come with it),
     /// streaming tokens to stdout; deterministic at a seed.
@@ -133,7 +152,8 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         shard_size_mib: usize,
     },
-    /// Import a Hugging Face Mixtral model (safetensors: sharded or not; f32, bf16 or f16)
+    /// Import a Hugging Face Mixtral, Qwen2-MoE or Qwen3-MoE model (safetensors: sharded or
+    /// not; f32, bf16 or f16)
     /// as a Switchyard checkpoint, with the config it implies and its tokenizer.
     ImportHf {
         /// The Hugging Face model directory (config.json, safetensors, tokenizer.json).
@@ -142,8 +162,8 @@ enum Command {
         /// A new (absent or empty) directory.
         #[arg(long)]
         out: PathBuf,
-        /// Upcycle a dense Llama model into an MoE of N experts, each a copy of the dense
-        /// MLP, behind a freshly drawn router (Sparse Upcycling).
+        /// Upcycle a dense Llama model into an MoE of N experts made from its MLP (Sparse
+        /// Upcycling; see --upcycle-split).
         #[arg(long, requires = "upcycle_top_k")]
         upcycle_experts: Option<usize>,
         /// Experts per token of the upcycled MoE.
@@ -155,6 +175,9 @@ enum Command {
         /// Seed of the router draw and the noise.
         #[arg(long, default_value_t = 0, requires = "upcycle_experts")]
         upcycle_seed: u64,
+        /// How the dense MLP becomes experts.
+        #[arg(long, value_enum, default_value_t = UpcycleSplitArg::Copy, requires = "upcycle_experts")]
+        upcycle_split: UpcycleSplitArg,
     },
     /// Tokenize text or JSONL files into a Megatron-LM indexed dataset (PREFIX.bin/.idx).
     PrepareData(PrepareArgs),
@@ -281,6 +304,18 @@ fn main() -> ExitCode {
                 eprintln!("error: invalid config\n{config_err}");
                 return ExitCode::from(config_err.exit_code() as u8);
             }
+            // A model the chosen Hugging Face format cannot hold (or the reverse): a usage
+            // error like a bad config, not a failure of the run.
+            if matches!(
+                err.downcast_ref::<switchyard_trainer::hf::ExportError>(),
+                Some(switchyard_trainer::hf::ExportError::Unsupported { .. })
+            ) || matches!(
+                err.downcast_ref::<switchyard_trainer::hf::ImportError>(),
+                Some(switchyard_trainer::hf::ImportError::Unsupported { .. })
+            ) {
+                eprintln!("error: {}", error_chain(&err));
+                return ExitCode::from(2);
+            }
             if let Some(preempted) = err.downcast_ref::<commands::Preempted>() {
                 eprintln!("{preempted}");
                 return ExitCode::from(switchyard_trainer::EXIT_PREEMPTED);
@@ -351,9 +386,13 @@ fn run(command: Command) -> Result<()> {
                 stop,
             )
         }
-        Command::Eval { config, checkpoint } => {
+        Command::Eval {
+            config,
+            checkpoint,
+            tokens_out,
+        } => {
             let cfg = load(&config)?;
-            commands::eval(&cfg, &checkpoint)
+            commands::eval(&cfg, &checkpoint, tokens_out.as_deref())
         }
         Command::Generate {
             checkpoint,
@@ -388,6 +427,8 @@ fn run(command: Command) -> Result<()> {
             &checkpoint,
             match format {
                 HfFormatArg::Mixtral => switchyard_trainer::hf::HfFormat::Mixtral,
+                HfFormatArg::Qwen2Moe => switchyard_trainer::hf::HfFormat::Qwen2Moe,
+                HfFormatArg::Qwen3Moe => switchyard_trainer::hf::HfFormat::Qwen3Moe,
             },
             match dtype {
                 HfDtypeArg::Fp32 => switchyard_trainer::hf::HfDtype::F32,
@@ -403,6 +444,7 @@ fn run(command: Command) -> Result<()> {
             upcycle_top_k,
             upcycle_noise,
             upcycle_seed,
+            upcycle_split,
         } => {
             let upcycle = upcycle_experts
                 .zip(upcycle_top_k)
@@ -411,6 +453,12 @@ fn run(command: Command) -> Result<()> {
                     top_k,
                     noise_std: upcycle_noise,
                     seed: upcycle_seed,
+                    split: match upcycle_split {
+                        UpcycleSplitArg::Copy => switchyard_trainer::hf::UpcycleSplit::Copy,
+                        UpcycleSplitArg::Partition => {
+                            switchyard_trainer::hf::UpcycleSplit::Partition
+                        }
+                    },
                 });
             commands::import_hf(&model, &out, upcycle.as_ref())
         }

@@ -31,7 +31,44 @@ pub struct ModelConfig {
     /// Standard deviation of the normal initialisation of every weight matrix.
     #[serde(default = "default_init_std")]
     pub init_std: f64,
+    /// Attention variants (grouped-query heads, head size, biases, q/k norm); the defaults
+    /// are plain multi-head attention without biases.
+    #[serde(default)]
+    pub attention: AttentionConfig,
     pub moe: MoeConfig,
+}
+
+/// How the attention block's projections are shaped. Every default keeps plain multi-head
+/// attention (H heads of d_model / H, no biases, no q/k norm).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionConfig {
+    /// Key/value heads (grouped-query attention: each serves n_heads / kv_heads query
+    /// heads); default n_heads.
+    #[serde(default)]
+    pub kv_heads: Option<usize>,
+    /// Size of each head; default d_model / n_heads (Qwen3 uses 128 at any width).
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// Which projections carry a bias.
+    #[serde(default)]
+    pub bias: AttentionBias,
+    /// RMSNorm over each head of q and k before RoPE (Qwen3), with the model's norm_eps.
+    #[serde(default)]
+    pub qk_norm: bool,
+}
+
+/// Biases of the attention projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionBias {
+    /// No bias (Llama, Mixtral).
+    #[default]
+    None,
+    /// q, k and v carry biases, the output projection none (Qwen2, Qwen2-MoE).
+    Qkv,
+    /// q, k, v and the output projection (Qwen3's `attention_bias: true`).
+    All,
 }
 
 /// The mixture-of-experts feed-forward blocks.
@@ -203,6 +240,10 @@ pub struct SharedExpertConfig {
     pub count: usize,
     /// Hidden size of each shared expert.
     pub ffn_dim: usize,
+    /// Scale the shared experts' sum by a learned per-token gate, sigmoid(x @ w) with
+    /// w: [d_model, 1] (Qwen2-MoE's `shared_expert_gate`).
+    #[serde(default)]
+    pub gate: bool,
 }
 
 fn default_rope_theta() -> f64 {
@@ -259,12 +300,33 @@ impl ModelConfig {
             "max_seq_len",
             "must be positive".into(),
         );
-        if self.n_heads > 0 {
+        let explicit_head_dim = self.attention.head_dim.is_some();
+        if let Some(head_dim) = self.attention.head_dim {
+            check(
+                head_dim > 0 && head_dim.is_multiple_of(2),
+                "attention.head_dim",
+                format!("must be a positive even number (rotary positions), got {head_dim}"),
+            );
+        }
+        if let Some(kv) = self.attention.kv_heads {
+            check(
+                kv > 0 && self.n_heads.is_multiple_of(kv.max(1)),
+                "attention.kv_heads",
+                format!(
+                    "must divide n_heads ({}) so each key/value head serves a whole group of \
+                     query heads, got {kv}; try {}",
+                    self.n_heads,
+                    largest_divisor_at_most(self.n_heads, kv.max(1))
+                ),
+            );
+        }
+        if self.n_heads > 0 && !explicit_head_dim {
             check(
                 self.d_model.is_multiple_of(self.n_heads),
                 "n_heads",
                 format!(
-                    "d_model ({}) must be divisible by n_heads ({}); try n_heads = {}",
+                    "d_model ({}) must be divisible by n_heads ({}); try n_heads = {}, or set \
+                     attention.head_dim",
                     self.d_model,
                     self.n_heads,
                     largest_divisor_at_most(self.d_model, self.n_heads)
@@ -300,8 +362,16 @@ impl ModelConfig {
         issues
     }
 
+    /// Size of each attention head.
     pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads
+        self.attention
+            .head_dim
+            .unwrap_or(self.d_model / self.n_heads.max(1))
+    }
+
+    /// Key/value heads (n_heads without grouped-query attention).
+    pub fn kv_heads(&self) -> usize {
+        self.attention.kv_heads.unwrap_or(self.n_heads)
     }
 
     /// Whether layer `layer` (0-based) carries an MoE block.

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::config::{CapacityConfig, MoeConfig, RouterConfig, SlotKind};
@@ -113,6 +113,8 @@ pub struct MoeLayer {
     pub constants: Vec<ConstantExpert>,
     /// Always-on shared experts.
     pub shared: Vec<SwiGlu>,
+    /// [D, 1]: the shared experts' per-token gate, sigmoid(x @ w) (`shared_expert.gate`).
+    pub shared_gate: Option<Param<Tensor<2>>>,
     #[module(skip)]
     dispatcher: Arc<dyn TokenDispatcher>,
     /// Sums the batch statistics of the auxiliary losses over the processes that share the
@@ -148,6 +150,11 @@ impl MoeLayer {
                     .collect()
             })
             .unwrap_or_default();
+        let shared_gate = cfg
+            .shared_expert
+            .as_ref()
+            .filter(|s| s.gate)
+            .map(|_| init.normal([d_model, 1]));
         let tau = match cfg.router {
             RouterConfig::MoePlusPlus { tau, .. } => Some(tau),
             _ => None,
@@ -157,6 +164,7 @@ impl MoeLayer {
             experts,
             constants,
             shared,
+            shared_gate,
             dispatcher: Arc::new(LocalDispatcher),
             reducer: Arc::new(LocalReducer),
             capacity: cfg.capacity,
@@ -320,8 +328,18 @@ impl MoeLayer {
         );
         let (mut y_td, expert_flops) = routed(self, x_td.clone(), &routing, &kept);
         y_td = y_td + self.extra_experts(x_td.clone(), &routing, &kept);
-        for shared in &self.shared {
-            y_td = y_td + shared.forward(x_td.clone());
+        if let Some(shared_td) = self
+            .shared
+            .iter()
+            .map(|shared| shared.forward(x_td.clone()))
+            .reduce(|a, b| a + b)
+        {
+            y_td = y_td
+                + match &self.shared_gate {
+                    // [T, 1] broadcast over D.
+                    Some(w_d1) => sigmoid(x_td.clone().matmul(w_d1.val())) * shared_td,
+                    None => shared_td,
+                };
         }
         // Global slot counts and token count (identity in one process), then this
         // process's shares of the global-batch auxiliary losses.

@@ -1,10 +1,12 @@
 //! Decoder-only MoE transformer, single-device code.
 //!
 //! Pre-norm blocks: `x + attn(norm(x))`, then `x + ffn(norm(x))` where the feed-forward is
-//! an MoE layer or a dense SwiGLU. Rotary positions, causal multi-head attention,
-//! optional weight tying between the embedding and the LM head.
+//! an MoE layer or a dense SwiGLU. Rotary positions, causal multi-head attention (optionally
+//! grouped-query, with biases and per-head q/k norms: `model.attention`), optional weight
+//! tying between the embedding and the LM head.
 //!
-//! Shape legend: B batch, S sequence, D model dim, H heads, Dh head dim (D / H), V vocab.
+//! Shape legend: B batch, S sequence, D model dim, H query heads, KV key/value heads,
+//! Dh head dim (D / H unless set), V vocab.
 
 use std::sync::Arc;
 
@@ -13,7 +15,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::attention::{AttentionImpl, DenseAttention, cached_causal_attention};
-use crate::config::{ModelConfig, RouterConfig};
+use crate::config::{AttentionBias, ModelConfig, RouterConfig};
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
 use crate::layer::{MoeLayer, MoeStats};
@@ -139,13 +141,26 @@ pub fn merge_heads(y_bhsd: Tensor<4>) -> Tensor<3> {
 
 #[derive(Module, Debug)]
 pub struct Attention {
-    /// [D, D] each
+    /// [D, H·Dh]
     pub wq: Param<Tensor<2>>,
+    /// [D, KV·Dh] each
     pub wk: Param<Tensor<2>>,
     pub wv: Param<Tensor<2>>,
+    /// [H·Dh, D]
     pub wo: Param<Tensor<2>>,
+    /// [H·Dh], [KV·Dh], [KV·Dh]: present with `attention.bias: qkv | all`.
+    pub bq: Option<Param<Tensor<1>>>,
+    pub bk: Option<Param<Tensor<1>>>,
+    pub bv: Option<Param<Tensor<1>>>,
+    /// [D]: present with `attention.bias: all`.
+    pub bo: Option<Param<Tensor<1>>>,
+    /// Per-head RMSNorms of q and k over Dh, before RoPE (`attention.qk_norm`).
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     #[module(skip)]
     n_heads: usize,
+    #[module(skip)]
+    kv_heads: usize,
     #[module(skip)]
     rope: Rope,
 }
@@ -153,18 +168,93 @@ pub struct Attention {
 impl Attention {
     fn new(cfg: &ModelConfig, init: &mut Initializer) -> Self {
         let d = cfg.d_model;
+        let (h, kv, dh) = (cfg.n_heads, cfg.kv_heads(), cfg.head_dim());
         let out_std = init.std / (2.0 * cfg.n_layers as f64).sqrt();
+        // Drawn in this order whatever the options, so the default model's weights do not
+        // change; biases start at zero and the q/k norms at one (no draws).
+        let (wq, wk, wv) = (
+            init.normal([d, h * dh]),
+            init.normal([d, kv * dh]),
+            init.normal([d, kv * dh]),
+        );
+        let wo = init.normal_with_std([h * dh, d], out_std);
+        let zeros = |n: usize| Param::from_tensor(Tensor::zeros([n], &wq.val().device()));
+        let (qkv_bias, out_bias) = match cfg.attention.bias {
+            AttentionBias::None => (false, false),
+            AttentionBias::Qkv => (true, false),
+            AttentionBias::All => (true, true),
+        };
+        let qk_norm = cfg.attention.qk_norm;
         Self {
-            wq: init.normal([d, d]),
-            wk: init.normal([d, d]),
-            wv: init.normal([d, d]),
-            wo: init.normal_with_std([d, d], out_std),
-            n_heads: cfg.n_heads,
+            bq: qkv_bias.then(|| zeros(h * dh)),
+            bk: qkv_bias.then(|| zeros(kv * dh)),
+            bv: qkv_bias.then(|| zeros(kv * dh)),
+            bo: out_bias.then(|| zeros(d)),
+            q_norm: qk_norm.then(|| RmsNorm::new(dh, cfg.norm_eps, init)),
+            k_norm: qk_norm.then(|| RmsNorm::new(dh, cfg.norm_eps, init)),
+            wq,
+            wk,
+            wv,
+            wo,
+            n_heads: h,
+            kv_heads: kv,
             rope: Rope {
                 theta: cfg.rope_theta,
-                head_dim: cfg.head_dim(),
+                head_dim: dh,
             },
         }
+    }
+
+    /// q [B, H, S, Dh], k and v [B, KV, S, Dh] of x [B, S, D], q and k normed (when
+    /// `qk_norm`) and rotated to `positions`.
+    fn qkv(&self, x_bsd: Tensor<3>, positions: &[usize]) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let tables = self.rope.tables(positions);
+        let projected = |w: &Param<Tensor<2>>, b: &Option<Param<Tensor<1>>>| {
+            let y_bso = project(x_bsd.clone(), w.val());
+            match b {
+                Some(b) => y_bso + b.val().unsqueeze::<3>(),
+                None => y_bso,
+            }
+        };
+        let rotated = |y_bso: Tensor<3>, heads: usize, norm: &Option<RmsNorm>| match norm {
+            // Qwen3: normalise each head, then rotate (burn ops; the fused split rotates
+            // before any norm could run).
+            Some(norm) => {
+                let y_bhsd = split_heads(y_bso, heads, None);
+                let [b, h, s, dh] = y_bhsd.dims();
+                let normed = norm.forward(y_bhsd.reshape([b * h, s, dh]));
+                apply_rope(normed.reshape([b, h, s, dh]), &tables)
+            }
+            None => split_heads(y_bso, heads, Some(&tables)),
+        };
+        let q_bhsd = rotated(projected(&self.wq, &self.bq), self.n_heads, &self.q_norm);
+        let k_bksd = rotated(projected(&self.wk, &self.bk), self.kv_heads, &self.k_norm);
+        let v_bksd = split_heads(projected(&self.wv, &self.bv), self.kv_heads, None);
+        (q_bhsd, k_bksd, v_bksd)
+    }
+
+    /// [B, H·Dh] heads merged -> [B, S, D] through the output projection.
+    fn output(&self, out_bhsd: Tensor<4>) -> Tensor<3> {
+        let y_bsd = project(merge_heads(out_bhsd), self.wo.val());
+        match &self.bo {
+            Some(b) => y_bsd + b.val().unsqueeze::<3>(),
+            None => y_bsd,
+        }
+    }
+
+    /// Grouped-query attention: each of the KV heads serves H / KV consecutive query heads
+    /// (query head i reads key/value head i / (H / KV), as `transformers`' `repeat_kv`).
+    /// [B, KV, S, Dh] -> [B, H, S, Dh].
+    fn repeat_kv(&self, x_bksd: Tensor<4>) -> Tensor<4> {
+        let group = self.n_heads / self.kv_heads;
+        if group == 1 {
+            return x_bksd;
+        }
+        let [b, kv, s, dh] = x_bksd.dims();
+        x_bksd
+            .unsqueeze_dim::<5>(2)
+            .expand([b, kv, group, s, dh])
+            .reshape([b, kv * group, s, dh])
     }
 
     /// x: [B, S, D] -> [B, S, D], causal. `positions`: global position of each of the S
@@ -175,46 +265,39 @@ impl Attention {
         positions: &[usize],
         attention: &dyn AttentionImpl,
     ) -> Tensor<3> {
-        let h = self.n_heads;
-        let tables = self.rope.tables(positions);
-        let heads =
-            |w: &Param<Tensor<2>>, rope| split_heads(project(x_bsd.clone(), w.val()), h, rope);
-        let q_bhsd = heads(&self.wq, Some(&tables));
-        let k_bhsd = heads(&self.wk, Some(&tables));
-        let v_bhsd = heads(&self.wv, None);
-        let out_bhsd = attention.attend(q_bhsd, k_bhsd, v_bhsd);
-        project(merge_heads(out_bhsd), self.wo.val())
+        let (q_bhsd, k_bksd, v_bksd) = self.qkv(x_bsd, positions);
+        let out_bhsd = attention.attend(q_bhsd, self.repeat_kv(k_bksd), self.repeat_kv(v_bksd));
+        self.output(out_bhsd)
     }
 }
 
 impl Attention {
     /// The T new tokens at positions `P..P + T` (P: what `cache` already holds): q, k, v of
-    /// the new tokens, k and v appended to `cache` ([B, H, P + T, Dh] afterwards), causal
+    /// the new tokens, k and v appended to `cache` ([B, KV, P + T, Dh] afterwards), causal
     /// attention over everything so far. x: [B, T, D] -> [B, T, D].
     fn forward_cached(&self, x_btd: Tensor<3>, offset: usize, cache: &mut LayerCache) -> Tensor<3> {
         let [_, t, _] = x_btd.dims();
-        let h = self.n_heads;
         let positions: Vec<usize> = (offset..offset + t).collect();
-        let tables = self.rope.tables(&positions);
-        let heads =
-            |w: &Param<Tensor<2>>, rope| split_heads(project(x_btd.clone(), w.val()), h, rope);
-        let q_bhtd = heads(&self.wq, Some(&tables));
-        let k_new = heads(&self.wk, Some(&tables));
-        let v_new = heads(&self.wv, None);
-        let (k_bhkd, v_bhkd) = match cache.take() {
+        let (q_bhtd, k_new, v_new) = self.qkv(x_btd, &positions);
+        let (k_bkpd, v_bkpd) = match cache.take() {
             Some((k, v)) => (
                 Tensor::cat(vec![k, k_new], 2),
                 Tensor::cat(vec![v, v_new], 2),
             ),
             None => (k_new, v_new),
         };
-        *cache = Some((k_bhkd.clone(), v_bhkd.clone()));
-        let out_bhtd = cached_causal_attention(q_bhtd, k_bhkd, v_bhkd, offset);
-        project(merge_heads(out_bhtd), self.wo.val())
+        *cache = Some((k_bkpd.clone(), v_bkpd.clone()));
+        let out_bhtd = cached_causal_attention(
+            q_bhtd,
+            self.repeat_kv(k_bkpd),
+            self.repeat_kv(v_bkpd),
+            offset,
+        );
+        self.output(out_bhtd)
     }
 }
 
-/// One layer's cached keys (after RoPE) and values: [B, H, P, Dh] each.
+/// One layer's cached keys (after RoPE) and values: [B, KV, P, Dh] each.
 type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
 
 /// The keys and values of every token seen so far, per layer: incremental decoding feeds
@@ -501,9 +584,11 @@ pub fn cross_entropy_reference(logits_bsv: Tensor<3>, targets_bs: Tensor<2, Int>
 /// capacity dropping). Callers count backward as twice the forward.
 pub fn forward_flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
     let (d, v) = (cfg.d_model as f64, cfg.vocab_size as f64);
-    let attn_proj = 4.0 * 2.0 * d * d;
+    let q_width = (cfg.n_heads * cfg.head_dim()) as f64;
+    let kv_width = (cfg.kv_heads() * cfg.head_dim()) as f64;
+    let attn_proj = 2.0 * d * (2.0 * q_width + 2.0 * kv_width);
     // q k^T and (softmax) v over the full sequence; a causal kernel could skip half.
-    let attn_scores = 2.0 * 2.0 * seq_len as f64 * d;
+    let attn_scores = 2.0 * 2.0 * seq_len as f64 * q_width;
     let mut total = 2.0 * d * v; // LM head
     for layer in 0..cfg.n_layers {
         total += attn_proj + attn_scores;

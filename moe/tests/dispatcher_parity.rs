@@ -31,6 +31,7 @@ fn moe_cfg(capacity: CapacityConfig, shared: bool, normalize: bool) -> MoeConfig
         shared_expert: shared.then_some(SharedExpertConfig {
             count: 1,
             ffn_dim: 16,
+            gate: false,
         }),
         load_balance_coef: 0.01,
         z_loss_coef: 0.001,
@@ -246,6 +247,7 @@ fn whole_model_check(router: RouterConfig) {
         norm_eps: 1e-5,
         tie_embeddings: false,
         init_std: 0.1,
+        attention: Default::default(),
         moe: MoeConfig {
             every: 2,
             router,

@@ -26,6 +26,7 @@ fn model_cfg(router: RouterConfig, every: usize, tie: bool) -> ModelConfig {
         norm_eps: 1e-5,
         tie_embeddings: tie,
         init_std: 0.1,
+        attention: Default::default(),
         moe: MoeConfig {
             every,
             num_experts: 4,
@@ -131,5 +132,64 @@ fn incremental_decoding_reproduces_the_full_forward_for_every_router() {
             assert!(rel < 1e-5, "{name} every={every}: token by token: {rel:e}");
             println!("{name}, MoE every {every} layers, tied {tie}: token by token within {rel:e}");
         }
+    }
+}
+
+/// The attention variants the Hugging Face formats need (grouped-query heads, a head size
+/// that is not d_model / n_heads, biases, per-head q/k norms) and Qwen2-MoE's gated shared
+/// expert: the cache holds KV heads, not H, and still reproduces the full forward.
+#[test]
+fn incremental_decoding_reproduces_the_full_forward_for_every_attention_variant() {
+    use switchyard_moe::config::{AttentionBias, AttentionConfig, SharedExpertConfig};
+    let device = Device::flex();
+    let variants = [
+        (
+            "grouped-query, 2 kv heads",
+            Some(2),
+            None,
+            AttentionBias::None,
+            false,
+        ),
+        (
+            "one kv head, head_dim 6",
+            Some(1),
+            Some(6),
+            AttentionBias::Qkv,
+            false,
+        ),
+        (
+            "q/k norm, all biases",
+            None,
+            Some(8),
+            AttentionBias::All,
+            true,
+        ),
+    ];
+    for (name, kv_heads, head_dim, bias, qk_norm) in variants {
+        let mut cfg = model_cfg(RouterConfig::default(), 2, false);
+        cfg.attention = AttentionConfig {
+            kv_heads,
+            head_dim,
+            bias,
+            qk_norm,
+        };
+        cfg.moe.shared_expert = Some(SharedExpertConfig {
+            count: 1,
+            ffn_dim: 8,
+            gate: true,
+        });
+        assert!(cfg.validate().is_empty(), "{name}: {:?}", cfg.validate());
+        let model = Transformer::new(&cfg, 5, &device);
+        let tokens_bs = tokens(&device);
+        let full = values(model.forward(tokens_bs.clone()).logits);
+        let mut cache = KvCache::default();
+        let mut steps =
+            vec![model.forward_cached(tokens_bs.clone().slice([0..B, 0..3]), &mut cache)];
+        for s in 3..S {
+            steps.push(model.forward_cached(tokens_bs.clone().slice([0..B, s..s + 1]), &mut cache));
+        }
+        let rel = max_rel(&values(Tensor::cat(steps, 1)), &full);
+        assert!(rel < 1e-5, "{name}: token by token: {rel:e}");
+        println!("{name}: token by token within {rel:e}");
     }
 }

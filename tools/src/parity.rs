@@ -105,6 +105,7 @@ pub fn model_cfg(router: RouterConfig, top_k: usize) -> ModelConfig {
         norm_eps: 1e-5,
         tie_embeddings: false,
         init_std: 0.2,
+        attention: Default::default(),
         moe: MoeConfig {
             every: 1,
             num_experts: 4,

@@ -1,7 +1,9 @@
 //! Hugging Face export: a checkpoint's weights (saved at any layout: experts are stored by
 //! global id) as what `transformers.AutoModelForCausalLM.from_pretrained` loads —
 //! `config.json`, sharded `model-0000N-of-0000M.safetensors` with their index, the
-//! tokenizer files and `generation_config.json`, in f32 or bf16. Formats: Mixtral.
+//! tokenizer files and `generation_config.json`, in f32 or bf16. Formats: Mixtral,
+//! Qwen2-MoE, Qwen3-MoE; and the way back (`import_weights`), plus sparse upcycling of a
+//! dense Llama (`upcycle_weights`).
 //!
 //! Switchyard stores projections as [in, out] (`x @ W`); Hugging Face's `nn.Linear`
 //! weights are [out, in], so every projection is transposed on the way out. Both use
@@ -16,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
-use switchyard_moe::config::{CapacityConfig, ModelConfig, RouterConfig};
+use switchyard_moe::config::{AttentionBias, CapacityConfig, ModelConfig, RouterConfig};
 
 use crate::checkpoint::NamedTensor;
 use crate::data::Tokenizer;
@@ -25,6 +27,34 @@ use crate::data::Tokenizer;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HfFormat {
     Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
+}
+
+impl HfFormat {
+    /// The name on the command line and in `config.json`'s `model_type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            HfFormat::Mixtral => "mixtral",
+            HfFormat::Qwen2Moe => "qwen2_moe",
+            HfFormat::Qwen3Moe => "qwen3_moe",
+        }
+    }
+
+    fn architecture(self) -> &'static str {
+        match self {
+            HfFormat::Mixtral => "MixtralForCausalLM",
+            HfFormat::Qwen2Moe => "Qwen2MoeForCausalLM",
+            HfFormat::Qwen3Moe => "Qwen3MoeForCausalLM",
+        }
+    }
+
+    /// The format of a `config.json`'s `model_type`.
+    pub fn of_model_type(model_type: &str) -> Option<Self> {
+        [HfFormat::Mixtral, HfFormat::Qwen2Moe, HfFormat::Qwen3Moe]
+            .into_iter()
+            .find(|f| f.name() == model_type)
+    }
 }
 
 /// The element type of the exported weights.
@@ -71,7 +101,7 @@ pub enum ExportError {
 /// What the model has that `format` cannot express, named with the formats that could
 /// hold it (empty: exportable).
 pub fn unsupported(cfg: &ModelConfig, format: HfFormat) -> Vec<String> {
-    let HfFormat::Mixtral = format;
+    use HfFormat::*;
     let moe = &cfg.moe;
     let mut out = Vec::new();
     match &moe.router {
@@ -80,11 +110,16 @@ pub fn unsupported(cfg: &ModelConfig, format: HfFormat) -> Vec<String> {
         } => {}
         RouterConfig::TopKSoftmax {
             normalize_weights: false,
-        } => out.push(
-            "top-k weights without renormalisation (`normalize_weights: false`; Mixtral \
-             always renormalises; Qwen-MoE's `norm_topk_prob: false` is planned)"
-                .into(),
-        ),
+        } => {
+            if format == Mixtral {
+                out.push(
+                    "top-k weights without renormalisation (`normalize_weights: false`; \
+                     Mixtral always renormalises; qwen2_moe and qwen3_moe hold it as \
+                     `norm_topk_prob: false`)"
+                        .into(),
+                )
+            }
+        }
         RouterConfig::NullExperts { .. } => {
             out.push("null experts (AdaMoE); no Hugging Face format has them".into())
         }
@@ -95,15 +130,18 @@ pub fn unsupported(cfg: &ModelConfig, format: HfFormat) -> Vec<String> {
             out.push("a recurrent (GRU) router (RMoE); no Hugging Face format has one".into())
         }
     }
-    if moe.every != 1 {
+    if moe.every != 1 && format == Mixtral {
         out.push(format!(
             "dense layers between MoE layers (`model.moe.every: {}`; Mixtral has MoE in every \
-             layer)",
+             layer; qwen2_moe and qwen3_moe hold them as `mlp_only_layers`)",
             moe.every
         ));
     }
-    if moe.shared_expert.is_some() {
-        out.push("shared experts (Qwen2-MoE's gated shared expert is planned)".into());
+    if moe.shared_expert.is_some() && format != Qwen2Moe {
+        out.push(format!(
+            "shared experts ({} has none; qwen2_moe holds them as its gated shared expert)",
+            format.name()
+        ));
     }
     if let CapacityConfig::Drop { factor } = moe.capacity {
         out.push(format!(
@@ -111,36 +149,85 @@ pub fn unsupported(cfg: &ModelConfig, format: HfFormat) -> Vec<String> {
              models route every token, so their logits would differ"
         ));
     }
-    if !cfg.d_model.is_multiple_of(cfg.n_heads) {
-        out.push("a model dimension not divisible by the head count".into());
+    match (cfg.attention.bias, format) {
+        (AttentionBias::None, _)
+        | (AttentionBias::Qkv, Qwen2Moe)
+        | (AttentionBias::All, Qwen3Moe) => {}
+        (AttentionBias::Qkv, _) => out.push(format!(
+            "q/k/v projection biases (`attention.bias: qkv`; {} has none; qwen2_moe has them)",
+            format.name()
+        )),
+        (AttentionBias::All, _) => out.push(format!(
+            "biases on every attention projection (`attention.bias: all`; {} cannot; \
+             qwen3_moe has them as `attention_bias: true`)",
+            format.name()
+        )),
+    }
+    match (cfg.attention.qk_norm, format) {
+        (true, Qwen3Moe) | (false, Mixtral | Qwen2Moe) => {}
+        (true, _) => out.push(format!(
+            "per-head q/k norms (`attention.qk_norm: true`; {} has none; qwen3_moe has them)",
+            format.name()
+        )),
+        (false, _) => out.push(
+            "attention without q/k norms (qwen3_moe always normalises q and k per head: set \
+             `attention.qk_norm: true`, or export to mixtral or qwen2_moe)"
+                .into(),
+        ),
     }
     out
 }
 
-/// Hugging Face name, shape, the Switchyard tensor it comes from, and whether it is
-/// transposed.
+/// One tensor of the Hugging Face model: its name and shape, and how it is made from the
+/// Switchyard tensors `parts` (none: zeros) — concatenated along `axis` (in Switchyard's
+/// [in, out] orientation), transposed to [out, in] when `transpose`, times `scale`.
 struct Mapped {
     name: String,
     shape: Vec<usize>,
-    source: String,
+    parts: Vec<String>,
+    axis: usize,
     transpose: bool,
+    scale: f32,
 }
 
-fn mixtral_tensors(cfg: &ModelConfig) -> Vec<Mapped> {
-    let (d, v, f, e) = (
-        cfg.d_model,
-        cfg.vocab_size,
-        cfg.moe.expert_ffn_dim,
-        cfg.moe.num_experts,
+impl Mapped {
+    fn one(name: String, shape: Vec<usize>, source: String, transpose: bool) -> Self {
+        Mapped {
+            name,
+            shape,
+            parts: vec![source],
+            axis: 0,
+            transpose,
+            scale: 1.0,
+        }
+    }
+
+    /// The shape of the concatenated source (before the transpose).
+    fn source_shape(&self) -> Vec<usize> {
+        if self.transpose {
+            self.shape.iter().rev().copied().collect()
+        } else {
+            self.shape.clone()
+        }
+    }
+
+    /// A plain renaming (possibly transposed): what an import can invert.
+    fn invertible(&self) -> bool {
+        self.parts.len() == 1 && self.scale == 1.0
+    }
+}
+
+/// Every tensor of `format`'s model for `cfg`, in the order they are written.
+fn hf_tensors(cfg: &ModelConfig, format: HfFormat) -> Vec<Mapped> {
+    let (d, v, e) = (cfg.d_model, cfg.vocab_size, cfg.moe.num_experts);
+    let (q_width, kv_width, dh) = (
+        cfg.n_heads * cfg.head_dim(),
+        cfg.kv_heads() * cfg.head_dim(),
+        cfg.head_dim(),
     );
     let mut out = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, source: String, transpose: bool| {
-        out.push(Mapped {
-            name,
-            shape,
-            source,
-            transpose,
-        })
+        out.push(Mapped::one(name, shape, source, transpose))
     };
     add(
         "model.embed_tokens.weight".into(),
@@ -148,27 +235,55 @@ fn mixtral_tensors(cfg: &ModelConfig) -> Vec<Mapped> {
         "embed".into(),
         false,
     );
+    let (qkv_bias, out_bias) = match cfg.attention.bias {
+        AttentionBias::None => (false, false),
+        AttentionBias::Qkv => (true, false),
+        AttentionBias::All => (true, true),
+    };
+    let mut layers = Vec::new();
     for l in 0..cfg.n_layers {
         let hf = format!("model.layers.{l}");
         let sy = format!("layers.{l}");
+        let mut add = |name: String, shape: Vec<usize>, source: String, transpose: bool| {
+            layers.push(Mapped::one(name, shape, source, transpose))
+        };
         add(
             format!("{hf}.input_layernorm.weight"),
             vec![d],
             format!("{sy}.attn_norm.gamma"),
             false,
         );
-        for (h, s) in [
-            ("q_proj", "wq"),
-            ("k_proj", "wk"),
-            ("v_proj", "wv"),
-            ("o_proj", "wo"),
+        for (h, s, width, bias) in [
+            ("q_proj", "q", q_width, qkv_bias),
+            ("k_proj", "k", kv_width, qkv_bias),
+            ("v_proj", "v", kv_width, qkv_bias),
+            ("o_proj", "o", d, out_bias),
         ] {
+            let fan_in = if s == "o" { q_width } else { d };
             add(
                 format!("{hf}.self_attn.{h}.weight"),
-                vec![d, d],
-                format!("{sy}.attn.{s}"),
+                vec![width, fan_in],
+                format!("{sy}.attn.w{s}"),
                 true,
             );
+            if bias {
+                add(
+                    format!("{hf}.self_attn.{h}.bias"),
+                    vec![width],
+                    format!("{sy}.attn.b{s}"),
+                    false,
+                );
+            }
+        }
+        if cfg.attention.qk_norm {
+            for qk in ["q", "k"] {
+                add(
+                    format!("{hf}.self_attn.{qk}_norm.weight"),
+                    vec![dh],
+                    format!("{sy}.attn.{qk}_norm.gamma"),
+                    false,
+                );
+            }
         }
         add(
             format!("{hf}.post_attention_layernorm.weight"),
@@ -176,68 +291,154 @@ fn mixtral_tensors(cfg: &ModelConfig) -> Vec<Mapped> {
             format!("{sy}.ffn_norm.gamma"),
             false,
         );
+        // SwiGLU projections: Switchyard's names, Hugging Face's for Llama-style MLPs.
+        let swiglu = |f: usize| {
+            [
+                ("w_gate", "gate_proj", vec![f, d]),
+                ("w_up", "up_proj", vec![f, d]),
+                ("w_down", "down_proj", vec![d, f]),
+            ]
+        };
+        if !cfg.is_moe_layer(l) {
+            for (s, h, shape) in swiglu(cfg.ffn_dim) {
+                add(
+                    format!("{hf}.mlp.{h}.weight"),
+                    shape,
+                    format!("{sy}.dense.{s}"),
+                    true,
+                );
+            }
+            continue;
+        }
+        let moe_hf = match format {
+            HfFormat::Mixtral => format!("{hf}.block_sparse_moe"),
+            _ => format!("{hf}.mlp"),
+        };
         add(
-            format!("{hf}.block_sparse_moe.gate.weight"),
+            format!("{moe_hf}.gate.weight"),
             vec![e, d],
             format!("{sy}.moe.router.w_gate"),
             true,
         );
         for x in 0..e {
-            let he = format!("{hf}.block_sparse_moe.experts.{x}");
-            let se = format!("{sy}.moe.experts.{x}");
-            add(
-                format!("{he}.w1.weight"),
-                vec![f, d],
-                format!("{se}.w_gate"),
-                true,
-            );
-            add(
-                format!("{he}.w2.weight"),
-                vec![d, f],
-                format!("{se}.w_down"),
-                true,
-            );
-            add(
-                format!("{he}.w3.weight"),
-                vec![f, d],
-                format!("{se}.w_up"),
-                true,
-            );
+            for (s, h, shape) in swiglu(cfg.moe.expert_ffn_dim) {
+                let h = match (format, h) {
+                    (HfFormat::Mixtral, "gate_proj") => "w1",
+                    (HfFormat::Mixtral, "down_proj") => "w2",
+                    (HfFormat::Mixtral, _) => "w3",
+                    (_, h) => h,
+                };
+                add(
+                    format!("{moe_hf}.experts.{x}.{h}.weight"),
+                    shape,
+                    format!("{sy}.moe.experts.{x}.{s}"),
+                    true,
+                );
+            }
+        }
+        if format == HfFormat::Qwen2Moe {
+            layers.extend(qwen2_shared_expert(cfg, &moe_hf, &sy));
         }
     }
-    add(
+    out.extend(layers);
+    out.push(Mapped::one(
         "model.norm.weight".into(),
         vec![d],
         "final_norm.gamma".into(),
         false,
-    );
+    ));
     if !cfg.tie_embeddings {
-        add("lm_head.weight".into(), vec![v, d], "lm_head".into(), true);
+        out.push(Mapped::one(
+            "lm_head.weight".into(),
+            vec![v, d],
+            "lm_head".into(),
+            true,
+        ));
     }
     out
 }
 
-fn config_json(cfg: &ModelConfig, dtype: HfDtype, eod: Option<u32>) -> serde_json::Value {
-    json!({
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
+/// Qwen2-MoE's one shared expert behind a sigmoid gate, from Switchyard's shared experts:
+/// several become one of their summed width (their hidden units side by side); an ungated
+/// one gets a zero gate (sigmoid 0.5) and a doubled down projection (exact: powers of two);
+/// none becomes a zero expert of width 1 (it adds exactly 0).
+fn qwen2_shared_expert(cfg: &ModelConfig, moe_hf: &str, sy: &str) -> Vec<Mapped> {
+    let d = cfg.d_model;
+    let shared = cfg.moe.shared_expert.as_ref();
+    let (count, width, gated) =
+        shared.map_or((0, 1, false), |s| (s.count, s.count * s.ffn_dim, s.gate));
+    let parts = |w: &str| -> Vec<String> {
+        (0..count)
+            .map(|i| format!("{sy}.moe.shared.{i}.{w}"))
+            .collect()
+    };
+    let scale = if shared.is_some() && !gated { 2.0 } else { 1.0 };
+    let mut out: Vec<Mapped> = [
+        ("gate_proj", "w_gate", vec![width, d], 1, 1.0),
+        ("up_proj", "w_up", vec![width, d], 1, 1.0),
+        ("down_proj", "w_down", vec![d, width], 0, scale),
+    ]
+    .into_iter()
+    .map(|(h, s, shape, axis, scale)| Mapped {
+        name: format!("{moe_hf}.shared_expert.{h}.weight"),
+        shape,
+        parts: parts(s),
+        axis,
+        transpose: true,
+        scale,
+    })
+    .collect();
+    out.push(Mapped {
+        name: format!("{moe_hf}.shared_expert_gate.weight"),
+        shape: vec![1, d],
+        parts: if gated {
+            vec![format!("{sy}.moe.shared_gate")]
+        } else {
+            Vec::new()
+        },
+        axis: 0,
+        transpose: true,
+        scale: 1.0,
+    });
+    out
+}
+
+/// Layers without an MoE block, as `mlp_only_layers`.
+fn dense_layers(cfg: &ModelConfig) -> Vec<usize> {
+    (0..cfg.n_layers)
+        .filter(|&l| !cfg.is_moe_layer(l))
+        .collect()
+}
+
+fn config_json(
+    cfg: &ModelConfig,
+    format: HfFormat,
+    dtype: HfDtype,
+    eod: Option<u32>,
+) -> serde_json::Value {
+    let normalize = matches!(
+        cfg.moe.router,
+        RouterConfig::TopKSoftmax {
+            normalize_weights: true
+        }
+    );
+    let mut c = json!({
+        "architectures": [format.architecture()],
+        "model_type": format.name(),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.moe.expert_ffn_dim,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_heads,
-        "head_dim": cfg.d_model / cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads(),
+        "head_dim": cfg.head_dim(),
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "num_local_experts": cfg.moe.num_experts,
         "num_experts_per_tok": cfg.moe.top_k,
         "router_aux_loss_coef": cfg.moe.load_balance_coef,
         "output_router_logits": false,
-        "router_jitter_noise": 0.0,
         "sliding_window": null,
         "attention_dropout": 0.0,
         "initializer_range": cfg.init_std,
@@ -245,7 +446,38 @@ fn config_json(cfg: &ModelConfig, dtype: HfDtype, eod: Option<u32>) -> serde_jso
         "bos_token_id": null,
         "eos_token_id": eod,
         "torch_dtype": dtype.torch_name(),
-    })
+    });
+    let extra = match format {
+        HfFormat::Mixtral => json!({
+            "intermediate_size": cfg.moe.expert_ffn_dim,
+            "num_local_experts": cfg.moe.num_experts,
+            "router_jitter_noise": 0.0,
+        }),
+        HfFormat::Qwen2Moe | HfFormat::Qwen3Moe => {
+            let mut q = json!({
+                "intermediate_size": cfg.ffn_dim,
+                "moe_intermediate_size": cfg.moe.expert_ffn_dim,
+                "num_experts": cfg.moe.num_experts,
+                "norm_topk_prob": normalize,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": dense_layers(cfg),
+                "use_sliding_window": false,
+            });
+            if format == HfFormat::Qwen2Moe {
+                let shared = cfg.moe.shared_expert.as_ref();
+                q["shared_expert_intermediate_size"] =
+                    json!(shared.map_or(1, |s| s.count * s.ffn_dim));
+                q["qkv_bias"] = json!(cfg.attention.bias == AttentionBias::Qkv);
+            } else {
+                q["attention_bias"] = json!(cfg.attention.bias == AttentionBias::All);
+            }
+            q
+        }
+    };
+    for (k, value) in extra.as_object().expect("an object") {
+        c[k] = value.clone();
+    }
+    c
 }
 
 /// GPT-2's byte-to-character table: the byte-level BPE alphabet.
@@ -324,7 +556,7 @@ pub fn export(
     let problems = unsupported(cfg, format);
     if !problems.is_empty() {
         return Err(ExportError::Unsupported {
-            format: "mixtral",
+            format: format.name(),
             problems,
         });
     }
@@ -333,22 +565,9 @@ pub fn export(
             path: out.to_path_buf(),
         });
     }
-    let mapped = mixtral_tensors(cfg);
+    let mapped = hf_tensors(cfg, format);
     for m in &mapped {
-        let want: Vec<usize> = if m.transpose {
-            m.shape.iter().rev().copied().collect()
-        } else {
-            m.shape.clone()
-        };
-        match model.get(&m.source) {
-            Some(t) if t.shape == want && t.as_f32().is_some() => {}
-            _ => {
-                return Err(ExportError::MissingTensor {
-                    name: m.source.clone(),
-                    shape: want,
-                });
-            }
-        }
+        check_parts(model, m)?;
     }
     // Shards in tensor order, each at most `shard_bytes` (a larger tensor alone).
     let mut shards: Vec<Vec<usize>> = Vec::new();
@@ -374,7 +593,7 @@ pub fn export(
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| write_err(&tmp, e))?;
-    let result = write_all(model, cfg, tokenizer, dtype, &mapped, &shards, &tmp);
+    let result = write_all(model, cfg, tokenizer, format, dtype, &mapped, &shards, &tmp);
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
         return result;
@@ -386,10 +605,12 @@ pub fn export(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_all(
     model: &BTreeMap<String, NamedTensor>,
     cfg: &ModelConfig,
     tokenizer: &Tokenizer,
+    format: HfFormat,
     dtype: HfDtype,
     mapped: &[Mapped],
     shards: &[Vec<usize>],
@@ -402,13 +623,7 @@ fn write_all(
         let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(members.len());
         for &i in members {
             let m = &mapped[i];
-            let src = model[&m.source].as_f32().expect("checked above");
-            let values: Vec<f32> = if m.transpose {
-                // The source is the [in, out] transpose of the exported [out, in].
-                transposed(&[m.shape[1], m.shape[0]], src).1
-            } else {
-                src.to_vec()
-            };
+            let values = exported_values(model, m);
             let bytes: Vec<u8> = match dtype {
                 HfDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
                 HfDtype::Bf16 => values
@@ -453,7 +668,7 @@ fn write_all(
         &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
     )?;
     let eod = tokenizer.eod_token();
-    write_json("config.json", &config_json(cfg, dtype, eod))?;
+    write_json("config.json", &config_json(cfg, format, dtype, eod))?;
     write_json(
         "generation_config.json",
         &json!({"bos_token_id": null, "eos_token_id": eod}),
@@ -481,6 +696,88 @@ fn write_all(
         shards: shards.len(),
         bytes: total,
     })
+}
+
+/// Checks that `m`'s Switchyard parts exist as f32 tensors that concatenate to its shape.
+fn check_parts(model: &BTreeMap<String, NamedTensor>, m: &Mapped) -> Result<(), ExportError> {
+    let want = m.source_shape();
+    let mut along = 0;
+    for part in &m.parts {
+        let mut part_want = want.clone();
+        match model.get(part) {
+            Some(t) if t.as_f32().is_some() && t.shape.len() == want.len() => {
+                part_want[m.axis] = t.shape[m.axis];
+                along += t.shape[m.axis];
+                if t.shape != part_want {
+                    return Err(ExportError::MissingTensor {
+                        name: part.clone(),
+                        shape: part_want,
+                    });
+                }
+            }
+            _ => {
+                return Err(ExportError::MissingTensor {
+                    name: part.clone(),
+                    shape: part_want,
+                });
+            }
+        }
+    }
+    if !m.parts.is_empty() && along != want[m.axis] {
+        return Err(ExportError::MissingTensor {
+            name: m.parts.join(" + "),
+            shape: want,
+        });
+    }
+    Ok(())
+}
+
+/// The values of `m` (checked by `check_parts`), in Hugging Face's orientation.
+fn exported_values(model: &BTreeMap<String, NamedTensor>, m: &Mapped) -> Vec<f32> {
+    let want = m.source_shape();
+    let mut values = match m.parts.as_slice() {
+        [] => vec![0f32; want.iter().product()],
+        [one] => model[one].as_f32().expect("checked").to_vec(),
+        parts => {
+            let tensors: Vec<(&[usize], &[f32])> = parts
+                .iter()
+                .map(|p| {
+                    (
+                        model[p].shape.as_slice(),
+                        model[p].as_f32().expect("checked"),
+                    )
+                })
+                .collect();
+            concatenated(&tensors, m.axis)
+        }
+    };
+    if m.transpose {
+        // The source is the [in, out] transpose of the exported [out, in].
+        values = transposed(&want, &values).1;
+    }
+    if m.scale != 1.0 {
+        values.iter_mut().for_each(|v| *v *= m.scale);
+    }
+    values
+}
+
+/// 2-D (or 1-D along axis 0) row-major tensors side by side along `axis`.
+fn concatenated(tensors: &[(&[usize], &[f32])], axis: usize) -> Vec<f32> {
+    if axis == 0 {
+        return tensors
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect();
+    }
+    let rows = tensors[0].0[0];
+    let mut out = Vec::with_capacity(tensors.iter().map(|(_, v)| v.len()).sum());
+    for r in 0..rows {
+        for (shape, values) in tensors {
+            let cols = shape[1];
+            out.extend_from_slice(&values[r * cols..(r + 1) * cols]);
+        }
+    }
+    out
 }
 
 /// Every tensor of the Hugging Face model in `dir` (`model.safetensors`, or the shards its
@@ -558,112 +855,126 @@ pub fn upcycle_weights(
     upcycle: &Upcycle,
 ) -> Result<Vec<NamedTensor>, ImportError> {
     use rand::{Rng, SeedableRng};
-    let hf = read_hf_tensors(dir)?;
-    let mut used = std::collections::BTreeSet::new();
-    let mut take =
-        |name: &str, shape: Vec<usize>| -> Result<&(Vec<usize>, Vec<f32>), ImportError> {
-            let t = hf
-                .get(name)
-                .ok_or_else(|| read_err(dir, format!("the model has no tensor `{name}`")))?;
-            if t.0 != shape {
-                return Err(read_err(
-                    dir,
-                    format!(
-                        "tensor `{name}` has shape {:?}; the config says {shape:?}",
-                        t.0
-                    ),
-                ));
-            }
-            used.insert(name.to_string());
-            Ok(t)
-        };
-    let (d, v, f, e) = (
-        cfg.d_model,
-        cfg.vocab_size,
-        cfg.ffn_dim,
-        upcycle.num_experts,
-    );
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(upcycle.seed);
+    let mut hf = read_hf_tensors(dir)?;
+    if cfg.tie_embeddings {
+        hf.remove("lm_head.weight");
+    }
+    // Everything but the MoE blocks is named as in a Mixtral of the same shape.
     let mut out = Vec::new();
-    let mut put = |name: String, (shape, values): (Vec<usize>, Vec<f32>)| {
-        out.push(NamedTensor::f32(name, shape, values));
-    };
-    let plain = |t: &(Vec<usize>, Vec<f32>)| t.clone();
-    put(
-        "embed".into(),
-        plain(take("model.embed_tokens.weight", vec![v, d])?),
-    );
+    for m in hf_tensors(cfg, HfFormat::Mixtral) {
+        if !m.name.contains(".block_sparse_moe.") {
+            out.push(take_mapped(&mut hf, dir, &m)?);
+        }
+    }
+    let (d, f, e) = (cfg.d_model, cfg.ffn_dim, upcycle.num_experts);
+    let expert_f = cfg.moe.expert_ffn_dim;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(upcycle.seed);
     // Box-Muller: a normal draw of standard deviation `std`.
     let normal = |rng: &mut rand_chacha::ChaCha8Rng, std: f64| -> f32 {
         let (u1, u2): (f64, f64) = (rng.random::<f64>().max(f64::MIN_POSITIVE), rng.random());
         (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
     };
     for l in 0..cfg.n_layers {
-        let hf_l = format!("model.layers.{l}");
-        let sy = format!("layers.{l}");
-        put(
-            format!("{sy}.attn_norm.gamma"),
-            plain(take(&format!("{hf_l}.input_layernorm.weight"), vec![d])?),
-        );
-        for (h, w) in [
-            ("q_proj", "wq"),
-            ("k_proj", "wk"),
-            ("v_proj", "wv"),
-            ("o_proj", "wo"),
-        ] {
-            let t = take(&format!("{hf_l}.self_attn.{h}.weight"), vec![d, d])?;
-            put(format!("{sy}.attn.{w}"), transposed(&t.0, &t.1));
-        }
-        put(
-            format!("{sy}.ffn_norm.gamma"),
-            plain(take(
-                &format!("{hf_l}.post_attention_layernorm.weight"),
-                vec![d],
-            )?),
-        );
-        let gate: Vec<f32> = (0..d * e).map(|_| normal(&mut rng, cfg.init_std)).collect();
-        put(format!("{sy}.moe.router.w_gate"), (vec![d, e], gate));
-        let mlp = [
+        let hf_l = format!("model.layers.{l}.mlp");
+        let sy = format!("layers.{l}.moe");
+        let gate: Vec<f32> = match upcycle.split {
+            UpcycleSplit::Copy => (0..d * e).map(|_| normal(&mut rng, cfg.init_std)).collect(),
+            UpcycleSplit::Partition => vec![0.0; d * e],
+        };
+        out.push(NamedTensor::f32(
+            format!("{sy}.router.w_gate"),
+            vec![d, e],
+            gate,
+        ));
+        for (h, w, shape) in [
             ("gate_proj", "w_gate", vec![f, d]),
             ("up_proj", "w_up", vec![f, d]),
             ("down_proj", "w_down", vec![d, f]),
-        ];
-        for (h, w, shape) in mlp {
-            let t = take(&format!("{hf_l}.mlp.{h}.weight"), shape)?;
-            let (shape, values) = transposed(&t.0, &t.1);
+        ] {
+            let source = Mapped::one(format!("{hf_l}.{h}.weight"), shape, String::new(), true);
+            // [D, F] (gate, up) or [F, D] (down), Switchyard's orientation.
+            let (shape, values) = take_hf(&mut hf, dir, &source)?;
             for x in 0..e {
-                let mut copy = values.clone();
+                let (expert_shape, mut expert) = match upcycle.split {
+                    UpcycleSplit::Copy => (shape.clone(), values.clone()),
+                    // Expert x keeps hidden units x·F/E..(x+1)·F/E; its down projection
+                    // is scaled by E, so that E experts at equal weights 1/E sum to the
+                    // dense MLP.
+                    UpcycleSplit::Partition => {
+                        let units = x * expert_f..(x + 1) * expert_f;
+                        if w == "w_down" {
+                            let rows = values[units.start * d..units.end * d]
+                                .iter()
+                                .map(|v| v * e as f32)
+                                .collect();
+                            (vec![expert_f, d], rows)
+                        } else {
+                            let cols = (0..d)
+                                .flat_map(|r| {
+                                    values[r * f + units.start..r * f + units.end].to_vec()
+                                })
+                                .collect();
+                            (vec![d, expert_f], cols)
+                        }
+                    }
+                };
                 if upcycle.noise_std > 0.0 {
-                    copy.iter_mut()
+                    expert
+                        .iter_mut()
                         .for_each(|c| *c += normal(&mut rng, upcycle.noise_std));
                 }
-                put(format!("{sy}.moe.experts.{x}.{w}"), (shape.clone(), copy));
+                out.push(NamedTensor::f32(
+                    format!("{sy}.experts.{x}.{w}"),
+                    expert_shape,
+                    expert,
+                ));
             }
         }
     }
-    put(
-        "final_norm.gamma".into(),
-        plain(take("model.norm.weight", vec![d])?),
-    );
-    if !cfg.tie_embeddings {
-        let t = take("lm_head.weight", vec![v, d])?;
-        put("lm_head".into(), transposed(&t.0, &t.1));
-    }
-    let unused: Vec<&String> = hf
-        .keys()
-        .filter(|k| {
-            !(used.contains(*k)
-                || k.ends_with("rotary_emb.inv_freq")
-                || cfg.tie_embeddings && *k == "lm_head.weight")
-        })
-        .collect();
-    if let Some(name) = unused.first() {
+    if let Some(name) = hf.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
         return Err(read_err(
             dir,
             format!("tensor `{name}` is not part of a Llama model of this config"),
         ));
     }
     Ok(out)
+}
+
+/// Removes `m`'s Hugging Face tensor from `hf`, checks its shape and returns it in
+/// Switchyard's orientation.
+fn take_hf(
+    hf: &mut BTreeMap<String, HfTensor>,
+    dir: &Path,
+    m: &Mapped,
+) -> Result<HfTensor, ImportError> {
+    let (shape, values) = hf
+        .remove(&m.name)
+        .ok_or_else(|| read_err(dir, format!("the model has no tensor `{}`", m.name)))?;
+    if shape != m.shape {
+        return Err(read_err(
+            dir,
+            format!(
+                "tensor `{}` has shape {shape:?}; the config says {:?}",
+                m.name, m.shape
+            ),
+        ));
+    }
+    Ok(if m.transpose {
+        transposed(&shape, &values)
+    } else {
+        (shape, values)
+    })
+}
+
+/// `take_hf` under the Switchyard name of a plain renaming.
+fn take_mapped(
+    hf: &mut BTreeMap<String, HfTensor>,
+    dir: &Path,
+    m: &Mapped,
+) -> Result<NamedTensor, ImportError> {
+    assert!(m.invertible(), "import maps renamings only: {}", m.name);
+    let (shape, values) = take_hf(hf, dir, m)?;
+    Ok(NamedTensor::f32(m.parts[0].clone(), shape, values))
 }
 
 #[cfg(test)]
@@ -696,15 +1007,22 @@ mod tests {
         old.as_object_mut().unwrap().remove("rope_parameters");
         old["rope_theta"] = json!(500.0);
         assert_eq!(model_config_of(&old, path).unwrap().rope_theta, 500.0);
+        let mut gqa = mixtral_json();
+        gqa["num_key_value_heads"] = json!(2);
+        assert_eq!(model_config_of(&gqa, path).unwrap().kv_heads(), 2);
         for (key, value, needle) in [
-            ("num_key_value_heads", json!(2), "grouped-query attention"),
+            ("mlp_bias", json!(true), "mlp_bias"),
             ("sliding_window", json!(4096), "sliding-window"),
             (
                 "rope_parameters",
                 json!({"rope_theta": 1e4, "rope_type": "yarn"}),
                 "RoPE scaling `yarn`",
             ),
-            ("model_type", json!("qwen2_moe"), "model_type `qwen2_moe`"),
+            (
+                "model_type",
+                json!("deepseek_v3"),
+                "model_type `deepseek_v3`",
+            ),
         ] {
             let mut c = mixtral_json();
             c[key] = value;
@@ -765,17 +1083,32 @@ pub fn model_config_of(
 }
 
 /// Sparse upcycling (Komatsuzaki et al. 2023, "Sparse Upcycling: Training Mixture-of-Experts
-/// from Dense Checkpoints"): every MLP of a dense model becomes `num_experts` experts that
-/// start as copies of it (plus optional Gaussian noise of std `noise_std`), behind a new
-/// router drawn like any fresh router (normal, std `initializer_range`). With top-k weights
-/// renormalised to sum to one and no noise, the upcycled model computes exactly the dense
-/// one at the first step.
+/// from Dense Checkpoints"): every MLP of a dense model becomes `num_experts` experts, plus
+/// optional Gaussian noise of std `noise_std` on their weights; see [`UpcycleSplit`] for
+/// how the experts and the router start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upcycle {
     pub num_experts: usize,
     pub top_k: usize,
     pub noise_std: f64,
     pub seed: u64,
+    pub split: UpcycleSplit,
+}
+
+/// How a dense MLP becomes experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpcycleSplit {
+    /// Every expert is a copy of the MLP (the paper's choice), behind a router drawn like
+    /// any fresh router (normal, std `initializer_range`). With the top-k weights
+    /// renormalised and no noise, the first forward is exactly the dense model's.
+    Copy,
+    /// Expert x keeps the x-th of `num_experts` equal slices of the MLP's hidden units
+    /// (`expert_ffn_dim = intermediate_size / num_experts`, same compute per token at top-1
+    /// as one copy at 1/E the width) with its down projection scaled by `num_experts`,
+    /// behind a zero router: at top_k = num_experts the uniform weights 1/E sum the slices
+    /// back to the dense MLP, so the first forward is the dense model's; the experts differ,
+    /// so the router's gradient breaks the tie from the first step.
+    Partition,
 }
 
 /// The MoE a dense Llama `config.json` upcycles to.
@@ -798,24 +1131,25 @@ fn model_config_with(
         model_type: model_type.clone(),
         problems,
     };
-    match (model_type.as_str(), upcycle) {
-        ("mixtral", None) | ("llama", Some(_)) => {}
-        ("llama", None) => {
+    let format = HfFormat::of_model_type(&model_type);
+    match (format, model_type.as_str(), upcycle) {
+        (Some(_), _, None) | (None, "llama", Some(_)) => {}
+        (None, "llama", None) => {
             return Err(unsupported(vec![
                 "a dense model; upcycle it into an MoE with `--upcycle-experts N \
                  --upcycle-top-k K`"
                     .into(),
             ]));
         }
-        (_, Some(_)) => {
+        (_, _, Some(_)) => {
             return Err(unsupported(vec![format!(
                 "model_type `{model_type}` is not a dense model Switchyard upcycles (llama)"
             )]));
         }
         _ => {
             return Err(unsupported(vec![format!(
-                "model_type `{model_type}` is not one Switchyard imports (mixtral; llama with \
-                 upcycling)"
+                "model_type `{model_type}` is not one Switchyard imports (mixtral, qwen2_moe, \
+                 qwen3_moe; llama with upcycling)"
             )]));
         }
     }
@@ -834,21 +1168,56 @@ fn model_config_with(
         int("num_hidden_layers"),
         int("intermediate_size"),
     );
-    let (e, k) = match upcycle {
-        Some(u) => (u.num_experts, u.top_k),
-        None => (int("num_local_experts"), int("num_experts_per_tok")),
-    };
-    for key in ["attention_bias", "mlp_bias"] {
-        if config_json[key].as_bool() == Some(true) {
-            problems.push(format!(
-                "`{key}: true` (Switchyard's projections have no bias)"
-            ));
+    let (e, k, expert_f) = match (upcycle, format) {
+        (Some(u), _) => (u.num_experts, u.top_k, f),
+        (None, Some(HfFormat::Mixtral)) => {
+            (int("num_local_experts"), int("num_experts_per_tok"), f)
         }
+        // transformers 5 writes Qwen3-MoE's `num_experts` as `num_local_experts`.
+        (None, _) if config_json["num_experts"].is_null() => (
+            int("num_local_experts"),
+            int("num_experts_per_tok"),
+            int("moe_intermediate_size"),
+        ),
+        (None, _) => (
+            int("num_experts"),
+            int("num_experts_per_tok"),
+            int("moe_intermediate_size"),
+        ),
+    };
+    let shared_f = match format {
+        Some(HfFormat::Qwen2Moe) if upcycle.is_none() => {
+            Some(int("shared_expert_intermediate_size"))
+        }
+        _ => None,
+    };
+    let flag = |key: &str, default: bool| config_json[key].as_bool().unwrap_or(default);
+    if flag("mlp_bias", false) {
+        problems.push("`mlp_bias: true` (Switchyard's feed-forward blocks have no bias)".into());
     }
-    if upcycle.is_some() && (e == 0 || k == 0 || k > e) {
-        problems.push(format!(
-            "upcycling to {e} experts with top-{k}: need 1 <= k <= experts"
-        ));
+    let bias = match format {
+        Some(HfFormat::Qwen2Moe) if flag("qkv_bias", true) => AttentionBias::Qkv,
+        Some(HfFormat::Qwen2Moe) => AttentionBias::None,
+        // Llama, Mixtral and Qwen3 name it `attention_bias`: q, k, v and o.
+        _ if flag("attention_bias", false) => AttentionBias::All,
+        _ => AttentionBias::None,
+    };
+    let mut expert_f = expert_f;
+    if let Some(u) = upcycle {
+        if e == 0 || k == 0 || k > e {
+            problems.push(format!(
+                "upcycling to {e} experts with top-{k}: need 1 <= k <= experts"
+            ));
+        } else if u.split == UpcycleSplit::Partition {
+            if f.is_multiple_of(e) {
+                expert_f = f / e;
+            } else {
+                problems.push(format!(
+                    "a partitioned split needs intermediate_size ({f}) divisible by the \
+                     {e} experts"
+                ));
+            }
+        }
     }
     let max_seq_len = config_json["max_position_embeddings"]
         .as_u64()
@@ -856,21 +1225,18 @@ fn model_config_with(
     let kv = config_json["num_key_value_heads"]
         .as_u64()
         .map_or(h, |x| x as usize);
-    if kv != h {
-        problems.push(format!(
-            "grouped-query attention ({kv} key/value heads for {h} query heads); Switchyard's \
-             attention has one key/value head per query head"
-        ));
-    }
-    if let Some(hd) = config_json["head_dim"].as_u64()
-        && h > 0
-        && hd as usize != d / h
-    {
-        problems.push(format!(
-            "head_dim {hd} is not hidden_size / num_attention_heads"
-        ));
-    }
-    if let Some(w) = config_json["sliding_window"].as_u64() {
+    let head_dim = config_json["head_dim"]
+        .as_u64()
+        .map(|x| x as usize)
+        .filter(|&hd| h == 0 || hd * h != d || !d.is_multiple_of(h));
+    // Qwen's configs keep a `sliding_window` that applies only with `use_sliding_window`.
+    let sliding = match format {
+        Some(HfFormat::Qwen2Moe | HfFormat::Qwen3Moe) => flag("use_sliding_window", false)
+            .then(|| config_json["sliding_window"].as_u64())
+            .flatten(),
+        _ => config_json["sliding_window"].as_u64(),
+    };
+    if let Some(w) = sliding {
         problems.push(format!("sliding-window attention ({w} tokens)"));
     }
     if config_json["hidden_act"]
@@ -899,6 +1265,49 @@ fn model_config_with(
             "RoPE scaling `{rope_type}` (Switchyard has plain RoPE)"
         ));
     }
+    // Qwen: layer l is MoE unless listed in `mlp_only_layers` or (l + 1) % step != 0;
+    // Switchyard's layer l is MoE when l % every == 0.
+    let mut every = 1;
+    if matches!(format, Some(HfFormat::Qwen2Moe | HfFormat::Qwen3Moe)) && upcycle.is_none() {
+        let step = config_json["decoder_sparse_step"]
+            .as_u64()
+            .unwrap_or(1)
+            .max(1) as usize;
+        let dense: Vec<usize> = config_json["mlp_only_layers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as usize)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let moe_layers: Vec<usize> = (0..l)
+            .filter(|i| !dense.contains(i) && (i + 1).is_multiple_of(step))
+            .collect();
+        match (1..=l.max(1)).find(|&n| {
+            (0..l)
+                .filter(|i| i.is_multiple_of(n))
+                .eq(moe_layers.iter().copied())
+        }) {
+            Some(n) => every = n,
+            None => problems.push(format!(
+                "MoE blocks in layers {moe_layers:?} (Switchyard puts them in the layers l with \
+                 l % every == 0)"
+            )),
+        }
+    }
+    let normalize_weights = match format {
+        Some(HfFormat::Qwen2Moe | HfFormat::Qwen3Moe) if upcycle.is_none() => {
+            flag("norm_topk_prob", false)
+        }
+        _ => true,
+    };
+    let shared_expert = shared_f.map(|ffn_dim| switchyard_moe::config::SharedExpertConfig {
+        count: 1,
+        ffn_dim,
+        gate: true,
+    });
     if !problems.is_empty() {
         return Err(unsupported(problems));
     }
@@ -911,59 +1320,50 @@ fn model_config_with(
         max_seq_len,
         rope_theta,
         norm_eps: config_json["rms_norm_eps"].as_f64().unwrap_or(1e-5),
-        tie_embeddings: config_json["tie_word_embeddings"]
-            .as_bool()
-            .unwrap_or(false),
+        tie_embeddings: flag("tie_word_embeddings", false),
         init_std: config_json["initializer_range"].as_f64().unwrap_or(0.02),
+        attention: switchyard_moe::config::AttentionConfig {
+            kv_heads: (kv != h).then_some(kv),
+            head_dim,
+            bias,
+            qk_norm: format == Some(HfFormat::Qwen3Moe),
+        },
         moe: switchyard_moe::config::MoeConfig {
-            every: 1,
+            every,
             num_experts: e,
             top_k: k,
-            expert_ffn_dim: f,
-            router: RouterConfig::TopKSoftmax {
-                normalize_weights: true,
-            },
+            expert_ffn_dim: expert_f,
+            router: RouterConfig::TopKSoftmax { normalize_weights },
             capacity: CapacityConfig::Dropless {},
-            shared_expert: None,
+            shared_expert,
             load_balance_coef: config_json["router_aux_loss_coef"].as_f64().unwrap_or(0.02),
             z_loss_coef: 0.001,
         },
     })
 }
 
-/// The weights of the Hugging Face Mixtral in `dir` as Switchyard tensors of `cfg`, by
-/// Switchyard name (f32, [in, out] projections).
-pub fn import_weights(dir: &Path, cfg: &ModelConfig) -> Result<Vec<NamedTensor>, ImportError> {
-    let mapped = mixtral_tensors(cfg);
+/// The weights of the Hugging Face model (`format`) in `dir` as Switchyard tensors of
+/// `cfg`, by Switchyard name (f32, [in, out] projections).
+pub fn import_weights(
+    dir: &Path,
+    cfg: &ModelConfig,
+    format: HfFormat,
+) -> Result<Vec<NamedTensor>, ImportError> {
     let mut hf = read_hf_tensors(dir)?;
     if cfg.tie_embeddings {
         hf.remove("lm_head.weight");
     }
-    let mut out = Vec::with_capacity(mapped.len());
-    for m in &mapped {
-        let (shape, values) = hf
-            .remove(&m.name)
-            .ok_or_else(|| read_err(dir, format!("the model has no tensor `{}`", m.name)))?;
-        if shape != m.shape {
-            return Err(read_err(
-                dir,
-                format!(
-                    "tensor `{}` has shape {shape:?}; the config says {:?}",
-                    m.name, m.shape
-                ),
-            ));
-        }
-        let (shape, values) = if m.transpose {
-            transposed(&shape, &values)
-        } else {
-            (shape, values)
-        };
-        out.push(NamedTensor::f32(m.source.clone(), shape, values));
-    }
-    if let Some(name) = hf.keys().next() {
+    let out = hf_tensors(cfg, format)
+        .iter()
+        .map(|m| take_mapped(&mut hf, dir, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(name) = hf.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
         return Err(read_err(
             dir,
-            format!("tensor `{name}` is not part of a Mixtral model of this config"),
+            format!(
+                "tensor `{name}` is not part of a {} model of this config",
+                format.name()
+            ),
         ));
     }
     Ok(out)

@@ -97,6 +97,7 @@ fn moe_cfg() -> MoeConfig {
         shared_expert: Some(SharedExpertConfig {
             count: 1,
             ffn_dim: 32,
+            gate: false,
         }),
         load_balance_coef: 0.01,
         z_loss_coef: 0.001,

@@ -29,6 +29,7 @@ fn cfg(router: RouterConfig) -> ModelConfig {
         norm_eps: 1e-5,
         tie_embeddings: false,
         init_std: 0.1,
+        attention: Default::default(),
         moe: MoeConfig {
             every: 1,
             num_experts: 3,

@@ -120,6 +120,7 @@ fn model_cfg(a: &Args) -> ModelConfig {
         norm_eps: 1e-5,
         tie_embeddings: true,
         init_std: 0.02,
+        attention: Default::default(),
         moe: MoeConfig {
             every: 1,
             num_experts: a.experts,
