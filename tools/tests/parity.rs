@@ -157,3 +157,11 @@ fn every_layout_completes_under_nccl_point_to_point_semantics() {
         );
     }
 }
+
+/// Grouped-query attention, q/k norms, attention biases and the gated shared expert (the
+/// Hugging Face formats' options) at every dp/ep layout, and under context parallelism
+/// (both algorithms, with ep through the pipelined block).
+#[test]
+fn qwen_shaped_model_matches_single_process() {
+    run_matching(|c| c.label.starts_with("qwen-shaped"));
+}

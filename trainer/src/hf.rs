@@ -1031,6 +1031,126 @@ mod tests {
         }
     }
 
+    /// A one-layer dense Llama (d 16, intermediate 64, 4 heads of 2 kv) written as
+    /// safetensors, its config, and its MLP weights by Hugging Face name.
+    fn tiny_llama(dir: &Path) -> (serde_json::Value, BTreeMap<String, HfTensor>) {
+        let config = json!({
+            "model_type": "llama", "vocab_size": 32, "hidden_size": 16,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
+            "intermediate_size": 64, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+            "hidden_act": "silu", "tie_word_embeddings": true, "rope_theta": 10000.0
+        });
+        let shapes: [(&str, Vec<usize>); 11] = [
+            ("model.embed_tokens.weight", vec![32, 16]),
+            ("model.layers.0.input_layernorm.weight", vec![16]),
+            ("model.layers.0.self_attn.q_proj.weight", vec![16, 16]),
+            ("model.layers.0.self_attn.k_proj.weight", vec![8, 16]),
+            ("model.layers.0.self_attn.v_proj.weight", vec![8, 16]),
+            ("model.layers.0.self_attn.o_proj.weight", vec![16, 16]),
+            ("model.layers.0.post_attention_layernorm.weight", vec![16]),
+            ("model.layers.0.mlp.gate_proj.weight", vec![64, 16]),
+            ("model.layers.0.mlp.up_proj.weight", vec![64, 16]),
+            ("model.layers.0.mlp.down_proj.weight", vec![16, 64]),
+            ("model.norm.weight", vec![16]),
+        ];
+        let mut tensors = BTreeMap::new();
+        let mut bytes = Vec::new();
+        for (i, (name, shape)) in shapes.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n)
+                .map(|j| ((i * 1000 + j) as f32 * 0.37).sin())
+                .collect();
+            bytes.push((name.to_string(), shape.clone(), values.clone()));
+            tensors.insert(name.to_string(), (shape.clone(), values));
+        }
+        let raw: Vec<(String, Vec<usize>, Vec<u8>)> = bytes
+            .into_iter()
+            .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            .collect();
+        let views: Vec<(String, TensorView)> = raw
+            .iter()
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+        (config, tensors)
+    }
+
+    fn by_name(tensors: &[NamedTensor]) -> BTreeMap<String, Vec<f32>> {
+        tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.as_f32().unwrap().to_vec()))
+            .collect()
+    }
+
+    /// Noise: each expert is the dense MLP plus its own N(0, std) draw (mean ~0, std within
+    /// 5% over 1024 x 4 values per matrix), the same at the same seed, another at another.
+    /// Partition: expert x holds hidden units 16x..16x+16, its down projection times 4.
+    #[test]
+    fn upcycling_adds_noise_of_the_asked_std_and_partitions_the_hidden_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, hf) = tiny_llama(dir.path());
+        let path = dir.path().join("config.json");
+        let upcycle = |split, noise_std, seed| Upcycle {
+            num_experts: 4,
+            top_k: 2,
+            noise_std,
+            seed,
+            split,
+        };
+        let weights = |u: &Upcycle| {
+            let cfg = upcycled_config_of(&config, &path, u).unwrap();
+            by_name(&upcycle_weights(dir.path(), &cfg, u).unwrap())
+        };
+        let noisy = weights(&upcycle(UpcycleSplit::Copy, 0.05, 3));
+        let (_, dense_gate) = transposed(&[64, 16], &hf["model.layers.0.mlp.gate_proj.weight"].1);
+        let deltas: Vec<Vec<f32>> = (0..4)
+            .map(|x| {
+                let expert = &noisy[&format!("layers.0.moe.experts.{x}.w_gate")];
+                expert.iter().zip(&dense_gate).map(|(e, d)| e - d).collect()
+            })
+            .collect();
+        let all: Vec<f64> = deltas.iter().flatten().map(|&v| v as f64).collect();
+        let mean = all.iter().sum::<f64>() / all.len() as f64;
+        let std = (all.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / all.len() as f64).sqrt();
+        assert!(
+            mean.abs() < 4.0 * 0.05 / (all.len() as f64).sqrt(),
+            "mean {mean}"
+        );
+        assert!((std / 0.05 - 1.0).abs() < 0.05, "std {std}");
+        assert_ne!(deltas[0], deltas[1], "experts share one noise draw");
+        assert_eq!(noisy, weights(&upcycle(UpcycleSplit::Copy, 0.05, 3)));
+        assert_ne!(noisy, weights(&upcycle(UpcycleSplit::Copy, 0.05, 4)));
+        // Without noise the copies are the dense MLP exactly.
+        let copies = weights(&upcycle(UpcycleSplit::Copy, 0.0, 3));
+        assert_eq!(copies["layers.0.moe.experts.2.w_gate"], dense_gate);
+
+        let parts = weights(&upcycle(UpcycleSplit::Partition, 0.0, 3));
+        let (_, dense_down) = transposed(&[16, 64], &hf["model.layers.0.mlp.down_proj.weight"].1);
+        for x in 0..4 {
+            let gate = &parts[&format!("layers.0.moe.experts.{x}.w_gate")];
+            let want: Vec<f32> = (0..16)
+                .flat_map(|r| dense_gate[r * 64 + 16 * x..r * 64 + 16 * (x + 1)].to_vec())
+                .collect();
+            assert_eq!(gate, &want, "expert {x} gate");
+            let down = &parts[&format!("layers.0.moe.experts.{x}.w_down")];
+            let want: Vec<f32> = dense_down[16 * x * 16..16 * (x + 1) * 16]
+                .iter()
+                .map(|v| v * 4.0)
+                .collect();
+            assert_eq!(down, &want, "expert {x} down");
+        }
+        assert!(
+            parts["layers.0.moe.router.w_gate"]
+                .iter()
+                .all(|&w| w == 0.0)
+        );
+    }
+
     /// The exported byte tokenizer encodes text to its UTF-8 bytes, as Switchyard's does.
     #[test]
     fn the_byte_tokenizer_json_encodes_bytes() {

@@ -274,3 +274,116 @@ fn what_mixtral_cannot_hold_is_refused_and_nothing_is_written() {
         "no partial directory left"
     );
 }
+
+/// What each format holds and refuses: the refusal names the feature and the formats that
+/// could hold it; what it holds exports.
+#[test]
+fn each_format_refuses_what_it_cannot_hold_and_names_the_one_that_can() {
+    use switchyard_moe::config::{AttentionBias, SharedExpertConfig};
+    let shared = |c: &mut ModelConfig| {
+        c.moe.shared_expert = Some(SharedExpertConfig {
+            count: 1,
+            ffn_dim: 4,
+            gate: true,
+        })
+    };
+    let qk_norm = |c: &mut ModelConfig| c.attention.qk_norm = true;
+    let qkv_bias = |c: &mut ModelConfig| c.attention.bias = AttentionBias::Qkv;
+    let all_bias = |c: &mut ModelConfig| c.attention.bias = AttentionBias::All;
+    let dense_between = |c: &mut ModelConfig| c.moe.every = 2;
+    let no_renorm = |c: &mut ModelConfig| {
+        c.moe.router = RouterConfig::TopKSoftmax {
+            normalize_weights: false,
+        }
+    };
+    let plain = |_: &mut ModelConfig| {};
+    type Mutation = fn(&mut ModelConfig);
+    let cases: Vec<(&str, Mutation, HfFormat, Option<&str>)> = vec![
+        (
+            "shared expert",
+            shared,
+            HfFormat::Mixtral,
+            Some("qwen2_moe holds them"),
+        ),
+        (
+            "shared expert",
+            shared,
+            HfFormat::Qwen3Moe,
+            Some("qwen2_moe holds them"),
+        ),
+        ("shared expert", shared, HfFormat::Qwen2Moe, None),
+        (
+            "q/k norm",
+            qk_norm,
+            HfFormat::Mixtral,
+            Some("qwen3_moe has them"),
+        ),
+        ("q/k norm", qk_norm, HfFormat::Qwen3Moe, None),
+        (
+            "no q/k norm",
+            plain,
+            HfFormat::Qwen3Moe,
+            Some("qk_norm: true"),
+        ),
+        (
+            "qkv bias",
+            qkv_bias,
+            HfFormat::Qwen3Moe,
+            Some("qwen2_moe has them"),
+        ),
+        ("qkv bias", qkv_bias, HfFormat::Qwen2Moe, None),
+        (
+            "all biases",
+            all_bias,
+            HfFormat::Qwen2Moe,
+            Some("qwen3_moe has them"),
+        ),
+        (
+            "dense layers",
+            dense_between,
+            HfFormat::Mixtral,
+            Some("mlp_only_layers"),
+        ),
+        ("dense layers", dense_between, HfFormat::Qwen2Moe, None),
+        (
+            "no renormalisation",
+            no_renorm,
+            HfFormat::Mixtral,
+            Some("norm_topk_prob"),
+        ),
+        ("no renormalisation", no_renorm, HfFormat::Qwen2Moe, None),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, (what, mutate, format, refusal)) in cases.into_iter().enumerate() {
+        let mut c = cfg(top_k());
+        mutate(&mut c);
+        if format == HfFormat::Qwen3Moe && what != "no q/k norm" {
+            c.attention.qk_norm = true;
+        }
+        let out = tmp.path().join(format!("{i}"));
+        let result = hf::export(
+            &stored(&c),
+            &c,
+            &Tokenizer::Byte,
+            format,
+            HfDtype::F32,
+            &out,
+            1 << 20,
+        );
+        match refusal {
+            Some(needle) => {
+                let err = result.unwrap_err().to_string();
+                assert!(
+                    err.contains(needle) && err.contains(format.name()),
+                    "{what} to {}: {err}",
+                    format.name()
+                );
+                assert!(!out.exists());
+            }
+            None => {
+                let report = result.unwrap_or_else(|e| panic!("{what} to {}: {e}", format.name()));
+                assert!(report.tensors > 0 && out.join("config.json").exists());
+            }
+        }
+    }
+}
