@@ -544,6 +544,18 @@ pub fn generate(
     Ok(())
 }
 
+/// This process's peak resident memory (VmHWM), for the summaries of one-shot commands.
+fn peak_rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or("unknown".into(), |kb| format!("{:.0} MB", kb / 1024.0))
+}
+
 /// A little-endian f32 array as a NumPy `.npy` file (format 1.0).
 fn write_npy_f32(path: &Path, shape: &[usize], values: &[f32]) -> std::io::Result<()> {
     let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -574,6 +586,15 @@ fn write_npy(path: &Path, descr: &str, shape: &[usize], data: Vec<u8>) -> std::i
 /// A checkpoint directory (or the newest complete one under a checkpoints directory), read
 /// and verified, with the config stored in it.
 fn open_checkpoint(checkpoint: &Path) -> Result<(PathBuf, checkpoint::LoadedCheckpoint, Config)> {
+    let (dir, _) = checkpoint_config(checkpoint)?;
+    let loaded = checkpoint::load(&dir)?;
+    let cfg = stored_config(&dir, &loaded.manifest)?;
+    Ok((dir, loaded, cfg))
+}
+
+/// A checkpoint directory (as [`open_checkpoint`]) and its config, from the manifest only:
+/// no tensor is read.
+fn checkpoint_config(checkpoint: &Path) -> Result<(PathBuf, Config)> {
     let dir = if checkpoint.join("manifest.json").exists() {
         checkpoint.to_path_buf()
     } else {
@@ -585,15 +606,18 @@ fn open_checkpoint(checkpoint: &Path) -> Result<(PathBuf, checkpoint::LoadedChec
             )
         })?
     };
-    let loaded = checkpoint::load(&dir)?;
-    let cfg: Config =
-        serde_json::from_value(loaded.manifest.config.clone()).with_context(|| {
-            format!(
-                "the config stored in {}/manifest.json does not parse as this switchyard's config",
-                dir.display()
-            )
-        })?;
-    Ok((dir, loaded, cfg))
+    let manifest = checkpoint::read_manifest(&dir)?;
+    let cfg = stored_config(&dir, &manifest)?;
+    Ok((dir, cfg))
+}
+
+fn stored_config(dir: &Path, manifest: &checkpoint::Manifest) -> Result<Config> {
+    serde_json::from_value(manifest.config.clone()).with_context(|| {
+        format!(
+            "the config stored in {}/manifest.json does not parse as this switchyard's config",
+            dir.display()
+        )
+    })
 }
 
 /// `switchyard export-hf`: the checkpoint's weights in a Hugging Face format.
@@ -606,7 +630,7 @@ pub fn export_hf(
 ) -> Result<()> {
     use switchyard_trainer::hf;
     let started = std::time::Instant::now();
-    let (dir, loaded, cfg) = open_checkpoint(checkpoint)?;
+    let (dir, cfg) = checkpoint_config(checkpoint)?;
     // Refused before the weights are even gathered.
     let problems = hf::unsupported(&cfg.model, format);
     if !problems.is_empty() {
@@ -617,14 +641,10 @@ pub fn export_hf(
         .into());
     }
     let tokenizer = run_tokenizer(&cfg, &dir)?;
-    let snapshot = checkpoint::Snapshot::of(&loaded)
-        .map_err(|message| anyhow!("{}: {message}", dir.display()))?;
-    drop(loaded);
-    let model = snapshot
-        .tensors("model")
-        .map_err(|message| anyhow!("{}: {message}", dir.display()))?;
+    // Tensor by tensor from disk: the export holds one tensor, never the model.
+    let model = checkpoint::TensorReader::open(&dir, "model")?;
     let report = hf::export(
-        model,
+        &model,
         &cfg.model,
         &tokenizer,
         format,
@@ -633,13 +653,15 @@ pub fn export_hf(
         shard_mib << 20,
     )?;
     println!(
-        "exported {} to {}: {} tensors, {} shard(s), {:.1} MB of weights, {:.1} s",
+        "exported {} to {}: {} tensors, {} shard(s), {:.1} MB of weights, {:.1} s, peak \
+         memory {}",
         dir.display(),
         out.display(),
         report.tensors,
         report.shards,
         report.bytes as f64 / 1e6,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        peak_rss()
     );
     Ok(())
 }
@@ -736,12 +758,13 @@ pub fn import_hf(
         },
     )?;
     println!(
-        "imported {} ({} tensors) to {} with {}, {:.1} s",
+        "imported {} ({} tensors) to {} with {}, {:.1} s, peak memory {}",
         model_dir.display(),
         count,
         dir.display(),
         out.join("config.yaml").display(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        peak_rss()
     );
     Ok(())
 }

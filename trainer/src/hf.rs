@@ -9,14 +9,15 @@
 //! weights are [out, in], so every projection is transposed on the way out. Both use
 //! half-split rotary embeddings (`rotate_half`), so q and k need no permutation.
 //!
-//! The export streams: one tensor is converted at a time and one shard (at most
-//! `shard_bytes`) is held before it is written; the directory appears complete or not at
-//! all (written beside it, then renamed).
+//! The export streams: tensors are read from the checkpoint one at a time
+//! ([`TensorSource`]; on disk: `checkpoint::TensorReader`), converted and appended to their
+//! shard, whose header is written first; the directory appears complete or not at all
+//! (written beside it, then renamed).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use serde_json::json;
 use switchyard_moe::config::{AttentionBias, CapacityConfig, ModelConfig, RouterConfig};
 
@@ -527,6 +528,40 @@ pub fn byte_tokenizer_json() -> serde_json::Value {
     })
 }
 
+/// Where an export reads the checkpoint's tensors (Switchyard names, f32), one at a time.
+pub trait TensorSource {
+    /// The shape of tensor `name`, if there is one.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// Its values.
+    fn read(&self, name: &str) -> Result<Vec<f32>, String>;
+}
+
+/// Tensors in memory (tests; a snapshot).
+impl TensorSource for BTreeMap<String, NamedTensor> {
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.get(name)
+            .filter(|t| t.as_f32().is_some())
+            .map(|t| t.shape.clone())
+    }
+    fn read(&self, name: &str) -> Result<Vec<f32>, String> {
+        self.get(name)
+            .and_then(|t| t.as_f32())
+            .map(<[f32]>::to_vec)
+            .ok_or_else(|| format!("no f32 tensor `{name}`"))
+    }
+}
+
+/// A checkpoint on disk, read tensor by tensor: the export holds one tensor (and the
+/// parts of a concatenated one) at a time.
+impl TensorSource for crate::checkpoint::TensorReader {
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        crate::checkpoint::TensorReader::shape(self, name).map(<[usize]>::to_vec)
+    }
+    fn read(&self, name: &str) -> Result<Vec<f32>, String> {
+        self.read_f32(name).map_err(|e| e.to_string())
+    }
+}
+
 /// What an export wrote.
 #[derive(Debug)]
 pub struct ExportReport {
@@ -545,7 +580,7 @@ fn write_err(path: &Path, e: impl std::fmt::Display) -> ExportError {
 /// Writes the export of `model` (the checkpoint's model tensors by Switchyard name) to
 /// `out` (absent or empty). Refuses, before writing anything, what `format` cannot hold.
 pub fn export(
-    model: &BTreeMap<String, NamedTensor>,
+    model: &dyn TensorSource,
     cfg: &ModelConfig,
     tokenizer: &Tokenizer,
     format: HfFormat,
@@ -607,7 +642,7 @@ pub fn export(
 
 #[allow(clippy::too_many_arguments)]
 fn write_all(
-    model: &BTreeMap<String, NamedTensor>,
+    model: &dyn TensorSource,
     cfg: &ModelConfig,
     tokenizer: &Tokenizer,
     format: HfFormat,
@@ -618,12 +653,43 @@ fn write_all(
 ) -> Result<ExportReport, ExportError> {
     let mut weight_map = serde_json::Map::new();
     let mut total: u64 = 0;
+    let (st_dtype, width) = match dtype {
+        HfDtype::F32 => ("F32", 4),
+        HfDtype::Bf16 => ("BF16", 2),
+    };
     for (s, members) in shards.iter().enumerate() {
         let file = format!("model-{:05}-of-{:05}.safetensors", s + 1, shards.len());
-        let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(members.len());
+        let path = dir.join(&file);
+        // The header first (every shape is known), then each tensor as it is converted.
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), json!({"format": "pt"}));
+        let mut offset = 0usize;
         for &i in members {
             let m = &mapped[i];
-            let values = exported_values(model, m);
+            let bytes = m.shape.iter().product::<usize>() * width;
+            header.insert(
+                m.name.clone(),
+                json!({"dtype": st_dtype, "shape": m.shape, "data_offsets": [offset, offset + bytes]}),
+            );
+            offset += bytes;
+            weight_map.insert(m.name.clone(), json!(file));
+        }
+        let mut header = serde_json::to_string(&header).expect("json");
+        // safetensors aligns the data to 8 bytes with spaces after the header.
+        while header.len() % 8 != 0 {
+            header.push(' ');
+        }
+        let mut writer = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(&path).map_err(|e| write_err(&path, e))?,
+        );
+        use std::io::Write;
+        writer
+            .write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|()| writer.write_all(header.as_bytes()))
+            .map_err(|e| write_err(&path, e))?;
+        for &i in members {
+            let values = exported_values(model, &mapped[i]).map_err(|e| write_err(&path, e))?;
             let bytes: Vec<u8> = match dtype {
                 HfDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
                 HfDtype::Bf16 => values
@@ -631,29 +697,14 @@ fn write_all(
                     .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
                     .collect(),
             };
-            total += bytes.len() as u64;
-            weight_map.insert(m.name.clone(), json!(file));
-            data.push((m.name.clone(), m.shape.clone(), bytes));
+            writer.write_all(&bytes).map_err(|e| write_err(&path, e))?;
         }
-        let st_dtype = match dtype {
-            HfDtype::F32 => Dtype::F32,
-            HfDtype::Bf16 => Dtype::BF16,
-        };
-        let views = data
-            .iter()
-            .map(|(name, shape, bytes)| {
-                TensorView::new(st_dtype, shape.clone(), bytes).map(|v| (name.clone(), v))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| write_err(&dir.join(&file), format!("{e:?}")))?;
-        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        let path = dir.join(&file);
-        safetensors::serialize_to_file(views, Some(metadata), &path)
-            .map_err(|e| write_err(&path, format!("{e:?}")))?;
-        // Written through a private temporary file: readable like the JSON files.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+        writer
+            .into_inner()
+            .map_err(|e| write_err(&path, e.error()))?
+            .sync_all()
             .map_err(|e| write_err(&path, e))?;
+        total += offset as u64;
     }
     let write_json = |name: &str, value: &serde_json::Value| {
         let path = dir.join(name);
@@ -699,28 +750,23 @@ fn write_all(
 }
 
 /// Checks that `m`'s Switchyard parts exist as f32 tensors that concatenate to its shape.
-fn check_parts(model: &BTreeMap<String, NamedTensor>, m: &Mapped) -> Result<(), ExportError> {
+fn check_parts(model: &dyn TensorSource, m: &Mapped) -> Result<(), ExportError> {
     let want = m.source_shape();
     let mut along = 0;
     for part in &m.parts {
         let mut part_want = want.clone();
-        match model.get(part) {
-            Some(t) if t.as_f32().is_some() && t.shape.len() == want.len() => {
-                part_want[m.axis] = t.shape[m.axis];
-                along += t.shape[m.axis];
-                if t.shape != part_want {
-                    return Err(ExportError::MissingTensor {
-                        name: part.clone(),
-                        shape: part_want,
-                    });
-                }
-            }
-            _ => {
-                return Err(ExportError::MissingTensor {
-                    name: part.clone(),
-                    shape: part_want,
-                });
-            }
+        let missing = |shape| ExportError::MissingTensor {
+            name: part.clone(),
+            shape,
+        };
+        let shape = model
+            .shape(part)
+            .filter(|s| s.len() == want.len())
+            .ok_or_else(|| missing(want.clone()))?;
+        part_want[m.axis] = shape[m.axis];
+        along += shape[m.axis];
+        if shape != part_want {
+            return Err(missing(part_want));
         }
     }
     if !m.parts.is_empty() && along != want[m.axis] {
@@ -733,22 +779,21 @@ fn check_parts(model: &BTreeMap<String, NamedTensor>, m: &Mapped) -> Result<(), 
 }
 
 /// The values of `m` (checked by `check_parts`), in Hugging Face's orientation.
-fn exported_values(model: &BTreeMap<String, NamedTensor>, m: &Mapped) -> Vec<f32> {
+fn exported_values(model: &dyn TensorSource, m: &Mapped) -> Result<Vec<f32>, String> {
     let want = m.source_shape();
     let mut values = match m.parts.as_slice() {
         [] => vec![0f32; want.iter().product()],
-        [one] => model[one].as_f32().expect("checked").to_vec(),
+        [one] => model.read(one)?,
         parts => {
-            let tensors: Vec<(&[usize], &[f32])> = parts
+            let tensors = parts
                 .iter()
-                .map(|p| {
-                    (
-                        model[p].shape.as_slice(),
-                        model[p].as_f32().expect("checked"),
-                    )
-                })
+                .map(|p| Ok((model.shape(p).unwrap_or_default(), model.read(p)?)))
+                .collect::<Result<Vec<_>, String>>()?;
+            let views: Vec<(&[usize], &[f32])> = tensors
+                .iter()
+                .map(|(s, v)| (s.as_slice(), v.as_slice()))
                 .collect();
-            concatenated(&tensors, m.axis)
+            concatenated(&views, m.axis)
         }
     };
     if m.transpose {
@@ -758,7 +803,7 @@ fn exported_values(model: &BTreeMap<String, NamedTensor>, m: &Mapped) -> Vec<f32
     if m.scale != 1.0 {
         values.iter_mut().for_each(|v| *v *= m.scale);
     }
-    values
+    Ok(values)
 }
 
 /// 2-D (or 1-D along axis 0) row-major tensors side by side along `axis`.
@@ -980,6 +1025,7 @@ fn take_mapped(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::tensor::TensorView;
 
     fn mixtral_json() -> serde_json::Value {
         json!({

@@ -115,7 +115,7 @@ impl Snapshot {
 }
 
 /// `model` of `model.safetensors` or `model.rank-0003.safetensors`.
-fn tensor_file_kind(file: &str) -> Option<&str> {
+pub(crate) fn tensor_file_kind(file: &str) -> Option<&str> {
     let stem = file.strip_suffix(".safetensors")?;
     match stem.split_once(".rank-") {
         Some((kind, rank)) if !rank.is_empty() && rank.bytes().all(|b| b.is_ascii_digit()) => {

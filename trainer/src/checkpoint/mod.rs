@@ -53,6 +53,7 @@ mod error;
 mod inspect;
 mod manifest;
 mod regular;
+mod stream;
 mod tensor;
 #[cfg(test)]
 mod tests;
@@ -73,6 +74,7 @@ pub use manifest::{
     FORMAT_VERSION, FileEntry, MANIFEST_FILE, MANIFEST_MAX_BYTES, Manifest, ManifestMeta,
     read_manifest, step_dir_name, verify_compatible,
 };
+pub use stream::TensorReader;
 pub use tensor::{DType, NamedTensor, TensorData};
 
 use error::io_err;
