@@ -676,7 +676,7 @@ fn write_all(
         }
         let mut header = serde_json::to_string(&header).expect("json");
         // safetensors aligns the data to 8 bytes with spaces after the header.
-        while header.len() % 8 != 0 {
+        while !header.len().is_multiple_of(8) {
             header.push(' ');
         }
         let mut writer = std::io::BufWriter::with_capacity(

@@ -173,8 +173,7 @@ fn index(file: &mut std::fs::File, path: &Path, len: u64) -> Result<Vec<(String,
             shape,
             offsets
                 .as_deref()
-                .map(|o| <[u64; 2]>::try_from(o).ok())
-                .flatten(),
+                .and_then(|o| <[u64; 2]>::try_from(o).ok()),
         ) else {
             return Err(corrupt(format!(
                 "tensor `{name}`: no shape or data offsets"
