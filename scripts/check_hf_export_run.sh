@@ -3,7 +3,8 @@
 # sets up (this script installs nothing):
 #  - three tiny models trained 10 steps, exported (scripts/check_hf_export.py: logits within
 #    1e-4 in fp32, loss equal to `switchyard eval`'s, greedy tokens identical with and
-#    without the KV cache, the tokenizer's ids): the quickstart as mixtral and qwen2_moe; a
+#    without the KV cache, the tokenizer's ids): the quickstart trained at ep=2 (experts saved
+#    by two ranks) as mixtral and qwen2_moe; a
 #    Qwen2-MoE-shaped one (grouped-query attention, q/k/v biases, two ungated shared
 #    experts, a dense layer, no top-k renormalisation) as qwen2_moe; a Qwen3-MoE-shaped one
 #    (one kv head, head_dim 48, q/k norms, all biases, a dense layer) as qwen3_moe;
@@ -38,7 +39,7 @@ check_export() { # NAME FORMATS [--set K=V ...]
     --work "$work/check-$name" 2>&1 | quiet
   return "${PIPESTATUS[0]}"
 }
-check_export quickstart mixtral,qwen2_moe
+check_export quickstart-ep2 mixtral,qwen2_moe --set parallel.ep=2
 check_export qwen2-shaped qwen2_moe --set model.n_layers=3 --set model.moe.every=2 \
   --set model.attention.kv_heads=2 --set model.attention.bias=qkv \
   --set 'model.moe.shared_expert={count: 2, ffn_dim: 32, gate: false}' \
@@ -65,5 +66,5 @@ echo "refused with exit 2, nothing written"
 
 echo "== imports and upcycling"
 "$venv/bin/python" scripts/check_hf_import.py --switchyard "$bin" \
-  --tokenizer "$work/check-quickstart/mixtral-fp32/tokenizer.json" --work "$work/import" 2>&1 | quiet
+  --tokenizer "$work/check-quickstart-ep2/mixtral-fp32/tokenizer.json" --work "$work/import" 2>&1 | quiet
 exit "${PIPESTATUS[0]}"

@@ -5,12 +5,13 @@
 
 Creates tiny random models with `transformers` (`XForCausalLM(config)`, then every
 parameter redrawn so that biases and norms are not their zero/one initial values): a
-Mixtral, a Qwen2-MoE (grouped-query attention, q/k/v biases, a gated shared expert, a dense
+Mixtral (also saved in f16), a Qwen2-MoE (grouped-query attention, q/k/v biases, a gated shared expert, a dense
 layer, no top-k renormalisation) and a Qwen3-MoE (grouped-query attention, head_dim not
 hidden/heads, q/k norms, attention biases). Saves each sharded in f32 and in bf16, imports it
 with `switchyard import-hf`, and compares Switchyard's logits on a prompt (`generate
 --logits-out`) with the saved model's, loaded by `AutoModelForCausalLM` in f32: relative
-difference (max |a - b| / max |b|) within 1e-4.
+difference (max |a - b| / max |b|) within 1e-4. Each imported model then trains two steps with
+`train --init-from` at ep=2 and in one process: the same validation loss.
 Then upcycles a random dense Llama: 4 experts copying its MLP, top-2, no noise; and a
 partitioned split into 4 experts at top-4: the first forward equals the dense model's within
 1e-4 in both. The tokenizer is the byte-level one an export writes.
@@ -18,6 +19,7 @@ Exit 0 when every check holds; 1 otherwise.
 """
 
 import argparse
+import re
 import shutil
 import sys
 import tempfile
@@ -70,7 +72,10 @@ def main():
     failures = []
     for seed, (kind, model) in enumerate(models):
         randomized(model, seed)
-        for dtype, name in [(torch.float32, "f32"), (torch.bfloat16, "bf16")]:
+        dtypes = [(torch.float32, "f32"), (torch.bfloat16, "bf16")]
+        if kind == "mixtral":
+            dtypes.append((torch.float16, "f16"))
+        for dtype, name in dtypes:
             hf_dir, out = work / f"hf-{kind}-{name}", work / f"imported-{kind}-{name}"
             model.to(dtype).save_pretrained(hf_dir, safe_serialization=True, max_shard_size="100KB")
             shutil.copy(args.tokenizer, hf_dir / "tokenizer.json")
@@ -91,6 +96,21 @@ def main():
                   f"{rel:.2e} (tolerance 1e-4)")
             if rel > 1e-4:
                 failures.append(f"{kind} {name}: logits differ by {rel:.2e}")
+        # `train --init-from` at another layout: two steps at ep=2 (threads) and in one
+        # process end at the same validation loss.
+        losses = {}
+        for layout in ["1", "2"]:
+            text = run([args.switchyard, "train", "--config", str(out / "config.yaml"), "--init-from",
+                        str(out / "checkpoints" / "step-00000000"),
+                        "--set", f"run.output_dir={work}/train-{kind}-ep{layout}",
+                        "--set", f"parallel.ep={layout}", "--set", "train.steps=2",
+                        "--set", "data.seq_len=32", "--set", "data.batch_size=4",
+                        "--set", "metrics.progress=false"])
+            losses[layout] = re.search(r"final: step 2 valid loss ([0-9.]+)", text).group(1)
+        print(f"train --init-from the imported {kind}, 2 steps: valid loss {losses['1']} in one "
+              f"process, {losses['2']} at ep=2")
+        if losses["1"] != losses["2"]:
+            failures.append(f"{kind}: init-from at ep=2 ends at {losses['2']}, one process at {losses['1']}")
     # Sparse upcycling: a random dense Llama (grouped-query attention) becomes 4 experts,
     # copies of its MLP at top-2 or a partition of it at top-4, without noise: the first
     # forward is the dense model's.
