@@ -315,6 +315,97 @@ fn layouts_follow_the_single_process_curve_and_resume_across_layouts() {
     assert!(one[11].1 < one[0].1, "{one:?}");
 }
 
+/// Sharded optimizer state and gradients follow the one-process loss curve (clipping and
+/// two accumulation micro-batches on) and their checkpoints resume at other layouts and
+/// settings: dp=2 `states` -> dp=4 `states_and_grads` -> dp=2 x ep=2 unsharded, and an
+/// unsharded one-process checkpoint -> dp=2 x ep=2 `states_and_grads`.
+#[test]
+fn sharded_optimizer_follows_the_single_process_curve_and_resumes_at_other_layouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let accum = ["--set", "train.grad_accum_steps=2"];
+    let run = |dir: &Path, sets: &[&str], resume: bool| {
+        std::fs::create_dir_all(dir).unwrap();
+        let cfg = write(dir, "c.yaml", &tiny_config(dir));
+        let mut args = vec!["train", "--config", cfg.to_str().unwrap()];
+        args.extend(accum);
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        if resume {
+            args.extend(["--resume", "auto"]);
+        }
+        let out = switchyard(&args);
+        assert!(out.status.success(), "{sets:?}: {}", text(&out));
+    };
+    let one_dir = tmp.path().join("one");
+    run(&one_dir, &[], false);
+
+    let sharded = tmp.path().join("sharded");
+    run(
+        &sharded,
+        &[
+            "train.steps=4",
+            "parallel.dp=2",
+            "parallel.shard_optimizer=states",
+        ],
+        false,
+    );
+    // Every rank wrote the moments it owns.
+    let ckpt = sharded.join("run/checkpoints/step-00000004");
+    for rank in 0..2 {
+        let file = ckpt.join(format!("optimizer.rank-{rank:04}.safetensors"));
+        assert!(file.exists(), "{}", file.display());
+    }
+    run(
+        &sharded,
+        &[
+            "train.steps=8",
+            "parallel.dp=4",
+            "parallel.shard_optimizer=states_and_grads",
+        ],
+        true,
+    );
+    run(&sharded, &["parallel.dp=2", "parallel.ep=2"], true);
+
+    // An unsharded checkpoint of one process, continued sharded at dp=2 x ep=2.
+    let mixed = tmp.path().join("mixed");
+    let from = one_dir.join("run/checkpoints/step-00000006");
+    let to = mixed.join("run/checkpoints/step-00000006");
+    std::fs::create_dir_all(&to).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+    run(
+        &mixed,
+        &[
+            "parallel.dp=2",
+            "parallel.ep=2",
+            "parallel.shard_optimizer=states_and_grads",
+        ],
+        true,
+    );
+
+    let one = losses(&one_dir.join("run"));
+    assert_eq!(one.len(), 12);
+    for (name, got) in [
+        ("sharded", losses(&sharded.join("run"))),
+        ("one process -> sharded", losses(&mixed.join("run"))),
+    ] {
+        assert!(!got.is_empty(), "{name}");
+        for (step, loss) in &got {
+            let (_, want) = one[(*step - 1) as usize];
+            let rel = ((loss - want) / want).abs();
+            assert!(
+                rel <= 1e-5,
+                "{name}, step {step}: {loss} vs one process {want} (rel {rel:e})"
+            );
+        }
+    }
+    assert_eq!(losses(&sharded.join("run")).len(), 12);
+    assert_eq!(losses(&mixed.join("run")).len(), 6, "steps 7..12");
+}
+
 /// SIGUSR1 (twice, the second one during the stop) makes the run checkpoint at the next
 /// step boundary and exit 75; `--resume auto` then finishes the same loss curve exactly.
 /// At ep=2 (rank threads) the signal reaches every rank at once; the stop is collective.

@@ -35,6 +35,33 @@ pub struct ParallelConfig {
     /// Gradient all-reduce bucket size, MiB of f32.
     #[serde(default = "default_bucket_mib")]
     pub grad_bucket_mib: f64,
+    /// Where the AdamW state and the gradients live (ZeRO-style sharding over the ranks that
+    /// replicate each parameter; `shard.rs`).
+    #[serde(default)]
+    pub shard_optimizer: ShardOptimizer,
+}
+
+/// `parallel.shard_optimizer`: what is split over the replicas of each parameter (dense
+/// parameters over the whole world, expert parameters over their dp x cp replicas).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardOptimizer {
+    /// Every replica holds every moment; gradients are all-reduced.
+    #[default]
+    None,
+    /// Each parameter's AdamW moments live on one replica (its owner): gradients are
+    /// reduce-scattered once per step, the owner updates, the new weights are all-gathered.
+    /// A rank still accumulates full gradients over its micro-batches.
+    States,
+    /// As `states`, and the gradients are reduce-scattered after every micro-batch: a rank
+    /// keeps only the accumulated gradients of the parameters it owns.
+    StatesAndGrads,
+}
+
+impl ShardOptimizer {
+    pub fn is_sharded(self) -> bool {
+        self != ShardOptimizer::None
+    }
 }
 
 impl Default for ParallelConfig {
@@ -46,6 +73,7 @@ impl Default for ParallelConfig {
             ep: 1,
             ep_overlap: Overlap::default(),
             grad_bucket_mib: default_bucket_mib(),
+            shard_optimizer: ShardOptimizer::None,
         }
     }
 }

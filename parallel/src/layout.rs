@@ -11,7 +11,8 @@
 //!    its auxiliary losses are defined over the global batch ([`crate::grad_sync`]).
 //! 4. **Context parallelism.** With cp > 1 the attention becomes ring or TokenRing
 //!    attention over the cp axis.
-//! 5. **What the loop needs.** Gradient sync ([`GradSync`], buckets of `grad_bucket_mib`),
+//! 5. **What the loop needs.** Gradient sync ([`GradSync`], buckets of `grad_bucket_mib`;
+//!    with `shard_optimizer`, [`ShardedSync`]'s reduce-scatter and all-gather),
 //!    this rank's share of each batch (rows over dp x ep, zigzag sequence chunks over cp)
 //!    and the agreement collectives (stop, non-finite, commit decisions, metric sums) that
 //!    come out bit-identical on every rank.
@@ -37,12 +38,13 @@ use switchyard_comm::{Buffer, Communicator, ReduceOp};
 use switchyard_moe::experts::SwiGlu;
 use switchyard_moe::{ParamKey, Transformer};
 
-use crate::config::ParallelConfig;
+use crate::config::{ParallelConfig, ShardOptimizer};
 use crate::cp::{CpConfig, SeqLayout, shard_sequence};
 use crate::error::{ParallelError, Result};
 use crate::grad_sync::{GradSync, LossScale, SyncGroup, apply_layout};
 use crate::mesh::{ExpertPlacement, Mesh, MeshShape, Placement};
 use crate::migrate::{ExpertMove, ExpertState, migrate, relayout};
+use crate::shard::{Ownership, ShardedSync};
 
 /// The model with the layout applied, and this rank's [`Layout`].
 pub struct Parallelized {
@@ -71,12 +73,18 @@ pub fn parallelize(
     };
     let model = apply_layout(model, &mesh, &placement, &cp)?;
     let sync = GradSync::new(&mesh).with_bucket_elems(cfg.bucket_elems());
+    let shard = cfg
+        .shard_optimizer
+        .is_sharded()
+        .then(|| ShardedSync::new(&mesh, &model, cfg.bucket_elems()));
     Ok(Parallelized {
         model,
         layout: Layout {
             mesh,
             placement,
             sync,
+            shard_mode: cfg.shard_optimizer,
+            shard,
         },
     })
 }
@@ -88,6 +96,9 @@ pub struct Layout {
     mesh: Mesh,
     placement: ExpertPlacement,
     sync: GradSync,
+    shard_mode: ShardOptimizer,
+    /// Present when `shard_optimizer` is not `none`.
+    shard: Option<ShardedSync>,
 }
 
 impl Layout {
@@ -155,19 +166,46 @@ impl Layout {
 
     // ---- gradients ----
 
-    /// Sums this rank's gradients over the right groups (see [`GradSync::sync`]).
+    /// Sums this rank's gradients over the right groups (see [`GradSync::sync`]); with a
+    /// sharded optimizer, reduce-scatters them: only the parameters this rank owns come
+    /// back ([`ShardedSync::reduce_scatter`]).
     pub fn sync_grads(
         &self,
         model: &Transformer,
         grads: &BTreeMap<ParamKey, Tensor<1>>,
     ) -> Result<BTreeMap<ParamKey, Tensor<1>>> {
-        self.sync.sync(model, grads)
+        match &self.shard {
+            Some(shard) => shard.reduce_scatter(model, grads),
+            None => self.sync.sync(model, grads),
+        }
+    }
+
+    /// `parallel.shard_optimizer`.
+    pub fn shard_mode(&self) -> ShardOptimizer {
+        self.shard_mode
+    }
+
+    /// Who owns which parameter, when the optimizer is sharded.
+    pub fn ownership(&self) -> Option<&Ownership> {
+        self.shard.as_ref().map(ShardedSync::ownership)
+    }
+
+    /// After the owners updated their parameters: every rank gets every value it holds
+    /// (the model unchanged when the optimizer is not sharded).
+    pub fn gather_params(&self, model: Transformer) -> Result<Transformer> {
+        match &self.shard {
+            Some(shard) => shard.all_gather(model),
+            None => Ok(model),
+        }
     }
 
     /// The global L2 norm of synced gradients: dense gradients are identical on every rank
     /// (counted once), each expert's gradient lives on the ranks that own it (counted once
     /// per ep group). The same bits on every rank.
     pub fn grad_norm(&self, grads: &BTreeMap<ParamKey, Tensor<1>>) -> Result<f64> {
+        if let Some(shard) = &self.shard {
+            return shard.grad_norm(grads);
+        }
         let (mut dense, mut experts) = (0f64, 0f64);
         for (key, g) in grads {
             let sq = switchyard_kernels::squared_norm(g);
@@ -329,6 +367,9 @@ impl Layout {
         let (model, placement, moves) =
             migrate(model, &self.mesh, &self.placement, new, state, device)?;
         self.placement = placement;
+        if let Some(shard) = &mut self.shard {
+            shard.reset(&self.mesh, &model);
+        }
         Ok((model, moves))
     }
 
@@ -342,6 +383,9 @@ impl Layout {
     ) -> Result<Transformer> {
         let (model, placement) = relayout(model, &self.mesh, &self.placement, new, fresh)?;
         self.placement = placement;
+        if let Some(shard) = &mut self.shard {
+            shard.reset(&self.mesh, &model);
+        }
         Ok(model)
     }
 }

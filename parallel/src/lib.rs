@@ -38,8 +38,9 @@ pub mod mesh;
 pub mod migrate;
 pub mod overlap;
 pub mod seam;
+pub mod shard;
 
-pub use config::ParallelConfig;
+pub use config::{ParallelConfig, ShardOptimizer};
 pub use cp::{CpAlgorithm, CpAttention, CpConfig, SeqLayout, Sharding, shard_sequence};
 pub use dispatcher::AllToAllDispatcher;
 pub use error::{ParallelError, Result};
@@ -48,6 +49,7 @@ pub use layout::{Layout, Parallelized, parallelize};
 pub use mesh::{ExpertPlacement, Mesh, MeshShape, Placement};
 pub use migrate::{ExpertMove, ExpertState, WeightsOnly, migrate, relayout};
 pub use overlap::Overlap;
+pub use shard::{Ownership, ShardedSync};
 
 // What the trainer needs of the transport, handed on so that it depends on `comm` only
 // through this crate: the world it passes to `parallelize`, and the `comm:` config node.

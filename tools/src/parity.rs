@@ -31,11 +31,11 @@ use switchyard_moe::{
 };
 use switchyard_parallel::{
     CpAlgorithm, CpConfig, ExpertPlacement, GradSync, LossScale, Mesh, MeshShape, Overlap,
-    Placement, SeqLayout, apply_layout, migrate, shard_sequence,
+    Placement, SeqLayout, ShardOptimizer, ShardedSync, apply_layout, migrate, shard_sequence,
 };
 
 use switchyard_trainer::checkpoint::tensor_values;
-use switchyard_trainer::optim::{AdamMigration, NamedAdamW, OptimConfig};
+use switchyard_trainer::optim::{AdamMigration, NamedAdamW, OptimConfig, clip_scale, global_norm};
 
 /// A multiple of 2 x cp for cp = 2 and 4 (zigzag chunks of 2 and 1 tokens).
 const SEQ: usize = 8;
@@ -75,6 +75,10 @@ pub struct Case {
     /// The pipelined expert-parallel block with this chunking; `None` = the three-step
     /// reference path.
     pub overlap: Option<Overlap>,
+    /// Sharded optimizer state / gradients (`parallel.shard_optimizer`).
+    pub shard: ShardOptimizer,
+    /// Global-norm clipping (the reference clips too); `None` = none.
+    pub grad_clip: Option<f64>,
 }
 
 impl Case {
@@ -87,6 +91,9 @@ impl Case {
         let mut s = format!("dp={} ep={}", self.dp, self.ep);
         if self.cp > 1 {
             s += &format!(" cp={} ({:?})", self.cp, self.cp_algorithm);
+        }
+        if self.shard.is_sharded() {
+            s += &format!(" shard_optimizer={:?}", self.shard);
         }
         s
     }
@@ -168,6 +175,8 @@ pub fn all_cases() -> Vec<Case> {
         migrate: None,
         cp: 1,
         cp_algorithm: CpAlgorithm::Ring,
+        shard: ShardOptimizer::None,
+        grad_clip: None,
     };
     let mut cases = Vec::new();
     for (name, router) in routers() {
@@ -299,6 +308,8 @@ pub fn all_cases() -> Vec<Case> {
             migrate: None,
             cp: 1,
             cp_algorithm: CpAlgorithm::Ring,
+            shard: ShardOptimizer::None,
+            grad_clip: None,
         });
     }
     // Migration under the pipelined block: the new dispatchers keep the chunking.
@@ -314,6 +325,8 @@ pub fn all_cases() -> Vec<Case> {
         migrate: Some((1, vec![vec![3, 2, 1, 0], vec![1, 0, 3, 2]])),
         cp: 1,
         cp_algorithm: CpAlgorithm::Ring,
+        shard: ShardOptimizer::None,
+        grad_clip: None,
     });
     // Context parallelism, alone and with data and expert parallelism, both algorithms;
     // the null-expert router where cp meets ep.
@@ -334,6 +347,8 @@ pub fn all_cases() -> Vec<Case> {
                     migrate: None,
                     cp,
                     cp_algorithm: algorithm,
+                    shard: ShardOptimizer::None,
+                    grad_clip: None,
                 });
             }
         }
@@ -363,8 +378,48 @@ pub fn all_cases() -> Vec<Case> {
                 migrate: None,
                 cp,
                 cp_algorithm: algorithm,
+                shard: ShardOptimizer::None,
+                grad_clip: None,
             });
         }
+    }
+    // Sharded optimizer state and gradients, with clipping on (a small limit, so every step
+    // clips): data and expert layouts, every router, a live migration (moments move with
+    // their expert to the owner on the new rank) and context parallelism.
+    for shard in [ShardOptimizer::States, ShardOptimizer::StatesAndGrads] {
+        for (name, router) in routers() {
+            for layout in [(2, 1), (4, 1), (2, 2)] {
+                let mut c = case(
+                    format!("{name}, sharded optimizer"),
+                    model_cfg(router.clone(), 2),
+                    Forcing::None,
+                    layout,
+                    None,
+                );
+                (c.shard, c.grad_clip) = (shard, Some(0.05));
+                cases.push(c);
+            }
+        }
+        let (_, top_k) = routers().remove(0);
+        let mut c = case(
+            "top-k, sharded optimizer, migration".into(),
+            model_cfg(top_k.clone(), 2),
+            Forcing::None,
+            (2, 2),
+            None,
+        );
+        c.migrate = Some((1, vec![vec![1, 1, 0, 0], vec![0, 1, 0, 1]]));
+        (c.shard, c.grad_clip) = (shard, Some(0.05));
+        cases.push(c);
+        let mut c = case(
+            "qwen-shaped, sharded optimizer, context parallel".into(),
+            qwen_shaped_cfg(),
+            Forcing::None,
+            (1, 2),
+            None,
+        );
+        (c.cp, c.shard, c.grad_clip) = (2, shard, Some(0.05));
+        cases.push(c);
     }
     cases
 }
@@ -525,7 +580,7 @@ fn scalar(t: &Tensor<1>) -> f64 {
     tensor_values(t)[0] as f64
 }
 
-fn reference(cfg: &ModelConfig, forcing: Forcing, device: &Device) -> Run {
+fn reference(cfg: &ModelConfig, forcing: Forcing, grad_clip: Option<f64>, device: &Device) -> Run {
     let device = device.clone();
     let mut model = build(cfg, forcing, &device);
     let mut adam = NamedAdamW::new(&optim_cfg(), &model);
@@ -550,7 +605,8 @@ fn reference(cfg: &ModelConfig, forcing: Forcing, device: &Device) -> Run {
                 run.grads.insert(name.to_string(), tensor_values(&g));
             }
         }
-        model = adam.step(model, &grads, 1.0, LR);
+        let scale = clip_scale(global_norm(&grads), grad_clip);
+        model = adam.step(model, &grads, scale, LR);
     }
     for (name, _, value) in named_params(&model) {
         run.weights.insert(name.to_string(), tensor_values(&value));
@@ -594,7 +650,18 @@ fn parallel(
     )
     .map_err(|e| e.to_string())?;
     let sync = GradSync::new(&mesh).with_bucket_elems(700);
-    let mut adam = NamedAdamW::new(&optim_cfg(), &model);
+    let mut sharded = case
+        .shard
+        .is_sharded()
+        .then(|| ShardedSync::new(&mesh, &model, 700));
+    let mut adam = NamedAdamW::new(&optim_cfg(), &model)
+        .sharded(sharded.as_ref().map(|s| s.ownership().clone()));
+    if case.grad_clip.is_some() && sharded.is_none() {
+        return Err(format!(
+            "{}: clipping is compared with a sharded optimizer only (its norm)",
+            case.label
+        ));
+    }
     // Batch rows per dp x ep shard; each cp rank of a shard takes its zigzag columns.
     let (shard, shards) = mesh.batch_shard();
     let rows = BATCH / shards;
@@ -617,6 +684,9 @@ fn parallel(
             if moved.is_empty() {
                 return Err(format!("{}: the migration moved nothing", case.label));
             }
+            if let Some(shard) = &mut sharded {
+                shard.reset(&mesh, &model);
+            }
         }
         let (inputs, targets) = tensors(mine, rows, &device);
         let (inputs, targets) = if mesh.cp() > 1 {
@@ -633,13 +703,25 @@ fn parallel(
             + out.aux_loss(cfg, step as u64);
         run.losses.push(scalar(&loss));
         let local = named_grads(&model, &loss.backward());
-        let grads = sync.sync(&model, &local).map_err(|e| e.to_string())?;
+        let grads = match &sharded {
+            // The owned gradients only: each is compared on its owner.
+            Some(shard) => shard.reduce_scatter(&model, &local),
+            None => sync.sync(&model, &local),
+        }
+        .map_err(|e| e.to_string())?;
         if step == 0 {
             for (name, g) in &grads {
                 run.grads.insert(name.to_string(), tensor_values(g));
             }
         }
-        model = adam.step(model, &grads, 1.0, LR);
+        model = match &sharded {
+            Some(shard) => {
+                let norm = shard.grad_norm(&grads).map_err(|e| e.to_string())?;
+                let model = adam.step(model, &grads, clip_scale(norm, case.grad_clip), LR);
+                shard.all_gather(model).map_err(|e| e.to_string())?
+            }
+            None => adam.step(model, &grads, 1.0, LR),
+        };
     }
     for (name, _, value) in named_params(&model) {
         run.weights.insert(name.to_string(), tensor_values(&value));
@@ -689,7 +771,7 @@ pub fn check_case_within(
             world.size()
         ));
     }
-    let want = reference(&case.model, case.forcing, device);
+    let want = reference(&case.model, case.forcing, case.grad_clip, device);
     let (got, mesh) = parallel(case, world, device)?;
     let mut worst = 0f32;
     let mut problems = Vec::new();

@@ -1,8 +1,8 @@
 //! Layout parity on the local backend (threads): every case of `switchyard_tools::parity`
 //! (dp=2, ep=2, ep=4, dp=2 x ep=2 x top-k / null experts / MoE++, zero-token ranks, one
 //! expert for every token, non-contiguous and uneven placements, per-layer placements, live
-//! migration, context parallelism with ring attention and TokenRing alone and with dp and ep)
-//! equals one process within
+//! migration, context parallelism with ring attention and TokenRing alone and with dp and ep,
+//! sharded optimizer state and gradients with clipping) equals one process within
 //! 1e-5 relative. The same cases run under mpirun through the `parity-mpi` binary.
 
 use std::time::Duration;
@@ -77,6 +77,14 @@ fn per_layer_placements_match_single_process() {
 #[test]
 fn live_migration_matches_single_process() {
     run_matching(|c| c.migrate.is_some());
+}
+
+/// ZeRO-style sharding (`states`, `states_and_grads`) at dp=2, dp=4 and dp=2 x ep=2 with
+/// every router, a live migration and cp=2 x ep=2, clipping on: owned gradients, the
+/// weights every rank holds after 3 steps and the losses equal one process.
+#[test]
+fn sharded_optimizer_matches_single_process() {
+    run_matching(|c| c.shard.is_sharded());
 }
 
 /// The matrix covers every layout with every router.

@@ -17,6 +17,7 @@ use switchyard_kernels::{self as cpu, Fused, fused};
 use switchyard_moe::ParamKey;
 use switchyard_moe::params::{map_params, named_params};
 use switchyard_moe::profile::{self, Part};
+use switchyard_parallel::Ownership;
 use switchyard_parallel::migrate::ExpertState;
 
 use crate::checkpoint::{Checkpointed, NamedTensor, Snapshot, tensor_values};
@@ -137,6 +138,10 @@ pub struct NamedAdamW {
     /// migration): what a checkpoint restore must find moments for.
     held: BTreeMap<ParamKey, usize>,
     state: BTreeMap<ParamKey, AdamWState<1>>,
+    /// With a sharded optimizer (`parallel.shard_optimizer`): the parameters this rank
+    /// owns are the only ones it keeps moments for and updates; the others are left as
+    /// they are (the owners' values are all-gathered after the step).
+    ownership: Option<Ownership>,
     hyper: Hyper,
     /// Where the moments live: the parameters' inner (non-autodiff) device.
     device: Device,
@@ -180,6 +185,7 @@ impl NamedAdamW {
             decay,
             held,
             state: BTreeMap::new(),
+            ownership: None,
             device,
             hyper: Hyper {
                 beta1: cfg.beta1 as f32,
@@ -188,6 +194,22 @@ impl NamedAdamW {
                 weight_decay: cfg.weight_decay as f32,
             },
         }
+    }
+
+    /// Keeps moments for, and updates, only the parameters `ownership` gives this rank
+    /// (`None`: every parameter). Before the first step or after a restore.
+    pub fn sharded(mut self, ownership: Option<Ownership>) -> Self {
+        if let Some(own) = &ownership {
+            self.held.retain(|key, _| own.owns(key));
+            self.state.retain(|key, _| own.owns(key));
+        }
+        self.ownership = ownership;
+        self
+    }
+
+    /// Whether this rank updates `key` (always, unless the optimizer is sharded).
+    fn updates(&self, key: &ParamKey) -> bool {
+        self.ownership.as_ref().is_none_or(|own| own.owns(key))
     }
 
     /// One update of every parameter with its gradient times `grad_scale` (the clipping
@@ -215,8 +237,9 @@ impl NamedAdamW {
         lr: f64,
     ) -> M {
         if fused(Fused::Optimizer) {
-            let params = named_params(&model);
+            let mut params = named_params(&model);
             if params.iter().all(|(_, _, v)| v.device() == Device::flex()) {
+                params.retain(|(name, _, _)| self.updates(name));
                 let (names, entries): (Vec<ParamKey>, Vec<AdamEntry>) = params
                     .into_iter()
                     .map(|(name, _, value)| {
@@ -237,12 +260,21 @@ impl NamedAdamW {
                     self.state.insert(name.clone(), state);
                     updated.insert(name, value);
                 }
-                return map_params(model, |name, _| {
-                    updated.remove(name).expect("every parameter was updated")
+                return map_params(model, |name, value| {
+                    if self.updates(name) {
+                        updated
+                            .remove(name)
+                            .expect("every owned parameter was updated")
+                    } else {
+                        value
+                    }
                 });
             }
         }
         map_params(model, |name, value| {
+            if !self.updates(name) {
+                return value;
+            }
             let grad = match grads.get(name) {
                 Some(g) if grad_scale != 1.0 => g.clone() * grad_scale,
                 Some(g) => g.clone(),
@@ -359,6 +391,17 @@ impl ExpertState for AdamMigration<'_> {
     }
 
     fn put(&mut self, param: &ParamKey, shape: &[usize], bytes: &[u8]) -> Result<(), String> {
+        if !self.optim.updates(param) {
+            // A replica that does not own the expert's parameter: its owner (the replica of
+            // the sender that owned it) received the moments.
+            return if bytes.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "optimizer state of `{param}` arrived at a rank that does not own it"
+                ))
+            };
+        }
         self.optim
             .held
             .insert(param.clone(), shape.iter().product());
@@ -602,6 +645,7 @@ mod tests {
                     .collect(),
                 held: BTreeMap::new(),
                 state: BTreeMap::new(),
+                ownership: None,
                 device: device.clone(),
                 hyper: Hyper {
                     beta1: 0.9,

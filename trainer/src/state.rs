@@ -131,12 +131,15 @@ impl Trainer {
         let (d_model, ffn) = (self.cfg.model.d_model, self.cfg.model.moe.expert_ffn_dim);
         let device = self.device.clone();
         let optim_cfg = self.cfg.optim.clone();
+        // Expert ownership is a function of the key, so today's holds for the experts the
+        // restored placement brings.
+        let ownership = self.layout.as_ref().and_then(|l| l.ownership().cloned());
         if let Some(state) = self.model_state() {
             Rebalancer::restore_placement(
                 saved.as_ref(),
                 state,
                 || zero_expert(d_model, ffn, &device),
-                |model| NamedAdamW::new(&optim_cfg, model),
+                |model| NamedAdamW::new(&optim_cfg, model).sharded(ownership.clone()),
             )?;
         }
         let mut parts: Vec<&mut dyn Checkpointed> = vec![

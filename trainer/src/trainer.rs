@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use switchyard_moe::model::forward_flops_per_token;
 use switchyard_moe::params::{named_grads, signature};
 use switchyard_moe::{MoeStats, ParamKey, Transformer, cross_entropy};
-use switchyard_parallel::{Communicator, Layout, parallelize};
+use switchyard_parallel::{Communicator, Layout, ShardOptimizer, parallelize};
 
 use crate::config::{Config, NonFinitePolicy};
 use crate::data::{Batch, Corpus, Sampler};
@@ -104,7 +104,8 @@ impl Trainer {
             }
             valid.retain(|b| b.batch_size > 0);
         }
-        let optim = NamedAdamW::new(&cfg.optim, &model);
+        let optim = NamedAdamW::new(&cfg.optim, &model)
+            .sharded(layout.as_ref().and_then(|l| l.ownership().cloned()));
         let has_moe = (0..cfg.model.n_layers).any(|l| cfg.model.is_moe_layer(l));
         let rebalancer = if has_moe {
             Some(Rebalancer::new(&cfg.placement)?)
@@ -165,6 +166,13 @@ impl Trainer {
         let mut grads: BTreeMap<ParamKey, Tensor<1>> = BTreeMap::new();
         let (mut loss_sum, mut aux_sum, mut tokens) = (0f64, 0f64, 0u64);
         let mut moe_stats = Vec::new();
+        // With `states_and_grads` each micro-batch's gradients are reduce-scattered at once
+        // and only the owned sums are accumulated; otherwise the full local gradients are
+        // accumulated and synced after the last micro-batch.
+        let sync_each_micro = self
+            .layout
+            .as_ref()
+            .is_some_and(|l| l.shard_mode() == ShardOptimizer::StatesAndGrads);
         for _ in 0..accum {
             let global = self.sampler.next_batch();
             tokens += (global.batch_size * global.seq_len) as u64;
@@ -183,7 +191,10 @@ impl Trainer {
             loss_sum += scalar(&ce);
             aux_sum += scalar(&aux_loss);
             let loss = (ce + aux_loss) / accum as f32;
-            let micro = named_grads(&self.model, &loss.backward());
+            let mut micro = named_grads(&self.model, &loss.backward());
+            if sync_each_micro && let Some(l) = &self.layout {
+                micro = l.sync_grads(&self.model, &micro)?;
+            }
             for (name, g) in micro {
                 match grads.remove(&name) {
                     Some(acc) => grads.insert(name, acc + g),
@@ -194,7 +205,9 @@ impl Trainer {
         }
         let (loss, aux_loss, grad_norm) = match &self.layout {
             Some(l) => {
-                grads = l.sync_grads(&self.model, &grads)?;
+                if !sync_each_micro {
+                    grads = l.sync_grads(&self.model, &grads)?;
+                }
                 let sums = l.sum_agreed(vec![loss_sum, aux_sum], "step loss")?;
                 (
                     sums[0] / accum as f64,
@@ -232,6 +245,9 @@ impl Trainer {
             let scale = clip_scale(grad_norm, self.cfg.optim.grad_clip);
             // Cloning a module clones tensor handles, not data.
             self.model = self.optim.step(self.model.clone(), &grads, scale, lr);
+            if let Some(l) = &self.layout {
+                self.model = l.gather_params(self.model.clone())?;
+            }
         }
         self.counters.step += 1;
         self.counters.tokens_seen += tokens;

@@ -278,22 +278,34 @@ impl Checkpointer {
         };
         self.agree(layout, &tmp, begun, step, "create the temp directory")?;
         // Every expert once (dp rank 0 of its ep rank), every dense tensor once (rank 0).
-        let written = if layout.writes_experts() {
-            let shard: Vec<(String, Vec<NamedTensor>)> = files
-                .into_iter()
-                .map(|(kind, tensors)| {
-                    let mine = tensors
-                        .into_iter()
-                        .filter(|t| {
-                            rank == 0 || ParamKey::parse(&t.name).routed_expert_id().is_some()
-                        })
-                        .collect();
-                    (format!("{kind}.rank-{rank:04}.safetensors"), mine)
-                })
-                .collect();
-            write_files(&tmp, &shard)
-        } else {
+        // With a sharded optimizer each rank holds exactly the moments it owns (every
+        // parameter's on one rank) and writes them all.
+        let sharded_moments = layout.shard_mode().is_sharded();
+        let shard: Vec<(String, Vec<NamedTensor>)> = files
+            .into_iter()
+            .filter_map(|(kind, tensors)| {
+                let all_mine = sharded_moments && kind == "optimizer";
+                if !all_mine && !layout.writes_experts() {
+                    return None;
+                }
+                let mine: Vec<NamedTensor> = tensors
+                    .into_iter()
+                    .filter(|t| {
+                        all_mine
+                            || rank == 0
+                            || ParamKey::parse(&t.name).routed_expert_id().is_some()
+                    })
+                    .collect();
+                // An empty file only where the unsharded save writes one (rank 0 always
+                // writes every kind, so a reader finds each).
+                (!mine.is_empty() || layout.writes_experts())
+                    .then(|| (format!("{kind}.rank-{rank:04}.safetensors"), mine))
+            })
+            .collect();
+        let written = if shard.is_empty() {
             Ok(Vec::new())
+        } else {
+            write_files(&tmp, &shard)
         };
         let entries = match &written {
             Ok(e) => serde_json::to_vec(e).expect("file entries serialise"),
