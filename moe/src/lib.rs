@@ -11,6 +11,7 @@ pub mod layer;
 pub mod model;
 pub mod params;
 pub mod profile;
+pub mod recompute;
 pub mod router;
 
 pub use attention::{AttentionImpl, DenseAttention};
@@ -21,4 +22,5 @@ pub use dispatch::{BatchReducer, LocalDispatcher, LocalReducer, TokenDispatcher}
 pub use layer::{MoeLayer, MoeStats};
 pub use model::{KvCache, Transformer, cross_entropy};
 pub use params::{Component, ParamKey};
+pub use recompute::ActivationCheckpointing;
 pub use switchyard_kernels::precision::{self, Precision};

@@ -20,6 +20,7 @@ use crate::experts::SwiGlu;
 use crate::init::Initializer;
 use crate::layer::{MoeLayer, MoeStats};
 use crate::profile::{self, Part};
+use crate::recompute::{self, ActivationCheckpointing};
 use crate::router::{Gru, RouterCarry};
 use switchyard_kernels as cpu;
 use switchyard_kernels::precision::{self, Precision};
@@ -352,6 +353,9 @@ pub struct Transformer {
     /// The dtype of the GEMMs of a forward pass (f32 master weights either way).
     #[module(skip)]
     precision: Precision,
+    /// What the backward recomputes (`train.activation_checkpointing`).
+    #[module(skip)]
+    recompute: ActivationCheckpointing,
 }
 
 /// Output of a forward pass.
@@ -406,6 +410,7 @@ impl Transformer {
             router_gru,
             attention: Arc::new(DenseAttention),
             precision: Precision::Fp32,
+            recompute: ActivationCheckpointing::None,
         }
     }
 
@@ -417,6 +422,16 @@ impl Transformer {
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// Sets what the backward recomputes instead of keeping (`crate::recompute`).
+    pub fn with_recompute(mut self, recompute: ActivationCheckpointing) -> Self {
+        self.recompute = recompute;
+        self
+    }
+
+    pub fn recompute(&self) -> ActivationCheckpointing {
+        self.recompute
     }
 
     /// Swap the attention implementation (how `parallelize` applies context parallelism).
@@ -458,36 +473,27 @@ impl Transformer {
         let gru = self.router_gru.as_ref();
         let positions = self.attention.positions(s);
         for (index, block) in self.layers.iter().enumerate() {
-            let attn_bsd = profile::time(Part::AttentionBlock, || {
-                let x_bsd = profile::region_start(x_bsd.clone(), Part::AttentionBlock);
-                let out_bsd = block.attn.forward(
-                    block.attn_norm.forward(x_bsd),
-                    &positions,
-                    self.attention.as_ref(),
-                );
-                profile::region_end(out_bsd, Part::AttentionBlock)
-            });
-            x_bsd = x_bsd + attn_bsd;
-            let h_bsd = block.ffn_norm.forward(x_bsd.clone());
-            let ffn_bsd = match (&block.dense, &block.moe) {
-                (Some(dense), None) => {
-                    let [b, s, d] = h_bsd.dims();
-                    dense.forward(h_bsd.reshape([b * s, d])).reshape([b, s, d])
+            let moe_out;
+            (x_bsd, moe_out) = match self.recompute {
+                ActivationCheckpointing::Full => {
+                    self.block_recomputed(block, x_bsd, &mut carry, &positions, reference)
                 }
-                (None, Some(moe)) => {
-                    let out = if reference {
-                        moe.forward_reference(h_bsd, &mut carry, gru)
-                    } else {
-                        moe.forward(h_bsd, &mut carry, gru)
+                ActivationCheckpointing::Selective | ActivationCheckpointing::None => {
+                    let pieces = BlockPieces {
+                        positions: &positions,
+                        attention: self.attention.clone(),
+                        precision: self.precision,
+                        reference,
+                        recompute_attention: self.recompute == ActivationCheckpointing::Selective,
                     };
-                    load_balance = load_balance + out.load_balance;
-                    z_loss = z_loss + out.z_loss;
-                    moe_stats.push((index, out.stats));
-                    out.y
+                    pieces.block(block, gru, x_bsd, &mut carry)
                 }
-                _ => unreachable!("a block has exactly one feed-forward"),
             };
-            x_bsd = x_bsd + ffn_bsd;
+            if let Some((lb, z, stats)) = moe_out {
+                load_balance = load_balance + lb;
+                z_loss = z_loss + z;
+                moe_stats.push((index, stats));
+            }
         }
         let h_bsd = self.final_norm.forward(x_bsd);
         let head_dv = match &self.lm_head {
@@ -501,6 +507,204 @@ impl Transformer {
             z_loss,
             moe_stats,
         }
+    }
+}
+
+/// A MoE layer's contribution: its load-balancing and z-loss terms [1] and statistics.
+type MoeTerms = Option<(Tensor<1>, Tensor<1>, MoeStats)>;
+
+/// How one block runs: everything its forward needs besides its weights.
+struct BlockPieces<'a> {
+    positions: &'a [usize],
+    attention: Arc<dyn AttentionImpl>,
+    precision: Precision,
+    reference: bool,
+    /// `selective` recomputation: the attention sub-block is one recomputed node.
+    recompute_attention: bool,
+}
+
+/// The attention sub-block as a module of its own (what `selective` recomputes).
+#[derive(Module, Debug)]
+struct AttentionSubBlock {
+    norm: RmsNorm,
+    attn: Attention,
+}
+
+/// A whole block with the router GRU it shares with the other layers (what `full`
+/// recomputes).
+#[derive(Module, Debug)]
+struct BlockUnit {
+    block: Block,
+    gru: Option<Gru>,
+}
+
+impl BlockPieces<'_> {
+    /// x [B, S, D] -> the block's output [B, S, D] and its MoE terms; `carry` is updated.
+    fn block(
+        &self,
+        block: &Block,
+        gru: Option<&Gru>,
+        x_bsd: Tensor<3>,
+        carry: &mut RouterCarry,
+    ) -> (Tensor<3>, MoeTerms) {
+        let attn_bsd = profile::time(Part::AttentionBlock, || {
+            let x_bsd = profile::region_start(x_bsd.clone(), Part::AttentionBlock);
+            let out_bsd = if self.recompute_attention {
+                self.attention_recomputed(block, x_bsd)
+            } else {
+                block.attn.forward(
+                    block.attn_norm.forward(x_bsd),
+                    self.positions,
+                    self.attention.as_ref(),
+                )
+            };
+            profile::region_end(out_bsd, Part::AttentionBlock)
+        });
+        let x_bsd = x_bsd + attn_bsd;
+        let h_bsd = block.ffn_norm.forward(x_bsd.clone());
+        let (ffn_bsd, terms) = match (&block.dense, &block.moe) {
+            (Some(dense), None) => {
+                let [b, s, d] = h_bsd.dims();
+                let y = dense.forward(h_bsd.reshape([b * s, d])).reshape([b, s, d]);
+                (y, None)
+            }
+            (None, Some(moe)) => {
+                let out = if self.reference {
+                    moe.forward_reference(h_bsd, carry, gru)
+                } else {
+                    moe.forward(h_bsd, carry, gru)
+                };
+                (out.y, Some((out.load_balance, out.z_loss, out.stats)))
+            }
+            _ => unreachable!("a block has exactly one feed-forward"),
+        };
+        (x_bsd + ffn_bsd, terms)
+    }
+
+    /// The attention sub-block as one recomputed node: keeps x [B, S, D] only.
+    fn attention_recomputed(&self, block: &Block, x_bsd: Tensor<3>) -> Tensor<3> {
+        let dims = x_bsd.dims();
+        let positions = self.positions.to_vec();
+        let attention = self.attention.clone();
+        let precision = self.precision;
+        let unit = AttentionSubBlock {
+            norm: block.attn_norm.clone(),
+            attn: block.attn.clone(),
+        };
+        let piece = Arc::new(move |unit: &AttentionSubBlock, inputs: Vec<Tensor<1>>| {
+            precision::scoped(precision, || {
+                let x_bsd = inputs[0].clone().reshape(dims);
+                let y = unit
+                    .attn
+                    .forward(unit.norm.forward(x_bsd), &positions, attention.as_ref());
+                (vec![y.reshape([dims.iter().product::<usize>()])], ())
+            })
+        });
+        let (mut out, ()) = recompute::checkpointed(
+            &unit,
+            vec![x_bsd.reshape([dims.iter().product::<usize>()])],
+            piece,
+        );
+        out.remove(0).reshape(dims)
+    }
+}
+
+impl Transformer {
+    /// `full` recomputation of one block: a recomputed node that keeps the block's input
+    /// x [B, S, D] and the router state it receives ([T, N] gating logits, [T, P] GRU
+    /// state) and returns the block's output, its MoE terms and the new router state.
+    fn block_recomputed(
+        &self,
+        block: &Block,
+        x_bsd: Tensor<3>,
+        carry: &mut RouterCarry,
+        positions: &[usize],
+        reference: bool,
+    ) -> (Tensor<3>, MoeTerms) {
+        let dims = x_bsd.dims();
+        let tokens = dims[0] * dims[1];
+        let is_moe = block.moe.is_some();
+        // Only a MoE block reads or writes the router state.
+        let carried_in = if is_moe {
+            [carry.prev_logits.clone(), carry.state.clone()]
+        } else {
+            [None, None]
+        };
+        let present = carried_in.each_ref().map(Option::is_some);
+        let widths = carried_in
+            .each_ref()
+            .map(|t| t.as_ref().map_or(0, |t| t.dims()[1]));
+        let mut inputs = vec![x_bsd.reshape([dims.iter().product::<usize>()])];
+        inputs.extend(carried_in.into_iter().flatten().map(|t| {
+            let n = t.dims().iter().product::<usize>();
+            t.reshape([n])
+        }));
+        let unit = BlockUnit {
+            block: block.clone(),
+            gru: self.router_gru.clone().filter(|_| is_moe),
+        };
+        let positions = positions.to_vec();
+        let attention = self.attention.clone();
+        let precision = self.precision;
+        let piece = Arc::new(move |unit: &BlockUnit, inputs: Vec<Tensor<1>>| {
+            let mut inputs = inputs.into_iter();
+            let x_bsd = inputs.next().expect("the block input").reshape(dims);
+            let mut take = |present: bool, width: usize| {
+                present.then(|| {
+                    inputs
+                        .next()
+                        .expect("a carried state")
+                        .reshape([tokens, width])
+                })
+            };
+            let mut carry = RouterCarry {
+                prev_logits: take(present[0], widths[0]),
+                state: take(present[1], widths[1]),
+            };
+            let pieces = BlockPieces {
+                positions: &positions,
+                attention: attention.clone(),
+                precision,
+                reference,
+                recompute_attention: false,
+            };
+            precision::scoped(precision, || {
+                let (y, terms) = pieces.block(&unit.block, unit.gru.as_ref(), x_bsd, &mut carry);
+                let mut out = vec![y.reshape([dims.iter().product::<usize>()])];
+                let stats = terms.map(|(lb, z, stats)| {
+                    out.extend([lb, z]);
+                    stats
+                });
+                let passed = [&carry.prev_logits, &carry.state].map(Option::is_some);
+                for t in [carry.prev_logits, carry.state].into_iter().flatten() {
+                    let [t_len, w] = t.dims();
+                    out.push(t.reshape([t_len * w]));
+                }
+                (out, (stats, passed))
+            })
+        });
+        let (outputs, (stats, passed)) = recompute::checkpointed(&unit, inputs, piece);
+        let mut outputs = outputs.into_iter();
+        let y = outputs.next().expect("the block output").reshape(dims);
+        let terms = stats.map(|stats| {
+            let lb = outputs.next().expect("the load-balancing term");
+            let z = outputs.next().expect("the z-loss term");
+            (lb, z, stats)
+        });
+        if is_moe {
+            // The router state the MoE layer passes on: gating logits (MoE++), then the GRU
+            // state (RMoE), in that order, each [T, width].
+            let mut next = |present: bool| {
+                present.then(|| {
+                    let t = outputs.next().expect("a carried state");
+                    let n = t.dims()[0];
+                    t.reshape([tokens, n / tokens])
+                })
+            };
+            carry.prev_logits = next(passed[0]);
+            carry.state = next(passed[1]);
+        }
+        (y, terms)
     }
 }
 

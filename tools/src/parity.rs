@@ -27,7 +27,8 @@ use switchyard_comm::{Buffer, Communicator, LocalWorld, ReduceOp};
 use switchyard_moe::config::{CapacityConfig, NullInit, NullNormalization};
 use switchyard_moe::params::{map_params, named_grads, named_params};
 use switchyard_moe::{
-    Component, ModelConfig, MoeConfig, ParamKey, RouterConfig, Transformer, cross_entropy,
+    ActivationCheckpointing, Component, ModelConfig, MoeConfig, ParamKey, RouterConfig,
+    Transformer, cross_entropy,
 };
 use switchyard_parallel::{
     CpAlgorithm, CpConfig, ExpertPlacement, GradSync, LossScale, Mesh, MeshShape, Overlap,
@@ -79,6 +80,8 @@ pub struct Case {
     pub shard: ShardOptimizer,
     /// Global-norm clipping (the reference clips too); `None` = none.
     pub grad_clip: Option<f64>,
+    /// Activation recomputation of the parallel run (the reference keeps everything).
+    pub recompute: ActivationCheckpointing,
 }
 
 impl Case {
@@ -94,6 +97,9 @@ impl Case {
         }
         if self.shard.is_sharded() {
             s += &format!(" shard_optimizer={:?}", self.shard);
+        }
+        if self.recompute != ActivationCheckpointing::None {
+            s += &format!(" recompute={:?}", self.recompute);
         }
         s
     }
@@ -177,6 +183,7 @@ pub fn all_cases() -> Vec<Case> {
         cp_algorithm: CpAlgorithm::Ring,
         shard: ShardOptimizer::None,
         grad_clip: None,
+        recompute: ActivationCheckpointing::None,
     };
     let mut cases = Vec::new();
     for (name, router) in routers() {
@@ -310,6 +317,7 @@ pub fn all_cases() -> Vec<Case> {
             cp_algorithm: CpAlgorithm::Ring,
             shard: ShardOptimizer::None,
             grad_clip: None,
+            recompute: ActivationCheckpointing::None,
         });
     }
     // Migration under the pipelined block: the new dispatchers keep the chunking.
@@ -327,6 +335,7 @@ pub fn all_cases() -> Vec<Case> {
         cp_algorithm: CpAlgorithm::Ring,
         shard: ShardOptimizer::None,
         grad_clip: None,
+        recompute: ActivationCheckpointing::None,
     });
     // Context parallelism, alone and with data and expert parallelism, both algorithms;
     // the null-expert router where cp meets ep.
@@ -349,6 +358,7 @@ pub fn all_cases() -> Vec<Case> {
                     cp_algorithm: algorithm,
                     shard: ShardOptimizer::None,
                     grad_clip: None,
+                    recompute: ActivationCheckpointing::None,
                 });
             }
         }
@@ -380,6 +390,7 @@ pub fn all_cases() -> Vec<Case> {
                 cp_algorithm: algorithm,
                 shard: ShardOptimizer::None,
                 grad_clip: None,
+                recompute: ActivationCheckpointing::None,
             });
         }
     }
@@ -420,6 +431,46 @@ pub fn all_cases() -> Vec<Case> {
         );
         (c.cp, c.shard, c.grad_clip) = (2, shard, Some(0.05));
         cases.push(c);
+    }
+    // Activation recomputation around the distributed nodes: the pipelined expert block and
+    // the all-to-all (recomputed with the whole block under `full`), ring attention and
+    // TokenRing (recomputed under both), every router family crossing recomputed blocks.
+    for recompute in [
+        ActivationCheckpointing::Full,
+        ActivationCheckpointing::Selective,
+    ] {
+        for (name, router) in routers() {
+            let mut c = case(
+                format!("{name}, recomputation"),
+                model_cfg(router, 2),
+                Forcing::None,
+                (2, 2),
+                None,
+            );
+            c.recompute = recompute;
+            cases.push(c);
+        }
+        let (_, top_k) = routers().remove(0);
+        let mut c = case(
+            "top-k, recomputation, pipelined block".into(),
+            model_cfg(top_k.clone(), 2),
+            Forcing::None,
+            (1, 4),
+            None,
+        );
+        (c.recompute, c.overlap) = (recompute, Some(Overlap::Chunks(2)));
+        cases.push(c);
+        for algorithm in [CpAlgorithm::Ring, CpAlgorithm::TokenRing] {
+            let mut c = case(
+                "qwen-shaped, recomputation, context parallel".into(),
+                qwen_shaped_cfg(),
+                Forcing::None,
+                (1, 2),
+                None,
+            );
+            (c.recompute, c.cp, c.cp_algorithm) = (recompute, 2, algorithm);
+            cases.push(c);
+        }
     }
     cases
 }
@@ -641,7 +692,7 @@ fn parallel(
         mesh = mesh.with_ep_overlap(overlap);
     }
     let mut model = apply_layout(
-        build(cfg, case.forcing, &device),
+        build(cfg, case.forcing, &device).with_recompute(case.recompute),
         &mesh,
         &placement,
         &CpConfig {

@@ -87,6 +87,13 @@ fn sharded_optimizer_matches_single_process() {
     run_matching(|c| c.shard.is_sharded());
 }
 
+/// Activation recomputation (`full`, `selective`) around the all-to-all, the pipelined
+/// expert block, ring attention and TokenRing, every router family: equal to one process.
+#[test]
+fn recomputation_matches_single_process() {
+    run_matching(|c| c.recompute != switchyard_moe::ActivationCheckpointing::None);
+}
+
 /// The matrix covers every layout with every router.
 #[test]
 fn the_matrix_is_complete() {

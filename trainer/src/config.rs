@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use switchyard_moe::{ModelConfig, Precision};
+use switchyard_moe::{ActivationCheckpointing, ModelConfig, Precision};
 use switchyard_parallel::{CommBackendConfig, CommConfig, ParallelConfig};
 use switchyard_placement::{PlacementConfig, Strategy};
 
@@ -145,6 +145,22 @@ impl Config {
             ));
         }
         issues.extend(self.device_issues());
+        if self.device.is_cuda()
+            && self.train.activation_checkpointing != ActivationCheckpointing::None
+        {
+            issues.push((
+                "train.activation_checkpointing".to_string(),
+                format!(
+                    "is `{}` but device is `{}`: activation recomputation runs on the CPU \
+                     backend only so far; use `none` on GPUs",
+                    serde_json::to_value(self.train.activation_checkpointing)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    self.device
+                ),
+            ));
+        }
         // Combinations that span components.
         if self.data.seq_len > self.model.max_seq_len {
             issues.push((
@@ -220,6 +236,10 @@ pub struct TrainConfig {
     /// What to do when the loss or a gradient is NaN or infinite.
     #[serde(default)]
     pub nonfinite: NonFinitePolicy,
+    /// What the backward recomputes instead of keeping: `none`, `full` (every block from
+    /// its input) or `selective` (the attention sub-blocks); `switchyard_moe::recompute`.
+    #[serde(default)]
+    pub activation_checkpointing: ActivationCheckpointing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

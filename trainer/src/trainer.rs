@@ -80,8 +80,9 @@ impl Trainer {
         device: &Device,
         world: Option<Box<dyn Communicator>>,
     ) -> Result<Self, TrainError> {
-        let mut model =
-            Transformer::new(&cfg.model, cfg.run.seed, device).with_precision(cfg.precision);
+        let mut model = Transformer::new(&cfg.model, cfg.run.seed, device)
+            .with_precision(cfg.precision)
+            .with_recompute(cfg.train.activation_checkpointing);
         let signature = signature(&model);
         let layout = match world {
             Some(world) => {

@@ -1,0 +1,240 @@
+//! Activation recomputation (`train.activation_checkpointing`) changes memory, not results,
+//! for every router family (MoE++'s gating residual and the recurrent router's GRU state
+//! cross the recomputed blocks), with dense layers between MoE layers, a shared expert and
+//! capacity dropping: the loss and auxiliary losses are the same bits; `selective`'s
+//! gradients are the same bits; `full`'s are too without auxiliary losses or shared
+//! parameters, and within 1e-6 relative otherwise (why: `moe/src/recompute.rs`, "Bits").
+//! Evaluation (no autodiff) is unchanged.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use switchyard_moe::config::{
+    CapacityConfig, ModelConfig, MoeConfig, NullInit, NullNormalization, RouterConfig,
+    SharedExpertConfig,
+};
+use switchyard_moe::params::named_grads;
+use switchyard_moe::{ActivationCheckpointing, Transformer, cross_entropy};
+
+const V: usize = 40;
+const B: usize = 2;
+const S: usize = 9;
+
+fn model_cfg(router: RouterConfig, every: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: V,
+        d_model: 16,
+        n_heads: 4,
+        n_layers: 3,
+        ffn_dim: 24,
+        max_seq_len: 32,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: false,
+        init_std: 0.1,
+        attention: Default::default(),
+        moe: MoeConfig {
+            every,
+            num_experts: 4,
+            top_k: 2,
+            expert_ffn_dim: 12,
+            router,
+            capacity: CapacityConfig::Dropless {},
+            shared_expert: None,
+            load_balance_coef: 0.01,
+            z_loss_coef: 0.001,
+        },
+    }
+}
+
+fn routers() -> Vec<(&'static str, RouterConfig)> {
+    vec![
+        (
+            "top-k",
+            RouterConfig::TopKSoftmax {
+                normalize_weights: true,
+            },
+        ),
+        (
+            "null experts",
+            RouterConfig::NullExperts {
+                num_null: 2,
+                normalize: NullNormalization::default(),
+                null_init: NullInit::default(),
+                anneal: None,
+            },
+        ),
+        (
+            "MoE++",
+            RouterConfig::MoePlusPlus {
+                zero: 1,
+                copy: 1,
+                constant: 1,
+                tau: 0.75,
+                gating_residual: true,
+                normalize_weights: false,
+            },
+        ),
+        (
+            "recurrent",
+            RouterConfig::Recurrent {
+                state_dim: 8,
+                detach_state: false,
+                normalize_weights: true,
+            },
+        ),
+    ]
+}
+
+/// (loss, load balance, z-loss) bits and every gradient's bits.
+type Outcome = ([u32; 3], BTreeMap<String, Vec<u32>>);
+
+fn run(cfg: &ModelConfig, mode: ActivationCheckpointing) -> Outcome {
+    let device = Device::flex().autodiff();
+    let model = Transformer::new(cfg, 11, &device).with_recompute(mode);
+    let tokens: Vec<i64> = (0..B * (S + 1)).map(|i| ((i * 7 + 3) % V) as i64).collect();
+    let rows = |skip: usize| -> Tensor<2, Int> {
+        let v: Vec<i64> = tokens
+            .chunks(S + 1)
+            .flat_map(|r| r[skip..skip + S].to_vec())
+            .collect();
+        Tensor::from_data(TensorData::new(v, [B, S]), &device)
+    };
+    let out = model.forward(rows(0));
+    let bits = |t: &Tensor<1>| t.clone().inner().into_scalar::<f32>().to_bits();
+    let ce = cross_entropy(out.logits.clone(), rows(1));
+    let scalars = [bits(&ce), bits(&out.load_balance), bits(&out.z_loss)];
+    let loss = ce + out.aux_loss(cfg, 0);
+    let grads = named_grads(&model, &loss.backward())
+        .into_iter()
+        .map(|(key, g)| {
+            let v: Vec<f32> = g.inner().into_data().convert::<f32>().try_to_vec().unwrap();
+            (key.to_string(), v.into_iter().map(f32::to_bits).collect())
+        })
+        .collect();
+    (scalars, grads)
+}
+
+/// The worst per-tensor relative difference of the gradients (max |a - b| / max |b|, as
+/// the layout parity matrix measures), after checking that loss, auxiliary losses and the
+/// set of parameters with a gradient are the same bits.
+fn compare(label: &str, want: &Outcome, got: &Outcome) -> f32 {
+    assert_eq!(want.0, got.0, "{label}: loss / aux loss bits differ");
+    assert_eq!(
+        want.1.keys().collect::<Vec<_>>(),
+        got.1.keys().collect::<Vec<_>>(),
+        "{label}: the parameters with a gradient differ"
+    );
+    let mut worst = 0f32;
+    for (name, w) in &want.1 {
+        let (w, g): (Vec<f32>, Vec<f32>) = w
+            .iter()
+            .zip(&got.1[name])
+            .map(|(a, b)| (f32::from_bits(*a), f32::from_bits(*b)))
+            .unzip();
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = w
+            .iter()
+            .zip(&g)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let rel = if scale == 0.0 { diff } else { diff / scale };
+        worst = worst.max(rel);
+    }
+    worst
+}
+
+/// `selective` gives the same bits; `full` too when no auxiliary loss crosses a recomputed
+/// block and no parameter is shared between blocks, and otherwise the same loss bits with
+/// gradients within `FULL_TOL` (see "Bits" in `moe/src/recompute.rs`).
+fn check(label: &str, cfg: &ModelConfig) {
+    let want = run(cfg, ActivationCheckpointing::None);
+    assert!(want.1.len() > 10, "{label}: gradients were computed");
+    let selective = compare(label, &want, &run(cfg, ActivationCheckpointing::Selective));
+    assert_eq!(
+        selective, 0.0,
+        "{label}, selective: gradients differ ({selective:e})"
+    );
+    let full = compare(label, &want, &run(cfg, ActivationCheckpointing::Full));
+    let aux = cfg.moe.load_balance_coef != 0.0 || cfg.moe.z_loss_coef != 0.0;
+    let shared_gru = matches!(cfg.moe.router, RouterConfig::Recurrent { .. });
+    eprintln!("{label}: full recomputation, worst gradient difference {full:e}");
+    if aux || shared_gru {
+        assert!(
+            full <= FULL_TOL,
+            "{label}, full: gradients differ by {full:e}"
+        );
+    } else {
+        assert_eq!(
+            full, 0.0,
+            "{label}, full without auxiliary losses: {full:e}"
+        );
+    }
+}
+
+/// Relative tolerance of `full` recomputation's gradients when auxiliary losses are on.
+const FULL_TOL: f32 = 1e-6;
+
+#[test]
+fn without_auxiliary_losses_or_shared_parameters_full_recomputation_gives_the_same_bits() {
+    for (name, router) in routers() {
+        let mut cfg = model_cfg(router, 1);
+        cfg.moe.load_balance_coef = 0.0;
+        cfg.moe.z_loss_coef = 0.0;
+        check(&format!("{name}, no auxiliary loss"), &cfg);
+    }
+}
+
+#[test]
+fn every_router_family_gives_the_same_bits() {
+    for (name, router) in routers() {
+        check(name, &model_cfg(router.clone(), 1));
+        check(
+            &format!("{name}, dense layer between"),
+            &model_cfg(router, 2),
+        );
+    }
+}
+
+#[test]
+fn shared_experts_and_capacity_dropping_give_the_same_bits() {
+    let (_, top_k) = routers().remove(0);
+    let mut cfg = model_cfg(top_k, 1);
+    cfg.moe.shared_expert = Some(SharedExpertConfig {
+        count: 1,
+        ffn_dim: 8,
+        gate: true,
+    });
+    check("gated shared expert", &cfg);
+    let (_, top_k) = routers().remove(0);
+    let mut cfg = model_cfg(top_k, 1);
+    cfg.moe.capacity = CapacityConfig::Drop { factor: 0.5 };
+    check("capacity drop", &cfg);
+}
+
+#[test]
+fn evaluation_is_unchanged() {
+    let (_, router) = routers().remove(3);
+    let cfg = model_cfg(router, 1);
+    let device = Device::flex();
+    let tokens = Tensor::<2, Int>::from_data(
+        TensorData::new(
+            (0..B * S).map(|i| (i % V) as i64).collect::<Vec<_>>(),
+            [B, S],
+        ),
+        &device,
+    );
+    let logits = |mode| {
+        let out = Transformer::new(&cfg, 3, &device)
+            .with_recompute(mode)
+            .forward(tokens.clone());
+        out.logits
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    assert_eq!(
+        logits(ActivationCheckpointing::None),
+        logits(ActivationCheckpointing::Full)
+    );
+}
