@@ -13,6 +13,44 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Bytes handed out and not yet freed, as requested (not size classes, not the cache), and
+/// their highest value since [`reset_peak`]: what the process holds, for the memory
+/// figures of a step (`Trainer::step`) and `estimate-memory`'s checks. Zero unless the
+/// binary installed [`ReuseLarge`] as its global allocator.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn counted_alloc(bytes: usize) {
+    let live = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK.fetch_max(live, Ordering::Relaxed);
+}
+
+fn counted_free(bytes: usize) {
+    LIVE.fetch_sub(bytes, Ordering::Relaxed);
+}
+
+/// Bytes the process holds now (requested sizes); 0 without [`ReuseLarge`] installed.
+pub fn live_bytes() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// The most bytes held at once since the last [`reset_peak`] (or the start).
+pub fn peak_bytes() -> usize {
+    PEAK.load(Ordering::Relaxed)
+}
+
+/// Starts a new peak from what is held now; returns the previous peak.
+pub fn reset_peak() -> usize {
+    PEAK.swap(LIVE.load(Ordering::Relaxed), Ordering::Relaxed)
+}
+
+/// Whether the counting allocator is the process's global allocator (something is always
+/// allocated by the time anyone asks).
+pub fn counting() -> bool {
+    live_bytes() > 0
+}
 
 /// Blocks smaller than this go straight to the system allocator (its free lists reuse them
 /// without the kernel's help).
@@ -142,6 +180,44 @@ fn cached(layout: Layout) -> bool {
 // owned by nobody else: the cache gives each block out once and takes it back on `dealloc`.
 unsafe impl GlobalAlloc for ReuseLarge {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded as is.
+        let p = unsafe { self.alloc_uncounted(layout) };
+        if !p.is_null() {
+            counted_alloc(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded as is.
+        let p = unsafe { self.alloc_zeroed_uncounted(layout) };
+        if !p.is_null() {
+            counted_alloc(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        counted_free(layout.size());
+        // SAFETY: forwarded as is.
+        unsafe { self.dealloc_uncounted(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded as is.
+        let p = unsafe { self.realloc_uncounted(ptr, layout, new_size) };
+        if !p.is_null() {
+            counted_free(layout.size());
+            counted_alloc(new_size);
+        }
+        p
+    }
+}
+
+impl ReuseLarge {
+    /// # Safety
+    /// `GlobalAlloc::alloc`'s contract.
+    unsafe fn alloc_uncounted(&self, layout: Layout) -> *mut u8 {
         if !cached(layout) {
             // SAFETY: forwarded as is.
             return unsafe { System.alloc(layout) };
@@ -154,7 +230,9 @@ unsafe impl GlobalAlloc for ReuseLarge {
         }
     }
 
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+    /// # Safety
+    /// `GlobalAlloc::alloc_zeroed`'s contract.
+    unsafe fn alloc_zeroed_uncounted(&self, layout: Layout) -> *mut u8 {
         if !cached(layout) {
             // SAFETY: forwarded as is.
             return unsafe { System.alloc_zeroed(layout) };
@@ -171,7 +249,9 @@ unsafe impl GlobalAlloc for ReuseLarge {
         }
     }
 
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+    /// # Safety
+    /// `GlobalAlloc::dealloc`'s contract.
+    unsafe fn dealloc_uncounted(&self, ptr: *mut u8, layout: Layout) {
         if !cached(layout) {
             // SAFETY: such a block came from `System` with this layout.
             return unsafe { System.dealloc(ptr, layout) };
@@ -182,7 +262,9 @@ unsafe impl GlobalAlloc for ReuseLarge {
         });
     }
 
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    /// # Safety
+    /// `GlobalAlloc::realloc`'s contract.
+    unsafe fn realloc_uncounted(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller's layout rules hold for the new layout too.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
         if !cached(layout) && !cached(new_layout) {
@@ -196,10 +278,10 @@ unsafe impl GlobalAlloc for ReuseLarge {
         // SAFETY: a fresh block for the new layout, the old one's bytes moved over and the
         // old one given back with its own layout.
         unsafe {
-            let new = self.alloc(new_layout);
+            let new = self.alloc_uncounted(new_layout);
             if !new.is_null() {
                 std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
-                self.dealloc(ptr, layout);
+                self.dealloc_uncounted(ptr, layout);
             }
             new
         }

@@ -7,6 +7,7 @@ use switchyard_trainer::checkpoint::{self, resume_target};
 use switchyard_trainer::config::Config;
 use switchyard_trainer::data::{Corpus, InputFormat, Tokenizer, build_tokenizer, prepare_data};
 use switchyard_trainer::device::DeviceConfig;
+use switchyard_trainer::memory;
 use switchyard_trainer::{ablation, bench as bench_impl, train as train_impl};
 
 use switchyard_comm::{CommBackendConfig, Communicator, LinkModel, LocalWorld};
@@ -823,6 +824,82 @@ pub fn prepare(
     };
     let report = prepare_data(inputs, format, &tokenizer, output)?;
     println!("{report}");
+    Ok(())
+}
+
+/// `switchyard estimate-memory`: [`memory::MemoryEstimate`] of one rank as a table, and
+/// whether the ranks this process would hold fit this machine.
+pub fn estimate_memory(cfg: &Config) -> Result<()> {
+    let e = memory::MemoryEstimate::per_rank(cfg);
+    let p = &cfg.parallel;
+    let counts = memory::param_counts(&cfg.model, p.ep);
+    let mib = |b: f64| format!("{:>12.1} MiB", b / f64::from(1 << 20));
+    let name = |v: serde_json::Value| v.as_str().unwrap_or("?").to_string();
+    println!(
+        "memory per rank: dp={} cp={} ep={} ({} ranks), {} rows x {} tokens per micro-batch, \
+         {} micro-batch(es), precision {}, shard_optimizer {}, activation_checkpointing {}",
+        p.dp,
+        p.cp,
+        p.ep,
+        p.world_size(),
+        cfg.data.batch_size / p.batch_shards().max(1),
+        cfg.data.seq_len / p.cp.max(1),
+        cfg.train.grad_accum_steps,
+        name(serde_json::to_value(cfg.precision)?),
+        name(serde_json::to_value(p.shard_optimizer)?),
+        name(serde_json::to_value(cfg.train.activation_checkpointing)?),
+    );
+    println!(
+        "  parameters held      {:>12.0}     (replicated {:.0}, routed experts {:.0})",
+        counts.total(),
+        counts.dense,
+        counts.experts
+    );
+    println!("  weights (f32)      {}", mib(e.weights));
+    println!("  gradients          {}   most held at once", mib(e.grads));
+    println!(
+        "  optimizer (AdamW)  {}   moments of the owned parameters",
+        mib(e.optimizer)
+    );
+    println!(
+        "  activations        {}   one micro-batch; {} without recomputation",
+        mib(e.activations),
+        mib(e.activations_kept).trim()
+    );
+    for (layer, bytes) in e.per_layer.iter().enumerate() {
+        println!(
+            "    layer {layer:<3}        {}   kept without recomputation",
+            mib(*bytes)
+        );
+    }
+    println!(
+        "  communication      {}   gradient buckets in flight, expert rows",
+        mib(e.comm)
+    );
+    for (phase, bytes) in e.phases.iter().filter(|(_, b)| *b > 0.0) {
+        println!("    {phase:<22}{}", mib(*bytes));
+    }
+    println!(
+        "  peak (estimate)    {}   the largest phase of a step",
+        mib(e.total)
+    );
+    let ranks = ranks_in_process(cfg);
+    match memory::available_memory() {
+        Some((available, source)) => {
+            let need = e.total * ranks as f64;
+            println!(
+                "this machine: {} ({source}); {ranks} rank(s) in one process need {}: {}",
+                memory::gib(available),
+                memory::gib(need),
+                if need <= available {
+                    "fits"
+                } else {
+                    "does not fit"
+                }
+            );
+        }
+        None => println!("this machine's memory is unknown"),
+    }
     Ok(())
 }
 

@@ -186,6 +186,13 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Print the memory one rank of the config's layout needs: weights, gradients,
+    /// optimizer state, activations (per layer and per micro-batch, with and without
+    /// recomputation), communication buffers and the peak, against this machine's memory.
+    EstimateMemory {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Print a checkpoint's contents and verify its checksums.
     InspectCheckpoint {
         /// Checkpoint directory (`.../step-00000100`).
@@ -345,6 +352,12 @@ fn error_chain(err: &anyhow::Error) -> String {
 /// A config that cannot fit in this machine's memory is one too
 /// (`switchyard_trainer::memory`), checked once the config itself is valid.
 fn load(args: &ConfigArgs) -> Result<Config> {
+    load_with(args, true)
+}
+
+/// [`load`]; `check_memory: false` leaves out the memory refusal (for `estimate-memory`,
+/// which reports the estimate whatever it is).
+fn load_with(args: &ConfigArgs, check_memory: bool) -> Result<Config> {
     let cfg: Config = load_config_checked(&args.config, &args.overrides, |cfg: &Config| {
         let mut issues = cfg.validate();
         issues.extend(
@@ -354,6 +367,7 @@ fn load(args: &ConfigArgs) -> Result<Config> {
                 .map(|(path, msg)| (format!("data.{path}"), msg)),
         );
         if issues.is_empty()
+            && check_memory
             && let Some((available, source)) = memory::available_memory()
         {
             let ranks = commands::ranks_in_process(cfg);
@@ -474,6 +488,10 @@ fn run(command: Command) -> Result<()> {
             print!("{}", config::loader::resolved_yaml(&cfg));
             eprintln!("{}: OK", config.config.display());
             Ok(())
+        }
+        Command::EstimateMemory { config } => {
+            let cfg = load_with(&config, false)?;
+            commands::estimate_memory(&cfg)
         }
         Command::InspectCheckpoint { path } => commands::inspect(&path),
         Command::Ablate { config } => {

@@ -29,25 +29,37 @@
 
 use std::fmt;
 
-use switchyard_moe::{ModelConfig, RouterConfig};
+use switchyard_moe::config::AttentionBias;
+use switchyard_moe::{ActivationCheckpointing, ModelConfig, RouterConfig};
+use switchyard_parallel::ShardOptimizer;
 
 use crate::config::Config;
 
 const F32: f64 = 4.0;
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Bytes one rank needs, by kind (see the module legend).
+/// A rank's parameters: the replicated (dense) ones and the routed experts it holds.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MemoryEstimate {
-    pub weights: f64,
-    pub grads: f64,
-    pub optimizer: f64,
-    pub activations: f64,
-    pub total: f64,
+pub struct ParamCounts {
+    /// Held by every rank (embeddings, attention, norms, routers, dense and shared FFNs).
+    pub dense: f64,
+    /// The routed experts of this rank (E/ep per MoE layer), replicated over dp x cp.
+    pub experts: f64,
+}
+
+impl ParamCounts {
+    pub fn total(&self) -> f64 {
+        self.dense + self.experts
+    }
 }
 
 /// Parameters of the model with expert parallelism `ep`: every expert counted `1/ep` times.
 pub fn parameters(model: &ModelConfig, ep: usize) -> f64 {
+    param_counts(model, ep).total()
+}
+
+/// [`parameters`] split into replicated and expert parameters.
+pub fn param_counts(model: &ModelConfig, ep: usize) -> ParamCounts {
     let d = model.d_model as f64;
     let v = model.vocab_size as f64;
     let moe = &model.moe;
@@ -80,23 +92,42 @@ pub fn parameters(model: &ModelConfig, ep: usize) -> f64 {
             (d * s + s * slots, 6.0 * s * s + 3.0 * s)
         }
     };
-    let shared = moe
-        .shared_expert
-        .as_ref()
-        .map_or(0.0, |s| s.count as f64 * swiglu(s.ffn_dim));
-    let experts = moe.num_experts as f64 / ep.max(1) as f64 * swiglu(moe.expert_ffn_dim);
-    let moe_block = router + experts + shared;
+    let shared = moe.shared_expert.as_ref().map_or(0.0, |s| {
+        s.count as f64 * swiglu(s.ffn_dim) + if s.gate { d } else { 0.0 }
+    });
     let (moe_layers, dense_layers) = layer_counts(model);
-    let per_layer = 4.0 * d * d + 2.0 * d;
     let head = if model.tie_embeddings { 0.0 } else { d * v };
     let any_moe = if moe_layers > 0.0 { router_once } else { 0.0 };
-    v * d
-        + head
-        + model.n_layers as f64 * per_layer
-        + moe_layers * moe_block
-        + dense_layers * swiglu(model.ffn_dim)
-        + d
-        + any_moe
+    let experts = moe.num_experts as f64 / ep.max(1) as f64 * swiglu(moe.expert_ffn_dim);
+    ParamCounts {
+        dense: v * d
+            + head
+            + model.n_layers as f64 * (attention_params(model) + 2.0 * d)
+            + moe_layers * (router + shared)
+            + dense_layers * swiglu(model.ffn_dim)
+            + d
+            + any_moe,
+        experts: moe_layers * experts,
+    }
+}
+
+/// One attention block: q and o projections D x (H Dh), k and v D x (KV Dh), their biases
+/// and the per-head q/k norm gains.
+fn attention_params(model: &ModelConfig) -> f64 {
+    let d = model.d_model as f64;
+    let q = (model.n_heads * model.head_dim()) as f64;
+    let kv = (model.kv_heads() * model.head_dim()) as f64;
+    let bias = match model.attention.bias {
+        AttentionBias::None => 0.0,
+        AttentionBias::Qkv => q + 2.0 * kv,
+        AttentionBias::All => q + 2.0 * kv + d,
+    };
+    let qk_norm = if model.attention.qk_norm {
+        2.0 * model.head_dim() as f64
+    } else {
+        0.0
+    };
+    2.0 * d * q + 2.0 * d * kv + bias + qk_norm
 }
 
 /// (MoE layers, dense layers): layer `l` is MoE when `l` is a multiple of `moe.every`.
@@ -109,29 +140,190 @@ fn layer_counts(model: &ModelConfig) -> (f64, f64) {
     (moe as f64, (l - moe) as f64)
 }
 
+/// Bytes of one micro-batch's activations kept for the backward, per token (f32), of one
+/// block: its attention sub-block and its feed-forward / MoE sub-block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct LayerActivations {
+    attention: f64,
+    ffn: f64,
+}
+
+/// What a block keeps per token. Attention: the norm's input and output, q, k, v (k and v
+/// again at H heads when grouped), the attention probabilities (H x S: the fused core keeps
+/// them) and the attention output; feed-forward: the norm's input and output, then a dense
+/// SwiGLU's gate, up and product (3 F), or the router's logits, probabilities and weights
+/// (3 slots), the K dispatched rows and expert outputs (2 K D) with their gate, up and
+/// product (3 K Fe), and the shared experts'.
+fn layer_activations(model: &ModelConfig, seq_len: f64, moe: bool) -> LayerActivations {
+    let d = model.d_model as f64;
+    let q = (model.n_heads * model.head_dim()) as f64;
+    let kv = (model.kv_heads() * model.head_dim()) as f64;
+    let grouped = if kv < q { 2.0 * q } else { 0.0 };
+    let attention = 2.0 * d + q + 2.0 * kv + grouped + model.n_heads as f64 * seq_len + q;
+    let m = &model.moe;
+    let ffn = if moe {
+        let slots = m.num_experts as f64
+            + match &m.router {
+                RouterConfig::NullExperts { num_null, .. } => *num_null as f64,
+                RouterConfig::MoePlusPlus {
+                    zero,
+                    copy,
+                    constant,
+                    ..
+                } => (*zero + *copy + *constant) as f64,
+                _ => 0.0,
+            };
+        let k = m.top_k as f64;
+        let shared = m
+            .shared_expert
+            .as_ref()
+            .map_or(0.0, |s| s.count as f64 * (3.0 * s.ffn_dim as f64 + d));
+        2.0 * d + 3.0 * slots + k * (2.0 * d + 3.0 * m.expert_ffn_dim as f64) + shared
+    } else {
+        2.0 * d + 3.0 * model.ffn_dim as f64
+    };
+    LayerActivations {
+        attention: F32 * attention,
+        ffn: F32 * ffn,
+    }
+}
+
+/// Bytes one rank needs, by kind (see the module legend), and the peak they make.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryEstimate {
+    /// f32 parameters this rank holds.
+    pub weights: f64,
+    /// The most gradient bytes held at once (a micro-batch's, the accumulated ones, the
+    /// synced ones).
+    pub grads: f64,
+    /// AdamW's two f32 moments of the parameters this rank owns.
+    pub optimizer: f64,
+    /// One micro-batch's activations kept for the backward, with the configured
+    /// recomputation, at their peak (the start of the backward).
+    pub activations: f64,
+    /// The same without recomputation.
+    pub activations_kept: f64,
+    /// Per block (kept without recomputation), by layer.
+    pub per_layer: Vec<f64>,
+    /// Gradient-sync buffers (every bucket in flight) and the expert all-to-all's rows.
+    pub comm: f64,
+    /// What each phase of a step holds at its worst moment: (name, bytes).
+    pub phases: Vec<(&'static str, f64)>,
+    /// The peak: the largest of the step's phases (forward/backward, gradient sync,
+    /// optimizer update, weight all-gather).
+    pub total: f64,
+}
+
 impl MemoryEstimate {
     /// The estimate for one rank of `cfg`'s layout.
     pub fn per_rank(cfg: &Config) -> MemoryEstimate {
         let p = &cfg.parallel;
         let m = &cfg.model;
-        let params = parameters(m, p.ep);
-        let weights = params * F32;
+        let counts = param_counts(m, p.ep);
+        let params = counts.total();
+        let weights = F32 * params;
+        // Owned share of each parameter kind under sharding.
+        let sharded = p.shard_optimizer.is_sharded();
+        let owned = if sharded {
+            counts.dense / p.world_size().max(1) as f64
+                + counts.experts / (p.dp * p.cp).max(1) as f64
+        } else {
+            params
+        };
+        let optimizer = 2.0 * F32 * owned;
         let rows = (cfg.data.batch_size as f64 / p.batch_shards().max(1) as f64).ceil();
         let seq = cfg.data.seq_len as f64;
         let tokens = rows * (seq / p.cp.max(1) as f64).ceil();
-        let (d, layers) = (m.d_model as f64, m.n_layers as f64);
-        let (moe_layers, dense_layers) = layer_counts(m);
-        let ffn = moe_layers * 3.0 * m.moe.top_k as f64 * m.moe.expert_ffn_dim as f64
-            + dense_layers * 3.0 * m.ffn_dim as f64;
-        let per_layer = tokens * 8.0 * d + rows * m.n_heads as f64 * seq * seq;
-        let activations =
-            F32 * (layers * per_layer + tokens * ffn + tokens * 2.0 * m.vocab_size as f64);
+        let d = m.d_model as f64;
+        let per_layer: Vec<LayerActivations> = (0..m.n_layers)
+            .map(|l| layer_activations(m, seq, m.is_moe_layer(l)))
+            .collect();
+        // Embedding output, final norm, logits and their gradient.
+        let ends = F32 * (3.0 * d + 2.0 * m.vocab_size as f64);
+        let kept: f64 = per_layer.iter().map(|a| a.attention + a.ffn).sum();
+        let largest = per_layer
+            .iter()
+            .map(|a| a.attention + a.ffn)
+            .fold(0.0, f64::max);
+        let carry = F32 * m.moe.num_experts as f64;
+        let recomputed = match cfg.train.activation_checkpointing {
+            ActivationCheckpointing::None => kept,
+            // Each block's input (and router state); the rebuilt block is the workspace.
+            ActivationCheckpointing::Full => m.n_layers as f64 * (F32 * d + carry),
+            // The attention sub-blocks keep their input; the rebuilt one is the workspace.
+            ActivationCheckpointing::Selective => {
+                per_layer.iter().map(|a| F32 * d + a.ffn).sum::<f64>()
+            }
+        };
+        let activations = tokens * (recomputed + ends);
+        let activations_kept = tokens * (kept + ends);
+        // The backward of one block needs about as much again as the block keeps (the
+        // gradients of what it kept); a recomputed block is rebuilt first.
+        let workspace = tokens
+            * match cfg.train.activation_checkpointing {
+                ActivationCheckpointing::None => largest,
+                ActivationCheckpointing::Full => 2.0 * largest,
+                ActivationCheckpointing::Selective => {
+                    largest + per_layer.iter().map(|a| a.attention).fold(0.0, f64::max)
+                }
+            };
+        let accum = cfg.train.grad_accum_steps;
+        let local_grads = F32 * params;
+        let owned_grads = F32 * owned;
+        // The accumulated gradients of earlier micro-batches.
+        let accumulated = match (accum > 1, p.shard_optimizer) {
+            (false, _) => 0.0,
+            (true, ShardOptimizer::StatesAndGrads) => owned_grads,
+            (true, _) => local_grads,
+        };
+        let multi_rank = p.world_size() > 1;
+        let sync_flat = if multi_rank { local_grads } else { 0.0 };
+        let a2a = if p.ep > 1 {
+            2.0 * F32 * tokens * m.moe.top_k as f64 * d
+        } else {
+            0.0
+        };
+        let held = weights + optimizer;
+        // The backward's worst moment: its start (every activation kept, the last block's
+        // backward running) or its end (every gradient made, the first block's backward).
+        let backward = held
+            + accumulated
+            + a2a
+            + (activations + workspace).max(local_grads + workspace + tokens * ends);
+        let sync = if multi_rank {
+            // Local gradients, their flat copies in flight, the summed (or owned) result.
+            held + accumulated.max(local_grads) + sync_flat + owned_grads
+        } else {
+            0.0
+        };
+        // The update writes new weights and moments beside the old ones.
+        let update = held + owned_grads + F32 * owned + optimizer;
+        // The all-gather builds every new value beside the old weights, from flat buffers.
+        let gather = if sharded {
+            held + owned_grads + 2.0 * weights
+        } else {
+            0.0
+        };
+        let phases = vec![
+            ("forward and backward", backward),
+            ("gradient sync", sync),
+            ("optimizer update", update),
+            ("weight all-gather", gather),
+        ];
+        let total = phases.iter().map(|(_, b)| *b).fold(0.0, f64::max);
         MemoryEstimate {
             weights,
-            grads: weights,
-            optimizer: 2.0 * weights,
+            grads: (accumulated + local_grads).max(local_grads + owned_grads),
+            optimizer,
             activations,
-            total: 4.0 * weights + activations,
+            activations_kept,
+            per_layer: per_layer
+                .iter()
+                .map(|a| tokens * (a.attention + a.ffn))
+                .collect(),
+            comm: sync_flat.max(a2a),
+            phases,
+            total,
         }
     }
 }
@@ -165,12 +357,14 @@ impl fmt::Display for MemoryEstimate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} (weights {}, gradients {}, AdamW moments {}, activations {})",
+            "{} at the peak (weights {}, gradients {}, AdamW moments {}, activations {}, \
+             communication buffers {})",
             gib(self.total),
             gib(self.weights),
             gib(self.grads),
             gib(self.optimizer),
-            gib(self.activations)
+            gib(self.activations),
+            gib(self.comm)
         )
     }
 }

@@ -491,6 +491,22 @@ pub struct StepReport {
     pub skipped: bool,
     pub tokens: u64,
     pub seconds: f64,
+    /// Measured by the counting allocator; `None` when the process runs without it.
+    pub memory: Option<StepMemory>,
+}
+
+/// What a step held, measured (bytes of live allocations, `switchyard_kernels::alloc`). Per
+/// process: ranks that are threads of one process share the figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepMemory {
+    /// Held when the step began: weights, optimizer moments, data, buffers kept between
+    /// steps.
+    pub at_start: u64,
+    /// Held after the last micro-batch's backward, before the gradient sync: `at_start`
+    /// plus the accumulated gradients (everything else of the backward is freed by then).
+    pub before_sync: u64,
+    /// The most held at once during the step, on each rank (world order).
+    pub peak_per_rank: Vec<u64>,
 }
 
 impl StepReport {
@@ -528,6 +544,26 @@ pub fn step_scalars(
         ("train/tokens_seen".into(), tokens_seen as f64),
         ("train/skipped".into(), report.skipped as u8 as f64),
     ]
+    .into_iter()
+    .chain(report.memory.iter().flat_map(|m| {
+        let peak = m.peak_per_rank.iter().copied().max().unwrap_or(0);
+        [
+            ("memory/peak_bytes".to_string(), peak as f64),
+            ("memory/held_bytes".to_string(), m.at_start as f64),
+            (
+                "memory/grad_bytes".to_string(),
+                m.before_sync.saturating_sub(m.at_start) as f64,
+            ),
+        ]
+        .into_iter()
+        .chain(
+            m.peak_per_rank
+                .iter()
+                .enumerate()
+                .map(|(r, &b)| (format!("memory/rank{r}/peak_bytes"), b as f64)),
+        )
+    }))
+    .collect()
 }
 
 /// The routing scalars of the MoE layers (`moe/layer{l}/...`): load, drops, balancing

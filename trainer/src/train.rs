@@ -66,6 +66,12 @@ pub fn run(
             crate::memory::SAVE_OVERHEAD_S
         );
     }
+    if trainer.is_logger() {
+        tracing::info!(
+            "memory per rank (estimate; `switchyard estimate-memory` breaks it down): {}",
+            crate::memory::MemoryEstimate::per_rank(cfg)
+        );
+    }
     let checkpointer = Checkpointer::new(
         &ckpt_dir,
         cfg.checkpoint.keep_last,

@@ -10,6 +10,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use switchyard_kernels::alloc;
 use switchyard_moe::model::forward_flops_per_token;
 use switchyard_moe::params::{named_grads, signature};
 use switchyard_moe::{MoeStats, ParamKey, Transformer, cross_entropy};
@@ -18,7 +19,7 @@ use switchyard_parallel::{Communicator, Layout, ShardOptimizer, parallelize};
 use crate::config::{Config, NonFinitePolicy};
 use crate::data::{Batch, Corpus, Sampler};
 use crate::error::TrainError;
-use crate::metrics::{EvalReport, StepReport};
+use crate::metrics::{EvalReport, StepMemory, StepReport};
 use crate::optim::{NamedAdamW, clip_scale, global_norm};
 use crate::rebalance::Rebalancer;
 
@@ -167,6 +168,9 @@ impl Trainer {
         let mut grads: BTreeMap<ParamKey, Tensor<1>> = BTreeMap::new();
         let (mut loss_sum, mut aux_sum, mut tokens) = (0f64, 0f64, 0u64);
         let mut moe_stats = Vec::new();
+        let counting = alloc::counting();
+        let held_at_start = alloc::live_bytes() as u64;
+        alloc::reset_peak();
         // With `states_and_grads` each micro-batch's gradients are reduce-scattered at once
         // and only the owned sums are accumulated; otherwise the full local gradients are
         // accumulated and synced after the last micro-batch.
@@ -204,6 +208,7 @@ impl Trainer {
             }
             moe_stats = output.moe_stats;
         }
+        let held_before_sync = alloc::live_bytes() as u64;
         let (loss, aux_loss, grad_norm) = match &self.layout {
             Some(l) => {
                 if !sync_each_micro {
@@ -253,7 +258,26 @@ impl Trainer {
         self.counters.step += 1;
         self.counters.tokens_seen += tokens;
         self.last_moe_stats = moe_stats;
+        let memory = if counting {
+            let peak = alloc::peak_bytes() as f64;
+            let peak_per_rank = match &self.layout {
+                Some(l) => {
+                    let mut mine = vec![0.0; l.world_size()];
+                    mine[l.rank()] = peak;
+                    l.sum(mine, "step memory")?
+                }
+                None => vec![peak],
+            };
+            Some(StepMemory {
+                at_start: held_at_start,
+                before_sync: held_before_sync,
+                peak_per_rank: peak_per_rank.into_iter().map(|b| b as u64).collect(),
+            })
+        } else {
+            None
+        };
         Ok(StepReport {
+            memory,
             step: self.counters.step,
             loss,
             aux_loss,
