@@ -149,14 +149,16 @@ pub fn run(
     let mut reports = Vec::new();
     for (name, cfg) in variants(base) {
         // Each variant's trainer takes a communicator of its own: a duplicate of the world.
-        let variant_world = world
-            .as_ref()
-            .map(|w| w.split(0, w.rank() as i32))
-            .transpose()
-            .map_err(|e| ParallelError::Comm {
-                op: format!("ablation: the communicator of {name}"),
-                source: Box::new(e),
-            })?;
+        let variant_world = match &world {
+            Some(w) => Some(
+                w.split(0, w.rank() as i32)
+                    .map_err(|e| ParallelError::Comm {
+                        op: format!("ablation: the communicator of {name}"),
+                        source: Box::new(e),
+                    })?,
+            ),
+            None => None,
+        };
         let started = std::time::Instant::now();
         let mut trainer = Trainer::new_on(&cfg, corpus, device, variant_world)?;
         if trainer.is_logger() {
