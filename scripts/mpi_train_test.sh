@@ -4,6 +4,10 @@
 # under `mpirun -np 4` at ep=4 and at cp=2 x ep=2 (TokenRing attention); and under `mpirun -np 4` at dp=2 x ep=2 resumed from the
 # ep=2 run's step-3 checkpoint; the ep=4 run's step-3 checkpoint resumed under `mpirun -np 2`
 # (ep=2) and in one process. Every step's train loss must match within 1e-5 relative.
+# The other commands run at the layout too: the ep=2 run's last checkpoint evaluated under
+# `mpirun -np 2` at ep=2 gives the loss of its evaluation as rank threads and in one process;
+# `record-routing` under `mpirun -np 2` at ep=2 saves the statistics of rank threads; `bench`
+# under `mpirun -np 2` prints one report.
 # Needs a switchyard built with `--features mpi` (scripts/test.sh builds it and points
 # SWITCHYARD_BIN at it).
 set -euo pipefail
@@ -41,9 +45,41 @@ run ep4to2 mpirun -np 2 --oversubscribe -- --set parallel.ep=2 --resume auto
 run ep4to1 env -- --resume auto
 test -f "$work/ep2/checkpoints/step-00000006/model.rank-0001.safetensors"
 
+# A command at ep=2 on the ep=2 run's directory; its stdout goes to $work/NAME.out.
+on_ep2_run() { # name, launcher..., -- command args
+  local name=$1; shift
+  local launcher=()
+  while [[ $1 != -- ]]; do launcher+=("$1"); shift; done; shift
+  echo "-- $name"
+  timeout 600 "${launcher[@]}" "$bin" "$@" "${common[@]}" --set "run.output_dir=$work/ep2" \
+    > "$work/$name.out"
+}
+on_ep2_run eval-mpi mpirun -np 2 --oversubscribe -- eval --set parallel.ep=2
+on_ep2_run eval-threads env -- eval --set parallel.ep=2
+on_ep2_run eval-one env -- eval
+for name in mpi threads; do
+  launcher=(env); [[ $name == mpi ]] && launcher=(mpirun -np 2 --oversubscribe)
+  on_ep2_run "routing-$name" "${launcher[@]}" -- record-routing --set parallel.ep=2 --steps 3 \
+    --out "$work/routing-$name.json"
+done
+on_ep2_run bench-mpi mpirun -np 2 --oversubscribe -- bench --set parallel.ep=2 --steps 2 --warmup 1
+test "$(grep -c '^step time (mean)' "$work/bench-mpi.out")" = 1
+
 python3 - "$work" <<'PY'
-import json, sys
+import json, re, sys
 work = sys.argv[1]
+def eval_loss(name):
+    text = open(f"{work}/{name}.out").read()
+    assert "(step 6)" in text, text
+    return float(re.search(r"^valid loss (\S+)", text, re.M).group(1))
+mpi, threads, one = (eval_loss(f"eval-{n}") for n in ["mpi", "threads", "one"])
+for name, loss in [("rank threads", threads), ("one process", one)]:
+    assert abs(mpi - loss) <= 1e-5 * abs(loss), f"eval under mpirun {mpi}, {name} {loss}"
+print(f"eval of the ep=2 checkpoint: mpirun -np 2 {mpi}, rank threads {threads}, one process {one}")
+routing = [json.load(open(f"{work}/routing-{n}.json")) for n in ["mpi", "threads"]]
+for key in ["moe_layers", "num_experts", "records", "tokens", "transitions"]:
+    assert routing[0][key] == routing[1][key], (key, routing[0][key], routing[1][key])
+print("record-routing under mpirun -np 2 equals rank threads")
 def losses(name):
     return {j["step"]: j["train/loss"] for j in map(json.loads, open(f"{work}/{name}/metrics.jsonl"))}
 one = losses("one")

@@ -1386,3 +1386,184 @@ fn generate_is_deterministic_and_the_cache_changes_nothing() {
         text(&out)
     );
 }
+
+/// The loss `eval` prints (`valid loss X nats/token ...`).
+fn eval_loss(out: &Output) -> f64 {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("valid loss "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no valid loss in {}", text(out)))
+}
+
+/// A model trained at ep=2 (and one at dp=2 x ep=2) evaluates to the same loss at ep=2, at
+/// dp=2 x ep=2 and in one process: each rank restores the experts it owns and evaluates its
+/// rows; `--tokens-out` (rank 0) writes the same windows at every layout.
+#[test]
+fn eval_at_any_layout_equals_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, sets) in [
+        ("ep2", &["--set", "parallel.ep=2"][..]),
+        (
+            "dp2ep2",
+            &["--set", "parallel.dp=2", "--set", "parallel.ep=2"][..],
+        ),
+    ] {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = write(&dir, "c.yaml", &tiny_config(&dir));
+        let cfg = cfg.to_str().unwrap();
+        let mut args = vec!["train", "--config", cfg, "--set", "train.steps=6"];
+        args.extend_from_slice(sets);
+        let out = switchyard(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        let mut losses = Vec::new();
+        let mut windows = Vec::new();
+        for layout in [
+            &["--set", "parallel.ep=1"][..],
+            &["--set", "parallel.ep=2"][..],
+            &["--set", "parallel.dp=2", "--set", "parallel.ep=2"][..],
+        ] {
+            let tokens = dir.join(format!("tokens-{}.npy", losses.len()));
+            let mut args = vec![
+                "eval",
+                "--config",
+                cfg,
+                "--tokens-out",
+                tokens.to_str().unwrap(),
+            ];
+            args.extend_from_slice(layout);
+            let out = switchyard(&args);
+            assert!(out.status.success(), "{}", text(&out));
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("(step 6)"),
+                "{}",
+                text(&out)
+            );
+            losses.push(eval_loss(&out));
+            windows.push(std::fs::read(&tokens).unwrap());
+        }
+        eprintln!("trained at {name}: eval at ep=1, ep=2, dp=2 x ep=2: {losses:?}");
+        for (loss, w) in losses.iter().zip(&windows).skip(1) {
+            let rel = ((loss - losses[0]) / losses[0]).abs();
+            assert!(rel <= 1e-5, "{name}: {losses:?} (rel {rel:e})");
+            assert_eq!(w, &windows[0], "{name}: the evaluated windows differ");
+        }
+    }
+}
+
+/// `record-routing` at ep=2 (ranks as threads) saves the routing statistics of one process:
+/// the ranks' counts are summed at every step.
+#[test]
+fn record_routing_at_ep2_equals_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "tiny.yaml", &tiny_config(tmp.path()));
+    let record = |ep: &str| {
+        let stats = tmp.path().join(format!("stats-ep{ep}.json"));
+        let out = switchyard(&[
+            "record-routing",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            &format!("parallel.ep={ep}"),
+            "--steps",
+            "4",
+            "--out",
+            stats.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("recorded 4 steps"),
+            "{}",
+            text(&out)
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        v
+    };
+    let (one, ep2) = (record("1"), record("2"));
+    assert_eq!(ep2["records"], 4);
+    for key in ["moe_layers", "num_experts", "decay"] {
+        assert_eq!(one[key], ep2[key], "{key}");
+    }
+    let numbers = |v: &serde_json::Value| -> Vec<f64> {
+        let mut out = Vec::new();
+        let mut stack = vec![v.clone()];
+        while let Some(v) = stack.pop() {
+            match v {
+                serde_json::Value::Array(a) => stack.extend(a),
+                v => out.push(v.as_f64().unwrap()),
+            }
+        }
+        out
+    };
+    for key in ["tokens", "transitions"] {
+        let (a, b) = (numbers(&one[key]), numbers(&ep2[key]));
+        assert_eq!(a.len(), b.len(), "{key}");
+        assert!(!a.is_empty() && a.iter().any(|&x| x > 0.0), "{key}: {a:?}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-9 * x.abs().max(1.0),
+                "{key}: one process {x}, ep=2 {y}"
+            );
+        }
+    }
+}
+
+/// `bench` and `ablate` run at ep=2 (ranks as threads) and rank 0 prints the report once.
+#[test]
+fn bench_and_ablate_run_at_ep2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "tiny.yaml", &tiny_config(tmp.path()));
+    let cfg = cfg.to_str().unwrap();
+    let ep2 = ["--set", "parallel.ep=2"];
+    let mut args = vec!["bench", "--config", cfg, "--steps", "2", "--warmup", "1"];
+    args.extend_from_slice(&ep2);
+    let out = switchyard(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.matches("step time (mean)").count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stdout.contains("ranks, devices               2, 1")
+            && stdout.contains("tokens per step              64"),
+        "{}",
+        text(&out)
+    );
+    // --compare flips process-wide switches: not with rank threads.
+    args.push("--compare");
+    let out = switchyard(&args);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rank 0: --compare"),
+        "{}",
+        text(&out)
+    );
+
+    let mut args = vec!["ablate", "--config", cfg, "--set", "train.steps=2"];
+    let one = switchyard(&args);
+    assert!(one.status.success(), "{}", text(&one));
+    args.extend_from_slice(&ep2);
+    let out = switchyard(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    // Validation loss per variant, as printed (4 decimals): the same at ep=2.
+    let losses = |out: &Output| -> Vec<String> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| {
+                ["vanilla ", "adamoe ", "moe++ ", "rmoe "]
+                    .iter()
+                    .any(|v| l.starts_with(v))
+            })
+            .map(|l| l.split_whitespace().nth(1).unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(losses(&one).len(), 4, "{}", text(&one));
+    assert_eq!(losses(&one), losses(&out), "{}", text(&out));
+}

@@ -15,10 +15,9 @@ use switchyard_comm::{CommBackendConfig, Communicator, LinkModel, LocalWorld};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use switchyard_trainer::StopSignal;
-
-use switchyard_trainer::EXIT_PREEMPTED;
+use burn::tensor::Device;
 use switchyard_trainer::train::RunOutcome;
+use switchyard_trainer::{EXIT_PREEMPTED, StopSignal, TrainError};
 
 use crate::config::loader::resolved_yaml;
 use crate::launcher_env::{LaunchInfo, Launcher};
@@ -126,6 +125,145 @@ pub fn ranks_in_process(cfg: &Config) -> usize {
     }
 }
 
+/// One rank of a command run at the config's layout (see [`Ranks::run`]).
+pub struct Rank {
+    /// Its index in the world (0 with one rank).
+    pub rank: usize,
+    /// Its communicator; `None` when the layout has one rank.
+    pub world: Option<Box<dyn Communicator>>,
+    /// Its device (`device: cuda`: the GPU of its local rank).
+    pub device: Device,
+    /// Ranks that run as threads of this process (1 under MPI): they share its memory,
+    /// threads and CPU time.
+    pub in_process: usize,
+}
+
+/// What a run at the layout leaves this process: rank 0's result when the ranks are its
+/// threads, its own rank's under MPI.
+pub struct RanksDone<T> {
+    pub result: T,
+    pub is_rank0: bool,
+}
+
+impl<T> RanksDone<T> {
+    /// The result where rank 0 prints and writes it; `None` on the other MPI ranks.
+    pub fn on_rank0(self) -> Option<T> {
+        self.is_rank0.then_some(self.result)
+    }
+}
+
+/// The ranks of the config's layout in this process and how they talk: threads of this
+/// process, or one MPI process each when launched by mpirun / srun (feature `mpi`). Every
+/// command that builds a trainer runs through it, so whatever trains at a layout can be
+/// evaluated and measured at it.
+pub struct Ranks<'a> {
+    cfg: &'a Config,
+    launch: &'a LaunchInfo,
+    transport: Transport,
+}
+
+impl<'a> Ranks<'a> {
+    /// Resolves the transport and checks it against the launcher, before anything runs.
+    pub fn of(cfg: &'a Config, launch: &'a LaunchInfo) -> Result<Self> {
+        let transport = transport(cfg, launch)?;
+        if !matches!(transport, Transport::Mpi { .. }) {
+            // One process (with or without rank threads): rank 0 of 1, whatever started it
+            // (srun -n4 of a local-backend run would run four copies writing one output).
+            launch.check_against(0, 1)?;
+        }
+        if let DeviceConfig::Cuda(Some(gpu)) = cfg.device
+            && cfg.parallel.world_size() > 1
+        {
+            tracing::warn!(
+                "device `cuda:{gpu}`: all {} ranks share GPU {gpu} (for one GPU per rank, use \
+                 `device: cuda`: each rank takes the GPU of its local rank)",
+                cfg.parallel.world_size()
+            );
+        }
+        Ok(Ranks {
+            cfg,
+            launch,
+            transport,
+        })
+    }
+
+    /// Runs `rank_run` on every rank (a rank thread's stack is main-thread-sized: deep
+    /// autodiff graphs recurse in backward). An error is the first rank's own, not another
+    /// rank's report of it; under MPI it brings the whole job down (MPI_Abort), never a hang
+    /// in the next collective.
+    pub fn run<T: Send>(
+        &self,
+        rank_run: impl Fn(Rank) -> Result<T> + Sync,
+    ) -> Result<RanksDone<T>> {
+        let cfg = self.cfg;
+        let launch_local = self.launch.local_rank.map(|v| v.value);
+        match self.transport {
+            Transport::Single => {
+                let device = cfg.device.resolve(launch_local.unwrap_or(0))?;
+                let result = rank_run(Rank {
+                    rank: 0,
+                    world: None,
+                    device,
+                    in_process: 1,
+                })?;
+                Ok(RanksDone {
+                    result,
+                    is_rank0: true,
+                })
+            }
+            Transport::Threads(link) => {
+                let n = cfg.parallel.world_size();
+                tracing::info!(ranks = n, "local backend: one thread per rank");
+                let comms = LocalWorld::new(n, cfg.comm.timeout(), link);
+                let results = LocalWorld::spawn(comms, Some(64 << 20), |comm| {
+                    let rank = comm.rank();
+                    // `device: cuda`: rank threads share this node, each takes its GPU.
+                    cfg.device
+                        .resolve(rank)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|device| {
+                            rank_run(Rank {
+                                rank,
+                                world: Some(Box::new(comm)),
+                                device,
+                                in_process: n,
+                            })
+                        })
+                        .map_err(|e| (rank, e))
+                });
+                let mut errors = Vec::new();
+                let mut rank0 = None;
+                for r in results {
+                    match r {
+                        Ok(result) => {
+                            rank0.get_or_insert(result);
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+                let cause = errors.iter().position(|(_, e)| !is_consequence(e));
+                if let Some((rank, e)) = errors.into_iter().nth(cause.unwrap_or(0)) {
+                    return Err(e.context(format!("rank {rank}")));
+                }
+                Ok(RanksDone {
+                    result: rank0.expect("the layout has ranks"),
+                    is_rank0: true,
+                })
+            }
+            Transport::Mpi { nccl } => mpi_run(cfg, self.launch, nccl, &rank_run),
+        }
+    }
+}
+
+/// Whether a rank's error only reports another rank's failure (it waited for a rank that
+/// failed): the failed rank's own error says more.
+fn is_consequence(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<TrainError>()
+            .is_some_and(TrainError::is_consequence)
+    })
+}
+
 pub fn train(
     cfg: &Config,
     launch: &LaunchInfo,
@@ -135,12 +273,7 @@ pub fn train(
     stop: Arc<StopSignal>,
 ) -> Result<()> {
     setup_threads(cfg.run.threads)?;
-    let transport = transport(cfg, launch)?;
-    if !matches!(transport, Transport::Mpi { .. }) {
-        // One process (with or without rank threads): rank 0 of 1, whatever started it
-        // (srun -n4 of a local-backend run would run four copies writing one checkpoint).
-        launch.check_against(0, 1)?;
-    }
+    let ranks = Ranks::of(cfg, launch)?;
     // Before anything in the run directory is touched; one process per run does it.
     let _lock = (launch.rank.value == 0)
         .then(|| crate::run_dir::prepare(cfg, resume, start_over))
@@ -158,82 +291,31 @@ pub fn train(
         (None, Some(path)) => train_impl::Start::InitFrom(path),
         (None, None) => train_impl::Start::Fresh,
     };
-    let write_config = || -> Result<()> {
-        std::fs::write(out.join("config.yaml"), resolved_yaml(cfg))
-            .with_context(|| format!("writing {}", out.join("config.yaml").display()))?;
-        if resume == Some("auto") && resume_path.is_none() {
-            tracing::info!("--resume auto: no complete checkpoint yet, starting fresh");
+    let done = ranks.run(|rank| {
+        if rank.rank == 0 {
+            std::fs::write(out.join("config.yaml"), resolved_yaml(cfg))
+                .with_context(|| format!("writing {}", out.join("config.yaml").display()))?;
+            if resume == Some("auto") && resume_path.is_none() {
+                tracing::info!("--resume auto: no complete checkpoint yet, starting fresh");
+            }
         }
-        Ok(())
-    };
-    let threads = matches!(transport, Transport::Threads(_));
-    if let DeviceConfig::Cuda(Some(gpu)) = cfg.device
-        && cfg.parallel.world_size() > 1
-    {
-        tracing::warn!(
-            "device `cuda:{gpu}`: all {} ranks share GPU {gpu} (for one GPU per rank, use \
-             `device: cuda`: each rank takes the GPU of its local rank)",
-            cfg.parallel.world_size()
-        );
-    }
-    let rank_run = |world: Option<Box<dyn Communicator>>| {
-        // The GPU of `device: cuda`: rank threads share this node; MPI ranks have the
-        // launcher's local rank (else their rank).
-        let local_rank = match &world {
-            Some(w) if threads => w.rank(),
-            Some(w) => launch.local_rank.map_or(w.rank(), |v| v.value),
-            None => launch.local_rank.map_or(0, |v| v.value),
-        };
-        train_impl::run(
+        Ok(train_impl::run(
             cfg,
             &corpus,
             start,
-            &cfg.device.resolve(local_rank)?,
+            &rank.device,
             serde_json::to_value(cfg).expect("config serialises"),
-            world,
+            rank.world,
             Some(stop.clone()),
-        )
-    };
-    let outcome = match transport {
-        Transport::Single => {
-            write_config()?;
-            (rank_run(None)?, true)
-        }
-        Transport::Threads(link) => {
-            write_config()?;
-            let n = cfg.parallel.world_size();
-            tracing::info!(ranks = n, "local backend: one thread per rank");
-            let comms = LocalWorld::new(n, cfg.comm.timeout(), link);
-            // Deep autodiff graphs recurse in backward: a main-thread-sized stack.
-            let results = LocalWorld::spawn(comms, Some(64 << 20), |comm| {
-                let rank = comm.rank();
-                rank_run(Some(Box::new(comm))).map_err(|e| (rank, e))
-            });
-            let mut outcomes = Vec::new();
-            let mut errors = Vec::new();
-            for r in results {
-                match r {
-                    Ok(outcome) => outcomes.push(outcome),
-                    Err(e) => errors.push(e),
-                }
-            }
-            // One error: the first rank's own, not another's report of it (a rank that
-            // waited for a failed rank only says so).
-            let cause = errors.iter().position(|(_, e)| !e.is_consequence());
-            if let Some((rank, e)) = errors.into_iter().nth(cause.unwrap_or(0)) {
-                return Err(anyhow::Error::new(e).context(format!("rank {rank}")));
-            }
-            (outcomes.swap_remove(0), true)
-        }
-        Transport::Mpi { nccl } => mpi_train(cfg, launch, nccl, &write_config, &rank_run)?,
-    };
-    let (outcome, is_rank0) = outcome;
-    match outcome {
-        RunOutcome::Finished(Some(eval)) if is_rank0 => println!(
+        )?)
+    })?;
+    match done.result {
+        RunOutcome::Finished(Some(eval)) if done.is_rank0 => println!(
             "final: step {} valid loss {:.4} perplexity {:.3}",
             cfg.train.steps, eval.loss, eval.perplexity
         ),
         RunOutcome::Finished(_) => {}
+        // Every rank stopped at the same step: each exits with the preemption code.
         RunOutcome::Preempted { step, checkpoint } => {
             return Err(Preempted { step, checkpoint }.into());
         }
@@ -301,53 +383,57 @@ fn exit_before_first_step() {
     signal_hook::low_level::exit(i32::from(EXIT_PREEMPTED));
 }
 
-type RankRun<'a> = dyn Fn(
-        Option<Box<dyn Communicator>>,
-    ) -> std::result::Result<RunOutcome, switchyard_trainer::TrainError>
-    + 'a;
-
-/// One MPI process per rank. A failure on any rank brings the whole job down (MPI_Abort),
-/// never a hang in the next collective.
+/// [`Ranks::run`] under MPI: this process is one rank.
 #[cfg(feature = "mpi")]
-fn mpi_train(
+fn mpi_run<T>(
     cfg: &Config,
     launch: &LaunchInfo,
     nccl: bool,
-    write_config: &dyn Fn() -> Result<()>,
-    rank_run: &RankRun<'_>,
-) -> Result<(RunOutcome, bool)> {
+    rank_run: &dyn Fn(Rank) -> Result<T>,
+) -> Result<RanksDone<T>> {
     use switchyard_comm::mpi::{MpiEnv, MpiOptions};
     let (env, world) = MpiEnv::init(MpiOptions::from_config(&cfg.comm))?;
     launch.check_against(world.rank(), world.size())?;
     let want = cfg.parallel.world_size();
     if world.size() != want {
         bail!(
-            "mpirun started {} processes but parallel.dp x parallel.ep = {} x {} = {want}; \
-             launch with `mpirun -np {want}` or change the layout",
+            "mpirun started {} processes but parallel.dp x parallel.cp x parallel.ep = {} x {} \
+             x {} = {want}; launch with `mpirun -np {want}` or change the layout",
             world.size(),
             cfg.parallel.dp,
+            cfg.parallel.cp,
             cfg.parallel.ep
         );
     }
     let rank = world.rank();
-    if rank == 0 {
-        write_config()?;
-    }
-    // The trainer gets a duplicate; this handle stays here to abort the job.
-    let trainer_world = world.split(0, rank as i32)?;
+    // The rank gets a duplicate; this handle stays here to abort the job.
+    let rank_world = world.split(0, rank as i32)?;
     tracing::info!(
         backend = if nccl { "nccl" } else { "mpi" },
         ranks = world.size(),
         "collectives"
     );
-    let trainer_world = if nccl {
-        nccl_world(cfg, launch, trainer_world)?
+    let rank_world = if nccl {
+        nccl_world(cfg, launch, rank_world)?
     } else {
-        trainer_world
+        rank_world
     };
-    let outcome = match rank_run(Some(trainer_world)) {
-        Ok(s) => s,
-        Err(e) => world.abort(&format!("rank {rank}: {e}"), 1),
+    // The GPU of `device: cuda`: the launcher's local rank, else the rank.
+    let device = cfg
+        .device
+        .resolve(launch.local_rank.map_or(rank, |v| v.value))
+        .map_err(anyhow::Error::from);
+    let result = device.and_then(|device| {
+        rank_run(Rank {
+            rank,
+            world: Some(rank_world),
+            device,
+            in_process: 1,
+        })
+    });
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => world.abort(&format!("rank {rank}: {}", crate::error_chain(&e)), 1),
     };
     // MPI_Finalize waits for every rank without a timeout: meet in a timed barrier first,
     // so a rank that hangs at the very end still brings the job down.
@@ -356,7 +442,10 @@ fn mpi_train(
     }
     drop(world);
     drop(env);
-    Ok((outcome, rank == 0))
+    Ok(RanksDone {
+        result,
+        is_rank0: rank == 0,
+    })
 }
 
 /// The NCCL communicator of the trainer's world, on this rank's GPU (`device: cuda`: the
@@ -392,13 +481,12 @@ fn nccl_world(
 }
 
 #[cfg(not(feature = "mpi"))]
-fn mpi_train(
+fn mpi_run<T>(
     _: &Config,
     launch: &LaunchInfo,
     _: bool,
-    _: &dyn Fn() -> Result<()>,
-    _: &RankRun<'_>,
-) -> Result<(RunOutcome, bool)> {
+    _: &dyn Fn(Rank) -> Result<T>,
+) -> Result<RanksDone<T>> {
     let tasks = launched_tasks(launch).map_or(String::new(), |(n, var)| format!(" ({var}={n})"));
     bail!(
         "this run needs MPI{tasks}, but this switchyard was built without the `mpi` feature; \
@@ -406,26 +494,37 @@ fn mpi_train(
     )
 }
 
-pub fn eval(cfg: &Config, checkpoint: &str, tokens_out: Option<&Path>) -> Result<()> {
+/// `switchyard eval`: every rank restores the checkpoint (saved at any layout; each keeps
+/// the experts it owns) and evaluates its rows; the loss is summed over the ranks.
+pub fn eval(
+    cfg: &Config,
+    launch: &LaunchInfo,
+    checkpoint: &str,
+    tokens_out: Option<&Path>,
+) -> Result<()> {
     setup_threads(cfg.run.threads)?;
+    let ranks = Ranks::of(cfg, launch)?;
     let corpus = load_data(cfg)?;
-    let device = cfg.device.resolve(0)?;
-    let mut trainer = switchyard_trainer::Trainer::new(cfg, &corpus, &device)?;
-    match resume_target(&checkpoint_root(cfg), checkpoint)? {
-        Some(path) => {
-            trainer.restore(&path)?;
-            println!(
-                "checkpoint: {} (step {})",
-                path.display(),
-                trainer.counters.step
-            );
+    let target = resume_target(&checkpoint_root(cfg), checkpoint)?;
+    let done = ranks.run(|rank| {
+        let mut trainer =
+            switchyard_trainer::Trainer::new_on(cfg, &corpus, &rank.device, rank.world)?;
+        if let Some(path) = &target {
+            trainer.restore(path)?;
         }
+        let report = trainer.evaluate()?;
+        Ok((trainer.counters.step, report, trainer.valid))
+    })?;
+    let Some((step, report, valid)) = done.on_rank0() else {
+        return Ok(());
+    };
+    match &target {
+        Some(path) => println!("checkpoint: {} (step {step})", path.display()),
         None => println!(
             "no checkpoint under {}: evaluating freshly initialised weights",
             checkpoint_root(cfg).display()
         ),
     }
-    let report = trainer.evaluate()?;
     println!(
         "valid loss {:.6} nats/token, perplexity {:.4} over {} tokens",
         report.loss, report.perplexity, report.tokens
@@ -433,8 +532,7 @@ pub fn eval(cfg: &Config, checkpoint: &str, tokens_out: Option<&Path>) -> Result
     if let Some(path) = tokens_out {
         // Every evaluated window (inputs and the next-token targets), one row each.
         let width = cfg.data.seq_len + 1;
-        let tokens: Vec<i64> = trainer
-            .valid
+        let tokens: Vec<i64> = valid
             .iter()
             .flat_map(|b| b.tokens.iter().copied())
             .collect();
@@ -915,15 +1013,29 @@ pub fn inspect(path: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn bench(cfg: &Config, steps: u64, warmup: u64, compare: bool) -> Result<()> {
+/// `switchyard bench`: timed steps at the layout; rank 0 prints the report.
+pub fn bench(cfg: &Config, launch: &LaunchInfo, opts: &bench_impl::BenchOptions) -> Result<()> {
     setup_threads(cfg.run.threads)?;
+    let ranks = Ranks::of(cfg, launch)?;
     let corpus = load_data(cfg)?;
-    let report = bench_impl::run(cfg, &corpus, steps, warmup, compare)?;
-    println!("{report}");
+    let done = ranks.run(|rank| {
+        Ok(bench_impl::run(
+            cfg,
+            &corpus,
+            opts,
+            &rank.device,
+            rank.world,
+            rank.in_process,
+        )?)
+    })?;
+    if let Some(report) = done.on_rank0() {
+        println!("{report}");
+    }
     Ok(())
 }
 
-pub fn ablate(cfg: &Config) -> Result<()> {
+/// `switchyard ablate`: every variant trained and measured at the layout.
+pub fn ablate(cfg: &Config, launch: &LaunchInfo) -> Result<()> {
     if !matches!(
         cfg.model.moe.router,
         switchyard_moe::RouterConfig::TopKSoftmax { .. }
@@ -933,45 +1045,62 @@ pub fn ablate(cfg: &Config) -> Result<()> {
         );
     }
     setup_threads(cfg.run.threads)?;
+    let ranks = Ranks::of(cfg, launch)?;
     let corpus = load_data(cfg)?;
-    let report = ablation::run(cfg, &corpus, &cfg.device.resolve(0)?)?;
-    println!("{report}");
+    let done = ranks.run(|rank| Ok(ablation::run(cfg, &corpus, &rank.device, rank.world)?))?;
+    if let Some(report) = done.on_rank0() {
+        println!("{report}");
+    }
     Ok(())
 }
 
-/// `record-routing`: train in one process and save the moving-average routing statistics.
+/// `record-routing`: train at the layout and save the moving-average routing statistics,
+/// summed over the ranks at every step (the statistics the rebalancer keeps in training).
 pub fn record_routing(
     cfg: &Config,
+    launch: &LaunchInfo,
     config_path: &Path,
     steps: Option<u64>,
     decay: f64,
     out: &Path,
 ) -> Result<()> {
-    use switchyard_placement::{BatchCounts, RoutingStats};
+    if !(0.0..1.0).contains(&decay) {
+        bail!("--decay {decay}: expected a moving-average decay per step in [0, 1)");
+    }
     setup_threads(cfg.run.threads)?;
     let mut cfg = cfg.clone();
     if let Some(steps) = steps {
         cfg.train.steps = steps;
     }
-    let corpus = load_data(&cfg)?;
-    let device = cfg.device.resolve(0)?;
-    let mut trainer = switchyard_trainer::Trainer::new(&cfg, &corpus, &device)?;
-    let mut stats = RoutingStats::new(decay)?;
+    cfg.placement.stats_decay = decay;
+    let cfg = &cfg;
+    let ranks = Ranks::of(cfg, launch)?;
+    let corpus = load_data(cfg)?;
+    let started = std::time::Instant::now();
+    let done = ranks.run(|rank| {
+        let mut trainer =
+            switchyard_trainer::Trainer::new_on(cfg, &corpus, &rank.device, rank.world)?;
+        let mut loss = f64::NAN;
+        while trainer.counters.step < cfg.train.steps {
+            let report = trainer.step()?;
+            loss = report.loss;
+            if trainer.is_logger() && (report.step % 50 == 0 || report.step == cfg.train.steps) {
+                tracing::info!(step = report.step, loss, "recording routing");
+            }
+        }
+        let rebalancer = trainer
+            .rebalancer
+            .context("the model has no MoE layers: there is no routing to record")?;
+        Ok((rebalancer.stats, loss))
+    })?;
+    let Some((mut stats, loss)) = done.on_rank0() else {
+        return Ok(());
+    };
     stats.source = format!(
         "switchyard record-routing --config {} --steps {} --decay {decay}",
         config_path.display(),
         cfg.train.steps
     );
-    let started = std::time::Instant::now();
-    let mut loss = f64::NAN;
-    while trainer.counters.step < cfg.train.steps {
-        let report = trainer.step()?;
-        loss = report.loss;
-        stats.record(&BatchCounts::from_moe_stats(&trainer.last_moe_stats)?)?;
-        if report.step % 50 == 0 || report.step == cfg.train.steps {
-            tracing::info!(step = report.step, loss, "recording routing");
-        }
-    }
     stats.save(out)?;
     println!(
         "recorded {} steps ({:.0} s, last loss {loss:.4}) of {} MoE layers x {} experts to {}",

@@ -222,8 +222,9 @@ enum Command {
         #[arg(long)]
         compare: bool,
     },
-    /// Train in one process and save routing statistics (tokens per expert, layer-to-layer
-    /// transitions; a moving average) for `plan-placement`. No checkpoints or metrics.
+    /// Train at the config's layout and save routing statistics (tokens per expert,
+    /// layer-to-layer transitions, summed over the ranks; a moving average) for
+    /// `plan-placement`. No checkpoints or metrics.
     RecordRouting {
         #[command(flatten)]
         config: ConfigArgs,
@@ -378,6 +379,14 @@ fn load_with(args: &ConfigArgs, check_memory: bool) -> Result<Config> {
     Ok(cfg)
 }
 
+/// How this process was started (mpirun, srun, or alone), for the commands that run at the
+/// config's layout.
+fn launch() -> Result<launcher_env::LaunchInfo> {
+    let launch = launcher_env::LaunchInfo::from_process_env()?;
+    tracing::info!("launch: {launch}");
+    Ok(launch)
+}
+
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Train {
@@ -389,11 +398,9 @@ fn run(command: Command) -> Result<()> {
             // First: a stop signal from now on is handled (see `install_stop_handlers`).
             let stop = commands::install_stop_handlers()?;
             let cfg = load(&config)?;
-            let launch = launcher_env::LaunchInfo::from_process_env()?;
-            tracing::info!("launch: {launch}");
             commands::train(
                 &cfg,
-                &launch,
+                &launch()?,
                 resume.as_deref(),
                 init_from.as_deref(),
                 start_over,
@@ -406,7 +413,7 @@ fn run(command: Command) -> Result<()> {
             tokens_out,
         } => {
             let cfg = load(&config)?;
-            commands::eval(&cfg, &checkpoint, tokens_out.as_deref())
+            commands::eval(&cfg, &launch()?, &checkpoint, tokens_out.as_deref())
         }
         Command::Generate {
             checkpoint,
@@ -496,7 +503,7 @@ fn run(command: Command) -> Result<()> {
         Command::InspectCheckpoint { path } => commands::inspect(&path),
         Command::Ablate { config } => {
             let cfg = load(&config)?;
-            commands::ablate(&cfg)
+            commands::ablate(&cfg, &launch()?)
         }
         Command::SlurmScript(args) => {
             let cfg = load(&args.config)?;
@@ -515,7 +522,15 @@ fn run(command: Command) -> Result<()> {
             compare,
         } => {
             let cfg = load(&config)?;
-            commands::bench(&cfg, steps, warmup, compare)
+            commands::bench(
+                &cfg,
+                &launch()?,
+                &switchyard_trainer::bench::BenchOptions {
+                    steps,
+                    warmup,
+                    compare,
+                },
+            )
         }
         Command::RecordRouting {
             config,
@@ -524,7 +539,7 @@ fn run(command: Command) -> Result<()> {
             out,
         } => {
             let cfg = load(&config)?;
-            commands::record_routing(&cfg, &config.config, steps, decay, &out)
+            commands::record_routing(&cfg, &launch()?, &config.config, steps, decay, &out)
         }
         Command::PlanPlacement(args) => commands::plan_placement(&commands::PlanPlacementOptions {
             stats: args.stats,

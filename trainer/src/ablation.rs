@@ -8,11 +8,12 @@ use burn::module::Module;
 use burn::tensor::Device;
 use switchyard_moe::config::{BalanceAnneal, NullInit, NullNormalization, RouterConfig};
 use switchyard_moe::cross_entropy;
+use switchyard_parallel::{Communicator, ParallelError};
 
 use crate::config::Config;
 use crate::data::Corpus;
 use crate::error::TrainError;
-use crate::trainer::{Trainer, batch_tensors};
+use crate::trainer::Trainer;
 
 /// One variant's figures.
 #[derive(Debug, Clone)]
@@ -137,18 +138,37 @@ pub fn variants(base: &Config) -> Vec<(&'static str, Config)> {
     ]
 }
 
-/// Trains every variant and measures it.
-pub fn run(base: &Config, corpus: &Corpus, device: &Device) -> Result<AblationReport, TrainError> {
+/// Trains every variant and measures it, as one rank of `world` when the layout has more
+/// than one (every rank calls `run`; the figures are the world's on every rank).
+pub fn run(
+    base: &Config,
+    corpus: &Corpus,
+    device: &Device,
+    world: Option<Box<dyn Communicator>>,
+) -> Result<AblationReport, TrainError> {
     let mut reports = Vec::new();
     for (name, cfg) in variants(base) {
-        tracing::info!(variant = name, "ablation: training");
+        // Each variant's trainer takes a communicator of its own: a duplicate of the world.
+        let variant_world = match &world {
+            Some(w) => Some(
+                w.split(0, w.rank() as i32)
+                    .map_err(|e| ParallelError::Comm {
+                        op: format!("ablation: the communicator of {name}"),
+                        source: Box::new(e),
+                    })?,
+            ),
+            None => None,
+        };
         let started = std::time::Instant::now();
-        let mut trainer = Trainer::new(&cfg, corpus, device)?;
+        let mut trainer = Trainer::new_on(&cfg, corpus, device, variant_world)?;
+        if trainer.is_logger() {
+            tracing::info!(variant = name, "ablation: training");
+        }
         while trainer.counters.step < cfg.train.steps {
             trainer.step()?;
         }
         let train_seconds = started.elapsed().as_secs_f64();
-        let mut report = measure(name, &cfg, &trainer);
+        let mut report = measure(name, &cfg, &trainer)?;
         report.train_seconds = train_seconds;
         reports.push(report);
     }
@@ -162,42 +182,69 @@ pub fn run(base: &Config, corpus: &Corpus, device: &Device) -> Result<AblationRe
 /// shared machine noise only ever adds time.
 const TIMED_PASSES: usize = 3;
 
-/// Validation loss and the expert-layer figures over the fixed validation batches.
-fn measure(name: &'static str, cfg: &Config, trainer: &Trainer) -> VariantReport {
+/// Validation loss and the expert-layer figures over the fixed validation batches (each
+/// rank its rows; the sums are over the world, the MoE throughput is the ranks' together).
+fn measure(
+    name: &'static str,
+    cfg: &Config,
+    trainer: &Trainer,
+) -> Result<VariantReport, TrainError> {
     let model = trainer.model.valid();
     let device = trainer.device.clone().inner();
-    let (mut loss_sum, mut tokens) = (0.0, 0u64);
-    let (mut flops, mut ffn_per_token, mut layer_samples) = (0u64, 0.0, 0);
+    let (mut loss_sum, mut tokens) = (0.0, 0.0);
+    let (mut flops, mut ffn_per_token, mut layer_samples) = (0.0, 0.0, 0.0);
     let mut best_moe_seconds = f64::MAX;
     for pass in 0..TIMED_PASSES {
         let mut moe_seconds = 0.0;
         for batch in &trainer.valid {
-            let (inputs, targets) = batch_tensors(batch, &device);
+            let (inputs, targets) = trainer.valid_tensors(batch, &device);
             let out = model.forward(inputs);
             moe_seconds += out.moe_stats.iter().map(|(_, s)| s.seconds).sum::<f64>();
             if pass > 0 {
                 continue;
             }
-            let n = (batch.batch_size * batch.seq_len) as u64;
-            loss_sum += cross_entropy(out.logits, targets).into_scalar::<f32>() as f64 * n as f64;
+            let n = targets.dims().iter().product::<usize>() as f64;
+            loss_sum += cross_entropy(out.logits, targets).into_scalar::<f32>() as f64 * n;
             tokens += n;
             for (_, stats) in &out.moe_stats {
-                flops += stats.expert_flops;
+                flops += stats.expert_flops as f64;
                 ffn_per_token += stats.ffn_experts_per_token;
-                layer_samples += 1;
+                layer_samples += 1.0;
             }
         }
         best_moe_seconds = best_moe_seconds.min(moe_seconds);
     }
-    let moe_layers = (layer_samples / trainer.valid.len().max(1)).max(1) as f64;
-    VariantReport {
+    let moe_layers = (layer_samples / trainer.valid.len().max(1) as f64).max(1.0);
+    // Tokens pass through every MoE layer: per-layer throughput is tokens * layers / time.
+    let mut moe_tokens_per_sec = tokens * moe_layers / best_moe_seconds.max(1e-12);
+    if let Some(l) = &trainer.layout {
+        let sums = l.sum(
+            vec![
+                loss_sum,
+                tokens,
+                flops,
+                ffn_per_token,
+                layer_samples,
+                moe_tokens_per_sec,
+            ],
+            "ablation: the ranks' figures",
+        )?;
+        [
+            loss_sum,
+            tokens,
+            flops,
+            ffn_per_token,
+            layer_samples,
+            moe_tokens_per_sec,
+        ] = sums[..].try_into().expect("the sum has as many values");
+    }
+    Ok(VariantReport {
         name,
         router: format!("{:?} top_k={}", cfg.model.moe.router, cfg.model.moe.top_k),
-        valid_loss: loss_sum / tokens.max(1) as f64,
-        ffn_flops_per_token: flops as f64 / tokens.max(1) as f64,
-        ffn_experts_per_token: ffn_per_token / layer_samples.max(1) as f64,
-        // Tokens pass through every MoE layer: per-layer throughput is tokens * layers / time.
-        moe_forward_tokens_per_sec: tokens as f64 * moe_layers / best_moe_seconds.max(1e-12),
+        valid_loss: loss_sum / tokens.max(1.0),
+        ffn_flops_per_token: flops / tokens.max(1.0),
+        ffn_experts_per_token: ffn_per_token / layer_samples.max(1.0),
+        moe_forward_tokens_per_sec: moe_tokens_per_sec,
         train_seconds: 0.0,
-    }
+    })
 }

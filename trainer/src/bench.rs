@@ -10,18 +10,40 @@ use switchyard_kernels::gemm::{Mat, gemm_parallel};
 use switchyard_kernels::{Fused, fused, set_fused};
 use switchyard_moe::Precision;
 use switchyard_moe::profile;
+use switchyard_parallel::Communicator;
 
 use crate::config::Config;
 use crate::data::Corpus;
+use crate::device::DeviceConfig;
 use crate::error::TrainError;
 use crate::trainer::Trainer;
 
-/// Figures of one benchmark run.
+/// What `switchyard bench` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    /// Timed optimizer steps (and as many profiled ones).
+    pub steps: u64,
+    /// Untimed steps first.
+    pub warmup: u64,
+    /// Also time steps with the fused CPU paths switched off (see [`run`]).
+    pub compare: bool,
+}
+
+/// Figures of one benchmark run. Throughput, FLOP/s and CPU time are the whole world's
+/// (every rank of the layout); the peaks are measured on rank 0's device and scaled by
+/// `devices`; memory and the step breakdown are rank 0's.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
     /// The training device (`device:`) and GEMM precision (`precision:`).
     pub device: String,
     pub precision: Precision,
+    /// Ranks of the layout.
+    pub ranks: usize,
+    /// Devices the ranks compute on: rank threads of one process share its CPU (or its
+    /// `cuda:N`); `device: cuda` and MPI processes count one each (processes that share a
+    /// node's CPU are counted apart).
+    pub devices: usize,
+    /// Kernel threads of all ranks together.
     pub threads: usize,
     pub steps: u64,
     pub tokens_per_step: u64,
@@ -43,8 +65,9 @@ pub struct BenchReport {
     pub final_loss: f64,
     /// CPU time of the process over the timed steps (all threads), when the OS reports it.
     pub cpu_seconds: Option<f64>,
-    /// Step time by part over the profiled steps: (name, seconds per step).
-    pub breakdown: Vec<(&'static str, f64)>,
+    /// Step time by part over the profiled steps: (name, seconds per step); `None` with
+    /// rank threads, whose steps the process-wide profiler cannot tell apart.
+    pub breakdown: Option<Vec<(&'static str, f64)>>,
     /// With `compare`: the same with every fused path switched off (the burn-op references).
     pub breakdown_reference: Option<Vec<(&'static str, f64)>>,
     /// With `compare`: (what, mean step seconds without it, with it), measured interleaved;
@@ -63,6 +86,13 @@ impl fmt::Display for BenchReport {
                 Precision::Bf16 => "bf16",
             }
         )?;
+        if self.ranks > 1 {
+            writeln!(
+                f,
+                "ranks, devices               {}, {}",
+                self.ranks, self.devices
+            )?;
+        }
         writeln!(f, "threads                      {}", self.threads)?;
         writeln!(f, "timed steps                  {}", self.steps)?;
         writeln!(f, "tokens per step              {}", self.tokens_per_step)?;
@@ -101,10 +131,12 @@ impl fmt::Display for BenchReport {
         )?;
         let label = format!("device GEMM GFLOP/s ({}^2)", self.device_gemm_n);
         writeln!(f, "{label:<29}{:.1}", self.device_gemm_gflops)?;
+        // Against the peaks of one device: the achieved FLOP/s of one.
+        let per_device = self.achieved_gflops / self.devices as f64;
         writeln!(
             f,
             "MFU (achieved / device GEMM) {:.3}",
-            self.achieved_gflops / self.device_gemm_gflops
+            per_device / self.device_gemm_gflops
         )?;
         if let Some(cpu) = &self.cpu_peaks {
             let (low, high) = cpu.fma_peak_range;
@@ -120,12 +152,12 @@ impl fmt::Display for BenchReport {
             writeln!(
                 f,
                 "achieved / FMA peak          {:.3}",
-                self.achieved_gflops / cpu.fma_peak_gflops
+                per_device / cpu.fma_peak_gflops
             )?;
             writeln!(
                 f,
                 "achieved / best GEMM         {:.3}",
-                self.achieved_gflops / best_gemm
+                per_device / best_gemm
             )?;
         }
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
@@ -141,12 +173,19 @@ impl fmt::Display for BenchReport {
             )?;
         }
         writeln!(f, "last train loss              {:.4}", self.final_loss)?;
-        let total: f64 = self.breakdown.iter().map(|(_, t)| t).sum();
         let share = |t: f64, total: f64| 100.0 * t / total.max(f64::MIN_POSITIVE);
+        let Some(breakdown) = &self.breakdown else {
+            writeln!(
+                f,
+                "step time by part: not with rank threads (one rank per process: mpirun)"
+            )?;
+            return Ok(());
+        };
+        let total: f64 = breakdown.iter().map(|(_, t)| t).sum();
         match &self.breakdown_reference {
             None => {
                 writeln!(f, "step time by part (profiled steps, {total:.3} s/step):")?;
-                for (name, t) in &self.breakdown {
+                for (name, t) in breakdown {
                     writeln!(
                         f,
                         "  {name:<18} {:>6.1}%  {:>7.1} ms",
@@ -163,7 +202,7 @@ impl fmt::Display for BenchReport {
                      references {ref_total:.3} s/step"
                 )?;
                 writeln!(f, "  {:<18} {:>17} {:>17}", "part", "fused", "references")?;
-                for ((name, t), (_, r)) in self.breakdown.iter().zip(reference) {
+                for ((name, t), (_, r)) in breakdown.iter().zip(reference) {
                     writeln!(
                         f,
                         "  {name:<18} {:>6.1}% {:>7.1} ms {:>6.1}% {:>7.1} ms",
@@ -218,27 +257,54 @@ pub struct CpuPeaks {
 }
 
 /// Trains `warmup` untimed and `steps` timed optimizer steps, then `steps` profiled steps
-/// for the breakdown, and measures the peaks. With `compare`, also runs interleaved steps
-/// with every fused path switched off (the burn-op references) and with each one switched
-/// off alone, against all on.
+/// for the breakdown, and measures the peaks (rank 0). With `compare`, also runs interleaved
+/// steps with every fused path switched off (the burn-op references) and with each one
+/// switched off alone, against all on.
+///
+/// `world`: this rank's communicator when the layout has more than one rank (every rank
+/// calls `run`; rank 0's report is the one to print); `in_process`: the ranks that are
+/// threads of this process (they share its CPU time and its process-wide switches).
 pub fn run(
     cfg: &Config,
     corpus: &Corpus,
-    steps: u64,
-    warmup: u64,
-    compare: bool,
+    opts: &BenchOptions,
+    device: &Device,
+    world: Option<Box<dyn Communicator>>,
+    in_process: usize,
 ) -> Result<BenchReport, TrainError> {
+    let BenchOptions {
+        steps,
+        warmup,
+        compare,
+    } = *opts;
     let threads = rayon::current_num_threads();
-    let device = cfg.device.resolve(0)?;
     let on_gpu = cfg.device.is_cuda();
     if compare && on_gpu {
         return Err(TrainError::Io(
             "--compare switches the fused CPU paths on and off; use it with `device: cpu`".into(),
         ));
     }
-    let gemm_peaks = (!on_gpu).then(|| (gemm_gflops(1024, 3), own_gemm_gflops(1024, 3)));
+    if compare && in_process > 1 {
+        return Err(TrainError::Io(format!(
+            "--compare switches the fused paths of the whole process, which holds {in_process} \
+             rank threads here; run it at one rank (`--set parallel.dp=1` ... `parallel.ep=1`) \
+             or one rank per process (mpirun)"
+        )));
+    }
+    // Ranks that share this rank's device, in this process.
+    let sharing = match cfg.device {
+        DeviceConfig::Cuda(None) => 1,
+        _ => in_process,
+    };
+    let rank0 = world.as_ref().is_none_or(|w| w.rank() == 0);
+    // Peaks on rank 0 only: the ranks of one device would measure it at once.
+    let gemm_peaks = (rank0 && !on_gpu).then(|| (gemm_gflops(1024, 3), own_gemm_gflops(1024, 3)));
     let device_gemm_n = if on_gpu { 8192 } else { 1024 };
-    let device_gemm_gflops = device_gemm_gflops(&device, cfg.precision, device_gemm_n, 5)?;
+    let device_gemm_gflops = if rank0 {
+        device_gemm_gflops(device, cfg.precision, device_gemm_n, 5)?
+    } else {
+        f64::NAN
+    };
     let mut cfg = cfg.clone();
     let compare_steps = if compare {
         2 * steps * (Fused::ALL.len() as u64 + 1)
@@ -246,7 +312,7 @@ pub fn run(
         0
     };
     cfg.train.steps = warmup + 3 * steps + compare_steps;
-    let mut trainer = Trainer::new(&cfg, corpus, &device)?;
+    let mut trainer = Trainer::new_on(&cfg, corpus, device, world)?;
     for _ in 0..warmup {
         trainer.step()?;
     }
@@ -255,8 +321,9 @@ pub fn run(
     let mut final_loss = f64::NAN;
     let mut fma_peaks = Vec::new();
     for _ in 0..steps {
-        if !on_gpu {
-            fma_peaks.push(fma_peak_gflops(threads));
+        if rank0 && !on_gpu {
+            // The device's threads: those of every rank on it.
+            fma_peaks.push(fma_peak_gflops(threads * sharing));
         }
         let started = Instant::now();
         let cpu_started = process_cpu_seconds();
@@ -266,6 +333,21 @@ pub fn run(
         cpu_seconds = cpu_seconds.zip(cpu).map(|(sum, c)| sum + c);
         tokens += report.tokens;
         final_loss = report.loss;
+    }
+    // Over the world: each rank's share of its process's CPU time and device, its threads.
+    let (mut ranks, mut devices, mut all_threads) = (1, 1, threads);
+    if let Some(l) = &trainer.layout {
+        let sums = l.sum(
+            vec![
+                cpu_seconds.unwrap_or(f64::NAN) / in_process as f64,
+                1.0 / sharing as f64,
+                threads as f64,
+            ],
+            "bench: the ranks' figures",
+        )?;
+        cpu_seconds = Some(sums[0]).filter(|c| c.is_finite());
+        (ranks, devices, all_threads) =
+            (l.world_size(), sums[1].round() as usize, sums[2] as usize);
     }
     let cpu_peaks = gemm_peaks.map(|(gemm_gflops, own_gemm_gflops)| {
         fma_peaks.sort_by(f64::total_cmp);
@@ -282,7 +364,11 @@ pub fn run(
     });
     // The breakdown, from separate steps: the markers add graph nodes.
     let per_step = steps.max(1) as f64;
-    let breakdown = profile_steps(&mut trainer, steps)?;
+    let breakdown = if in_process == 1 {
+        Some(profile_steps(&mut trainer, steps)?)
+    } else {
+        None
+    };
     let mut comparisons = Vec::new();
     let mut breakdown_reference = None;
     if compare {
@@ -326,7 +412,9 @@ pub fn run(
     Ok(BenchReport {
         device: cfg.device.to_string(),
         precision: cfg.precision,
-        threads,
+        ranks,
+        devices,
+        threads: all_threads,
         steps,
         tokens_per_step: tokens / steps.max(1),
         seconds,

@@ -139,6 +139,18 @@ impl Trainer {
         }
     }
 
+    /// This rank's share of a validation batch (its rows, its sequence chunks).
+    pub(crate) fn valid_tensors(
+        &self,
+        global: &Batch,
+        device: &Device,
+    ) -> (Tensor<2, Int>, Tensor<2, Int>) {
+        match &self.layout {
+            Some(l) => self.local_tensors(&global.rows(l.rows(global.batch_size)), device),
+            None => self.local_tensors(global, device),
+        }
+    }
+
     /// Whether this rank logs, prints and writes run-level files (rank 0).
     pub fn is_logger(&self) -> bool {
         self.layout.as_ref().is_none_or(|l| l.rank() == 0)
@@ -300,11 +312,7 @@ impl Trainer {
         let inner = self.device.clone().inner();
         let (mut sum, mut tokens) = (0f64, 0f64);
         for global in &self.valid {
-            let batch = match &self.layout {
-                Some(l) => global.rows(l.rows(global.batch_size)),
-                None => global.clone(),
-            };
-            let (inputs, targets) = self.local_tensors(&batch, &inner);
+            let (inputs, targets) = self.valid_tensors(global, &inner);
             let n = targets.dims().iter().product::<usize>() as f64;
             let out = model.forward(inputs);
             sum += scalar(&cross_entropy(out.logits, targets)) * n;
