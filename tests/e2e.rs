@@ -957,6 +957,63 @@ fn impossible_sizes_are_config_errors_with_the_estimate() {
     }
 }
 
+/// `estimate-memory` reports even a config that cannot run here (and says so), and `train`
+/// writes the measured memory of every step: held, gradient and per-rank peak bytes.
+#[test]
+fn estimate_memory_reports_and_train_measures_every_rank() {
+    let out = switchyard(&[
+        "estimate-memory",
+        "--config",
+        "configs/quickstart.yaml",
+        "--set",
+        "model.d_model=1000000",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let report = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "weights (f32)",
+        "gradients",
+        "optimizer (AdamW)",
+        "activations",
+        "layer 0",
+        "communication",
+        "optimizer update",
+        "peak (estimate)",
+        "does not fit",
+    ] {
+        assert!(report.contains(line), "`{line}` missing:\n{report}");
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+    let out = switchyard(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.steps=2",
+        "--set",
+        "parallel.ep=2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let metrics = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let bytes = |key: &str| {
+        last[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing: {last}"))
+    };
+    let (peak, held) = (bytes("memory/peak_bytes"), bytes("memory/held_bytes"));
+    assert!(peak > held && held > 0.0, "{last}");
+    assert!(bytes("memory/grad_bytes") > 0.0, "{last}");
+    for rank in 0..2 {
+        assert!(
+            bytes(&format!("memory/rank{rank}/peak_bytes")) > 0.0,
+            "{last}"
+        );
+    }
+}
+
 /// Every file under `dir` but the lock file, with its bytes: what a refused run must leave
 /// as it was.
 fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {

@@ -494,8 +494,9 @@ fn mpi_run<T>(
     )
 }
 
-/// `switchyard eval`: every rank restores the checkpoint (saved at any layout; each keeps
-/// the experts it owns) and evaluates its rows; the loss is summed over the ranks.
+/// `switchyard eval`: every rank restores the checkpoint's weights (saved at any layout; each
+/// keeps the experts it owns; the optimizer's files are not read) and evaluates its rows;
+/// the loss is summed over the ranks.
 pub fn eval(
     cfg: &Config,
     launch: &LaunchInfo,
@@ -510,7 +511,7 @@ pub fn eval(
         let mut trainer =
             switchyard_trainer::Trainer::new_on(cfg, &corpus, &rank.device, rank.world)?;
         if let Some(path) = &target {
-            trainer.restore(path)?;
+            trainer.restore_weights(path)?;
         }
         let report = trainer.evaluate()?;
         Ok((trainer.counters.step, report, trainer.valid))

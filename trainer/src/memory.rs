@@ -484,6 +484,7 @@ moe: {every: 2, num_experts: 4, top_k: 2, expert_ffn_dim: 16}
             ", router: {type: moe_plus_plus}",
             ", router: {type: recurrent, state_dim: 8}",
             ", shared_expert: {count: 1, ffn_dim: 24}",
+            ", shared_expert: {count: 2, ffn_dim: 24, gate: true}",
         ] {
             let yaml = SMALL.replace(
                 "expert_ffn_dim: 16}",
@@ -492,6 +493,51 @@ moe: {every: 2, num_experts: 4, top_k: 2, expert_ffn_dim: 16}
             let cfg = model(&yaml);
             let real = Transformer::new(&cfg, 0, &device).num_params() as f64;
             assert_eq!(parameters(&cfg, 1), real, "{extra}");
+        }
+    }
+
+    /// The attention options of the Hugging Face formats change the count as the model does.
+    #[test]
+    fn attention_options_are_counted_as_the_model_has_them() {
+        let device = Default::default();
+        for attention in [
+            "{kv_heads: 1}",
+            "{head_dim: 24}",
+            "{kv_heads: 1, head_dim: 12, bias: qkv}",
+            "{bias: all, qk_norm: true}",
+        ] {
+            let cfg = model(&format!("{SMALL}attention: {attention}\n"));
+            let real = Transformer::new(&cfg, 0, &device).num_params() as f64;
+            assert_eq!(parameters(&cfg, 1), real, "{attention}");
+        }
+    }
+
+    /// Sharding divides the moments (dense over the world, experts over dp x cp), never the
+    /// weights; recomputation shrinks the activations kept, not the per-layer figures.
+    #[test]
+    fn sharding_and_recomputation_shrink_what_they_should() {
+        let base = config(SMALL, "parallel: {dp: 2, ep: 2}");
+        let sharded = config(SMALL, "parallel: {dp: 2, ep: 2, shard_optimizer: states}");
+        let (a, b) = (
+            MemoryEstimate::per_rank(&base),
+            MemoryEstimate::per_rank(&sharded),
+        );
+        assert_eq!(a.weights, b.weights);
+        let counts = param_counts(&base.model, 2);
+        let owned = counts.dense / 4.0 + counts.experts / 2.0;
+        assert_eq!(b.optimizer, 2.0 * F32 * owned);
+        assert_eq!(a.optimizer, 2.0 * F32 * counts.total());
+        for mode in [
+            ActivationCheckpointing::Full,
+            ActivationCheckpointing::Selective,
+        ] {
+            let mut cfg = config(SMALL, "");
+            let none = MemoryEstimate::per_rank(&cfg);
+            cfg.train.activation_checkpointing = mode;
+            let r = MemoryEstimate::per_rank(&cfg);
+            assert!(r.activations < none.activations, "{mode:?}");
+            assert_eq!(r.activations_kept, none.activations_kept, "{mode:?}");
+            assert_eq!(r.per_layer, none.per_layer, "{mode:?}");
         }
     }
 

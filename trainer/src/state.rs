@@ -121,11 +121,28 @@ impl Trainer {
     /// Restores weights, optimizer moments, data position, counters, routing statistics
     /// and the expert placement from a checkpoint of this model (any layout).
     pub fn restore(&mut self, path: &Path) -> Result<(), TrainError> {
+        let snapshot = checkpoint::read_snapshot(path, &self.signature)?;
+        self.restore_from(path, &snapshot, true)
+    }
+
+    /// [`Self::restore`] of the weights, the step and the placement only, reading none of
+    /// the optimizer's files (evaluation: a model sized for sharded optimizer state is
+    /// not loaded with every rank's moments).
+    pub fn restore_weights(&mut self, path: &Path) -> Result<(), TrainError> {
+        let snapshot = checkpoint::read_weights_snapshot(path, &self.signature)?;
+        self.restore_from(path, &snapshot, false)
+    }
+
+    fn restore_from(
+        &mut self,
+        path: &Path,
+        snapshot: &Snapshot,
+        training_state: bool,
+    ) -> Result<(), TrainError> {
         let resume_err = |message: String| TrainError::Resume {
             path: path.to_path_buf(),
             message,
         };
-        let snapshot = checkpoint::read_snapshot(path, &self.signature)?;
         // The placement first: the weights are read for the experts this rank then holds.
         let saved: Option<SavedPlacement> = snapshot.get("placement").map_err(resume_err)?;
         let (d_model, ffn) = (self.cfg.model.d_model, self.cfg.model.moe.expert_ffn_dim);
@@ -142,17 +159,15 @@ impl Trainer {
                 |model| NamedAdamW::new(&optim_cfg, model).sharded(ownership.clone()),
             )?;
         }
-        let mut parts: Vec<&mut dyn Checkpointed> = vec![
-            &mut self.model,
-            &mut self.optim,
-            &mut self.sampler,
-            &mut self.counters,
-        ];
-        if let Some(r) = &mut self.rebalancer {
-            parts.push(r);
+        let mut parts: Vec<&mut dyn Checkpointed> = vec![&mut self.model, &mut self.counters];
+        if training_state {
+            parts.extend([&mut self.optim as &mut dyn Checkpointed, &mut self.sampler]);
+            if let Some(r) = &mut self.rebalancer {
+                parts.push(r);
+            }
         }
         for part in parts {
-            part.restore(&snapshot).map_err(resume_err)?;
+            part.restore(snapshot).map_err(resume_err)?;
         }
         Ok(())
     }

@@ -379,6 +379,17 @@ pub fn read_snapshot(path: &Path, signature: &str) -> Result<Snapshot, TrainErro
     read_any_snapshot(path)
 }
 
+/// [`read_snapshot`] of the model's weights only (the optimizer's files are not read).
+pub fn read_weights_snapshot(path: &Path, signature: &str) -> Result<Snapshot, TrainError> {
+    let manifest = read_manifest(path)?;
+    verify_compatible(&manifest, path, signature)?;
+    let loaded = super::load_kinds(path, |kind| kind == "model")?;
+    Snapshot::of(&loaded).map_err(|message| TrainError::Resume {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
 /// Reads the checkpoint at `path` whatever model wrote it (weights-only starts check names
 /// and shapes themselves).
 pub fn read_any_snapshot(path: &Path) -> Result<Snapshot, TrainError> {

@@ -65,7 +65,7 @@ use sha2::{Digest, Sha256};
 
 pub use checkpointer::{
     Checkpointed, Checkpointer, SaveMeta, Snapshot, f32_values, load_weights, read_any_snapshot,
-    read_snapshot, tensor_values,
+    read_snapshot, read_weights_snapshot, tensor_values,
 };
 pub use convert::init_weights;
 pub use error::{CheckpointError, Result};
@@ -550,6 +550,13 @@ pub fn resume_target(root: &Path, spec: &str) -> Result<Option<PathBuf>> {
 /// Reads a checkpoint, verifying every listed file's existence, length and sha256 and
 /// decoding it, before returning anything.
 pub fn load(dir: &Path) -> Result<LoadedCheckpoint> {
+    load_kinds(dir, |_| true)
+}
+
+/// [`load`] of the tensor files whose kind (`model`, `optimizer`; see
+/// `tensor_file_kind`) `wanted` accepts: a weights-only reader (evaluation) does not read
+/// the optimizer's shards.
+pub fn load_kinds(dir: &Path, wanted: impl Fn(&str) -> bool) -> Result<LoadedCheckpoint> {
     let manifest = read_manifest(dir)?;
     if manifest.format_version < FORMAT_VERSION {
         tracing::warn!(
@@ -562,6 +569,9 @@ pub fn load(dir: &Path) -> Result<LoadedCheckpoint> {
     }
     let mut files = Vec::with_capacity(manifest.files.len());
     for entry in &manifest.files {
+        if !checkpointer::tensor_file_kind(&entry.name).is_none_or(&wanted) {
+            continue;
+        }
         let bytes = read_verified(dir, entry)?;
         let path = file_path(dir, entry);
         files.push((entry.name.clone(), tensor::decode(&path, &bytes)?));
