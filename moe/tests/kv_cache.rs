@@ -5,80 +5,14 @@
 //! and with untied embeddings.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use switchyard_moe::config::{
-    CapacityConfig, ModelConfig, MoeConfig, NullInit, NullNormalization, RouterConfig,
-};
+use switchyard_moe::config::RouterConfig;
 use switchyard_moe::{KvCache, Transformer};
 
-const V: usize = 40;
+mod common;
+use common::{V, model_cfg, routers};
+
 const B: usize = 2;
 const S: usize = 11;
-
-fn model_cfg(router: RouterConfig, every: usize, tie: bool) -> ModelConfig {
-    ModelConfig {
-        vocab_size: V,
-        d_model: 16,
-        n_heads: 4,
-        n_layers: 3,
-        ffn_dim: 24,
-        max_seq_len: 32,
-        rope_theta: 10_000.0,
-        norm_eps: 1e-5,
-        tie_embeddings: tie,
-        init_std: 0.1,
-        attention: Default::default(),
-        moe: MoeConfig {
-            every,
-            num_experts: 4,
-            top_k: 2,
-            expert_ffn_dim: 12,
-            router,
-            capacity: CapacityConfig::Dropless {},
-            shared_expert: None,
-            load_balance_coef: 0.01,
-            z_loss_coef: 0.001,
-        },
-    }
-}
-
-fn routers() -> Vec<(&'static str, RouterConfig)> {
-    vec![
-        (
-            "top-k",
-            RouterConfig::TopKSoftmax {
-                normalize_weights: true,
-            },
-        ),
-        (
-            "null experts",
-            RouterConfig::NullExperts {
-                num_null: 2,
-                normalize: NullNormalization::default(),
-                null_init: NullInit::default(),
-                anneal: None,
-            },
-        ),
-        (
-            "MoE++",
-            RouterConfig::MoePlusPlus {
-                zero: 1,
-                copy: 1,
-                constant: 1,
-                tau: 0.75,
-                gating_residual: true,
-                normalize_weights: false,
-            },
-        ),
-        (
-            "recurrent",
-            RouterConfig::Recurrent {
-                state_dim: 8,
-                detach_state: false,
-                normalize_weights: true,
-            },
-        ),
-    ]
-}
 
 fn tokens(device: &Device) -> Tensor<2, Int> {
     let ids: Vec<i64> = (0..B * S).map(|i| ((i * 7 + 3) % V) as i64).collect();

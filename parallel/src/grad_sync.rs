@@ -197,6 +197,22 @@ impl SyncGroup {
     }
 }
 
+/// Parameters of the given sizes (flattened, in order) in buckets of consecutive ones up to
+/// `bucket_elems` floats (a larger parameter is a bucket of its own): indices per bucket.
+pub(crate) fn buckets(sizes: &[usize], bucket_elems: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut filled = usize::MAX;
+    for (i, &n) in sizes.iter().enumerate() {
+        if filled.saturating_add(n) > bucket_elems {
+            out.push(Vec::new());
+            filled = 0;
+        }
+        out.last_mut().expect("a bucket was opened").push(i);
+        filled += n;
+    }
+    out
+}
+
 /// Sums named gradients over the right axis, in buckets of at most `bucket_elems` floats
 /// (all buckets of an axis are in flight together, then waited).
 pub struct GradSync {
@@ -260,21 +276,9 @@ impl GradSync {
         grads: &BTreeMap<ParamKey, Tensor<1>>,
         out: &mut BTreeMap<ParamKey, Tensor<1>>,
     ) -> Result<()> {
-        // Buckets: consecutive parameters up to bucket_elems floats (a larger parameter is
-        // a bucket of its own).
-        let mut buckets: Vec<Vec<usize>> = Vec::new();
-        let mut filled = usize::MAX;
-        for (i, (_, value)) in members.iter().enumerate() {
-            let n = value.dims()[0];
-            if filled.saturating_add(n) > self.bucket_elems {
-                buckets.push(Vec::new());
-                filled = 0;
-            }
-            buckets.last_mut().expect("a bucket was opened").push(i);
-            filled += n;
-        }
+        let sizes: Vec<usize> = members.iter().map(|(_, value)| value.dims()[0]).collect();
         let mut requests: Vec<(Vec<usize>, Request)> = Vec::with_capacity(buckets.len());
-        for bucket in buckets {
+        for bucket in buckets(&sizes, self.bucket_elems) {
             if comm.device_collectives().is_some() {
                 // Gradients on the communicator's GPU: summed in device memory (NCCL).
                 let parts: Vec<Tensor<1>> = bucket

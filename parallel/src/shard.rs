@@ -33,7 +33,7 @@ use switchyard_moe::params::{map_params, named_params};
 use switchyard_moe::{ParamKey, Transformer};
 
 use crate::error::{ParallelError, Result};
-use crate::grad_sync::SyncGroup;
+use crate::grad_sync::{SyncGroup, buckets};
 use crate::mesh::Mesh;
 
 /// Which rank of its replica group owns each parameter.
@@ -110,22 +110,6 @@ impl Ownership {
     }
 }
 
-/// A group's parameters (`named_params` order) in buckets of at most `bucket_elems` floats
-/// (a larger parameter is a bucket of its own): indices into `members`.
-fn buckets(sizes: &[usize], bucket_elems: usize) -> Vec<Vec<usize>> {
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut filled = usize::MAX;
-    for (i, &n) in sizes.iter().enumerate() {
-        if filled.saturating_add(n) > bucket_elems {
-            out.push(Vec::new());
-            filled = 0;
-        }
-        out.last_mut().expect("a bucket was opened").push(i);
-        filled += n;
-    }
-    out
-}
-
 /// A bucket laid out owner by owner: the member indices of each owner's segment, in
 /// member order (segment `r` is what rank `r` receives or sends).
 fn segments(bucket: &[usize], owners: &[usize], n: usize) -> Vec<Vec<usize>> {
@@ -158,6 +142,24 @@ struct Group<'a> {
     keys: Vec<ParamKey>,
     sizes: Vec<usize>,
     owners: Vec<usize>,
+}
+
+impl Group<'_> {
+    /// The group's buckets, each laid out owner by owner: the member indices of every
+    /// owner's segment and the segment lengths (the collectives' per-rank counts).
+    fn owner_buckets(&self, bucket_elems: usize) -> Vec<(Vec<Vec<usize>>, Vec<usize>)> {
+        buckets(&self.sizes, bucket_elems)
+            .into_iter()
+            .map(|bucket| {
+                let segs = segments(&bucket, &self.owners, self.comm.size());
+                let counts = segs
+                    .iter()
+                    .map(|s| s.iter().map(|&i| self.sizes[i]).sum())
+                    .collect();
+                (segs, counts)
+            })
+            .collect()
+    }
 }
 
 impl ShardedSync {
@@ -216,16 +218,10 @@ impl ShardedSync {
             .ok_or_else(|| ParallelError::Model("the model has no parameters".into()))?;
         let mut out = BTreeMap::new();
         for group in self.groups(model) {
-            let n = group.comm.size();
             let me = group.comm.rank();
             let op = format!("gradient reduce-scatter over `{}`", group.comm.name());
             let mut pending: Vec<(Vec<usize>, Request)> = Vec::new();
-            for bucket in buckets(&group.sizes, self.bucket_elems) {
-                let segs = segments(&bucket, &group.owners, n);
-                let counts: Vec<usize> = segs
-                    .iter()
-                    .map(|s| s.iter().map(|&i| group.sizes[i]).sum())
-                    .collect();
+            for (segs, counts) in group.owner_buckets(self.bucket_elems) {
                 let mut flat: Vec<f32> = Vec::with_capacity(counts.iter().sum());
                 for &i in segs.iter().flatten() {
                     match grads.get(&group.keys[i]) {
@@ -284,16 +280,10 @@ impl ShardedSync {
             .collect();
         let mut gathered: BTreeMap<ParamKey, Tensor<1>> = BTreeMap::new();
         for group in self.groups(&model) {
-            let n = group.comm.size();
             let me = group.comm.rank();
             let op = format!("weight all-gather over `{}`", group.comm.name());
             let mut pending: Vec<(Vec<Vec<usize>>, Request)> = Vec::new();
-            for bucket in buckets(&group.sizes, self.bucket_elems) {
-                let segs = segments(&bucket, &group.owners, n);
-                let counts: Vec<usize> = segs
-                    .iter()
-                    .map(|s| s.iter().map(|&i| group.sizes[i]).sum())
-                    .collect();
+            for (segs, counts) in group.owner_buckets(self.bucket_elems) {
                 let mut send: Vec<f32> = Vec::with_capacity(counts[me]);
                 for &i in &segs[me] {
                     send.extend(host_f32(&values[&group.keys[i]], &group.keys[i])?);
