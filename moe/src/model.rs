@@ -20,7 +20,7 @@ use crate::experts::SwiGlu;
 use crate::init::Initializer;
 use crate::layer::{MoeLayer, MoeStats};
 use crate::profile::{self, Part};
-use crate::recompute::{self, ActivationCheckpointing};
+use crate::recompute::{self, ActivationCheckpointing, Keep};
 use crate::router::{Gru, RouterCarry};
 use switchyard_kernels as cpu;
 use switchyard_kernels::precision::{self, Precision};
@@ -473,22 +473,17 @@ impl Transformer {
         let gru = self.router_gru.as_ref();
         let positions = self.attention.positions(s);
         for (index, block) in self.layers.iter().enumerate() {
-            let moe_out;
-            (x_bsd, moe_out) = match self.recompute {
-                ActivationCheckpointing::Full => {
-                    self.block_recomputed(block, x_bsd, &mut carry, &positions, reference)
-                }
-                ActivationCheckpointing::Selective | ActivationCheckpointing::None => {
-                    let pieces = BlockPieces {
-                        positions: &positions,
-                        attention: self.attention.clone(),
-                        precision: self.precision,
-                        reference,
-                        recompute_attention: self.recompute == ActivationCheckpointing::Selective,
-                    };
-                    pieces.block(block, gru, x_bsd, &mut carry)
+            // Every block is one node of the autodiff graph with a graph of its own, kept
+            // (no recomputation, `selective`) or rebuilt in the backward (`full`): the same
+            // graphs either way, so the same bits (`crate::recompute`).
+            let keep = match self.recompute {
+                ActivationCheckpointing::Full => Keep::Inputs,
+                ActivationCheckpointing::None | ActivationCheckpointing::Selective => {
+                    Keep::Activations
                 }
             };
+            let moe_out;
+            (x_bsd, moe_out) = self.block_node(block, x_bsd, &mut carry, &positions, reference, keep);
             if let Some((lb, z, stats)) = moe_out {
                 load_balance = load_balance + lb;
                 z_loss = z_loss + z;
@@ -600,26 +595,29 @@ impl BlockPieces<'_> {
                 (vec![y.reshape([dims.iter().product::<usize>()])], ())
             })
         });
-        let (mut out, ()) = recompute::checkpointed(
+        let (mut out, ()) = recompute::piece_node(
             &unit,
             vec![x_bsd.reshape([dims.iter().product::<usize>()])],
             piece,
+            Keep::Inputs,
         );
         out.remove(0).reshape(dims)
     }
 }
 
 impl Transformer {
-    /// `full` recomputation of one block: a recomputed node that keeps the block's input
-    /// x [B, S, D] and the router state it receives ([T, N] gating logits, [T, P] GRU
-    /// state) and returns the block's output, its MoE terms and the new router state.
-    fn block_recomputed(
+    /// One block as a node ([`recompute::piece_node`]) whose inputs are x [B, S, D] and
+    /// the router state it receives ([T, N] gating logits, [T, P] GRU state) and whose
+    /// outputs are the block's output, its MoE terms and the new router state; `keep`: its
+    /// graph kept from the forward, or only its inputs (`full` recomputation).
+    fn block_node(
         &self,
         block: &Block,
         x_bsd: Tensor<3>,
         carry: &mut RouterCarry,
         positions: &[usize],
         reference: bool,
+        keep: Keep,
     ) -> (Tensor<3>, MoeTerms) {
         let dims = x_bsd.dims();
         let tokens = dims[0] * dims[1];
@@ -646,6 +644,7 @@ impl Transformer {
         let positions = positions.to_vec();
         let attention = self.attention.clone();
         let precision = self.precision;
+        let recompute_attention = self.recompute == ActivationCheckpointing::Selective;
         let piece = Arc::new(move |unit: &BlockUnit, inputs: Vec<Tensor<1>>| {
             let mut inputs = inputs.into_iter();
             let x_bsd = inputs.next().expect("the block input").reshape(dims);
@@ -666,7 +665,7 @@ impl Transformer {
                 attention: attention.clone(),
                 precision,
                 reference,
-                recompute_attention: false,
+                recompute_attention,
             };
             precision::scoped(precision, || {
                 let (y, terms) = pieces.block(&unit.block, unit.gru.as_ref(), x_bsd, &mut carry);
@@ -683,7 +682,7 @@ impl Transformer {
                 (out, (stats, passed))
             })
         });
-        let (outputs, (stats, passed)) = recompute::checkpointed(&unit, inputs, piece);
+        let (outputs, (stats, passed)) = recompute::piece_node(&unit, inputs, piece, keep);
         let mut outputs = outputs.into_iter();
         let y = outputs.next().expect("the block output").reshape(dims);
         let terms = stats.map(|stats| {

@@ -1,31 +1,34 @@
-//! Activation recomputation (`train.activation_checkpointing`): a piece of the model runs
-//! as ONE node of burn's autodiff graph that keeps only its inputs; its backward runs the
-//! piece's forward again with autodiff (a fresh graph of its own: the module's parameters
-//! as new leaves, the saved inputs as a new leaf), back-propagates the node's output
-//! gradient through it, hands the input gradient to the outer graph and adds each
-//! parameter's gradient to that parameter's node in the outer graph.
+//! Activation recomputation (`train.activation_checkpointing`) and the model pieces it
+//! works on. A piece (a transformer block, or its attention sub-block) runs as ONE node of
+//! burn's autodiff graph ([`piece_node`]) whose backward back-propagates through a graph of
+//! the piece's own — the module's parameters as fresh leaves (same ids), the node's inputs
+//! as a fresh leaf — hands the input gradient to the outer graph and adds each parameter's
+//! gradient to that parameter's node in the outer graph. The piece's graph is either kept
+//! from the forward ([`Keep::Activations`]) or, with recomputation, built again in the
+//! backward from the kept inputs ([`Keep::Inputs`]: the forward ran untracked and kept
+//! nothing else).
+//!
+//! # Bits
+//!
+//! Every block is such a node whatever the setting (`Transformer::forward`), so with and
+//! without recomputation the backward runs the same graphs and adds every gradient in the
+//! same order: loss and gradients are the same bits (`moe/tests/recompute.rs`). This is why
+//! `none` runs the blocks as nodes too: burn adds the gradient contributions of a node in
+//! the order of its backward tape, sorted by depth from the graph's leaves, and a block's
+//! own graph starts at depth 0 where a whole-model graph has it deep, so a recomputed block
+//! would otherwise add (for instance) the router logits' three contributions — combine
+//! weights, load-balancing loss, z-loss — in another order than the whole-model graph, and
+//! a parameter shared by the blocks (the recurrent router's GRU) would be summed per block
+//! in one and per use in the other. The untracked forward of `Keep::Inputs` runs the
+//! autodiff backend's own operations, so its values are those of a tracked forward (the
+//! plain flex backend rounds some operations differently). Other backends than flex run
+//! the pieces inline (config validation refuses recomputation there).
 //!
 //! Why not burn's own checkpointing (`autodiff_with_gradient_checkpointing`, balanced
 //! strategy): it decides per operation (it recomputes memory-bound ops and keeps
 //! compute-bound ones), knows nothing of the model's pieces, and moves the device off the
 //! `Autodiff<Flex>` backend that Switchyard's fused kernels and distributed nodes are written
-//! for, so the arithmetic (and the result) would change. Here the forward that is
-//! recomputed is the same code on the same kernels, so loss and gradients are the same
-//! bits with and without recomputation (`moe/tests/recompute.rs`).
-//!
-//! # Bits
-//!
-//! The loss and the auxiliary losses are the same bits with and without recomputation (the
-//! forward of a piece is the tracked forward's code on the autodiff backend, untracked).
-//! `selective`'s gradients are the same bits too (`moe/tests/recompute.rs`, every router
-//! family). `full`'s gradients are the same bits unless a block holds a node whose
-//! gradient is the sum of three or more contributions (the router's logits with the z-loss
-//! and the load-balancing loss on) or a parameter is shared between blocks (the recurrent
-//! router's GRU): burn adds contributions in the order of its backward tape, sorted by the
-//! depth of each node from the graph's leaves, and a block's own graph starts at depth 0
-//! where the whole model's graph has it deep; a shared parameter's gradient is summed per
-//! block before it is added to the other blocks'. Measured: at most 3.4e-7 relative per
-//! tensor, every router family.
+//! for.
 //!
 //! Everything a piece does in its forward runs again in the backward: the collectives of
 //! an expert-parallel dispatcher, of ring attention or of the world reducer included.
@@ -69,16 +72,28 @@ pub enum ActivationCheckpointing {
 /// what the forward reports besides tensors (routing statistics; dropped on recompute).
 pub type PieceFn<M, E> = dyn Fn(&M, Vec<Tensor<1>>) -> (Vec<Tensor<1>>, E) + Send + Sync;
 
-/// Runs `piece(module, inputs)`; on an autodiff device as one recomputed node (see the
-/// module docs). `inputs` and the outputs are flattened tensors; the outputs come back in
-/// `piece`'s order. Off autodiff (evaluation, generation) it is simply `piece`.
+/// What a piece's node keeps for its backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// The piece's own autodiff graph from the forward (every activation): no recomputation.
+    Activations,
+    /// Only the inputs: the backward rebuilds the graph by running the piece again.
+    Inputs,
+}
+
+/// Runs `piece(module, inputs)`; on an autodiff device as one node of the outer graph
+/// whose backward back-propagates through the piece's own graph, kept from the forward or
+/// rebuilt (`keep`; see the module docs). `inputs` and the outputs are flattened tensors;
+/// the outputs come back in `piece`'s order. Off autodiff (evaluation, generation) it is
+/// simply `piece`.
 ///
 /// Panics on an autodiff backend other than flex (config validation refuses
 /// recomputation elsewhere).
-pub fn checkpointed<M, E>(
+pub fn piece_node<M, E>(
     module: &M,
     inputs: Vec<Tensor<1>>,
     piece: Arc<PieceFn<M, E>>,
+    keep: Keep,
 ) -> (Vec<Tensor<1>>, E)
 where
     M: Module + Clone + Send + Sync + fmt::Debug + 'static,
@@ -90,39 +105,71 @@ where
     if !first.device().is_autodiff() {
         return piece(module, inputs);
     }
+    let on_flex = first
+        .clone()
+        .try_into_primitive::<Autodiff<Flex>>()
+        .is_ok();
+    if !on_flex {
+        // Other backends run the model inline (their autodiff keeps every activation).
+        assert!(
+            keep == Keep::Activations,
+            "activation recomputation runs on the flex backend only"
+        );
+        return piece(module, inputs);
+    }
     let in_sizes: Vec<usize> = inputs.iter().map(|t| t.dims()[0]).collect();
     let input = Tensor::cat(inputs, 0)
         .try_into_primitive::<Autodiff<Flex>>()
-        .unwrap_or_else(|e| {
-            panic!("activation recomputation runs on the flex backend only, not {e:?}")
-        });
+        .expect("every input of a piece lives on its first input's backend");
     let (value, guard) = input.into_parts();
     let saved = Tensor::<1>::from_primitive::<Flex>(value);
-    // The forward on the autodiff backend, untracked (parameters and input without
-    // gradients: nothing is recorded or kept): the same operations as a tracked forward,
-    // hence the same bits (the plain flex backend rounds some operations differently).
-    let untracked = module.clone().no_grad();
-    let (outputs, extra) = piece(
-        &untracked,
-        split(Tensor::from_inner(saved.clone()), &in_sizes),
-    );
-    let out_sizes: Vec<usize> = outputs.iter().map(|t| t.dims()[0]).collect();
+    let params = param_nodes(module);
+    let (outputs, extra, graph) = match keep {
+        Keep::Activations => {
+            // A graph of its own from the start, as the backward of `Inputs` builds it.
+            let fresh = module.valid().train();
+            let input = Tensor::<1>::from_inner(saved).require_grad();
+            let (outputs, extra) = piece(&fresh, split(input.clone(), &in_sizes));
+            let values = outputs.iter().map(|t| t.clone().inner()).collect();
+            let graph = PieceGraph::Kept {
+                module: fresh,
+                input,
+                outputs,
+            };
+            (values, extra, graph)
+        }
+        Keep::Inputs => {
+            // The forward on the autodiff backend, untracked (parameters and input without
+            // gradients: nothing is recorded or kept): the same operations as a tracked
+            // forward, hence the same bits (the plain flex backend rounds some operations
+            // differently).
+            let untracked = module.clone().no_grad();
+            let (outputs, extra) = piece(
+                &untracked,
+                split(Tensor::from_inner(saved.clone()), &in_sizes),
+            );
+            let values = outputs.into_iter().map(Tensor::inner).collect();
+            let graph = PieceGraph::Rebuild {
+                inner: module.valid(),
+                input: saved,
+                in_sizes,
+            };
+            (values, extra, graph)
+        }
+    };
+    let out_sizes: Vec<usize> = outputs.iter().map(|t: &Tensor<1>| t.dims()[0]).collect();
     let out = Tensor::cat(outputs, 0)
-        .inner()
         .try_into_primitive::<Flex>()
         .expect("a piece's outputs stay on its inputs' backend");
-    let inner = module.valid();
-    let prepared = <RecomputeNode<M, E> as Backward<Flex, 1>>::prepare::<NoCheckpointing>(
-        RecomputeNode(std::marker::PhantomData),
+    let prepared = <PieceNode<M, E> as Backward<Flex, 1>>::prepare::<NoCheckpointing>(
+        PieceNode(std::marker::PhantomData),
         [guard],
     );
     let tracked = match prepared.compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(
             Saved {
-                inner,
-                input: saved,
-                in_sizes,
-                params: param_nodes(module),
+                graph,
+                params,
                 piece,
             },
             out,
@@ -164,12 +211,27 @@ fn param_nodes<M: Module>(module: &M) -> HashMap<ParamId, NodeId> {
     nodes.0
 }
 
-/// What the backward needs: the module without autodiff, the saved inputs (inner) and
-/// where each parameter's gradient goes.
+/// A piece's own graph: kept from the forward, or what rebuilding it takes (the module
+/// without autodiff and the inputs' values).
+#[derive(Clone)]
+enum PieceGraph<M> {
+    Kept {
+        /// The module whose fresh parameter leaves the graph hangs from.
+        module: M,
+        input: Tensor<1>,
+        outputs: Vec<Tensor<1>>,
+    },
+    Rebuild {
+        inner: M,
+        input: Tensor<1>,
+        in_sizes: Vec<usize>,
+    },
+}
+
+/// What the backward needs: the piece's graph (or how to rebuild it) and where each
+/// parameter's gradient goes.
 struct Saved<M, E> {
-    inner: M,
-    input: Tensor<1>,
-    in_sizes: Vec<usize>,
+    graph: PieceGraph<M>,
     params: HashMap<ParamId, NodeId>,
     piece: Arc<PieceFn<M, E>>,
 }
@@ -177,9 +239,7 @@ struct Saved<M, E> {
 impl<M: Clone, E> Clone for Saved<M, E> {
     fn clone(&self) -> Self {
         Saved {
-            inner: self.inner.clone(),
-            input: self.input.clone(),
-            in_sizes: self.in_sizes.clone(),
+            graph: self.graph.clone(),
             params: self.params.clone(),
             piece: self.piece.clone(),
         }
@@ -188,21 +248,25 @@ impl<M: Clone, E> Clone for Saved<M, E> {
 
 impl<M, E> fmt::Debug for Saved<M, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.graph {
+            PieceGraph::Kept { .. } => "kept",
+            PieceGraph::Rebuild { .. } => "rebuilt",
+        };
         f.debug_struct("Saved")
-            .field("in_sizes", &self.in_sizes)
+            .field("graph", &kind)
             .finish_non_exhaustive()
     }
 }
 
-struct RecomputeNode<M, E>(std::marker::PhantomData<fn() -> (M, E)>);
+struct PieceNode<M, E>(std::marker::PhantomData<fn() -> (M, E)>);
 
-impl<M, E> fmt::Debug for RecomputeNode<M, E> {
+impl<M, E> fmt::Debug for PieceNode<M, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("RecomputeNode")
+        f.write_str("PieceNode")
     }
 }
 
-impl<M, E> Backward<Flex, 1> for RecomputeNode<M, E>
+impl<M, E> Backward<Flex, 1> for PieceNode<M, E>
 where
     M: Module + Clone + Send + Sync + fmt::Debug + 'static,
     E: 'static,
@@ -212,17 +276,29 @@ where
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad_out = Tensor::<1>::from_primitive::<Flex>(grads.consume::<Flex>(&ops.node));
         let Saved {
-            inner,
-            input,
-            in_sizes,
+            graph,
             params,
             piece,
         } = ops.state;
-        // A graph of its own: fresh parameter leaves (same ids) and a fresh input leaf.
-        let fresh = inner.train();
-        let input = Tensor::<1>::from_inner(input).require_grad();
-        let (outputs, _) = piece(&fresh, split(input.clone(), &in_sizes));
-        // d/d(out) of sum(out * g) is g exactly, so the recomputed backward starts from the
+        let (fresh, input, outputs) = match graph {
+            PieceGraph::Kept {
+                module,
+                input,
+                outputs,
+            } => (module, input, outputs),
+            PieceGraph::Rebuild {
+                inner,
+                input,
+                in_sizes,
+            } => {
+                // A graph of its own: fresh parameter leaves (same ids) and a fresh input.
+                let fresh = inner.train();
+                let input = Tensor::<1>::from_inner(input).require_grad();
+                let (outputs, _) = piece(&fresh, split(input.clone(), &in_sizes));
+                (fresh, input, outputs)
+            }
+        };
+        // d/d(out) of sum(out * g) is g exactly, so the piece's backward starts from the
         // very gradient the outer graph holds.
         let seed = Tensor::cat(outputs, 0) * Tensor::<1>::from_inner(grad_out);
         let local = seed.sum().backward();
