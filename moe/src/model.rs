@@ -470,7 +470,6 @@ impl Transformer {
         let mut moe_stats = Vec::new();
         // Router state from one MoE layer to the next (gating residuals, RMoE's GRU state).
         let mut carry = RouterCarry::default();
-        let gru = self.router_gru.as_ref();
         let positions = self.attention.positions(s);
         for (index, block) in self.layers.iter().enumerate() {
             // Every block is one node of the autodiff graph with a graph of its own, kept
@@ -483,7 +482,8 @@ impl Transformer {
                 }
             };
             let moe_out;
-            (x_bsd, moe_out) = self.block_node(block, x_bsd, &mut carry, &positions, reference, keep);
+            (x_bsd, moe_out) =
+                self.block_node(block, x_bsd, &mut carry, &positions, reference, keep);
             if let Some((lb, z, stats)) = moe_out {
                 load_balance = load_balance + lb;
                 z_loss = z_loss + z;

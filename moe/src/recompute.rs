@@ -105,10 +105,7 @@ where
     if !first.device().is_autodiff() {
         return piece(module, inputs);
     }
-    let on_flex = first
-        .clone()
-        .try_into_primitive::<Autodiff<Flex>>()
-        .is_ok();
+    let on_flex = first.clone().try_into_primitive::<Autodiff<Flex>>().is_ok();
     if !on_flex {
         // Other backends run the model inline (their autodiff keeps every activation).
         assert!(
@@ -130,7 +127,7 @@ where
             let fresh = module.valid().train();
             let input = Tensor::<1>::from_inner(saved).require_grad();
             let (outputs, extra) = piece(&fresh, split(input.clone(), &in_sizes));
-            let values = outputs.iter().map(|t| t.clone().inner()).collect();
+            let values: Vec<Tensor<1>> = outputs.iter().map(|t| t.clone().inner()).collect();
             let graph = PieceGraph::Kept {
                 module: fresh,
                 input,
@@ -148,7 +145,7 @@ where
                 &untracked,
                 split(Tensor::from_inner(saved.clone()), &in_sizes),
             );
-            let values = outputs.into_iter().map(Tensor::inner).collect();
+            let values: Vec<Tensor<1>> = outputs.into_iter().map(Tensor::inner).collect();
             let graph = PieceGraph::Rebuild {
                 inner: module.valid(),
                 input: saved,
@@ -157,7 +154,7 @@ where
             (values, extra, graph)
         }
     };
-    let out_sizes: Vec<usize> = outputs.iter().map(|t: &Tensor<1>| t.dims()[0]).collect();
+    let out_sizes: Vec<usize> = outputs.iter().map(|t| t.dims()[0]).collect();
     let out = Tensor::cat(outputs, 0)
         .try_into_primitive::<Flex>()
         .expect("a piece's outputs stay on its inputs' backend");

@@ -82,9 +82,15 @@ fn compare(label: &str, want: &Outcome, got: &Outcome) -> f32 {
 fn check(label: &str, cfg: &ModelConfig) {
     let want = run(cfg, ActivationCheckpointing::None);
     assert!(want.1.len() > 10, "{label}: gradients were computed");
-    for mode in [ActivationCheckpointing::Selective, ActivationCheckpointing::Full] {
+    for mode in [
+        ActivationCheckpointing::Selective,
+        ActivationCheckpointing::Full,
+    ] {
         let worst = compare(label, &want, &run(cfg, mode));
-        assert_eq!(worst, 0.0, "{label}, {mode:?}: gradients differ ({worst:e})");
+        assert_eq!(
+            worst, 0.0,
+            "{label}, {mode:?}: gradients differ ({worst:e})"
+        );
     }
 }
 

@@ -277,8 +277,9 @@ impl GradSync {
         out: &mut BTreeMap<ParamKey, Tensor<1>>,
     ) -> Result<()> {
         let sizes: Vec<usize> = members.iter().map(|(_, value)| value.dims()[0]).collect();
+        let buckets = buckets(&sizes, self.bucket_elems);
         let mut requests: Vec<(Vec<usize>, Request)> = Vec::with_capacity(buckets.len());
-        for bucket in buckets(&sizes, self.bucket_elems) {
+        for bucket in buckets {
             if comm.device_collectives().is_some() {
                 // Gradients on the communicator's GPU: summed in device memory (NCCL).
                 let parts: Vec<Tensor<1>> = bucket
