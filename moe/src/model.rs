@@ -430,10 +430,6 @@ impl Transformer {
         self
     }
 
-    pub fn recompute(&self) -> ActivationCheckpointing {
-        self.recompute
-    }
-
     /// Swap the attention implementation (how `parallelize` applies context parallelism).
     pub fn with_attention(mut self, attention: Arc<dyn AttentionImpl>) -> Self {
         self.attention = attention;
@@ -579,6 +575,7 @@ impl BlockPieces<'_> {
     /// The attention sub-block as one recomputed node: keeps x [B, S, D] only.
     fn attention_recomputed(&self, block: &Block, x_bsd: Tensor<3>) -> Tensor<3> {
         let dims = x_bsd.dims();
+        let values = dims.iter().product::<usize>();
         let positions = self.positions.to_vec();
         let attention = self.attention.clone();
         let precision = self.precision;
@@ -592,15 +589,11 @@ impl BlockPieces<'_> {
                 let y = unit
                     .attn
                     .forward(unit.norm.forward(x_bsd), &positions, attention.as_ref());
-                (vec![y.reshape([dims.iter().product::<usize>()])], ())
+                (vec![y.reshape([values])], ())
             })
         });
-        let (mut out, ()) = recompute::piece_node(
-            &unit,
-            vec![x_bsd.reshape([dims.iter().product::<usize>()])],
-            piece,
-            Keep::Inputs,
-        );
+        let (mut out, ()) =
+            recompute::piece_node(&unit, vec![x_bsd.reshape([values])], piece, Keep::Inputs);
         out.remove(0).reshape(dims)
     }
 }
@@ -621,6 +614,7 @@ impl Transformer {
     ) -> (Tensor<3>, MoeTerms) {
         let dims = x_bsd.dims();
         let tokens = dims[0] * dims[1];
+        let values = tokens * dims[2];
         let is_moe = block.moe.is_some();
         // Only a MoE block reads or writes the router state.
         let carried_in = if is_moe {
@@ -632,7 +626,7 @@ impl Transformer {
         let widths = carried_in
             .each_ref()
             .map(|t| t.as_ref().map_or(0, |t| t.dims()[1]));
-        let mut inputs = vec![x_bsd.reshape([dims.iter().product::<usize>()])];
+        let mut inputs = vec![x_bsd.reshape([values])];
         inputs.extend(carried_in.into_iter().flatten().map(|t| {
             let n = t.dims().iter().product::<usize>();
             t.reshape([n])
@@ -669,7 +663,7 @@ impl Transformer {
             };
             precision::scoped(precision, || {
                 let (y, terms) = pieces.block(&unit.block, unit.gru.as_ref(), x_bsd, &mut carry);
-                let mut out = vec![y.reshape([dims.iter().product::<usize>()])];
+                let mut out = vec![y.reshape([values])];
                 let stats = terms.map(|(lb, z, stats)| {
                     out.extend([lb, z]);
                     stats

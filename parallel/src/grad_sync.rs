@@ -213,6 +213,19 @@ pub(crate) fn buckets(sizes: &[usize], bucket_elems: usize) -> Vec<Vec<usize>> {
     out
 }
 
+/// A flattened parameter or gradient [n] of `key` as host f32 values.
+pub(crate) fn host_f32(t: &Tensor<1>, key: &ParamKey) -> Result<Vec<f32>> {
+    t.clone()
+        .inner()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| ParallelError::Shape {
+            what: format!("gradient or value of `{key}`"),
+            detail: format!("not readable as f32: {e:?}"),
+        })
+}
+
 /// Sums named gradients over the right axis, in buckets of at most `bucket_elems` floats
 /// (all buckets of an axis are in flight together, then waited).
 pub struct GradSync {
@@ -311,17 +324,7 @@ impl GradSync {
             for &i in &bucket {
                 let (name, value) = members[i];
                 match grads.get(name) {
-                    Some(g) => flat.extend(
-                        g.clone()
-                            .inner()
-                            .into_data()
-                            .convert::<f32>()
-                            .try_into_vec::<f32>()
-                            .map_err(|e| ParallelError::Shape {
-                                what: format!("gradient of `{name}`"),
-                                detail: format!("not readable as f32: {e:?}"),
-                            })?,
-                    ),
+                    Some(g) => flat.extend(host_f32(g, name)?),
                     None => flat.extend(std::iter::repeat_n(0.0, value.dims()[0])),
                 }
             }

@@ -33,7 +33,7 @@ use switchyard_moe::params::{map_params, named_params};
 use switchyard_moe::{ParamKey, Transformer};
 
 use crate::error::{ParallelError, Result};
-use crate::grad_sync::{SyncGroup, buckets};
+use crate::grad_sync::{SyncGroup, buckets, host_f32};
 use crate::mesh::Mesh;
 
 /// Which rank of its replica group owns each parameter.
@@ -136,10 +136,12 @@ impl std::fmt::Debug for ShardedSync {
     }
 }
 
-/// One replica group's parameters: keys, sizes, owners (ranks of `comm`).
+/// One replica group's parameters: keys, current values [n], sizes, owners (ranks of
+/// `comm`).
 struct Group<'a> {
     comm: &'a dyn Communicator,
     keys: Vec<ParamKey>,
+    values: Vec<Tensor<1>>,
     sizes: Vec<usize>,
     owners: Vec<usize>,
 }
@@ -183,22 +185,23 @@ impl ShardedSync {
         self.ownership = Ownership::new(mesh, model);
     }
 
-    fn groups(&self, model: &Transformer) -> [Group<'_>; 2] {
-        let params = named_params(model);
+    fn groups(&self, params: &[(ParamKey, Vec<usize>, Tensor<1>)]) -> [Group<'_>; 2] {
         [
             (SyncGroup::World, self.mesh.world()),
             (SyncGroup::Replicas, self.mesh.expert_replicas()),
         ]
         .map(|(group, comm)| {
-            let (keys, sizes): (Vec<ParamKey>, Vec<usize>) = params
+            let (keys, values): (Vec<ParamKey>, Vec<Tensor<1>>) = params
                 .iter()
                 .filter(|(key, _, _)| SyncGroup::of(key) == group)
-                .map(|(key, _, value)| (key.clone(), value.dims()[0]))
+                .map(|(key, _, value)| (key.clone(), value.clone()))
                 .unzip();
+            let sizes = values.iter().map(|v| v.dims()[0]).collect();
             let owners = keys.iter().map(|k| self.ownership.owner(k)).collect();
             Group {
                 comm: comm.as_ref(),
                 keys,
+                values,
                 sizes,
                 owners,
             }
@@ -212,12 +215,13 @@ impl ShardedSync {
         model: &Transformer,
         grads: &BTreeMap<ParamKey, Tensor<1>>,
     ) -> Result<BTreeMap<ParamKey, Tensor<1>>> {
-        let device = named_params(model)
+        let params = named_params(model);
+        let device = params
             .first()
             .map(|(_, _, v)| v.device())
             .ok_or_else(|| ParallelError::Model("the model has no parameters".into()))?;
         let mut out = BTreeMap::new();
-        for group in self.groups(model) {
+        for group in self.groups(&params) {
             let me = group.comm.rank();
             let op = format!("gradient reduce-scatter over `{}`", group.comm.name());
             let mut pending: Vec<(Vec<usize>, Request)> = Vec::new();
@@ -274,19 +278,16 @@ impl ShardedSync {
     /// Every replica gets the owners' values of every parameter it holds (after the owners
     /// updated theirs).
     pub fn all_gather(&self, model: Transformer) -> Result<Transformer> {
-        let values: BTreeMap<ParamKey, Tensor<1>> = named_params(&model)
-            .into_iter()
-            .map(|(key, _, value)| (key, value))
-            .collect();
+        let params = named_params(&model);
         let mut gathered: BTreeMap<ParamKey, Tensor<1>> = BTreeMap::new();
-        for group in self.groups(&model) {
+        for group in self.groups(&params) {
             let me = group.comm.rank();
             let op = format!("weight all-gather over `{}`", group.comm.name());
             let mut pending: Vec<(Vec<Vec<usize>>, Request)> = Vec::new();
             for (segs, counts) in group.owner_buckets(self.bucket_elems) {
                 let mut send: Vec<f32> = Vec::with_capacity(counts[me]);
                 for &i in &segs[me] {
-                    send.extend(host_f32(&values[&group.keys[i]], &group.keys[i])?);
+                    send.extend(host_f32(&group.values[i], &group.keys[i])?);
                 }
                 let request = group
                     .comm
@@ -303,7 +304,7 @@ impl ShardedSync {
                 for &i in segs.iter().flatten() {
                     let n = group.sizes[i];
                     let key = &group.keys[i];
-                    let device = values[key].device();
+                    let device = group.values[i].device();
                     gathered.insert(key.clone(), Tensor::from_floats(&all[at..at + n], &device));
                     at += n;
                 }
@@ -313,18 +314,6 @@ impl ShardedSync {
             gathered.remove(key).unwrap_or(value)
         }))
     }
-}
-
-fn host_f32(t: &Tensor<1>, key: &ParamKey) -> Result<Vec<f32>> {
-    t.clone()
-        .inner()
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| ParallelError::Shape {
-            what: format!("gradient or value of `{key}`"),
-            detail: format!("not readable as f32: {e:?}"),
-        })
 }
 
 fn f32s(buf: Buffer, op: &str) -> Result<Vec<f32>> {

@@ -216,28 +216,27 @@ fn measure(
     }
     let moe_layers = (layer_samples / trainer.valid.len().max(1) as f64).max(1.0);
     // Tokens pass through every MoE layer: per-layer throughput is tokens * layers / time.
-    let mut moe_tokens_per_sec = tokens * moe_layers / best_moe_seconds.max(1e-12);
+    let moe_tokens_per_sec = tokens * moe_layers / best_moe_seconds.max(1e-12);
+    let mut figures = [
+        loss_sum,
+        tokens,
+        flops,
+        ffn_per_token,
+        layer_samples,
+        moe_tokens_per_sec,
+    ];
     if let Some(l) = &trainer.layout {
-        let sums = l.sum(
-            vec![
-                loss_sum,
-                tokens,
-                flops,
-                ffn_per_token,
-                layer_samples,
-                moe_tokens_per_sec,
-            ],
-            "ablation: the ranks' figures",
-        )?;
-        [
-            loss_sum,
-            tokens,
-            flops,
-            ffn_per_token,
-            layer_samples,
-            moe_tokens_per_sec,
-        ] = sums[..].try_into().expect("the sum has as many values");
+        let sums = l.sum(figures.to_vec(), "ablation: the ranks' figures")?;
+        figures = sums[..].try_into().expect("the sum has as many values");
     }
+    let [
+        loss_sum,
+        tokens,
+        flops,
+        ffn_per_token,
+        layer_samples,
+        moe_tokens_per_sec,
+    ] = figures;
     Ok(VariantReport {
         name,
         router: format!("{:?} top_k={}", cfg.model.moe.router, cfg.model.moe.top_k),

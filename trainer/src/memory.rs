@@ -30,7 +30,7 @@
 use std::fmt;
 
 use switchyard_moe::config::AttentionBias;
-use switchyard_moe::{ActivationCheckpointing, ModelConfig, MoeConfig, RouterConfig};
+use switchyard_moe::{ActivationCheckpointing, ModelConfig, RouterConfig};
 use switchyard_parallel::ShardOptimizer;
 
 use crate::config::Config;
@@ -64,7 +64,7 @@ pub fn param_counts(model: &ModelConfig, ep: usize) -> ParamCounts {
     let v = model.vocab_size as f64;
     let moe = &model.moe;
     let swiglu = |ffn: usize| 3.0 * d * ffn as f64;
-    let slots = router_slots(moe);
+    let slots = moe.num_slots() as f64;
     let (router, router_once) = match &moe.router {
         RouterConfig::TopKSoftmax { .. } | RouterConfig::NullExperts { .. } => (d * slots, 0.0),
         RouterConfig::MoePlusPlus {
@@ -99,21 +99,6 @@ pub fn param_counts(model: &ModelConfig, ep: usize) -> ParamCounts {
             + any_moe,
         experts: moe_layers * experts,
     }
-}
-
-/// The router's slots: the routed experts and the null / zero / copy / constant ones.
-fn router_slots(moe: &MoeConfig) -> f64 {
-    let extra = match &moe.router {
-        RouterConfig::TopKSoftmax { .. } | RouterConfig::Recurrent { .. } => 0,
-        RouterConfig::NullExperts { num_null, .. } => *num_null,
-        RouterConfig::MoePlusPlus {
-            zero,
-            copy,
-            constant,
-            ..
-        } => zero + copy + constant,
-    };
-    (moe.num_experts + extra) as f64
 }
 
 /// One attention block: q and o projections D x (H Dh), k and v D x (KV Dh), their biases
@@ -167,7 +152,7 @@ fn layer_activations(model: &ModelConfig, seq_len: f64, moe: bool) -> LayerActiv
     let attention = 2.0 * d + q + 2.0 * kv + grouped + model.n_heads as f64 * seq_len + q;
     let m = &model.moe;
     let ffn = if moe {
-        let slots = router_slots(m);
+        let slots = m.num_slots() as f64;
         let k = m.top_k as f64;
         let shared = m
             .shared_expert

@@ -27,6 +27,7 @@ use switchyard_moe::Transformer;
 use switchyard_moe::params::{map_params, named_params};
 use switchyard_parallel::Layout;
 
+use super::tensor::tensor_file_kind;
 use super::{
     CheckpointManager, FileEntry, LoadedCheckpoint, ManifestMeta, NamedTensor, load, read_manifest,
     step_dir_name, verify_compatible, write_files,
@@ -111,18 +112,6 @@ impl Snapshot {
             }
         };
         Ok(snapshot)
-    }
-}
-
-/// `model` of `model.safetensors` or `model.rank-0003.safetensors`.
-pub(crate) fn tensor_file_kind(file: &str) -> Option<&str> {
-    let stem = file.strip_suffix(".safetensors")?;
-    match stem.split_once(".rank-") {
-        Some((kind, rank)) if !rank.is_empty() && rank.bytes().all(|b| b.is_ascii_digit()) => {
-            Some(kind)
-        }
-        Some(_) => None,
-        None => Some(stem),
     }
 }
 
@@ -398,21 +387,4 @@ pub fn read_any_snapshot(path: &Path) -> Result<Snapshot, TrainError> {
         path: path.to_path_buf(),
         message,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::tensor_file_kind;
-
-    #[test]
-    fn tensor_files_by_kind() {
-        assert_eq!(tensor_file_kind("model.safetensors"), Some("model"));
-        assert_eq!(
-            tensor_file_kind("optimizer.rank-0003.safetensors"),
-            Some("optimizer")
-        );
-        assert_eq!(tensor_file_kind("model.rank-.safetensors"), None);
-        assert_eq!(tensor_file_kind("model.rank-x1.safetensors"), None);
-        assert_eq!(tensor_file_kind("manifest.json"), None);
-    }
 }

@@ -569,7 +569,7 @@ pub fn load_kinds(dir: &Path, wanted: impl Fn(&str) -> bool) -> Result<LoadedChe
     }
     let mut files = Vec::with_capacity(manifest.files.len());
     for entry in &manifest.files {
-        if !checkpointer::tensor_file_kind(&entry.name).is_none_or(&wanted) {
+        if !tensor::tensor_file_kind(&entry.name).is_none_or(&wanted) {
             continue;
         }
         let bytes = read_verified(dir, entry)?;

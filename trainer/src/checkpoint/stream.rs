@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::checkpointer::tensor_file_kind;
 use super::error::{CheckpointError, Result, io_err};
 use super::manifest::{file_path, read_manifest};
 use super::regular::open_regular;
+use super::tensor::tensor_file_kind;
 
 /// Where one f32 tensor lies.
 #[derive(Debug, Clone)]

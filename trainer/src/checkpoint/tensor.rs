@@ -188,3 +188,32 @@ pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<Vec<NamedTensor>> {
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
+
+/// `model` of `model.safetensors` or `model.rank-0003.safetensors`.
+pub(crate) fn tensor_file_kind(file: &str) -> Option<&str> {
+    let stem = file.strip_suffix(".safetensors")?;
+    match stem.split_once(".rank-") {
+        Some((kind, rank)) if !rank.is_empty() && rank.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(kind)
+        }
+        Some(_) => None,
+        None => Some(stem),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tensor_file_kind;
+
+    #[test]
+    fn tensor_files_by_kind() {
+        assert_eq!(tensor_file_kind("model.safetensors"), Some("model"));
+        assert_eq!(
+            tensor_file_kind("optimizer.rank-0003.safetensors"),
+            Some("optimizer")
+        );
+        assert_eq!(tensor_file_kind("model.rank-.safetensors"), None);
+        assert_eq!(tensor_file_kind("model.rank-x1.safetensors"), None);
+        assert_eq!(tensor_file_kind("manifest.json"), None);
+    }
+}
