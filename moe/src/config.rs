@@ -96,6 +96,100 @@ pub struct MoeConfig {
     /// Coefficient of the ST-MoE router z-loss.
     #[serde(default = "default_z_coef")]
     pub z_loss_coef: f64,
+    /// Over which tokens the load-balancing loss counts its expert fractions.
+    #[serde(default)]
+    pub balance_loss: BalanceLoss,
+    /// How the router turns logits into scores.
+    #[serde(default)]
+    pub score: ScoreFunction,
+    /// Multiplies the combine weights of every routed slot after normalisation (DeepSeek-V3's
+    /// `routed_scaling_factor`, 2.5 there).
+    #[serde(default = "default_scaling_factor")]
+    pub scaling_factor: f64,
+    /// Group-limited routing: each token keeps its best groups of experts first.
+    #[serde(default)]
+    pub group_limited: Option<GroupLimitedConfig>,
+    /// Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the scores that
+    /// choose the top-k, moved towards balance after every step.
+    #[serde(default)]
+    pub bias_balance: Option<BiasBalanceConfig>,
+}
+
+/// A small MoE block (4 experts, top-2, width 32) with every option at its YAML default:
+/// the base of struct literals in tests and tools (`..Default::default()`).
+impl Default for MoeConfig {
+    fn default() -> Self {
+        MoeConfig {
+            every: 1,
+            num_experts: 4,
+            top_k: 2,
+            expert_ffn_dim: 32,
+            router: RouterConfig::default(),
+            capacity: CapacityConfig::default(),
+            shared_expert: None,
+            load_balance_coef: default_lb_coef(),
+            z_loss_coef: default_z_coef(),
+            balance_loss: BalanceLoss::default(),
+            score: ScoreFunction::default(),
+            scaling_factor: default_scaling_factor(),
+            group_limited: None,
+            bias_balance: None,
+        }
+    }
+}
+
+/// Over which tokens the load-balancing loss measures the expert fractions `f_i` and the
+/// mean scores `P_i` (the loss is `sum_i c_i(f) P_i`; see `Router::balance_coefficients`).
+/// Every variant is defined on the global batch, so none depends on the layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceLoss {
+    /// The micro-batch: all its sequences on every rank (Switch, GShard).
+    #[default]
+    Batch,
+    /// Each sequence on its own, then the mean over the sequences (DeepSeek-V3's
+    /// sequence-wise balance loss).
+    Sequence,
+    /// The whole optimizer step: every rank and every accumulation micro-batch
+    /// (Megatron-Core's global aux loss). With `grad_accum_steps > 1` the step's counts
+    /// come from an extra forward pass without gradients before the first micro-batch.
+    GlobalBatch,
+}
+
+/// How the router turns its logits into the scores it ranks and weights experts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreFunction {
+    /// Softmax over the routing slots.
+    #[default]
+    Softmax,
+    /// An independent sigmoid per slot (DeepSeek-V3); the balance loss then uses the
+    /// scores normalised to sum to one over the slots.
+    Sigmoid,
+}
+
+/// Group-limited routing (DeepSeek-V2/V3's node-limited routing): the FFN experts form
+/// `groups` groups of consecutive ids; each token ranks the groups by the sum of its two
+/// best scores in each, keeps the best `top_groups`, and takes its top-k inside them.
+/// Give the groups the experts of one node (or one ep rank) each, so a token's rows cross
+/// at most `top_groups` node boundaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupLimitedConfig {
+    pub groups: usize,
+    pub top_groups: usize,
+}
+
+/// Auxiliary-loss-free balancing: after each optimizer step, every FFN expert's bias moves
+/// by `gamma * sign(mean_load - load_e)`, loads counted over every rank and micro-batch of
+/// the step. The bias changes which experts are chosen, never their weights. Null and
+/// zero-computation slots carry no bias: how often a token skips computation is left to
+/// the router (and its balance loss), the bias only evens the load among the FFN experts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BiasBalanceConfig {
+    /// Bias update speed (DeepSeek-V3: 0.001).
+    pub gamma: f64,
 }
 
 /// How tokens are assigned to experts: one router family, with its parameters.
@@ -275,6 +369,9 @@ fn default_lb_coef() -> f64 {
 }
 fn default_z_coef() -> f64 {
     0.001
+}
+fn default_scaling_factor() -> f64 {
+    1.0
 }
 
 impl ModelConfig {
@@ -480,6 +577,29 @@ impl MoeConfig {
                 issues.push(("shared_expert.ffn_dim".into(), "must be positive".into()));
             }
         }
+        if !(self.scaling_factor > 0.0 && self.scaling_factor.is_finite()) {
+            issues.push((
+                "scaling_factor".into(),
+                format!(
+                    "must be a positive number (1.0 keeps the weights; DeepSeek-V3 uses 2.5), got {}",
+                    self.scaling_factor
+                ),
+            ));
+        }
+        if let Some(groups) = &self.group_limited {
+            self.validate_groups(groups, &mut issues);
+        }
+        if let Some(bias) = &self.bias_balance
+            && !(bias.gamma > 0.0 && bias.gamma.is_finite())
+        {
+            issues.push((
+                "bias_balance.gamma".into(),
+                format!(
+                    "must be a positive number (DeepSeek-V3: 0.001), got {}",
+                    bias.gamma
+                ),
+            ));
+        }
         for (key, value) in [
             ("load_balance_coef", self.load_balance_coef),
             ("z_loss_coef", self.z_loss_coef),
@@ -496,6 +616,40 @@ impl MoeConfig {
 }
 
 impl MoeConfig {
+    fn validate_groups(&self, g: &GroupLimitedConfig, issues: &mut ConfigIssues) {
+        if self.num_slots() != self.num_experts {
+            issues.push((
+                "group_limited".into(),
+                "groups are made of FFN experts only; a router with null or zero-computation \
+                 experts cannot be group-limited (use `type: top_k_softmax` or `recurrent`)"
+                    .into(),
+            ));
+            return;
+        }
+        if g.groups < 2 || !self.num_experts.is_multiple_of(g.groups.max(1)) {
+            issues.push((
+                "group_limited.groups".into(),
+                format!(
+                    "must be at least 2 and divide num_experts ({}) into equal groups, got {}; \
+                     use the number of nodes or of ep ranks",
+                    self.num_experts, g.groups
+                ),
+            ));
+            return;
+        }
+        let per_group = self.num_experts / g.groups;
+        if g.top_groups == 0 || g.top_groups > g.groups || g.top_groups * per_group < self.top_k {
+            issues.push((
+                "group_limited.top_groups".into(),
+                format!(
+                    "must lie between 1 and groups ({}) and keep at least top_k ({}) experts \
+                     ({per_group} per group), got {}",
+                    g.groups, self.top_k, g.top_groups
+                ),
+            ));
+        }
+    }
+
     /// What each routing slot computes, in slot order.
     pub fn slot_kinds(&self) -> Vec<SlotKind> {
         let mut kinds = vec![SlotKind::Ffn; self.num_experts];

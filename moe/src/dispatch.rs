@@ -20,12 +20,18 @@ use switchyard_kernels::combine::{combine_rows, gather_rows};
 ///
 /// Returns a flag per assignment, row-major [T, K].
 pub fn admit(routing: &Routing, capacity: &[Option<usize>]) -> Vec<bool> {
-    let (t, k) = (routing.num_tokens, routing.top_k);
-    let mut load = vec![0usize; routing.num_experts];
+    admit_in_order(&routing.experts_tk, routing.top_k, capacity)
+}
+
+/// [`admit`] over the chosen slots `experts_tk` (row-major [T, K], tokens in admission
+/// order) of any batch: this process's, or the global batch gathered from every process.
+pub fn admit_in_order(experts_tk: &[usize], k: usize, capacity: &[Option<usize>]) -> Vec<bool> {
+    let t = experts_tk.len() / k.max(1);
+    let mut load = vec![0usize; capacity.len()];
     let mut kept = vec![false; t * k];
     for choice in 0..k {
         for token in 0..t {
-            let e = routing.experts_tk[token * k + choice];
+            let e = experts_tk[token * k + choice];
             if capacity[e].is_none_or(|c| load[e] < c) {
                 load[e] += 1;
                 kept[token * k + choice] = true;
@@ -210,25 +216,81 @@ pub fn scatter_weighted_reference(
     y_td.select_assign(0, token, out_nd * weight_n1, IndexingUpdateOp::Add)
 }
 
-/// Sums host-side batch statistics over every process that holds a share of the global
-/// batch. The MoE layer uses it so that its auxiliary losses are defined over the GLOBAL
-/// batch whatever the layout: the load-balancing loss needs the global slot fractions `f`
-/// (a product of means is not the mean of products) and the global token count.
+/// Host-side batch statistics over every process that holds a share of the global
+/// batch. The MoE layer uses it so that its auxiliary losses and its capacity limits are
+/// defined over the GLOBAL batch whatever the layout: the load-balancing loss needs the
+/// global slot fractions `f` (a product of means is not the mean of products) and the
+/// global token count; capacity admission needs every token's choices in the one-process
+/// token order.
 ///
 /// `LocalReducer` (the default) is the identity: one process holds the whole batch. The
-/// data-parallel implementation lives in `switchyard-parallel`. It is a collective: every
-/// process calls `sum` once per MoE layer forward, in layer order.
+/// distributed implementation lives in `switchyard-parallel`. `sum` and `gather` are
+/// collectives: every process calls them the same number of times, in the same order
+/// (once or twice per MoE layer forward, in layer order).
 pub trait BatchReducer: Debug + Send + Sync {
     /// Element-wise sum of `values` over every process holding a share of the batch.
     fn sum(&self, values: Vec<f64>) -> Vec<f64>;
+
+    /// Every process's `values` (the same length on each), concatenated in process order.
+    fn gather(&self, values: Vec<i64>) -> Vec<i64>;
+
+    /// Where this process's `[rows, len]` tokens sit in the global batch.
+    fn position(&self, rows: usize, len: usize) -> BatchPosition;
 }
 
-/// One process holds the whole batch: nothing to sum.
+/// Where a process's `[rows, len]` tokens sit in the global `[global_rows, global_len]`
+/// batch: local row `b` is global row `row_offset + b`, local column `s` is global position
+/// `positions[s]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPosition {
+    pub rows: usize,
+    pub global_rows: usize,
+    pub global_len: usize,
+    pub row_offset: usize,
+    pub positions: Vec<usize>,
+}
+
+impl BatchPosition {
+    /// One process holding the whole `[rows, len]` batch.
+    pub fn whole(rows: usize, len: usize) -> BatchPosition {
+        BatchPosition {
+            rows,
+            global_rows: rows,
+            global_len: len,
+            row_offset: 0,
+            positions: (0..len).collect(),
+        }
+    }
+
+    /// Whether the process holds the whole batch (nothing to gather).
+    pub fn is_whole(&self) -> bool {
+        self.global_rows == self.rows
+            && self.global_len == self.positions.len()
+            && self.positions.iter().enumerate().all(|(i, &p)| i == p)
+    }
+
+    /// Global token index (row-major over the global batch, the one-process order) of
+    /// local token `t` (row-major over the local `[rows, len]`).
+    pub fn global_index(&self, t: usize) -> usize {
+        let len = self.positions.len();
+        (self.row_offset + t / len) * self.global_len + self.positions[t % len]
+    }
+}
+
+/// One process holds the whole batch: nothing to sum or gather.
 #[derive(Debug, Clone, Default)]
 pub struct LocalReducer;
 
 impl BatchReducer for LocalReducer {
     fn sum(&self, values: Vec<f64>) -> Vec<f64> {
         values
+    }
+
+    fn gather(&self, values: Vec<i64>) -> Vec<i64> {
+        values
+    }
+
+    fn position(&self, rows: usize, len: usize) -> BatchPosition {
+        BatchPosition::whole(rows, len)
     }
 }

@@ -14,19 +14,24 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Tensor, TensorData};
 
-use crate::config::{CapacityConfig, MoeConfig, RouterConfig, SlotKind};
+use crate::config::{BalanceLoss, CapacityConfig, MoeConfig, RouterConfig, SlotKind};
 use crate::dispatch::{
-    BatchReducer, DispatchPlan, LocalDispatcher, LocalReducer, TokenDispatcher, admit,
+    BatchPosition, BatchReducer, DispatchPlan, LocalDispatcher, LocalReducer, TokenDispatcher,
+    admit_in_order,
 };
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
 use crate::profile::{self, Part};
-use crate::router::{Gru, Router, RouterCarry, Routing, slot_counts, slot_fractions, z_loss_share};
+use crate::router::{Gru, Router, RouterCarry, Routing, slot_counts, z_loss_share};
 use switchyard_kernels::grouped::grouped_swiglu;
 
-/// Per-layer routing statistics for metrics.
+/// Per-layer routing statistics for metrics. Counts and fractions are over the GLOBAL
+/// batch (every rank: they ride on the all-reduce the balance loss needs anyway), the
+/// same on every rank; `dispatched_tk` is this rank's tokens.
 #[derive(Debug, Clone, Default)]
 pub struct MoeStats {
+    /// Routed assignments per slot over the global batch (before capacity dropping).
+    pub slot_counts: Vec<f64>,
     /// Fraction of routed assignments per FFN expert (before capacity dropping).
     pub expert_fraction: Vec<f64>,
     /// Fraction of assignments per slot kind: ffn, null, zero, copy, constant.
@@ -35,6 +40,8 @@ pub struct MoeStats {
     pub ffn_experts_per_token: f64,
     /// Fraction of assignments dropped by the capacity limit.
     pub dropped_fraction: f64,
+    /// The auxiliary-loss-free bias of each FFN expert (empty without `bias_balance`).
+    pub bias: Vec<f32>,
     /// Unweighted load-balancing loss (1.0 = balanced).
     pub load_balance: f64,
     pub z_loss: f64,
@@ -57,11 +64,53 @@ pub const KIND_NAMES: [&str; 5] = ["ffn", "null", "zero", "copy", "constant"];
 impl MoeStats {
     /// Max over mean of the per-FFN-expert load; 1.0 is perfect balance.
     pub fn max_over_mean_load(&self) -> f64 {
-        let total: f64 = self.expert_fraction.iter().sum();
-        let n = self.expert_fraction.len().max(1) as f64;
-        let max = self.expert_fraction.iter().cloned().fold(0.0, f64::max);
-        if total == 0.0 { 0.0 } else { max * n / total }
+        let (mean, max) = (
+            self.mean_load(),
+            self.expert_fraction.iter().cloned().fold(0.0, f64::max),
+        );
+        if mean == 0.0 { 0.0 } else { max / mean }
     }
+
+    /// Min over mean of the per-FFN-expert load; 1.0 is perfect balance, 0 an idle expert.
+    pub fn min_over_mean_load(&self) -> f64 {
+        let mean = self.mean_load();
+        let min = self
+            .expert_fraction
+            .iter()
+            .cloned()
+            .fold(f64::INFINITY, f64::min);
+        if mean == 0.0 { 0.0 } else { min / mean }
+    }
+
+    /// Coefficient of variation (population standard deviation over mean) of the
+    /// per-FFN-expert load; 0 is perfect balance.
+    pub fn load_cv(&self) -> f64 {
+        let mean = self.mean_load();
+        if mean == 0.0 {
+            return 0.0;
+        }
+        let n = self.expert_fraction.len().max(1) as f64;
+        let var = self
+            .expert_fraction
+            .iter()
+            .map(|f| (f - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        var.sqrt() / mean
+    }
+
+    fn mean_load(&self) -> f64 {
+        self.expert_fraction.iter().sum::<f64>() / self.expert_fraction.len().max(1) as f64
+    }
+}
+
+/// Which assignments a layer keeps: this process's flags and the global drop count.
+struct Admission {
+    /// Row-major [T, K] over this process's tokens.
+    kept: Vec<bool>,
+    /// Assignments dropped over the global batch: all, and those to FFN experts.
+    dropped: usize,
+    dropped_ffn: usize,
 }
 
 /// Output of an MoE layer.
@@ -125,6 +174,13 @@ pub struct MoeLayer {
     capacity: CapacityConfig,
     #[module(skip)]
     tau: Option<f64>,
+    #[module(skip)]
+    balance_loss: BalanceLoss,
+    /// `balance_loss: global_batch`: the assignments per slot over the whole optimizer step
+    /// (every rank, every micro-batch), installed by the trainer before the step's
+    /// micro-batches; `None`: the micro-batch's own counts.
+    #[module(skip)]
+    step_counts: Option<Vec<f64>>,
 }
 
 impl MoeLayer {
@@ -169,7 +225,15 @@ impl MoeLayer {
             reducer: Arc::new(LocalReducer),
             capacity: cfg.capacity,
             tau,
+            balance_loss: cfg.balance_loss,
+            step_counts: None,
         }
+    }
+
+    /// Installs (or with `None` removes) the step's global assignments per slot that
+    /// `balance_loss: global_batch` computes its fractions from.
+    pub fn set_step_counts(&mut self, counts: Option<Vec<f64>>) {
+        self.step_counts = counts;
     }
 
     /// Swap the token dispatcher (how `parallelize` applies expert parallelism).
@@ -322,12 +386,11 @@ impl MoeLayer {
         let [b, s, d] = x_bsd.dims();
         let x_td = x_bsd.reshape([b * s, d]);
         let routing = self.router.forward(x_td.clone(), carry, gru);
-        let kept = admit(
-            &routing,
-            &self.capacities(routing.num_tokens * routing.top_k),
-        );
-        let (mut y_td, expert_flops) = routed(self, x_td.clone(), &routing, &kept);
-        y_td = y_td + self.extra_experts(x_td.clone(), &routing, &kept);
+        let position = self.reducer.position(b, s);
+        let admission = self.admit(&routing, &position);
+        let kept = &admission.kept;
+        let (mut y_td, expert_flops) = routed(self, x_td.clone(), &routing, kept);
+        y_td = y_td + self.extra_experts(x_td.clone(), &routing, kept);
         if let Some(shared_td) = self
             .shared
             .iter()
@@ -347,11 +410,27 @@ impl MoeLayer {
         values.push(routing.num_tokens as f64);
         let mut global = self.reducer.sum(values);
         let global_tokens = global.pop().unwrap_or(0.0).round() as usize;
-        let load_balance = self
-            .router
-            .load_balance_loss_share(&routing, &global, global_tokens);
+        let load_balance = match self.balance_loss {
+            BalanceLoss::Batch => {
+                self.router
+                    .load_balance_loss_share(&routing, &global, global_tokens)
+            }
+            BalanceLoss::GlobalBatch => {
+                let counts = self.step_counts.as_deref().unwrap_or(&global);
+                self.router
+                    .load_balance_loss_share(&routing, counts, global_tokens)
+            }
+            BalanceLoss::Sequence => self.sequence_balance(&routing, &position),
+        };
         let z = z_loss_share(&routing, global_tokens);
-        let mut stats = self.stats(&routing, &kept, &load_balance, &z, expert_flops);
+        let mut stats = self.stats(
+            &routing,
+            &admission,
+            global,
+            &load_balance,
+            &z,
+            expert_flops,
+        );
         stats.seconds = started.elapsed().as_secs_f64();
         profile::add(Part::MoeLayer, stats.seconds);
         MoeOutput {
@@ -360,6 +439,102 @@ impl MoeLayer {
             z_loss: z,
             stats,
         }
+    }
+
+    /// The capacity limits applied in the one-process order over the global batch: every
+    /// process's choices are gathered with their tokens' global indices, admitted choice by
+    /// choice in global token order against the capacities of the global assignment count,
+    /// and each process keeps its own tokens' flags. So the dropped assignments, and the
+    /// trained weights, do not depend on the layout.
+    fn admit(&self, routing: &Routing, position: &BatchPosition) -> Admission {
+        let (t, k) = (routing.num_tokens, routing.top_k);
+        if matches!(self.capacity, CapacityConfig::Dropless {}) {
+            return Admission {
+                kept: vec![true; t * k],
+                dropped: 0,
+                dropped_ffn: 0,
+            };
+        }
+        if position.is_whole() {
+            let kept = admit_in_order(&routing.experts_tk, k, &self.capacities(t * k));
+            let (dropped, dropped_ffn) = self.drops(&routing.experts_tk, &kept);
+            return Admission {
+                kept,
+                dropped,
+                dropped_ffn,
+            };
+        }
+        // Per local token: its global index, then its k choices.
+        let mut mine = Vec::with_capacity(t * (k + 1));
+        for token in 0..t {
+            mine.push(position.global_index(token) as i64);
+            mine.extend(
+                routing.experts_tk[token * k..(token + 1) * k]
+                    .iter()
+                    .map(|&e| e as i64),
+            );
+        }
+        let gathered = self.reducer.gather(mine);
+        let mut tokens: Vec<&[i64]> = gathered.chunks(k + 1).collect();
+        tokens.sort_unstable_by_key(|token| token[0]);
+        let experts_tk: Vec<usize> = tokens
+            .iter()
+            .flat_map(|token| token[1..].iter().map(|&e| e as usize))
+            .collect();
+        let kept_global = admit_in_order(&experts_tk, k, &self.capacities(tokens.len() * k));
+        let (dropped, dropped_ffn) = self.drops(&experts_tk, &kept_global);
+        // Global indices are distinct and sorted: a local token's flags sit at its rank.
+        let kept = (0..t)
+            .flat_map(|token| {
+                let global = position.global_index(token) as i64;
+                let at = tokens
+                    .binary_search_by_key(&global, |token| token[0])
+                    .expect("every local token is among the gathered ones");
+                kept_global[at * k..(at + 1) * k].iter().copied()
+            })
+            .collect();
+        Admission {
+            kept,
+            dropped,
+            dropped_ffn,
+        }
+    }
+
+    /// Dropped assignments among `experts` (flags `kept`): all, and those to FFN experts.
+    fn drops(&self, experts: &[usize], kept: &[bool]) -> (usize, usize) {
+        let kinds = self.router.slot_kinds();
+        let dropped = experts.iter().zip(kept).filter(|(_, kept)| !**kept);
+        let ffn = dropped
+            .clone()
+            .filter(|(e, _)| kinds[**e] == SlotKind::Ffn)
+            .count();
+        (dropped.count(), ffn)
+    }
+
+    /// This process's share of the sequence-wise balance loss: each local row's slot
+    /// counts are summed over the processes holding parts of its sequence (an all-reduce
+    /// of [global rows, N] counts), then [`Router::sequence_balance_loss_share`].
+    fn sequence_balance(&self, routing: &Routing, position: &BatchPosition) -> Tensor<1> {
+        let slots = routing.num_experts;
+        let rows = position.rows;
+        let mut counts = vec![0f64; position.global_rows * slots];
+        for (a, &e) in routing.experts_tk.iter().enumerate() {
+            let row = position.row_offset + a / routing.top_k / position.positions.len();
+            counts[row * slots + e] += 1.0;
+        }
+        let counts = self.reducer.sum(counts);
+        let row_counts: Vec<Vec<f64>> = (0..rows)
+            .map(|b| {
+                let row = position.row_offset + b;
+                counts[row * slots..(row + 1) * slots].to_vec()
+            })
+            .collect();
+        self.router.sequence_balance_loss_share(
+            routing,
+            &row_counts,
+            position.global_len,
+            position.global_rows,
+        )
     }
 
     /// Sum over copy and constant slots of weight * E(x); null and zero slots add nothing.
@@ -379,13 +554,21 @@ impl MoeLayer {
     fn stats(
         &self,
         routing: &Routing,
-        kept: &[bool],
+        admission: &Admission,
+        global_counts: Vec<f64>,
         load_balance: &Tensor<1>,
         z: &Tensor<1>,
         expert_flops: u64,
     ) -> MoeStats {
         let kinds = self.router.slot_kinds();
-        let fractions = slot_fractions(routing);
+        let assignments = global_counts.iter().sum::<f64>();
+        let fraction = |c: f64| {
+            if assignments > 0.0 {
+                c / assignments
+            } else {
+                0.0
+            }
+        };
         let mut kind_fraction = [0.0; 5];
         for (slot, kind) in kinds.iter().enumerate() {
             let index = match kind {
@@ -395,17 +578,26 @@ impl MoeLayer {
                 SlotKind::Copy => 3,
                 SlotKind::Constant(_) => 4,
             };
-            kind_fraction[index] += fractions[slot];
+            kind_fraction[index] += fraction(global_counts[slot]);
         }
-        let kept_ffn = (0..kept.len())
-            .filter(|&a| kept[a] && kinds[routing.experts_tk[a]] == SlotKind::Ffn)
-            .count();
-        let dropped = kept.iter().filter(|&&k| !k).count();
+        let kept = &admission.kept;
+        let routed_ffn: f64 = global_counts[..self.experts.len()].iter().sum();
+        let kept_ffn = routed_ffn - admission.dropped_ffn as f64;
+        let tokens = assignments / routing.top_k.max(1) as f64;
         MoeStats {
-            expert_fraction: fractions[..self.experts.len()].to_vec(),
+            expert_fraction: global_counts[..self.experts.len()]
+                .iter()
+                .map(|&c| fraction(c))
+                .collect(),
+            slot_counts: global_counts,
             kind_fraction,
-            ffn_experts_per_token: kept_ffn as f64 / routing.num_tokens.max(1) as f64,
-            dropped_fraction: dropped as f64 / kept.len().max(1) as f64,
+            ffn_experts_per_token: if tokens > 0.0 { kept_ffn / tokens } else { 0.0 },
+            dropped_fraction: if assignments > 0.0 {
+                admission.dropped as f64 / assignments
+            } else {
+                0.0
+            },
+            bias: self.router.bias().map(<[f32]>::to_vec).unwrap_or_default(),
             load_balance: scalar(load_balance),
             z_loss: scalar(z),
             expert_flops,

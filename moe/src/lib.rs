@@ -18,7 +18,7 @@ pub use attention::{AttentionImpl, DenseAttention};
 pub use config::{
     CapacityConfig, ModelConfig, MoeConfig, RouterConfig, SharedExpertConfig, SlotKind,
 };
-pub use dispatch::{BatchReducer, LocalDispatcher, LocalReducer, TokenDispatcher};
+pub use dispatch::{BatchPosition, BatchReducer, LocalDispatcher, LocalReducer, TokenDispatcher};
 pub use layer::{MoeLayer, MoeStats};
 pub use model::{KvCache, Transformer, cross_entropy};
 pub use params::{Component, ParamKey};

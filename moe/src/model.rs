@@ -436,6 +436,67 @@ impl Transformer {
         self
     }
 
+    /// The auxiliary-loss-free bias of every MoE layer that has one: (layer index, one
+    /// bias per FFN expert).
+    pub fn router_biases(&self) -> Vec<(usize, Vec<f32>)> {
+        self.moe_layers()
+            .filter_map(|(l, moe)| Some((l, moe.router.bias()?.to_vec())))
+            .collect()
+    }
+
+    /// Replaces the bias of the router of layer `layer` (a restored checkpoint). Errors
+    /// name what does not match the model.
+    pub fn set_router_bias(&mut self, layer: usize, bias: Vec<f32>) -> Result<(), String> {
+        let moe = self
+            .layers
+            .get_mut(layer)
+            .and_then(|block| block.moe.as_mut())
+            .ok_or_else(|| format!("layer {layer} has no MoE block"))?;
+        let Some(old) = moe.router.bias() else {
+            return Err(format!(
+                "layer {layer}'s router has no bias (model.moe.bias_balance is not set)"
+            ));
+        };
+        if old.len() != bias.len() {
+            return Err(format!(
+                "layer {layer}: {} biases for {} experts",
+                bias.len(),
+                old.len()
+            ));
+        }
+        moe.router.set_bias(bias);
+        Ok(())
+    }
+
+    /// One auxiliary-loss-free update of every MoE layer's bias from the step's global
+    /// assignments per slot (`counts`: layer index -> counts, as in `MoeStats::slot_counts`).
+    pub fn update_router_biases(&mut self, counts: &[(usize, Vec<f64>)], gamma: f64) {
+        for (layer, slot_counts) in counts {
+            if let Some(moe) = self.layers.get_mut(*layer).and_then(|b| b.moe.as_mut()) {
+                let experts = moe.experts.len();
+                moe.router.update_bias(&slot_counts[..experts], gamma);
+            }
+        }
+    }
+
+    /// Installs, per MoE layer, the step's global assignments per slot for
+    /// `balance_loss: global_batch` (`None` removes them).
+    pub fn set_step_counts(&mut self, counts: Option<&[(usize, Vec<f64>)]>) {
+        for (l, block) in self.layers.iter_mut().enumerate() {
+            if let Some(moe) = &mut block.moe {
+                let mine = counts.and_then(|c| c.iter().find(|(layer, _)| *layer == l));
+                moe.set_step_counts(mine.map(|(_, c)| c.clone()));
+            }
+        }
+    }
+
+    fn moe_layers(&self) -> impl Iterator<Item = (usize, &MoeLayer)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter_map(|(l, block)| Some((l, block.moe.as_ref()?)))
+    }
+
     /// tokens: [B, S] -> logits [B, S, V] and the auxiliary losses.
     pub fn forward(&self, tokens_bs: Tensor<2, Int>) -> ModelOutput {
         self.forward_impl(tokens_bs, false)

@@ -9,9 +9,12 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
-use crate::config::{MoeConfig, NullInit, NullNormalization, RouterConfig, SlotKind};
+use crate::config::{
+    GroupLimitedConfig, MoeConfig, NullInit, NullNormalization, RouterConfig, ScoreFunction,
+    SlotKind,
+};
 use crate::init::Initializer;
 
 /// What a router decides for a batch of tokens.
@@ -25,7 +28,8 @@ pub struct Routing {
     pub top_k: usize,
     /// Routing slots N (FFN experts first, then the extra experts).
     pub num_experts: usize,
-    /// Softmax probabilities over all slots, fp32: [T, N] (for the balancing loss).
+    /// Scores over all slots normalised to sum to one per token, fp32: [T, N] (for the
+    /// balancing loss): the softmax, or the sigmoid scores over their sum.
     pub probs_te: Tensor<2>,
     /// Router logits, fp32: [T, N] (for the z-loss and the next layer's gating residual).
     pub logits_te: Tensor<2>,
@@ -113,6 +117,17 @@ pub struct Router {
     top_k: usize,
     #[module(skip)]
     kinds: Vec<SlotKind>,
+    #[module(skip)]
+    score: ScoreFunction,
+    #[module(skip)]
+    scaling_factor: f64,
+    #[module(skip)]
+    groups: Option<GroupLimitedConfig>,
+    /// Auxiliary-loss-free balancing: the bias of each FFN expert, added to its score when
+    /// the top-k is chosen (not to the weights). `None` without `bias_balance`. Not a
+    /// parameter: no gradient, moved by [`Router::update_bias`] after each step.
+    #[module(skip)]
+    bias: Option<Vec<f32>>,
 }
 
 impl Router {
@@ -152,6 +167,44 @@ impl Router {
             cfg: cfg.router.clone(),
             top_k: cfg.top_k,
             kinds,
+            score: cfg.score,
+            scaling_factor: cfg.scaling_factor,
+            groups: cfg.group_limited,
+            bias: cfg.bias_balance.map(|_| vec![0.0; cfg.num_experts]),
+        }
+    }
+
+    /// The auxiliary-loss-free bias of each FFN expert (`None` without `bias_balance`).
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    /// Replaces the bias (a restored checkpoint). Panics on a length other than the
+    /// number of FFN experts: the caller checks it against the model first.
+    pub fn set_bias(&mut self, bias: Vec<f32>) {
+        let experts = self.kinds.iter().filter(|k| **k == SlotKind::Ffn).count();
+        assert_eq!(bias.len(), experts, "one bias per FFN expert");
+        self.bias = Some(bias);
+    }
+
+    /// One auxiliary-loss-free step: `bias_e += gamma * sign(mean - load_e)` over the FFN
+    /// experts, from `ffn_counts` (the step's assignments per FFN expert, over every rank
+    /// and micro-batch: the same on every rank, so every replica moves alike). An expert at
+    /// exactly the mean load keeps its bias. No-op without `bias_balance`.
+    pub fn update_bias(&mut self, ffn_counts: &[f64], gamma: f64) {
+        let Some(bias) = &mut self.bias else {
+            return;
+        };
+        let mean = ffn_counts.iter().sum::<f64>() / ffn_counts.len().max(1) as f64;
+        for (b, &load) in bias.iter_mut().zip(ffn_counts) {
+            let step = if load < mean {
+                gamma
+            } else if load > mean {
+                -gamma
+            } else {
+                0.0
+            };
+            *b = (*b as f64 + step) as f32;
         }
     }
 
@@ -197,15 +250,47 @@ impl Router {
             carry.prev_logits = Some(logits_te.clone());
         }
         let [num_tokens, num_experts] = logits_te.dims();
-        let probs_te = softmax(logits_te.clone(), 1);
-        let (raw_tk, experts_tk) = probs_te.clone().topk_with_indices(self.top_k, 1);
-        let experts_tk: Vec<usize> = experts_tk
-            .try_into_vec_as::<i64>()
-            .expect("top-k indices are integers")
-            .into_iter()
-            .map(|e| e as usize)
-            .collect();
-        let weights_tk = self.normalize(raw_tk, &experts_tk);
+        let (scores_te, probs_te) = match self.score {
+            ScoreFunction::Softmax => {
+                let probs_te = softmax(logits_te.clone(), 1);
+                (probs_te.clone(), probs_te)
+            }
+            ScoreFunction::Sigmoid => {
+                let scores_te = sigmoid(logits_te.clone());
+                let probs_te = scores_te.clone() / scores_te.clone().sum_dim(1);
+                (scores_te, probs_te)
+            }
+        };
+        let (raw_tk, experts_tk) = if self.bias.is_none() && self.groups.is_none() {
+            let (raw_tk, experts_tk) = scores_te.topk_with_indices(self.top_k, 1);
+            let experts_tk: Vec<usize> = experts_tk
+                .try_into_vec_as::<i64>()
+                .expect("top-k indices are integers")
+                .into_iter()
+                .map(|e| e as usize)
+                .collect();
+            (raw_tk, experts_tk)
+        } else {
+            // Biased or group-limited choice: ranked on the host, the weights gathered from
+            // the unbiased scores (the bias never reaches the gradient).
+            let host: Vec<f32> = scores_te
+                .clone()
+                .inner()
+                .into_data()
+                .try_to_vec::<f32>()
+                .expect("router scores are f32");
+            let experts_tk = self.choose(&host, num_experts);
+            let index: Vec<i64> = experts_tk.iter().map(|&e| e as i64).collect();
+            let index_tk = Tensor::<2, Int>::from_data(
+                TensorData::new(index, [num_tokens, self.top_k]),
+                &scores_te.device(),
+            );
+            (scores_te.gather(1, index_tk), experts_tk)
+        };
+        let mut weights_tk = self.normalize(raw_tk, &experts_tk);
+        if self.scaling_factor != 1.0 {
+            weights_tk = weights_tk * self.scaling_factor as f32;
+        }
         Routing {
             weights_tk,
             experts_tk,
@@ -215,6 +300,27 @@ impl Router {
             probs_te,
             logits_te,
         }
+    }
+
+    /// The top-k slots of each token (row-major [T, K], best first) under the bias and the
+    /// group limit. `scores`: [T, N] row-major. Ties go to the lower slot id.
+    fn choose(&self, scores: &[f32], slots: usize) -> Vec<usize> {
+        let k = self.top_k;
+        let mut chosen = Vec::with_capacity(scores.len() / slots.max(1) * k);
+        let mut keyed: Vec<(f32, usize)> = Vec::with_capacity(slots);
+        for token_scores in scores.chunks(slots) {
+            keyed.clear();
+            keyed.extend(token_scores.iter().enumerate().map(|(e, &score)| {
+                let bias = self.bias.as_ref().and_then(|b| b.get(e)).copied();
+                (score + bias.unwrap_or(0.0), e)
+            }));
+            if let Some(groups) = &self.groups {
+                keep_best_groups(&mut keyed, groups);
+            }
+            keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            chosen.extend(keyed.iter().take(k).map(|&(_, e)| e));
+        }
+        chosen
     }
 
     /// The per-variant weight normalisation of the chosen top-k probabilities.
@@ -271,20 +377,68 @@ impl Router {
     }
 
     /// This process's additive share of the load-balancing loss of a batch spread over
-    /// several processes. `global_counts`: routed assignments per slot over the whole batch
-    /// (no gradient flows through them); `global_tokens`: tokens of the whole batch. The
-    /// share is `sum_i c_i * (sum over local tokens of p_ti) / global_tokens`, with
-    /// `c_i` from the global fractions, so the shares of all processes sum to the loss of
-    /// the whole batch computed in one process. With the local counts and token count it
-    /// is the loss of this batch.
+    /// several processes. `counts`: routed assignments per slot over the batch whose
+    /// fractions `f` the loss uses (no gradient flows through them); `global_tokens`:
+    /// tokens of the batch this forward is a share of. The share is
+    /// `sum_i c_i(f) * (sum over local tokens of p_ti) / global_tokens`, so the shares of
+    /// all processes sum to the loss of the whole batch computed in one process. With the
+    /// local counts and token count it is the loss of this batch.
     pub fn load_balance_loss_share(
         &self,
         routing: &Routing,
-        global_counts: &[f64],
+        counts: &[f64],
         global_tokens: usize,
     ) -> Tensor<1> {
-        let assignments = (global_tokens * routing.top_k).max(1) as f64;
-        let mut fraction: Vec<f64> = global_counts.iter().map(|c| c / assignments).collect();
+        let coef: Vec<f32> = self
+            .balance_coefficients(counts)
+            .into_iter()
+            .map(|c| c as f32)
+            .collect();
+        let device = routing.probs_te.device();
+        let coef_e = Tensor::<1>::from_floats(coef.as_slice(), &device);
+        let mean_prob_e: Tensor<1> =
+            routing.probs_te.clone().sum_dim(0).squeeze_dim::<1>(0) / global_tokens.max(1) as f32;
+        (coef_e * mean_prob_e).sum()
+    }
+
+    /// This process's share of the sequence-wise balance loss `mean_b sum_i c_i(f^b) P^b_i`
+    /// (DeepSeek-V3), `f^b` and `P^b` over the tokens of sequence `b` alone. The routing is
+    /// of `rows` local rows of equal length, row-major; `row_counts[b]`: the assignments per
+    /// slot of the whole sequence of local row `b` (summed over the processes holding parts
+    /// of it); `seq_len` and `sequences`: the global sequence length and count.
+    pub fn sequence_balance_loss_share(
+        &self,
+        routing: &Routing,
+        row_counts: &[Vec<f64>],
+        seq_len: usize,
+        sequences: usize,
+    ) -> Tensor<1> {
+        let rows = row_counts.len();
+        let slots = routing.num_experts;
+        let coef: Vec<f32> = row_counts
+            .iter()
+            .flat_map(|counts| self.balance_coefficients(counts))
+            .map(|c| c as f32)
+            .collect();
+        let device = routing.probs_te.device();
+        let coef_be = Tensor::<2>::from_data(TensorData::new(coef, [rows, slots]), &device);
+        let local_len = routing.num_tokens / rows.max(1);
+        let prob_sum_be = routing
+            .probs_te
+            .clone()
+            .reshape([rows, local_len, slots])
+            .sum_dim(1)
+            .reshape([rows, slots]);
+        (coef_be * prob_sum_be).sum() / (seq_len * sequences).max(1) as f32
+    }
+
+    /// `c_i(f)` of the balance loss `sum_i c_i(f) P_i` from the assignments per slot
+    /// (`f_i = counts_i / sum(counts)`): `N f_i` (Switch), with the null experts' fractions
+    /// pooled to their mean (AdaMoE), or the zero-computation slots weighted by `tau`
+    /// (MoE++).
+    pub fn balance_coefficients(&self, counts: &[f64]) -> Vec<f64> {
+        let assignments = counts.iter().sum::<f64>().max(1.0);
+        let mut fraction: Vec<f64> = counts.iter().map(|c| c / assignments).collect();
         let slots = self.kinds.len();
         let mut weight = vec![1.0f64; slots];
         match &self.cfg {
@@ -306,14 +460,43 @@ impl Router {
                 }
             }
         }
-        let coef: Vec<f32> = (0..slots)
-            .map(|i| (weight[i] * fraction[i] * slots as f64) as f32)
-            .collect();
-        let device = routing.probs_te.device();
-        let coef_e = Tensor::<1>::from_floats(coef.as_slice(), &device);
-        let mean_prob_e: Tensor<1> =
-            routing.probs_te.clone().sum_dim(0).squeeze_dim::<1>(0) / global_tokens.max(1) as f32;
-        (coef_e * mean_prob_e).sum()
+        (0..slots)
+            .map(|i| weight[i] * fraction[i] * slots as f64)
+            .collect()
+    }
+}
+
+/// Group-limited routing for one token: `keyed` holds (choice score, slot) for every slot
+/// (all FFN experts, in slot order); the slots outside the token's best `top_groups`
+/// groups get -inf. A group's rank is the sum of its two best choice scores (its only one
+/// for groups of one expert); ties go to the lower group.
+fn keep_best_groups(keyed: &mut [(f32, usize)], groups: &GroupLimitedConfig) {
+    let per_group = keyed.len() / groups.groups;
+    let mut group_scores: Vec<(f32, usize)> = keyed
+        .chunks(per_group)
+        .enumerate()
+        .map(|(g, members)| {
+            let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+            for &(score, _) in members {
+                if score > first {
+                    (first, second) = (score, first);
+                } else if score > second {
+                    second = score;
+                }
+            }
+            let sum = if per_group > 1 { first + second } else { first };
+            (sum, g)
+        })
+        .collect();
+    group_scores.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut keep = vec![false; groups.groups];
+    for &(_, g) in group_scores.iter().take(groups.top_groups) {
+        keep[g] = true;
+    }
+    for (score, e) in keyed.iter_mut() {
+        if !keep[*e / per_group] {
+            *score = f32::NEG_INFINITY;
+        }
     }
 }
 
@@ -333,12 +516,6 @@ pub fn slot_counts(routing: &Routing) -> Vec<f64> {
         counts[e] += 1.0;
     }
     counts
-}
-
-/// Fraction of routed assignments (before capacity dropping) per slot; sums to 1.
-pub fn slot_fractions(routing: &Routing) -> Vec<f64> {
-    let total = routing.experts_tk.len().max(1) as f64;
-    slot_counts(routing).iter().map(|c| c / total).collect()
 }
 
 /// ST-MoE router z-loss `mean_t logsumexp(logits_t)^2`: [1].

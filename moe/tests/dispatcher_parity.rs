@@ -35,6 +35,7 @@ fn moe_cfg(capacity: CapacityConfig, shared: bool, normalize: bool) -> MoeConfig
         }),
         load_balance_coef: 0.01,
         z_loss_coef: 0.001,
+        ..Default::default()
     }
 }
 

@@ -26,6 +26,7 @@ fn cfg(router: RouterConfig, top_k: usize) -> MoeConfig {
         shared_expert: None,
         load_balance_coef: 0.01,
         z_loss_coef: 0.001,
+        ..Default::default()
     }
 }
 

@@ -37,27 +37,34 @@
 //! With equal shards this equals averaging the per-rank mean losses' gradients over the
 //! replicas. Expert parameters a rank does not own are left out of the synced gradients.
 //!
-//! Known layout dependences not handled here: capacity dropping (capacity is computed on
-//! the local assignments) and the `MoeStats` metrics (local).
+//! Capacity dropping is layout-independent too: the layer gathers every rank's choices
+//! (with each token's index in the one-process order, from [`BatchReducer::position`]) and
+//! admits them in that order against capacities of the global batch, so the same
+//! assignments are dropped as in one process.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use burn::tensor::Tensor;
 use switchyard_comm::{Buffer, Communicator, ReduceOp, Request};
-use switchyard_moe::dispatch::BatchReducer;
+use switchyard_moe::dispatch::{BatchPosition, BatchReducer};
 use switchyard_moe::params::named_params;
 use switchyard_moe::{LocalDispatcher, ParamKey, Transformer};
 
-use crate::cp::{CpAttention, CpConfig};
+use crate::cp::{CpAttention, CpConfig, SeqLayout};
 use crate::dispatcher::AllToAllDispatcher;
 use crate::error::{ParallelError, Result};
 use crate::mesh::{ExpertPlacement, Mesh};
 
-/// Sums the MoE layers' batch statistics over the whole world (all-reduce of f64, no
-/// gradient). A collective in the forward pass: every rank calls it once per MoE layer.
+/// The MoE layers' batch statistics over the whole world (all-reduce of f64, all-gather
+/// of the capacity admission's choices; no gradient). Collectives in the forward pass:
+/// every rank calls them in the same order for every MoE layer.
 pub struct WorldReducer {
     world: Arc<dyn Communicator>,
+    /// This rank's share of the rows: (shard, shards) (`Mesh::batch_shard`).
+    batch_shard: (usize, usize),
+    /// (cp rank, cp ranks): the zigzag sequence shards.
+    cp: (usize, usize),
 }
 
 impl std::fmt::Debug for WorldReducer {
@@ -70,6 +77,8 @@ impl WorldReducer {
     pub fn new(mesh: &Mesh) -> WorldReducer {
         WorldReducer {
             world: mesh.world().clone(),
+            batch_shard: mesh.batch_shard(),
+            cp: (mesh.cp_comm().rank(), mesh.cp_comm().size()),
         }
     }
 }
@@ -83,6 +92,34 @@ impl BatchReducer for WorldReducer {
             .unwrap_or_else(|e| crate::seam::fail_comm("MoE batch statistics all-reduce", e));
         buf.into_vec::<f64>()
             .unwrap_or_else(|b| panic!("all-reduce of f64 returned {}", b.dtype()))
+    }
+
+    fn gather(&self, values: Vec<i64>) -> Vec<i64> {
+        let counts = vec![values.len(); self.world.size()];
+        let gathered = self
+            .world
+            .all_gather_v(&Buffer::I64(values), &counts)
+            .unwrap_or_else(|e| crate::seam::fail_comm("MoE capacity admission all-gather", e));
+        gathered
+            .into_vec::<i64>()
+            .unwrap_or_else(|b| panic!("all-gather of i64 returned {}", b.dtype()))
+    }
+
+    fn position(&self, rows: usize, len: usize) -> BatchPosition {
+        let (shard, shards) = self.batch_shard;
+        let (cp_rank, cp) = self.cp;
+        let positions = if cp == 1 {
+            (0..len).collect()
+        } else {
+            SeqLayout::zigzag(cp).positions(cp_rank, len)
+        };
+        BatchPosition {
+            rows,
+            global_rows: rows * shards,
+            global_len: len * cp,
+            row_offset: shard * rows,
+            positions,
+        }
     }
 }
 

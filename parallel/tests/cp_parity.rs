@@ -50,6 +50,7 @@ fn model_cfg(router: RouterConfig) -> ModelConfig {
             shared_expert: None,
             load_balance_coef: 0.01,
             z_loss_coef: 0.001,
+            ..Default::default()
         },
     }
 }

@@ -129,6 +129,7 @@ pub fn model_cfg(router: RouterConfig, top_k: usize) -> ModelConfig {
             shared_expert: None,
             load_balance_coef: 0.01,
             z_loss_coef: 0.001,
+            ..Default::default()
         },
     }
 }
@@ -394,6 +395,47 @@ pub fn all_cases() -> Vec<Case> {
             });
         }
     }
+    // The routing options (sigmoid scores with a scaling factor, the auxiliary-loss-free
+    // bias, group-limited routing, the sequence-wise and global-batch balance losses) at
+    // every data / expert layout; the balance losses, capacity dropping with shared
+    // experts, the recurrent router and MoE++ under context parallelism too.
+    for (name, model) in routing_option_models() {
+        for layout in LAYOUTS {
+            cases.push(case(
+                name.into(),
+                model.clone(),
+                Forcing::None,
+                layout,
+                None,
+            ));
+        }
+    }
+    for (name, model) in cp_models() {
+        for (dp, ep) in LAYOUTS {
+            let covered = routers().iter().any(|(n, _)| *n == name)
+                || routing_option_models().iter().any(|(n, _)| *n == name);
+            if !covered {
+                cases.push(case(
+                    name.into(),
+                    model.clone(),
+                    Forcing::None,
+                    (dp, ep),
+                    None,
+                ));
+            }
+        }
+        for (dp, cp, ep) in CP_LAYOUTS {
+            let mut c = case(
+                format!("{name}, context parallel"),
+                model.clone(),
+                Forcing::None,
+                (dp, ep),
+                None,
+            );
+            c.cp = cp;
+            cases.push(c);
+        }
+    }
     // Sharded optimizer state and gradients, with clipping on (a small limit, so every step
     // clips): data and expert layouts, every router, a live migration (moments move with
     // their expert to the owner on the new rank) and context parallelism.
@@ -475,6 +517,77 @@ pub fn all_cases() -> Vec<Case> {
     cases
 }
 
+/// Models of the routing options, each with a label: run at every data / expert layout.
+pub fn routing_option_models() -> Vec<(&'static str, ModelConfig)> {
+    use switchyard_moe::config::{
+        BalanceLoss, BiasBalanceConfig, GroupLimitedConfig, ScoreFunction,
+    };
+    let top_k = || model_cfg(routers().remove(0).1, 2);
+    let mut sigmoid = top_k();
+    sigmoid.moe.score = ScoreFunction::Sigmoid;
+    sigmoid.moe.scaling_factor = 2.5;
+    // A large gamma, so that the bias changes choices within the three steps.
+    let bias = Some(BiasBalanceConfig { gamma: 0.05 });
+    let mut aux_free = top_k();
+    aux_free.moe.bias_balance = bias;
+    let mut grouped = sigmoid.clone();
+    grouped.moe.bias_balance = bias;
+    grouped.moe.group_limited = Some(GroupLimitedConfig {
+        groups: 2,
+        top_groups: 1,
+    });
+    let mut sequence = top_k();
+    sequence.moe.balance_loss = BalanceLoss::Sequence;
+    sequence.moe.load_balance_coef = 0.1;
+    let mut global = top_k();
+    global.moe.balance_loss = BalanceLoss::GlobalBatch;
+    global.moe.load_balance_coef = 0.1;
+    let mut null_bias = model_cfg(routers().remove(1).1, 2);
+    null_bias.moe.bias_balance = bias;
+    vec![
+        ("sigmoid scores, scaling factor 2.5", sigmoid),
+        ("aux-loss-free bias", aux_free),
+        ("sigmoid, aux-loss-free bias, group-limited 1 of 2", grouped),
+        ("sequence-wise balance loss", sequence),
+        ("global-batch balance loss", global),
+        ("null experts, aux-loss-free bias", null_bias),
+    ]
+}
+
+/// Models run under context parallelism (and at every data / expert layout): the
+/// sequence-wise balance loss (sequences split over cp ranks), capacity dropping with
+/// shared experts, the recurrent router, MoE++.
+pub fn cp_models() -> Vec<(&'static str, ModelConfig)> {
+    let mut dropping = model_cfg(routers().remove(0).1, 2);
+    dropping.moe.capacity = CapacityConfig::Drop { factor: 0.75 };
+    dropping.moe.shared_expert = Some(switchyard_moe::config::SharedExpertConfig {
+        count: 1,
+        ffn_dim: 8,
+        gate: false,
+    });
+    let mut moepp_dropping = model_cfg(routers().remove(2).1, 2);
+    moepp_dropping.moe.capacity = CapacityConfig::Drop { factor: 0.75 };
+    let recurrent = model_cfg(
+        RouterConfig::Recurrent {
+            state_dim: 8,
+            detach_state: false,
+            normalize_weights: true,
+        },
+        2,
+    );
+    let sequence = routing_option_models()
+        .into_iter()
+        .find(|(name, _)| name.starts_with("sequence"))
+        .expect("the sequence-wise case exists");
+    vec![
+        ("capacity drop 0.75, shared expert", dropping),
+        ("MoE++, capacity drop 0.75", moepp_dropping),
+        ("recurrent router", recurrent),
+        ("MoE++", model_cfg(routers().remove(2).1, 2)),
+        sequence,
+    ]
+}
+
 /// `model_cfg` with the attention and shared-expert options of the Qwen formats.
 pub fn qwen_shaped_cfg() -> ModelConfig {
     let mut cfg = model_cfg(
@@ -524,16 +637,19 @@ fn layer_placements(
 /// The same model on every rank and in the reference; `forcing` makes feature 0 of every
 /// token a large constant and the routers prefer the forced experts along it.
 pub fn build(cfg: &ModelConfig, forcing: Forcing, device: &Device) -> Transformer {
-    // Attention biases start at zero: drawn here instead, so that the weights after 3 steps
+    // Attention (and GRU) biases start at zero: drawn here instead, so that the weights after 3 steps
     // are not a few learning rates around zero, where the relative comparison divides
     // summation-order noise by almost nothing (measured: 1.95e-5 on `bq` at cp=2 with the
     // gradients within 1e-5).
     let model = map_params(Transformer::new(cfg, 7, device), |name, value| {
         let key = name.name();
-        if !["bq", "bk", "bv", "bo"]
+        let attention_bias = ["bq", "bk", "bv", "bo"]
             .iter()
-            .any(|b| key.ends_with(&format!("attn.{b}")))
-        {
+            .any(|b| key.ends_with(&format!("attn.{b}")));
+        // The recurrent router's GRU biases start at zero too (measured: 1.1e-5 on
+        // `router_gru.b_reset` at cp=4 with them at zero, the gradients within 1e-6).
+        let gru_bias = key.starts_with("router_gru.b_");
+        if !attention_bias && !gru_bias {
             return value;
         }
         let n = value.dims()[0];
@@ -658,11 +774,36 @@ fn reference(cfg: &ModelConfig, forcing: Forcing, grad_clip: Option<f64>, device
         }
         let scale = clip_scale(global_norm(&grads), grad_clip);
         model = adam.step(model, &grads, scale, LR);
+        update_biases(&mut model, cfg, &out.moe_stats);
     }
     for (name, _, value) in named_params(&model) {
         run.weights.insert(name.to_string(), tensor_values(&value));
     }
+    insert_biases(&mut run.weights, &model);
     run
+}
+
+/// The auxiliary-loss-free step after an update (as the trainer's): the step's global
+/// counts per slot, the same on every rank.
+fn update_biases(
+    model: &mut Transformer,
+    cfg: &ModelConfig,
+    stats: &[(usize, switchyard_moe::MoeStats)],
+) {
+    if let Some(bias) = &cfg.moe.bias_balance {
+        let counts: Vec<(usize, Vec<f64>)> = stats
+            .iter()
+            .map(|(l, s)| (*l, s.slot_counts.clone()))
+            .collect();
+        model.update_router_biases(&counts, bias.gamma);
+    }
+}
+
+/// The routers' biases join the compared weights (every rank holds them all).
+fn insert_biases(weights: &mut Named, model: &Transformer) {
+    for (layer, bias) in model.router_biases() {
+        weights.insert(format!("layers.{layer}.moe.router.bias"), bias);
+    }
 }
 
 /// This rank's loss shares, synced first-step gradients and final weights of the
@@ -773,10 +914,12 @@ fn parallel(
             }
             None => adam.step(model, &grads, 1.0, LR),
         };
+        update_biases(&mut model, cfg, &out.moe_stats);
     }
     for (name, _, value) in named_params(&model) {
         run.weights.insert(name.to_string(), tensor_values(&value));
     }
+    insert_biases(&mut run.weights, &model);
     Ok((run, mesh))
 }
 

@@ -169,6 +169,7 @@ fn model_cfg() -> ModelConfig {
             shared_expert: None,
             load_balance_coef: 0.01,
             z_loss_coef: 0.001,
+            ..Default::default()
         },
     }
 }

@@ -126,6 +126,41 @@ fn forced_routing_sends_nothing_to_the_other_experts() {
     }
 }
 
+/// The capacity cases drop assignments (so their parity covers the admission order), and
+/// the group-limited case keeps each token inside one group of two experts.
+#[test]
+fn capacity_cases_drop_and_group_limited_routing_stays_in_one_group() {
+    let device = Device::flex().autodiff();
+    for (name, cfg) in switchyard_tools::parity::cp_models() {
+        if !name.contains("capacity") {
+            continue;
+        }
+        let model = build(&cfg, Forcing::None, &device);
+        let (inputs, _) = tensors(&batch(cfg.vocab_size), 8, &device);
+        for (layer, stats) in model.forward(inputs).moe_stats {
+            assert!(
+                stats.dropped_fraction > 0.0,
+                "{name}, layer {layer}: {stats:?}"
+            );
+        }
+    }
+    let (_, cfg) = switchyard_tools::parity::routing_option_models()
+        .into_iter()
+        .find(|(name, _)| name.contains("group-limited"))
+        .expect("the group-limited case exists");
+    let model = build(&cfg, Forcing::None, &device);
+    let (inputs, _) = tensors(&batch(cfg.vocab_size), 8, &device);
+    for (layer, stats) in model.forward(inputs).moe_stats {
+        for token in stats.dispatched_tk.chunks(2) {
+            let groups: Vec<u32> = token.iter().flatten().map(|e| e / 2).collect();
+            assert!(
+                groups.windows(2).all(|g| g[0] == g[1]),
+                "layer {layer}: {token:?}"
+            );
+        }
+    }
+}
+
 /// A case run on a world of the wrong size is an error, never a vacuous pass.
 #[test]
 fn a_wrong_world_size_is_reported() {
@@ -179,4 +214,34 @@ fn every_layout_completes_under_nccl_point_to_point_semantics() {
 #[test]
 fn qwen_shaped_model_matches_single_process() {
     run_matching(|c| c.label.starts_with("qwen-shaped"));
+}
+
+/// Sigmoid scores with a scaling factor, the auxiliary-loss-free bias (compared with the
+/// weights after every step's update), group-limited routing, the sequence-wise and
+/// global-batch balance losses, at every data / expert layout.
+#[test]
+fn routing_options_match_single_process() {
+    let names: Vec<&str> = switchyard_tools::parity::routing_option_models()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    run_matching(|c| c.cp == 1 && names.contains(&c.label.as_str()));
+}
+
+/// Capacity dropping (with a shared expert; and MoE++'s zero-computation capacities), the
+/// recurrent router, MoE++ and the sequence-wise balance loss at every data / expert layout
+/// and under context parallelism with data and expert parallelism: the same assignments are
+/// dropped as in one process.
+#[test]
+fn capacity_recurrent_and_moe_plus_plus_match_single_process_under_every_axis() {
+    let names: Vec<&str> = switchyard_tools::parity::cp_models()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    run_matching(|c| {
+        names
+            .iter()
+            .any(|name| c.label == *name || c.label == format!("{name}, context parallel"))
+            && (c.cp > 1 || !["MoE++", "sequence-wise balance loss"].contains(&c.label.as_str()))
+    });
 }

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::Dtype;
 use serde_json::json;
-use switchyard_moe::config::{AttentionBias, CapacityConfig, ModelConfig, RouterConfig};
+use switchyard_moe::config::{
+    AttentionBias, CapacityConfig, ModelConfig, RouterConfig, ScoreFunction,
+};
 
 use crate::checkpoint::NamedTensor;
 use crate::data::Tokenizer;
@@ -143,6 +145,34 @@ pub fn unsupported(cfg: &ModelConfig, format: HfFormat) -> Vec<String> {
             "shared experts ({} has none; qwen2_moe holds them as its gated shared expert)",
             format.name()
         ));
+    }
+    if moe.score == ScoreFunction::Sigmoid {
+        out.push(
+            "sigmoid router scores (`model.moe.score: sigmoid`); these formats use a softmax \
+             (DeepSeek-V3's format, not exported here, has sigmoid scores)"
+                .into(),
+        );
+    }
+    if moe.scaling_factor != 1.0 {
+        out.push(format!(
+            "scaled routed weights (`model.moe.scaling_factor: {}`); these formats have no \
+             routed scaling factor",
+            moe.scaling_factor
+        ));
+    }
+    if moe.group_limited.is_some() {
+        out.push(
+            "group-limited routing (`model.moe.group_limited`); these formats choose the \
+             top-k over all experts"
+                .into(),
+        );
+    }
+    if moe.bias_balance.is_some() {
+        out.push(
+            "auxiliary-loss-free routing biases (`model.moe.bias_balance`); these formats \
+             have no per-expert bias on the choice of experts"
+                .into(),
+        );
     }
     if let CapacityConfig::Drop { factor } = moe.capacity {
         out.push(format!(
@@ -1504,6 +1534,7 @@ fn model_config_with(
             shared_expert,
             load_balance_coef: config_json["router_aux_loss_coef"].as_f64().unwrap_or(0.02),
             z_loss_coef: 0.001,
+            ..Default::default()
         },
     })
 }

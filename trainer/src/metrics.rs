@@ -566,8 +566,11 @@ pub fn step_scalars(
     .collect()
 }
 
-/// The routing scalars of the MoE layers (`moe/layer{l}/...`): load, drops, balancing
-/// loss, experts per token, the share of each slot kind and of each expert.
+/// The routing scalars of the MoE layers (`moe/layer{l}/...`), over the global batch of
+/// the step's last micro-batch (every rank's tokens): load max/mean, min/mean and
+/// coefficient of variation, drops, balancing loss, experts per token, the share of each
+/// slot kind and of each expert, and the auxiliary-loss-free biases (mean and max
+/// magnitude, and each expert's).
 pub fn moe_scalars(stats: &[(usize, switchyard_moe::MoeStats)]) -> Vec<(String, f64)> {
     let mut scalars = Vec::new();
     for (layer, stats) in stats {
@@ -575,6 +578,8 @@ pub fn moe_scalars(stats: &[(usize, switchyard_moe::MoeStats)]) -> Vec<(String, 
             scalars.push((format!("moe/layer{layer}/{name}"), value));
         };
         push("max_over_mean_load", stats.max_over_mean_load());
+        push("min_over_mean_load", stats.min_over_mean_load());
+        push("load_cv", stats.load_cv());
         push("dropped_fraction", stats.dropped_fraction);
         push("load_balance_loss", stats.load_balance);
         push("ffn_experts_per_token", stats.ffn_experts_per_token);
@@ -586,6 +591,17 @@ pub fn moe_scalars(stats: &[(usize, switchyard_moe::MoeStats)]) -> Vec<(String, 
         }
         for (e, f) in stats.expert_fraction.iter().enumerate() {
             push(&format!("expert{e}_fraction"), *f);
+        }
+        if !stats.bias.is_empty() {
+            let magnitudes = stats.bias.iter().map(|b| b.abs() as f64);
+            push(
+                "bias_abs_mean",
+                magnitudes.clone().sum::<f64>() / stats.bias.len() as f64,
+            );
+            push("bias_abs_max", magnitudes.fold(0.0, f64::max));
+            for (e, b) in stats.bias.iter().enumerate() {
+                push(&format!("expert{e}_bias"), *b as f64);
+            }
         }
     }
     scalars

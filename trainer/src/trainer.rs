@@ -11,6 +11,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use switchyard_kernels::alloc;
+use switchyard_moe::config::BalanceLoss;
 use switchyard_moe::model::forward_flops_per_token;
 use switchyard_moe::params::{named_grads, signature};
 use switchyard_moe::{MoeStats, ParamKey, Transformer, cross_entropy};
@@ -190,8 +191,15 @@ impl Trainer {
             .layout
             .as_ref()
             .is_some_and(|l| l.shard_mode() == ShardOptimizer::StatesAndGrads);
-        for _ in 0..accum {
-            let global = self.sampler.next_batch();
+        let batches: Vec<_> = (0..accum).map(|_| self.sampler.next_batch()).collect();
+        if self.cfg.model.moe.balance_loss == BalanceLoss::GlobalBatch && accum > 1 {
+            let counts = self.step_routing_counts(&batches);
+            self.model.set_step_counts(Some(&counts));
+        }
+        // Per MoE layer, the step's routed assignments per slot over every rank and
+        // micro-batch (for the auxiliary-loss-free bias).
+        let mut step_counts: Vec<(usize, Vec<f64>)> = Vec::new();
+        for global in batches {
             tokens += (global.batch_size * global.seq_len) as u64;
             // This rank's share; its mean cross-entropy weighs T_r / T_g of the global mean.
             let (batch, ce_weight) = match &self.layout {
@@ -218,8 +226,10 @@ impl Trainer {
                     None => grads.insert(name, g),
                 };
             }
+            add_slot_counts(&mut step_counts, &output.moe_stats);
             moe_stats = output.moe_stats;
         }
+        self.model.set_step_counts(None);
         let held_before_sync = alloc::live_bytes() as u64;
         let (loss, aux_loss, grad_norm) = match &self.layout {
             Some(l) => {
@@ -266,6 +276,9 @@ impl Trainer {
             if let Some(l) = &self.layout {
                 self.model = l.gather_params(self.model.clone())?;
             }
+            if let Some(bias) = &self.cfg.model.moe.bias_balance {
+                self.model.update_router_biases(&step_counts, bias.gamma);
+            }
         }
         self.counters.step += 1;
         self.counters.tokens_seen += tokens;
@@ -299,6 +312,24 @@ impl Trainer {
             tokens,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// `balance_loss: global_batch` over several micro-batches: the step's routed
+    /// assignments per slot of every MoE layer, from a forward pass without gradients over
+    /// every micro-batch (a collective when distributed, like the step itself).
+    fn step_routing_counts(&self, batches: &[Batch]) -> Vec<(usize, Vec<f64>)> {
+        let model = self.model.valid();
+        let inner = self.device.clone().inner();
+        let mut counts = Vec::new();
+        for global in batches {
+            let batch = match &self.layout {
+                Some(l) => global.rows(l.rows(global.batch_size)),
+                None => global.clone(),
+            };
+            let (inputs, _) = self.local_tensors(&batch, &inner);
+            add_slot_counts(&mut counts, &model.forward(inputs).moe_stats);
+        }
+        counts
     }
 
     /// Mean validation cross-entropy over the fixed validation batches (each rank
@@ -340,6 +371,22 @@ impl Trainer {
         (0..self.cfg.model.n_layers)
             .filter(|&l| self.cfg.model.is_moe_layer(l))
             .collect()
+    }
+}
+
+/// Adds each MoE layer's global slot counts of one forward pass to `sums`.
+fn add_slot_counts(sums: &mut Vec<(usize, Vec<f64>)>, stats: &[(usize, MoeStats)]) {
+    if sums.is_empty() {
+        sums.extend(
+            stats
+                .iter()
+                .map(|(l, s)| (*l, vec![0.0; s.slot_counts.len()])),
+        );
+    }
+    for ((_, sum), (_, s)) in sums.iter_mut().zip(stats) {
+        for (total, count) in sum.iter_mut().zip(&s.slot_counts) {
+            *total += count;
+        }
     }
 }
 

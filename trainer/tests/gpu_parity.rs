@@ -101,6 +101,7 @@ fn moe_cfg() -> MoeConfig {
         }),
         load_balance_coef: 0.01,
         z_loss_coef: 0.001,
+        ..Default::default()
     }
 }
 

@@ -33,6 +33,7 @@ pub fn model_cfg(router: RouterConfig, every: usize, tie: bool) -> ModelConfig {
             shared_expert: None,
             load_balance_coef: 0.01,
             z_loss_coef: 0.001,
+            ..Default::default()
         },
     }
 }

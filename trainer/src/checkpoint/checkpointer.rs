@@ -132,9 +132,42 @@ impl Checkpointed for Transformer {
             .map(|(key, shape, value)| NamedTensor::f32(key.name(), shape, tensor_values(&value)))
             .collect();
         snapshot.put_tensors("model", tensors);
+        let biases = self.router_biases();
+        if !biases.is_empty() {
+            snapshot.put("router_bias", &biases);
+        }
     }
 
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), String> {
+        // The auxiliary-loss-free biases are part of the routing function: a checkpoint
+        // without them cannot continue a model with them, nor the other way round.
+        let saved: Option<Vec<(usize, Vec<f32>)>> = snapshot.get("router_bias")?;
+        let expected = self.router_biases();
+        match saved {
+            Some(saved) => {
+                if expected.is_empty() {
+                    return Err(
+                        "the checkpoint holds auxiliary-loss-free router biases but \
+                         model.moe.bias_balance is not set; set it as the run that wrote the \
+                         checkpoint did"
+                            .into(),
+                    );
+                }
+                for (layer, bias) in saved {
+                    self.set_router_bias(layer, bias)
+                        .map_err(|e| format!("router_bias: {e}"))?;
+                }
+            }
+            None if !expected.is_empty() => {
+                return Err(
+                    "model.moe.bias_balance is set but the checkpoint holds no router \
+                     biases (it was written without bias_balance); remove bias_balance, or \
+                     start a new run"
+                        .into(),
+                );
+            }
+            None => {}
+        }
         let stored = snapshot.tensors("model")?;
         load_weights(self, stored, |key, stored, shape, _| {
             if stored.shape != shape {
