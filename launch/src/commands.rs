@@ -1036,19 +1036,22 @@ pub fn bench(cfg: &Config, launch: &LaunchInfo, opts: &bench_impl::BenchOptions)
 }
 
 /// `switchyard ablate`: every variant trained and measured at the layout.
-pub fn ablate(cfg: &Config, launch: &LaunchInfo) -> Result<()> {
-    if !matches!(
-        cfg.model.moe.router,
-        switchyard_moe::RouterConfig::TopKSoftmax { .. }
-    ) {
-        bail!(
-            "ablate: the base config must use the vanilla router (model.moe.router.type: top_k_softmax); the variants are derived from it"
-        );
+pub fn ablate(cfg: &Config, study: ablation::Study, launch: &LaunchInfo) -> Result<()> {
+    if let Err(e) = ablation::check_base(cfg, study) {
+        bail!("ablate --study {}: {e}", study.name());
     }
     setup_threads(cfg.run.threads)?;
     let ranks = Ranks::of(cfg, launch)?;
     let corpus = load_data(cfg)?;
-    let done = ranks.run(|rank| Ok(ablation::run(cfg, &corpus, &rank.device, rank.world)?))?;
+    let done = ranks.run(|rank| {
+        Ok(ablation::run(
+            cfg,
+            study,
+            &corpus,
+            &rank.device,
+            rank.world,
+        )?)
+    })?;
     if let Some(report) = done.on_rank0() {
         println!("{report}");
     }

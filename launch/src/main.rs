@@ -203,6 +203,10 @@ enum Command {
     Ablate {
         #[command(flatten)]
         config: ConfigArgs,
+        /// `routers` (vanilla top-k, AdaMoE, MoE++, RMoE) or `balancing` (batch balance
+        /// loss, auxiliary-loss-free, sigmoid + auxiliary-loss-free, group-limited).
+        #[arg(long, default_value = "routers")]
+        study: switchyard_trainer::ablation::Study,
     },
     /// Write an sbatch script that trains CONFIG with preemption signalling and requeue.
     SlurmScript(slurm_script::SlurmScriptArgs),
@@ -501,9 +505,9 @@ fn run(command: Command) -> Result<()> {
             commands::estimate_memory(&cfg)
         }
         Command::InspectCheckpoint { path } => commands::inspect(&path),
-        Command::Ablate { config } => {
+        Command::Ablate { config, study } => {
             let cfg = load(&config)?;
-            commands::ablate(&cfg, &launch()?)
+            commands::ablate(&cfg, study, &launch()?)
         }
         Command::SlurmScript(args) => {
             let cfg = load(&args.config)?;

@@ -13,6 +13,7 @@ pub mod hf;
 pub mod memory;
 pub mod metrics;
 pub mod optim;
+pub mod plot;
 pub mod rebalance;
 pub mod state;
 pub mod stop;

@@ -249,7 +249,11 @@ impl Trainer {
                 global_norm(&grads),
             ),
         };
-        if let Some(r) = &mut self.rebalancer {
+        // The placement statistics cost a world all-reduce per step when distributed: only
+        // gathered when something re-plans from them (`record-routing` records them for
+        // `plan-placement`). In one process they are free, and saved for `plan-placement`.
+        let gather = self.layout.is_none() || self.cfg.placement.rebalance_every > 0;
+        if let Some(r) = self.rebalancer.as_mut().filter(|_| gather) {
             r.record(&moe_stats, self.layout.as_ref())?;
         }
         let finite = loss.is_finite() && grad_norm.is_finite();
