@@ -1624,3 +1624,100 @@ fn bench_and_ablate_run_at_ep2() {
     assert_eq!(losses(&one).len(), 4, "{}", text(&one));
     assert_eq!(losses(&one), losses(&out), "{}", text(&out));
 }
+
+/// The routing options through the trainer: sigmoid scores, the auxiliary-loss-free bias
+/// (updated after every step from the counts of every rank and micro-batch, saved in the
+/// checkpoint), the global-batch balance loss over two accumulation micro-batches (an
+/// extra forward counts the step first) and capacity dropping follow the single-process
+/// curve at ep=2, and after a resume at dp=2 x ep=2; the biases reach metrics.jsonl. A
+/// checkpoint with biases does not resume into a config without `bias_balance`.
+#[test]
+fn routing_options_follow_the_single_process_curve_across_layouts_and_resume() {
+    let config = |dir: &Path| {
+        tiny_config(dir)
+            .replace(
+                "    expert_ffn_dim: 32\n",
+                "    expert_ffn_dim: 32\n    score: sigmoid\n    bias_balance: {gamma: 0.01}\n    \
+                 balance_loss: global_batch\n    capacity: {type: drop, factor: 1.0}\n",
+            )
+            .replace("  steps: 12\n", "  steps: 12\n  grad_accum_steps: 2\n")
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let one_dir = tmp.path().join("one");
+    std::fs::create_dir_all(&one_dir).unwrap();
+    let one_cfg = write(&one_dir, "c.yaml", &config(&one_dir));
+    let out = switchyard(&["train", "--config", one_cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let par_dir = tmp.path().join("par");
+    std::fs::create_dir_all(&par_dir).unwrap();
+    let par_cfg = write(&par_dir, "c.yaml", &config(&par_dir));
+    let par = par_cfg.to_str().unwrap();
+    let out = switchyard(&[
+        "train",
+        "--config",
+        par,
+        "--set",
+        "train.steps=6",
+        "--set",
+        "parallel.ep=2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let state =
+        std::fs::read_to_string(par_dir.join("run/checkpoints/step-00000006/manifest.json"))
+            .unwrap_or_default();
+    assert!(
+        state.contains("router_bias"),
+        "the checkpoint holds the biases: {state}"
+    );
+    let out = switchyard(&[
+        "train",
+        "--config",
+        par,
+        "--set",
+        "parallel.dp=2",
+        "--set",
+        "parallel.ep=2",
+        "--resume",
+        "auto",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let one = losses(&one_dir.join("run"));
+    let par = losses(&par_dir.join("run"));
+    assert_eq!((one.len(), par.len()), (12, 12));
+    for ((s1, l1), (s2, l2)) in one.iter().zip(&par) {
+        assert_eq!(s1, s2);
+        let rel = ((l1 - l2) / l1).abs();
+        assert!(
+            rel <= 1e-5,
+            "step {s1}: one process {l1}, layouts {l2} (rel {rel:e})"
+        );
+    }
+    let metrics = std::fs::read_to_string(par_dir.join("run/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert!(
+        last["moe/layer0/bias_abs_max"].as_f64().unwrap() > 0.0,
+        "{last}"
+    );
+    assert!(
+        last["moe/layer0/dropped_fraction"].as_f64().unwrap() > 0.0,
+        "{last}"
+    );
+    assert!(last["moe/layer1/load_cv"].as_f64().is_some(), "{last}");
+
+    // Without bias_balance the biases have nowhere to go: refused, saying why.
+    let out = switchyard(&[
+        "train",
+        "--config",
+        one_cfg.to_str().unwrap(),
+        "--set",
+        "train.steps=14",
+        "--set",
+        "model.moe.bias_balance=null",
+        "--resume",
+        "auto",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("bias_balance"), "{}", text(&out));
+}
