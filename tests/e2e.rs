@@ -232,18 +232,22 @@ fn resumed_run_continues_the_same_loss_curve_exactly() {
 /// Expert + data parallelism on the local backend (ranks as threads) follows the
 /// single-process loss curve, and a checkpoint written at one layout resumes at another:
 /// 6 steps at ep=2, then 6 more at dp=2 x ep=2, against 12 steps in one process.
-#[test]
-fn layouts_follow_the_single_process_curve_and_resume_across_layouts() {
-    let tmp = tempfile::tempdir().unwrap();
-    let one_dir = tmp.path().join("one");
+/// Trains `config(dir)` for its 12 steps in one process (in `root/one`), and in `root/par`
+/// 6 steps at ep=2 then, resumed, 6 at dp=2 x ep=2; asserts both succeed and the curves
+/// agree within 1e-5 relative at every step. Returns (one process, layouts) run dirs.
+fn one_process_and_across_layouts(
+    root: &Path,
+    config: impl Fn(&Path) -> String,
+) -> (PathBuf, PathBuf) {
+    let one_dir = root.join("one");
     std::fs::create_dir_all(&one_dir).unwrap();
-    let one_cfg = write(&one_dir, "c.yaml", &tiny_config(&one_dir));
+    let one_cfg = write(&one_dir, "c.yaml", &config(&one_dir));
     let out = switchyard(&["train", "--config", one_cfg.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
 
-    let par_dir = tmp.path().join("par");
+    let par_dir = root.join("par");
     std::fs::create_dir_all(&par_dir).unwrap();
-    let par_cfg = write(&par_dir, "c.yaml", &tiny_config(&par_dir));
+    let par_cfg = write(&par_dir, "c.yaml", &config(&par_dir));
     let par = par_cfg.to_str().unwrap();
     let out = switchyard(&[
         "train",
@@ -274,6 +278,27 @@ fn layouts_follow_the_single_process_curve_and_resume_across_layouts() {
     ]);
     assert!(out.status.success(), "{}", text(&out));
 
+    let one = losses(&one_dir.join("run"));
+    let par = losses(&par_dir.join("run"));
+    assert_eq!(one.len(), 12);
+    assert_eq!(par.len(), 12, "6 steps at ep=2, then 6 at dp=2 x ep=2");
+    for ((s1, l1), (s2, l2)) in one.iter().zip(&par) {
+        assert_eq!(s1, s2);
+        let rel = ((l1 - l2) / l1).abs();
+        assert!(
+            rel <= 1e-5,
+            "step {s1}: one process {l1}, layouts {l2} (rel {rel:e})"
+        );
+    }
+    assert!(one[11].1 < one[0].1, "{one:?}");
+    (one_dir, par_dir)
+}
+
+#[test]
+fn layouts_follow_the_single_process_curve_and_resume_across_layouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, par_dir) = one_process_and_across_layouts(tmp.path(), tiny_config);
+
     // A sharded checkpoint with a shard missing is rejected, naming the file.
     let broken_dir = tmp.path().join("broken");
     let broken_ckpt = broken_dir.join("run/checkpoints/step-00000006");
@@ -299,20 +324,6 @@ fn layouts_follow_the_single_process_curve_and_resume_across_layouts() {
         "{}",
         text(&out)
     );
-
-    let one = losses(&one_dir.join("run"));
-    let par = losses(&par_dir.join("run"));
-    assert_eq!(one.len(), 12);
-    assert_eq!(par.len(), 12, "6 steps at ep=2, then 6 at dp=2 x ep=2");
-    for ((s1, l1), (s2, l2)) in one.iter().zip(&par) {
-        assert_eq!(s1, s2);
-        let rel = ((l1 - l2) / l1).abs();
-        assert!(
-            rel <= 1e-5,
-            "step {s1}: one process {l1}, layouts {l2} (rel {rel:e})"
-        );
-    }
-    assert!(one[11].1 < one[0].1, "{one:?}");
 }
 
 /// Sharded optimizer state and gradients follow the one-process loss curve (clipping and
@@ -1643,57 +1654,14 @@ fn routing_options_follow_the_single_process_curve_across_layouts_and_resume() {
             .replace("  steps: 12\n", "  steps: 12\n  grad_accum_steps: 2\n")
     };
     let tmp = tempfile::tempdir().unwrap();
-    let one_dir = tmp.path().join("one");
-    std::fs::create_dir_all(&one_dir).unwrap();
-    let one_cfg = write(&one_dir, "c.yaml", &config(&one_dir));
-    let out = switchyard(&["train", "--config", one_cfg.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out));
-
-    let par_dir = tmp.path().join("par");
-    std::fs::create_dir_all(&par_dir).unwrap();
-    let par_cfg = write(&par_dir, "c.yaml", &config(&par_dir));
-    let par = par_cfg.to_str().unwrap();
-    let out = switchyard(&[
-        "train",
-        "--config",
-        par,
-        "--set",
-        "train.steps=6",
-        "--set",
-        "parallel.ep=2",
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let state =
+    let (one_dir, par_dir) = one_process_and_across_layouts(tmp.path(), config);
+    let manifest =
         std::fs::read_to_string(par_dir.join("run/checkpoints/step-00000006/manifest.json"))
-            .unwrap_or_default();
+            .unwrap();
     assert!(
-        state.contains("router_bias"),
-        "the checkpoint holds the biases: {state}"
+        manifest.contains("router_bias"),
+        "the checkpoint holds the biases"
     );
-    let out = switchyard(&[
-        "train",
-        "--config",
-        par,
-        "--set",
-        "parallel.dp=2",
-        "--set",
-        "parallel.ep=2",
-        "--resume",
-        "auto",
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-
-    let one = losses(&one_dir.join("run"));
-    let par = losses(&par_dir.join("run"));
-    assert_eq!((one.len(), par.len()), (12, 12));
-    for ((s1, l1), (s2, l2)) in one.iter().zip(&par) {
-        assert_eq!(s1, s2);
-        let rel = ((l1 - l2) / l1).abs();
-        assert!(
-            rel <= 1e-5,
-            "step {s1}: one process {l1}, layouts {l2} (rel {rel:e})"
-        );
-    }
     let metrics = std::fs::read_to_string(par_dir.join("run/metrics.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     assert!(
@@ -1710,7 +1678,7 @@ fn routing_options_follow_the_single_process_curve_across_layouts_and_resume() {
     let out = switchyard(&[
         "train",
         "--config",
-        one_cfg.to_str().unwrap(),
+        one_dir.join("c.yaml").to_str().unwrap(),
         "--set",
         "train.steps=14",
         "--set",

@@ -492,6 +492,21 @@ pub fn all_cases() -> Vec<Case> {
             c.recompute = recompute;
             cases.push(c);
         }
+        // The layer's own collectives (capacity admission's all-gather, the sequence-wise
+        // loss's all-reduce) run again in the recomputed forward.
+        for (name, model) in cp_models() {
+            if name.contains("shared expert") || name.starts_with("sequence") {
+                let mut c = case(
+                    format!("{name}, recomputation"),
+                    model,
+                    Forcing::None,
+                    (2, 2),
+                    None,
+                );
+                c.recompute = recompute;
+                cases.push(c);
+            }
+        }
         let (_, top_k) = routers().remove(0);
         let mut c = case(
             "top-k, recomputation, pipelined block".into(),
