@@ -111,9 +111,7 @@ pub enum CheckpointError {
     },
 
     /// The manifest is not valid JSON or lacks required fields.
-    #[error(
-        "manifest {path} is unreadable: {reason}; the checkpoint is damaged, use another one"
-    )]
+    #[error("manifest {path} is unreadable: {reason}; the checkpoint is damaged, use another one")]
     ManifestInvalid {
         /// Path of the manifest.
         path: PathBuf,

@@ -368,7 +368,7 @@ fn load_config_checked_reports_semantic_issues() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.yaml");
     std::fs::write(&path, BASE).unwrap();
-    let e = load_config_checked::<Root>(&path, &[], |c: &Root| {
+    let e = load_config_checked::<Root>(&path, &[], |c: &mut Root, _| {
         let mut v = Vec::new();
         if c.model.moe.top_k < 4 {
             v.push(("model.moe.top_k".to_string(), "must be >= 4".to_string()));
