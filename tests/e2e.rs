@@ -1589,6 +1589,8 @@ fn an_error_is_said_once() {
         "{}",
         text(&out)
     );
+    // An --init-from is no resume: the message does not speak of one.
+    assert!(!stderr.contains("resum"), "{}", text(&out));
     assert_eq!(stderr.matches("error:").count(), 1, "{}", text(&out));
     assert!(!stderr.contains("panicked"), "{}", text(&out));
 }

@@ -136,10 +136,11 @@ impl fmt::Display for ConfigChangeRefused {
         }
         write!(
             f,
-            "Resume with the checkpoint's values (`switchyard inspect-checkpoint` prints its \
-             config), pass --allow-config-change to go on with the new ones (the run then \
-             follows no single config), or start a new run from its weights: --init-from {} \
-             --set run.output_dir=<new dir>",
+            "Resume with the checkpoint's values (its config is the `config` field of {}), \
+             pass --allow-config-change to go on with the new ones (the run then follows no \
+             single config), or start a new run from its weights: --init-from {} --set \
+             run.output_dir=<new dir>",
+            self.checkpoint.join("manifest.json").display(),
             self.checkpoint.display()
         )
     }

@@ -22,7 +22,7 @@ pub use error::{DataError, Result};
 pub use indexed::{DatasetStats, IndexedDataset, TokenDtype, dataset_stats};
 pub use prepare::{PrepareOptions, PrepareReport, prepare_data};
 pub use sampler::{Batch, Sampler, SamplerState, epoch_permutation, valid_batches};
-pub use source::{InputFormat, read_documents};
+pub use source::InputFormat;
 pub use synthetic::synthetic_text;
 pub use tokenizer::{BPE_EOD_TOKEN, BYTE_EOD, HfTokenizer, Tokenizer};
 

@@ -10,16 +10,16 @@ use parquet::data_type::ByteArray;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
 use super::error::{DataError, Result};
-use super::source::Piece;
 
 /// Rows read at once from a column chunk.
 const BATCH_ROWS: usize = 1024;
 
-/// Calls `f` with the text of every row of the top-level string column `column`, in order.
+/// Calls `f` with the text and number of every row of the top-level string column `column`,
+/// in order.
 pub(crate) fn rows(
     path: &Path,
     column: &str,
-    mut f: impl FnMut(Piece) -> Result<()>,
+    mut f: impl FnMut(String, u64) -> Result<()>,
 ) -> Result<()> {
     let err = |message: String| DataError::Parquet {
         path: path.to_path_buf(),
@@ -94,11 +94,7 @@ pub(crate) fn rows(
                         e.utf8_error().valid_up_to()
                     ))
                 })?;
-                f(Piece {
-                    text,
-                    ends_doc: true,
-                    origin: format!("{} row {row}", path.display()),
-                })?;
+                f(text, row)?;
                 row += 1;
             }
         }
@@ -156,9 +152,9 @@ pub(crate) mod tests {
 
     fn read(path: &Path, column: &str) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        rows(path, column, |p| {
-            assert!(p.ends_doc);
-            out.push(p.text);
+        rows(path, column, |text, row| {
+            assert_eq!(row, out.len() as u64);
+            out.push(text);
             Ok(())
         })?;
         Ok(out)

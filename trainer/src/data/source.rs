@@ -51,7 +51,7 @@ const READ_BUFFER: usize = 1 << 20;
 
 /// Opens `path` for reading, decompressing a gzip (several members too, as `pigz` and
 /// `cat a.gz b.gz` make) or zstd stream, recognised by its first bytes.
-pub fn open_decompressed(path: &Path) -> Result<Box<dyn BufRead + Send>> {
+fn open_decompressed(path: &Path) -> Result<Box<dyn BufRead + Send>> {
     let file = std::fs::File::open(path).map_err(|e| DataError::io("open", path, e))?;
     let mut raw = BufReader::with_capacity(READ_BUFFER, file);
     let head = raw.fill_buf().map_err(|e| DataError::io("read", path, e))?;
@@ -100,22 +100,6 @@ pub fn read_jsonl(path: &Path, text_key: &str) -> Result<Vec<String>> {
     Ok(docs)
 }
 
-/// Reads the documents of one input file (whole: for training-time sources; `prepare-data`
-/// streams with [`for_each_piece`]).
-pub fn read_documents(path: &Path, format: &InputFormat) -> Result<Vec<String>> {
-    let mut docs: Vec<String> = Vec::new();
-    let mut open = false;
-    for_each_piece(path, format, usize::MAX, |p| {
-        match docs.last_mut() {
-            Some(last) if open => last.push_str(&p.text),
-            _ => docs.push(p.text),
-        }
-        open = !p.ends_doc;
-        Ok(())
-    })?;
-    Ok(docs)
-}
-
 /// A piece of a document: all of it, or (a long text document) a stretch of whole lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Piece {
@@ -138,12 +122,18 @@ pub fn for_each_piece(
     path: &Path,
     format: &InputFormat,
     piece_bytes: usize,
-    f: impl FnMut(Piece) -> Result<()>,
+    mut f: impl FnMut(Piece) -> Result<()>,
 ) -> Result<()> {
     match format {
         InputFormat::Text => text_pieces(path, piece_bytes, f),
         InputFormat::Jsonl { text_key } => jsonl_pieces(path, text_key, f),
-        InputFormat::Parquet { text_key } => super::parquet::rows(path, text_key, f),
+        InputFormat::Parquet { text_key } => super::parquet::rows(path, text_key, |text, row| {
+            f(Piece {
+                text,
+                ends_doc: true,
+                origin: format!("{} row {row}", path.display()),
+            })
+        }),
     }
 }
 
@@ -411,8 +401,6 @@ mod tests {
             );
         }
         assert!(pieces[1..].iter().all(|p| p.text.starts_with('\n')));
-        // The whole-document reader gives the text back as one document.
-        assert_eq!(read_documents(&p, &InputFormat::Text).unwrap(), [text]);
     }
 
     #[test]
