@@ -260,7 +260,8 @@ mod tests {
         now["optim"]["decay_steps"] = json!(500);
         let d = differences(&saved, &now);
         assert!(
-            d.iter().any(|d| d.key == "optim.decay_steps" && !d.harmless),
+            d.iter()
+                .any(|d| d.key == "optim.decay_steps" && !d.harmless),
             "{d:?}"
         );
         assert!(check(Path::new("ck"), &saved, &now, false, false).is_err());

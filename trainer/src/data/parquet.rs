@@ -72,16 +72,17 @@ pub(crate) fn rows(
         loop {
             defs.clear();
             values.clear();
-            let (records, _, levels) = column_reader
+            let (records, _, _) = column_reader
                 .read_records(BATCH_ROWS, Some(&mut defs), None, &mut values)
                 .map_err(|e| err(format!("row group {group}, after row {row}: {e}")))?;
             if records == 0 {
                 break;
             }
             let mut values = values.drain(..);
-            for i in 0..records {
-                // Without nulls (max_def 0) the reader fills no levels: every row has a value.
-                if max_def > 0 && levels > 0 && defs[i] < max_def {
+            // A required column (max_def 0) has no levels: every row has a value.
+            let mut row_defs = defs.iter();
+            for _ in 0..records {
+                if row_defs.next().is_some_and(|&d| d < max_def) {
                     return Err(err(format!(
                         "row {row}: column {column:?} is null; drop or fill the empty rows first"
                     )));
