@@ -3,8 +3,8 @@
 # Megatron .bin/.idx, on a corpus of >= 1 GB made by repeating Tiny Shakespeare, against the
 # Python `tokenizers` library encoding the same corpus with the same tokenizer.json.
 #   scripts/prepare_bench.sh [COPIES]     # default 900 copies: 1.004 GB
-# Needs a release build of `switchyard` (SWITCHYARD_BIN picks another), python3, gzip and
-# zstd; creates a virtualenv with `tokenizers` under /tmp (PREPARE_BENCH_VENV). The corpus and
+# Needs a release build of `switchyard` (SWITCHYARD_BIN picks another), python3, gzip, zstd
+# and bc; creates a virtualenv with `tokenizers` under /tmp (PREPARE_BENCH_VENV). The corpus and
 # outputs go to PREPARE_BENCH_DIR (default /tmp/prepare-bench, ~6 GB) and are removed at the
 # end unless KEEP=1. Prints a Markdown table; each row is one run, one after the other.
 set -euo pipefail
@@ -28,7 +28,6 @@ corpus="$work/corpus.txt"
 if [[ ! -f "$corpus" ]]; then
   for ((i = 0; i < copies; i++)); do cat "$src"; done >"$corpus"
 fi
-[[ -f "$corpus.gz" ]] || gzip -1 -c "$corpus" >"$corpus.gz"
 [[ -f "$corpus.zst" ]] || zstd -q -3 -T0 -c "$corpus" >"$corpus.zst"
 bytes=$(stat -c %s "$corpus")
 tok="$work/tokenizer.json"
@@ -37,17 +36,19 @@ tok="$work/tokenizer.json"
 echo "corpus: $copies x Tiny Shakespeare = $bytes bytes ($(nproc) cores; $("$bin" build-info | head -1);" \
   "tokenizers $("$py" -c 'import tokenizers; print(tokenizers.__version__)'))"
 echo
-echo "| tool | tokenizer | input | threads | seconds | MB/s | tokens | peak RSS MB |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| tool | tokenizer | input | threads | seconds | MB/s | CPU s | MB per CPU s | tokens | peak RSS MB |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 # tool, tokenizer, input, threads, command...: one row, timed with /usr/bin/time.
 row() {
   local tool=$1 tokname=$2 input=$3 threads=$4
   shift 4
   local t0 t1 out rss
   t0=$(date +%s.%N)
-  out=$(/usr/bin/time -f "rss %M" "$@" 2>"$work/time.log")
+  out=$(/usr/bin/time -f "rss %M cpu %U %S" "$@" 2>"$work/time.log")
   t1=$(date +%s.%N)
   rss=$(awk '/^rss/ {printf "%.0f", $2 / 1024}' "$work/time.log")
+  local cpu
+  cpu=$(awk '/^rss/ {printf "%.1f", $4 + $5}' "$work/time.log")
   local seconds tokens
   seconds=$(echo "$t1 - $t0" | bc)
   if [[ "$tool" == switchyard ]]; then
@@ -55,25 +56,28 @@ row() {
   else
     tokens=$("$py" -c 'import json,sys; print(json.loads(sys.argv[1])["tokens"])' "$out")
   fi
-  printf '| %s | %s | %s | %s | %.1f | %.1f | %s | %s |\n' "$tool" "$tokname" "$input" \
-    "$threads" "$seconds" "$(echo "$bytes / 1000000 / $seconds" | bc -l)" "$tokens" "$rss"
+  printf '| %s | %s | %s | %s | %.1f | %.2f | %s | %.2f | %s | %s |\n' "$tool" "$tokname" \
+    "$input" "$threads" "$seconds" "$(echo "$bytes / 1000000 / $seconds" | bc -l)" "$cpu" \
+    "$(echo "$bytes / 1000000 / $cpu" | bc -l)" "$tokens" "$rss"
 }
 out="$work/out"
 # >= 1 GB: Switchyard against the Python library, both on every core.
 row switchyard byte text 2 "$bin" prepare-data --input "$corpus" --output "$out"
 row switchyard "BPE 4096" text 2 "$bin" prepare-data --input "$corpus" --tokenizer "$tok" --output "$out"
-row switchyard "BPE 4096" text.zst 2 "$bin" prepare-data --input "$corpus.zst" --tokenizer "$tok" --output "$out"
-row switchyard "BPE 4096" text.gz 2 "$bin" prepare-data --input "$corpus.gz" --tokenizer "$tok" --output "$out"
 row "python tokenizers" "BPE 4096" text 2 "$py" scripts/prepare_bench.py encode "$tok" "$corpus"
-# One thread against two, on the first tenth of the corpus.
+row switchyard "BPE 4096" text.zst 2 "$bin" prepare-data --input "$corpus.zst" --tokenizer "$tok" --output "$out"
+# One thread against two, and gzip, on the first tenth of the corpus.
 small="$work/small.txt"
 head -c $((bytes / 10)) "$corpus" >"$small"
+gzip -1 -c "$small" >"$small.gz"
 bytes=$(stat -c %s "$small")
 row switchyard "BPE 4096" "text, 1/10" 1 "$bin" prepare-data --input "$small" --tokenizer "$tok" --output "$out" --workers 1
 row switchyard "BPE 4096" "text, 1/10" 2 "$bin" prepare-data --input "$small" --tokenizer "$tok" --output "$out" --workers 2
 row "python tokenizers" "BPE 4096" "text, 1/10" 1 env TOKENIZERS_PARALLELISM=false "$py" scripts/prepare_bench.py encode "$tok" "$small"
 row "python tokenizers" "BPE 4096" "text, 1/10" 2 "$py" scripts/prepare_bench.py encode "$tok" "$small"
+row switchyard "BPE 4096" "text.gz, 1/10" 2 "$bin" prepare-data --input "$small.gz" --tokenizer "$tok" --output "$out"
 echo
 echo "(switchyard counts the end-of-document token after the one document; MB/s: bytes of"
-echo " text / wall seconds, decompression included; load average at the end:" \
+echo " text / wall seconds, decompression and writing included; CPU s: user + system; load"
+echo " average at the end:" \
   "$(cut -d' ' -f1-3 /proc/loadavg))"

@@ -948,6 +948,9 @@ pub struct PrepareRequest {
 }
 
 pub fn prepare(req: &PrepareRequest) -> Result<()> {
+    // No steps to reuse buffers across: freed blocks go back to the system, so memory
+    // follows the items in flight.
+    crate::ALLOC.set_cache_limit(0);
     let text_key = req.text_key.clone();
     let format = match req.format.as_str() {
         "auto" => None,

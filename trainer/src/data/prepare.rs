@@ -3,7 +3,7 @@
 //! A pipeline over threads, with bounded memory for a corpus of any size:
 //!
 //! ```text
-//! reader (decompress, parse)  --items of ~1 MiB of text-->  workers (tokenize, N threads)
+//! reader (decompress, parse)  --items of ~256 KiB of text-->  workers (tokenize, N threads)
 //!        ^                                                          |
 //!        +------ credits (at most IN_FLIGHT items unwritten) ---- writer (this thread: in
 //!                                                                  input order, .bin, lengths)
@@ -40,14 +40,14 @@ pub struct PrepareOptions {
 
 impl PrepareOptions {
     /// Formats from the file names, `text` as the text key, no separator, a tokenizer
-    /// thread per core, 1 MiB pieces.
+    /// thread per core, 256 KiB pieces (a tokenizer holds several times a piece while it encodes it).
     pub fn new(eod: Option<u32>) -> Self {
         PrepareOptions {
             format: None,
             text_key: super::config::default_text_key(),
             eod,
             workers: std::thread::available_parallelism().map_or(1, usize::from),
-            piece_bytes: 1 << 20,
+            piece_bytes: 256 << 10,
         }
     }
 }
