@@ -13,9 +13,10 @@ fi
 run_dir="$(mktemp -d)"
 trap 'rm -rf "$run_dir"' EXIT
 # 6 steps with a checkpoint at step 4, then a resume to 8 that recomputes steps 5 and 6:
-# TensorBoard must show one curve 1..8, not steps 5 and 6 twice.
+# TensorBoard must show one curve 1..8, not steps 5 and 6 twice. optim.decay_steps fixes the
+# schedule, so raising train.steps on resume keeps the trajectory (and is accepted).
 common=(--config configs/quickstart.yaml --set "run.output_dir=$run_dir" --set train.eval_every=2
-  --set checkpoint.every=4 --set metrics.progress=false)
+  --set checkpoint.every=4 --set metrics.progress=false --set optim.decay_steps=8)
 cargo run --release --quiet -- train "${common[@]}" --set train.steps=6 \
   --set checkpoint.save_final=false >/dev/null
 cargo run --release --quiet -- train "${common[@]}" --set train.steps=8 --resume auto >/dev/null

@@ -2,7 +2,7 @@
 # Expert-placement benchmark: record routing statistics from real training runs on Tiny
 # Shakespeare, then compare contiguous, heuristic and ILP placements on them.
 # Usage: scripts/placement_bench.sh [OUT_DIR] (default runs/placement); needs
-# ../shared/data/tinyshakespeare/input.txt and a release build of `switchyard`.
+# a release build of `switchyard` (the corpus is the shipped data/tinyshakespeare/input.txt.gz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/placement}

@@ -94,51 +94,124 @@ fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// Runs the binary in `cwd`.
+fn switchyard_in(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running switchyard")
+}
+
+/// Every shipped config validates and trains 2 steps from a directory that is not the
+/// repository's: its data (the corpus shipped in data/, read gzip-compressed) is found
+/// relative to the config file. A path given with --set is relative to the working
+/// directory.
 #[test]
-fn every_shipped_config_validates_and_runs_two_steps() {
+fn every_shipped_config_validates_and_runs_two_steps_from_another_directory() {
     let configs = std::fs::read_dir(repo_root().join("configs")).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let corpus = repo_root().join("data/tinyshakespeare/input.txt.gz");
     let mut seen = 0;
+    let mut shakespeare = 0;
     for entry in configs {
         let path = entry.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
             continue;
         }
         seen += 1;
-        let rel = path
-            .strip_prefix(repo_root())
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
-        let out = switchyard(&["validate-config", "--config", &rel]);
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        // A relative config path from another directory of the repository.
+        let rel = format!("../configs/{name}");
+        let out = switchyard_in(
+            &repo_root().join("docs"),
+            &["validate-config", "--config", &rel],
+        );
         assert!(out.status.success(), "{rel}: {}", text(&out));
-        let tmp = tempfile::tempdir().unwrap();
-        let out_dir = format!("run.output_dir={}", tmp.path().display());
-        let out = switchyard(&[
-            "train",
-            "--config",
-            &rel,
-            "--set",
-            &out_dir,
-            "--set",
-            "train.steps=2",
-            "--set",
-            "train.eval_batches=1",
-            "--set",
-            "train.eval_every=0",
-            "--set",
-            "checkpoint.every=0",
-            "--set",
-            "metrics.progress=false",
-        ]);
-        assert!(out.status.success(), "{rel}: {}", text(&out));
+        if String::from_utf8_lossy(&out.stdout).contains(corpus.to_str().unwrap()) {
+            shakespeare += 1;
+        }
+        let abs = path.to_str().unwrap();
+        let run_dir = tempfile::tempdir().unwrap();
+        let out_dir = format!("run.output_dir={}", run_dir.path().display());
+        let out = switchyard_in(
+            elsewhere.path(),
+            &[
+                "train",
+                "--config",
+                abs,
+                "--set",
+                &out_dir,
+                "--set",
+                "train.steps=2",
+                "--set",
+                "train.eval_batches=1",
+                "--set",
+                "train.eval_every=0",
+                "--set",
+                "checkpoint.every=0",
+                "--set",
+                "metrics.progress=false",
+            ],
+        );
+        assert!(out.status.success(), "{name}: {}", text(&out));
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("final: step 2 valid loss"),
-            "{rel}: {}",
+            "{name}: {}",
             text(&out)
         );
     }
     assert!(seen >= 3, "expected the shipped configs, found {seen}");
+    assert!(
+        shakespeare >= 3,
+        "{shakespeare} configs read the shipped corpus"
+    );
+    assert!(
+        std::fs::read_dir(elsewhere.path())
+            .unwrap()
+            .next()
+            .is_none(),
+        "nothing is written into the working directory"
+    );
+
+    // A relative path set on the command line is the working directory's.
+    let mine = elsewhere.path().join("mine.txt");
+    std::fs::write(&mine, "a corpus of my own\n".repeat(500)).unwrap();
+    let ep2 = repo_root().join("configs/ep2.yaml");
+    let ep2 = ep2.to_str().unwrap();
+    let out = switchyard_in(
+        elsewhere.path(),
+        &[
+            "validate-config",
+            "--config",
+            ep2,
+            "--set",
+            "data.source.path=mine.txt",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(mine.to_str().unwrap()),
+        "{}",
+        text(&out)
+    );
+    let out = switchyard_in(
+        &repo_root(),
+        &[
+            "validate-config",
+            "--config",
+            ep2,
+            "--set",
+            "data.source.path=mine.txt",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--set data.source.path=mine.txt"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -196,6 +269,129 @@ fn config_errors_exit_2_with_file_line_and_key() {
         "{}",
         text(&out)
     );
+}
+
+/// A tokenizer.json whose vocabulary (300 word-level tokens) is larger than the model's:
+/// a config error (exit 2) naming the key and both sizes, for validate-config and train.
+#[test]
+fn a_tokenizer_larger_than_the_model_vocabulary_is_a_config_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..300)
+        .map(|i| (format!("w{i}"), serde_json::json!(i)))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    });
+    write(tmp.path(), "tokenizer.json", &tokenizer.to_string());
+    // Relative to the config file.
+    let cfg = tiny_config(tmp.path()).replace(
+        "tokenizer: {type: byte}",
+        "tokenizer: {type: huggingface, path: tokenizer.json}",
+    );
+    let cfg = write(tmp.path(), "c.yaml", &cfg);
+    for command in ["validate-config", "train"] {
+        let out = switchyard(&[command, "--config", cfg.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{command}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for want in [
+            "c.yaml:7:3: model.vocab_size: is 256",
+            "has 300 tokens",
+            "set model.vocab_size: 300",
+        ] {
+            assert!(stderr.contains(want), "{command}: {want}: {}", text(&out));
+        }
+    }
+    assert!(!tmp.path().join("run").exists());
+    let out = switchyard(&[
+        "validate-config",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "model.vocab_size=300",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// A resume whose config changes the trajectory (here train.steps, which the cosine
+/// schedule decays over) is refused with exit 2 and the list of differences; one that
+/// changes only what is logged is accepted with a note; --allow-config-change overrides.
+#[test]
+fn a_resume_with_a_changed_schedule_is_refused_and_a_changed_log_interval_accepted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(tmp.path()).replace("  decay_steps: 12\n", "");
+    let cfg = write(tmp.path(), "c.yaml", &cfg);
+    let cfg = cfg.to_str().unwrap();
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--config", cfg, "--set", "train.steps=6"];
+        // One checkpoint, at step 4: each resume below starts there.
+        args.extend([
+            "--set",
+            "checkpoint.every=4",
+            "--set",
+            "checkpoint.save_final=false",
+        ]);
+        args.extend(extra);
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap()
+    };
+    let out = train(&[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let run = tmp.path().join("run");
+    assert_eq!(steps(&run), [1, 2, 3, 4, 5, 6]);
+    let before = tree(&run);
+
+    let out = train(&[
+        "--set",
+        "train.steps=9",
+        "--set",
+        "optim.lr=1e-3",
+        "--resume",
+        "auto",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "step-00000004 was trained with, in what sets the training trajectory:",
+        "  train.steps: 6 -> 9 (the cosine schedule",
+        "  optim.lr: 0.003 -> 0.001",
+        "--allow-config-change",
+    ] {
+        assert!(stderr.contains(want), "{want}: {}", text(&out));
+    }
+    assert!(tree(&run) == before, "a refused resume touches nothing");
+
+    let out = train(&["--set", "metrics.log_every=2", "--resume", "auto"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("config changed, accepted (same trajectory): metrics.log_every: 1 -> 2"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !stderr.contains("checkpoint.every"),
+        "the same on both: {stderr}"
+    );
+
+    let out = train(&[
+        "--set",
+        "train.steps=9",
+        "--resume",
+        "auto",
+        "--allow-config-change",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("allowed by --allow-config-change"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(*steps(&run).last().unwrap(), 9);
 }
 
 #[test]
@@ -719,18 +915,54 @@ fn prepare_data_then_train_and_eval_on_the_indexed_dataset() {
         })
         .collect();
     let jsonl = write(tmp.path(), "docs.jsonl", &docs);
+    let shakespeare = repo_root().join("data/tinyshakespeare/input.txt.gz");
+    // (.bin as u16 ids, log) of prepare-data on the JSONL file and the gzip-compressed text
+    // (formats from the names).
+    let prepare = |prefix: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "prepare-data",
+            "--input",
+            jsonl.to_str().unwrap(),
+            "--input",
+            shakespeare.to_str().unwrap(),
+            "--output",
+            prefix.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("201 documents"),
+            "{}",
+            text(&out)
+        );
+        let bin = std::fs::read(prefix.with_extension("bin")).unwrap();
+        let ids: Vec<u16> = bin
+            .chunks(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        (ids, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // By default every document ends with the byte tokenizer's separator 0xFF, named in the
+    // log; --no-eod writes the documents back to back.
+    let (ids, log) = prepare(&tmp.path().join("plain"), &["--no-eod"]);
+    assert_eq!(ids.iter().filter(|&&t| t == 0xff).count(), 0);
+    assert!(
+        log.contains("--no-eod: the documents follow each other"),
+        "{log}"
+    );
+    let (with_eod, log) = prepare(&tmp.path().join("corpus"), &[]);
+    assert_eq!(with_eod.iter().filter(|&&t| t == 0xff).count(), 201);
+    assert_eq!(with_eod.len(), ids.len() + 201);
+    assert_eq!(*with_eod.last().unwrap(), 0xff);
+    assert!(log.contains("end-of-document token: byte 0xFF"), "{log}");
+    // The shipped corpus, decompressed, is the last document.
+    assert!(ids.len() > 1_115_394, "{}", ids.len());
     let prefix = tmp.path().join("corpus");
-    let out = switchyard(&[
-        "prepare-data",
-        "--input",
-        jsonl.to_str().unwrap(),
-        "--format",
-        "jsonl",
-        "--output",
-        prefix.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(tmp.path().join("corpus.bin").exists() && tmp.path().join("corpus.idx").exists());
 
     let cfg = tiny_config(tmp.path()).replace(
         "source: {type: synthetic, seed: 3, bytes: 40000}",
@@ -1368,6 +1600,8 @@ fn an_error_is_said_once() {
         "{}",
         text(&out)
     );
+    // An --init-from is no resume: the message does not speak of one.
+    assert!(!stderr.contains("resum"), "{}", text(&out));
     assert_eq!(stderr.matches("error:").count(), 1, "{}", text(&out));
     assert!(!stderr.contains("panicked"), "{}", text(&out));
 }

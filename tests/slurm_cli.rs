@@ -83,10 +83,21 @@ fn srun_without_an_mpi_plugin_is_refused_before_training() {
     assert!(!dir.path().join("run/metrics.jsonl").exists());
 }
 
+/// A stand-in for a switchyard binary whose `build-info` prints `output`.
+fn stand_in(dir: &Path, name: &str, output: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\nprintf '{output}'\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
 #[test]
 fn slurm_script_writes_a_script_bash_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
+    // 8 tasks need an MPI build: a stand-in that says it is one.
+    let binary = stand_in(dir.path(), "mpi-build", "switchyard 0\nfeatures: mpi\n");
     let out = switchyard(
         dir.path(),
         &[
@@ -103,6 +114,8 @@ fn slurm_script_writes_a_script_bash_accepts() {
             "4",
             "--time",
             "01:00:00",
+            "--binary",
+            binary.to_str().unwrap(),
             "--",
             "--account=proj",
         ],
@@ -127,7 +140,7 @@ fn slurm_script_writes_a_script_bash_accepts() {
         format!(
             "srun --mpi=pmix {} train --config {} --set run.output_dir={} --set train.steps=20 \
              --resume auto &",
-            env!("CARGO_BIN_EXE_switchyard"),
+            binary.display(),
             quickstart(),
             run.display()
         ),
@@ -190,4 +203,68 @@ fn slurm_script_rejects_bad_input_with_the_usual_exit_codes() {
         !dir.path().join("run").exists(),
         "nothing written on errors"
     );
+}
+
+/// A job of several tasks needs a binary built with `mpi`: one without it (this one, unless
+/// the tests were built with the feature; a --binary that says so; one that cannot say) is
+/// refused when the script is written, naming the binary and the build command.
+#[test]
+fn slurm_script_refuses_a_binary_without_mpi_for_several_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let set_out = format!("run.output_dir={}", dir.path().join("run").display());
+    let run = |tasks: &str, binary: Option<&Path>| {
+        let mut args = vec![
+            "slurm-script".to_string(),
+            "--config".into(),
+            quickstart(),
+            "--set".into(),
+            set_out.clone(),
+            "--nodes".into(),
+            "1".into(),
+            "--tasks-per-node".into(),
+            tasks.into(),
+        ];
+        if let Some(b) = binary {
+            args.extend(["--binary".into(), b.display().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        switchyard(dir.path(), &args, &[])
+    };
+    let info = switchyard(dir.path(), &["build-info"], &[]);
+    assert!(info.status.success(), "{}", text(&info));
+    let has_mpi = String::from_utf8_lossy(&info.stdout)
+        .lines()
+        .any(|l| l.starts_with("features:") && l.split_whitespace().any(|f| f == "mpi"));
+    let out = run("2", None);
+    if has_mpi {
+        assert!(out.status.success(), "{}", text(&out));
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        for want in [
+            "2 tasks need a switchyard built with the `mpi` feature",
+            env!("CARGO_BIN_EXE_switchyard"),
+            "--features mpi",
+        ] {
+            assert!(text(&out).contains(want), "{want}: {}", text(&out));
+        }
+    }
+    let cuda_only = stand_in(dir.path(), "cuda-build", "switchyard 0\nfeatures: cuda\n");
+    let out = run("2", Some(&cuda_only));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("cuda-build was built without it (features: cuda)"),
+        "{}",
+        text(&out)
+    );
+    let mute = stand_in(dir.path(), "not-switchyard", "hello\n");
+    let out = run("2", Some(&mute));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("did not say which features"),
+        "{}",
+        text(&out)
+    );
+    // One task needs no MPI: any binary will do.
+    let out = run("1", Some(&cuda_only));
+    assert!(out.status.success(), "{}", text(&out));
 }

@@ -8,7 +8,8 @@
 //! `clear_page` and page faults. Here a freed block of at least [`MIN_CACHED`] bytes goes
 //! into a cache keyed by its size class, and the next request of that class
 //! takes it back; the cache holds at most [`MAX_CACHED_BYTES`] (least recently freed
-//! blocks go back to the system first). Cached blocks share one alignment
+//! blocks go back to the system first; [`ReuseLarge::set_cache_limit`] lowers it for a
+//! command that has no steps, such as `prepare-data`). Cached blocks share one alignment
 //! ([`ALIGN`]). The binary installs it with `#[global_allocator]`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -90,6 +91,8 @@ struct Cache {
 /// The reusing allocator; `ReuseLarge::new()` in a `#[global_allocator]` static.
 pub struct ReuseLarge {
     cache: Mutex<Cache>,
+    /// The most free bytes the cache keeps now (at most [`MAX_CACHED_BYTES`]).
+    limit: AtomicUsize,
 }
 
 impl ReuseLarge {
@@ -101,7 +104,16 @@ impl ReuseLarge {
                 len: 0,
                 bytes: 0,
             }),
+            limit: AtomicUsize::new(MAX_CACHED_BYTES),
         }
+    }
+
+    /// Keeps at most `bytes` (capped at [`MAX_CACHED_BYTES`]) of freed blocks from now on;
+    /// 0 hands every large block back to the system when it is freed. Blocks cached above
+    /// the limit go back as later blocks are freed.
+    pub fn set_cache_limit(&self, bytes: usize) {
+        self.limit
+            .store(bytes.min(MAX_CACHED_BYTES), Ordering::Relaxed);
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -123,12 +135,13 @@ impl ReuseLarge {
 
     /// Keeps a freed block, giving the oldest ones back to the system to make room.
     fn put(&self, block: Block) {
-        if block.size > MAX_CACHED_BYTES {
+        let limit = self.limit.load(Ordering::Relaxed);
+        if block.size > limit {
             return release(block);
         }
         loop {
             let mut c = self.cache();
-            if c.len < SLOTS && c.bytes + block.size <= MAX_CACHED_BYTES {
+            if c.len < SLOTS && c.bytes + block.size <= limit {
                 let len = c.len;
                 c.blocks[len] = block;
                 c.len += 1;
@@ -304,6 +317,24 @@ mod tests {
             let c = size_class(size);
             assert!(c >= size && c <= size + size / 8, "{size} -> {c}");
             assert_eq!(size_class(c), c, "a class is its own class");
+        }
+    }
+
+    #[test]
+    fn without_a_cache_a_freed_block_goes_back_at_once() {
+        let a = ReuseLarge::new();
+        let layout = Layout::from_size_align(300_000, 64).unwrap();
+        // SAFETY: every block is used within its layout and freed once with it.
+        unsafe {
+            let p = a.alloc(layout);
+            a.dealloc(p, layout);
+            assert_eq!(a.cached_bytes(), size_class(300_000));
+            a.set_cache_limit(0);
+            let q = a.alloc(layout); // the cached block
+            let r = a.alloc(layout);
+            a.dealloc(q, layout);
+            a.dealloc(r, layout);
+            assert_eq!(a.cached_bytes(), 0);
         }
     }
 

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use switchyard_trainer::checkpoint::{self, resume_target};
 use switchyard_trainer::config::Config;
-use switchyard_trainer::data::{Corpus, InputFormat, Tokenizer, build_tokenizer, prepare_data};
+use switchyard_trainer::data::{
+    Corpus, InputFormat, PrepareOptions, Tokenizer, build_tokenizer, prepare_data,
+};
 use switchyard_trainer::device::DeviceConfig;
 use switchyard_trainer::memory;
 use switchyard_trainer::{ablation, bench as bench_impl, train as train_impl};
@@ -264,28 +266,50 @@ fn is_consequence(e: &anyhow::Error) -> bool {
     })
 }
 
+/// How `train` starts: its command-line choices.
+pub struct Start<'a> {
+    /// `--resume auto|DIR`.
+    pub resume: Option<&'a str>,
+    /// `--init-from DIR`.
+    pub init_from: Option<&'a Path>,
+    /// `--start-over`.
+    pub start_over: bool,
+    /// `--allow-config-change`.
+    pub allow_config_change: bool,
+}
+
 pub fn train(
     cfg: &Config,
     launch: &LaunchInfo,
-    resume: Option<&str>,
-    init_from: Option<&Path>,
-    start_over: bool,
+    start: &Start,
     stop: Arc<StopSignal>,
 ) -> Result<()> {
+    let (resume, init_from) = (start.resume, start.init_from);
     setup_threads(cfg.run.threads)?;
     let ranks = Ranks::of(cfg, launch)?;
     // Before anything in the run directory is touched; one process per run does it.
     let _lock = (launch.rank.value == 0)
-        .then(|| crate::run_dir::prepare(cfg, resume, start_over))
+        .then(|| crate::run_dir::prepare(cfg, resume, start.start_over))
         .transpose()?;
     let out = &cfg.run.output_dir;
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating run.output_dir {}", out.display()))?;
-    let corpus = load_data(cfg)?;
     let resume_path = match resume {
         Some(spec) => resume_target(&checkpoint_root(cfg), spec)?,
         None => None,
     };
+    if let Some(path) = &resume_path {
+        let saved = checkpoint::read_manifest(path)?.config;
+        let now = serde_json::to_value(cfg).expect("config serialises");
+        crate::config_change::check(
+            path,
+            &saved,
+            &now,
+            start.allow_config_change,
+            launch.rank.value == 0,
+        )?;
+    }
+    let corpus = load_data(cfg)?;
     let start = match (&resume_path, init_from) {
         (Some(path), _) => train_impl::Start::Resume(path),
         (None, Some(path)) => train_impl::Start::InitFrom(path),
@@ -902,26 +926,74 @@ fn run_tokenizer(cfg: &Config, checkpoint: &Path) -> Result<Tokenizer> {
     })
 }
 
-pub fn prepare(
-    inputs: &[PathBuf],
-    format: &str,
-    text_key: &str,
-    tokenizer: &str,
-    output: &Path,
-) -> Result<()> {
-    let format = match format {
-        "text" => InputFormat::Text,
-        "jsonl" => InputFormat::Jsonl {
-            text_key: text_key.to_string(),
-        },
-        other => bail!("--format {other}: expected `text` or `jsonl`"),
+/// What `prepare-data` appends after each document.
+pub enum EodChoice {
+    /// The tokenizer's own ([`Tokenizer::document_separator`]).
+    Default,
+    /// `--eod-token`: a token of the tokenizer.json.
+    Named(String),
+    /// `--no-eod`: nothing.
+    None,
+}
+
+/// `switchyard prepare-data`'s arguments.
+pub struct PrepareRequest {
+    pub inputs: Vec<PathBuf>,
+    pub format: String,
+    pub text_key: String,
+    pub tokenizer: String,
+    pub eod: EodChoice,
+    pub workers: Option<usize>,
+    pub output: PathBuf,
+}
+
+pub fn prepare(req: &PrepareRequest) -> Result<()> {
+    // No steps to reuse buffers across: freed blocks go back to the system, so memory
+    // follows the items in flight.
+    crate::ALLOC.set_cache_limit(0);
+    let text_key = req.text_key.clone();
+    let format = match req.format.as_str() {
+        "auto" => None,
+        "text" => Some(InputFormat::Text),
+        "jsonl" => Some(InputFormat::Jsonl { text_key }),
+        "parquet" => Some(InputFormat::Parquet { text_key }),
+        other => bail!("--format {other}: expected `auto`, `text`, `jsonl` or `parquet`"),
     };
-    let tokenizer = if tokenizer == "byte" {
-        Tokenizer::Byte
-    } else {
-        Tokenizer::from_hf_file(Path::new(tokenizer), None)?
+    let named = match &req.eod {
+        EodChoice::Named(token) => Some(token.as_str()),
+        EodChoice::Default | EodChoice::None => None,
     };
-    let report = prepare_data(inputs, format, &tokenizer, output)?;
+    let tokenizer = match (req.tokenizer.as_str(), named) {
+        ("byte", Some(token)) => bail!(
+            "--eod-token {token:?} with the byte tokenizer, whose separator is byte 0xFF; \
+             --eod-token names a token of a tokenizer.json (leave it out, or --no-eod)"
+        ),
+        ("byte", None) => Tokenizer::Byte,
+        (path, named) => Tokenizer::from_hf_file(Path::new(path), named)?,
+    };
+    let eod = match req.eod {
+        EodChoice::None => {
+            tracing::info!("--no-eod: the documents follow each other without a separator");
+            None
+        }
+        EodChoice::Default | EodChoice::Named(_) => {
+            let (id, how) = tokenizer.document_separator()?;
+            tracing::info!("end-of-document token: {how}, after every document (--no-eod: none)");
+            Some(id)
+        }
+    };
+    let mut opts = PrepareOptions {
+        format,
+        text_key: req.text_key.clone(),
+        ..PrepareOptions::new(eod)
+    };
+    if let Some(workers) = req.workers {
+        if workers == 0 {
+            bail!("--workers 0: at least one tokenizer thread is needed");
+        }
+        opts.workers = workers;
+    }
+    let report = prepare_data(&req.inputs, &opts, &tokenizer, &req.output)?;
     println!("{report}");
     Ok(())
 }

@@ -4,14 +4,15 @@
 
 mod commands;
 mod config;
+mod config_change;
 mod launcher_env;
 mod run_dir;
 mod slurm_script;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use switchyard_trainer::config::Config;
 use switchyard_trainer::memory;
@@ -90,6 +91,11 @@ enum Command {
         /// `<dir>.previous-<time>` (nothing is deleted) and start fresh.
         #[arg(long, conflicts_with = "resume")]
         start_over: bool,
+        /// With --resume: continue even though the config changes what the checkpoint was
+        /// trained with in a way that changes the trajectory (schedule, model, optimizer,
+        /// data, seed, precision); every difference is still listed in the log.
+        #[arg(long, requires = "resume")]
+        allow_config_change: bool,
     },
     /// Validation loss and perplexity of a checkpoint (or of fresh weights).
     Eval {
@@ -179,7 +185,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = UpcycleSplitArg::Copy, requires = "upcycle_experts")]
         upcycle_split: UpcycleSplitArg,
     },
-    /// Tokenize text or JSONL files into a Megatron-LM indexed dataset (PREFIX.bin/.idx).
+    /// Tokenize text, JSONL or Parquet files (plain, gzip or zstd) into a Megatron-LM indexed
+    /// dataset (PREFIX.bin/.idx), an end-of-document token after each document.
     PrepareData(PrepareArgs),
     /// Load and validate a config, print the resolved tree.
     ValidateConfig {
@@ -210,6 +217,9 @@ enum Command {
     },
     /// Write an sbatch script that trains CONFIG with preemption signalling and requeue.
     SlurmScript(slurm_script::SlurmScriptArgs),
+    /// Print the version and the cargo features this binary was built with (`features: mpi
+    /// ...`; `slurm-script` reads it to check a --binary).
+    BuildInfo,
     /// Train for a fixed number of steps and report tokens/s and FLOP/s against the
     /// machine's measured peak.
     Bench {
@@ -280,18 +290,31 @@ struct PlanPlacementArgs {
 
 #[derive(clap::Args)]
 struct PrepareArgs {
-    /// Input files (one document per text file, one per JSONL line).
+    /// Input files: text (one document per file), JSON Lines (one per line) or Parquet (one
+    /// per row); plain, gzip or zstd.
     #[arg(long = "input", required = true)]
     inputs: Vec<PathBuf>,
-    /// `text` or `jsonl`.
-    #[arg(long, default_value = "text")]
+    /// `auto` (each file's from its name: .jsonl / .json / .ndjson, .parquet, else text;
+    /// after a .gz / .zst suffix), `text`, `jsonl` or `parquet`.
+    #[arg(long, default_value = "auto")]
     format: String,
-    /// JSONL field holding the text.
+    /// JSONL field or Parquet column holding the text.
     #[arg(long, default_value = "text")]
     text_key: String,
     /// `byte`, or the path of a Hugging Face tokenizer.json.
     #[arg(long, default_value = "byte")]
     tokenizer: String,
+    /// The end-of-document token appended after every document [default: the byte
+    /// tokenizer's 0xFF; a tokenizer.json's eos_token from the tokenizer_config.json beside
+    /// it, else its special token <|endoftext|>, <|end_of_text|>, </s>, <eos> or <|eos|>].
+    #[arg(long, conflicts_with = "no_eod")]
+    eod_token: Option<String>,
+    /// Append nothing between documents (Megatron's default without --append-eod).
+    #[arg(long)]
+    no_eod: bool,
+    /// Tokenizer threads [default: one per core].
+    #[arg(long)]
+    workers: Option<usize>,
     /// Output prefix: writes PREFIX.bin and PREFIX.idx.
     #[arg(long)]
     output: PathBuf,
@@ -328,6 +351,10 @@ fn main() -> ExitCode {
                 eprintln!("error: {}", error_chain(&err));
                 return ExitCode::from(2);
             }
+            if let Some(refused) = err.downcast_ref::<config_change::ConfigChangeRefused>() {
+                eprintln!("error: {refused}");
+                return ExitCode::from(2);
+            }
             if let Some(preempted) = err.downcast_ref::<commands::Preempted>() {
                 eprintln!("{preempted}");
                 return ExitCode::from(switchyard_trainer::EXIT_PREEMPTED);
@@ -336,6 +363,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The cargo features of this binary that change what it can run.
+pub(crate) fn built_features() -> Vec<&'static str> {
+    [
+        ("mpi", cfg!(feature = "mpi")),
+        ("cuda", cfg!(feature = "cuda")),
+        ("nccl", cfg!(feature = "nccl")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect()
 }
 
 /// The error and its causes, each said once: a cause whose text its parent already shows
@@ -363,23 +402,39 @@ fn load(args: &ConfigArgs) -> Result<Config> {
 /// [`load`]; `check_memory: false` leaves out the memory refusal (for `estimate-memory`,
 /// which reports the estimate whatever it is).
 fn load_with(args: &ConfigArgs, check_memory: bool) -> Result<Config> {
-    let cfg: Config = load_config_checked(&args.config, &args.overrides, |cfg: &Config| {
-        let mut issues = cfg.validate();
-        issues.extend(
-            cfg.data
-                .check_paths()
-                .into_iter()
-                .map(|(path, msg)| (format!("data.{path}"), msg)),
-        );
-        if issues.is_empty()
-            && check_memory
-            && let Some((available, source)) = memory::available_memory()
-        {
-            let ranks = commands::ranks_in_process(cfg);
-            issues.extend(memory::memory_issue(cfg, ranks, available, source));
-        }
-        issues
-    })?;
+    // Relative input paths written in the file are relative to the file; those given with
+    // `--set`, like any command-line path, to the working directory. Output paths
+    // (run.output_dir, checkpoint.dir) stay relative to the working directory.
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let config_dir = cwd.join(args.config.parent().unwrap_or(Path::new("")));
+    let cfg: Config =
+        load_config_checked(&args.config, &args.overrides, |cfg: &mut Config, set| {
+            cfg.data.resolve_paths(|key| {
+                if set(&format!("data.{key}")) {
+                    &cwd
+                } else {
+                    &config_dir
+                }
+            });
+            let mut issues = cfg.validate();
+            issues.extend(
+                cfg.data
+                    .check_paths()
+                    .into_iter()
+                    .map(|(path, msg)| (format!("data.{path}"), msg)),
+            );
+            if issues.is_empty() {
+                issues.extend(cfg.tokenizer_issues());
+            }
+            if issues.is_empty()
+                && check_memory
+                && let Some((available, source)) = memory::available_memory()
+            {
+                let ranks = commands::ranks_in_process(cfg);
+                issues.extend(memory::memory_issue(cfg, ranks, available, source));
+            }
+            issues
+        })?;
     Ok(cfg)
 }
 
@@ -398,6 +453,7 @@ fn run(command: Command) -> Result<()> {
             resume,
             init_from,
             start_over,
+            allow_config_change,
         } => {
             // First: a stop signal from now on is handled (see `install_stop_handlers`).
             let stop = commands::install_stop_handlers()?;
@@ -405,9 +461,12 @@ fn run(command: Command) -> Result<()> {
             commands::train(
                 &cfg,
                 &launch()?,
-                resume.as_deref(),
-                init_from.as_deref(),
-                start_over,
+                &commands::Start {
+                    resume: resume.as_deref(),
+                    init_from: init_from.as_deref(),
+                    start_over,
+                    allow_config_change,
+                },
                 stop,
             )
         }
@@ -487,13 +546,19 @@ fn run(command: Command) -> Result<()> {
                 });
             commands::import_hf(&model, &out, upcycle.as_ref())
         }
-        Command::PrepareData(args) => commands::prepare(
-            &args.inputs,
-            &args.format,
-            &args.text_key,
-            &args.tokenizer,
-            &args.output,
-        ),
+        Command::PrepareData(args) => commands::prepare(&commands::PrepareRequest {
+            inputs: args.inputs,
+            format: args.format,
+            text_key: args.text_key,
+            tokenizer: args.tokenizer,
+            eod: match (args.no_eod, args.eod_token) {
+                (true, _) => commands::EodChoice::None,
+                (false, Some(token)) => commands::EodChoice::Named(token),
+                (false, None) => commands::EodChoice::Default,
+            },
+            workers: args.workers,
+            output: args.output,
+        }),
         Command::ValidateConfig { config } => {
             let cfg = load(&config)?;
             print!("{}", config::loader::resolved_yaml(&cfg));
@@ -505,6 +570,11 @@ fn run(command: Command) -> Result<()> {
             commands::estimate_memory(&cfg)
         }
         Command::InspectCheckpoint { path } => commands::inspect(&path),
+        Command::BuildInfo => {
+            println!("switchyard {}", env!("CARGO_PKG_VERSION"));
+            println!("features: {}", built_features().join(" "));
+            Ok(())
+        }
         Command::Ablate { config, study } => {
             let cfg = load(&config)?;
             commands::ablate(&cfg, study, &launch()?)

@@ -83,7 +83,9 @@ pub struct ScriptSpec {
     pub time: Option<String>,
     pub partition: Option<String>,
     pub signal_lead_seconds: u32,
-    /// The job's working directory: relative paths in the config resolve against it.
+    /// The job's working directory: relative output paths of the config and relative paths
+    /// given with `--set` resolve against it (input paths written in the config file
+    /// resolve against the file's directory).
     pub workdir: PathBuf,
     /// Where Slurm writes the job's stdout and stderr.
     pub log_dir: PathBuf,
@@ -384,6 +386,61 @@ exit "$status"
     }
 }
 
+/// A job of `tasks` > 1 ranks needs a binary built with the `mpi` feature (without it every
+/// task stops at start: "needs MPI"). `own`: the binary is this one; another is asked with
+/// `BINARY build-info`. One that is not here (it exists only on the compute nodes) cannot be
+/// checked: a warning says so.
+fn check_mpi_feature(binary: &Path, own: bool, tasks: u64) -> Result<()> {
+    let features: Vec<String> = if own {
+        crate::built_features()
+            .iter()
+            .map(|f| f.to_string())
+            .collect()
+    } else if !binary.is_file() {
+        tracing::warn!(
+            binary = %binary.display(),
+            "--binary does not exist here, so whether it has the `mpi` feature is not \
+             checked; it must exist on the compute nodes and be built with --features mpi"
+        );
+        return Ok(());
+    } else {
+        let out = std::process::Command::new(binary)
+            .arg("build-info")
+            .output()
+            .with_context(|| format!("running `{} build-info`", binary.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().find_map(|l| l.strip_prefix("features:"));
+        match line {
+            Some(line) if out.status.success() => {
+                line.split_whitespace().map(str::to_string).collect()
+            }
+            _ => bail!(
+                "--binary {}: `{} build-info` did not say which features it was built with \
+                 ({}); give a switchyard binary of this version, built with \
+                 `cargo build --release --features mpi`",
+                binary.display(),
+                binary.display(),
+                out.status
+            ),
+        }
+    };
+    if !features.iter().any(|f| f == "mpi") {
+        bail!(
+            "{tasks} tasks need a switchyard built with the `mpi` feature, but {} was built \
+             without it (features: {}); every task would stop at start. Build one with \
+             `cargo build --release --features mpi` and pass it with --binary, or write a \
+             one-task job (--nodes 1 --tasks-per-node 1)",
+            binary.display(),
+            if features.is_empty() {
+                "none".to_string()
+            } else {
+                features.join(" ")
+            }
+        );
+    }
+    Ok(())
+}
+
 /// Builds the spec from the arguments and the loaded config, validates it, creates the log
 /// directory (Slurm cannot open output files in a missing one) and writes the script.
 pub fn write(args: &SlurmScriptArgs, cfg: &Config) -> Result<PathBuf> {
@@ -399,12 +456,6 @@ pub fn write(args: &SlurmScriptArgs, cfg: &Config) -> Result<PathBuf> {
         Some(p) => absolute(p),
         None => std::env::current_exe().context("locating the switchyard binary")?,
     };
-    if !binary.is_file() {
-        tracing::warn!(
-            binary = %binary.display(),
-            "--binary does not exist here; it must exist on the compute nodes"
-        );
-    }
     let spec = ScriptSpec {
         job_name: job_name(&cfg.run.name),
         nodes: args.nodes,
@@ -421,6 +472,10 @@ pub fn write(args: &SlurmScriptArgs, cfg: &Config) -> Result<PathBuf> {
         extra: group_sbatch_options(&args.sbatch_options)?,
     };
     spec.validate()?;
+    let tasks = u64::from(args.nodes) * u64::from(args.tasks_per_node);
+    if tasks > 1 {
+        check_mpi_feature(&spec.binary, args.binary.is_none(), tasks)?;
+    }
     let path = match &args.output {
         Some(p) => absolute(p),
         None => spec.log_dir.join(format!("{}.sbatch", spec.job_name)),

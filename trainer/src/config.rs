@@ -10,7 +10,7 @@ use switchyard_moe::{ActivationCheckpointing, ModelConfig, Precision};
 use switchyard_parallel::{CommBackendConfig, CommConfig, ParallelConfig};
 use switchyard_placement::{PlacementConfig, Strategy};
 
-use crate::data::{DataConfig, TokenizerConfig};
+use crate::data::{DataConfig, Tokenizer, TokenizerConfig};
 use crate::device::{CUDA_BUILT, DeviceConfig};
 use crate::metrics::MetricsConfig;
 use crate::optim::OptimConfig;
@@ -189,6 +189,30 @@ impl Config {
             ));
         }
         issues
+    }
+
+    /// What only the tokenizer file can tell (run after [`Self::validate`] and the path
+    /// checks): a `tokenizer.json` that does not load, or has more tokens than
+    /// `model.vocab_size`.
+    pub fn tokenizer_issues(&self) -> Vec<(String, String)> {
+        let TokenizerConfig::HuggingFace { path, eod_token } = &self.data.tokenizer else {
+            return Vec::new(); // byte and bpe: sizes known from the config (`validate`)
+        };
+        match Tokenizer::from_hf_file(path, eod_token.as_deref()) {
+            Err(e) => vec![("data.tokenizer.path".to_string(), e.to_string())],
+            Ok(t) if t.vocab_size() > self.model.vocab_size => vec![(
+                "model.vocab_size".to_string(),
+                format!(
+                    "is {} but the tokenizer {} (data.tokenizer.path) has {} tokens (largest id \
+                     + 1); set model.vocab_size: {} or more",
+                    self.model.vocab_size,
+                    path.display(),
+                    t.vocab_size(),
+                    t.vocab_size()
+                ),
+            )],
+            Ok(_) => Vec::new(),
+        }
     }
 
     fn device_issues(&self) -> Vec<(String, String)> {

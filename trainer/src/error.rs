@@ -29,6 +29,12 @@ pub enum TrainError {
     Placement(String),
     #[error("resume from {path}: {message}")]
     Resume { path: PathBuf, message: String },
+    /// `--init-from` could not take the checkpoint's weights.
+    #[error("--init-from {path}: {message}")]
+    InitFrom { path: PathBuf, message: String },
+    /// A checkpoint's files do not form a snapshot (whatever reads it: resume, init, eval).
+    #[error("checkpoint {path}: {message}")]
+    Snapshot { path: PathBuf, message: String },
     #[error("{0}")]
     Io(String),
     #[error("{0}")]

@@ -179,7 +179,7 @@ impl Trainer {
     /// starts balanced (AdaMoE's conversion); with `random` they keep their fresh values.
     /// Any other difference in names or shapes is an error naming the tensor.
     pub fn init_from(&mut self, path: &Path) -> Result<(), TrainError> {
-        let err = |message: String| TrainError::Resume {
+        let err = |message: String| TrainError::InitFrom {
             path: path.to_path_buf(),
             message,
         };

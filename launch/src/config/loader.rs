@@ -156,16 +156,19 @@ pub fn load_config_str<T: DeserializeOwned + Serialize>(
     ConfigDoc::parse(text, origin, overrides)?.deserialize()
 }
 
-/// Load, deserialize, then run the semantic checks `check` (returning `(key path, message)`
-/// issues) and report all of them at once, located in the file.
+/// Load, deserialize, then run `check`, which may complete the config (e.g. resolve its
+/// paths; its second argument says whether a key path was set by a `--set` override) and
+/// returns the semantic issues `(key path, message)`; all of them are reported at once,
+/// located in the file.
 pub fn load_config_checked<T: DeserializeOwned + Serialize>(
     path: &Path,
     overrides: &[String],
-    check: impl FnOnce(&T) -> Vec<(String, String)>,
+    check: impl FnOnce(&mut T, &dyn Fn(&str) -> bool) -> Vec<(String, String)>,
 ) -> Result<T, ConfigError> {
     let doc = ConfigDoc::read(path, overrides)?;
-    let cfg = doc.deserialize()?;
-    doc.validate(check(&cfg))?;
+    let mut cfg = doc.deserialize()?;
+    let issues = check(&mut cfg, &|key| doc.override_covering(key).is_some());
+    doc.validate(issues)?;
     Ok(cfg)
 }
 

@@ -406,7 +406,7 @@ pub fn read_weights_snapshot(path: &Path, signature: &str) -> Result<Snapshot, T
     let manifest = read_manifest(path)?;
     verify_compatible(&manifest, path, signature)?;
     let loaded = super::load_kinds(path, |kind| kind == "model")?;
-    Snapshot::of(&loaded).map_err(|message| TrainError::Resume {
+    Snapshot::of(&loaded).map_err(|message| TrainError::Snapshot {
         path: path.to_path_buf(),
         message,
     })
@@ -416,7 +416,7 @@ pub fn read_weights_snapshot(path: &Path, signature: &str) -> Result<Snapshot, T
 /// and shapes themselves).
 pub fn read_any_snapshot(path: &Path) -> Result<Snapshot, TrainError> {
     let loaded = load(path)?;
-    Snapshot::of(&loaded).map_err(|message| TrainError::Resume {
+    Snapshot::of(&loaded).map_err(|message| TrainError::Snapshot {
         path: path.to_path_buf(),
         message,
     })

@@ -111,9 +111,7 @@ pub enum CheckpointError {
     },
 
     /// The manifest is not valid JSON or lacks required fields.
-    #[error(
-        "manifest {path} is unreadable: {reason}; the checkpoint is damaged, resume from another one"
-    )]
+    #[error("manifest {path} is unreadable: {reason}; the checkpoint is damaged, use another one")]
     ManifestInvalid {
         /// Path of the manifest.
         path: PathBuf,
@@ -124,7 +122,7 @@ pub enum CheckpointError {
     /// The manifest's recorded sha256 does not match its bytes (or is missing or malformed
     /// in a format that has one): it changed after it was written.
     #[error(
-        "manifest {path} is corrupt: {reason}; it was modified or damaged after the save, so nothing it says can be trusted: resume from another checkpoint"
+        "manifest {path} is corrupt: {reason}; it was modified or damaged after the save, so nothing it says can be trusted: use another checkpoint"
     )]
     ManifestCorrupt {
         /// Path of the manifest.
@@ -135,7 +133,7 @@ pub enum CheckpointError {
 
     /// The manifest is larger than any manifest this build writes; it is not read.
     #[error(
-        "manifest {path} is {bytes} bytes, more than the {limit}-byte limit for a manifest; it is not a Switchyard manifest, resume from another checkpoint"
+        "manifest {path} is {bytes} bytes, more than the {limit}-byte limit for a manifest; it is not a Switchyard manifest, use another checkpoint"
     )]
     ManifestTooLarge {
         /// Path of the manifest.
@@ -149,7 +147,7 @@ pub enum CheckpointError {
     /// A checkpoint file is a symbolic link, FIFO, device or directory. Checkpoints are
     /// read only from regular files inside their directory.
     #[error(
-        "checkpoint file {path} is {found}, not a regular file; a checkpoint is read only from regular files inside its directory (links are not followed): replace it with a copy of the real file, or resume from another checkpoint"
+        "checkpoint file {path} is {found}, not a regular file; a checkpoint is read only from regular files inside its directory (links are not followed): replace it with a copy of the real file, or use another checkpoint"
     )]
     NotRegularFile {
         /// Path of the file.
@@ -186,7 +184,7 @@ pub enum CheckpointError {
 
     /// A file listed in the manifest does not exist.
     #[error(
-        "checkpoint file {path} is listed in the manifest but missing; the checkpoint is incomplete, resume from another one"
+        "checkpoint file {path} is listed in the manifest but missing; the checkpoint is incomplete, use another one"
     )]
     MissingFile {
         /// Path of the missing file.
@@ -195,7 +193,7 @@ pub enum CheckpointError {
 
     /// A file has a different length than the manifest records (usually truncation).
     #[error(
-        "checkpoint file {path} is {actual} bytes but the manifest records {expected}; it was truncated or replaced, resume from another checkpoint"
+        "checkpoint file {path} is {actual} bytes but the manifest records {expected}; it was truncated or replaced, use another checkpoint"
     )]
     LengthMismatch {
         /// Path of the file.
@@ -208,7 +206,7 @@ pub enum CheckpointError {
 
     /// A file's sha256 differs from the manifest.
     #[error(
-        "checksum mismatch for {path}: manifest sha256 {expected}, file sha256 {actual}; the file is corrupted, resume from another checkpoint"
+        "checksum mismatch for {path}: manifest sha256 {expected}, file sha256 {actual}; the file is corrupted, use another checkpoint"
     )]
     ChecksumMismatch {
         /// Path of the file.
@@ -221,7 +219,7 @@ pub enum CheckpointError {
 
     /// A tensor file is not a valid safetensors file.
     #[error(
-        "{path} is not a valid safetensors file: {reason}; the file is corrupted, resume from another checkpoint"
+        "{path} is not a valid safetensors file: {reason}; the file is corrupted, use another checkpoint"
     )]
     CorruptTensorFile {
         /// Path of the file.
@@ -245,7 +243,7 @@ pub enum CheckpointError {
 
     /// The checkpoint was written for a different model.
     #[error(
-        "checkpoint {path} was written for model signature '{found}' but this model has '{expected}'; the architecture or parameter names differ, resume from a checkpoint of this model or change the model config back"
+        "checkpoint {path} was written for model signature '{found}' but this model has '{expected}'; the architecture or parameter names differ, use a checkpoint of this model or change the model config back"
     )]
     SignatureMismatch {
         /// The manifest path.

@@ -252,20 +252,44 @@ impl DataConfig {
         p
     }
 
-    /// Makes relative paths relative to `base` (normally the directory of the config file).
-    pub fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
+    /// Makes the relative paths of the files this node reads absolute: each against
+    /// `base(key)` (key relative to the `data` node: `tokenizer.path`, `source.path`,
+    /// `source.prefix`), normally the config file's directory, or the working directory for
+    /// a key set on the command line. `.` and `..` are resolved in the text of the path.
+    pub fn resolve_paths<'a>(&mut self, base: impl Fn(&str) -> &'a Path) {
+        let fix = |key: &str, p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = normalize(&base(key).join(&*p));
             }
         };
         if let TokenizerConfig::HuggingFace { path, .. } = &mut self.tokenizer {
-            fix(path);
+            fix("tokenizer.path", path);
         }
         match &mut self.source {
             SourceConfig::Synthetic { .. } => {}
-            SourceConfig::Text { path } | SourceConfig::Jsonl { path, .. } => fix(path),
-            SourceConfig::Indexed { prefix } => fix(prefix),
+            SourceConfig::Text { path } | SourceConfig::Jsonl { path, .. } => {
+                fix("source.path", path)
+            }
+            SourceConfig::Indexed { prefix } => fix("source.prefix", prefix),
         }
     }
+}
+
+/// `path` without `.` components and with each `..` taking away the component before it
+/// (textually: the config's own directory is the base, links in it are not followed).
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }

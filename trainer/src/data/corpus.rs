@@ -222,8 +222,7 @@ impl Corpus {
 #[cfg(test)]
 mod tests {
     use super::super::indexed::dataset_paths;
-    use super::super::prepare::prepare_data;
-    use super::super::source::InputFormat;
+    use super::super::prepare::{PrepareOptions, prepare_data};
     use super::*;
 
     fn cfg(source: SourceConfig, tokenizer: TokenizerConfig) -> DataConfig {
@@ -332,7 +331,13 @@ mod tests {
             })
             .collect();
         let prefix = dir.path().join("ds");
-        prepare_data(&inputs, InputFormat::Text, &Tokenizer::Byte, &prefix).unwrap();
+        prepare_data(
+            &inputs,
+            &PrepareOptions::new(None),
+            &Tokenizer::Byte,
+            &prefix,
+        )
+        .unwrap();
         let mut c = cfg(
             SourceConfig::Indexed {
                 prefix: prefix.clone(),

@@ -34,7 +34,7 @@ pub enum DataError {
     NotUtf8 {
         /// The file.
         path: PathBuf,
-        /// Offset of the first invalid byte.
+        /// Offset of the first invalid byte (in the decompressed text of a .gz / .zst file).
         byte_offset: usize,
     },
 
@@ -46,6 +46,15 @@ pub enum DataError {
         /// 1-based line number.
         line: usize,
         /// What is wrong and what to do.
+        message: String,
+    },
+
+    /// A Parquet file cannot be read as documents.
+    #[error("{path}: {message}")]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (with the row group or row where known) and what to do.
         message: String,
     },
 

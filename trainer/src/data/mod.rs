@@ -9,6 +9,7 @@ mod config;
 mod corpus;
 mod error;
 pub mod indexed;
+mod parquet;
 mod prepare;
 mod sampler;
 mod source;
@@ -19,11 +20,11 @@ pub use config::{DataConfig, MIN_BPE_VOCAB, SourceConfig, TokenizerConfig};
 pub use corpus::{Corpus, build_tokenizer, raw_documents};
 pub use error::{DataError, Result};
 pub use indexed::{DatasetStats, IndexedDataset, TokenDtype, dataset_stats};
-pub use prepare::{PrepareReport, prepare_data};
+pub use prepare::{PrepareOptions, PrepareReport, prepare_data};
 pub use sampler::{Batch, Sampler, SamplerState, epoch_permutation, valid_batches};
-pub use source::{InputFormat, read_documents};
+pub use source::InputFormat;
 pub use synthetic::synthetic_text;
-pub use tokenizer::{BPE_EOD_TOKEN, HfTokenizer, Tokenizer};
+pub use tokenizer::{BPE_EOD_TOKEN, BYTE_EOD, HfTokenizer, Tokenizer};
 
 #[cfg(test)]
 mod tests {
@@ -175,14 +176,55 @@ shuffle_seed: 0
              source: {type: indexed, prefix: corpus}\nseq_len: 4\nbatch_size: 2\n",
         )
         .unwrap();
-        c.resolve_paths(dir.path());
+        // The tokenizer's path came from the command line: the working directory is its base.
+        let cwd = dir.path().join("cwd");
+        let config_dir = dir.path().join("configs");
+        c.resolve_paths(|key| {
+            if key == "tokenizer.path" {
+                &cwd
+            } else {
+                &config_dir
+            }
+        });
         assert_eq!(
             c.tokenizer,
             TokenizerConfig::HuggingFace {
-                path: dir.path().join("missing_tok.json"),
+                path: cwd.join("missing_tok.json"),
                 eod_token: None
             }
         );
+        assert_eq!(
+            c.source,
+            SourceConfig::Indexed {
+                prefix: config_dir.join("corpus")
+            }
+        );
+        // `..` and `.` are resolved; absolute paths stay.
+        let mut d = parse(
+            "tokenizer: {type: huggingface, path: /abs/./tok.json}\n\
+             source: {type: text, path: ../data/./x/../input.txt.gz}\nseq_len: 4\nbatch_size: 2\n",
+        )
+        .unwrap();
+        d.resolve_paths(|_| &config_dir);
+        assert_eq!(
+            d.source,
+            SourceConfig::Text {
+                path: dir.path().join("data/input.txt.gz")
+            }
+        );
+        assert_eq!(
+            d.tokenizer,
+            TokenizerConfig::HuggingFace {
+                path: "/abs/./tok.json".into(),
+                eod_token: None
+            }
+        );
+        let mut c = parse(
+            "tokenizer: {type: huggingface, path: missing_tok.json}\n\
+             source: {type: indexed, prefix: corpus}\nseq_len: 4\nbatch_size: 2\n",
+        )
+        .unwrap();
+        c.resolve_paths(|_| dir.path());
         std::fs::write(dir.path().join("corpus.bin"), b"").unwrap();
         let p = c.check_paths();
         let msgs: Vec<&str> = p.iter().map(|(_, m)| m.as_str()).collect();

@@ -17,6 +17,20 @@ use super::error::{DataError, Result};
 /// End-of-document token of the BPE tokenizers Switchyard trains.
 pub const BPE_EOD_TOKEN: &str = "<|endoftext|>";
 
+/// The byte tokenizer's document separator in `prepare-data`: byte 0xFF, which never occurs
+/// in UTF-8 text, so it cannot be mistaken for text (decoded, it is U+FFFD).
+pub const BYTE_EOD: u32 = 0xFF;
+
+/// End-of-document tokens looked for among a `tokenizer.json`'s special tokens when its
+/// `tokenizer_config.json` names no `eos_token`, in this order.
+const EOD_NAMES: [&str; 5] = [
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<eos>",
+    "<|eos|>",
+];
+
 /// A tokenizer: maps text to token ids and back.
 #[derive(Debug, Clone)]
 pub enum Tokenizer {
@@ -153,6 +167,61 @@ impl Tokenizer {
         }
     }
 
+    /// The token `prepare-data` appends after each document, and where it comes from (for
+    /// the log): the byte tokenizer's [`BYTE_EOD`]; a Hugging Face tokenizer's configured
+    /// `eod_token`, else the `eos_token` of the `tokenizer_config.json` beside its
+    /// `tokenizer.json`, else the first of [`EOD_NAMES`] among its special tokens. An error
+    /// when it has none of them, saying how to name one.
+    pub fn document_separator(&self) -> Result<(u32, String)> {
+        let h = match self {
+            Tokenizer::Byte => {
+                return Ok((
+                    BYTE_EOD,
+                    "byte 0xFF (id 255: the byte tokenizer's separator, never part of UTF-8 text)"
+                        .into(),
+                ));
+            }
+            Tokenizer::HuggingFace(h) => h,
+        };
+        let name = |id: u32| h.inner.id_to_token(id).unwrap_or_default();
+        if let Some(id) = h.eod {
+            return Ok((id, format!("{:?} (id {id}, as named)", name(id))));
+        }
+        let config = h.path.with_file_name("tokenizer_config.json");
+        if let Some(eos) = eos_of_tokenizer_config(&config) {
+            let id = h.inner.token_to_id(&eos).ok_or_else(|| DataError::Tokenizer {
+                path: Some(config.clone()),
+                message: format!(
+                    "eos_token {eos:?} is not in the vocabulary of {}; name the end-of-document \
+                     token with --eod-token",
+                    h.path.display()
+                ),
+            })?;
+            return Ok((
+                id,
+                format!("{eos:?} (id {id}, eos_token of {})", config.display()),
+            ));
+        }
+        let specials = h.inner.get_added_tokens_decoder();
+        for eod in EOD_NAMES {
+            if let Some((&id, _)) = specials.iter().find(|(_, t)| t.special && t.content == eod) {
+                return Ok((
+                    id,
+                    format!("{eod:?} (id {id}, a special token of the tokenizer)"),
+                ));
+            }
+        }
+        Err(DataError::Tokenizer {
+            path: Some(h.path.clone()),
+            message: format!(
+                "no end-of-document token found: no eos_token in {} and none of the special \
+                 tokens {EOD_NAMES:?}; name one with --eod-token TOKEN, or pass --no-eod to \
+                 write the documents back to back",
+                config.display()
+            ),
+        })
+    }
+
     /// The `tokenizer.json` this tokenizer was loaded from, if any.
     pub fn path(&self) -> Option<&Path> {
         match self {
@@ -167,7 +236,7 @@ impl Tokenizer {
             Tokenizer::Byte => Ok(text.bytes().map(u32::from).collect()),
             Tokenizer::HuggingFace(h) => h
                 .inner
-                .encode(text, false)
+                .encode_fast(text, false) // no offsets: only the ids are kept
                 .map(|enc| enc.get_ids().to_vec())
                 .map_err(|e| DataError::Tokenizer {
                     path: Some(h.path.clone()),
@@ -210,6 +279,18 @@ impl Tokenizer {
                     })
             }
         }
+    }
+}
+
+/// The `eos_token` of a `tokenizer_config.json` (a string, or an object with `content`);
+/// `None` when the file is absent, unreadable or names none.
+fn eos_of_tokenizer_config(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    match value.get("eos_token")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
     }
 }
 
@@ -262,6 +343,52 @@ mod tests {
         assert_eq!(loaded.decode(&b).unwrap(), text);
         assert_eq!(loaded.vocab_size(), trained.vocab_size());
         assert_eq!(loaded.eod_token(), Some(eod));
+    }
+
+    #[test]
+    fn document_separators_are_found_or_their_absence_explained() {
+        assert_eq!(Tokenizer::Byte.document_separator().unwrap().0, BYTE_EOD);
+        // UTF-8 text never encodes to the byte separator.
+        assert!(!Tokenizer::Byte.encode(SAMPLE).unwrap().contains(&BYTE_EOD));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let trained = Tokenizer::train_bpe(std::iter::once(SAMPLE), 280, &path).unwrap();
+        let eod = trained.eod_token().unwrap();
+        // Loaded without naming it: found among the special tokens.
+        let loaded = Tokenizer::from_hf_file(&path, None).unwrap();
+        let (id, how) = loaded.document_separator().unwrap();
+        assert_eq!(id, eod);
+        assert!(
+            how.contains("<|endoftext|>") && how.contains("special token"),
+            "{how}"
+        );
+        // tokenizer_config.json's eos_token comes first.
+        let other = loaded.encode("a").unwrap()[0];
+        let name = match &loaded {
+            Tokenizer::HuggingFace(h) => h.inner.id_to_token(other).unwrap(),
+            Tokenizer::Byte => unreachable!(),
+        };
+        let config = dir.path().join("tokenizer_config.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({"eos_token": {"content": name}}).to_string(),
+        )
+        .unwrap();
+        let (id, how) = loaded.document_separator().unwrap();
+        assert_eq!(id, other);
+        assert!(how.contains("tokenizer_config.json"), "{how}");
+        // A tokenizer without any: the error says how to name one or go without.
+        std::fs::remove_file(&config).unwrap();
+        let json = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("<|endoftext|>", "<|something|>");
+        std::fs::write(&path, json).unwrap();
+        let e = Tokenizer::from_hf_file(&path, None)
+            .unwrap()
+            .document_separator()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--eod-token") && e.contains("--no-eod"), "{e}");
     }
 
     #[test]

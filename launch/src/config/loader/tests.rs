@@ -368,7 +368,7 @@ fn load_config_checked_reports_semantic_issues() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.yaml");
     std::fs::write(&path, BASE).unwrap();
-    let e = load_config_checked::<Root>(&path, &[], |c: &Root| {
+    let e = load_config_checked::<Root>(&path, &[], |c: &mut Root, _| {
         let mut v = Vec::new();
         if c.model.moe.top_k < 4 {
             v.push(("model.moe.top_k".to_string(), "must be >= 4".to_string()));
@@ -382,6 +382,19 @@ fn load_config_checked_reports_semantic_issues() {
     );
     let cfg: Root = load_config(&path, &["model.moe.top_k=4".into()]).unwrap();
     assert_eq!(cfg.model.moe.top_k, 4);
+    // The check learns which keys an override set (for paths relative to the working
+    // directory) and may complete the config.
+    let cfg = load_config_checked::<Root>(
+        &path,
+        &["model.moe={num_experts: 8, top_k: 4}".into()],
+        |c, set| {
+            assert!(set("model.moe.top_k") && set("model.moe") && !set("model"));
+            c.model.moe.top_k += 1;
+            Vec::new()
+        },
+    )
+    .unwrap();
+    assert_eq!(cfg.model.moe.top_k, 5);
     let missing = load_config::<Root>(&dir.path().join("nope.yaml"), &[]).unwrap_err();
     assert!(
         missing.to_string().contains("cannot read config"),
