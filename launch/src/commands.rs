@@ -1156,6 +1156,7 @@ pub fn record_routing(
     let done = ranks.run(|rank| {
         let mut trainer =
             switchyard_trainer::Trainer::new_on(cfg, &corpus, &rank.device, rank.world)?;
+        trainer.record_routing = true;
         let mut loss = f64::NAN;
         while trainer.counters.step < cfg.train.steps {
             let report = trainer.step()?;

@@ -65,6 +65,11 @@ pub struct Trainer {
     pub(crate) signature: String,
     /// The threads a step runs on (see [`Self::step`]).
     pool: Arc<rayon::ThreadPool>,
+    /// Whether each step's routing goes into the rebalancer's statistics. Distributed, that
+    /// is a world all-reduce per step: on only when something re-plans from them
+    /// (`placement.rebalance_every > 0`) or records them (`record-routing` sets it). In one
+    /// process they are free, and saved for `plan-placement`.
+    pub record_routing: bool,
 }
 
 impl Trainer {
@@ -115,6 +120,7 @@ impl Trainer {
         } else {
             None
         };
+        let record_routing = layout.is_none() || cfg.placement.rebalance_every > 0;
         Ok(Self {
             cfg: cfg.clone(),
             model,
@@ -128,6 +134,7 @@ impl Trainer {
             rebalancer,
             signature,
             pool: Arc::new(step_pool()?),
+            record_routing,
         })
     }
 
@@ -249,11 +256,7 @@ impl Trainer {
                 global_norm(&grads),
             ),
         };
-        // The placement statistics cost a world all-reduce per step when distributed: only
-        // gathered when something re-plans from them (`record-routing` records them for
-        // `plan-placement`). In one process they are free, and saved for `plan-placement`.
-        let gather = self.layout.is_none() || self.cfg.placement.rebalance_every > 0;
-        if let Some(r) = self.rebalancer.as_mut().filter(|_| gather) {
+        if let Some(r) = self.rebalancer.as_mut().filter(|_| self.record_routing) {
             r.record(&moe_stats, self.layout.as_ref())?;
         }
         let finite = loss.is_finite() && grad_norm.is_finite();
