@@ -33,7 +33,7 @@ cargo test --release --workspace 2>&1 | tee "$test_log"
 
 echo "== the parity matrix on a second backend: burn's wgpu on Mesa's lavapipe (software Vulkan), through the generic paths"
 # A build of its own (burn with the wgpu backend; ~14 min cold on the 2-core machine, kept
-# in the target directory) and ~7 min of tests, one at a time (lavapipe uses both cores:
+# in the target directory) and ~20 min of tests (186 cases), one at a time (lavapipe uses both cores:
 # two tests at once took 13 min).
 # Mesa's Vulkan loader wants a runtime directory (it prints an error per device without one).
 XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}" \
