@@ -14,18 +14,14 @@ use crate::experts::SwiGlu;
 use crate::router::Routing;
 use switchyard_kernels::combine::{combine_rows, gather_rows};
 
-/// Which assignments survive the capacity limits. Assignments are admitted choice by
-/// choice (every token's first choice before any second choice) and, within a choice, in
-/// token order, as in GShard. `capacity[e] = None` admits everything routed to slot `e`.
+/// Which assignments survive the capacity limits, for the chosen slots `experts_tk`
+/// (row-major [T, K], tokens in admission order) of any batch: this process's, or the
+/// global batch gathered from every process. Assignments are admitted choice by choice
+/// (every token's first choice before any second choice) and, within a choice, in token
+/// order, as in GShard. `capacity[e] = None` admits everything routed to slot `e`.
 ///
 /// Returns a flag per assignment, row-major [T, K].
-pub fn admit(routing: &Routing, capacity: &[Option<usize>]) -> Vec<bool> {
-    admit_in_order(&routing.experts_tk, routing.top_k, capacity)
-}
-
-/// [`admit`] over the chosen slots `experts_tk` (row-major [T, K], tokens in admission
-/// order) of any batch: this process's, or the global batch gathered from every process.
-pub fn admit_in_order(experts_tk: &[usize], k: usize, capacity: &[Option<usize>]) -> Vec<bool> {
+pub fn admit(experts_tk: &[usize], k: usize, capacity: &[Option<usize>]) -> Vec<bool> {
     let t = experts_tk.len() / k.max(1);
     let mut load = vec![0usize; capacity.len()];
     let mut kept = vec![false; t * k];

@@ -17,7 +17,7 @@ use burn::tensor::{Tensor, TensorData};
 use crate::config::{BalanceLoss, CapacityConfig, MoeConfig, RouterConfig, SlotKind};
 use crate::dispatch::{
     BatchPosition, BatchReducer, DispatchPlan, LocalDispatcher, LocalReducer, TokenDispatcher,
-    admit_in_order,
+    admit,
 };
 use crate::experts::SwiGlu;
 use crate::init::Initializer;
@@ -456,7 +456,7 @@ impl MoeLayer {
             };
         }
         if position.is_whole() {
-            let kept = admit_in_order(&routing.experts_tk, k, &self.capacities(t * k));
+            let kept = admit(&routing.experts_tk, k, &self.capacities(t * k));
             let (dropped, dropped_ffn) = self.drops(&routing.experts_tk, &kept);
             return Admission {
                 kept,
@@ -481,7 +481,7 @@ impl MoeLayer {
             .iter()
             .flat_map(|token| token[1..].iter().map(|&e| e as usize))
             .collect();
-        let kept_global = admit_in_order(&experts_tk, k, &self.capacities(tokens.len() * k));
+        let kept_global = admit(&experts_tk, k, &self.capacities(tokens.len() * k));
         let (dropped, dropped_ffn) = self.drops(&experts_tk, &kept_global);
         // Global indices are distinct and sorted: a local token's flags sit at its rank.
         let kept = (0..t)
