@@ -2,11 +2,13 @@
 """Load a Switchyard run's TensorBoard event files with TensorBoard's own reader.
 
 Usage: check_tensorboard.py RUN_DIR_OR_LOGDIR [--require TAG ...] [--steps N]
+                            [--require-text TAG[=SUBSTRING] ...]
 
 Prints every scalar tag with its (step, value) pairs. Exits 1 if a required tag is
 missing or, with --steps N, if a required tag does not show exactly one curve of steps
 1..N (each step once, in order: a resumed run must not leave the steps it recomputed
-twice), 2 if no event file could be loaded.
+twice), or if a required text summary (TensorBoard's text dashboard) is missing or lacks
+SUBSTRING; 2 if no event file could be loaded.
 """
 import argparse
 import os
@@ -20,6 +22,7 @@ def main() -> int:
     ap.add_argument("path", help="run directory (uses its tensorboard/ subfolder) or a TensorBoard log directory")
     ap.add_argument("--require", action="append", default=[], metavar="TAG", help="scalar tag that must be present")
     ap.add_argument("--steps", type=int, metavar="N", help="each required tag must have exactly the steps 1..N, once each, in order")
+    ap.add_argument("--require-text", action="append", default=[], metavar="TAG[=SUBSTRING]", help="text summary that must be present (and contain SUBSTRING)")
     args = ap.parse_args()
 
     logdir = args.path
@@ -31,7 +34,7 @@ def main() -> int:
         return 2
 
     # size_guidance 0 = keep every scalar, so the printout is complete.
-    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags().get("scalars", [])
     print(f"logdir {logdir}: {len(events)} event file(s), {len(tags)} scalar tag(s)")
@@ -43,6 +46,18 @@ def main() -> int:
     if missing:
         print(f"error: missing scalar tag(s) {missing} in {logdir}; present: {sorted(tags)}", file=sys.stderr)
         return 1
+    texts = acc.Tags().get("tensors", [])
+    for spec in args.require_text:
+        tag, _, want = spec.partition("=")
+        if tag not in texts:
+            print(f"error: missing text summary {tag!r} in {logdir}; present: {sorted(texts)}", file=sys.stderr)
+            return 1
+        # The text plugin's string tensor (what TensorBoard's text dashboard shows).
+        text = acc.Tensors(tag)[0].tensor_proto.string_val[0].decode()
+        print(f"  text {tag}: {len(text)} characters")
+        if want not in text:
+            print(f"error: text summary {tag!r} does not contain {want!r}", file=sys.stderr)
+            return 1
     if args.steps is not None:
         for tag in args.require:
             steps = [e.step for e in acc.Scalars(tag)]

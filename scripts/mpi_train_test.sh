@@ -64,6 +64,14 @@ for name in mpi threads; do
 done
 on_ep2_run bench-mpi mpirun -np 2 --oversubscribe -- bench --set parallel.ep=2 --steps 2 --warmup 1
 test "$(grep -c '^step time (mean)' "$work/bench-mpi.out")" = 1
+# The console under mpirun: one progress line per step (rank 0's), none from rank 1.
+echo "-- console"
+RUST_LOG=info timeout 600 mpirun -np 2 --oversubscribe "$bin" train "${common[@]}" \
+  --set "run.output_dir=$work/console" --set parallel.ep=2 --set metrics.log_every=1 \
+  > "$work/console.out" 2> "$work/console.err"
+test "$(grep -c 'step 6/6 | loss .* | val .* | MFU .* | ETA' "$work/console.err")" = 1
+test "$(grep -c 'step [0-9]/6 |' "$work/console.err")" = 6
+! grep -q '^\[rank 1\].* INFO ' "$work/console.err"
 
 python3 - "$work" <<'PY'
 import json, re, sys

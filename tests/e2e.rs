@@ -1923,3 +1923,78 @@ fn routing_options_follow_the_single_process_curve_across_layouts_and_resume() {
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("bias_balance"), "{}", text(&out));
 }
+
+/// The console of a 2-rank run (rank threads): one progress line per step from rank 0 with
+/// compact numbers (step, loss, validation loss when evaluated, learning rate, tokens/s,
+/// step time, MFU, memory, ETA), nothing below a warning from rank 1 — unless every rank is
+/// asked to speak; metrics.jsonl gains the step time, MFU and z-loss.
+#[test]
+fn the_console_shows_rank_0_with_compact_numbers_and_the_metrics_gain_step_time_mfu_z_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "c.yaml", &tiny_config(tmp.path()));
+    let run = |all_ranks: bool, out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["train", "--config", cfg.to_str().unwrap()])
+            .args(["--set", "train.steps=4", "--set", "train.eval_every=2"])
+            .args(["--set", "parallel.ep=2", "--set", "metrics.log_every=1"])
+            .args([
+                "--set",
+                &format!("run.output_dir={}", tmp.path().join(out).display()),
+            ])
+            .env("RUST_LOG", "info")
+            .env(
+                "SWITCHYARD_LOG_ALL_RANKS",
+                if all_ranks { "1" } else { "0" },
+            )
+            .output()
+            .expect("running switchyard")
+    };
+    let out = run(false, "quiet");
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let progress: Vec<&str> = stderr.lines().filter(|l| l.contains(" | loss ")).collect();
+    assert_eq!(progress.len(), 4, "one line per step:\n{stderr}");
+    for (i, line) in progress.iter().enumerate() {
+        let step = i + 1;
+        assert!(line.contains(&format!("step {step}/4 | loss ")), "{line}");
+        for field in [
+            " | lr ",
+            " tok/s | ",
+            "/step | MFU ",
+            "% | mem ",
+            "iB | ETA ",
+        ] {
+            assert!(line.contains(field), "`{field}` missing: {line}");
+        }
+        assert_eq!(line.contains(" | val "), step % 2 == 0, "{line}");
+        // Compact: no number in the line has more than four decimals.
+        let message = &line[line.find("step ").unwrap()..];
+        for word in message.split([' ', '/', '%']) {
+            if let Some((_, decimals)) = word.split_once('.') {
+                let digits = decimals.chars().take_while(char::is_ascii_digit).count();
+                assert!(digits <= 4, "`{word}` is not compact: {line}");
+            }
+        }
+    }
+    assert!(!stderr.contains("[rank 1]"), "rank 1 spoke:\n{stderr}");
+    let loud = run(true, "loud");
+    assert!(loud.status.success(), "{}", text(&loud));
+    let loud_stderr = String::from_utf8_lossy(&loud.stderr);
+    assert!(
+        loud_stderr.lines().any(|l| l.starts_with("[rank 1] ")),
+        "SWITCHYARD_LOG_ALL_RANKS=1 lets rank 1 log:\n{loud_stderr}"
+    );
+
+    let metrics = std::fs::read_to_string(tmp.path().join("quiet/metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let get = |key: &str| v[key].as_f64().unwrap_or_else(|| panic!("{key}: {v}"));
+        assert!(get("train/step_time_s") > 0.0, "{v}");
+        let mfu = get("train/mfu");
+        assert!(mfu > 0.0 && mfu.is_finite(), "{v}");
+        // The z-loss is its own series and a part of the auxiliary loss.
+        let (z, aux) = (get("train/z_loss"), get("train/aux_loss"));
+        assert!(z > 0.0 && z < aux, "{v}");
+        assert!(get("memory/peak_bytes") > 0.0, "{v}");
+    }
+}

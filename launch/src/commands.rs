@@ -219,6 +219,8 @@ impl<'a> Ranks<'a> {
                 let comms = LocalWorld::new(n, cfg.comm.timeout(), link);
                 let results = LocalWorld::spawn(comms, Some(64 << 20), |comm| {
                     let rank = comm.rank();
+                    // Its log lines speak for its rank (only rank 0 logs below warnings).
+                    switchyard_trainer::console::set_thread_rank(Some(rank));
                     // `device: cuda`: rank threads share this node, each takes its GPU.
                     cfg.device
                         .resolve(rank)
@@ -323,14 +325,28 @@ pub fn train(
                 tracing::info!("--resume auto: no complete checkpoint yet, starting fresh");
             }
         }
+        // Rank 0 reports MFU; a peak it cannot measure leaves MFU out, said once.
+        let peak = (rank.rank == 0)
+            .then(|| bench_impl::device_peak(cfg, &rank.device, rank.in_process))
+            .and_then(|measured| {
+                measured
+                    .map_err(|e| {
+                        tracing::warn!("MFU not reported: measuring the device's matmul: {e}")
+                    })
+                    .ok()
+            });
         Ok(train_impl::run(
             cfg,
             &corpus,
             start,
             &rank.device,
-            serde_json::to_value(cfg).expect("config serialises"),
-            rank.world,
-            Some(stop.clone()),
+            train_impl::RunContext {
+                resolved_config: serde_json::to_value(cfg).expect("config serialises"),
+                resolved_yaml: resolved_yaml(cfg),
+                world: rank.world,
+                stop: Some(stop.clone()),
+                peak,
+            },
         )?)
     })?;
     match done.result {

@@ -6,6 +6,7 @@ mod commands;
 mod config;
 mod config_change;
 mod launcher_env;
+mod logging;
 mod run_dir;
 mod slurm_script;
 
@@ -321,15 +322,7 @@ struct PrepareArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // No colour codes in files (Slurm's output files, redirected logs).
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    logging::init();
     let cli = Cli::parse();
     switchyard_trainer::quiet_seam_failures();
     match run(cli.command) {

@@ -817,6 +817,13 @@ impl ModelOutput {
         self.load_balance.clone() * cfg.moe.load_balance_coef_at(step) as f32
             + self.z_loss.clone() * cfg.moe.z_loss_coef as f32
     }
+
+    /// The z-loss term of [`aux_loss`](Self::aux_loss) (coefficient included), as a number:
+    /// for the metrics, which show it apart from the balance loss.
+    pub fn z_loss_term(&self, cfg: &ModelConfig) -> f64 {
+        let z = self.z_loss.clone().inner().into_scalar::<f32>();
+        f64::from(z) * cfg.moe.z_loss_coef
+    }
 }
 
 /// Mean next-token cross-entropy in nats. logits: [B, S, V], targets: [B, S] -> [1].

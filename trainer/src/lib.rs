@@ -5,6 +5,7 @@ pub mod ablation;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod console;
 pub mod data;
 pub mod device;
 pub mod error;
@@ -23,7 +24,7 @@ pub mod trainer;
 pub use error::TrainError;
 pub use stop::StopSignal;
 pub use switchyard_parallel::seam::quiet_seam_failures;
-pub use train::{RunOutcome, Start, run};
+pub use train::{RunContext, RunOutcome, Start, run};
 pub use trainer::Trainer;
 
 /// Exit status of a run that stopped on SIGUSR1 or SIGTERM after committing a checkpoint:

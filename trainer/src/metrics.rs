@@ -10,8 +10,16 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use protobuf::RepeatedField;
 use serde::{Deserialize, Serialize};
-use tensorboard_rs::summary_writer::SummaryWriter;
+use tensorboard_proto::summary::{
+    Summary, Summary_Value, SummaryMetadata, SummaryMetadata_PluginData,
+};
+use tensorboard_proto::tensor::TensorProto;
+use tensorboard_proto::tensor_shape::TensorShapeProto;
+use tensorboard_proto::types::DataType;
+use tensorboard_rs::summary::scalar;
+use tensorboard_rs::summary_writer::FileWriter;
 
 /// Name of the JSONL file inside the run directory.
 pub const JSONL_FILE: &str = "metrics.jsonl";
@@ -98,7 +106,7 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Metri
 pub struct MetricsSink {
     cfg: MetricsConfig,
     jsonl: Option<(File, PathBuf)>,
-    tensorboard: Option<SummaryWriter>,
+    tensorboard: Option<FileWriter>,
     bar: Option<ProgressBar>,
     total_steps: u64,
     start_step: u64,
@@ -164,16 +172,15 @@ impl MetricsSink {
             None
         };
         let bar = (cfg.progress && stderr_is_terminal).then(|| {
-            let bar = ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr());
+            let bar =
+                ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr());
             // The template is a constant; a failure would be a bug caught by the tests, but
             // fall back to indicatif's default style rather than panic.
-            if let Ok(style) = ProgressStyle::with_template(
-                "step {pos}/{len} [{elapsed_precise}] {wide_bar:.cyan/blue} {msg} ETA {eta_precise}",
-            ) {
+            if let Ok(style) = ProgressStyle::with_template("[{bar:24.cyan/blue}] {wide_msg}") {
                 bar.set_style(style);
             }
             bar.set_position(start_step);
-            bar.reset_eta();
+            crate::console::register_bar(&bar);
             bar
         });
         Ok(Self {
@@ -226,30 +233,37 @@ impl MetricsSink {
         if let Some(tb) = &mut self.tensorboard {
             for (name, value) in scalars {
                 // TensorBoard scalars are f32 and steps are usize in tensorboard-rs.
-                tb.add_scalar(name, *value as f32, step as usize);
+                tb.add_summary(scalar(name, *value as f32), step as usize);
             }
             tb.flush();
         }
         Ok(())
     }
 
-    /// Updates the progress display: the bar on a terminal, otherwise a `tracing::info!`
-    /// line every `log_every` steps.
-    pub fn progress(&mut self, step: u64, loss: f64, tokens_per_sec: f64) {
-        let eta = self.eta(step);
+    /// Updates the progress display with `line` (its ETA filled in here): the bar's message
+    /// on a terminal, where a step that evaluated also leaves its line above the bar;
+    /// otherwise a log line every `log_every` steps and at every evaluation.
+    pub fn progress(&mut self, mut line: crate::console::ProgressLine) {
+        let step = line.step;
+        line.eta = self.eta(step);
+        let evaluated = line.valid_loss.is_some();
         if let Some(bar) = &self.bar {
             bar.set_position(step);
-            bar.set_message(format!("loss {loss:.4}  {}", human_rate(tokens_per_sec)));
-        } else if self.should_log(step) {
-            let eta_s = eta.map(|d| d.as_secs());
-            tracing::info!(
-                step,
-                total = self.total_steps,
-                loss,
-                tokens_per_sec,
-                eta_s,
-                "training progress"
-            );
+            bar.set_message(line.to_string());
+            if evaluated {
+                tracing::info!("{line}");
+            }
+        } else if evaluated || self.should_log(step) {
+            tracing::info!("{line}");
+        }
+    }
+
+    /// Writes `text` (Markdown) to TensorBoard's text dashboard under `tag` at `step`, e.g.
+    /// the resolved config; nothing without the TensorBoard sink.
+    pub fn log_text(&mut self, tag: &str, text: &str, step: u64) {
+        if let Some(tb) = &mut self.tensorboard {
+            tb.add_summary(text_summary(tag, text), step as usize);
+            tb.flush();
         }
     }
 
@@ -264,7 +278,9 @@ impl MetricsSink {
     /// fsyncs the JSONL file.
     pub fn finish(mut self) -> Result<(), MetricsError> {
         if let Some(bar) = self.bar.take() {
-            bar.finish();
+            // The last step evaluated and left its line above the bar.
+            bar.finish_and_clear();
+            crate::console::clear_bar();
         }
         // Dropping the writer joins its background thread, which writes all queued events.
         drop(self.tensorboard.take());
@@ -275,12 +291,24 @@ impl MetricsSink {
     }
 }
 
-fn human_rate(tokens_per_sec: f64) -> String {
-    match tokens_per_sec {
-        r if r >= 1e6 => format!("{:.2}M tok/s", r / 1e6),
-        r if r >= 1e3 => format!("{:.1}k tok/s", r / 1e3),
-        r => format!("{r:.0} tok/s"),
-    }
+/// A TensorBoard text summary: a string tensor read by the text plugin (`add_text` in
+/// PyTorch's writer; tensorboard-rs leaves it unimplemented).
+fn text_summary(tag: &str, text: &str) -> Summary {
+    let mut tensor = TensorProto::new();
+    tensor.set_dtype(DataType::DT_STRING);
+    tensor.set_tensor_shape(TensorShapeProto::new());
+    tensor.set_string_val(RepeatedField::from(vec![text.as_bytes().to_vec()]));
+    let mut plugin = SummaryMetadata_PluginData::new();
+    plugin.set_plugin_name("text".into());
+    let mut metadata = SummaryMetadata::new();
+    metadata.set_plugin_data(plugin);
+    let mut value = Summary_Value::new();
+    value.set_tag(tag.into());
+    value.set_metadata(metadata);
+    value.set_tensor(tensor);
+    let mut summary = Summary::new();
+    summary.set_value(RepeatedField::from(vec![value]));
+    summary
 }
 
 /// Formats one JSONL line; keys keep the caller's order after `step`.
@@ -458,7 +486,7 @@ fn unix_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn open_tensorboard(dir: &Path) -> Result<SummaryWriter, MetricsError> {
+fn open_tensorboard(dir: &Path) -> Result<FileWriter, MetricsError> {
     // tensorboard-rs panics if it cannot create the directory or file; check both here so
     // bad paths become errors.
     std::fs::create_dir_all(dir).map_err(io_err("create TensorBoard directory", dir))?;
@@ -475,7 +503,7 @@ fn open_tensorboard(dir: &Path) -> Result<SummaryWriter, MetricsError> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    let writer = SummaryWriter::new(dir);
+    let writer = FileWriter::new(dir);
     used.insert(dir.to_path_buf(), unix_secs());
     Ok(writer)
 }
@@ -485,7 +513,10 @@ fn open_tensorboard(dir: &Path) -> Result<SummaryWriter, MetricsError> {
 pub struct StepReport {
     pub step: u64,
     pub loss: f64,
+    /// The balance loss and the z-loss, weighted by their coefficients.
     pub aux_loss: f64,
+    /// The z-loss part of `aux_loss`.
+    pub z_loss: f64,
     pub grad_norm: f64,
     pub lr: f64,
     pub skipped: bool,
@@ -524,27 +555,47 @@ pub struct EvalReport {
     pub tokens: u64,
 }
 
-/// The scalars of one optimizer step (`train/...`).
+/// What model FLOP utilisation is measured against: the devices the run computes on and
+/// the matmul throughput of one, measured (as `switchyard bench`'s MFU).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DevicePeak {
+    /// Devices of the run: rank threads of one process share its CPU (one device); MPI
+    /// processes and GPUs count one each.
+    pub devices: usize,
+    /// One device's matmul GFLOP/s at the training precision.
+    pub gflops: f64,
+}
+
+impl DevicePeak {
+    /// The share of the devices' peak that `achieved_gflops` (the whole run's) is.
+    pub fn mfu(&self, achieved_gflops: f64) -> f64 {
+        achieved_gflops / (self.devices as f64 * self.gflops)
+    }
+}
+
+/// The scalars of one optimizer step (`train/...`); `train/mfu` when `peak` is known.
 pub fn step_scalars(
     report: &StepReport,
     flops_per_token: f64,
     tokens_seen: u64,
+    peak: Option<DevicePeak>,
 ) -> Vec<(String, f64)> {
     let tokens_per_sec = report.tokens_per_sec();
+    let gflops = tokens_per_sec * flops_per_token / 1e9;
     vec![
         ("train/loss".into(), report.loss),
         ("train/aux_loss".into(), report.aux_loss),
+        ("train/z_loss".into(), report.z_loss),
         ("train/grad_norm".into(), report.grad_norm),
         ("train/lr".into(), report.lr),
         ("train/tokens_per_sec".into(), tokens_per_sec),
-        (
-            "train/gflops_per_sec".into(),
-            tokens_per_sec * flops_per_token / 1e9,
-        ),
+        ("train/step_time_s".into(), report.seconds),
+        ("train/gflops_per_sec".into(), gflops),
         ("train/tokens_seen".into(), tokens_seen as f64),
         ("train/skipped".into(), report.skipped as u8 as f64),
     ]
     .into_iter()
+    .chain(peak.map(|p| ("train/mfu".to_string(), p.mfu(gflops))))
     .chain(report.memory.iter().flat_map(|m| {
         let peak = m.peak_per_rank.iter().copied().max().unwrap_or(0);
         [
@@ -741,8 +792,15 @@ mod tests {
             MetricsSink::with_terminal(cfg(false, false), tmp.path(), 10, 0, false).unwrap();
         assert!(sink.bar.is_none());
         sink.log(1, &[("loss", 1.0)]).unwrap();
-        sink.progress(1, 1.0, 1234.0);
-        sink.progress(2, 0.9, 1234.0);
+        for (step, loss) in [(1, 1.0), (2, 0.9)] {
+            sink.progress(crate::console::ProgressLine {
+                step,
+                total_steps: 2,
+                loss,
+                tokens_per_sec: 1234.0,
+                ..Default::default()
+            });
+        }
         assert!(sink.should_log(2) && !sink.should_log(3));
         sink.finish().unwrap();
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);

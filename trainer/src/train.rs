@@ -9,9 +9,10 @@ use switchyard_parallel::Communicator;
 
 use crate::checkpoint::Checkpointer;
 use crate::config::Config;
+use crate::console::ProgressLine;
 use crate::data::Corpus;
 use crate::error::TrainError;
-use crate::metrics::{EvalReport, MetricsSink, moe_scalars, step_scalars};
+use crate::metrics::{DevicePeak, EvalReport, MetricsSink, moe_scalars, step_scalars};
 use crate::stop::StopSignal;
 use crate::trainer::Trainer;
 
@@ -36,20 +37,37 @@ pub enum RunOutcome {
     Preempted { step: u64, checkpoint: PathBuf },
 }
 
-/// `world`: this rank's communicator when the layout has more than one rank (every rank
-/// calls `run`); only rank 0 writes metrics and prints progress. `stop`: set (by a signal
-/// handler) to stop at the next step boundary with a checkpoint; the decision is
-/// collective, so every rank stops at the same step even if only one was signalled. `run`
-/// arms it right before the first step (see [`StopSignal`]).
+/// What a run is handed besides its config, data and device.
+pub struct RunContext {
+    /// The resolved config, saved in every checkpoint; its YAML (`resolved_yaml`) goes to
+    /// TensorBoard's text dashboard.
+    pub resolved_config: serde_json::Value,
+    pub resolved_yaml: String,
+    /// This rank's communicator when the layout has more than one rank (every rank calls
+    /// `run`); only rank 0 writes metrics and prints progress.
+    pub world: Option<Box<dyn Communicator>>,
+    /// Set (by a signal handler) to stop at the next step boundary with a checkpoint; the
+    /// decision is collective, so every rank stops at the same step even if only one was
+    /// signalled. `run` arms it right before the first step (see [`StopSignal`]).
+    pub stop: Option<Arc<StopSignal>>,
+    /// What MFU is measured against (rank 0; `None`: no MFU).
+    pub peak: Option<DevicePeak>,
+}
+
 pub fn run(
     cfg: &Config,
     corpus: &Corpus,
     start: Start<'_>,
     device: &Device,
-    resolved_config: serde_json::Value,
-    world: Option<Box<dyn Communicator>>,
-    stop: Option<Arc<StopSignal>>,
+    context: RunContext,
 ) -> Result<RunOutcome, TrainError> {
+    let RunContext {
+        resolved_config,
+        resolved_yaml,
+        world,
+        stop,
+        peak,
+    } = context;
     let mut trainer = Trainer::new_on(cfg, corpus, device, world)?;
     let ckpt_dir = cfg
         .checkpoint
@@ -103,6 +121,11 @@ pub fn run(
     } else {
         None
     };
+    if let Some(metrics) = &mut metrics {
+        // As a Markdown code block: TensorBoard's text dashboard renders Markdown.
+        let text = format!("```yaml\n{resolved_yaml}\n```");
+        metrics.log_text("config", &text, trainer.counters.step);
+    }
     let flops_per_token = trainer.train_flops_per_token();
     let mut last_eval = None;
     if let Some(stop) = &stop {
@@ -110,7 +133,8 @@ pub fn run(
     }
     while trainer.counters.step < cfg.train.steps {
         let report = trainer.step()?;
-        let mut scalars = step_scalars(&report, flops_per_token, trainer.counters.tokens_seen);
+        let mut scalars =
+            step_scalars(&report, flops_per_token, trainer.counters.tokens_seen, peak);
         if trainer.is_logger() {
             scalars.extend(trainer.placement_scalars());
         }
@@ -125,10 +149,12 @@ pub fn run(
         {
             tracing::info!("{line}");
         }
+        let mut valid_loss = None;
         if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0) || last {
             let eval = trainer.evaluate()?;
             scalars.push(("valid/loss".into(), eval.loss));
             scalars.push(("valid/perplexity".into(), eval.perplexity));
+            valid_loss = Some(eval.loss);
             last_eval = Some(eval);
         }
         if let Some(metrics) = &mut metrics {
@@ -137,7 +163,22 @@ pub fn run(
             metrics
                 .log(step, &borrowed)
                 .map_err(|e| TrainError::Metrics(e.to_string()))?;
-            metrics.progress(step, report.loss, report.tokens_per_sec());
+            let tokens_per_sec = report.tokens_per_sec();
+            metrics.progress(ProgressLine {
+                step,
+                total_steps: cfg.train.steps,
+                loss: report.loss,
+                valid_loss,
+                lr: report.lr,
+                tokens_per_sec,
+                step_seconds: report.seconds,
+                mfu: peak.map(|p| p.mfu(tokens_per_sec * flops_per_token / 1e9)),
+                peak_bytes: report
+                    .memory
+                    .as_ref()
+                    .and_then(|m| m.peak_per_rank.iter().copied().max()),
+                eta: None,
+            });
         }
         let due = cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0;
         let mut saved = None;

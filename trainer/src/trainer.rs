@@ -26,11 +26,14 @@ use crate::rebalance::Rebalancer;
 
 /// The pool a trainer's steps run on: as many threads as the global pool (`run.threads`),
 /// with a main-thread-sized stack (deep autodiff graphs recurse in the backward pass).
+/// Its workers speak for the rank that builds it (see `console::current_rank`).
 fn step_pool() -> Result<rayon::ThreadPool, TrainError> {
+    let rank = crate::console::thread_rank();
     rayon::ThreadPoolBuilder::new()
         .num_threads(rayon::current_num_threads())
         .stack_size(64 << 20)
         .thread_name(|i| format!("switchyard-step-{i}"))
+        .start_handler(move |_| crate::console::set_thread_rank(rank))
         .build()
         .map_err(|e| TrainError::Io(format!("starting the step's thread pool: {e}")))
 }
@@ -186,7 +189,7 @@ impl Trainer {
         let accum = self.cfg.train.grad_accum_steps;
         let lr = self.cfg.optim.lr_at(step, self.cfg.train.steps);
         let mut grads: BTreeMap<ParamKey, Tensor<1>> = BTreeMap::new();
-        let (mut loss_sum, mut aux_sum, mut tokens) = (0f64, 0f64, 0u64);
+        let (mut loss_sum, mut aux_sum, mut z_sum, mut tokens) = (0f64, 0f64, 0f64, 0u64);
         let mut moe_stats = Vec::new();
         let counting = alloc::counting();
         let held_at_start = alloc::live_bytes() as u64;
@@ -219,6 +222,7 @@ impl Trainer {
             let (inputs, targets) = self.local_tensors(&batch, &self.device);
             let output = self.model.forward(inputs);
             let aux_loss = output.aux_loss(&self.cfg.model, step);
+            z_sum += output.z_loss_term(&self.cfg.model);
             let ce = cross_entropy(output.logits, targets) * ce_weight;
             loss_sum += scalar(&ce);
             aux_sum += scalar(&aux_loss);
@@ -238,21 +242,23 @@ impl Trainer {
         }
         self.model.set_step_counts(None);
         let held_before_sync = alloc::live_bytes() as u64;
-        let (loss, aux_loss, grad_norm) = match &self.layout {
+        let (loss, aux_loss, z_loss, grad_norm) = match &self.layout {
             Some(l) => {
                 if !sync_each_micro {
                     grads = l.sync_grads(&self.model, &grads)?;
                 }
-                let sums = l.sum_agreed(vec![loss_sum, aux_sum], "step loss")?;
+                let sums = l.sum_agreed(vec![loss_sum, aux_sum, z_sum], "step loss")?;
                 (
                     sums[0] / accum as f64,
                     sums[1] / accum as f64,
+                    sums[2] / accum as f64,
                     l.grad_norm(&grads)?,
                 )
             }
             None => (
                 loss_sum / accum as f64,
                 aux_sum / accum as f64,
+                z_sum / accum as f64,
                 global_norm(&grads),
             ),
         };
@@ -313,6 +319,7 @@ impl Trainer {
             step: self.counters.step,
             loss,
             aux_loss,
+            z_loss,
             grad_norm,
             lr,
             skipped: !finite,
