@@ -1868,6 +1868,57 @@ fn bench_and_ablate_run_at_ep2() {
     };
     assert_eq!(losses(&one).len(), 4, "{}", text(&one));
     assert_eq!(losses(&one), losses(&out), "{}", text(&out));
+
+    // Two seeds: every variant trained with run.seed 5 and 6; the summary's figures are
+    // the means over them, with the spread.
+    let out = switchyard(&[
+        "ablate",
+        "--config",
+        cfg,
+        "--set",
+        "train.steps=2",
+        "--seeds",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("means over 2 seeds (5, 6)"), "{stdout}");
+    let json = tmp.path().join("run/ablation-routers.json");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(summary["seeds"], serde_json::json!([5, 6]), "{summary}");
+    let runs = summary["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 8, "{summary}");
+    for (v, spread) in summary["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(summary["spread"].as_array().unwrap())
+    {
+        let name = v["name"].as_str().unwrap();
+        let seeds: Vec<f64> = runs
+            .iter()
+            .filter(|r| r["name"] == name)
+            .map(|r| r["valid_loss"].as_f64().unwrap())
+            .collect();
+        assert_eq!(seeds.len(), 2, "{name}");
+        assert_ne!(
+            seeds[0], seeds[1],
+            "{name}: the seeds trained the same model"
+        );
+        let mean = v["valid_loss"].as_f64().unwrap();
+        assert!((mean - (seeds[0] + seeds[1]) / 2.0).abs() < 1e-12, "{name}");
+        let std = spread["valid_loss"]["std"].as_f64().unwrap();
+        let expected = (seeds[0] - seeds[1]).abs() / 2f64.sqrt();
+        assert!(
+            (std - expected).abs() < 1e-9,
+            "{name}: std {std}, expected {expected}"
+        );
+        assert!(
+            stdout.contains(&format!("  {name:<8} {mean:.4} +- {std:.4}")),
+            "{stdout}"
+        );
+    }
 }
 
 /// The routing options through the trainer: sigmoid scores, the auxiliary-loss-free bias

@@ -1124,7 +1124,12 @@ pub fn bench(cfg: &Config, launch: &LaunchInfo, opts: &bench_impl::BenchOptions)
 }
 
 /// `switchyard ablate`: every variant trained and measured at the layout.
-pub fn ablate(cfg: &Config, study: ablation::Study, launch: &LaunchInfo) -> Result<()> {
+pub fn ablate(
+    cfg: &Config,
+    study: ablation::Study,
+    seeds: usize,
+    launch: &LaunchInfo,
+) -> Result<()> {
     if let Err(e) = ablation::check_base(cfg, study) {
         bail!("ablate --study {}: {e}", study.name());
     }
@@ -1135,6 +1140,7 @@ pub fn ablate(cfg: &Config, study: ablation::Study, launch: &LaunchInfo) -> Resu
         Ok(ablation::run(
             cfg,
             study,
+            seeds,
             &corpus,
             &rank.device,
             rank.world,

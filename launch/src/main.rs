@@ -215,6 +215,10 @@ enum Command {
         /// loss, auxiliary-loss-free, sigmoid + auxiliary-loss-free, group-limited).
         #[arg(long, default_value = "routers")]
         study: switchyard_trainer::ablation::Study,
+        /// Train every variant with this many seeds (`run.seed`, `run.seed + 1`, ...) and
+        /// report the means and the validation loss's spread.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+        seeds: u64,
     },
     /// Write an sbatch script that trains CONFIG with preemption signalling and requeue.
     SlurmScript(slurm_script::SlurmScriptArgs),
@@ -568,9 +572,13 @@ fn run(command: Command) -> Result<()> {
             println!("features: {}", built_features().join(" "));
             Ok(())
         }
-        Command::Ablate { config, study } => {
+        Command::Ablate {
+            config,
+            study,
+            seeds,
+        } => {
             let cfg = load(&config)?;
-            commands::ablate(&cfg, study, &launch()?)
+            commands::ablate(&cfg, study, seeds as usize, &launch()?)
         }
         Command::SlurmScript(args) => {
             let cfg = load(&args.config)?;

@@ -7,6 +7,10 @@
 //!   dropped fraction under the config's capacity, and the all-to-all traffic that would
 //!   cross a node boundary at a two-node expert-parallel layout.
 //!
+//! With several seeds (`--seeds N`: `run.seed`, `run.seed + 1`, ...; the data order follows
+//! the run seed unless `data.shuffle_seed` pins it) every variant is trained once per seed;
+//! the table shows the means over the seeds and the validation loss's spread.
+//!
 //! Each variant's curves and a summary go to `<output_dir>/ablation-<study>.json`, with a
 //! PNG plot of validation loss and expert load beside it.
 
@@ -82,10 +86,12 @@ pub struct Traffic {
     pub busiest_rank_time: f64,
 }
 
-/// One variant's figures.
+/// One variant's figures: of one seed's run, or their means over the seeds.
 #[derive(Debug, Clone, Serialize)]
 pub struct VariantReport {
     pub name: &'static str,
+    /// The run seed, or `None` for the means over several seeds.
+    pub seed: Option<u64>,
     /// The variant's routing options, as config keys.
     pub router: String,
     pub valid_loss: f64,
@@ -126,11 +132,56 @@ impl VariantReport {
     }
 }
 
+/// Mean and spread of one figure over the seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Spread {
+    pub mean: f64,
+    /// Sample standard deviation (n - 1); 0 with one seed.
+    pub std: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(values: &[f64]) -> Spread {
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let var = if values.len() > 1 {
+            values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        Spread {
+            mean,
+            std: var.sqrt(),
+            min: values.iter().copied().fold(f64::INFINITY, f64::min),
+            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        }
+    }
+}
+
+/// A variant's spread over the seeds.
+#[derive(Debug, Clone, Serialize)]
+pub struct VariantSpread {
+    pub name: &'static str,
+    pub valid_loss: Spread,
+    /// Max/mean load over the last quarter of training.
+    pub late_load: Spread,
+    pub mean_dropped: Spread,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AblationReport {
     pub study: &'static str,
     pub steps: u64,
+    /// The run seeds every variant was trained with.
+    pub seeds: Vec<u64>,
+    /// Per variant: its figures, means over the seeds (curves step by step).
     pub variants: Vec<VariantReport>,
+    /// Per variant: the spread over the seeds.
+    pub spread: Vec<VariantSpread>,
+    /// Every (variant, seed) run, when there is more than one seed.
+    pub runs: Vec<VariantReport>,
     /// The summary JSON and the plot, once written.
     #[serde(skip)]
     pub files: Vec<PathBuf>,
@@ -139,11 +190,26 @@ pub struct AblationReport {
 impl fmt::Display for AblationReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let base = &self.variants[0];
-        writeln!(
-            f,
-            "ablation ({}): {} optimizer steps each, same data and seed",
-            self.study, self.steps
-        )?;
+        if self.seeds.len() == 1 {
+            writeln!(
+                f,
+                "ablation ({}): {} optimizer steps each, same data and seed ({})",
+                self.study, self.steps, self.seeds[0]
+            )?;
+        } else {
+            writeln!(
+                f,
+                "ablation ({}): {} optimizer steps each, same data; means over {} seeds ({})",
+                self.study,
+                self.steps,
+                self.seeds.len(),
+                self.seeds
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?;
+        }
         let width = self
             .variants
             .iter()
@@ -221,6 +287,28 @@ impl fmt::Display for AblationReport {
                     v.moe_forward_tokens_per_sec,
                     v.moe_forward_tokens_per_sec / base.moe_forward_tokens_per_sec,
                     v.train_seconds,
+                )?;
+            }
+        }
+        if self.seeds.len() > 1 {
+            writeln!(f, "validation loss over the seeds:")?;
+            for (spread, v) in self.spread.iter().zip(&self.variants) {
+                let runs: Vec<String> = self
+                    .runs
+                    .iter()
+                    .filter(|r| r.name == v.name)
+                    .map(|r| format!("{:.4}", r.valid_loss))
+                    .collect();
+                let l = spread.valid_loss;
+                writeln!(
+                    f,
+                    "  {:<width$} {:.4} +- {:.4} (min {:.4}, max {:.4}; {})",
+                    v.name,
+                    l.mean,
+                    l.std,
+                    l.min,
+                    l.max,
+                    runs.join(", ")
                 )?;
             }
         }
@@ -415,13 +503,25 @@ pub fn check_base(base: &Config, study: Study) -> Result<(), String> {
 pub fn run(
     base: &Config,
     study: Study,
+    seeds: usize,
     corpus: &Corpus,
     device: &Device,
     world: Option<Box<dyn Communicator>>,
 ) -> Result<AblationReport, TrainError> {
-    let mut reports = Vec::new();
+    let seeds: Vec<u64> = (0..seeds.max(1) as u64)
+        .map(|i| base.run.seed + i)
+        .collect();
+    let mut runs = Vec::new();
     let mut logger = true;
-    for (name, cfg) in variants(base, study) {
+    let seeded = seeds.iter().flat_map(|&seed| {
+        variants(base, study)
+            .into_iter()
+            .map(move |(name, mut cfg)| {
+                cfg.run.seed = seed;
+                (name, seed, cfg)
+            })
+    });
+    for (name, seed, cfg) in seeded {
         // Each variant's trainer takes a communicator of its own: a duplicate of the world.
         let variant_world = match &world {
             Some(w) => Some(
@@ -437,7 +537,7 @@ pub fn run(
         let mut trainer = Trainer::new_on(&cfg, corpus, device, variant_world)?;
         logger = trainer.is_logger();
         if logger {
-            tracing::info!(variant = name, "ablation: training");
+            tracing::info!("ablation: training {name} (seed {seed})");
         }
         let (mut load_curve, mut dropped_curve, mut valid_curve) = (vec![], vec![], vec![]);
         while trainer.counters.step < cfg.train.steps {
@@ -455,24 +555,82 @@ pub fn run(
         }
         let train_seconds = started.elapsed().as_secs_f64();
         let mut report = measure(name, &cfg, &trainer)?;
+        report.seed = Some(seed);
         report.train_seconds = train_seconds;
         report.valid_curve = valid_curve;
         report
             .valid_curve
             .push((cfg.train.steps, report.valid_loss));
         (report.load_curve, report.dropped_curve) = (load_curve, dropped_curve);
-        reports.push(report);
+        runs.push(report);
     }
+    let names: Vec<&'static str> = variants(base, study).iter().map(|(n, _)| *n).collect();
+    let of =
+        |name: &str| -> Vec<&VariantReport> { runs.iter().filter(|r| r.name == name).collect() };
+    let spread = names
+        .iter()
+        .map(|&name| {
+            let figures = |f: &dyn Fn(&VariantReport) -> f64| {
+                Spread::of(&of(name).into_iter().map(f).collect::<Vec<_>>())
+            };
+            VariantSpread {
+                name,
+                valid_loss: figures(&|r| r.valid_loss),
+                late_load: figures(&VariantReport::late_load),
+                mean_dropped: figures(&VariantReport::mean_dropped),
+            }
+        })
+        .collect();
+    let variants = names
+        .iter()
+        .map(|&name| mean_over_seeds(&of(name)))
+        .collect();
     let mut report = AblationReport {
         study: study.name(),
         steps: base.train.steps,
-        variants: reports,
+        variants,
+        spread,
+        runs: if seeds.len() > 1 { runs } else { Vec::new() },
+        seeds,
         files: Vec::new(),
     };
     if logger {
         report.files = write_files(base, &report)?;
     }
     Ok(report)
+}
+
+/// One variant's runs (one per seed, the same steps and evaluations) as one report: every
+/// figure and every curve point the mean over the runs. One run is returned as it is.
+fn mean_over_seeds(runs: &[&VariantReport]) -> VariantReport {
+    let mut mean = runs[0].clone();
+    if runs.len() == 1 {
+        return mean;
+    }
+    let n = runs.len() as f64;
+    let avg = |f: &dyn Fn(&VariantReport) -> f64| runs.iter().map(|r| f(r)).sum::<f64>() / n;
+    let avg_curve = |f: &dyn Fn(&VariantReport) -> &Vec<f64>| -> Vec<f64> {
+        (0..f(runs[0]).len())
+            .map(|i| runs.iter().map(|r| f(r)[i]).sum::<f64>() / n)
+            .collect()
+    };
+    mean.seed = None;
+    mean.valid_loss = avg(&|r| r.valid_loss);
+    mean.ffn_flops_per_token = avg(&|r| r.ffn_flops_per_token);
+    mean.ffn_experts_per_token = avg(&|r| r.ffn_experts_per_token);
+    mean.moe_forward_tokens_per_sec = avg(&|r| r.moe_forward_tokens_per_sec);
+    mean.train_seconds = avg(&|r| r.train_seconds);
+    mean.load_curve = avg_curve(&|r| &r.load_curve);
+    mean.dropped_curve = avg_curve(&|r| &r.dropped_curve);
+    for (i, point) in mean.valid_curve.iter_mut().enumerate() {
+        point.1 = runs.iter().map(|r| r.valid_curve[i].1).sum::<f64>() / n;
+    }
+    mean.traffic = Traffic {
+        cross_node_rows: avg(&|r| r.traffic.cross_node_rows),
+        cross_node_sends: avg(&|r| r.traffic.cross_node_sends),
+        busiest_rank_time: avg(&|r| r.traffic.busiest_rank_time),
+    };
+    mean
 }
 
 /// Max/mean load and dropped fraction of one step, means over the MoE layers.
@@ -609,6 +767,7 @@ fn measure(
     let per = (tokens * moe_layers).max(1.0);
     Ok(VariantReport {
         name,
+        seed: None,
         router: describe(&cfg.model.moe),
         valid_loss: loss_sum / tokens.max(1.0),
         ffn_flops_per_token: flops / tokens.max(1.0),
@@ -665,6 +824,39 @@ fn add_traffic(traffic: &mut Traffic, stats: &MoeStats, rows: usize, experts: us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spread_and_the_mean_over_seeds() {
+        let s = Spread::of(&[1.0, 2.0, 4.0]);
+        assert!((s.mean - 7.0 / 3.0).abs() < 1e-12);
+        // Sample variance: ((4/3)^2 + (1/3)^2 + (5/3)^2) / 2 = 21/9.
+        assert!((s.std - (21.0f64 / 9.0).sqrt()).abs() < 1e-12, "{s:?}");
+        assert_eq!((s.min, s.max), (1.0, 4.0));
+        assert_eq!(Spread::of(&[3.0]).std, 0.0);
+
+        let run = |seed: u64, loss: f64| VariantReport {
+            name: "v",
+            seed: Some(seed),
+            router: String::new(),
+            valid_loss: loss,
+            ffn_flops_per_token: 10.0,
+            ffn_experts_per_token: 2.0,
+            moe_forward_tokens_per_sec: 100.0 * seed as f64,
+            train_seconds: 1.0,
+            load_curve: vec![loss, 2.0 * loss],
+            dropped_curve: vec![0.0, 0.1],
+            valid_curve: vec![(5, loss + 1.0), (10, loss)],
+            traffic: Traffic::default(),
+        };
+        let (a, b) = (run(1, 1.0), run(2, 2.0));
+        let mean = mean_over_seeds(&[&a, &b]);
+        assert_eq!(mean.seed, None);
+        assert_eq!(mean.valid_loss, 1.5);
+        assert_eq!(mean.moe_forward_tokens_per_sec, 150.0);
+        assert_eq!(mean.load_curve, vec![1.5, 3.0]);
+        assert_eq!(mean.valid_curve, vec![(5, 2.5), (10, 1.5)]);
+        assert_eq!(mean_over_seeds(&[&a]).seed, Some(1));
+    }
 
     fn stats(dispatched: Vec<Option<u32>>, k: usize) -> MoeStats {
         MoeStats {
