@@ -325,16 +325,6 @@ pub fn train(
                 tracing::info!("--resume auto: no complete checkpoint yet, starting fresh");
             }
         }
-        // Rank 0 reports MFU; a peak it cannot measure leaves MFU out, said once.
-        let peak = (rank.rank == 0)
-            .then(|| bench_impl::device_peak(cfg, &rank.device, rank.in_process))
-            .and_then(|measured| {
-                measured
-                    .map_err(|e| {
-                        tracing::warn!("MFU not reported: measuring the device's matmul: {e}")
-                    })
-                    .ok()
-            });
         Ok(train_impl::run(
             cfg,
             &corpus,
@@ -345,7 +335,6 @@ pub fn train(
                 resolved_yaml: resolved_yaml(cfg),
                 world: rank.world,
                 stop: Some(stop.clone()),
-                peak,
             },
         )?)
     })?;

@@ -16,7 +16,6 @@ use crate::config::Config;
 use crate::data::Corpus;
 use crate::device::DeviceConfig;
 use crate::error::TrainError;
-use crate::metrics::DevicePeak;
 use crate::trainer::Trainer;
 
 /// What `switchyard bench` runs.
@@ -528,25 +527,16 @@ pub fn device_gemm_gflops(
     Ok(2.0 * (n * n * n) as f64 / best / 1e9)
 }
 
-/// The peak a training run's MFU is measured against (as this benchmark's MFU line): the
-/// matmul of one device at the training precision (1024^2 on the CPU, 8192^2 on a GPU),
-/// and the number of devices: `in_process` rank threads share this process's CPU (or its
-/// `cuda:N`); MPI ranks and `device: cuda` ranks count one each. Measured in ~0.2 s on the
-/// CPU; call it on one rank.
-pub fn device_peak(
-    cfg: &Config,
-    device: &Device,
-    in_process: usize,
-) -> Result<DevicePeak, TrainError> {
-    let sharing = match cfg.device {
-        DeviceConfig::Cuda(None) => 1,
-        _ => in_process.max(1),
-    };
-    let n = if cfg.device.is_cuda() { 8192 } else { 1024 };
-    Ok(DevicePeak {
-        devices: (cfg.parallel.world_size() / sharing).max(1),
-        gflops: device_gemm_gflops(device, cfg.precision, n, 3)?,
-    })
+/// The FLOP/s one rank can do, for a training run's MFU: on the CPU the FMA peak over the
+/// rank's threads (~40 ms; the hardware's limit, so MFU stays below 1 — the bench's
+/// "achieved / FMA peak"), on a GPU the matmul at the training precision (8192^2). Every
+/// rank measures at once (`train::run`), so ranks sharing cores each see their share.
+pub fn rank_peak_gflops(cfg: &Config, device: &Device) -> Result<f64, TrainError> {
+    if cfg.device.is_cuda() {
+        device_gemm_gflops(device, cfg.precision, 8192, 3)
+    } else {
+        Ok(fma_peak_gflops(rayon::current_num_threads()))
+    }
 }
 
 /// Peak resident set size of this process (Linux `/proc/self/status` `VmHWM`), bytes.

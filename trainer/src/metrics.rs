@@ -555,21 +555,20 @@ pub struct EvalReport {
     pub tokens: u64,
 }
 
-/// What model FLOP utilisation is measured against: the devices the run computes on and
-/// the matmul throughput of one, measured (as `switchyard bench`'s MFU).
+/// What model FLOP utilisation is measured against: the FLOP/s the run's ranks can do
+/// together, measured on every rank at once at the start of the run
+/// (`bench::rank_peak_gflops`: the CPU's FMA peak over the rank's threads, or the GPU's
+/// matmul), so ranks that share cores split them as they do in training.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DevicePeak {
-    /// Devices of the run: rank threads of one process share its CPU (one device); MPI
-    /// processes and GPUs count one each.
-    pub devices: usize,
-    /// One device's matmul GFLOP/s at the training precision.
+    /// The sum over the ranks, GFLOP/s.
     pub gflops: f64,
 }
 
 impl DevicePeak {
-    /// The share of the devices' peak that `achieved_gflops` (the whole run's) is.
+    /// The share of the peak that `achieved_gflops` (the whole run's) is.
     pub fn mfu(&self, achieved_gflops: f64) -> f64 {
-        achieved_gflops / (self.devices as f64 * self.gflops)
+        achieved_gflops / self.gflops
     }
 }
 

@@ -50,8 +50,6 @@ pub struct RunContext {
     /// decision is collective, so every rank stops at the same step even if only one was
     /// signalled. `run` arms it right before the first step (see [`StopSignal`]).
     pub stop: Option<Arc<StopSignal>>,
-    /// What MFU is measured against (rank 0; `None`: no MFU).
-    pub peak: Option<DevicePeak>,
 }
 
 pub fn run(
@@ -66,9 +64,9 @@ pub fn run(
         resolved_yaml,
         world,
         stop,
-        peak,
     } = context;
     let mut trainer = Trainer::new_on(cfg, corpus, device, world)?;
+    let peak = world_peak(&trainer, cfg, device)?;
     let ckpt_dir = cfg
         .checkpoint
         .dir
@@ -211,4 +209,26 @@ pub fn run(
             .map_err(|e| TrainError::Metrics(e.to_string()))?;
     }
     Ok(RunOutcome::Finished(last_eval))
+}
+
+/// The run's peak FLOP/s for MFU: every rank measures its own at once (a sum first lines
+/// them up) and the world sums them. A rank that cannot measure (a GPU error) leaves MFU
+/// out (the rank says why).
+fn world_peak(
+    trainer: &Trainer,
+    cfg: &Config,
+    device: &Device,
+) -> Result<Option<DevicePeak>, TrainError> {
+    if let Some(l) = &trainer.layout {
+        l.sum(vec![0.0], "lining up the ranks to measure their peak")?;
+    }
+    let mine = crate::bench::rank_peak_gflops(cfg, device).unwrap_or_else(|e| {
+        tracing::warn!("MFU not reported: measuring the device's peak: {e}");
+        f64::NAN
+    });
+    let gflops = match &trainer.layout {
+        Some(l) => l.sum(vec![mine], "the ranks' peak FLOP/s")?[0],
+        None => mine,
+    };
+    Ok(gflops.is_finite().then_some(DevicePeak { gflops }))
 }
