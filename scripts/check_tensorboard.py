@@ -2,13 +2,14 @@
 """Load a Switchyard run's TensorBoard event files with TensorBoard's own reader.
 
 Usage: check_tensorboard.py RUN_DIR_OR_LOGDIR [--require TAG ...] [--steps N]
-                            [--require-text TAG[=SUBSTRING] ...]
+                            [--require-text TAG[=SUBSTRING] ...] [--require-hparam KEY ...]
 
 Prints every scalar tag with its (step, value) pairs. Exits 1 if a required tag is
 missing or, with --steps N, if a required tag does not show exactly one curve of steps
 1..N (each step once, in order: a resumed run must not leave the steps it recomputed
 twice), or if a required text summary (TensorBoard's text dashboard) is missing or lacks
-SUBSTRING; 2 if no event file could be loaded.
+SUBSTRING, or a required hyperparameter (HPARAMS dashboard) is missing; 2 if no event file
+could be loaded.
 """
 import argparse
 import os
@@ -23,6 +24,7 @@ def main() -> int:
     ap.add_argument("--require", action="append", default=[], metavar="TAG", help="scalar tag that must be present")
     ap.add_argument("--steps", type=int, metavar="N", help="each required tag must have exactly the steps 1..N, once each, in order")
     ap.add_argument("--require-text", action="append", default=[], metavar="TAG[=SUBSTRING]", help="text summary that must be present (and contain SUBSTRING)")
+    ap.add_argument("--require-hparam", action="append", default=[], metavar="KEY", help="hyperparameter that the run's session-start summary must hold")
     args = ap.parse_args()
 
     logdir = args.path
@@ -58,6 +60,19 @@ def main() -> int:
         if want not in text:
             print(f"error: text summary {tag!r} does not contain {want!r}", file=sys.stderr)
             return 1
+    if args.require_hparam:
+        from tensorboard.plugins.hparams import plugin_data_pb2
+        content = acc.PluginTagToContent("hparams").get("_hparams_/session_start_info")
+        if content is None:
+            print(f"error: no hparams session-start summary in {logdir}", file=sys.stderr)
+            return 1
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        print(f"  hparams: {len(hparams)} keys")
+        for key in args.require_hparam:
+            if key not in hparams:
+                print(f"error: hyperparameter {key!r} missing; present: {sorted(hparams)[:20]}...", file=sys.stderr)
+                return 1
+            print(f"  hparam {key} = {hparams[key]}".rstrip())
     if args.steps is not None:
         for tag in args.require:
             steps = [e.step for e in acc.Scalars(tag)]

@@ -23,5 +23,5 @@ cargo run --release --quiet -- train "${common[@]}" --set train.steps=8 --resume
 "$venv/bin/python" scripts/check_tensorboard.py "$run_dir" --steps 8 \
   --require train/loss --require moe/layer0/max_over_mean_load --require train/z_loss \
   --require train/step_time_s --require train/mfu --require memory/peak_bytes \
-  --require-text "config=seed:"
+  --require-text "config=seed:" --require-hparam optim.lr --require-hparam model.moe.top_k
 "$venv/bin/python" scripts/check_tensorboard.py "$run_dir" --require valid/loss >/dev/null

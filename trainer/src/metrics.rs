@@ -10,8 +10,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use protobuf::RepeatedField;
+use protobuf::well_known_types::Value as ProtoValue;
+use protobuf::{Message, RepeatedField};
 use serde::{Deserialize, Serialize};
+use tensorboard_proto::plugin_hparams::{HParamsPluginData, SessionStartInfo};
 use tensorboard_proto::summary::{
     Summary, Summary_Value, SummaryMetadata, SummaryMetadata_PluginData,
 };
@@ -258,6 +260,16 @@ impl MetricsSink {
         }
     }
 
+    /// Writes `config` (the resolved config) as the run's hyperparameters for TensorBoard's
+    /// HPARAMS dashboard: every scalar leaf under its dotted key (`optim.lr`,
+    /// `model.moe.top_k`, list items as `key.0`); nothing without the TensorBoard sink.
+    pub fn log_hparams(&mut self, config: &serde_json::Value, step: u64) {
+        if let Some(tb) = &mut self.tensorboard {
+            tb.add_summary(hparams_summary(config), step as usize);
+            tb.flush();
+        }
+    }
+
     /// Writes `text` (Markdown) to TensorBoard's text dashboard under `tag` at `step`, e.g.
     /// the resolved config; nothing without the TensorBoard sink.
     pub fn log_text(&mut self, tag: &str, text: &str, step: u64) {
@@ -289,6 +301,57 @@ impl MetricsSink {
         }
         Ok(())
     }
+}
+
+/// The HParams plugin's session-start summary of `config`'s scalar leaves (what PyTorch's
+/// `add_hparams` writes; the plugin infers the experiment from it).
+fn hparams_summary(config: &serde_json::Value) -> Summary {
+    fn leaves(prefix: &str, v: &serde_json::Value, out: &mut HashMap<String, ProtoValue>) {
+        let mut value = ProtoValue::new();
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, child) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    leaves(&key, child, out);
+                }
+                return;
+            }
+            serde_json::Value::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    leaves(&format!("{prefix}.{i}"), child, out);
+                }
+                return;
+            }
+            serde_json::Value::Null => return,
+            serde_json::Value::Bool(b) => value.set_bool_value(*b),
+            serde_json::Value::Number(n) => value.set_number_value(n.as_f64().unwrap_or(f64::NAN)),
+            serde_json::Value::String(t) => value.set_string_value(t.clone()),
+        }
+        out.insert(prefix.to_string(), value);
+    }
+    let mut start = SessionStartInfo::new();
+    leaves("", config, start.mut_hparams());
+    let mut data = HParamsPluginData::new();
+    data.set_version(0);
+    data.set_session_start_info(start);
+    let mut plugin = SummaryMetadata_PluginData::new();
+    plugin.set_plugin_name("hparams".into());
+    plugin.set_content(
+        data.write_to_bytes()
+            .expect("an in-memory message serialises"),
+    );
+    let mut metadata = SummaryMetadata::new();
+    metadata.set_plugin_data(plugin);
+    let mut value = Summary_Value::new();
+    value.set_tag("_hparams_/session_start_info".into());
+    value.set_metadata(metadata);
+    let mut summary = Summary::new();
+    summary.set_value(RepeatedField::from(vec![value]));
+    summary
 }
 
 /// A TensorBoard text summary: a string tensor read by the text plugin (`add_text` in

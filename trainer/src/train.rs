@@ -92,7 +92,7 @@ pub fn run(
         &ckpt_dir,
         cfg.checkpoint.keep_last,
         save_timeout_s,
-        resolved_config,
+        resolved_config.clone(),
         stop.clone(),
     )?;
     match start {
@@ -123,6 +123,7 @@ pub fn run(
         // As a Markdown code block: TensorBoard's text dashboard renders Markdown.
         let text = format!("```yaml\n{resolved_yaml}\n```");
         metrics.log_text("config", &text, trainer.counters.step);
+        metrics.log_hparams(&resolved_config, trainer.counters.step);
     }
     let flops_per_token = trainer.train_flops_per_token();
     let mut last_eval = None;
