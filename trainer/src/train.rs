@@ -90,6 +90,9 @@ pub fn run(
             tracing::info!(path = %path.display(), "weights initialised from checkpoint");
         }
     }
+    if trainer.is_logger() {
+        log_blend(cfg, &trainer);
+    }
     let mut metrics = if trainer.is_logger() {
         Some(
             MetricsSink::new(
@@ -113,6 +116,7 @@ pub fn run(
         let mut scalars = step_scalars(&report, flops_per_token, trainer.counters.tokens_seen);
         if trainer.is_logger() {
             scalars.extend(trainer.placement_scalars());
+            scalars.extend(trainer.sampler.scalars());
         }
         scalars.extend(moe_scalars(&trainer.last_moe_stats));
         let step = trainer.counters.step;
@@ -170,4 +174,40 @@ pub fn run(
             .map_err(|e| TrainError::Metrics(e.to_string()))?;
     }
     Ok(RunOutcome::Finished(last_eval))
+}
+
+/// Passes over a source beyond which the start-up log warns that the run repeats it.
+const MANY_EPOCHS: f64 = 4.0;
+
+/// A blend's sources at the start of a run: name, weight, size and the epochs of each that
+/// the whole run (`train.steps`) reads; a warning for a source read more than
+/// [`MANY_EPOCHS`] times.
+fn log_blend(cfg: &Config, trainer: &Trainer) {
+    if trainer.sampler.num_sources() < 2 {
+        return;
+    }
+    let samples = cfg.train.steps * (cfg.train.grad_accum_steps * cfg.data.batch_size) as u64;
+    for s in trainer.sampler.plan(samples) {
+        tracing::info!(
+            "blend source {}: weight {:.4}, {} training sequences ({} tokens), {:.2} epochs over \
+             {} steps",
+            s.name,
+            s.weight,
+            s.windows,
+            s.tokens,
+            s.epochs,
+            cfg.train.steps
+        );
+        if s.epochs > MANY_EPOCHS {
+            tracing::warn!(
+                "blend source {} is read {:.1} times over ({:.4} of {samples} sequences from \
+                 {} of its own): it will be memorised rather than learnt from; lower its \
+                 weight or add data",
+                s.name,
+                s.epochs,
+                s.weight,
+                s.windows
+            );
+        }
+    }
 }
