@@ -254,6 +254,8 @@ impl DataConfig {
                 }
                 for (i, s) in sources.iter().enumerate() {
                     let key = |field: &str| format!("source.sources[{i}].{field}");
+                    // A repeated prefix also repeats the default name: said once.
+                    let mut repeated = false;
                     if s.prefix.as_os_str().is_empty() {
                         add(
                             &key("prefix"),
@@ -263,6 +265,7 @@ impl DataConfig {
                         .iter()
                         .position(|o| normalize(&o.prefix) == normalize(&s.prefix))
                     {
+                        repeated = true;
                         add(
                             &key("prefix"),
                             format!(
@@ -284,7 +287,8 @@ impl DataConfig {
                         );
                     }
                     let name = s.name();
-                    if !is_metric_name(&name) {
+                    if repeated && s.name.is_none() {
+                    } else if !is_metric_name(&name) {
                         let what = match &s.name {
                             Some(_) => "the name".to_string(),
                             None => format!("the name taken from the prefix, {name:?},"),

@@ -332,7 +332,8 @@ impl CorpusSource {
 
 #[cfg(test)]
 mod tests {
-    use super::super::indexed::dataset_paths;
+    use super::super::config::BlendSource;
+    use super::super::indexed::{dataset_paths, encode_index};
     use super::super::prepare::{PrepareOptions, prepare_data};
     use super::*;
 
@@ -477,6 +478,88 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("ds.idx")
+        );
+    }
+
+    #[test]
+    fn a_blend_splits_each_dataset_and_refuses_another_token_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        let prepare = |name: &str, docs: usize, byte: u8| {
+            let inputs: Vec<_> = (0..docs)
+                .map(|i| {
+                    let p = dir.path().join(format!("{name}{i}.txt"));
+                    std::fs::write(&p, [byte].repeat(40)).unwrap();
+                    p
+                })
+                .collect();
+            let prefix = dir.path().join(name);
+            prepare_data(
+                &inputs,
+                &PrepareOptions::new(None),
+                &Tokenizer::Byte,
+                &prefix,
+            )
+            .unwrap();
+            BlendSource {
+                prefix,
+                weight: 1.0,
+                name: None,
+            }
+        };
+        let (mut a, mut b) = (prepare("a", 20, b'a'), prepare("b", 10, b'b'));
+        (a.weight, b.weight) = (3.0, 1.0);
+        let c = cfg(
+            SourceConfig::Blend {
+                sources: vec![a.clone(), b.clone()],
+            },
+            TokenizerConfig::Byte {},
+        );
+        let corpus = Corpus::load(&c, &Tokenizer::Byte).unwrap();
+        let s = corpus.sources();
+        // 40 tokens a document; 2 and 1 documents held out.
+        assert_eq!((s[0].name.as_str(), s[0].weight), ("a", 3.0));
+        assert_eq!((s[0].train.len(), s[0].valid.len()), (18 * 40, 2 * 40));
+        assert_eq!((s[1].train.len(), s[1].valid.len()), (9 * 40, 40));
+        let mut sampler = corpus.train_sampler(0).unwrap();
+        let rows: Vec<i64> = (0..5)
+            .flat_map(|_| {
+                let b = sampler.next_batch();
+                (0..b.batch_size).map(|i| b.row(i)[0]).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(sampler.taken(), [15, 5]);
+        assert_eq!(rows.iter().filter(|&&t| t == i64::from(b'b')).count(), 5);
+        // Validation: a's 4 held-out windows of 17 tokens end the mix at its fifth turn,
+        // the 6th choice (a a b a a, then a again).
+        let rows: usize = corpus.valid_batches(100).iter().map(|b| b.batch_size).sum();
+        assert_eq!(rows, 5);
+
+        // A dataset of int32 ids (prepared for a vocabulary above 65,500) is refused.
+        let wide = dir.path().join("wide");
+        let (bin, idx) = dataset_paths(&wide);
+        let mut data = Vec::new();
+        for _ in 0..10 * 41 {
+            TokenDtype::I32.write(97, &mut data);
+        }
+        std::fs::write(bin, data).unwrap();
+        std::fs::write(idx, encode_index(TokenDtype::I32, &[41; 10])).unwrap();
+        let c = cfg(
+            SourceConfig::Blend {
+                sources: vec![
+                    a,
+                    BlendSource {
+                        prefix: wide,
+                        weight: 1.0,
+                        name: None,
+                    },
+                ],
+            },
+            TokenizerConfig::Byte {},
+        );
+        let e = Corpus::load(&c, &Tokenizer::Byte).unwrap_err().to_string();
+        assert!(
+            e.contains("data.source.sources[1].prefix") && e.contains("I32") && e.contains("U16"),
+            "{e}"
         );
     }
 

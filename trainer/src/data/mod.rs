@@ -230,7 +230,6 @@ shuffle_seed: 0
                 "source.sources[1].weight",
                 "source.sources[2].weight",
                 "source.sources[3].prefix",
-                "source.sources[3].name",
                 "source.sources[4].name",
                 "source.sources[5].name",
             ],
@@ -241,8 +240,8 @@ shuffle_seed: 0
             "{p:?}"
         );
         assert!(p[3].1.contains("also sources[0].prefix"), "{p:?}");
-        assert!(p[5].1.contains("also the name of sources[0]") && p[5].1.contains("name:"));
-        assert!(p[6].1.contains("not a metric name"), "{p:?}");
+        assert!(p[4].1.contains("also the name of sources[0]") && p[4].1.contains("name:"));
+        assert!(p[5].1.contains("not a metric name"), "{p:?}");
         let mut c = parse(yaml).unwrap();
         c.tokenizer = TokenizerConfig::Bpe { vocab_size: 300 };
         assert_eq!(c.validate()[0].0, "tokenizer.type");
