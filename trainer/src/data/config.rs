@@ -288,6 +288,7 @@ impl DataConfig {
                     }
                     let name = s.name();
                     if repeated && s.name.is_none() {
+                        // Its default name repeats too; the prefix's problem says it.
                     } else if !is_metric_name(&name) {
                         let what = match &s.name {
                             Some(_) => "the name".to_string(),
