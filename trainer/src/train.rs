@@ -106,6 +106,9 @@ pub fn run(
             tracing::info!(path = %path.display(), "weights initialised from checkpoint");
         }
     }
+    if trainer.is_logger() {
+        log_blend(cfg, &trainer);
+    }
     let mut metrics = if trainer.is_logger() {
         Some(
             MetricsSink::new(
@@ -136,6 +139,7 @@ pub fn run(
             step_scalars(&report, flops_per_token, trainer.counters.tokens_seen, peak);
         if trainer.is_logger() {
             scalars.extend(trainer.placement_scalars());
+            scalars.extend(trainer.sampler.scalars());
         }
         scalars.extend(moe_scalars(&trainer.last_moe_stats));
         let step = trainer.counters.step;
@@ -232,4 +236,40 @@ fn world_peak(
         None => mine,
     };
     Ok(gflops.is_finite().then_some(DevicePeak { gflops }))
+}
+
+/// Passes over a source beyond which the start-up log warns that the run repeats it.
+const MANY_EPOCHS: f64 = 4.0;
+
+/// A blend's sources at the start of a run: name, weight, size and the epochs of each that
+/// the whole run (`train.steps`) reads; a warning for a source read more than
+/// [`MANY_EPOCHS`] times.
+fn log_blend(cfg: &Config, trainer: &Trainer) {
+    if trainer.sampler.num_sources() < 2 {
+        return;
+    }
+    let samples = cfg.train.steps * (cfg.train.grad_accum_steps * cfg.data.batch_size) as u64;
+    for s in trainer.sampler.plan(samples) {
+        tracing::info!(
+            "blend source {}: weight {:.4}, {} training sequences ({} tokens), {:.2} epochs over \
+             {} steps",
+            s.name,
+            s.weight,
+            s.windows,
+            s.tokens,
+            s.epochs,
+            cfg.train.steps
+        );
+        if s.epochs > MANY_EPOCHS {
+            tracing::warn!(
+                "blend source {} is read {:.1} times over ({:.4} of {samples} sequences from \
+                 {} of its own): it will be memorised rather than learnt from; lower its \
+                 weight or add data",
+                s.name,
+                s.epochs,
+                s.weight,
+                s.windows
+            );
+        }
+    }
 }

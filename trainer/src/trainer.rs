@@ -18,7 +18,7 @@ use switchyard_moe::{MoeStats, ParamKey, Transformer, cross_entropy};
 use switchyard_parallel::{Communicator, Layout, ShardOptimizer, parallelize};
 
 use crate::config::{Config, NonFinitePolicy};
-use crate::data::{Batch, Corpus, Sampler};
+use crate::data::{Batch, BlendSampler, Corpus};
 use crate::error::TrainError;
 use crate::metrics::{EvalReport, StepMemory, StepReport};
 use crate::optim::{NamedAdamW, clip_scale, global_norm};
@@ -54,7 +54,7 @@ pub struct Trainer {
     pub cfg: Config,
     pub model: Transformer,
     pub optim: NamedAdamW,
-    pub sampler: Sampler,
+    pub sampler: BlendSampler,
     pub valid: Vec<Batch>,
     pub device: Device,
     pub counters: Counters,

@@ -111,7 +111,7 @@ fn accumulation_consumes_micro_batches_and_updates_once() {
     let report = trainer.step().unwrap();
     assert_eq!(report.tokens, 3 * 2 * 8);
     assert_eq!(
-        trainer.sampler.state().position,
+        trainer.sampler.samples(),
         3 * 2,
         "three micro-batches of two windows"
     );

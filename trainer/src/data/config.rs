@@ -91,6 +91,47 @@ pub enum SourceConfig {
         /// Path prefix without `.bin` / `.idx`.
         prefix: PathBuf,
     },
+    /// Several indexed datasets mixed by weight (Megatron's blend): the i-th training
+    /// sequence of the run comes from the source furthest below its share (see `blend.rs`).
+    Blend {
+        /// The datasets and their weights (normalised to sum to 1).
+        sources: Vec<BlendSource>,
+    },
+}
+
+/// One dataset of a `blend` source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlendSource {
+    /// Path prefix of `PREFIX.bin` / `PREFIX.idx`.
+    pub prefix: PathBuf,
+    /// Relative weight (> 0); the weights need not sum to 1.
+    pub weight: f64,
+    /// Name in metrics and logs (`data/<name>/tokens_seen`); default: the prefix's file name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl BlendSource {
+    /// The `name`, else the last component of the prefix.
+    pub fn name(&self) -> String {
+        match &self.name {
+            Some(n) => n.clone(),
+            None => self
+                .prefix
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// A source name usable as a metric path segment (`data/<name>/tokens_seen`).
+fn is_metric_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 fn default_synthetic_bytes() -> usize {
@@ -201,60 +242,144 @@ impl DataConfig {
                         "is empty; give PREFIX of PREFIX.bin / PREFIX.idx".into(),
                     );
                 }
-                if matches!(self.tokenizer, TokenizerConfig::Bpe { .. }) {
+            }
+            SourceConfig::Blend { sources } => {
+                if sources.is_empty() {
                     add(
-                        "tokenizer.type",
-                        "bpe cannot be trained on an indexed source (it is already tokenized); use the \
-                         tokenizer that prepared the data (byte or huggingface)"
+                        "source.sources",
+                        "is empty; list the datasets to mix, e.g. [{prefix: data/a, weight: 0.7}, \
+                         {prefix: data/b, weight: 0.3}]"
                             .into(),
                     );
                 }
+                for (i, s) in sources.iter().enumerate() {
+                    let key = |field: &str| format!("source.sources[{i}].{field}");
+                    // A repeated prefix also repeats the default name: said once.
+                    let mut repeated = false;
+                    if s.prefix.as_os_str().is_empty() {
+                        add(
+                            &key("prefix"),
+                            "is empty; give PREFIX of PREFIX.bin / PREFIX.idx".into(),
+                        );
+                    } else if let Some(j) = sources[..i]
+                        .iter()
+                        .position(|o| normalize(&o.prefix) == normalize(&s.prefix))
+                    {
+                        repeated = true;
+                        add(
+                            &key("prefix"),
+                            format!(
+                                "{} is also sources[{j}].prefix; list each dataset once and \
+                                 give it the sum of the weights",
+                                s.prefix.display()
+                            ),
+                        );
+                    }
+                    if !(s.weight.is_finite() && s.weight > 0.0) {
+                        add(
+                            &key("weight"),
+                            format!(
+                                "is {} but must be a positive number (the weights are \
+                                 normalised, e.g. 0.7 and 0.3, or 7 and 3); remove a source \
+                                 rather than giving it weight 0",
+                                s.weight
+                            ),
+                        );
+                    }
+                    let name = s.name();
+                    if repeated && s.name.is_none() {
+                        // Its default name repeats too; the prefix's problem says it.
+                    } else if !is_metric_name(&name) {
+                        let what = match &s.name {
+                            Some(_) => "the name".to_string(),
+                            None => format!("the name taken from the prefix, {name:?},"),
+                        };
+                        add(
+                            &key("name"),
+                            format!(
+                                "{what} is not a metric name (letters, digits, `_`, `-`, `.`); \
+                                 set name: e.g. web"
+                            ),
+                        );
+                    } else if let Some(j) = sources[..i].iter().position(|o| o.name() == name) {
+                        add(
+                            &key("name"),
+                            format!(
+                                "{name:?} is also the name of sources[{j}] (by default a source \
+                                 is named after its prefix's file name); set a distinct name:"
+                            ),
+                        );
+                    }
+                }
             }
+        }
+        if matches!(
+            self.source,
+            SourceConfig::Indexed { .. } | SourceConfig::Blend { .. }
+        ) && matches!(self.tokenizer, TokenizerConfig::Bpe { .. })
+        {
+            add(
+                "tokenizer.type",
+                "bpe cannot be trained on an indexed source (it is already tokenized); use the \
+                 tokenizer that prepared the data (byte or huggingface)"
+                    .into(),
+            );
         }
         p
     }
 
     /// Files the config names that do not exist, as (key path, message naming the path).
     pub fn check_paths(&self) -> Vec<(String, String)> {
-        let mut p = Vec::new();
-        let mut need_file = |key: &str, path: &Path, what: &str| {
-            if !path.is_file() {
-                p.push((
-                    key.to_string(),
+        const IDX: &str = "a Megatron index file made by prepare-data";
+        const BIN: &str = "a Megatron data file made by prepare-data";
+        // (key, file, what it should be)
+        let mut needed: Vec<(String, PathBuf, &str)> = Vec::new();
+        if let TokenizerConfig::HuggingFace { path, .. } = &self.tokenizer {
+            needed.push((
+                "tokenizer.path".into(),
+                path.clone(),
+                "a Hugging Face tokenizer.json",
+            ));
+        }
+        fn dataset(key: String, prefix: &Path) -> [(String, PathBuf, &'static str); 2] {
+            let (bin, idx) = super::indexed::dataset_paths(prefix);
+            [(key.clone(), idx, IDX), (key, bin, BIN)]
+        }
+        match &self.source {
+            SourceConfig::Synthetic { .. } => {}
+            SourceConfig::Text { path } => {
+                needed.push(("source.path".into(), path.clone(), "a UTF-8 text file"))
+            }
+            SourceConfig::Jsonl { path, .. } => {
+                needed.push(("source.path".into(), path.clone(), "a JSON Lines file"))
+            }
+            SourceConfig::Indexed { prefix } => {
+                needed.extend(dataset("source.prefix".into(), prefix))
+            }
+            SourceConfig::Blend { sources } => {
+                for (i, s) in sources.iter().enumerate() {
+                    needed.extend(dataset(format!("source.sources[{i}].prefix"), &s.prefix));
+                }
+            }
+        }
+        needed
+            .into_iter()
+            .filter(|(_, path, _)| !path.is_file())
+            .map(|(key, path, what)| {
+                (
+                    key,
                     format!(
                         "{} does not exist or is not a file; expected {what}",
                         path.display()
                     ),
-                ));
-            }
-        };
-        if let TokenizerConfig::HuggingFace { path, .. } = &self.tokenizer {
-            need_file("tokenizer.path", path, "a Hugging Face tokenizer.json");
-        }
-        match &self.source {
-            SourceConfig::Synthetic { .. } => {}
-            SourceConfig::Text { path } => need_file("source.path", path, "a UTF-8 text file"),
-            SourceConfig::Jsonl { path, .. } => need_file("source.path", path, "a JSON Lines file"),
-            SourceConfig::Indexed { prefix } => {
-                let (bin, idx) = super::indexed::dataset_paths(prefix);
-                need_file(
-                    "source.prefix",
-                    &idx,
-                    "a Megatron index file made by prepare-data",
-                );
-                need_file(
-                    "source.prefix",
-                    &bin,
-                    "a Megatron data file made by prepare-data",
-                );
-            }
-        }
-        p
+                )
+            })
+            .collect()
     }
 
     /// Makes the relative paths of the files this node reads absolute: each against
     /// `base(key)` (key relative to the `data` node: `tokenizer.path`, `source.path`,
-    /// `source.prefix`), normally the config file's directory, or the working directory for
+    /// `source.prefix`, `source.sources[i].prefix`), normally the config file's directory, or the working directory for
     /// a key set on the command line. `.` and `..` are resolved in the text of the path.
     pub fn resolve_paths<'a>(&mut self, base: impl Fn(&str) -> &'a Path) {
         let fix = |key: &str, p: &mut PathBuf| {
@@ -271,6 +396,11 @@ impl DataConfig {
                 fix("source.path", path)
             }
             SourceConfig::Indexed { prefix } => fix("source.prefix", prefix),
+            SourceConfig::Blend { sources } => {
+                for (i, s) in sources.iter_mut().enumerate() {
+                    fix(&format!("source.sources[{i}].prefix"), &mut s.prefix);
+                }
+            }
         }
     }
 }

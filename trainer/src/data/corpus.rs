@@ -3,10 +3,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use super::blend::{BlendSampler, blend_valid_batches, source_seed};
 use super::config::{DataConfig, SourceConfig, TokenizerConfig};
 use super::error::{DataError, Result};
-use super::indexed::IndexedDataset;
-use super::sampler::{Batch, Sampler, valid_batches};
+use super::indexed::{IndexedDataset, TokenDtype};
+use super::sampler::{Batch, Sampler};
 use super::source::{read_jsonl, read_text_file};
 use super::synthetic::synthetic_text;
 use super::tokenizer::{BPE_EOD_TOKEN, Tokenizer};
@@ -17,7 +18,7 @@ pub fn raw_documents(source: &SourceConfig) -> Result<Option<Vec<String>>> {
         SourceConfig::Synthetic { seed, bytes } => vec![synthetic_text(*seed, *bytes)],
         SourceConfig::Text { path } => vec![read_text_file(path)?],
         SourceConfig::Jsonl { path, text_key } => read_jsonl(path, text_key)?,
-        SourceConfig::Indexed { .. } => return Ok(None),
+        SourceConfig::Indexed { .. } | SourceConfig::Blend { .. } => return Ok(None),
     }))
 }
 
@@ -90,14 +91,63 @@ fn check_config(cfg: &DataConfig) -> Result<()> {
     }
 }
 
-/// Train and validation token streams plus the batch geometry.
+/// One source's train and validation token streams.
+#[derive(Debug, Clone)]
+pub struct CorpusSource {
+    /// Name in metrics and logs (a blend's `name`; `data` for a single source).
+    pub name: String,
+    /// Blend weight as configured (1 for a single source; normalised by the sampler).
+    pub weight: f64,
+    pub train: Arc<[u32]>,
+    pub valid: Arc<[u32]>,
+}
+
+/// Train and validation token streams of each source plus the batch geometry.
 #[derive(Debug, Clone)]
 pub struct Corpus {
-    train: Arc<[u32]>,
-    valid: Arc<[u32]>,
+    sources: Vec<CorpusSource>,
     seq_len: usize,
     batch_size: usize,
     vocab_size: usize,
+}
+
+/// An indexed dataset's (train, validation) split: its last `valid_fraction` of the
+/// documents (rounded up) is held out. `key`: the config key of its prefix, for errors.
+fn indexed_splits(
+    prefix: &Path,
+    key: &str,
+    cfg: &DataConfig,
+    vocab: usize,
+) -> Result<(Vec<u32>, Vec<u32>, TokenDtype)> {
+    let ds = IndexedDataset::open(prefix)?;
+    if let Some(max) = ds.max_token().filter(|&m| m as usize >= vocab) {
+        return Err(DataError::TokenOutOfRange {
+            context: format!("indexed dataset {} (data.{key})", prefix.display()),
+            token: max.into(),
+            vocab_size: vocab,
+            hint: "configure the tokenizer the data was prepared with".into(),
+        });
+    }
+    let n = ds.num_docs();
+    let n_valid = ((n as f64 * cfg.valid_fraction).ceil() as usize).min(n);
+    if n_valid == n {
+        return Err(DataError::SplitTooShort {
+            split: "train",
+            tokens: 0,
+            needed: cfg.seq_len + 1,
+            hint: format!(
+                "{} (data.{key}) has only {n} documents, all of them held out for validation \
+                 by valid_fraction {}; prepare more documents or lower valid_fraction",
+                prefix.display(),
+                cfg.valid_fraction
+            ),
+        });
+    }
+    Ok((
+        ds.docs(0..n - n_valid).to_vec(),
+        ds.docs(n - n_valid..n).to_vec(),
+        ds.dtype(),
+    ))
 }
 
 impl Corpus {
@@ -107,40 +157,56 @@ impl Corpus {
     /// followed by the tokenizer's end-of-document token, if it has one) and the last
     /// `valid_fraction` of the tokens is the validation split (a contiguous tail, like
     /// nanoGPT). Indexed sources: the last `valid_fraction` of the documents (rounded up) is
-    /// the validation split. Both splits must hold at least `seq_len + 1` tokens.
+    /// the validation split; a blend splits each of its datasets so. Every split must hold
+    /// at least `seq_len + 1` tokens.
     pub fn load(cfg: &DataConfig, tokenizer: &Tokenizer) -> Result<Corpus> {
         check_config(cfg)?;
         let vocab = tokenizer.vocab_size();
         let (train, valid) = match &cfg.source {
             SourceConfig::Indexed { prefix } => {
-                let ds = IndexedDataset::open(prefix)?;
-                if let Some(max) = ds.max_token().filter(|&m| m as usize >= vocab) {
-                    return Err(DataError::TokenOutOfRange {
-                        context: format!("indexed dataset {}", prefix.display()),
-                        token: max.into(),
-                        vocab_size: vocab,
-                        hint: "configure the tokenizer the data was prepared with".into(),
-                    });
+                let (train, valid, _) = indexed_splits(prefix, "source.prefix", cfg, vocab)?;
+                (train, valid)
+            }
+            SourceConfig::Blend { sources } => {
+                let mut parts = Vec::with_capacity(sources.len());
+                let mut first_dtype = None;
+                for (i, s) in sources.iter().enumerate() {
+                    let key = format!("source.sources[{i}].prefix");
+                    let (train, valid, dtype) = indexed_splits(&s.prefix, &key, cfg, vocab)?;
+                    // The dtype follows the preparing tokenizer's vocabulary size: a
+                    // different one means a different tokenizer, whose ids mean other text.
+                    let (first, first_dtype) = *first_dtype.get_or_insert((0, dtype));
+                    if dtype != first_dtype {
+                        return Err(DataError::InvalidConfig {
+                            problems: vec![(
+                                key,
+                                format!(
+                                    "{} holds {dtype:?} token ids but sources[{first}] holds \
+                                     {first_dtype:?}: they were prepared with tokenizers of \
+                                     different vocabulary sizes; prepare every source with the \
+                                     configured tokenizer",
+                                    s.prefix.display()
+                                ),
+                            )],
+                        });
+                    }
+                    let name = s.name();
+                    parts.push(
+                        CorpusSource {
+                            name: name.clone(),
+                            weight: s.weight,
+                            train: train.into(),
+                            valid: valid.into(),
+                        }
+                        .checked(cfg.seq_len, Some(&format!("source {name} (data.{key})")))?,
+                    );
                 }
-                let n = ds.num_docs();
-                let n_valid = ((n as f64 * cfg.valid_fraction).ceil() as usize).min(n);
-                if n_valid == n {
-                    return Err(DataError::SplitTooShort {
-                        split: "train",
-                        tokens: 0,
-                        needed: cfg.seq_len + 1,
-                        hint: format!(
-                            "{} has only {n} documents, all of them held out for validation by \
-                             valid_fraction {}; prepare more documents or lower valid_fraction",
-                            prefix.display(),
-                            cfg.valid_fraction
-                        ),
-                    });
-                }
-                (
-                    ds.docs(0..n - n_valid).to_vec(),
-                    ds.docs(n - n_valid..n).to_vec(),
-                )
+                return Ok(Corpus {
+                    sources: parts,
+                    seq_len: cfg.seq_len,
+                    batch_size: cfg.batch_size,
+                    vocab_size: vocab,
+                });
             }
             source => {
                 let docs = raw_documents(source)?.expect("text-like source");
@@ -165,7 +231,7 @@ impl Corpus {
         Corpus::from_splits(train, valid, cfg.seq_len, cfg.batch_size, vocab)
     }
 
-    /// A corpus from ready token streams (checks that each holds one window).
+    /// A single-source corpus from ready token streams (checks that each holds one window).
     pub fn from_splits(
         train: Vec<u32>,
         valid: Vec<u32>,
@@ -173,34 +239,34 @@ impl Corpus {
         batch_size: usize,
         vocab_size: usize,
     ) -> Result<Corpus> {
-        let needed = seq_len + 1;
-        for (split, toks) in [("train", &train), ("validation", &valid)] {
-            if toks.len() < needed {
-                return Err(DataError::SplitTooShort {
-                    split,
-                    tokens: toks.len(),
-                    needed,
-                    hint: "use more data, a smaller seq_len, or adjust valid_fraction".into(),
-                });
-            }
-        }
-        Ok(Corpus {
+        let source = CorpusSource {
+            name: "data".into(),
+            weight: 1.0,
             train: train.into(),
             valid: valid.into(),
+        }
+        .checked(seq_len, None)?;
+        Ok(Corpus {
+            sources: vec![source],
             seq_len,
             batch_size,
             vocab_size,
         })
     }
 
-    /// Training tokens.
-    pub fn train_tokens(&self) -> &[u32] {
-        &self.train
+    /// The sources (one unless the config is a blend).
+    pub fn sources(&self) -> &[CorpusSource] {
+        &self.sources
     }
 
-    /// Validation tokens.
+    /// Training tokens of the first source (the only one unless a blend).
+    pub fn train_tokens(&self) -> &[u32] {
+        &self.sources[0].train
+    }
+
+    /// Validation tokens of the first source (the only one unless a blend).
     pub fn valid_tokens(&self) -> &[u32] {
-        &self.valid
+        &self.sources[0].valid
     }
 
     /// Vocabulary size of the tokenizer the corpus was loaded with.
@@ -208,20 +274,66 @@ impl Corpus {
         self.vocab_size
     }
 
-    /// A fresh shuffling sampler over the training windows.
-    pub fn train_sampler(&self, seed: u64) -> Result<Sampler> {
-        Sampler::new(self.train.clone(), self.seq_len, self.batch_size, seed)
+    /// A fresh shuffling sampler over the training windows of every source, mixed by
+    /// weight (see `blend.rs`); `seed` is the data seed (each source of a blend derives its
+    /// own from it).
+    pub fn train_sampler(&self, seed: u64) -> Result<BlendSampler> {
+        let k = self.sources.len();
+        let parts = self
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(j, s)| {
+                let sampler = Sampler::new(
+                    s.train.clone(),
+                    self.seq_len,
+                    self.batch_size,
+                    source_seed(seed, j, k),
+                )?;
+                Ok((s.name.clone(), s.weight, sampler))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BlendSampler::new(parts, self.seq_len, self.batch_size))
     }
 
-    /// Up to `max_batches` validation batches, in order, identical on every call.
+    /// Up to `max_batches` validation batches, identical on every call: the held-out
+    /// windows in order, a blend's mixed by weight (see [`blend_valid_batches`]).
     pub fn valid_batches(&self, max_batches: usize) -> Vec<Batch> {
-        valid_batches(&self.valid, self.seq_len, self.batch_size, max_batches)
+        let sources: Vec<(&[u32], f64)> = self
+            .sources
+            .iter()
+            .map(|s| (&s.valid[..], s.weight))
+            .collect();
+        blend_valid_batches(&sources, self.seq_len, self.batch_size, max_batches)
+    }
+}
+
+impl CorpusSource {
+    /// Itself if both splits hold a window of `seq_len + 1` tokens; `what` (a blend's
+    /// source) leads the hint.
+    fn checked(self, seq_len: usize, what: Option<&str>) -> Result<Self> {
+        let needed = seq_len + 1;
+        for (split, toks) in [("train", &self.train), ("validation", &self.valid)] {
+            if toks.len() < needed {
+                return Err(DataError::SplitTooShort {
+                    split,
+                    tokens: toks.len(),
+                    needed,
+                    hint: format!(
+                        "{}use more data, a smaller seq_len, or adjust valid_fraction",
+                        what.map(|w| format!("{w}: ")).unwrap_or_default()
+                    ),
+                });
+            }
+        }
+        Ok(self)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::indexed::dataset_paths;
+    use super::super::config::BlendSource;
+    use super::super::indexed::{dataset_paths, encode_index};
     use super::super::prepare::{PrepareOptions, prepare_data};
     use super::*;
 
@@ -263,7 +375,7 @@ mod tests {
         assert_eq!(vb.iter().map(|b| b.batch_size).sum::<usize>(), 1_000 / 17);
         assert_eq!(vb, corpus.valid_batches(100));
         let mut s = corpus.train_sampler(0).unwrap();
-        assert_eq!(s.num_windows(), 9_000 / 17);
+        assert_eq!(s.plan(0)[0].windows, 9_000 / 17);
         assert!(s.next_batch().tokens.iter().all(|&t| (0..256).contains(&t)));
     }
 
@@ -366,6 +478,88 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("ds.idx")
+        );
+    }
+
+    #[test]
+    fn a_blend_splits_each_dataset_and_refuses_another_token_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        let prepare = |name: &str, docs: usize, byte: u8| {
+            let inputs: Vec<_> = (0..docs)
+                .map(|i| {
+                    let p = dir.path().join(format!("{name}{i}.txt"));
+                    std::fs::write(&p, [byte].repeat(40)).unwrap();
+                    p
+                })
+                .collect();
+            let prefix = dir.path().join(name);
+            prepare_data(
+                &inputs,
+                &PrepareOptions::new(None),
+                &Tokenizer::Byte,
+                &prefix,
+            )
+            .unwrap();
+            BlendSource {
+                prefix,
+                weight: 1.0,
+                name: None,
+            }
+        };
+        let (mut a, mut b) = (prepare("a", 20, b'a'), prepare("b", 10, b'b'));
+        (a.weight, b.weight) = (3.0, 1.0);
+        let c = cfg(
+            SourceConfig::Blend {
+                sources: vec![a.clone(), b.clone()],
+            },
+            TokenizerConfig::Byte {},
+        );
+        let corpus = Corpus::load(&c, &Tokenizer::Byte).unwrap();
+        let s = corpus.sources();
+        // 40 tokens a document; 2 and 1 documents held out.
+        assert_eq!((s[0].name.as_str(), s[0].weight), ("a", 3.0));
+        assert_eq!((s[0].train.len(), s[0].valid.len()), (18 * 40, 2 * 40));
+        assert_eq!((s[1].train.len(), s[1].valid.len()), (9 * 40, 40));
+        let mut sampler = corpus.train_sampler(0).unwrap();
+        let rows: Vec<i64> = (0..5)
+            .flat_map(|_| {
+                let b = sampler.next_batch();
+                (0..b.batch_size).map(|i| b.row(i)[0]).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(sampler.taken(), [15, 5]);
+        assert_eq!(rows.iter().filter(|&&t| t == i64::from(b'b')).count(), 5);
+        // Validation: a's 4 held-out windows of 17 tokens end the mix at its fifth turn,
+        // the 6th choice (a a b a a, then a again).
+        let rows: usize = corpus.valid_batches(100).iter().map(|b| b.batch_size).sum();
+        assert_eq!(rows, 5);
+
+        // A dataset of int32 ids (prepared for a vocabulary above 65,500) is refused.
+        let wide = dir.path().join("wide");
+        let (bin, idx) = dataset_paths(&wide);
+        let mut data = Vec::new();
+        for _ in 0..10 * 41 {
+            TokenDtype::I32.write(97, &mut data);
+        }
+        std::fs::write(bin, data).unwrap();
+        std::fs::write(idx, encode_index(TokenDtype::I32, &[41; 10])).unwrap();
+        let c = cfg(
+            SourceConfig::Blend {
+                sources: vec![
+                    a,
+                    BlendSource {
+                        prefix: wide,
+                        weight: 1.0,
+                        name: None,
+                    },
+                ],
+            },
+            TokenizerConfig::Byte {},
+        );
+        let e = Corpus::load(&c, &Tokenizer::Byte).unwrap_err().to_string();
+        assert!(
+            e.contains("data.source.sources[1].prefix") && e.contains("I32") && e.contains("U16"),
+            "{e}"
         );
     }
 

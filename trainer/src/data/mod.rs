@@ -2,9 +2,10 @@
 //! synthetic quickstart corpus, train/validation splits and the resumable shuffling sampler.
 //!
 //! Typical use: `cfg.validate()` and `cfg.check_paths()` before anything is allocated, then
-//! [`build_tokenizer`], [`Corpus::load`], [`Corpus::train_sampler`] (restore its
-//! [`SamplerState`] on resume) and [`Corpus::valid_batches`].
+//! [`build_tokenizer`], [`Corpus::load`], [`Corpus::train_sampler`] (a [`BlendSampler`]: one source
+//! or several mixed by weight; restored from a checkpoint on resume) and [`Corpus::valid_batches`].
 
+mod blend;
 mod config;
 mod corpus;
 mod error;
@@ -16,8 +17,12 @@ mod source;
 mod synthetic;
 mod tokenizer;
 
-pub use config::{DataConfig, MIN_BPE_VOCAB, SourceConfig, TokenizerConfig};
-pub use corpus::{Corpus, build_tokenizer, raw_documents};
+pub use blend::{
+    BlendSampler, BlendSourceState, BlendState, SourceUse, blend_choice, blend_counts,
+    blend_valid_batches,
+};
+pub use config::{BlendSource, DataConfig, MIN_BPE_VOCAB, SourceConfig, TokenizerConfig};
+pub use corpus::{Corpus, CorpusSource, build_tokenizer, raw_documents};
 pub use error::{DataError, Result};
 pub use indexed::{DatasetStats, IndexedDataset, TokenDtype, dataset_stats};
 pub use prepare::{PrepareOptions, PrepareReport, prepare_data};
@@ -166,6 +171,80 @@ shuffle_seed: 0
         c.batch_size = 0;
         let e = Corpus::load(&c, &Tokenizer::Byte).unwrap_err().to_string();
         assert!(e.contains("data.batch_size"), "{e}");
+    }
+
+    #[test]
+    fn blend_sources_parse_validate_and_resolve_with_their_keys() {
+        let yaml = "tokenizer: {type: byte}\nseq_len: 4\nbatch_size: 2\nsource:\n  type: blend\n  \
+                    sources:\n  - {prefix: a/web, weight: 7}\n  - {prefix: b/code, weight: 3, name: code}\n";
+        let mut c = parse(yaml).unwrap();
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
+        let SourceConfig::Blend { sources } = &c.source else {
+            panic!("{:?}", c.source)
+        };
+        assert_eq!(
+            sources.iter().map(BlendSource::name).collect::<Vec<_>>(),
+            ["web", "code"]
+        );
+        assert_eq!(parse(&serde_yaml::to_string(&c).unwrap()).unwrap(), c);
+        let e = parse(&yaml.replace("weight: 3,", "weight: 3, wieght: 1,")).unwrap_err();
+        assert!(e.contains("wieght"), "{e}");
+
+        // Each prefix resolves against the base of its own key.
+        let (cwd, config_dir) = (PathBuf::from("/cwd"), PathBuf::from("/configs"));
+        c.resolve_paths(|key| {
+            if key == "source.sources[1].prefix" {
+                &cwd
+            } else {
+                &config_dir
+            }
+        });
+        let SourceConfig::Blend { sources } = &c.source else {
+            unreachable!()
+        };
+        assert_eq!(sources[0].prefix, PathBuf::from("/configs/a/web"));
+        assert_eq!(sources[1].prefix, PathBuf::from("/cwd/b/code"));
+        let p = c.check_paths();
+        assert_eq!(p.len(), 4, "{p:?}");
+        assert!(p[2].0 == "source.sources[1].prefix" && p[2].1.contains("/cwd/b/code.idx"));
+
+        let problems = |sources: &str| -> Vec<(String, String)> {
+            let yaml = format!(
+                "tokenizer: {{type: byte}}\nseq_len: 4\nbatch_size: 2\n\
+                 source: {{type: blend, sources: {sources}}}\n"
+            );
+            parse(&yaml).unwrap().validate()
+        };
+        let p = problems("[]");
+        assert_eq!(p[0].0, "source.sources");
+        assert!(p[0].1.contains("is empty"), "{p:?}");
+        let p = problems(
+            "[{prefix: x/a, weight: 0}, {prefix: y/b, weight: -1}, {prefix: z/c, weight: .nan}, \
+             {prefix: ./x/a, weight: 1}, {prefix: w/a, weight: 1}, {prefix: q, weight: 1, name: \"a b\"}]",
+        );
+        let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "source.sources[0].weight",
+                "source.sources[1].weight",
+                "source.sources[2].weight",
+                "source.sources[3].prefix",
+                "source.sources[4].name",
+                "source.sources[5].name",
+            ],
+            "{p:?}"
+        );
+        assert!(
+            p[0].1.contains("positive") && p[1].1.contains("-1"),
+            "{p:?}"
+        );
+        assert!(p[3].1.contains("also sources[0].prefix"), "{p:?}");
+        assert!(p[4].1.contains("also the name of sources[0]") && p[4].1.contains("name:"));
+        assert!(p[5].1.contains("not a metric name"), "{p:?}");
+        let mut c = parse(yaml).unwrap();
+        c.tokenizer = TokenizerConfig::Bpe { vocab_size: 300 };
+        assert_eq!(c.validate()[0].0, "tokenizer.type");
     }
 
     #[test]

@@ -141,24 +141,34 @@ impl Sampler {
         self.epoch
     }
 
+    /// Windows handed out since the start (every epoch).
+    pub fn windows_taken(&self) -> u64 {
+        self.epoch * self.num_windows as u64 + self.position as u64
+    }
+
     /// The next `batch_size` windows.
     pub fn next_batch(&mut self) -> Batch {
-        let w = self.seq_len + 1;
-        let mut tokens = Vec::with_capacity(self.batch_size * w);
+        let mut tokens = Vec::with_capacity(self.batch_size * (self.seq_len + 1));
         for _ in 0..self.batch_size {
-            let start = self.order[self.position] * w;
-            tokens.extend(self.tokens[start..start + w].iter().map(|&t| i64::from(t)));
-            self.position += 1;
-            if self.position == self.num_windows {
-                self.epoch += 1;
-                self.position = 0;
-                self.order = epoch_permutation(self.seed, self.epoch, self.num_windows);
-            }
+            self.push_window(&mut tokens);
         }
         Batch {
             tokens,
             batch_size: self.batch_size,
             seq_len: self.seq_len,
+        }
+    }
+
+    /// Appends the next window (`seq_len + 1` tokens) to `out`.
+    pub(crate) fn push_window(&mut self, out: &mut Vec<i64>) {
+        let w = self.seq_len + 1;
+        let start = self.order[self.position] * w;
+        out.extend(self.tokens[start..start + w].iter().map(|&t| i64::from(t)));
+        self.position += 1;
+        if self.position == self.num_windows {
+            self.epoch += 1;
+            self.position = 0;
+            self.order = epoch_permutation(self.seed, self.epoch, self.num_windows);
         }
     }
 
@@ -243,22 +253,6 @@ pub fn valid_batches(
             }
         })
         .collect()
-}
-
-/// The data position and the shuffle seed (the RNG state: an epoch's order is a pure
-/// function of the seed and the epoch) in the trainer state's `sampler` field.
-impl crate::checkpoint::Checkpointed for Sampler {
-    fn save(&self, snapshot: &mut crate::checkpoint::Snapshot) {
-        snapshot.put("sampler", &self.state());
-    }
-
-    fn restore(
-        &mut self,
-        snapshot: &crate::checkpoint::Snapshot,
-    ) -> std::result::Result<(), String> {
-        let state: SamplerState = snapshot.require("sampler")?;
-        Sampler::restore(self, &state).map_err(|e| e.to_string())
-    }
 }
 
 #[cfg(test)]
