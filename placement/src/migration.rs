@@ -101,12 +101,18 @@ impl MigrationDecision {
         let rule = if self.threshold_steps == 0 {
             "no threshold (payback_steps: 0)".to_string()
         } else {
-            let cmp = if self.payback_steps.is_some_and(|p| p <= self.threshold_steps as f64) {
+            let cmp = if self
+                .payback_steps
+                .is_some_and(|p| p <= self.threshold_steps as f64)
+            {
                 "<="
             } else {
                 ">"
             };
-            format!("{cmp} {} (placement.migration.payback_steps)", self.threshold_steps)
+            format!(
+                "{cmp} {} (placement.migration.payback_steps)",
+                self.threshold_steps
+            )
         };
         format!(
             "migration of {} of {} experts ({:.3} MB, predicted {:.3} ms = {:.3} steps of \
@@ -211,8 +217,7 @@ pub fn decide(
     let gain_per_step_s = step_before_s - step_after_s;
     let payback_steps = (gain_per_step_s > 0.0).then(|| cost_s / gain_per_step_s);
     let migrate = moved_experts > 0
-        && (cfg.payback_steps == 0
-            || payback_steps.is_some_and(|p| p <= cfg.payback_steps as f64));
+        && (cfg.payback_steps == 0 || payback_steps.is_some_and(|p| p <= cfg.payback_steps as f64));
     MigrationDecision {
         moved_experts,
         total_experts: instance.layers() * instance.experts(),

@@ -75,8 +75,11 @@ impl PlanFile {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| error(format!("reading: {e}")))?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| error(format!("not JSON ({e}); expected a file written by `switchyard plan-placement --out`")))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            error(format!(
+                "not JSON ({e}); expected a file written by `switchyard plan-placement --out`"
+            ))
+        })?;
         if value.is_array() {
             return Err(error(format!(
                 "a bare list of plans (plan-placement's output before format `{PLAN_FORMAT}`, \

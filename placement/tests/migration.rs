@@ -1,8 +1,8 @@
 //! The migration threshold (`placement.migration`) and the plan file (`placement.plan`).
 
 use switchyard_placement::{
-    ExpertCost, Instance, MigrationConfig, PLAN_FORMAT, PlanFile, PlanFileOut, Strategy,
-    Topology, decide, evaluate, plan,
+    ExpertCost, Instance, MigrationConfig, PLAN_FORMAT, PlanFile, PlanFileOut, Strategy, Topology,
+    decide, evaluate, plan,
 };
 
 /// One layer of 4 experts on 2 ranks; experts 0 and 1 take `hot` tokens each, 2 and 3 one.
@@ -152,7 +152,10 @@ fn a_plan_file_fits_only_its_model_and_ep() {
 
     let joined = |issues: Vec<String>| issues.join("\n");
     let ep = joined(file.check(4, &[0, 2], 4));
-    assert!(ep.contains("planned for 2 ep ranks, but parallel.ep is 4"), "{ep}");
+    assert!(
+        ep.contains("planned for 2 ep ranks, but parallel.ep is 4"),
+        "{ep}"
+    );
     assert!(ep.contains("--ranks 4"), "{ep}");
     let experts = joined(file.check(2, &[0, 2], 8));
     assert!(experts.contains("places 4 experts per layer"), "{experts}");
@@ -165,16 +168,32 @@ fn a_plan_file_fits_only_its_model_and_ep() {
     let mut bad = file.clone();
     bad.plans[0].owners[1] = vec![0, 0, 0, 2];
     let range = joined(bad.check(2, &[0, 2], 4));
-    assert!(range.contains("layer 2: expert 3 is on ep rank 2"), "{range}");
+    assert!(
+        range.contains("layer 2: expert 3 is on ep rank 2"),
+        "{range}"
+    );
     bad.plans[0].owners[1] = vec![0, 0, 0, 1];
     let counts = joined(bad.check(2, &[0, 2], 4));
-    assert!(counts.contains("layer 2: ep rank 0 holds 3 experts"), "{counts}");
-    assert!(counts.contains("every rank holds num_experts / ep = 2"), "{counts}");
+    assert!(
+        counts.contains("layer 2: ep rank 0 holds 3 experts"),
+        "{counts}"
+    );
+    assert!(
+        counts.contains("every rank holds num_experts / ep = 2"),
+        "{counts}"
+    );
 
     // Several plans: the run must be told which.
-    let many = plan_file(tmp.path(), 2, &[Strategy::Contiguous {}, Strategy::Heuristic {}]);
+    let many = plan_file(
+        tmp.path(),
+        2,
+        &[Strategy::Contiguous {}, Strategy::Heuristic {}],
+    );
     let many = joined(PlanFile::load(&many).unwrap().check(2, &[0, 2], 4));
-    assert!(many.contains("holds 2 plans (contiguous, heuristic)"), "{many}");
+    assert!(
+        many.contains("holds 2 plans (contiguous, heuristic)"),
+        "{many}"
+    );
     assert!(many.contains("--strategy NAME"), "{many}");
 }
 
@@ -190,9 +209,17 @@ fn files_that_are_not_plans_are_refused_with_the_reason() {
     let old = write("old.json", r#"[{"strategy": "ilp", "owners": [[0, 1]]}]"#);
     assert!(err(&old).contains("bare list of plans"), "{}", err(&old));
     let other = write("stats.json", r#"{"format": "switchyard-routing-stats/1"}"#);
-    assert!(err(&other).contains("format `switchyard-routing-stats/1`"), "{}", err(&other));
+    assert!(
+        err(&other).contains("format `switchyard-routing-stats/1`"),
+        "{}",
+        err(&other)
+    );
     let text = write("x.json", "not json");
     assert!(err(&text).contains("not JSON"), "{}", err(&text));
     let missing = tmp.path().join("missing.json");
-    assert!(err(&missing).contains("missing.json: reading"), "{}", err(&missing));
+    assert!(
+        err(&missing).contains("missing.json: reading"),
+        "{}",
+        err(&missing)
+    );
 }

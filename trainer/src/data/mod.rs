@@ -16,7 +16,7 @@ mod source;
 mod synthetic;
 mod tokenizer;
 
-pub use config::{DataConfig, MIN_BPE_VOCAB, SourceConfig, TokenizerConfig};
+pub use config::{DataConfig, MIN_BPE_VOCAB, SourceConfig, TokenizerConfig, normalize};
 pub use corpus::{Corpus, build_tokenizer, raw_documents};
 pub use error::{DataError, Result};
 pub use indexed::{DatasetStats, IndexedDataset, TokenDtype, dataset_stats};
