@@ -1028,7 +1028,11 @@ fn record_routing_then_plan_placement() {
     }
     let plans: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&plans).unwrap()).unwrap();
-    for plan in plans.as_array().unwrap() {
+    assert_eq!(plans["format"], "switchyard-placement-plan/1");
+    assert_eq!(plans["ep"], 2);
+    assert_eq!(plans["moe_layers"], serde_json::json!([0, 1]));
+    assert_eq!(plans["plans"].as_array().unwrap().len(), 3);
+    for plan in plans["plans"].as_array().unwrap() {
         let owners = plan["owners"].as_array().unwrap();
         assert_eq!(owners.len(), 2, "one owner vector per MoE layer");
         for owner in owners {
