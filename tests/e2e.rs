@@ -1154,7 +1154,11 @@ fn record_routing_then_plan_placement() {
     }
     let plans: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&plans).unwrap()).unwrap();
-    for plan in plans.as_array().unwrap() {
+    assert_eq!(plans["format"], "switchyard-placement-plan/1");
+    assert_eq!(plans["ep"], 2);
+    assert_eq!(plans["moe_layers"], serde_json::json!([0, 1]));
+    assert_eq!(plans["plans"].as_array().unwrap().len(), 3);
+    for plan in plans["plans"].as_array().unwrap() {
         let owners = plan["owners"].as_array().unwrap();
         assert_eq!(owners.len(), 2, "one owner vector per MoE layer");
         for owner in owners {
@@ -1195,11 +1199,14 @@ fn switchyard_info(args: &[&str]) -> Output {
 fn rebalancing_migrates_experts_and_keeps_the_loss_curve() {
     let tmp = tempfile::tempdir().unwrap();
     let layout = ["--set", "parallel.ep=4", "--set", "model.moe.num_experts=8"];
+    // No migration threshold: every plan migrates (the threshold has its own test).
     let rebalance = [
         "--set",
         "placement.strategy.type=heuristic",
         "--set",
         "placement.rebalance_every=3",
+        "--set",
+        "placement.migration.payback_steps=0",
     ];
     let train = |name: &str, extra: &[&str]| -> (PathBuf, Output) {
         let dir = tmp.path().join(name);
@@ -2174,4 +2181,221 @@ fn the_console_shows_rank_0_with_compact_numbers_and_the_metrics_gain_step_time_
         assert!(z > 0.0 && z < aux, "{v}");
         assert!(get("memory/peak_bytes") > 0.0, "{v}");
     }
+}
+
+/// The owners of every MoE layer in the trainer state of a run's first checkpoint.
+fn checkpoint_owners(run_dir: &Path) -> serde_json::Value {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.sort();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dirs[0].join("manifest.json")).unwrap())
+            .unwrap();
+    manifest["trainer_state"]["placement"]["layers"].clone()
+}
+
+/// record-routing -> plan-placement -> train from the plan at ep=2 (threads): the plan file
+/// validates, the run logs and keeps the plan's owners (checkpoint), and trains the
+/// contiguous run's loss curve. A plan for another ep size, an old bare list and a file of
+/// several plans are config errors naming `placement.plan`.
+#[test]
+fn a_run_starts_from_a_saved_plan_on_the_contiguous_curve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny_config(tmp.path());
+    let cfg = write(tmp.path(), "tiny.yaml", &base);
+    let stats = tmp.path().join("stats.json");
+    let out = switchyard(&[
+        "record-routing",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--out",
+        stats.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let plan = tmp.path().join("plan.json");
+    let out = switchyard(&[
+        "plan-placement",
+        "--stats",
+        stats.to_str().unwrap(),
+        "--ranks",
+        "2",
+        "--strategy",
+        "heuristic",
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("placement.plan:"),
+        "{}",
+        text(&out)
+    );
+    // The plan as planned is accepted; then fixed owners that differ from contiguous in
+    // every layer, so the test does not depend on what the heuristic chose.
+    let planned = format!("{base}parallel:\n  ep: 2\nplacement:\n  plan: plan.json\n");
+    let planned_cfg = write(tmp.path(), "planned.yaml", &planned);
+    let out = switchyard(&["validate-config", "--config", planned_cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let owners = serde_json::json!([[1, 0, 1, 0], [0, 1, 1, 0]]);
+    file["plans"][0]["owners"] = owners.clone();
+    std::fs::write(&plan, serde_json::to_string(&file).unwrap()).unwrap();
+
+    // Contiguous at ep=2, then from the plan (its path relative to the config file).
+    let contiguous_dir = tmp.path().join("contiguous");
+    std::fs::create_dir_all(&contiguous_dir).unwrap();
+    let contiguous_cfg = write(
+        &contiguous_dir,
+        "c.yaml",
+        &format!("{}parallel:\n  ep: 2\n", tiny_config(&contiguous_dir)),
+    );
+    let out = switchyard(&["train", "--config", contiguous_cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let planned_dir = tmp.path().join("planned");
+    std::fs::create_dir_all(&planned_dir).unwrap();
+    std::fs::copy(&plan, planned_dir.join("plan.json")).unwrap();
+    let planned_cfg = write(
+        &planned_dir,
+        "c.yaml",
+        &format!(
+            "{}parallel:\n  ep: 2\nplacement:\n  plan: plan.json\n",
+            tiny_config(&planned_dir)
+        ),
+    );
+    let out = switchyard_info(&["train", "--config", planned_cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("placement.plan: starting from the `heuristic` plan")
+            && log.contains("layer 0 [1, 0, 1, 0], layer 1 [0, 1, 1, 0]"),
+        "{log}"
+    );
+    let saved = checkpoint_owners(&planned_dir.join("run"));
+    assert_eq!(saved["0"], owners[0], "{saved}");
+    assert_eq!(saved["1"], owners[1], "{saved}");
+    let contiguous = losses(&contiguous_dir.join("run"));
+    let from_plan = losses(&planned_dir.join("run"));
+    assert_eq!(contiguous.len(), 12);
+    assert_eq!(from_plan.len(), 12);
+    for ((s1, l1), (s2, l2)) in contiguous.iter().zip(&from_plan) {
+        assert_eq!(s1, s2);
+        let rel = ((l1 - l2) / l1).abs();
+        assert!(rel <= 1e-5, "step {s1}: {l1} vs {l2} (rel {rel:e})");
+    }
+
+    // Plans that do not fit are config errors naming the key, the values and the fix.
+    let refused = |extra: &[&str], expect: &[&str]| {
+        let mut args = vec!["validate-config", "--config", planned_cfg.to_str().unwrap()];
+        args.extend(extra);
+        let out = switchyard(&args);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("placement.plan"), "{}", text(&out));
+        for e in expect {
+            assert!(err.contains(e), "{e} missing: {}", text(&out));
+        }
+    };
+    refused(
+        &["--set", "parallel.ep=4"],
+        &["planned for 2 ep ranks, but parallel.ep is 4", "--ranks 4"],
+    );
+    refused(
+        &["--set", "model.moe.num_experts=8"],
+        &["places 4 experts per layer", "num_experts is 8"],
+    );
+    refused(
+        &["--set", "model.moe.every=2"],
+        &["places MoE layers [0, 1]", "are [0]"],
+    );
+    std::fs::write(
+        planned_dir.join("plan.json"),
+        serde_json::to_string(&file["plans"]).unwrap(),
+    )
+    .unwrap();
+    refused(&[], &["bare list of plans"]);
+    let mut two = file.clone();
+    two["plans"] = serde_json::json!([file["plans"][0], file["plans"][0]]);
+    std::fs::write(planned_dir.join("plan.json"), two.to_string()).unwrap();
+    refused(&[], &["holds 2 plans", "--strategy NAME"]);
+}
+
+/// The migration threshold: with links priced as nearly free every plan that moves experts
+/// pays back at once and migrates; with expert compute priced as free and experts 8x wider,
+/// the all-to-all time a plan saves cannot pay back its moved bytes within one step, so
+/// every decision is logged as kept with its numbers, and metrics.jsonl records them.
+#[test]
+fn a_rebalance_migrates_only_when_it_pays_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| -> (String, Vec<serde_json::Value>) {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = write(&dir, "c.yaml", &tiny_config(&dir));
+        let mut args = vec!["train", "--config", cfg.to_str().unwrap()];
+        args.extend([
+            "--set",
+            "parallel.ep=4",
+            "--set",
+            "model.moe.num_experts=8",
+            "--set",
+            "placement.strategy.type=heuristic",
+            "--set",
+            "placement.rebalance_every=3",
+        ]);
+        args.extend(extra);
+        let out = switchyard_info(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+        let decisions = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("placement/planned_moves").is_some())
+            .collect();
+        (String::from_utf8_lossy(&out.stderr).to_string(), decisions)
+    };
+    let (log, decisions) = run("free", &["--set", "placement.migration.link_gb_per_s=1e9"]);
+    assert_eq!(decisions.len(), 3, "steps 3, 6, 9: {log}");
+    let migrated: f64 = decisions
+        .iter()
+        .map(|d| d["placement/migrated_experts"].as_f64().unwrap())
+        .sum();
+    assert!(migrated > 0.0, "{decisions:?}");
+    assert!(log.contains(": migrate; moved"), "{log}");
+
+    let (log, decisions) = run(
+        "costly",
+        &[
+            "--set",
+            "model.moe.expert_ffn_dim=256",
+            "--set",
+            "placement.migration.rank_tflop_per_s=1e9",
+            "--set",
+            "placement.migration.payback_steps=1",
+        ],
+    );
+    assert_eq!(decisions.len(), 3, "{log}");
+    for d in &decisions {
+        assert_eq!(d["placement/migrated_experts"].as_f64(), Some(0.0), "{d}");
+        if let Some(p) = d["placement/payback_steps"].as_f64() {
+            assert!(p > 1.0, "{d}");
+        }
+    }
+    let planned: f64 = decisions
+        .iter()
+        .map(|d| d["placement/planned_moves"].as_f64().unwrap())
+        .sum();
+    assert!(
+        planned > 0.0,
+        "the plans would have moved experts: {decisions:?}"
+    );
+    assert!(!log.contains("moved "), "{log}");
+    let kept = log
+        .lines()
+        .filter(|l| l.contains(": keep; the placement stays"))
+        .count();
+    assert_eq!(kept, 3, "{log}");
 }

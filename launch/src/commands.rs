@@ -1345,9 +1345,30 @@ pub fn plan_placement(opts: &PlanPlacementOptions) -> Result<()> {
         );
     }
     if let Some(out) = &opts.out {
-        let json = serde_json::to_string_pretty(&plans)?;
-        std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
-        println!("plans written to {}", out.display());
+        switchyard_placement::PlanFileOut {
+            format: switchyard_placement::PLAN_FORMAT,
+            ep: opts.ranks,
+            moe_layers: &stats.moe_layers,
+            num_experts: stats.num_experts,
+            stats: opts.stats.clone(),
+            stats_source: &stats.source,
+            plans: &plans,
+        }
+        .save(out)?;
+        match plans.as_slice() {
+            [_] => println!(
+                "plan written to {} (start a run from it with placement.plan: {}; \
+                 parallel.ep: {})",
+                out.display(),
+                out.display(),
+                opts.ranks,
+            ),
+            _ => println!(
+                "plans written to {} (placement.plan takes a file of one plan: add \
+                 --strategy NAME)",
+                out.display()
+            ),
+        }
     }
     Ok(())
 }

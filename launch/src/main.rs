@@ -288,7 +288,8 @@ struct PlanPlacementArgs {
     ranks_per_node: Option<usize>,
     #[arg(long, default_value_t = 9.0)]
     inter_node_slowdown: f64,
-    /// Write the plans (owner vectors per layer, metrics, reports) as JSON.
+    /// Write the plans (owner vectors per layer, metrics, reports) as JSON; with one
+    /// --strategy, the file `placement.plan` starts a run from.
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -413,6 +414,16 @@ fn load_with(args: &ConfigArgs, check_memory: bool) -> Result<Config> {
                     &config_dir
                 }
             });
+            if let Some(plan) = &mut cfg.placement.plan
+                && plan.is_relative()
+            {
+                let base = if set("placement.plan") {
+                    &cwd
+                } else {
+                    &config_dir
+                };
+                *plan = switchyard_trainer::data::normalize(&base.join(&*plan));
+            }
             let mut issues = cfg.validate();
             issues.extend(
                 cfg.data
@@ -422,6 +433,7 @@ fn load_with(args: &ConfigArgs, check_memory: bool) -> Result<Config> {
             );
             if issues.is_empty() {
                 issues.extend(cfg.tokenizer_issues());
+                issues.extend(cfg.placement_plan_issues());
             }
             if issues.is_empty()
                 && check_memory

@@ -61,13 +61,34 @@ pub fn parallelize(
     num_experts: usize,
     world: Box<dyn Communicator>,
 ) -> Result<Parallelized> {
+    let placement = ExpertPlacement::contiguous(num_experts, cfg.ep)?;
+    parallelize_placed(model, cfg, placement, world)
+}
+
+/// [`parallelize`] with the experts laid out by `placement` instead of contiguous blocks
+/// (a saved plan): each rank keeps the experts `placement` gives it from the full model
+/// every rank built, so the weights are those of the contiguous run, placed differently.
+pub fn parallelize_placed(
+    model: Transformer,
+    cfg: &ParallelConfig,
+    placement: ExpertPlacement,
+    world: Box<dyn Communicator>,
+) -> Result<Parallelized> {
+    let num_experts = placement.num_experts();
+    if placement.ep() != cfg.ep {
+        return Err(ParallelError::Placement(format!(
+            "the placement is for {} ep ranks, but parallel.ep is {}; plan it for {}",
+            placement.ep(),
+            cfg.ep,
+            cfg.ep
+        )));
+    }
     let shape = MeshShape {
         dp: cfg.dp,
         cp: cfg.cp,
         ep: cfg.ep,
     };
     let mesh = Mesh::with_shape(world, shape, num_experts)?.with_ep_overlap(cfg.ep_overlap);
-    let placement = ExpertPlacement::contiguous(num_experts, cfg.ep)?;
     let cp = CpConfig {
         algorithm: cfg.cp_algorithm,
     };

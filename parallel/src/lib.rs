@@ -45,7 +45,7 @@ pub use cp::{CpAlgorithm, CpAttention, CpConfig, SeqLayout, Sharding, shard_sequ
 pub use dispatcher::AllToAllDispatcher;
 pub use error::{ParallelError, Result};
 pub use grad_sync::{GradSync, LossScale, SyncGroup, WorldReducer, apply_layout};
-pub use layout::{Layout, Parallelized, parallelize};
+pub use layout::{Layout, Parallelized, parallelize, parallelize_placed};
 pub use mesh::{ExpertPlacement, Mesh, MeshShape, Placement};
 pub use migrate::{ExpertMove, ExpertState, WeightsOnly, migrate, relayout};
 pub use overlap::Overlap;

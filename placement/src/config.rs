@@ -1,5 +1,7 @@
 //! The `placement:` config node.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 /// Issues found by `validate`: (key path relative to the node, message with a hint).
@@ -19,6 +21,42 @@ pub struct PlacementConfig {
     /// statistics weigh the last ~1/(1 - decay) steps.
     #[serde(default = "default_stats_decay")]
     pub stats_decay: f64,
+    /// A plan written by `switchyard plan-placement --out` (one strategy): every MoE layer
+    /// starts with its owners instead of contiguous blocks. Relative to the config file.
+    #[serde(default)]
+    pub plan: Option<PathBuf>,
+    /// When a re-plan is worth its migration (`rebalance_every`).
+    #[serde(default)]
+    pub migration: MigrationConfig,
+}
+
+/// The migration threshold: a re-plan migrates only when the predicted time it saves per
+/// step pays back the predicted time of moving the experts within `payback_steps` steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    /// Migrate when cost / gain per step <= this many steps; 0 = migrate whenever the plan
+    /// moves an expert (no threshold).
+    #[serde(default = "default_payback_steps")]
+    pub payback_steps: u64,
+    /// Bandwidth of the fastest link between ep ranks, GB/s (1e9 bytes): prices the
+    /// migrated bytes and the all-to-all.
+    #[serde(default = "default_link_gb_per_s")]
+    pub link_gb_per_s: f64,
+    /// Expert GEMM throughput of one rank, TFLOP/s: prices the busiest rank's expert
+    /// compute.
+    #[serde(default = "default_rank_tflop_per_s")]
+    pub rank_tflop_per_s: f64,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            payback_steps: default_payback_steps(),
+            link_gb_per_s: default_link_gb_per_s(),
+            rank_tflop_per_s: default_rank_tflop_per_s(),
+        }
+    }
 }
 
 impl Default for PlacementConfig {
@@ -27,6 +65,8 @@ impl Default for PlacementConfig {
             strategy: Strategy::default(),
             rebalance_every: 0,
             stats_decay: default_stats_decay(),
+            plan: None,
+            migration: MigrationConfig::default(),
         }
     }
 }
@@ -127,6 +167,27 @@ impl PlacementConfig {
                 "a contiguous placement never changes; set strategy.type: heuristic or ilp, or rebalance_every: 0".into(),
             ));
         }
+        let m = &self.migration;
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(m.link_gb_per_s) {
+            issues.push((
+                "migration.link_gb_per_s".into(),
+                format!(
+                    "must be a positive number of GB/s, got {}; 12.5 is a 100 Gbit/s link",
+                    m.link_gb_per_s
+                ),
+            ));
+        }
+        if !positive(m.rank_tflop_per_s) {
+            issues.push((
+                "migration.rank_tflop_per_s".into(),
+                format!(
+                    "must be a positive number of TFLOP/s, got {}; 0.03 is a CPU core's \
+                     expert GEMMs",
+                    m.rank_tflop_per_s
+                ),
+            ));
+        }
         if let Strategy::Ilp {
             time_limit_s,
             mip_gap,
@@ -165,6 +226,23 @@ impl PlacementConfig {
 
 fn default_stats_decay() -> f64 {
     0.99
+}
+
+/// About the horizon of the default statistics (decay 0.99 weighs ~100 steps): a plan
+/// that needs longer to pay back may be stale before it does.
+fn default_payback_steps() -> u64 {
+    100
+}
+
+/// A 100 Gbit/s link.
+fn default_link_gb_per_s() -> f64 {
+    12.5
+}
+
+/// One CPU core's grouped expert GEMMs, forward and backward, as `placement-bench`
+/// measured them (26-35 GFLOP/s; docs/benchmarks.md).
+fn default_rank_tflop_per_s() -> f64 {
+    0.03
 }
 
 /// The longest ILP budget a config may set, seconds (a week; the comm timeouts' bound).

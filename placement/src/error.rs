@@ -7,6 +7,8 @@ pub enum PlacementError {
     /// A malformed problem or statistics (sizes that do not fit together).
     #[error("{0}")]
     Invalid(String),
+    #[error("placement plan {path}: {message}")]
+    PlanFile { path: PathBuf, message: String },
     #[error("routing statistics {path}: {message}")]
     StatsFile { path: PathBuf, message: String },
     #[error(

@@ -1,11 +1,11 @@
 //! What a placement costs: per-rank load balance and cross-rank transition traffic.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::instance::{Instance, Topology};
 
 /// Predicted quality of a placement (see the crate docs for the units).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
     /// Per layer: the busiest rank's tokens over the mean rank's (1 = balanced).
     pub load_max_over_mean: Vec<f64>,

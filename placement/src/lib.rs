@@ -18,12 +18,16 @@ pub mod evaluate;
 pub mod heuristic;
 pub mod ilp;
 pub mod instance;
+pub mod migration;
 pub mod plan;
+pub mod plan_file;
 pub mod stats;
 
-pub use config::{IlpSolver, PlacementConfig, Strategy};
+pub use config::{IlpSolver, MigrationConfig, PlacementConfig, Strategy};
 pub use error::{PlacementError, Result};
 pub use evaluate::{Metrics, evaluate};
 pub use instance::{Instance, Topology};
+pub use migration::{ExpertCost, MigrationDecision, decide};
 pub use plan::{Plan, PlanReport, StageReport, StageStatus, plan};
+pub use plan_file::{PLAN_FORMAT, PlanFile, PlanFileOut, SavedPlan};
 pub use stats::{BatchCounts, RoutingStats};

@@ -65,3 +65,20 @@ fn validation_names_the_key_and_the_fix() {
     let cfg = parse(r#"{"strategy": {"type": "ilp", "solver": "highs"}}"#).unwrap();
     assert_eq!(cfg.validate().is_empty(), cfg!(feature = "highs"));
 }
+
+#[test]
+fn the_migration_threshold_has_defaults_and_refuses_non_positive_rates() {
+    let cfg = parse("{}").unwrap();
+    assert_eq!(cfg.migration.payback_steps, 100);
+    assert_eq!(cfg.plan, None);
+    let cfg = parse(
+        r#"{"plan": "p.json", "migration": {"payback_steps": 0, "link_gb_per_s": 0, "rank_tflop_per_s": -1}}"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.plan.as_deref(), Some(std::path::Path::new("p.json")));
+    let issues = cfg.validate();
+    let keys: Vec<&str> = issues.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(keys.contains(&"migration.link_gb_per_s"), "{issues:?}");
+    assert!(keys.contains(&"migration.rank_tflop_per_s"), "{issues:?}");
+    assert!(parse(r#"{"migration": {"payback": 3}}"#).is_err());
+}

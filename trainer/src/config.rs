@@ -191,6 +191,34 @@ impl Config {
         issues
     }
 
+    /// Model layer indices of the MoE layers.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.model.n_layers)
+            .filter(|&l| self.model.is_moe_layer(l))
+            .collect()
+    }
+
+    /// What only the `placement.plan` file can tell (run after [`Self::validate`]): a file
+    /// that does not read as a plan, or a plan for another ep size, model or layer set.
+    pub fn placement_plan_issues(&self) -> Vec<(String, String)> {
+        let Some(path) = &self.placement.plan else {
+            return Vec::new();
+        };
+        let key = || "placement.plan".to_string();
+        let file = match switchyard_placement::PlanFile::load(path) {
+            Ok(file) => file,
+            Err(e) => return vec![(key(), e.to_string())],
+        };
+        file.check(
+            self.parallel.ep,
+            &self.moe_layers(),
+            self.model.moe.num_experts,
+        )
+        .into_iter()
+        .map(|msg| (key(), format!("{}: {msg}", path.display())))
+        .collect()
+    }
+
     /// What only the tokenizer file can tell (run after [`Self::validate`] and the path
     /// checks): a `tokenizer.json` that does not load, or has more tokens than
     /// `model.vocab_size`.

@@ -6,17 +6,28 @@
 //! identical on every rank. Rank 0 logs the load max/mean and cross-rank traffic of the
 //! current placement under those statistics.
 //!
-//! At `step % rebalance_every == 0`, rank 0 plans with the configured strategy and
-//! broadcasts the owner vectors (the ILP has a wall-clock limit, so planning on every rank
-//! could give different answers); every rank then migrates ([`Layout::migrate`]: weights and
-//! AdamW state of every moved expert go to the new owner inside each ep group). A plan that
+//! At `step % rebalance_every == 0`, rank 0 plans with the configured strategy, weighs the
+//! plan's predicted gain per step against the predicted cost of its migration
+//! (`placement.migration`, [`switchyard_placement::migration`]) and broadcasts the owner
+//! vectors, or "keep the placement" when the migration would not pay back within
+//! `payback_steps` (the ILP has a wall-clock limit, so planning on every rank could give
+//! different answers); every rank then migrates ([`Layout::migrate`]: weights and AdamW
+//! state of every moved expert go to the new owner inside each ep group). A plan that
 //! fails on rank 0 is broadcast as "keep the placement" and logged.
+//!
+//! A fresh run with `placement.plan` starts from the plan file's owners
+//! ([`initial_placement`], checked against the model and the layout): each rank keeps
+//! those experts of the full model every rank builds, so the weights are the contiguous
+//! run's, placed differently.
 //!
 //! The per-layer placement and the statistics are saved in the checkpoint's trainer state
 //! (`placement`, `routing`): a resumed run with the same ep size continues with them
-//! ([`Rebalancer::restore_placement`]); another ep size falls back to contiguous (logged).
+//! ([`Rebalancer::restore_placement`]; the checkpoint's placement wins over
+//! `placement.plan`); another ep size keeps the run's initial placement (the plan, or
+//! contiguous; logged).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use burn::module::Param;
 use burn::tensor::{Device, Tensor};
@@ -25,7 +36,8 @@ use switchyard_moe::experts::SwiGlu;
 use switchyard_moe::{MoeStats, Transformer};
 use switchyard_parallel::{ExpertMove, ExpertPlacement, Layout, Placement};
 use switchyard_placement::{
-    BatchCounts, Metrics, PlacementConfig, RoutingStats, Topology, evaluate, plan,
+    BatchCounts, ExpertCost, Metrics, MigrationDecision, PlacementConfig, PlanFile, RoutingStats,
+    Topology, decide, evaluate, plan,
 };
 
 use crate::checkpoint::{Checkpointed, Snapshot};
@@ -70,6 +82,8 @@ impl SavedPlacement {
 pub struct Rebalancer {
     pub cfg: PlacementConfig,
     pub stats: RoutingStats,
+    /// Prices the migration threshold.
+    pub expert: ExpertCost,
 }
 
 fn placement_err(
@@ -84,13 +98,23 @@ pub struct Planned {
     pub before: Metrics,
     pub after: Metrics,
     pub seconds: f64,
+    /// Whether the migration pays back, and its numbers.
+    pub decision: MigrationDecision,
+}
+
+/// What a rebalance did, on rank 0: the log line and the decision's numbers for the
+/// metrics.
+pub struct Rebalanced {
+    pub line: String,
+    pub scalars: Vec<(String, f64)>,
 }
 
 impl Rebalancer {
-    pub fn new(cfg: &PlacementConfig) -> Result<Rebalancer, TrainError> {
+    pub fn new(cfg: &PlacementConfig, expert: ExpertCost) -> Result<Rebalancer, TrainError> {
         Ok(Rebalancer {
             cfg: cfg.clone(),
             stats: RoutingStats::new(cfg.stats_decay).map_err(placement_err("placement"))?,
+            expert,
         })
     }
 
@@ -155,40 +179,65 @@ impl Rebalancer {
             .stats
             .instance(Topology::uniform(placement.ep()))
             .map_err(placement_err("placement instance"))?;
-        let before = evaluate(&instance, &self.current_owners(placement));
+        let current = self.current_owners(placement);
+        let before = evaluate(&instance, &current);
         let planned = plan(&instance, &self.cfg.strategy).map_err(placement_err("planning"))?;
+        let decision = decide(
+            &instance,
+            (&current, &before),
+            (&planned.owners, &planned.metrics),
+            &self.expert,
+            &self.cfg.migration,
+        );
         Ok(Planned {
             owners: planned.owners,
             before,
             after: planned.metrics,
             seconds: planned.report.seconds,
+            decision,
         })
     }
 
-    /// Re-plans the placement and migrates the experts (a collective: every rank calls it
-    /// at the same step boundary). Rank 0 plans and broadcasts the owners. Returns the log
-    /// line (rank 0) or `None` when nothing was planned (one ep rank, no statistics yet).
-    pub fn rebalance(&self, step: u64, run: ModelState<'_>) -> Result<Option<String>, TrainError> {
+    /// Re-plans the placement and, when the migration pays back (`placement.migration`),
+    /// migrates the experts (a collective: every rank calls it at the same step boundary).
+    /// Rank 0 plans, decides and broadcasts the owners or "keep". Returns rank 0's log line
+    /// and the decision's numbers, or `None` when nothing was planned (one ep rank, no
+    /// statistics yet).
+    pub fn rebalance(
+        &self,
+        step: u64,
+        run: ModelState<'_>,
+    ) -> Result<Option<Rebalanced>, TrainError> {
         let layers = self.stats.moe_layers.clone();
         let experts = self.stats.num_experts;
         if run.layout.ep() < 2 || layers.is_empty() {
             return Ok(None);
         }
-        let (mut flat, mut line) = (vec![0i64; layers.len() * experts], None);
+        let (mut flat, mut done) = (vec![0i64; layers.len() * experts], None);
         if run.layout.rank() == 0 {
             match self.plan(run.layout.placement()) {
                 Ok(p) => {
-                    flat = p.owners.iter().flatten().map(|&o| o as i64).collect();
-                    line = Some(format!(
+                    let d = &p.decision;
+                    flat = if d.migrate {
+                        p.owners.iter().flatten().map(|&o| o as i64).collect()
+                    } else {
+                        vec![-1; flat.len()]
+                    };
+                    let line = format!(
                         "placement: step {step}, {} plan in {:.3} s: predicted load max/mean \
-                         {:.3} -> {:.3}, cross-rank transitions {:.3} -> {:.3}",
+                         {:.3} -> {:.3}, cross-rank transitions {:.3} -> {:.3}; {}",
                         self.cfg.strategy.name(),
                         p.seconds,
                         p.before.mean_load_max_over_mean,
                         p.after.mean_load_max_over_mean,
                         p.before.cross_rank_fraction,
-                        p.after.cross_rank_fraction
-                    ));
+                        p.after.cross_rank_fraction,
+                        d.describe()
+                    );
+                    done = Some(Rebalanced {
+                        line,
+                        scalars: decision_scalars(d),
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(
@@ -203,22 +252,32 @@ impl Rebalancer {
             .layout
             .broadcast_i64s(flat, "placement: broadcast of the plan")?;
         if flat.iter().any(|&o| o < 0) {
-            return Ok(None);
+            // Kept (or planning failed): rank 0's line says which.
+            return Ok(done.map(|mut r| {
+                r.line.push_str("; the placement stays");
+                r
+            }));
         }
         let owners: Vec<Vec<usize>> = flat
             .chunks(experts)
             .map(|o| o.iter().map(|&x| x as usize).collect())
             .collect();
         let moves = set_placement(run, &layers, &owners)?;
-        Ok(line.map(|l| format!("{l}; {}", describe_moves(&moves))))
+        Ok(done.map(|mut r| {
+            r.line = format!("{}; {}", r.line, describe_moves(&moves));
+            r
+        }))
     }
 
     /// Lays the experts out as the checkpoint's run had them (before its weights are read
     /// by key): same ep size -> the saved per-layer placement; another ep size (or a
     /// single-process checkpoint) -> contiguous, which `parallelize` already set. The
     /// optimizer is rebuilt for the parameters now held.
+    /// `initial` names the placement the run was built with (contiguous, or a plan file),
+    /// which stays when the checkpoint has none for this ep size.
     pub fn restore_placement(
         saved: Option<&SavedPlacement>,
+        initial: &str,
         run: ModelState<'_>,
         fresh_expert: impl Fn() -> SwiGlu,
         optim: impl FnOnce(&Transformer) -> NamedAdamW,
@@ -231,9 +290,15 @@ impl Rebalancer {
                 saved_ep = saved.ep,
                 ep = run.layout.ep(),
                 "the checkpoint's expert placement was for another ep size: using the \
-                 contiguous placement"
+                 {initial} placement"
             );
             return Ok(());
+        }
+        if initial != "contiguous" {
+            tracing::info!(
+                "resumed with the checkpoint's expert placement; the {initial} placement is \
+                 only a fresh run's start"
+            );
         }
         let new = saved.placements()?;
         *run.model = run.layout.relayout(run.model.clone(), new, fresh_expert)?;
@@ -241,6 +306,78 @@ impl Rebalancer {
         *run.optim = optim(run.model);
         Ok(())
     }
+}
+
+/// The numbers of a rebalance decision, as metrics (`placement/...`).
+fn decision_scalars(d: &MigrationDecision) -> Vec<(String, f64)> {
+    let mut out = vec![
+        (
+            "placement/planned_moves".to_string(),
+            d.moved_experts as f64,
+        ),
+        (
+            "placement/migrated_experts".to_string(),
+            if d.migrate {
+                d.moved_experts as f64
+            } else {
+                0.0
+            },
+        ),
+        ("placement/migration_mb".to_string(), d.moved_bytes / 1e6),
+        (
+            "placement/migration_cost_steps".to_string(),
+            d.cost_in_steps(),
+        ),
+        ("placement/gain_per_step".to_string(), d.gain_fraction()),
+    ];
+    // JSON has no infinity: a plan that saves nothing has no payback entry.
+    if let Some(p) = d.payback_steps {
+        out.push(("placement/payback_steps".to_string(), p));
+    }
+    out
+}
+
+/// The placement a fresh run starts from: the owners of `placement.plan`, checked against
+/// the model (`moe_layers`, `num_experts`) and the layout's `ep`; `None` without a plan.
+pub fn initial_placement(
+    cfg: &PlacementConfig,
+    ep: usize,
+    moe_layers: &[usize],
+    num_experts: usize,
+) -> Result<Option<(ExpertPlacement, String)>, TrainError> {
+    let Some(path) = &cfg.plan else {
+        return Ok(None);
+    };
+    let file = read_plan(path, ep, moe_layers, num_experts)?;
+    let plan = file.single().map_err(TrainError::Placement)?;
+    let placements = moe_layers
+        .iter()
+        .zip(&plan.owners)
+        .map(|(&l, owners)| Placement::from_owners(owners.clone(), ep).map(|p| (l, p)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let placement = ExpertPlacement::contiguous(num_experts, ep)?.with_layers(placements)?;
+    let name = format!("`{}` plan of {}", plan.strategy, path.display());
+    Ok(Some((placement, name)))
+}
+
+/// Reads `placement.plan` and checks it (every mismatch at once, each naming the key).
+pub fn read_plan(
+    path: &Path,
+    ep: usize,
+    moe_layers: &[usize],
+    num_experts: usize,
+) -> Result<PlanFile, TrainError> {
+    let file =
+        PlanFile::load(path).map_err(|e| TrainError::Placement(format!("placement.plan: {e}")))?;
+    let issues = file.check(ep, moe_layers, num_experts);
+    if !issues.is_empty() {
+        return Err(TrainError::Placement(format!(
+            "placement.plan {}: {}",
+            path.display(),
+            issues.join("; ")
+        )));
+    }
+    Ok(file)
 }
 
 /// What a placement change touches: the model's experts, the layout's placement and the

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::{self, Checkpointed, Checkpointer, SaveMeta, Snapshot};
 use crate::error::TrainError;
 use crate::optim::NamedAdamW;
-use crate::rebalance::{ModelState, Rebalancer, SavedPlacement, zero_expert};
+use crate::rebalance::{ModelState, Rebalanced, Rebalancer, SavedPlacement, zero_expert};
 use crate::trainer::{Counters, Trainer};
 
 impl Checkpointed for Counters {
@@ -45,9 +45,9 @@ impl Trainer {
         })
     }
 
-    /// Re-plans the placement and migrates the experts (a collective; see
-    /// [`Rebalancer::rebalance`]). Returns rank 0's log line.
-    pub fn rebalance(&mut self) -> Result<Option<String>, TrainError> {
+    /// Re-plans the placement and migrates the experts when it pays back (a collective;
+    /// see [`Rebalancer::rebalance`]). Returns rank 0's log line and decision metrics.
+    pub fn rebalance(&mut self) -> Result<Option<Rebalanced>, TrainError> {
         let step = self.counters.step;
         let Some(rebalancer) = self.rebalancer.take() else {
             return Ok(None);
@@ -151,9 +151,11 @@ impl Trainer {
         // Expert ownership is a function of the key, so today's holds for the experts the
         // restored placement brings.
         let ownership = self.layout.as_ref().and_then(|l| l.ownership().cloned());
+        let initial = self.initial_placement.clone();
         if let Some(state) = self.model_state() {
             Rebalancer::restore_placement(
                 saved.as_ref(),
+                &initial,
                 state,
                 || zero_expert(d_model, ffn, &device),
                 |model| NamedAdamW::new(&optim_cfg, model).sharded(ownership.clone()),

@@ -148,9 +148,10 @@ pub fn run(
         if every > 0
             && step % every == 0
             && !last
-            && let Some(line) = trainer.rebalance()?
+            && let Some(done) = trainer.rebalance()?
         {
-            tracing::info!("{line}");
+            tracing::info!("{}", done.line);
+            scalars.extend(done.scalars);
         }
         let mut valid_loss = None;
         if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0) || last {

@@ -15,14 +15,15 @@ use switchyard_moe::config::BalanceLoss;
 use switchyard_moe::model::forward_flops_per_token;
 use switchyard_moe::params::{named_grads, signature};
 use switchyard_moe::{MoeStats, ParamKey, Transformer, cross_entropy};
-use switchyard_parallel::{Communicator, Layout, ShardOptimizer, parallelize};
+use switchyard_parallel::{Communicator, Layout, ShardOptimizer, parallelize, parallelize_placed};
+use switchyard_placement::ExpertCost;
 
 use crate::config::{Config, NonFinitePolicy};
 use crate::data::{Batch, BlendSampler, Corpus};
 use crate::error::TrainError;
 use crate::metrics::{EvalReport, StepMemory, StepReport};
 use crate::optim::{NamedAdamW, clip_scale, global_norm};
-use crate::rebalance::Rebalancer;
+use crate::rebalance::{Rebalancer, initial_placement};
 
 /// The pool a trainer's steps run on: as many threads as the global pool (`run.threads`),
 /// with a main-thread-sized stack (deep autodiff graphs recurse in the backward pass).
@@ -73,6 +74,9 @@ pub struct Trainer {
     /// (`placement.rebalance_every > 0`) or records them (`record-routing` sets it). In one
     /// process they are free, and saved for `plan-placement`.
     pub record_routing: bool,
+    /// The placement this run was built with: `contiguous`, or the plan of
+    /// `placement.plan` (for the resume log).
+    pub(crate) initial_placement: String,
 }
 
 impl Trainer {
@@ -94,14 +98,40 @@ impl Trainer {
             .with_precision(cfg.precision)
             .with_recompute(cfg.train.activation_checkpointing);
         let signature = signature(&model);
+        let moe_layers = cfg.moe_layers();
+        let num_experts = cfg.model.moe.num_experts;
+        let mut initial = "contiguous".to_string();
         let layout = match world {
             Some(world) => {
-                let parallel = parallelize(model, &cfg.parallel, cfg.model.moe.num_experts, world)?;
+                let planned =
+                    initial_placement(&cfg.placement, cfg.parallel.ep, &moe_layers, num_experts)?;
+                let parallel = match planned {
+                    Some((placement, name)) => {
+                        initial = name;
+                        parallelize_placed(model, &cfg.parallel, placement, world)?
+                    }
+                    None => parallelize(model, &cfg.parallel, num_experts, world)?,
+                };
                 model = parallel.model;
                 Some(parallel.layout)
             }
             None => None,
         };
+        if let Some(l) = &layout
+            && l.rank() == 0
+            && cfg.placement.plan.is_some()
+        {
+            tracing::info!(
+                "placement.plan: starting from the {initial} (ep {}), owners (expert -> ep \
+                 rank) per MoE layer: {}",
+                l.ep(),
+                moe_layers
+                    .iter()
+                    .map(|&m| format!("layer {m} {:?}", l.placement().of(m).owners()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         let sampler = corpus.train_sampler(cfg.data.shuffle_seed_or(cfg.run.seed))?;
         let mut valid = corpus.valid_batches(cfg.train.eval_batches);
         if let Some(l) = &layout {
@@ -119,7 +149,12 @@ impl Trainer {
             .sharded(layout.as_ref().and_then(|l| l.ownership().cloned()));
         let has_moe = (0..cfg.model.n_layers).any(|l| cfg.model.is_moe_layer(l));
         let rebalancer = if has_moe {
-            Some(Rebalancer::new(&cfg.placement)?)
+            let expert = ExpertCost::swiglu(
+                cfg.model.d_model,
+                cfg.model.moe.expert_ffn_dim,
+                cfg.train.grad_accum_steps,
+            );
+            Some(Rebalancer::new(&cfg.placement, expert)?)
         } else {
             None
         };
@@ -138,6 +173,7 @@ impl Trainer {
             signature,
             pool: Arc::new(step_pool()?),
             record_routing,
+            initial_placement: initial,
         })
     }
 
@@ -382,9 +418,7 @@ impl Trainer {
 
     /// Model layer indices of the MoE layers.
     pub(crate) fn moe_layers(&self) -> Vec<usize> {
-        (0..self.cfg.model.n_layers)
-            .filter(|&l| self.cfg.model.is_moe_layer(l))
-            .collect()
+        self.cfg.moe_layers()
     }
 }
 

@@ -407,7 +407,7 @@ impl DataConfig {
 
 /// `path` without `.` components and with each `..` taking away the component before it
 /// (textually: the config's own directory is the base, links in it are not followed).
-fn normalize(path: &Path) -> PathBuf {
+pub fn normalize(path: &Path) -> PathBuf {
     use std::path::Component;
     let mut out = PathBuf::new();
     for c in path.components() {
