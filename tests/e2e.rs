@@ -1113,12 +1113,9 @@ fn a_blend_follows_its_weights_and_resumes_across_layouts() {
     );
 }
 
-#[test]
-fn record_routing_then_plan_placement() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = write(tmp.path(), "tiny.yaml", &tiny_config(tmp.path()));
-    let stats = tmp.path().join("stats.json");
-    let out = switchyard(&[
+/// `record-routing` of 3 steps of `cfg` into `stats`.
+fn record_routing(cfg: &Path, stats: &Path) -> Output {
+    switchyard(&[
         "record-routing",
         "--config",
         cfg.to_str().unwrap(),
@@ -1126,7 +1123,15 @@ fn record_routing_then_plan_placement() {
         "3",
         "--out",
         stats.to_str().unwrap(),
-    ]);
+    ])
+}
+
+#[test]
+fn record_routing_then_plan_placement() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "tiny.yaml", &tiny_config(tmp.path()));
+    let stats = tmp.path().join("stats.json");
+    let out = record_routing(&cfg, &stats);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("recorded 3 steps"),
@@ -2206,15 +2211,7 @@ fn a_run_starts_from_a_saved_plan_on_the_contiguous_curve() {
     let base = tiny_config(tmp.path());
     let cfg = write(tmp.path(), "tiny.yaml", &base);
     let stats = tmp.path().join("stats.json");
-    let out = switchyard(&[
-        "record-routing",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--steps",
-        "3",
-        "--out",
-        stats.to_str().unwrap(),
-    ]);
+    let out = record_routing(&cfg, &stats);
     assert!(out.status.success(), "{}", text(&out));
     let plan = tmp.path().join("plan.json");
     let out = switchyard(&[
