@@ -10,6 +10,7 @@ use switchyard_trainer::data::{
 };
 use switchyard_trainer::device::DeviceConfig;
 use switchyard_trainer::memory;
+use switchyard_trainer::metrics::EvalReport;
 use switchyard_trainer::{ablation, bench as bench_impl, train as train_impl};
 
 use switchyard_comm::{CommBackendConfig, Communicator, LinkModel, LocalWorld};
@@ -340,8 +341,11 @@ pub fn train(
     })?;
     match done.result {
         RunOutcome::Finished(Some(eval)) if done.is_rank0 => println!(
-            "final: step {} valid loss {:.4} perplexity {:.3}",
-            cfg.train.steps, eval.loss, eval.perplexity
+            "final: step {} valid loss {:.4} perplexity {:.3}{}",
+            cfg.train.steps,
+            eval.loss,
+            eval.perplexity,
+            source_losses(&eval)
         ),
         RunOutcome::Finished(_) => {}
         // Every rank stopped at the same step: each exits with the preemption code.
@@ -556,14 +560,18 @@ pub fn eval(
         ),
     }
     println!(
-        "valid loss {:.6} nats/token, perplexity {:.4} over {} tokens",
-        report.loss, report.perplexity, report.tokens
+        "valid loss {:.6} nats/token, perplexity {:.4} over {} tokens{}",
+        report.loss,
+        report.perplexity,
+        report.tokens,
+        source_losses(&report)
     );
     if let Some(path) = tokens_out {
         // Every evaluated window (inputs and the next-token targets), one row each.
         let width = cfg.data.seq_len + 1;
         let tokens: Vec<i64> = valid
             .iter()
+            .flat_map(|set| &set.batches)
             .flat_map(|b| b.tokens.iter().copied())
             .collect();
         let data = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
@@ -571,6 +579,20 @@ pub fn eval(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// A blend's per-source validation losses for a summary line (` (web 4.1234, code 3.2100)`);
+/// empty for a single source.
+fn source_losses(eval: &EvalReport) -> String {
+    if eval.sources.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = eval
+        .sources
+        .iter()
+        .map(|(name, loss)| format!("{name} {loss:.4}"))
+        .collect();
+    format!(" ({})", parts.join(", "))
 }
 
 /// `switchyard generate`: the checkpoint's own config builds the model, its weights (saved

@@ -33,6 +33,8 @@ use crate::overlap::{AutoState, BlockLayout, BlockTimes, Overlap, agree_time, ex
 
 /// Exchanges token rows with the ep ranks that own the experts.
 pub struct AllToAllDispatcher {
+    /// The model layer index of its MoE layer (for logs).
+    layer: usize,
     ep: Arc<dyn Communicator>,
     placement: Arc<Placement>,
     /// `None`: the three-step reference path; otherwise the pipelined block (`overlap`).
@@ -48,6 +50,7 @@ impl std::fmt::Debug for AllToAllDispatcher {
         f.debug_struct("AllToAllDispatcher")
             .field("ep", &self.ep.name())
             .field("rank", &self.ep.rank())
+            .field("layer", &self.layer)
             .finish()
     }
 }
@@ -78,10 +81,11 @@ struct Exchanged {
 }
 
 impl AllToAllDispatcher {
-    /// A dispatcher over the mesh's ep axis with `placement` (its MoE layer's; each MoE
-    /// layer has its own dispatcher).
-    pub fn new(mesh: &Mesh, placement: Arc<Placement>) -> AllToAllDispatcher {
+    /// A dispatcher over the mesh's ep axis for model layer `layer`, with that layer's
+    /// `placement` (each MoE layer has its own dispatcher).
+    pub fn new(mesh: &Mesh, layer: usize, placement: Arc<Placement>) -> AllToAllDispatcher {
         AllToAllDispatcher {
+            layer,
             ep: mesh.ep_comm().clone(),
             placement,
             overlap: mesh.ep_overlap(),
@@ -220,7 +224,7 @@ impl AllToAllDispatcher {
             self.auto
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .record(chunks, seconds);
+                .record(self.layer, chunks, seconds);
         }
         let y_td = combine_at_home(home_rd, weights_tk.clone(), &send_plan);
         Ok(Pipelined {

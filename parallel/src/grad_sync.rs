@@ -161,7 +161,7 @@ pub fn apply_layout(
             block.moe = Some(
                 layer
                     .retain_experts(|e| layer_placement.owner(e) == me)
-                    .with_dispatcher(layer_dispatcher(mesh, layer_placement))
+                    .with_dispatcher(layer_dispatcher(mesh, index, layer_placement))
                     .with_reducer(reducer.clone()),
             );
         }
@@ -172,16 +172,17 @@ pub fn apply_layout(
     Ok(model)
 }
 
-/// The dispatcher of a MoE layer with `placement`: the all-to-all over the ep axis (the
-/// local dispatcher when ep = 1).
+/// The dispatcher of MoE layer `layer` (model layer index) with `placement`: the
+/// all-to-all over the ep axis (the local dispatcher when ep = 1).
 pub(crate) fn layer_dispatcher(
     mesh: &Mesh,
+    layer: usize,
     placement: Arc<crate::mesh::Placement>,
 ) -> Arc<dyn switchyard_moe::TokenDispatcher> {
     if mesh.ep() == 1 {
         Arc::new(LocalDispatcher)
     } else {
-        Arc::new(AllToAllDispatcher::new(mesh, placement))
+        Arc::new(AllToAllDispatcher::new(mesh, layer, placement))
     }
 }
 

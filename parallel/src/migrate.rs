@@ -186,7 +186,8 @@ pub fn migrate(
     for &layer in new.keys() {
         let block = &mut model.layers[layer];
         let moe = block.moe.take().expect("checked above: a MoE layer");
-        block.moe = Some(moe.with_dispatcher(layer_dispatcher(mesh, placement.of(layer).clone())));
+        block.moe =
+            Some(moe.with_dispatcher(layer_dispatcher(mesh, layer, placement.of(layer).clone())));
     }
     Ok((model, placement, moves))
 }
@@ -212,7 +213,11 @@ pub fn relayout(
                  the MoE layers"
             )));
         };
-        let mut moe = moe.with_dispatcher(layer_dispatcher(mesh, new_placement.of(layer).clone()));
+        let mut moe = moe.with_dispatcher(layer_dispatcher(
+            mesh,
+            layer,
+            new_placement.of(layer).clone(),
+        ));
         for (e, slot) in moe.experts.iter_mut().enumerate() {
             match (placement.owner(e) == me, slot.is_some()) {
                 (true, false) => *slot = Some(fresh()),

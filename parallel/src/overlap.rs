@@ -117,9 +117,10 @@ impl AutoState {
         }
     }
 
-    /// Records a trial (its time already agreed over the ep ranks); after the last one,
-    /// chooses the fastest candidate. Returns the choice once made.
-    pub fn record(&mut self, d: usize, seconds: f64) -> Option<usize> {
+    /// Records a trial of model layer `layer`'s dispatcher (its time already agreed over
+    /// the ep ranks); after the last one, chooses the fastest candidate. Returns the choice
+    /// once made.
+    pub fn record(&mut self, layer: usize, d: usize, seconds: f64) -> Option<usize> {
         self.timed.push((d, seconds));
         if self.timed.len() == AUTO_CANDIDATES.len() * AUTO_TRIALS {
             let best = |d: usize| {
@@ -134,7 +135,7 @@ impl AutoState {
                 .min_by(|&a, &b| best(a).total_cmp(&best(b)))
                 .expect("candidates");
             tracing::info!(
-                "ep_overlap auto: forward block times {} -> {chosen} chunks",
+                "ep_overlap auto, layer {layer}: forward block times {} -> {chosen} chunks",
                 AUTO_CANDIDATES
                     .iter()
                     .map(|&d| format!("d={d}: {:.2} ms", best(d) * 1e3))

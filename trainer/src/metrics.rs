@@ -611,11 +611,14 @@ impl StepReport {
 }
 
 /// Result of an evaluation.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EvalReport {
+    /// Mean cross-entropy per token; a blend's is the weighted mean of its sources'.
     pub loss: f64,
     pub perplexity: f64,
     pub tokens: u64,
+    /// A blend's (source name, loss) per source; empty for a single source.
+    pub sources: Vec<(String, f64)>,
 }
 
 /// What model FLOP utilisation is measured against: the FLOP/s the run's ranks can do

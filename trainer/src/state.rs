@@ -179,13 +179,16 @@ impl Trainer {
     /// fill a null-expert router's `[D, n + m]`: the true-expert columns are copied, and the
     /// null columns too (cyclically) with `null_init: copy_true_rows`, so the expanded router
     /// starts balanced (AdaMoE's conversion); with `random` they keep their fresh values.
-    /// Any other difference in names or shapes is an error naming the tensor.
+    /// Any other difference in names or shapes is an error naming the tensor. Router biases
+    /// (`bias_balance`) come along when both runs have them (see
+    /// [`checkpoint::init_router_biases`]).
     pub fn init_from(&mut self, path: &Path) -> Result<(), TrainError> {
         let err = |message: String| TrainError::InitFrom {
             path: path.to_path_buf(),
             message,
         };
         let snapshot = checkpoint::read_any_snapshot(path)?;
-        checkpoint::init_weights(&mut self.model, &snapshot, &self.cfg.model.moe).map_err(err)
+        checkpoint::init_weights(&mut self.model, &snapshot, &self.cfg.model.moe).map_err(err)?;
+        checkpoint::init_router_biases(&mut self.model, &snapshot).map_err(err)
     }
 }

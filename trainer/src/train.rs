@@ -158,6 +158,11 @@ pub fn run(
             let eval = trainer.evaluate()?;
             scalars.push(("valid/loss".into(), eval.loss));
             scalars.push(("valid/perplexity".into(), eval.perplexity));
+            scalars.extend(
+                eval.sources
+                    .iter()
+                    .map(|(name, loss)| (format!("valid/{name}/loss"), *loss)),
+            );
             valid_loss = Some(eval.loss);
             last_eval = Some(eval);
         }

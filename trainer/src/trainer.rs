@@ -19,7 +19,7 @@ use switchyard_parallel::{Communicator, Layout, ShardOptimizer, parallelize, par
 use switchyard_placement::ExpertCost;
 
 use crate::config::{Config, NonFinitePolicy};
-use crate::data::{Batch, BlendSampler, Corpus};
+use crate::data::{Batch, BlendSampler, Corpus, DataError, ValidSet};
 use crate::error::TrainError;
 use crate::metrics::{EvalReport, StepMemory, StepReport};
 use crate::optim::{NamedAdamW, clip_scale, global_norm};
@@ -56,7 +56,8 @@ pub struct Trainer {
     pub model: Transformer,
     pub optim: NamedAdamW,
     pub sampler: BlendSampler,
-    pub valid: Vec<Batch>,
+    /// Each source's validation batches (one set for a single source).
+    pub valid: Vec<ValidSet>,
     pub device: Device,
     pub counters: Counters,
     /// Per-step MoE statistics of the last step (this rank's tokens), for metrics.
@@ -133,17 +134,38 @@ impl Trainer {
             );
         }
         let sampler = corpus.train_sampler(cfg.data.shuffle_seed_or(cfg.run.seed))?;
-        let mut valid = corpus.valid_batches(cfg.train.eval_batches);
+        let mut valid = corpus.valid_sets(cfg.train.eval_batches);
         if let Some(l) = &layout {
             // Ranks take equal shares: a last, partial batch keeps a multiple of the world
             // size of its rows (the same rows on every rank).
             let w = l.row_shards();
-            for b in &mut valid {
-                if !b.batch_size.is_multiple_of(w) {
-                    *b = b.rows(0..b.batch_size - b.batch_size % w);
+            for set in &mut valid {
+                for b in &mut set.batches {
+                    if !b.batch_size.is_multiple_of(w) {
+                        *b = b.rows(0..b.batch_size - b.batch_size % w);
+                    }
                 }
+                set.batches.retain(|b| b.batch_size > 0);
             }
-            valid.retain(|b| b.batch_size > 0);
+        }
+        if cfg.train.eval_batches > 0
+            && let Some(empty) = valid.iter().find(|s| s.batches.is_empty())
+        {
+            // A held-out split of fewer windows than the ranks that split each batch would
+            // evaluate nothing, and a loss of nothing is no loss.
+            return Err(DataError::InvalidConfig {
+                problems: vec![(
+                    "valid_fraction".into(),
+                    format!(
+                        "the validation split of source {} holds fewer sequences of seq_len + \
+                         1 tokens than the {} ranks that split each validation batch; raise \
+                         data.valid_fraction or give the source more data",
+                        empty.name,
+                        layout.as_ref().map_or(1, |l| l.row_shards())
+                    ),
+                )],
+            }
+            .into());
         }
         let optim = NamedAdamW::new(&cfg.optim, &model)
             .sharded(layout.as_ref().and_then(|l| l.ownership().cloned()));
@@ -391,24 +413,49 @@ impl Trainer {
     fn evaluate_here(&self) -> Result<EvalReport, TrainError> {
         let model = self.model.valid();
         let inner = self.device.clone().inner();
-        let (mut sum, mut tokens) = (0f64, 0f64);
-        for global in &self.valid {
-            let (inputs, targets) = self.valid_tensors(global, &inner);
-            let n = targets.dims().iter().product::<usize>() as f64;
-            let out = model.forward(inputs);
-            sum += scalar(&cross_entropy(out.logits, targets)) * n;
-            tokens += n;
+        // [loss sum, tokens] per source, summed over the ranks in one collective.
+        let mut sums = Vec::with_capacity(2 * self.valid.len());
+        for set in &self.valid {
+            let (mut sum, mut tokens) = (0f64, 0f64);
+            for global in &set.batches {
+                let (inputs, targets) = self.valid_tensors(global, &inner);
+                let n = targets.dims().iter().product::<usize>() as f64;
+                let out = model.forward(inputs);
+                sum += scalar(&cross_entropy(out.logits, targets)) * n;
+                tokens += n;
+            }
+            sums.extend([sum, tokens]);
         }
         if let Some(l) = &self.layout {
-            let sums = l.sum_agreed(vec![sum, tokens], "evaluation")?;
-            (sum, tokens) = (sums[0], sums[1]);
+            sums = l.sum_agreed(sums, "evaluation")?;
         }
-        let loss = sum / tokens.max(1.0);
+        let per_source: Vec<(String, f64)> = self
+            .valid
+            .iter()
+            .zip(sums.chunks(2))
+            .map(|(set, s)| (set.name.clone(), s[0] / s[1].max(1.0)))
+            .collect();
+        let loss = self
+            .valid
+            .iter()
+            .zip(&per_source)
+            .map(|(set, (_, loss))| set.weight * loss)
+            .sum::<f64>();
         Ok(EvalReport {
             loss,
             perplexity: loss.exp(),
-            tokens: tokens as u64,
+            tokens: sums.chunks(2).map(|s| s[1]).sum::<f64>() as u64,
+            sources: if per_source.len() > 1 {
+                per_source
+            } else {
+                Vec::new()
+            },
         })
+    }
+
+    /// Every validation batch, source after source.
+    pub fn valid_batches(&self) -> impl Iterator<Item = &Batch> {
+        self.valid.iter().flat_map(|set| &set.batches)
     }
 
     /// The model's matmul FLOPs per trained token, forward + backward (3x forward).

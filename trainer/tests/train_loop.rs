@@ -195,3 +195,50 @@ fn a_vanilla_checkpoint_initialises_a_null_expert_model() {
     let err = wrong.init_from(&saved).unwrap_err().to_string();
     assert!(err.contains("embed") && err.contains("shape"), "{err}");
 }
+
+#[test]
+fn init_from_carries_the_router_biases_of_bias_balance() {
+    use switchyard_moe::config::BiasBalanceConfig;
+    use switchyard_trainer::checkpoint::Checkpointer;
+
+    let device = Device::flex().autodiff();
+    let mut cfg = config("");
+    cfg.model.moe.bias_balance = Some(BiasBalanceConfig { gamma: 1e-2 });
+    let corpus = corpus(&cfg);
+    let mut biased = Trainer::new(&cfg, &corpus, &device).unwrap();
+    for _ in 0..3 {
+        biased.step().unwrap();
+    }
+    let trained = biased.model.router_biases();
+    assert!(
+        trained.iter().any(|(_, b)| b.iter().any(|&x| x != 0.0)),
+        "three steps move the biases: {trained:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let checkpointer = Checkpointer::new(dir.path(), 1, 60.0, serde_json::json!({}), None).unwrap();
+    let saved = biased.save(&checkpointer).unwrap();
+
+    let mut fine_tune = Trainer::new(&cfg, &corpus, &device).unwrap();
+    fine_tune.init_from(&saved).unwrap();
+    assert_eq!(fine_tune.model.router_biases(), trained);
+    assert_eq!(weights(&fine_tune), weights(&biased));
+    fine_tune.step().unwrap();
+
+    // Without bias_balance the weights still come (the biases are dropped, with a warning);
+    // from a checkpoint without biases, a bias_balance model starts them at zero.
+    let plain_cfg = config("");
+    let mut plain = Trainer::new(&plain_cfg, &corpus, &device).unwrap();
+    plain.init_from(&saved).unwrap();
+    assert!(plain.model.router_biases().is_empty());
+    assert_eq!(weights(&plain), weights(&biased));
+    let plain_saved = plain.save(&checkpointer).unwrap();
+    let mut again = Trainer::new(&cfg, &corpus, &device).unwrap();
+    again.init_from(&plain_saved).unwrap();
+    assert!(
+        again
+            .model
+            .router_biases()
+            .iter()
+            .all(|(_, b)| b.iter().all(|&x| x == 0.0))
+    );
+}

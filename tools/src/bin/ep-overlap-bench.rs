@@ -171,6 +171,7 @@ fn rank_run(
         .map(|&o| {
             Arc::new(AllToAllDispatcher::new(
                 &mesh.clone().with_ep_overlap(o),
+                0,
                 placement.of(0).clone(),
             ))
         })

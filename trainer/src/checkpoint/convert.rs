@@ -54,3 +54,32 @@ pub fn init_weights(
             .collect())
     })
 }
+
+/// The auxiliary-loss-free router biases are part of the routing the weights were trained
+/// with: a model with `bias_balance` takes the checkpoint's (per MoE layer, one per expert),
+/// or starts them at zero when the checkpoint has none. A checkpoint's biases are dropped,
+/// with a warning, when the new run has no `bias_balance`: its routing then changes.
+pub fn init_router_biases(model: &mut Transformer, snapshot: &Snapshot) -> Result<(), String> {
+    let saved: Option<Vec<(usize, Vec<f32>)>> = snapshot.get("router_bias")?;
+    let biased = !model.router_biases().is_empty();
+    match saved {
+        Some(saved) if biased => {
+            for (layer, bias) in saved {
+                model
+                    .set_router_bias(layer, bias)
+                    .map_err(|e| format!("router_bias: {e}"))?;
+            }
+        }
+        Some(_) => tracing::warn!(
+            "--init-from: the checkpoint's auxiliary-loss-free router biases are dropped \
+             (model.moe.bias_balance is not set), so tokens may route differently than in \
+             the run that wrote it; set model.moe.bias_balance to keep them"
+        ),
+        None if biased => tracing::info!(
+            "--init-from: the checkpoint holds no router biases; model.moe.bias_balance \
+             starts them at zero"
+        ),
+        None => {}
+    }
+    Ok(())
+}

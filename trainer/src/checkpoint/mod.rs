@@ -67,7 +67,7 @@ pub use checkpointer::{
     Checkpointed, Checkpointer, SaveMeta, Snapshot, f32_values, load_weights, read_any_snapshot,
     read_snapshot, read_weights_snapshot, tensor_values,
 };
-pub use convert::init_weights;
+pub use convert::{init_router_biases, init_weights};
 pub use error::{CheckpointError, Result};
 pub use inspect::{FileReport, FileStatus, InspectReport, TensorStats, inspect};
 pub use manifest::{

@@ -275,50 +275,10 @@ impl crate::checkpoint::Checkpointed for BlendSampler {
     }
 }
 
-/// Up to `max_batches` validation batches over the blend: the sources' held-out windows,
-/// each source's in order, mixed by [`blend_choice`] with the blend's weights, so the mean
-/// loss over them weighs the sources like training does. Stops at the first window a
-/// source has no more of (or at `max_batches` batches); the last batch may have fewer
-/// rows. With one source: its windows in order, like [`super::valid_batches`].
-pub fn blend_valid_batches(
-    sources: &[(&[u32], f64)],
-    seq_len: usize,
-    batch_size: usize,
-    max_batches: usize,
-) -> Vec<Batch> {
-    let w = seq_len + 1;
-    if seq_len == 0 || batch_size == 0 || sources.is_empty() {
-        return Vec::new();
-    }
-    let weights = normalised(&sources.iter().map(|s| s.1).collect::<Vec<_>>());
-    let mut taken = vec![0u64; sources.len()];
-    let mut rows: Vec<&[u32]> = Vec::new();
-    while rows.len() < max_batches.saturating_mul(batch_size) {
-        let j = blend_choice(&weights, &taken);
-        let start = taken[j] as usize * w;
-        let Some(window) = sources[j].0.get(start..start + w) else {
-            break;
-        };
-        rows.push(window);
-        taken[j] += 1;
-    }
-    rows.chunks(batch_size)
-        .map(|chunk| Batch {
-            tokens: chunk
-                .iter()
-                .flat_map(|r| r.iter().map(|&t| i64::from(t)))
-                .collect(),
-            batch_size: chunk.len(),
-            seq_len,
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
-    use super::super::sampler::valid_batches;
     use super::*;
     use crate::checkpoint::{Checkpointed, Snapshot};
 
@@ -500,36 +460,5 @@ mod tests {
         assert_eq!(plan[1].tokens, 37 * 5);
         assert!((plan[1].weight - 0.3).abs() < 1e-12);
         assert!((plan[1].epochs - 300.0 / 37.0).abs() < 1e-9);
-    }
-
-    #[test]
-    fn validation_batches_mix_the_held_out_windows_by_weight() {
-        let a: Vec<u32> = (0..50).collect(); // 10 windows of 5
-        let b: Vec<u32> = (1_000..1_022).collect(); // 4 windows (2 tokens left over)
-        let batches = blend_valid_batches(&[(&a, 0.6), (&b, 0.4)], 4, 3, 100);
-        let rows: Vec<usize> = batches
-            .iter()
-            .flat_map(|b| (0..b.batch_size).map(|i| source_of(b.row(i))))
-            .collect();
-        // b is chosen a 5th time at the 12th choice, and has no 5th window.
-        assert_eq!(rows, [0, 1, 0, 1, 0, 0, 1, 0, 1, 0, 0]);
-        assert_eq!(
-            batches.iter().map(|b| b.batch_size).collect::<Vec<_>>(),
-            [3, 3, 3, 2]
-        );
-        assert_eq!(
-            batches[0].row(1)[0],
-            1_000,
-            "each source's windows in order"
-        );
-        assert_eq!(
-            blend_valid_batches(&[(&a, 0.6), (&b, 0.4)], 4, 3, 2),
-            batches[..2]
-        );
-        // One source: the plain validation batches.
-        assert_eq!(
-            blend_valid_batches(&[(&a, 1.0)], 4, 3, 100),
-            valid_batches(&a, 4, 3, 100)
-        );
     }
 }

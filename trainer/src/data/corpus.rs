@@ -3,11 +3,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::blend::{BlendSampler, blend_valid_batches, source_seed};
+use super::blend::{BlendSampler, normalised, source_seed};
 use super::config::{DataConfig, SourceConfig, TokenizerConfig};
 use super::error::{DataError, Result};
 use super::indexed::{IndexedDataset, TokenDtype};
-use super::sampler::{Batch, Sampler};
+use super::sampler::{Batch, Sampler, valid_batches};
 use super::source::{read_jsonl, read_text_file};
 use super::synthetic::synthetic_text;
 use super::tokenizer::{BPE_EOD_TOKEN, Tokenizer};
@@ -296,16 +296,40 @@ impl Corpus {
         Ok(BlendSampler::new(parts, self.seq_len, self.batch_size))
     }
 
-    /// Up to `max_batches` validation batches, identical on every call: the held-out
-    /// windows in order, a blend's mixed by weight (see [`blend_valid_batches`]).
-    pub fn valid_batches(&self, max_batches: usize) -> Vec<Batch> {
-        let sources: Vec<(&[u32], f64)> = self
-            .sources
+    /// Each source's validation batches, identical on every call: its held-out windows in
+    /// order. A source of (normalised) weight `w` gets up to `ceil(w * max_batches)` of
+    /// them, at least one, so a blend's evaluation costs about `max_batches` batches and
+    /// every source is measured on its own windows; a single source gets `max_batches`.
+    pub fn valid_sets(&self, max_batches: usize) -> Vec<ValidSet> {
+        let weights = normalised(&self.sources.iter().map(|s| s.weight).collect::<Vec<_>>());
+        self.sources
             .iter()
-            .map(|s| (&s.valid[..], s.weight))
-            .collect();
-        blend_valid_batches(&sources, self.seq_len, self.batch_size, max_batches)
+            .zip(weights)
+            .map(|(s, weight)| {
+                let share = if max_batches == 0 {
+                    0
+                } else {
+                    ((weight * max_batches as f64).ceil() as usize).clamp(1, max_batches)
+                };
+                ValidSet {
+                    name: s.name.clone(),
+                    weight,
+                    batches: valid_batches(&s.valid, self.seq_len, self.batch_size, share),
+                }
+            })
+            .collect()
     }
+}
+
+/// One source's validation batches; the validation loss of a blend is the weighted mean of
+/// the sources' losses, so it weighs them as training does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidSet {
+    /// The source's name (`data` for a single source).
+    pub name: String,
+    /// Its normalised blend weight (1 for a single source).
+    pub weight: f64,
+    pub batches: Vec<Batch>,
 }
 
 impl CorpusSource {
@@ -371,9 +395,15 @@ mod tests {
             .copied()
             .collect();
         assert_eq!(all, Tokenizer::Byte.encode(&text).unwrap());
-        let vb = corpus.valid_batches(100);
+        let sets = corpus.valid_sets(100);
+        assert_eq!(
+            (sets.len(), sets[0].name.as_str(), sets[0].weight),
+            (1, "data", 1.0)
+        );
+        let vb = &sets[0].batches;
         assert_eq!(vb.iter().map(|b| b.batch_size).sum::<usize>(), 1_000 / 17);
-        assert_eq!(vb, corpus.valid_batches(100));
+        assert_eq!(vb[..], valid_batches(corpus.valid_tokens(), 16, 4, 100)[..]);
+        assert_eq!(sets, corpus.valid_sets(100));
         let mut s = corpus.train_sampler(0).unwrap();
         assert_eq!(s.plan(0)[0].windows, 9_000 / 17);
         assert!(s.next_batch().tokens.iter().all(|&t| (0..256).contains(&t)));
@@ -529,10 +559,39 @@ mod tests {
             .collect();
         assert_eq!(sampler.taken(), [15, 5]);
         assert_eq!(rows.iter().filter(|&&t| t == i64::from(b'b')).count(), 5);
-        // Validation: a's 4 held-out windows of 17 tokens end the mix at its fifth turn,
-        // the 6th choice (a a b a a, then a again).
-        let rows: usize = corpus.valid_batches(100).iter().map(|b| b.batch_size).sum();
-        assert_eq!(rows, 5);
+        // Validation: each source on its own held-out windows of 17 tokens (a: 80 tokens,
+        // 4 windows; b: 40 tokens, 2), weighted 0.75 / 0.25.
+        let sets = corpus.valid_sets(100);
+        for (set, (name, weight, byte, rows)) in sets
+            .iter()
+            .zip([("a", 0.75, b'a', 4), ("b", 0.25, b'b', 2)])
+        {
+            assert_eq!((set.name.as_str(), set.weight), (name, weight));
+            assert_eq!(
+                set.batches.iter().map(|b| b.batch_size).sum::<usize>(),
+                rows
+            );
+            assert!(
+                set.batches
+                    .iter()
+                    .all(|b| b.tokens.iter().all(|&t| t == i64::from(byte)))
+            );
+        }
+        // The batch budget is shared by weight, at least one batch a source: with one row
+        // a batch, a has 4 batches and b 2.
+        let mut one_row = c.clone();
+        one_row.batch_size = 1;
+        let corpus = Corpus::load(&one_row, &Tokenizer::Byte).unwrap();
+        let budget = |max| -> Vec<usize> {
+            corpus
+                .valid_sets(max)
+                .iter()
+                .map(|s| s.batches.len())
+                .collect()
+        };
+        assert_eq!(budget(2), [2, 1]);
+        assert_eq!(budget(4), [3, 1]);
+        assert_eq!(budget(100), [4, 2]);
 
         // A dataset of int32 ids (prepared for a vocabulary above 65,500) is refused.
         let wide = dir.path().join("wide");

@@ -19,12 +19,11 @@ mod tokenizer;
 
 pub use blend::{
     BlendSampler, BlendSourceState, BlendState, SourceUse, blend_choice, blend_counts,
-    blend_valid_batches,
 };
 pub use config::{
     BlendSource, DataConfig, MIN_BPE_VOCAB, SourceConfig, TokenizerConfig, normalize,
 };
-pub use corpus::{Corpus, CorpusSource, build_tokenizer, raw_documents};
+pub use corpus::{Corpus, CorpusSource, ValidSet, build_tokenizer, raw_documents};
 pub use error::{DataError, Result};
 pub use indexed::{DatasetStats, IndexedDataset, TokenDtype, dataset_stats};
 pub use prepare::{PrepareOptions, PrepareReport, prepare_data};
