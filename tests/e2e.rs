@@ -1070,6 +1070,37 @@ fn a_blend_follows_its_weights_and_resumes_across_layouts() {
     }
     let epochs = metric(&one, "data/code/epochs");
     assert!(epochs[11].1 > 4.0, "{epochs:?}");
+    // Each source's validation loss; valid/loss is their 0.7 / 0.3 mean, and all three are
+    // the same at every layout.
+    for run in [&one, &par] {
+        let (web, code) = (
+            metric(run, "valid/web/loss"),
+            metric(run, "valid/code/loss"),
+        );
+        let overall = metric(run, "valid/loss");
+        assert_eq!(
+            overall.len(),
+            2,
+            "evaluations at steps 6 and 12: {overall:?}"
+        );
+        for i in 0..2 {
+            let mean = 0.7 * web[i].1 + 0.3 * code[i].1;
+            assert!(
+                (overall[i].1 - mean).abs() <= 1e-9 * mean,
+                "{overall:?} {web:?} {code:?}"
+            );
+            assert!(web[i].1 != code[i].1, "two sources, two losses");
+        }
+    }
+    for key in ["valid/web/loss", "valid/code/loss"] {
+        for ((s1, l1), (s2, l2)) in metric(&one, key).iter().zip(&metric(&par, key)) {
+            assert_eq!(s1, s2);
+            assert!(
+                ((l1 - l2) / l1).abs() <= 1e-5,
+                "{key} at step {s1}: {l1} vs {l2}"
+            );
+        }
+    }
     // The start-up warning about a repeated source (logged at warn level): one step of 256
     // sequences reads 0.3 of them from code's ~17, more than 4 epochs.
     let cfg = write(

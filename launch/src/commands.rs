@@ -570,8 +570,8 @@ pub fn eval(
         // Every evaluated window (inputs and the next-token targets), one row each.
         let width = cfg.data.seq_len + 1;
         let tokens: Vec<i64> = valid
+            .batches
             .iter()
-            .flat_map(|set| &set.batches)
             .flat_map(|b| b.tokens.iter().copied())
             .collect();
         let data = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();

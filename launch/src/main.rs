@@ -106,8 +106,8 @@ enum Command {
         #[arg(long, default_value = "auto")]
         checkpoint: String,
         /// Also write the evaluated token windows as an int64 `.npy` array [N, seq_len + 1]
-        /// (inputs, then the next-token targets), to check the loss elsewhere; a blend's
-        /// sources one after another (its loss weighs the sources' means by weight).
+        /// (inputs, then the next-token targets), to check the loss elsewhere (a blend's
+        /// loss is the weighted mean of its sources' means, not the mean over the windows).
         #[arg(long)]
         tokens_out: Option<PathBuf>,
     },

@@ -715,7 +715,7 @@ fn measure(
     let mut best_moe_seconds = f64::MAX;
     for pass in 0..TIMED_PASSES {
         let mut moe_seconds = 0.0;
-        for batch in trainer.valid_batches() {
+        for batch in &trainer.valid.batches {
             let (inputs, targets) = trainer.valid_tensors(batch, &device);
             let rows = inputs.dims()[0];
             let out = model.forward(inputs);
@@ -735,7 +735,7 @@ fn measure(
         }
         best_moe_seconds = best_moe_seconds.min(moe_seconds);
     }
-    let moe_layers = (layer_samples / trainer.valid_batches().count().max(1) as f64).max(1.0);
+    let moe_layers = (layer_samples / trainer.valid.batches.len().max(1) as f64).max(1.0);
     // Tokens pass through every MoE layer: per-layer throughput is tokens * layers / time.
     let moe_tokens_per_sec = tokens * moe_layers / best_moe_seconds.max(1e-12);
     let mut figures = [

@@ -19,7 +19,7 @@ use switchyard_parallel::{Communicator, Layout, ShardOptimizer, parallelize, par
 use switchyard_placement::ExpertCost;
 
 use crate::config::{Config, NonFinitePolicy};
-use crate::data::{Batch, BlendSampler, Corpus, DataError, ValidSet};
+use crate::data::{Batch, BlendSampler, Corpus, ValidSet};
 use crate::error::TrainError;
 use crate::metrics::{EvalReport, StepMemory, StepReport};
 use crate::optim::{NamedAdamW, clip_scale, global_norm};
@@ -56,8 +56,8 @@ pub struct Trainer {
     pub model: Transformer,
     pub optim: NamedAdamW,
     pub sampler: BlendSampler,
-    /// Each source's validation batches (one set for a single source).
-    pub valid: Vec<ValidSet>,
+    /// The validation batches and each row's source.
+    pub valid: ValidSet,
     pub device: Device,
     pub counters: Counters,
     /// Per-step MoE statistics of the last step (this rank's tokens), for metrics.
@@ -134,38 +134,11 @@ impl Trainer {
             );
         }
         let sampler = corpus.train_sampler(cfg.data.shuffle_seed_or(cfg.run.seed))?;
-        let mut valid = corpus.valid_sets(cfg.train.eval_batches);
+        let mut valid = corpus.valid_set(cfg.train.eval_batches);
         if let Some(l) = &layout {
             // Ranks take equal shares: a last, partial batch keeps a multiple of the world
             // size of its rows (the same rows on every rank).
-            let w = l.row_shards();
-            for set in &mut valid {
-                for b in &mut set.batches {
-                    if !b.batch_size.is_multiple_of(w) {
-                        *b = b.rows(0..b.batch_size - b.batch_size % w);
-                    }
-                }
-                set.batches.retain(|b| b.batch_size > 0);
-            }
-        }
-        if cfg.train.eval_batches > 0
-            && let Some(empty) = valid.iter().find(|s| s.batches.is_empty())
-        {
-            // A held-out split of fewer windows than the ranks that split each batch would
-            // evaluate nothing, and a loss of nothing is no loss.
-            return Err(DataError::InvalidConfig {
-                problems: vec![(
-                    "valid_fraction".into(),
-                    format!(
-                        "the validation split of source {} holds fewer sequences of seq_len + \
-                         1 tokens than the {} ranks that split each validation batch; raise \
-                         data.valid_fraction or give the source more data",
-                        empty.name,
-                        layout.as_ref().map_or(1, |l| l.row_shards())
-                    ),
-                )],
-            }
-            .into());
+            valid.trim_to_multiple(l.row_shards());
         }
         let optim = NamedAdamW::new(&cfg.optim, &model)
             .sharded(layout.as_ref().and_then(|l| l.ownership().cloned()));
@@ -208,6 +181,14 @@ impl Trainer {
         }
     }
 
+    /// The rows of a global batch of `batch_size` rows that this rank holds.
+    fn local_rows(&self, batch_size: usize) -> std::ops::Range<usize> {
+        match &self.layout {
+            Some(l) => l.rows(batch_size),
+            None => 0..batch_size,
+        }
+    }
+
     /// This rank's share of a validation batch (its rows, its sequence chunks).
     pub(crate) fn valid_tensors(
         &self,
@@ -215,7 +196,7 @@ impl Trainer {
         device: &Device,
     ) -> (Tensor<2, Int>, Tensor<2, Int>) {
         match &self.layout {
-            Some(l) => self.local_tensors(&global.rows(l.rows(global.batch_size)), device),
+            Some(_) => self.local_tensors(&global.rows(self.local_rows(global.batch_size)), device),
             None => self.local_tensors(global, device),
         }
     }
@@ -414,32 +395,45 @@ impl Trainer {
         let model = self.model.valid();
         let inner = self.device.clone().inner();
         // [loss sum, tokens] per source, summed over the ranks in one collective.
-        let mut sums = Vec::with_capacity(2 * self.valid.len());
-        for set in &self.valid {
-            let (mut sum, mut tokens) = (0f64, 0f64);
-            for global in &set.batches {
-                let (inputs, targets) = self.valid_tensors(global, &inner);
-                let n = targets.dims().iter().product::<usize>() as f64;
-                let out = model.forward(inputs);
-                sum += scalar(&cross_entropy(out.logits, targets)) * n;
-                tokens += n;
+        let mut sums = vec![0f64; 2 * self.valid.sources.len()];
+        for (global, row_sources) in self.valid.batches.iter().zip(&self.valid.row_sources) {
+            let (inputs, targets_bs) = self.valid_tensors(global, &inner);
+            let logits_bsv = model.forward(inputs).logits;
+            let local = &row_sources[self.local_rows(global.batch_size)];
+            for (j, rows) in rows_by_source(local) {
+                let (logits_bsv, targets_bs) = if rows.len() == local.len() {
+                    (logits_bsv.clone(), targets_bs.clone())
+                } else {
+                    let rows = Tensor::<1, Int>::from_data(
+                        TensorData::new(rows.clone(), [rows.len()]),
+                        &targets_bs.device(),
+                    );
+                    (
+                        logits_bsv.clone().select(0, rows.clone()),
+                        targets_bs.clone().select(0, rows),
+                    )
+                };
+                let n = targets_bs.dims().iter().product::<usize>() as f64;
+                sums[2 * j] += scalar(&cross_entropy(logits_bsv, targets_bs)) * n;
+                sums[2 * j + 1] += n;
             }
-            sums.extend([sum, tokens]);
         }
         if let Some(l) = &self.layout {
             sums = l.sum_agreed(sums, "evaluation")?;
         }
         let per_source: Vec<(String, f64)> = self
             .valid
+            .sources
             .iter()
             .zip(sums.chunks(2))
-            .map(|(set, s)| (set.name.clone(), s[0] / s[1].max(1.0)))
+            .map(|((name, _), s)| (name.clone(), s[0] / s[1].max(1.0)))
             .collect();
         let loss = self
             .valid
+            .sources
             .iter()
             .zip(&per_source)
-            .map(|(set, (_, loss))| set.weight * loss)
+            .map(|((_, weight), (_, loss))| weight * loss)
             .sum::<f64>();
         Ok(EvalReport {
             loss,
@@ -453,11 +447,6 @@ impl Trainer {
         })
     }
 
-    /// Every validation batch, source after source.
-    pub fn valid_batches(&self) -> impl Iterator<Item = &Batch> {
-        self.valid.iter().flat_map(|set| &set.batches)
-    }
-
     /// The model's matmul FLOPs per trained token, forward + backward (3x forward).
     pub fn train_flops_per_token(&self) -> f64 {
         3.0 * forward_flops_per_token(&self.cfg.model, self.cfg.data.seq_len)
@@ -467,6 +456,16 @@ impl Trainer {
     pub(crate) fn moe_layers(&self) -> Vec<usize> {
         self.cfg.moe_layers()
     }
+}
+
+/// The positions of the rows of each source present in `row_sources` (source index ->
+/// row positions, in source order).
+fn rows_by_source(row_sources: &[usize]) -> BTreeMap<usize, Vec<i64>> {
+    let mut rows: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
+    for (i, &j) in row_sources.iter().enumerate() {
+        rows.entry(j).or_default().push(i as i64);
+    }
+    rows
 }
 
 /// Adds each MoE layer's global slot counts of one forward pass to `sums`.

@@ -275,6 +275,42 @@ impl crate::checkpoint::Checkpointed for BlendSampler {
     }
 }
 
+/// Up to `max_rows` validation windows of `window` tokens over the blend, each with its
+/// source's index: the sources' held-out windows, each source's in order, mixed by
+/// [`blend_choice`] with the blend's weights. A source with no window left drops out of the
+/// mix (the others' weights renormalised) and the others go on, so a small source's split
+/// does not cut the others' short.
+pub fn blend_valid_rows<'a>(
+    sources: &[(&'a [u32], f64)],
+    window: usize,
+    max_rows: usize,
+) -> Vec<(usize, &'a [u32])> {
+    if window == 0 || sources.is_empty() {
+        return Vec::new();
+    }
+    let mut weights = normalised(&sources.iter().map(|s| s.1).collect::<Vec<_>>());
+    let mut taken = vec![0u64; sources.len()];
+    let mut rows = Vec::new();
+    while rows.len() < max_rows {
+        let j = blend_choice(&weights, &taken);
+        let start = taken[j] as usize * window;
+        match sources[j].0.get(start..start + window) {
+            Some(w) if weights[j] > 0.0 => {
+                rows.push((j, w));
+                taken[j] += 1;
+            }
+            _ => {
+                weights[j] = 0.0;
+                if weights.iter().all(|&w| w == 0.0) {
+                    break;
+                }
+                weights = normalised(&weights);
+            }
+        }
+    }
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -460,5 +496,36 @@ mod tests {
         assert_eq!(plan[1].tokens, 37 * 5);
         assert!((plan[1].weight - 0.3).abs() < 1e-12);
         assert!((plan[1].epochs - 300.0 / 37.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn validation_rows_mix_the_held_out_windows_until_every_source_is_read() {
+        let a: Vec<u32> = (0..50).collect(); // 10 windows of 5
+        let b: Vec<u32> = (1_000..1_022).collect(); // 4 windows (2 tokens left over)
+        let rows = blend_valid_rows(&[(&a, 0.6), (&b, 0.4)], 5, 100);
+        let order: Vec<usize> = rows.iter().map(|r| r.0).collect();
+        // b is chosen a 5th time at the 12th choice and has no 5th window: a goes on alone.
+        assert_eq!(order, [0, 1, 0, 1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0]);
+        for (j, w) in &rows {
+            assert_eq!(
+                source_of(&w.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()),
+                *j
+            );
+        }
+        let firsts: Vec<u32> = rows.iter().filter(|r| r.0 == 1).map(|r| r.1[0]).collect();
+        assert_eq!(
+            firsts,
+            [1_000, 1_005, 1_010, 1_015],
+            "each source's windows in order"
+        );
+        assert_eq!(blend_valid_rows(&[(&a, 0.6), (&b, 0.4)], 5, 3), rows[..3]);
+        // One source: its windows in order.
+        let one = blend_valid_rows(&[(&a, 1.0)], 5, 100);
+        assert_eq!(one.len(), 10);
+        assert!(
+            one.iter()
+                .enumerate()
+                .all(|(i, r)| r.0 == 0 && r.1[0] == 5 * i as u32)
+        );
     }
 }

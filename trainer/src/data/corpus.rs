@@ -3,11 +3,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::blend::{BlendSampler, normalised, source_seed};
+use super::blend::{BlendSampler, blend_valid_rows, normalised, source_seed};
 use super::config::{DataConfig, SourceConfig, TokenizerConfig};
 use super::error::{DataError, Result};
 use super::indexed::{IndexedDataset, TokenDtype};
-use super::sampler::{Batch, Sampler, valid_batches};
+use super::sampler::{Batch, Sampler};
 use super::source::{read_jsonl, read_text_file};
 use super::synthetic::synthetic_text;
 use super::tokenizer::{BPE_EOD_TOKEN, Tokenizer};
@@ -296,40 +296,75 @@ impl Corpus {
         Ok(BlendSampler::new(parts, self.seq_len, self.batch_size))
     }
 
-    /// Each source's validation batches, identical on every call: its held-out windows in
-    /// order. A source of (normalised) weight `w` gets up to `ceil(w * max_batches)` of
-    /// them, at least one, so a blend's evaluation costs about `max_batches` batches and
-    /// every source is measured on its own windows; a single source gets `max_batches`.
-    pub fn valid_sets(&self, max_batches: usize) -> Vec<ValidSet> {
-        let weights = normalised(&self.sources.iter().map(|s| s.weight).collect::<Vec<_>>());
-        self.sources
+    /// Up to `max_batches` validation batches, identical on every call: the held-out
+    /// windows in order, a blend's mixed by weight until every source's are read (see
+    /// [`blend_valid_rows`]), with each row's source.
+    pub fn valid_set(&self, max_batches: usize) -> ValidSet {
+        let sources: Vec<(&[u32], f64)> = self
+            .sources
             .iter()
-            .zip(weights)
-            .map(|(s, weight)| {
-                let share = if max_batches == 0 {
-                    0
-                } else {
-                    ((weight * max_batches as f64).ceil() as usize).clamp(1, max_batches)
-                };
-                ValidSet {
-                    name: s.name.clone(),
-                    weight,
-                    batches: valid_batches(&s.valid, self.seq_len, self.batch_size, share),
-                }
-            })
-            .collect()
+            .map(|s| (&s.valid[..], s.weight))
+            .collect();
+        let max_rows = max_batches.saturating_mul(self.batch_size);
+        let rows = blend_valid_rows(&sources, self.seq_len + 1, max_rows);
+        let weights = normalised(&self.sources.iter().map(|s| s.weight).collect::<Vec<_>>());
+        let chunks = rows.chunks(self.batch_size.max(1));
+        ValidSet {
+            sources: self
+                .sources
+                .iter()
+                .map(|s| s.name.clone())
+                .zip(weights)
+                .collect(),
+            batches: chunks
+                .clone()
+                .map(|chunk| Batch {
+                    tokens: chunk
+                        .iter()
+                        .flat_map(|(_, w)| w.iter().map(|&t| i64::from(t)))
+                        .collect(),
+                    batch_size: chunk.len(),
+                    seq_len: self.seq_len,
+                })
+                .collect(),
+            row_sources: chunks
+                .map(|chunk| chunk.iter().map(|(j, _)| *j).collect())
+                .collect(),
+        }
     }
 }
 
-/// One source's validation batches; the validation loss of a blend is the weighted mean of
-/// the sources' losses, so it weighs them as training does.
+/// The validation batches and the source of each of their rows. A blend's validation loss
+/// is the weighted mean of its sources' mean losses, so it weighs them as training does
+/// whatever the mix of rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidSet {
-    /// The source's name (`data` for a single source).
-    pub name: String,
-    /// Its normalised blend weight (1 for a single source).
-    pub weight: f64,
+    /// (name, normalised weight) of each source (`data`, 1 for a single source).
+    pub sources: Vec<(String, f64)>,
     pub batches: Vec<Batch>,
+    /// Per batch, the source index of each of its rows.
+    pub row_sources: Vec<Vec<usize>>,
+}
+
+impl ValidSet {
+    /// Keeps only the first `rows` rows of every batch that has more than a multiple of
+    /// `multiple` of them, then drops the batches left without rows.
+    pub fn trim_to_multiple(&mut self, multiple: usize) {
+        for (batch, sources) in self.batches.iter_mut().zip(&mut self.row_sources) {
+            let keep = batch.batch_size - batch.batch_size % multiple;
+            if keep != batch.batch_size {
+                *batch = batch.rows(0..keep);
+                sources.truncate(keep);
+            }
+        }
+        let mut sources = std::mem::take(&mut self.row_sources).into_iter();
+        let (batches, row_sources) = std::mem::take(&mut self.batches)
+            .into_iter()
+            .zip(&mut sources)
+            .filter(|(b, _)| b.batch_size > 0)
+            .unzip();
+        (self.batches, self.row_sources) = (batches, row_sources);
+    }
 }
 
 impl CorpusSource {
@@ -359,6 +394,7 @@ mod tests {
     use super::super::config::BlendSource;
     use super::super::indexed::{dataset_paths, encode_index};
     use super::super::prepare::{PrepareOptions, prepare_data};
+    use super::super::sampler::valid_batches;
     use super::*;
 
     fn cfg(source: SourceConfig, tokenizer: TokenizerConfig) -> DataConfig {
@@ -395,15 +431,23 @@ mod tests {
             .copied()
             .collect();
         assert_eq!(all, Tokenizer::Byte.encode(&text).unwrap());
-        let sets = corpus.valid_sets(100);
+        let set = corpus.valid_set(100);
+        assert_eq!(set.sources, [("data".to_string(), 1.0)]);
         assert_eq!(
-            (sets.len(), sets[0].name.as_str(), sets[0].weight),
-            (1, "data", 1.0)
+            set.batches,
+            valid_batches(corpus.valid_tokens(), 16, 4, 100)
         );
-        let vb = &sets[0].batches;
-        assert_eq!(vb.iter().map(|b| b.batch_size).sum::<usize>(), 1_000 / 17);
-        assert_eq!(vb[..], valid_batches(corpus.valid_tokens(), 16, 4, 100)[..]);
-        assert_eq!(sets, corpus.valid_sets(100));
+        assert_eq!(
+            set.batches.iter().map(|b| b.batch_size).sum::<usize>(),
+            1_000 / 17
+        );
+        assert!(set.row_sources.iter().flatten().all(|&j| j == 0));
+        assert_eq!(set, corpus.valid_set(100));
+        // Ranks split the rows evenly: 58 windows = 14 full batches and one of 2 rows.
+        let mut trimmed = set.clone();
+        trimmed.trim_to_multiple(4);
+        assert_eq!(trimmed.batches, set.batches[..14]);
+        assert_eq!(trimmed.row_sources.len(), 14);
         let mut s = corpus.train_sampler(0).unwrap();
         assert_eq!(s.plan(0)[0].windows, 9_000 / 17);
         assert!(s.next_batch().tokens.iter().all(|&t| (0..256).contains(&t)));
@@ -559,39 +603,24 @@ mod tests {
             .collect();
         assert_eq!(sampler.taken(), [15, 5]);
         assert_eq!(rows.iter().filter(|&&t| t == i64::from(b'b')).count(), 5);
-        // Validation: each source on its own held-out windows of 17 tokens (a: 80 tokens,
-        // 4 windows; b: 40 tokens, 2), weighted 0.75 / 0.25.
-        let sets = corpus.valid_sets(100);
-        for (set, (name, weight, byte, rows)) in sets
-            .iter()
-            .zip([("a", 0.75, b'a', 4), ("b", 0.25, b'b', 2)])
-        {
-            assert_eq!((set.name.as_str(), set.weight), (name, weight));
-            assert_eq!(
-                set.batches.iter().map(|b| b.batch_size).sum::<usize>(),
-                rows
-            );
-            assert!(
-                set.batches
-                    .iter()
-                    .all(|b| b.tokens.iter().all(|&t| t == i64::from(byte)))
-            );
+        // Validation: a's 4 held-out windows of 17 tokens (80 tokens) and b's 2 (40), mixed
+        // a a b a a, then b once a has none left.
+        let set = corpus.valid_set(100);
+        assert_eq!(
+            set.sources,
+            [("a".to_string(), 0.75), ("b".to_string(), 0.25)]
+        );
+        assert_eq!(set.row_sources, [vec![0, 0, 1, 0], vec![0, 1]]);
+        for (batch, sources) in set.batches.iter().zip(&set.row_sources) {
+            for (i, &j) in sources.iter().enumerate() {
+                assert_eq!(batch.row(i)[0], i64::from([b'a', b'b'][j]));
+            }
         }
-        // The batch budget is shared by weight, at least one batch a source: with one row
-        // a batch, a has 4 batches and b 2.
-        let mut one_row = c.clone();
-        one_row.batch_size = 1;
-        let corpus = Corpus::load(&one_row, &Tokenizer::Byte).unwrap();
-        let budget = |max| -> Vec<usize> {
-            corpus
-                .valid_sets(max)
-                .iter()
-                .map(|s| s.batches.len())
-                .collect()
-        };
-        assert_eq!(budget(2), [2, 1]);
-        assert_eq!(budget(4), [3, 1]);
-        assert_eq!(budget(100), [4, 2]);
+        assert_eq!(corpus.valid_set(1).row_sources, [vec![0, 0, 1, 0]]);
+        let mut trimmed = set.clone();
+        trimmed.trim_to_multiple(3);
+        assert_eq!(trimmed.row_sources, [vec![0, 0, 1]]);
+        assert_eq!(trimmed.batches, [set.batches[0].rows(0..3)]);
 
         // A dataset of int32 ids (prepared for a vocabulary above 65,500) is refused.
         let wide = dir.path().join("wide");
