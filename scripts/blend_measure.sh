@@ -45,4 +45,8 @@ for name, weight in [("a", 0.5), ("b", 0.3), ("c", 0.2)]:
     print(f"{name}: weight {weight}  tokens {tokens:.0f}  share {share:.5f}  "
           f"relative error {(share - weight) / weight:+.3%}  epochs {last[f'data/{name}/epochs']:.3f}  "
           f"largest deviation over the {len(lines)} steps {worst:.2f} sequences")
+losses = {name: last[f"valid/{name}/loss"] for name in "abc"}
+mean = 0.5 * losses["a"] + 0.3 * losses["b"] + 0.2 * losses["c"]
+print("valid loss per source: " + ", ".join(f"{n} {v:.4f}" for n, v in losses.items())
+      + f"; 0.5/0.3/0.2 mean {mean:.6f} against valid/loss {last['valid/loss']:.6f}")
 PY

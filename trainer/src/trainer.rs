@@ -140,6 +140,16 @@ impl Trainer {
             // size of its rows (the same rows on every rank).
             valid.trim_to_multiple(l.row_shards());
         }
+        let unread = valid.unread_sources();
+        if !unread.is_empty() && layout.as_ref().is_none_or(|l| l.rank() == 0) {
+            tracing::warn!(
+                "validation: no held-out sequence of {} within train.eval_batches = {} \
+                 batches; its loss is not measured and valid/loss weighs the other sources. \
+                 Raise train.eval_batches to measure every source",
+                unread.join(", "),
+                cfg.train.eval_batches
+            );
+        }
         let optim = NamedAdamW::new(&cfg.optim, &model)
             .sharded(layout.as_ref().and_then(|l| l.ownership().cloned()));
         let has_moe = (0..cfg.model.n_layers).any(|l| cfg.model.is_moe_layer(l));
@@ -421,26 +431,24 @@ impl Trainer {
         if let Some(l) = &self.layout {
             sums = l.sum_agreed(sums, "evaluation")?;
         }
-        let per_source: Vec<(String, f64)> = self
+        // (name, weight, mean loss) of the sources that had rows; a source without any (a
+        // small eval_batches budget) is left out and the others' weights renormalised.
+        let evaluated: Vec<(&str, f64, f64)> = self
             .valid
             .sources
             .iter()
             .zip(sums.chunks(2))
-            .map(|((name, _), s)| (name.clone(), s[0] / s[1].max(1.0)))
+            .filter(|(_, s)| s[1] > 0.0)
+            .map(|((name, weight), s)| (name.as_str(), *weight, s[0] / s[1]))
             .collect();
-        let loss = self
-            .valid
-            .sources
-            .iter()
-            .zip(&per_source)
-            .map(|((_, weight), (_, loss))| weight * loss)
-            .sum::<f64>();
+        let weight: f64 = evaluated.iter().map(|e| e.1).sum();
+        let loss = evaluated.iter().map(|e| e.1 * e.2).sum::<f64>() / weight.max(f64::MIN_POSITIVE);
         Ok(EvalReport {
             loss,
             perplexity: loss.exp(),
             tokens: sums.chunks(2).map(|s| s[1]).sum::<f64>() as u64,
-            sources: if per_source.len() > 1 {
-                per_source
+            sources: if self.valid.sources.len() > 1 {
+                evaluated.iter().map(|e| (e.0.to_string(), e.2)).collect()
             } else {
                 Vec::new()
             },

@@ -347,6 +347,16 @@ pub struct ValidSet {
 }
 
 impl ValidSet {
+    /// The names of the sources none of whose rows are in the batches.
+    pub fn unread_sources(&self) -> Vec<&str> {
+        self.sources
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| !self.row_sources.iter().flatten().any(|r| r == j))
+            .map(|(_, (name, _))| name.as_str())
+            .collect()
+    }
+
     /// Keeps only the first `rows` rows of every batch that has more than a multiple of
     /// `multiple` of them, then drops the batches left without rows.
     pub fn trim_to_multiple(&mut self, multiple: usize) {
@@ -617,10 +627,14 @@ mod tests {
             }
         }
         assert_eq!(corpus.valid_set(1).row_sources, [vec![0, 0, 1, 0]]);
+        assert!(set.unread_sources().is_empty());
         let mut trimmed = set.clone();
         trimmed.trim_to_multiple(3);
         assert_eq!(trimmed.row_sources, [vec![0, 0, 1]]);
         assert_eq!(trimmed.batches, [set.batches[0].rows(0..3)]);
+        trimmed.trim_to_multiple(2);
+        assert_eq!(trimmed.row_sources, [vec![0, 0]]);
+        assert_eq!(trimmed.unread_sources(), ["b"]);
 
         // A dataset of int32 ids (prepared for a vocabulary above 65,500) is refused.
         let wide = dir.path().join("wide");
