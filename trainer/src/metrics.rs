@@ -338,20 +338,10 @@ fn hparams_summary(config: &serde_json::Value) -> Summary {
     let mut data = HParamsPluginData::new();
     data.set_version(0);
     data.set_session_start_info(start);
-    let mut plugin = SummaryMetadata_PluginData::new();
-    plugin.set_plugin_name("hparams".into());
-    plugin.set_content(
-        data.write_to_bytes()
-            .expect("an in-memory message serialises"),
-    );
-    let mut metadata = SummaryMetadata::new();
-    metadata.set_plugin_data(plugin);
-    let mut value = Summary_Value::new();
-    value.set_tag("_hparams_/session_start_info".into());
-    value.set_metadata(metadata);
-    let mut summary = Summary::new();
-    summary.set_value(RepeatedField::from(vec![value]));
-    summary
+    let content = data
+        .write_to_bytes()
+        .expect("an in-memory message serialises");
+    plugin_summary("_hparams_/session_start_info", "hparams", content, None)
 }
 
 /// A TensorBoard text summary: a string tensor read by the text plugin (`add_text` in
@@ -361,14 +351,28 @@ fn text_summary(tag: &str, text: &str) -> Summary {
     tensor.set_dtype(DataType::DT_STRING);
     tensor.set_tensor_shape(TensorShapeProto::new());
     tensor.set_string_val(RepeatedField::from(vec![text.as_bytes().to_vec()]));
-    let mut plugin = SummaryMetadata_PluginData::new();
-    plugin.set_plugin_name("text".into());
+    plugin_summary(tag, "text", Vec::new(), Some(tensor))
+}
+
+/// A summary of one value `tag` for TensorBoard plugin `plugin` (its `content` in the
+/// metadata, and the value's `tensor` if any).
+fn plugin_summary(
+    tag: &str,
+    plugin: &str,
+    content: Vec<u8>,
+    tensor: Option<TensorProto>,
+) -> Summary {
+    let mut plugin_data = SummaryMetadata_PluginData::new();
+    plugin_data.set_plugin_name(plugin.into());
+    plugin_data.set_content(content);
     let mut metadata = SummaryMetadata::new();
-    metadata.set_plugin_data(plugin);
+    metadata.set_plugin_data(plugin_data);
     let mut value = Summary_Value::new();
     value.set_tag(tag.into());
     value.set_metadata(metadata);
-    value.set_tensor(tensor);
+    if let Some(tensor) = tensor {
+        value.set_tensor(tensor);
+    }
     let mut summary = Summary::new();
     summary.set_value(RepeatedField::from(vec![value]));
     summary
@@ -638,15 +642,47 @@ impl DevicePeak {
     }
 }
 
-/// The scalars of one optimizer step (`train/...`); `train/mfu` when `peak` is known.
+/// What one optimizer step's report gives, computed once for the metrics and the
+/// progress line.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepRates {
+    pub tokens_per_sec: f64,
+    /// Model GFLOP/s of the whole run.
+    pub gflops: f64,
+    /// `gflops` over the peak, when the peak is known.
+    pub mfu: Option<f64>,
+    /// The largest rank's peak bytes of the step, when memory is counted.
+    pub peak_bytes: Option<u64>,
+}
+
+impl StepRates {
+    pub fn of(report: &StepReport, flops_per_token: f64, peak: Option<DevicePeak>) -> StepRates {
+        let tokens_per_sec = report.tokens_per_sec();
+        let gflops = tokens_per_sec * flops_per_token / 1e9;
+        StepRates {
+            tokens_per_sec,
+            gflops,
+            mfu: peak.map(|p| p.mfu(gflops)),
+            peak_bytes: report
+                .memory
+                .as_ref()
+                .and_then(|m| m.peak_per_rank.iter().copied().max()),
+        }
+    }
+}
+
+/// The scalars of one optimizer step (`train/...`); `train/mfu` when the peak is known.
 pub fn step_scalars(
     report: &StepReport,
-    flops_per_token: f64,
+    rates: &StepRates,
     tokens_seen: u64,
-    peak: Option<DevicePeak>,
 ) -> Vec<(String, f64)> {
-    let tokens_per_sec = report.tokens_per_sec();
-    let gflops = tokens_per_sec * flops_per_token / 1e9;
+    let StepRates {
+        tokens_per_sec,
+        gflops,
+        mfu,
+        peak_bytes,
+    } = *rates;
     vec![
         ("train/loss".into(), report.loss),
         ("train/aux_loss".into(), report.aux_loss),
@@ -660,11 +696,13 @@ pub fn step_scalars(
         ("train/skipped".into(), report.skipped as u8 as f64),
     ]
     .into_iter()
-    .chain(peak.map(|p| ("train/mfu".to_string(), p.mfu(gflops))))
+    .chain(mfu.map(|m| ("train/mfu".to_string(), m)))
     .chain(report.memory.iter().flat_map(|m| {
-        let peak = m.peak_per_rank.iter().copied().max().unwrap_or(0);
         [
-            ("memory/peak_bytes".to_string(), peak as f64),
+            (
+                "memory/peak_bytes".to_string(),
+                peak_bytes.unwrap_or(0) as f64,
+            ),
             ("memory/held_bytes".to_string(), m.at_start as f64),
             (
                 "memory/grad_bytes".to_string(),

@@ -273,11 +273,11 @@ impl Rebalancer {
     /// by key): same ep size -> the saved per-layer placement; another ep size (or a
     /// single-process checkpoint) -> contiguous, which `parallelize` already set. The
     /// optimizer is rebuilt for the parameters now held.
-    /// `initial` names the placement the run was built with (contiguous, or a plan file),
-    /// which stays when the checkpoint has none for this ep size.
+    /// `initial_plan` names the `placement.plan` the run was built from (`None`:
+    /// contiguous), which stays when the checkpoint has none for this ep size.
     pub fn restore_placement(
         saved: Option<&SavedPlacement>,
-        initial: &str,
+        initial_plan: Option<&str>,
         run: ModelState<'_>,
         fresh_expert: impl Fn() -> SwiGlu,
         optim: impl FnOnce(&Transformer) -> NamedAdamW,
@@ -285,6 +285,7 @@ impl Rebalancer {
         let Some(saved) = saved else {
             return Ok(());
         };
+        let initial = initial_plan.unwrap_or("contiguous");
         if saved.ep != run.layout.ep() {
             tracing::info!(
                 saved_ep = saved.ep,
@@ -294,7 +295,7 @@ impl Rebalancer {
             );
             return Ok(());
         }
-        if initial != "contiguous" {
+        if let Some(initial) = initial_plan {
             tracing::info!(
                 "resumed with the checkpoint's expert placement; the {initial} placement is \
                  only a fresh run's start"

@@ -151,11 +151,11 @@ impl Trainer {
         // Expert ownership is a function of the key, so today's holds for the experts the
         // restored placement brings.
         let ownership = self.layout.as_ref().and_then(|l| l.ownership().cloned());
-        let initial = self.initial_placement.clone();
+        let initial_plan = self.initial_plan.clone();
         if let Some(state) = self.model_state() {
             Rebalancer::restore_placement(
                 saved.as_ref(),
-                &initial,
+                initial_plan.as_deref(),
                 state,
                 || zero_expert(d_model, ffn, &device),
                 |model| NamedAdamW::new(&optim_cfg, model).sharded(ownership.clone()),

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::console::ProgressLine;
 use crate::data::Corpus;
 use crate::error::TrainError;
-use crate::metrics::{DevicePeak, EvalReport, MetricsSink, moe_scalars, step_scalars};
+use crate::metrics::{DevicePeak, EvalReport, MetricsSink, StepRates, moe_scalars, step_scalars};
 use crate::stop::StopSignal;
 use crate::trainer::Trainer;
 
@@ -135,8 +135,8 @@ pub fn run(
     }
     while trainer.counters.step < cfg.train.steps {
         let report = trainer.step()?;
-        let mut scalars =
-            step_scalars(&report, flops_per_token, trainer.counters.tokens_seen, peak);
+        let rates = StepRates::of(&report, flops_per_token, peak);
+        let mut scalars = step_scalars(&report, &rates, trainer.counters.tokens_seen);
         if trainer.is_logger() {
             scalars.extend(trainer.placement_scalars());
             scalars.extend(trainer.sampler.scalars());
@@ -172,20 +172,16 @@ pub fn run(
             metrics
                 .log(step, &borrowed)
                 .map_err(|e| TrainError::Metrics(e.to_string()))?;
-            let tokens_per_sec = report.tokens_per_sec();
             metrics.progress(ProgressLine {
                 step,
                 total_steps: cfg.train.steps,
                 loss: report.loss,
                 valid_loss,
                 lr: report.lr,
-                tokens_per_sec,
+                tokens_per_sec: rates.tokens_per_sec,
                 step_seconds: report.seconds,
-                mfu: peak.map(|p| p.mfu(tokens_per_sec * flops_per_token / 1e9)),
-                peak_bytes: report
-                    .memory
-                    .as_ref()
-                    .and_then(|m| m.peak_per_rank.iter().copied().max()),
+                mfu: rates.mfu,
+                peak_bytes: rates.peak_bytes,
                 eta: None,
             });
         }

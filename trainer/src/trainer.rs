@@ -75,9 +75,9 @@ pub struct Trainer {
     /// (`placement.rebalance_every > 0`) or records them (`record-routing` sets it). In one
     /// process they are free, and saved for `plan-placement`.
     pub record_routing: bool,
-    /// The placement this run was built with: `contiguous`, or the plan of
-    /// `placement.plan` (for the resume log).
-    pub(crate) initial_placement: String,
+    /// The `placement.plan` this run was built from, by name (for the resume log); `None`:
+    /// the contiguous placement.
+    pub(crate) initial_plan: Option<String>,
 }
 
 impl Trainer {
@@ -101,14 +101,14 @@ impl Trainer {
         let signature = signature(&model);
         let moe_layers = cfg.moe_layers();
         let num_experts = cfg.model.moe.num_experts;
-        let mut initial = "contiguous".to_string();
+        let mut initial_plan = None;
         let layout = match world {
             Some(world) => {
                 let planned =
                     initial_placement(&cfg.placement, cfg.parallel.ep, &moe_layers, num_experts)?;
                 let parallel = match planned {
                     Some((placement, name)) => {
-                        initial = name;
+                        initial_plan = Some(name);
                         parallelize_placed(model, &cfg.parallel, placement, world)?
                     }
                     None => parallelize(model, &cfg.parallel, num_experts, world)?,
@@ -120,10 +120,10 @@ impl Trainer {
         };
         if let Some(l) = &layout
             && l.rank() == 0
-            && cfg.placement.plan.is_some()
+            && let Some(plan) = &initial_plan
         {
             tracing::info!(
-                "placement.plan: starting from the {initial} (ep {}), owners (expert -> ep \
+                "placement.plan: starting from the {plan} (ep {}), owners (expert -> ep \
                  rank) per MoE layer: {}",
                 l.ep(),
                 moe_layers
@@ -178,7 +178,7 @@ impl Trainer {
             signature,
             pool: Arc::new(step_pool()?),
             record_routing,
-            initial_placement: initial,
+            initial_plan,
         })
     }
 

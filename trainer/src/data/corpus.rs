@@ -406,6 +406,29 @@ mod tests {
     use super::super::prepare::{PrepareOptions, prepare_data};
     use super::super::sampler::valid_batches;
     use super::*;
+    use std::path::PathBuf;
+
+    /// An indexed dataset `dir/name` prepared with the byte tokenizer from `docs`, one
+    /// input file each.
+    fn prepared(dir: &Path, name: &str, docs: impl Iterator<Item = Vec<u8>>) -> PathBuf {
+        let inputs: Vec<PathBuf> = docs
+            .enumerate()
+            .map(|(i, doc)| {
+                let p = dir.join(format!("{name}{i}.txt"));
+                std::fs::write(&p, doc).unwrap();
+                p
+            })
+            .collect();
+        let prefix = dir.join(name);
+        prepare_data(
+            &inputs,
+            &PrepareOptions::new(None),
+            &Tokenizer::Byte,
+            &prefix,
+        )
+        .unwrap();
+        prefix
+    }
 
     fn cfg(source: SourceConfig, tokenizer: TokenizerConfig) -> DataConfig {
         DataConfig {
@@ -519,21 +542,11 @@ mod tests {
     #[test]
     fn indexed_source_holds_out_last_documents() {
         let dir = tempfile::tempdir().unwrap();
-        let inputs: Vec<_> = (0..10)
-            .map(|i| {
-                let p = dir.path().join(format!("{i}.txt"));
-                std::fs::write(&p, format!("{i}").repeat(20 + i)).unwrap();
-                p
-            })
-            .collect();
-        let prefix = dir.path().join("ds");
-        prepare_data(
-            &inputs,
-            &PrepareOptions::new(None),
-            &Tokenizer::Byte,
-            &prefix,
-        )
-        .unwrap();
+        let prefix = prepared(
+            dir.path(),
+            "ds",
+            (0..10).map(|i| format!("{i}").repeat(20 + i).into_bytes()),
+        );
         let mut c = cfg(
             SourceConfig::Indexed {
                 prefix: prefix.clone(),
@@ -569,21 +582,7 @@ mod tests {
     fn a_blend_splits_each_dataset_and_refuses_another_token_dtype() {
         let dir = tempfile::tempdir().unwrap();
         let prepare = |name: &str, docs: usize, byte: u8| {
-            let inputs: Vec<_> = (0..docs)
-                .map(|i| {
-                    let p = dir.path().join(format!("{name}{i}.txt"));
-                    std::fs::write(&p, [byte].repeat(40)).unwrap();
-                    p
-                })
-                .collect();
-            let prefix = dir.path().join(name);
-            prepare_data(
-                &inputs,
-                &PrepareOptions::new(None),
-                &Tokenizer::Byte,
-                &prefix,
-            )
-            .unwrap();
+            let prefix = prepared(dir.path(), name, (0..docs).map(|_| [byte].repeat(40)));
             BlendSource {
                 prefix,
                 weight: 1.0,
